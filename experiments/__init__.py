@@ -1,0 +1,1 @@
+"""Command line, configs, shape sets, benchmarks and reports: ``python -m experiments --help``."""

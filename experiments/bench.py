@@ -1,0 +1,152 @@
+"""Measure one schedule of an operator against the naive kernel and the vendor library.
+
+The kernel is checked against the numpy reference before it is timed. The
+library (numpy for the matmul family, torch for convolutions) and the kernel are
+timed on the same inputs in alternating rounds, and the ratio is taken per
+round, so a machine that changes speed under load skews both alike.
+
+Examples:
+  python -m experiments bench --op matmul --shape 1024x1024x1024 --schedule expert
+  python -m experiments bench --op conv2d --shape 1,64,56,56,64,3,3,1,1 --json
+  python -m experiments bench --op matmul --shape 512x512x512 --schedule runs/x/tuning.jsonl --export out/
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kernels.experts import expert_schedule
+from kernels.kernel import Kernel
+from kernels.measure import Measurer, MeasureResult
+from kernels.ops import OPERATORS, Operator, make_op
+from kernels.render import render
+from kernels.schedule import Schedule
+from kernels.target import CC, CFLAGS, Target, get_target
+from kernels.tuning_log import TuningLog
+
+from .config import field
+from .library import library_name, library_time_ms
+
+
+@dataclass
+class Config:
+    op: str = field(help="operator", choices=list(OPERATORS))
+    shape: str = field(help="extents, e.g. 1024x1024x1024 (matmul) or N,C,H,W,K,R,S[,stride[,pad]] (conv2d)")
+    target: str = field("cpu", help="where to run", choices=["cpu"])
+    schedule: str = field("expert", help="naive, expert, a tuning log (its best record for this op "
+                                         "and shape) or a kernel.json written by --export",
+                          metavar="naive|expert|FILE")
+    rounds: int = field(3, help="alternating library/kernel timing rounds")
+    export: str | None = field(None, help="write kernel.c, kernel.so and kernel.json to this directory",
+                               metavar="DIR")
+    json: bool = field(False, help="print one JSON object as the last line")
+
+
+def load_schedule(spec: str, op: Operator, target: Target) -> Schedule:
+    """``naive``, ``expert``, or the schedule stored in a tuning log / exported kernel.json."""
+    if spec == "naive":
+        return Schedule(op)
+    if spec == "expert":
+        return expert_schedule(op, target)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--schedule {spec!r} is neither naive, expert nor a file")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if (data.get("op"), data.get("shape")) != (op.kind, op.shape_str):
+            raise ValueError(f"{path} holds a schedule for {data.get('op')} {data.get('shape')}, "
+                             f"not {op.kind} {op.shape_str}")
+        return Schedule.from_json(data, op)
+    best = TuningLog(path).best(op.kind, op.shape_str, target.kind)
+    if best is None:
+        raise LookupError(f"{path} has no correct measurement of {op.kind} {op.shape_str} on {target.kind}")
+    return Schedule.from_json({"steps": best.schedule}, op)
+
+
+def export_kernel(directory: str, kernel: Kernel, so_path: str, schedule: Schedule, target: Target) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel.c").write_text(kernel.source)
+    shutil.copyfile(so_path, out / "kernel.so")
+    meta = {**kernel.signature_json(), **schedule.to_json(), "target": target.to_json(),
+            "compile": [CC, *CFLAGS, "kernel.c", "-o", "kernel.so"]}
+    (out / "kernel.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _status(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cfg: Config) -> dict:
+    op = make_op(cfg.op, cfg.shape)
+    target = get_target(cfg.target)
+    schedule = load_schedule(cfg.schedule, op, target)
+    if cfg.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
+    lib = library_name(op)
+    inputs = op.random_inputs(np.random.default_rng(0))
+
+    with Measurer(target, cache=False) as m:
+        kernel = render(schedule, target)
+        naive_kernel = render(Schedule(op), target, name=kernel.name + "_naive")
+        _status(f"building {op.kind} {op.shape_str} ({cfg.schedule}) and the naive kernel ...")
+        built, naive_built = m.builder.build([kernel, naive_kernel])
+        results: list[MeasureResult] = []
+        lib_ms: list[float] = []
+        for r in range(cfg.rounds):
+            _status(f"round {r + 1}/{cfg.rounds}: {lib}, then {cfg.schedule}")
+            lib_ms.append(library_time_ms(op, inputs))
+            if not built.ok:
+                results.append(MeasureResult.failure(built.error or "build failed", build_s=built.build_s))
+                break
+            results.append(m.runner.run(op, kernel, built.path))
+            if not results[-1].ok:
+                break
+        if cfg.schedule == "naive":
+            naive = results[0]
+        else:
+            _status("timing the naive kernel ...")
+            naive = (m.runner.run(op, naive_kernel, naive_built.path) if naive_built.ok else
+                     MeasureResult.failure(naive_built.error or "build failed"))
+        if cfg.export and built.ok:
+            export_kernel(cfg.export, kernel, built.path, schedule, target)
+
+    ok = all(res.ok for res in results)
+    time_ms = statistics.median(res.time_ms for res in results) if ok else float("inf")
+    library_ms = statistics.median(lib_ms)
+    fraction = statistics.median(l / res.time_ms for l, res in zip(lib_ms, results)) if ok else 0.0
+    summary = {
+        "op": op.kind, "shape": op.shape_str, "target": target.kind, "hardware": target.device,
+        "schedule": cfg.schedule, "time_ms": time_ms, "gflops": op.flops / time_ms / 1e6 if ok else 0.0,
+        "library": lib, "library_time_ms": library_ms, "library_gflops": op.flops / library_ms / 1e6,
+        "fraction_of_library": fraction,
+        "naive_time_ms": naive.time_ms,
+        "speedup_vs_naive": naive.time_ms / time_ms if ok and naive.ok else None,
+        "correct": ok, "error": next((res.error for res in results if not res.ok), None),
+        "build_s": built.build_s, "rounds": len(results),
+    }
+    _print_table(summary, cfg, op, target)
+    return summary
+
+
+def _print_table(s: dict, cfg: Config, op: Operator, target: Target) -> None:
+    print(f"{s['op']} {s['shape']} on {target.device} ({target.cores} cores, {target.compiler})")
+    print(f"{'kernel':<12}{'time ms':>12}{'GFLOPS':>10}")
+    for name, ms in (("naive", s["naive_time_ms"]), (cfg.schedule, s["time_ms"]),
+                     (s["library"], s["library_time_ms"])):
+        gflops = op.flops / ms / 1e6 if 0 < ms < float("inf") else 0.0
+        print(f"{name[-12:]:<12}{ms:>12.3f}{gflops:>10.1f}")
+    if s["correct"]:
+        speed = f"{s['speedup_vs_naive']:.1f}x naive, " if s["speedup_vs_naive"] else ""
+        print(f"{cfg.schedule}: {speed}{s['fraction_of_library']:.2f} of {s['library']} "
+              f"(median of {s['rounds']} alternating rounds)")
+    else:
+        print(f"{cfg.schedule} FAILED: {s['error']}")

@@ -1,0 +1,120 @@
+"""Integer index expressions over loop variables.
+
+An expression is a linear combination of *atoms* plus a constant. An atom is a
+loop variable (a ``str``) or a floor division / modulo of another expression by a
+positive constant (what ``fuse`` produces). All loop variables are non-negative,
+so C's ``/`` and ``%`` are floor division and modulo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass(frozen=True)
+class DivMod:
+    op: str  # "div" or "mod"
+    arg: "Lin"
+    divisor: int
+
+
+Atom = Union[str, DivMod]
+
+
+@dataclass(frozen=True)
+class Lin:
+    terms: tuple[tuple[Atom, int], ...] = ()
+    const: int = 0
+
+    # ------------------------------------------------------------ construction
+    @staticmethod
+    def var(name: str, coef: int = 1) -> "Lin":
+        return Lin(((name, coef),))
+
+    @staticmethod
+    def constant(c: int) -> "Lin":
+        return Lin((), c)
+
+    def __add__(self, other: "Lin | int") -> "Lin":
+        if isinstance(other, int):
+            return Lin(self.terms, self.const + other)
+        merged: dict[Atom, int] = dict(self.terms)
+        for atom, coef in other.terms:
+            merged[atom] = merged.get(atom, 0) + coef
+        return Lin(tuple((a, c) for a, c in merged.items() if c), self.const + other.const)
+
+    def __sub__(self, other: "Lin | int") -> "Lin":
+        return self + (other * -1)
+
+    def __mul__(self, k: int) -> "Lin":
+        if k == 0:
+            return Lin()
+        return Lin(tuple((a, c * k) for a, c in self.terms), self.const * k)
+
+    def floordiv(self, d: int) -> "Lin":
+        return self if d == 1 else Lin(((DivMod("div", self, d), 1),))
+
+    def mod(self, d: int) -> "Lin":
+        return Lin() if d == 1 else Lin(((DivMod("mod", self, d), 1),))
+
+    # ------------------------------------------------------------ queries
+    def vars(self) -> set[str]:
+        out: set[str] = set()
+        for atom, _ in self.terms:
+            out |= {atom} if isinstance(atom, str) else atom.arg.vars()
+        return out
+
+    def coef(self, var: str) -> int | None:
+        """Coefficient of ``var`` if the expression is linear in it, else None."""
+        c = 0
+        for atom, k in self.terms:
+            if atom == var:
+                c += k
+            elif isinstance(atom, DivMod) and var in atom.arg.vars():
+                return None
+        return c
+
+    def drop(self, names: set[str]) -> "Lin":
+        """The expression with the plain-atom variables in ``names`` set to zero."""
+        return Lin(tuple((a, c) for a, c in self.terms if a not in names), self.const)
+
+    def subst(self, name: str, repl: "Lin") -> "Lin":
+        if name not in self.vars():
+            return self
+        out = Lin((), self.const)
+        for atom, coef in self.terms:
+            if atom == name:
+                out = out + repl * coef
+            elif isinstance(atom, DivMod) and name in atom.arg.vars():
+                arg = atom.arg.subst(name, repl)
+                out = out + (arg.floordiv(atom.divisor) if atom.op == "div" else arg.mod(atom.divisor)) * coef
+            else:
+                out = out + Lin(((atom, coef),))
+        return out
+
+    def range(self, extents: dict[str, int]) -> tuple[int, int]:
+        """Smallest and largest value when each variable ``v`` runs over ``[0, extents[v])``."""
+        lo = hi = self.const
+        for atom, coef in self.terms:
+            if isinstance(atom, str):
+                a_lo, a_hi = 0, extents[atom] - 1
+            else:
+                in_lo, in_hi = atom.arg.range(extents)
+                if atom.op == "div":
+                    a_lo, a_hi = in_lo // atom.divisor, in_hi // atom.divisor
+                else:
+                    a_lo, a_hi = (in_lo, in_hi) if 0 <= in_lo and in_hi < atom.divisor else (0, atom.divisor - 1)
+            lo += min(coef * a_lo, coef * a_hi)
+            hi += max(coef * a_lo, coef * a_hi)
+        return lo, hi
+
+    def __str__(self) -> str:
+        parts = []
+        for atom, coef in self.terms:
+            s = atom if isinstance(atom, str) else \
+                f"({atom.arg} {'/' if atom.op == 'div' else '%'} {atom.divisor})"
+            parts.append(s if coef == 1 else f"{s}*{coef}")
+        if self.const or not parts:
+            parts.append(str(self.const))
+        return " + ".join(parts).replace("+ -", "- ")

@@ -1,0 +1,303 @@
+"""Lowering: a schedule's loop nest -> one loop IR that every backend renders.
+
+The IR is a small tree of statements (``For``, ``If``, ``Alloc``, ``Store``) over
+value expressions (``Load``, ``Mul``, ``Add``, ``Relu``, ``Zero``). Index
+expressions are :class:`Lin` over loop variables, flattened to one offset per
+buffer (row-major). Guards of non-divisible splits become loop bounds
+(``v < min(extent, ceil((n - rest) / c))``) where the guarded expression is linear
+in the loop that binds it last, and ``If`` nodes otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .expr import Lin
+from .ops import Access, Operator
+from .schedule import LoopNest, Schedule, footprint, tile_shape
+
+
+# ---------------------------------------------------------------- IR nodes
+
+@dataclass(frozen=True)
+class Load:
+    buffer: str
+    index: Lin
+    bounds: tuple[tuple[Lin, int], ...] = ()   # each (e, n): read zero unless 0 <= e < n
+
+
+@dataclass(frozen=True)
+class Mul:
+    a: object
+    b: object
+
+
+@dataclass(frozen=True)
+class Add:
+    a: object
+    b: object
+
+
+@dataclass(frozen=True)
+class Relu:
+    a: object
+
+
+@dataclass(frozen=True)
+class Zero:
+    pass
+
+
+@dataclass
+class Store:
+    buffer: str
+    index: Lin
+    value: object
+    accumulate: bool = False   # += instead of =
+
+
+@dataclass
+class For:
+    var: str
+    extent: int
+    body: list = field(default_factory=list)
+    kind: str = "serial"                                # serial | parallel | vectorize | unroll
+    bounds: tuple[tuple[Lin, int], ...] = ()            # extra limits: var < ceil(e / c)
+
+
+@dataclass
+class If:
+    conds: tuple[tuple[Lin, int], ...]                  # all of e < n
+    body: list = field(default_factory=list)
+
+
+@dataclass
+class Alloc:
+    buffer: str
+    size: int
+
+
+@dataclass
+class Function:
+    name: str
+    params: tuple                                        # op tensors, in argument order
+    body: list
+    local_buffers: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _flat(index: tuple[Lin, ...], shape: tuple[int, ...]) -> Lin:
+    out = Lin()
+    for e, n in zip(index, shape):
+        out = out * n + e
+    return out
+
+
+def _access_exprs(access: Access, axis_map: dict[str, Lin]) -> tuple[Lin, ...]:
+    out = []
+    for aff in access.index:
+        e = Lin.constant(aff.const)
+        for axis, coef in aff.terms:
+            e = e + axis_map[axis] * coef
+        out.append(e)
+    return tuple(out)
+
+
+def _place_guards(nest_loops, guards, bound_vars: set[str]):
+    """Assign each guard to the loop that binds its last variable.
+
+    Returns {loop name: (bounds, conds)} where bounds are linear limits on that
+    loop and conds are ``If`` conditions checked at the top of its body.
+    """
+    order = {l.name: i for i, l in enumerate(nest_loops)}
+    placed: dict[str, tuple[list, list]] = {l.name: ([], []) for l in nest_loops}
+    for e, n in guards:
+        vs = e.vars() - bound_vars
+        if not vs:
+            continue
+        last = max(vs, key=order.__getitem__)
+        c = e.coef(last)
+        if c is not None and c > 0:
+            rest = e.drop({last})
+            placed[last][0].append((Lin.constant(n) - rest, c))
+        else:
+            placed[last][1].append((e, n))
+    return placed
+
+
+# ---------------------------------------------------------------- lowering
+
+def lower(schedule: Schedule, name: str = "kernel") -> Function:
+    op, nest = schedule.op, schedule.nest
+    axis_map = nest.axis_map
+    loops = nest.loops
+    local: dict[str, int] = {}
+
+    out_t = op.output
+    out_idx = _flat(_access_exprs(op.out, axis_map), out_t.shape)
+
+    # where each input is read from: the tensor itself, or a packed local buffer
+    packs: dict[str, list] = {l.name: [] for l in loops}
+    reads: dict[str, Load] = {}
+    for access in (op.lhs, op.rhs):
+        cached = dict(nest.cache_reads).get(access.tensor)
+        shape = op.tensor(access.tensor).shape
+        if cached:
+            buf = f"{access.tensor}_local"
+            dims = footprint(op, nest, access.tensor, cached)
+            local[buf] = math.prod(d[2] for d in dims)
+            reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
+            packs[cached] += [Alloc(buf, local[buf]), _pack(access.tensor, shape, buf, dims, nest)]
+        else:
+            exprs = _access_exprs(access, axis_map)
+            bounds = tuple((e, n) for e, n in zip(exprs, shape)) if op.needs_bounds_check(access) else ()
+            reads[access.tensor] = Load(access.tensor, _flat(exprs, shape), _only_needed(bounds, nest))
+
+    product = Mul(reads[op.lhs.tensor], reads[op.rhs.tensor])
+    bias = None
+    if op.bias:
+        bias = Load(op.bias.tensor, _flat(_access_exprs(op.bias, axis_map), op.tensor(op.bias.tensor).shape))
+
+    head: dict[str, list] = {l.name: list(packs[l.name]) for l in loops}
+    tail: dict[str, list] = {l.name: [] for l in loops}
+    pre, post = [], []
+    if nest.cache_write:
+        tile = tile_shape(nest)
+        acc = f"{out_t.name}_local"
+        local[acc] = math.prod(l.extent for l in tile)
+        acc_idx = _flat(tuple(Lin.var(l.name) for l in tile), tuple(l.extent for l in tile))
+        compute = Store(acc, acc_idx, product, accumulate=True)
+        head[nest.cache_write][:0] = [Alloc(acc, local[acc]), _fill(acc, local[acc])]
+        value = Load(acc, acc_idx)
+        tail[nest.cache_write].append(_loops_over(
+            tile, nest, Store(out_t.name, out_idx, Relu(Add(value, bias)) if bias else value),
+            bound=_names_to(nest, nest.cache_write)))
+    else:
+        compute = Store(out_t.name, out_idx, product, accumulate=True)
+        pre.append(_fill(out_t.name, math.prod(out_t.shape)))
+        if bias:
+            post.append(_epilogue(op))
+
+    body = _build(loops, nest.guards, head, tail, compute)
+    return Function(name, op.tensors, pre + body + post, local)
+
+
+def _names_to(nest: LoopNest, anchor: str) -> set[str]:
+    return {l.name for l in nest.loops[:nest.index(anchor) + 1]}
+
+
+def _only_needed(bounds, nest: LoopNest):
+    """Drop bound checks that hold for every value the loops can take."""
+    ext = nest.extents
+    return tuple((e, n) for e, n in bounds if not (0 <= e.range(ext)[0] and e.range(ext)[1] < n))
+
+
+def _fill(buffer: str, size: int) -> For:
+    return For(f"{buffer}_z", size, [Store(buffer, Lin.var(f"{buffer}_z"), Zero())])
+
+
+def _build(loops, guards, head, tail, innermost) -> list:
+    placed = _place_guards(loops, guards, set())
+
+    def rec(i: int) -> list:
+        if i == len(loops):
+            return [innermost]
+        loop = loops[i]
+        bounds, conds = placed[loop.name]
+        stmts = head[loop.name] + rec(i + 1) + tail[loop.name]
+        if conds:
+            stmts = [If(tuple(conds), stmts)]
+        return [For(loop.name, loop.extent, stmts, loop.kind, tuple(bounds))]
+
+    return rec(0)
+
+
+def _loops_over(loops, nest: LoopNest, stmt, bound: set[str]) -> list:
+    """Plain loops over ``loops`` (a subset of the nest's) around ``stmt``, with the guards
+    that concern them; loop variables keep their names, so indices carry over."""
+    names = {l.name for l in loops}
+    guards = [(e, n) for e, n in nest.guards if e.vars() <= names | bound and e.vars() & names]
+    placed = _place_guards(loops, guards, bound)
+
+    def rec(i: int) -> list:
+        if i == len(loops):
+            return [stmt]
+        loop = loops[i]
+        bounds, conds = placed[loop.name]
+        stmts = rec(i + 1)
+        if conds:
+            stmts = [If(tuple(conds), stmts)]
+        return [For(loop.name, loop.extent, stmts, "serial", tuple(bounds))]
+
+    return rec(0)[0]
+
+
+def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest) -> For:
+    """Copy the footprint of ``tensor`` into ``buf``, zero outside the tensor."""
+    vars_ = [f"{buf}_{d}" for d in range(len(dims))]
+    src = tuple(base + Lin.var(v) for (base, _, _), v in zip(dims, vars_))
+    ext = {**nest.extents, **{v: d[2] for v, d in zip(vars_, dims)}}
+    bounds = tuple((e, n) for e, n in zip(src, shape) if not (0 <= e.range(ext)[0] and e.range(ext)[1] < n))
+    stmt = Store(buf, _flat(tuple(Lin.var(v) for v in vars_), tuple(d[2] for d in dims)),
+                 Load(tensor, _flat(src, shape), bounds))
+    for v, d in reversed(list(zip(vars_, dims))):
+        stmt = For(v, d[2], [stmt])
+    return stmt
+
+
+def _epilogue(op: Operator) -> For:
+    """out = max(out + bias, 0) over the whole output, for schedules without cache_write."""
+    out_t = op.output
+    vars_ = [f"e{d}" for d in range(len(out_t.shape))]
+    axis_map = {}
+    for access_e, v in zip(op.out.index, vars_):
+        axis_map[access_e.terms[0][0]] = Lin.var(v)
+    idx = _flat(tuple(Lin.var(v) for v in vars_), out_t.shape)
+    bias = Load(op.bias.tensor, _flat(_access_exprs(op.bias, axis_map), op.tensor(op.bias.tensor).shape))
+    stmt = Store(out_t.name, idx, Relu(Add(Load(out_t.name, idx), bias)))
+    for v, n in reversed(list(zip(vars_, out_t.shape))):
+        stmt = For(v, n, [stmt])
+    return stmt
+
+
+# ---------------------------------------------------------------- human-readable dump
+
+def _fmt_value(v) -> str:
+    if isinstance(v, Load):
+        s = f"{v.buffer}[{v.index}]"
+        return f"padded({s})" if v.bounds else s
+    if isinstance(v, Mul):
+        return f"{_fmt_value(v.a)} * {_fmt_value(v.b)}"
+    if isinstance(v, Add):
+        return f"{_fmt_value(v.a)} + {_fmt_value(v.b)}"
+    if isinstance(v, Relu):
+        return f"max({_fmt_value(v.a)}, 0)"
+    return "0"
+
+
+def _dump(stmts, depth: int, out: list[str]) -> None:
+    pad = "  " * depth
+    for s in stmts:
+        if isinstance(s, For):
+            lim = f"min({s.extent}, " + ", ".join(f"ceil(({e})/{c})" if c != 1 else str(e)
+                                                  for e, c in s.bounds) + ")" if s.bounds else str(s.extent)
+            kind = "" if s.kind == "serial" else f"  # {s.kind}"
+            out.append(f"{pad}for {s.var} in 0..{lim}:{kind}")
+            _dump(s.body, depth + 1, out)
+        elif isinstance(s, If):
+            out.append(f"{pad}if " + " and ".join(f"{e} < {n}" for e, n in s.conds) + ":")
+            _dump(s.body, depth + 1, out)
+        elif isinstance(s, Store):
+            out.append(f"{pad}{s.buffer}[{s.index}] {'+=' if s.accumulate else '='} {_fmt_value(s.value)}")
+
+
+def print_loop_nest(schedule: Schedule) -> str:
+    """The lowered loop nest as indented pseudo-code, for people."""
+    fn = lower(schedule)
+    op = schedule.op
+    lines = [f"# {op.kind} {op.shape_str}: " + ", ".join(f"{t.name}{list(t.shape)}" for t in op.tensors)]
+    lines += [f"local {b}[{n}]" for b, n in fn.local_buffers.items()]
+    _dump(fn.body, 0, lines)
+    return "\n".join(lines)

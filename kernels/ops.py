@@ -1,0 +1,267 @@
+"""Operators declared as data.
+
+Every operator here is one multiply-accumulate over a loop domain,
+
+    out[out_index] += lhs[lhs_index] * rhs[rhs_index]      (summed over reduce axes)
+
+optionally followed by an element-wise epilogue on the finished sum
+(``bias_relu``: ``out = max(out + bias[...], 0)``). Index expressions are affine in
+the axes, so footprints, strides and bounds can be derived instead of hand-written.
+An input index that can fall outside its tensor (convolution padding) reads zero.
+
+Shape strings: ``matmul``/``dense_bias_relu`` ``MxNxK``; ``batch_matmul``
+``BxMxNxK``; ``conv2d`` ``N,C,H,W,K,R,S[,stride[,pad]]`` (NCHW input, OIHW
+weights); ``depthwise_conv2d`` ``N,C,H,W,R,S[,stride[,pad]]``. ``x`` and ``,``
+are interchangeable.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+class OperatorError(ValueError):
+    """An unknown operator or a shape it cannot take."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    extent: int
+    reduce: bool = False
+
+
+# An affine index: ((axis, coefficient), ...) plus a constant.
+@dataclass(frozen=True)
+class Affine:
+    terms: tuple[tuple[str, int], ...]
+    const: int = 0
+
+    @staticmethod
+    def of(*terms: str | tuple[str, int], const: int = 0) -> "Affine":
+        return Affine(tuple((t, 1) if isinstance(t, str) else t for t in terms), const)
+
+    def range(self, extents: dict[str, int]) -> tuple[int, int]:
+        """Smallest and largest value over the axes' domains."""
+        lo = hi = self.const
+        for axis, coef in self.terms:
+            span = coef * (extents[axis] - 1)
+            lo, hi = lo + min(0, span), hi + max(0, span)
+        return lo, hi
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    role: str  # "input" or "output"
+
+
+@dataclass(frozen=True)
+class Access:
+    tensor: str
+    index: tuple[Affine, ...]
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One operator instance: a kind plus concrete extents."""
+
+    kind: str
+    shape: tuple[int, ...]
+    axes: tuple[Axis, ...]
+    tensors: tuple[Tensor, ...]  # the kernel's arguments, in order: inputs, then the output
+    out: Access
+    lhs: Access
+    rhs: Access
+    bias: Access | None = None  # epilogue max(out + bias, 0) when set
+    reference_fn: Callable[..., np.ndarray] = field(default=None, compare=False, repr=False)
+
+    @property
+    def shape_str(self) -> str:
+        return ",".join(map(str, self.shape)) if "conv" in self.kind else "x".join(map(str, self.shape))
+
+    @property
+    def params(self) -> dict[str, int]:
+        """The shape by parameter name, e.g. ``{"M": 64, "N": 64, "K": 64}``."""
+        return dict(zip(OPERATORS[self.kind][1], self.shape))
+
+    @property
+    def flops(self) -> int:
+        """Two per multiply-accumulate (the epilogue is not counted)."""
+        n = 2
+        for a in self.axes:
+            n *= a.extent
+        return n
+
+    @property
+    def extents(self) -> dict[str, int]:
+        return {a.name: a.extent for a in self.axes}
+
+    def axis(self, name: str) -> Axis:
+        return next(a for a in self.axes if a.name == name)
+
+    def tensor(self, name: str) -> Tensor:
+        return next(t for t in self.tensors if t.name == name)
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        return tuple(t for t in self.tensors if t.role == "input")
+
+    @property
+    def output(self) -> Tensor:
+        return next(t for t in self.tensors if t.role == "output")
+
+    @property
+    def accesses(self) -> tuple[Access, ...]:
+        return (self.out, self.lhs, self.rhs) + ((self.bias,) if self.bias else ())
+
+    def needs_bounds_check(self, access: Access) -> bool:
+        """True when some index of ``access`` can fall outside its tensor (padding)."""
+        shape = self.tensor(access.tensor).shape
+        return any(not (0 <= lo and hi < dim) for (lo, hi), dim in
+                   zip((e.range(self.extents) for e in access.index), shape))
+
+    def random_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {t.name: rng.uniform(-1, 1, t.shape).astype(np.float32) for t in self.inputs}
+
+    def reference(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.reference_fn(**inputs).astype(np.float32)
+
+    def to_json(self) -> dict:
+        return {"op": self.kind, "shape": self.shape_str}
+
+
+# ---------------------------------------------------------------- references
+
+def _conv2d_ref(inp, weight, stride, pad, groups):
+    import numpy.lib.stride_tricks as st
+    x = np.pad(inp.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    win = st.sliding_window_view(x, (r, s), axis=(2, 3))[:, :, ::stride, ::stride]  # n c oh ow r s
+    if groups == 1:
+        return np.einsum("ncyxrs,kcrs->nkyx", win, weight.astype(np.float64), optimize=True)
+    return np.einsum("ncyxrs,crs->ncyx", win, weight[:, 0].astype(np.float64), optimize=True)
+
+
+# ---------------------------------------------------------------- builders
+
+def _matmul(m, n, k, bias=False):
+    axes = (Axis("i", m), Axis("j", n), Axis("k", k, reduce=True))
+    tensors = [Tensor("A", (m, k), "input"), Tensor("B", (k, n), "input")]
+    if bias:
+        tensors.append(Tensor("bias", (n,), "input"))
+    tensors.append(Tensor("C", (m, n), "output"))
+    if bias:
+        ref = lambda A, B, bias: np.maximum(A.astype(np.float64) @ B + bias, 0)  # noqa: E731
+    else:
+        ref = lambda A, B: A.astype(np.float64) @ B  # noqa: E731
+    return dict(axes=axes, tensors=tuple(tensors),
+                out=Access("C", (Affine.of("i"), Affine.of("j"))),
+                lhs=Access("A", (Affine.of("i"), Affine.of("k"))),
+                rhs=Access("B", (Affine.of("k"), Affine.of("j"))),
+                bias=Access("bias", (Affine.of("j"),)) if bias else None,
+                reference_fn=ref)
+
+
+def _batch_matmul(b, m, n, k):
+    return dict(
+        axes=(Axis("b", b), Axis("i", m), Axis("j", n), Axis("k", k, reduce=True)),
+        tensors=(Tensor("A", (b, m, k), "input"), Tensor("B", (b, k, n), "input"),
+                 Tensor("C", (b, m, n), "output")),
+        out=Access("C", (Affine.of("b"), Affine.of("i"), Affine.of("j"))),
+        lhs=Access("A", (Affine.of("b"), Affine.of("i"), Affine.of("k"))),
+        rhs=Access("B", (Affine.of("b"), Affine.of("k"), Affine.of("j"))),
+        reference_fn=lambda A, B: np.matmul(A.astype(np.float64), B))
+
+
+def _out_size(size, r, stride, pad, what):
+    out = (size + 2 * pad - r) // stride + 1
+    if out < 1:
+        raise OperatorError(f"{what}: a {r}-wide window with padding {pad} does not fit in {size}")
+    return out
+
+
+def _conv2d(n, c, h, w, k, r, s, stride=1, pad=0):
+    oh, ow = _out_size(h, r, stride, pad, "height"), _out_size(w, s, stride, pad, "width")
+    return dict(
+        axes=(Axis("n", n), Axis("k", k), Axis("y", oh), Axis("x", ow),
+              Axis("c", c, True), Axis("ry", r, True), Axis("rx", s, True)),
+        tensors=(Tensor("I", (n, c, h, w), "input"), Tensor("W", (k, c, r, s), "input"),
+                 Tensor("O", (n, k, oh, ow), "output")),
+        out=Access("O", (Affine.of("n"), Affine.of("k"), Affine.of("y"), Affine.of("x"))),
+        lhs=Access("I", (Affine.of("n"), Affine.of("c"),
+                         Affine.of(("y", stride), "ry", const=-pad),
+                         Affine.of(("x", stride), "rx", const=-pad))),
+        rhs=Access("W", (Affine.of("k"), Affine.of("c"), Affine.of("ry"), Affine.of("rx"))),
+        reference_fn=lambda I, W: _conv2d_ref(I, W, stride, pad, 1))
+
+
+def _depthwise_conv2d(n, c, h, w, r, s, stride=1, pad=0):
+    oh, ow = _out_size(h, r, stride, pad, "height"), _out_size(w, s, stride, pad, "width")
+    return dict(
+        axes=(Axis("n", n), Axis("c", c), Axis("y", oh), Axis("x", ow),
+              Axis("ry", r, True), Axis("rx", s, True)),
+        tensors=(Tensor("I", (n, c, h, w), "input"), Tensor("W", (c, 1, r, s), "input"),
+                 Tensor("O", (n, c, oh, ow), "output")),
+        out=Access("O", (Affine.of("n"), Affine.of("c"), Affine.of("y"), Affine.of("x"))),
+        lhs=Access("I", (Affine.of("n"), Affine.of("c"),
+                         Affine.of(("y", stride), "ry", const=-pad),
+                         Affine.of(("x", stride), "rx", const=-pad))),
+        rhs=Access("W", (Affine.of("c"), Affine.of(), Affine.of("ry"), Affine.of("rx"))),
+        reference_fn=lambda I, W: _conv2d_ref(I, W, stride, pad, c))
+
+
+# kind -> (builder, parameter names, how many are optional)
+OPERATORS: dict[str, tuple[Callable[..., dict], tuple[str, ...], int]] = {
+    "matmul": (_matmul, ("M", "N", "K"), 0),
+    "dense_bias_relu": (lambda m, n, k: _matmul(m, n, k, bias=True), ("M", "N", "K"), 0),
+    "batch_matmul": (_batch_matmul, ("B", "M", "N", "K"), 0),
+    "conv2d": (_conv2d, ("N", "C", "H", "W", "K", "R", "S", "stride", "pad"), 2),
+    "depthwise_conv2d": (_depthwise_conv2d, ("N", "C", "H", "W", "R", "S", "stride", "pad"), 2),
+}
+OPTIONAL_DEFAULTS = (1, 0)  # stride, pad
+
+
+def shape_help(kind: str) -> str:
+    _, names, optional = OPERATORS[kind]
+    sep = "," if "conv" in kind else "x"
+    required, opt = names[:len(names) - optional], names[len(names) - optional:]
+    return sep.join(required) + "".join(f"[{sep}{o}" for o in opt) + "]" * len(opt)
+
+
+def parse_shape(kind: str, shape: str | tuple[int, ...]) -> tuple[int, ...]:
+    if kind not in OPERATORS:
+        raise OperatorError(f"unknown op {kind!r}; known: {', '.join(OPERATORS)}")
+    _, names, optional = OPERATORS[kind]
+    if isinstance(shape, str):
+        parts = [p for p in re.split(r"[x,X\s]+", shape.strip()) if p]
+        try:
+            values = tuple(int(p) for p in parts)
+        except ValueError:
+            raise OperatorError(f"malformed shape {shape!r} for {kind}: expected integers "
+                                f"{shape_help(kind)}") from None
+    else:
+        values = tuple(int(v) for v in shape)
+    if not len(names) - optional <= len(values) <= len(names):
+        raise OperatorError(f"shape {shape!r} for {kind} has {len(values)} numbers; "
+                            f"expected {shape_help(kind)}")
+    for name, v in zip(names, values):
+        low = 0 if name == "pad" else 1
+        if v < low:
+            raise OperatorError(f"shape {shape!r} for {kind}: {name} must be "
+                                f"{'non-negative' if low == 0 else 'positive'}, got {v}")
+    missing = len(names) - len(values)
+    return values + OPTIONAL_DEFAULTS[len(OPTIONAL_DEFAULTS) - missing:] if missing else values
+
+
+def make_op(kind: str, shape: str | tuple[int, ...]) -> Operator:
+    """The operator ``kind`` at ``shape`` (a shape string or a tuple of ints)."""
+    values = parse_shape(kind, shape)
+    builder = OPERATORS[kind][0]
+    return Operator(kind=kind, shape=values, **builder(*values))

@@ -1,0 +1,433 @@
+"""Schedules: an operator plus a tuple of frozen step records.
+
+A schedule starts as the operator's loop nest, one loop per axis in declaration
+order (spatial axes, then reduce axes), and each step transforms it. Steps use
+TVM/Halide names:
+
+================  ==========================================================
+``Split``         ``loop`` -> ``loop_o`` (outer, ``ceil(extent/factor)``) and
+                  ``loop_i`` (inner, ``factor``). A factor that does not divide
+                  the extent is legal: the tail is guarded (loop bounds are
+                  clipped with ``min``), so results stay exact.
+``Reorder``       the named loops take, in the given order, the positions that
+                  the same loops occupy now; other loops stay where they are.
+``Tile``          sugar: split ``outer`` and ``inner`` and reorder to
+                  ``outer_o, inner_o, outer_i, inner_i``.
+``Fuse``          two adjacent loops (outer directly around inner, both spatial
+                  or both reduce) -> one loop ``outer_inner``.
+``Vectorize``     SIMD: the innermost loop, spatial.
+``Unroll``        explicit unrolling of a loop of at most ``MAX_UNROLL``.
+``Parallel``      OpenMP over a spatial loop; at most one per schedule.
+``CacheWrite``    accumulate in a local tile covering the spatial loops inside
+                  ``loop`` (every reduce loop must be inside it); the tile is
+                  written back once, with the epilogue applied there.
+``CacheRead``     copy the part of ``tensor`` read inside ``loop`` into a
+                  contiguous local buffer (zero-filled where the index falls
+                  outside the tensor, which removes padding checks).
+================  ==========================================================
+
+A step that cannot apply raises :class:`ScheduleError` naming the step and why.
+Only steps are stored (JSON via :meth:`Schedule.to_json`); loops, code and
+everything else are derived by replaying them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
+from typing import ClassVar
+
+from .expr import Lin
+from .ops import Operator, make_op
+
+MAX_UNROLL = 64          # extent of one unrolled loop
+MAX_UNROLLED_BODY = 512  # product of the extents of all unrolled loops (code size)
+MAX_LOCAL_BYTES = 1 << 20  # per local buffer: they live on the stack
+
+
+class ScheduleError(ValueError):
+    """A step that cannot be applied; the message names the step and the reason."""
+
+
+def check(cond: bool, step: "Step", reason: str) -> None:
+    if not cond:
+        raise ScheduleError(f"{step}: {reason}")
+
+
+# ---------------------------------------------------------------- loops and state
+
+@dataclass(frozen=True)
+class Loop:
+    name: str
+    extent: int
+    reduce: bool
+    axis: str                # the op axis it came from (the outer one for fused loops)
+    kind: str = "serial"     # serial | parallel | vectorize | unroll
+
+
+@dataclass(frozen=True)
+class LoopNest:
+    """The loop structure a schedule denotes; loops run outermost first."""
+
+    loops: tuple[Loop, ...]
+    axis_expr: tuple[tuple[str, Lin], ...]   # op axis -> expression over loop variables
+    guards: tuple[tuple[Lin, int], ...]      # each (e, n) means e < n (tails of splits)
+    cache_write: str | None = None
+    cache_reads: tuple[tuple[str, str], ...] = ()  # (tensor, loop)
+
+    def index(self, name: str) -> int:
+        for i, loop in enumerate(self.loops):
+            if loop.name == name:
+                return i
+        raise KeyError(name)
+
+    def loop(self, name: str) -> Loop:
+        return self.loops[self.index(name)]
+
+    def has(self, name: str) -> bool:
+        return any(loop.name == name for loop in self.loops)
+
+    @property
+    def axis_map(self) -> dict[str, Lin]:
+        return dict(self.axis_expr)
+
+    @property
+    def extents(self) -> dict[str, int]:
+        return {loop.name: loop.extent for loop in self.loops}
+
+    def inside(self, name: str) -> tuple[Loop, ...]:
+        """Loops strictly inside ``name``."""
+        return self.loops[self.index(name) + 1:]
+
+    def anchors(self) -> set[str]:
+        return ({self.cache_write} if self.cache_write else set()) | {l for _, l in self.cache_reads}
+
+
+def initial_nest(op: Operator) -> LoopNest:
+    axes = sorted(op.axes, key=lambda a: a.reduce)  # spatial first, stable
+    loops = tuple(Loop(a.name, a.extent, a.reduce, a.name) for a in axes)
+    return LoopNest(loops, tuple((a.name, Lin.var(a.name)) for a in op.axes), ())
+
+
+def tile_shape(nest: LoopNest) -> tuple[Loop, ...]:
+    """The spatial loops covered by the cache_write tile."""
+    return tuple(l for l in nest.inside(nest.cache_write) if not l.reduce)
+
+
+def footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str):
+    """Per tensor dimension: (base expression over outer loops, inner expression, extent).
+
+    The part of ``tensor`` that the loops inside ``anchor`` read; None when an
+    index is not affine in those loops (a fused loop inside).
+    """
+    access = next(a for a in op.accesses if a.tensor == tensor)
+    axis_map = nest.axis_map
+    inner = {l.name: l.extent for l in nest.inside(anchor)}
+    dims = []
+    for index in access.index:
+        e = Lin.constant(index.const)
+        for axis, coef in index.terms:
+            e = e + axis_map[axis] * coef
+        if any(e.coef(v) is None for v in inner):
+            return None
+        inner_part = Lin(tuple((a, c) for a, c in e.terms if a in inner))
+        lo, hi = inner_part.range(inner)
+        dims.append((e.drop(set(inner)), inner_part, hi - lo + 1))
+    return dims
+
+
+# ---------------------------------------------------------------- steps
+
+@dataclass(frozen=True)
+class Step:
+    """One schedule transformation; a frozen, hashable value."""
+
+    registry: ClassVar[dict[str, type["Step"]]] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        Step.registry[cls.__name__] = cls
+
+    def apply(self, op: Operator, nest: LoopNest) -> LoopNest:
+        raise NotImplementedError
+
+    def _loop(self, nest: LoopNest, name: str) -> Loop:
+        check(nest.has(name), self, f"no loop named {name!r} (loops: {', '.join(l.name for l in nest.loops)})")
+        return nest.loop(name)
+
+    def _unannotated(self, nest: LoopNest, name: str) -> Loop:
+        loop = self._loop(nest, name)
+        check(loop.kind == "serial", self, f"loop {name!r} is already marked {loop.kind}")
+        return loop
+
+    def _set_kind(self, nest: LoopNest, name: str, kind: str) -> LoopNest:
+        loop = self._unannotated(nest, name)
+        loops = list(nest.loops)
+        loops[nest.index(name)] = replace(loop, kind=kind)
+        return replace(nest, loops=tuple(loops))
+
+    def to_json(self) -> dict:
+        d = {"step": type(self).__name__}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "Step":
+        d = dict(d)
+        cls = Step.registry.get(d.pop("step", None))
+        if cls is None:
+            raise ScheduleError(f"unknown step in {d!r}")
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        except TypeError as e:
+            raise ScheduleError(f"bad fields for {cls.__name__}: {e}") from None
+
+    def __str__(self) -> str:
+        args = ", ".join(repr(getattr(self, f.name)) for f in fields(self))
+        return f"{type(self).__name__}({args})"
+
+
+@dataclass(frozen=True)
+class Split(Step):
+    loop: str
+    factor: int
+
+    def apply(self, op, nest):
+        loop = self._unannotated(nest, self.loop)
+        check(self.loop not in nest.anchors(), self, f"loop {self.loop!r} anchors a cache stage")
+        check(isinstance(self.factor, int) and 1 <= self.factor <= loop.extent, self,
+              f"factor must be an integer in [1, {loop.extent}]")
+        outer = Loop(f"{loop.name}_o", -(-loop.extent // self.factor), loop.reduce, loop.axis)
+        inner = Loop(f"{loop.name}_i", self.factor, loop.reduce, loop.axis)
+        repl = Lin.var(outer.name, self.factor) + Lin.var(inner.name)
+        guards = tuple((e.subst(loop.name, repl), n) for e, n in nest.guards)
+        if loop.extent % self.factor:
+            guards += ((repl, loop.extent),)
+        i = nest.index(loop.name)
+        return replace(nest, loops=nest.loops[:i] + (outer, inner) + nest.loops[i + 1:],
+                       axis_expr=tuple((a, e.subst(loop.name, repl)) for a, e in nest.axis_expr),
+                       guards=guards)
+
+
+@dataclass(frozen=True)
+class Reorder(Step):
+    order: tuple[str, ...]
+
+    def apply(self, op, nest):
+        check(len(set(self.order)) == len(self.order), self, "a loop is named twice")
+        for name in self.order:
+            self._loop(nest, name)
+        slots = sorted(nest.index(n) for n in self.order)
+        loops = list(nest.loops)
+        for slot, name in zip(slots, self.order):
+            loops[slot] = nest.loop(name)
+        return replace(nest, loops=tuple(loops))
+
+
+@dataclass(frozen=True)
+class Tile(Step):
+    outer: str
+    inner: str
+    outer_factor: int
+    inner_factor: int
+
+    def apply(self, op, nest):
+        check(self.outer != self.inner, self, "outer and inner are the same loop")
+        check(nest.index(self._loop(nest, self.outer).name) < nest.index(self._loop(nest, self.inner).name),
+              self, f"{self.outer!r} is not outside {self.inner!r}")
+        try:
+            nest = Split(self.outer, self.outer_factor).apply(op, nest)
+            nest = Split(self.inner, self.inner_factor).apply(op, nest)
+        except ScheduleError as e:
+            raise ScheduleError(f"{self}: {e}") from None
+        o, i = self.outer, self.inner
+        return Reorder((f"{o}_o", f"{i}_o", f"{o}_i", f"{i}_i")).apply(op, nest)
+
+
+@dataclass(frozen=True)
+class Fuse(Step):
+    outer: str
+    inner: str
+
+    def apply(self, op, nest):
+        a, b = self._unannotated(nest, self.outer), self._unannotated(nest, self.inner)
+        check(nest.index(b.name) == nest.index(a.name) + 1, self,
+              f"{b.name!r} is not directly inside {a.name!r}")
+        check(a.reduce == b.reduce, self, "cannot fuse a spatial loop with a reduce loop")
+        check(not {a.name, b.name} & nest.anchors(), self, "a fused loop may not anchor a cache stage")
+        f = Loop(f"{a.name}_{b.name}", a.extent * b.extent, a.reduce, a.axis)
+        check(not nest.has(f.name), self, f"a loop named {f.name!r} exists already")
+        fv = Lin.var(f.name)
+
+        def sub(e: Lin) -> Lin:
+            return e.subst(a.name, fv.floordiv(b.extent)).subst(b.name, fv.mod(b.extent))
+
+        i = nest.index(a.name)
+        return replace(nest, loops=nest.loops[:i] + (f,) + nest.loops[i + 2:],
+                       axis_expr=tuple((ax, sub(e)) for ax, e in nest.axis_expr),
+                       guards=tuple((sub(e), n) for e, n in nest.guards))
+
+
+@dataclass(frozen=True)
+class Vectorize(Step):
+    loop: str
+
+    def apply(self, op, nest):
+        loop = self._loop(nest, self.loop)
+        check(not loop.reduce, self, "only a spatial loop can be vectorized")
+        return self._set_kind(nest, self.loop, "vectorize")
+
+
+@dataclass(frozen=True)
+class Unroll(Step):
+    loop: str
+
+    def apply(self, op, nest):
+        loop = self._loop(nest, self.loop)
+        check(loop.extent <= MAX_UNROLL, self, f"extent {loop.extent} exceeds the unroll limit {MAX_UNROLL}")
+        return self._set_kind(nest, self.loop, "unroll")
+
+
+@dataclass(frozen=True)
+class Parallel(Step):
+    loop: str
+
+    def apply(self, op, nest):
+        loop = self._loop(nest, self.loop)
+        check(not loop.reduce, self, "a reduce loop cannot run in parallel (threads would race)")
+        check(all(l.kind != "parallel" for l in nest.loops), self, "a loop is already parallel")
+        return self._set_kind(nest, self.loop, "parallel")
+
+
+@dataclass(frozen=True)
+class CacheWrite(Step):
+    loop: str
+
+    def apply(self, op, nest):
+        self._loop(nest, self.loop)
+        check(nest.cache_write is None, self, "the output is already cached")
+        return replace(nest, cache_write=self.loop)
+
+
+@dataclass(frozen=True)
+class CacheRead(Step):
+    tensor: str
+    loop: str
+
+    def apply(self, op, nest):
+        names = [t.name for t in op.inputs]
+        check(self.tensor in names, self, f"{self.tensor!r} is not an input (inputs: {', '.join(names)})")
+        self._loop(nest, self.loop)
+        check(all(t != self.tensor for t, _ in nest.cache_reads), self, f"{self.tensor!r} is already cached")
+        return replace(nest, cache_reads=nest.cache_reads + ((self.tensor, self.loop),))
+
+
+def validate(op: Operator, nest: LoopNest, step: Step) -> None:
+    """Invariants every nest must keep, whatever step produced it."""
+    names = [l.name for l in nest.loops]
+    check(len(set(names)) == len(names), step, "loop names collide")
+    for i, loop in enumerate(nest.loops):
+        if loop.kind == "vectorize":
+            check(i == len(nest.loops) - 1, step, f"vectorized loop {loop.name!r} must stay innermost")
+    unrolled = math.prod(l.extent for l in nest.loops if l.kind == "unroll")
+    check(unrolled <= MAX_UNROLLED_BODY, step,
+          f"unrolled loops multiply to {unrolled} copies of the body (limit {MAX_UNROLLED_BODY})")
+    if nest.cache_write:
+        inner = nest.inside(nest.cache_write)
+        outside = [l.name for l in nest.loops[:nest.index(nest.cache_write) + 1] if l.reduce]
+        check(not outside, step, f"reduce loop(s) {', '.join(outside)} lie outside the cache_write "
+                                 f"loop {nest.cache_write!r}; the tile would be written back unfinished")
+        size = 4 * math.prod(l.extent for l in inner if not l.reduce)
+        check(size <= MAX_LOCAL_BYTES, step, f"cache_write tile of {size} bytes exceeds {MAX_LOCAL_BYTES}")
+    for tensor, anchor in nest.cache_reads:
+        dims = footprint(op, nest, tensor, anchor)
+        check(dims is not None, step, f"{tensor!r} is indexed through a fused loop inside {anchor!r}; "
+                                      "its footprint is not a box")
+        size = 4 * math.prod(d[2] for d in dims)
+        check(size <= MAX_LOCAL_BYTES, step,
+              f"cache_read buffer for {tensor!r} at {anchor!r} is {size} bytes (limit {MAX_LOCAL_BYTES})")
+
+
+# ---------------------------------------------------------------- schedule
+
+@dataclass(frozen=True)
+class Schedule:
+    """An operator plus the steps applied to it. Immutable: ``apply`` returns a new one."""
+
+    op: Operator
+    steps: tuple[Step, ...] = ()
+
+    @cached_property
+    def nest(self) -> LoopNest:
+        nest = initial_nest(self.op)
+        for step in self.steps:
+            nest = _apply(self.op, nest, step)
+        return nest
+
+    def apply(self, step: Step) -> "Schedule":
+        new = Schedule(self.op, self.steps + (step,))
+        new.__dict__["nest"] = _apply(self.op, self.nest, step)
+        return new
+
+    # convenience methods with TVM names
+    def split(self, loop: str, factor: int) -> "Schedule":
+        return self.apply(Split(loop, factor))
+
+    def reorder(self, *order: str) -> "Schedule":
+        return self.apply(Reorder(tuple(order)))
+
+    def tile(self, outer: str, inner: str, outer_factor: int, inner_factor: int) -> "Schedule":
+        return self.apply(Tile(outer, inner, outer_factor, inner_factor))
+
+    def fuse(self, outer: str, inner: str) -> "Schedule":
+        return self.apply(Fuse(outer, inner))
+
+    def vectorize(self, loop: str) -> "Schedule":
+        return self.apply(Vectorize(loop))
+
+    def unroll(self, loop: str) -> "Schedule":
+        return self.apply(Unroll(loop))
+
+    def parallel(self, loop: str) -> "Schedule":
+        return self.apply(Parallel(loop))
+
+    def cache_write(self, loop: str) -> "Schedule":
+        return self.apply(CacheWrite(loop))
+
+    def cache_read(self, tensor: str, loop: str) -> "Schedule":
+        return self.apply(CacheRead(tensor, loop))
+
+    # serialisation: steps only
+    def steps_json(self) -> list[dict]:
+        return [s.to_json() for s in self.steps]
+
+    def key(self) -> str:
+        """Canonical string of the steps; identifies the schedule for a given op."""
+        return json.dumps(self.steps_json(), sort_keys=True, separators=(",", ":"))
+
+    def to_json(self) -> dict:
+        return {**self.op.to_json(), "steps": self.steps_json()}
+
+    @staticmethod
+    def from_json(d: dict, op: Operator | None = None) -> "Schedule":
+        op = op or make_op(d["op"], d["shape"])
+        sched = Schedule(op)
+        for s in d.get("steps", []):
+            sched = sched.apply(Step.from_json(s))
+        return sched
+
+    def __str__(self) -> str:
+        from .lower import print_loop_nest
+        return print_loop_nest(self)
+
+
+def _apply(op: Operator, nest: LoopNest, step: Step) -> LoopNest:
+    if not isinstance(step, Step):
+        raise ScheduleError(f"{step!r} is not a schedule step")
+    new = step.apply(op, nest)
+    validate(op, new, step)
+    return new
