@@ -25,6 +25,7 @@ class Load:
     buffer: str
     index: Lin
     bounds: tuple[tuple[Lin, int], ...] = ()   # each (e, n): read zero unless 0 <= e < n
+    clamps: tuple[tuple[Lin, int, int], ...] = ()  # each (e, n, stride): add min(e, n-1)*stride
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,16 @@ def lower(schedule: Schedule, name: str = "kernel") -> Function:
     out_t = op.output
     out_idx = _flat(_access_exprs(op.out, axis_map), out_t.shape)
 
+    # Spatial tails inside the cache_write tile are not guarded in the compute: the
+    # tile is computed whole (in registers) and only its valid part is written back.
+    # Reads that the dropped guards no longer keep inside a tensor are clamped.
+    guards, dropped = nest.guards, ()
+    if nest.cache_write:
+        tile = {l.name for l in tile_shape(nest)}
+        dropped = tuple(g for g in guards if g[0].vars() & tile)
+        guards = tuple(g for g in guards if g not in dropped)
+    unguarded = set().union(*(e.vars() for e, _ in dropped))
+
     # where each input is read from: the tensor itself, or a packed local buffer
     packs: dict[str, list] = {l.name: [] for l in loops}
     reads: dict[str, Load] = {}
@@ -151,9 +162,7 @@ def lower(schedule: Schedule, name: str = "kernel") -> Function:
             reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
             packs[cached] += [Alloc(buf, local[buf]), _pack(access.tensor, shape, buf, dims, nest)]
         else:
-            exprs = _access_exprs(access, axis_map)
-            bounds = tuple((e, n) for e, n in zip(exprs, shape)) if op.needs_bounds_check(access) else ()
-            reads[access.tensor] = Load(access.tensor, _flat(exprs, shape), _only_needed(bounds, nest))
+            reads[access.tensor] = _direct_read(op, access, axis_map, nest, unguarded)
 
     product = Mul(reads[op.lhs.tensor], reads[op.rhs.tensor])
     bias = None
@@ -180,7 +189,7 @@ def lower(schedule: Schedule, name: str = "kernel") -> Function:
         if bias:
             post.append(_epilogue(op))
 
-    body = _build(loops, nest.guards, head, tail, compute)
+    body = _build(loops, guards, head, tail, compute)
     return Function(name, op.tensors, pre + body + post, local)
 
 
@@ -188,10 +197,30 @@ def _names_to(nest: LoopNest, anchor: str) -> set[str]:
     return {l.name for l in nest.loops[:nest.index(anchor) + 1]}
 
 
-def _only_needed(bounds, nest: LoopNest):
-    """Drop bound checks that hold for every value the loops can take."""
+def _direct_read(op: Operator, access: Access, axis_map, nest: LoopNest, unguarded: set[str]) -> Load:
+    """A read of ``access`` from its tensor, safe for every iteration the loops make.
+
+    A dimension that can leave the tensor inside the op's own domain (padding) reads
+    zero there; one that leaves it only through unguarded tail iterations is clamped.
+    """
+    shape = op.tensor(access.tensor).shape
+    exprs = _access_exprs(access, axis_map)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    index, bounds, clamps = Lin(), [], []
     ext = nest.extents
-    return tuple((e, n) for e, n in bounds if not (0 <= e.range(ext)[0] and e.range(ext)[1] < n))
+    for aff, e, n, stride in zip(access.index, exprs, shape, strides):
+        lo, hi = e.range(ext)
+        in_domain = aff.range(op.extents)
+        if 0 <= lo and hi < n:
+            index = index + e * stride
+        elif not (0 <= in_domain[0] and in_domain[1] < n):
+            index = index + e * stride
+            bounds.append((e, n))
+        elif e.vars() & unguarded:
+            clamps.append((e, n, stride))
+        else:
+            index = index + e * stride
+    return Load(access.tensor, index, tuple(bounds), tuple(clamps))
 
 
 def _fill(buffer: str, size: int) -> For:
@@ -266,7 +295,8 @@ def _epilogue(op: Operator) -> For:
 
 def _fmt_value(v) -> str:
     if isinstance(v, Load):
-        s = f"{v.buffer}[{v.index}]"
+        idx = " + ".join([str(v.index)] + [f"min({e}, {n - 1})*{st}" for e, n, st in v.clamps])
+        s = f"{v.buffer}[{idx}]"
         return f"padded({s})" if v.bounds else s
     if isinstance(v, Mul):
         return f"{_fmt_value(v.a)} * {_fmt_value(v.b)}"

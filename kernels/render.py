@@ -90,12 +90,17 @@ class CStyleRenderer:
 
     # ------------------------------------------------------------ expressions
     @staticmethod
+    def ref(load: Load) -> str:
+        clamps = "".join(f" + imin({e}, {n - 1})*{stride}" for e, n, stride in load.clamps)
+        return f"{load.buffer}[{load.index}{clamps}]"
+
+    @staticmethod
     def conds(conds) -> str:
         return " && ".join(f"{e} < {n}" for e, n in conds)
 
     def value(self, v) -> str:
         if isinstance(v, Load):
-            ref = f"{v.buffer}[{v.index}]"
+            ref = self.ref(v)
             if not v.bounds:
                 return ref
             ok = " && ".join(f"0 <= {e} && {e} < {n}" for e, n in v.bounds)
@@ -157,14 +162,15 @@ class CRenderer(CStyleRenderer):
         if not (isinstance(s, Store) and isinstance(s.value, Mul)
                 and all(isinstance(x, Load) and not x.bounds for x in (s.value.a, s.value.b))):
             return None
-        if s.index.coef(loop.var) != 1 or any(x.index.coef(loop.var) not in (0, 1)
-                                              for x in (s.value.a, s.value.b)):
+        loads = (s.value.a, s.value.b)
+        if s.index.coef(loop.var) != 1 or any(x.index.coef(loop.var) not in (0, 1) for x in loads):
+            return None
+        if any(loop.var in e.vars() for x in loads for e, *_ in x.clamps):
             return None
         return next((w for w in self.widths if loop.extent % w == 0), None)
 
-    @staticmethod
-    def vector_value(load: Load, var: str, width: int) -> str:
-        ref = f"{load.buffer}[{load.index}]"
+    def vector_value(self, load: Load, var: str, width: int) -> str:
+        ref = self.ref(load)
         return ref if load.index.coef(var) == 0 else f"*(vec{width}*)&{ref}"
 
 

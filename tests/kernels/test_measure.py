@@ -1,0 +1,187 @@
+import json
+import math
+import statistics
+import time
+
+import pytest
+
+from kernels.kernel import Kernel
+from kernels.measure import RTOL, Builder, MeasureResult, Measurer, Runner
+from kernels.ops import make_op
+from kernels.target import cpu_target
+from kernels.tuning_log import TuningLog
+
+OP = make_op("matmul", "8x8x8")
+
+HEADER = """
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+void {name}(float* restrict A, float* restrict B, float* restrict C) {{
+"""
+
+MATMUL = """
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 8; j++) {
+            float acc = 0.0f;
+            for (int k = 0; k < 8; k++) acc += A[i * 8 + k] * B[k * 8 + j];
+            C[i * 8 + j] = acc;
+        }
+"""
+
+
+def kernel(body: str, name: str = "f") -> Kernel:
+    return Kernel(name, HEADER.format(name=name) + body + "}\n", OP.tensors)
+
+
+GOOD = kernel(MATMUL)
+SEGV = kernel("*(volatile float*)0 = 1.0f;" + MATMUL)
+ABORT = kernel("abort();")
+LOOP = kernel("volatile int x = 0; for (;;) x++;")
+ZEROS = kernel("for (int i = 0; i < 64; i++) C[i] = 0.0f;")
+NOTHING = kernel("(void)A; (void)B; (void)C;")
+WRITES_INPUT = kernel(MATMUL + "A[0] = 42.0f;")
+BROKEN = kernel("this is not C;")
+SLOW = kernel("usleep(100000);" + MATMUL)
+# Correct only when the worker set OMP_STACKSIZE before loading the kernel.
+NEEDS_STACKSIZE = kernel('const char* s = getenv("OMP_STACKSIZE"); if (!s || strcmp(s, "16M")) return;'
+                         + MATMUL)
+
+
+def key(i: int) -> str:
+    return json.dumps([["tile", "i", i]])
+
+
+@pytest.fixture
+def builder(tmp_path):
+    return Builder(cache_dir=tmp_path / "build")
+
+
+@pytest.fixture
+def runner():
+    r = Runner(timeout_s=10, min_time_s=0.05)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def measurer(builder, runner):
+    return Measurer(cpu_target(), builder=builder, runner=runner)
+
+
+def test_rtol_is_small():
+    assert RTOL == 1e-4
+
+
+def test_correct_kernel(measurer):
+    r = measurer.measure_one(OP, GOOD, key(0))
+    assert r.ok and r.correct and r.error is None
+    assert 3 <= len(r.times_ms) <= 10
+    assert r.time_ms == statistics.median(r.times_ms)
+    assert r.gflops == pytest.approx(OP.flops / (r.time_ms / 1e3) / 1e9)
+    assert r.gflops > 0 and r.build_s > 0 and r.run_s > 0
+
+
+def test_segfault_then_next_kernel_measures(measurer, runner):
+    bad, good = measurer.measure(OP, [SEGV, GOOD], [key(1), key(2)])
+    assert not bad.ok and not bad.correct and math.isinf(bad.time_ms) and bad.gflops == 0
+    assert bad.error == "crashed (signal 11)"
+    assert good.ok
+    assert runner.workers_started == 2
+
+
+def test_abort_is_a_crash(measurer):
+    r = measurer.measure_one(OP, ABORT, key(3))
+    assert not r.ok and r.error == "crashed (signal 6)"
+
+
+def test_infinite_loop_times_out(builder):
+    with Runner(timeout_s=2, min_time_s=0.05) as runner:
+        m = Measurer(cpu_target(), builder=builder, runner=runner)
+        t0 = time.monotonic()
+        loop, good = m.measure(OP, [LOOP, GOOD], [key(4), key(5)])
+        assert time.monotonic() - t0 < 8
+        assert not loop.ok and loop.error == "timeout after 2s"
+        assert good.ok
+
+
+@pytest.mark.parametrize("k, what", [(ZEROS, "wrong result: max rel err"),
+                                     (NOTHING, "wrong result: NaN"),
+                                     (WRITES_INPUT, "wrong result: kernel wrote to input A")])
+def test_wrong_result(measurer, k, what):
+    r = measurer.measure_one(OP, k, key(6))
+    assert not r.ok and not r.correct and r.times_ms == ()
+    assert r.error.startswith(what)
+
+
+def test_compile_error_is_not_run(measurer, runner):
+    r = measurer.measure_one(OP, BROKEN, key(7))
+    assert not r.ok and r.error.startswith("compile error") and "error" in r.error[14:]
+    assert runner.runs == 0
+
+
+def test_slow_kernel_stops_after_three_calls(builder):
+    with Runner(timeout_s=10, repeats=10, min_time_s=0.2) as runner:
+        r = Measurer(cpu_target(), builder=builder, runner=runner).measure_one(OP, SLOW, key(8))
+    assert r.ok and len(r.times_ms) == 3 and r.time_ms >= 100
+    assert r.run_s < 2
+
+
+def test_worker_sets_omp_stacksize(measurer):
+    assert measurer.measure_one(OP, NEEDS_STACKSIZE, key(9)).ok
+
+
+def test_identical_schedule_measured_once(measurer, builder, runner):
+    k = json.dumps({"steps": [1, 2], "a": 0})
+    same = json.dumps({"a": 0, "steps": [1, 2]}, indent=2)   # same schedule, other text
+    first = measurer.measure(OP, [GOOD, GOOD, GOOD], [k, same, k])
+    again = measurer.measure_one(OP, GOOD, same)
+    assert builder.compiles == 1 and runner.runs == 1 and measurer.measured == 1
+    assert first[0] == first[1] == first[2] == again
+
+
+def test_same_source_compiled_once_on_disk(tmp_path, runner):
+    b1 = Builder(cache_dir=tmp_path)
+    (r1,) = b1.build([GOOD])
+    b2 = Builder(cache_dir=tmp_path)
+    r2, r3 = b2.build([GOOD, GOOD])
+    assert not r1.cached and r2.cached and r2.path == r1.path == r3.path
+    assert b1.compiles == 1 and b2.compiles == 0
+
+
+def test_parallel_build_keeps_order(builder):
+    ks = [kernel(MATMUL, name=f"f{i}") for i in range(4)] + [BROKEN]
+    res = builder.build(ks)
+    assert [r.ok for r in res] == [True] * 4 + [False]
+    assert len({r.path for r in res[:4]}) == 4 and builder.compiles == 5
+
+
+def test_log_records_and_preloads_cache(tmp_path, builder, runner):
+    log = TuningLog(tmp_path / "logs" / "tune.jsonl")
+    m = Measurer(cpu_target(), builder=builder, runner=runner, log=log)
+    good, bad = m.measure(OP, [GOOD, ZEROS], [key(10), key(11)])
+    records = log.read()
+    assert [r.schedule for r in records] == [[["tile", "i", 10]], [["tile", "i", 11]]]
+    assert records[0].correct and records[0].time_ms == good.time_ms
+    assert not records[1].correct and records[1].error == bad.error
+
+    runs = runner.runs
+    m2 = Measurer(cpu_target(), builder=builder, runner=runner, log=log)
+    good2, bad2 = m2.measure(OP, [GOOD, ZEROS], [key(10), key(11)])
+    assert runner.runs == runs and m2.measured == 0
+    assert good2.ok and good2.time_ms == good.time_ms and good2.times_ms == good.times_ms
+    assert not bad2.ok and bad2.error == bad.error
+    assert len(log.read()) == 2
+
+
+def test_cache_off_measures_again(builder, runner):
+    m = Measurer(cpu_target(), builder=builder, runner=runner, cache=False)
+    m.measure_one(OP, GOOD, key(12))
+    m.measure_one(OP, GOOD, key(12))
+    assert runner.runs == 2 and builder.compiles == 1
+
+
+def test_failure_value():
+    r = MeasureResult.failure("timeout after 1s")
+    assert not r.ok and math.isinf(r.time_ms) and r.gflops == 0 and r.times_ms == ()
