@@ -2,8 +2,8 @@
 
 The kernel is checked against the numpy reference before it is timed. The
 library (numpy for the matmul family, torch for convolutions) and the kernel are
-timed on the same inputs in alternating rounds, and the ratio is taken per
-round, so a machine that changes speed under load skews both alike.
+timed on the same inputs, alternating call by call, in a few rounds; the ratio
+is taken per round, so a machine that changes speed under load skews both alike.
 
 Examples:
   python -m experiments bench --op matmul --shape 1024x1024x1024 --schedule expert
@@ -20,10 +20,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from kernels.experts import expert_schedule
 from kernels.kernel import Kernel
+from kernels.library import library_name
 from kernels.measure import Measurer, MeasureResult
 from kernels.ops import OPERATORS, Operator, make_op
 from kernels.render import render
@@ -32,7 +32,6 @@ from kernels.target import CC, CFLAGS, Target, get_target
 from kernels.tuning_log import TuningLog
 
 from .config import field
-from .library import library_name, library_time_ms
 
 
 @dataclass
@@ -43,7 +42,7 @@ class Config:
     schedule: str = field("expert", help="naive, expert, a tuning log (its best record for this op "
                                          "and shape) or a kernel.json written by --export",
                           metavar="naive|expert|FILE")
-    rounds: int = field(3, help="alternating library/kernel timing rounds")
+    rounds: int = field(3, help="timing rounds; in each, the library and the kernel alternate call by call")
     export: str | None = field(None, help="write kernel.c, kernel.so and kernel.json to this directory",
                                metavar="DIR")
     json: bool = field(False, help="print one JSON object as the last line")
@@ -92,7 +91,6 @@ def run(cfg: Config) -> dict:
     if cfg.rounds < 1:
         raise ValueError("--rounds must be at least 1")
     lib = library_name(op)
-    inputs = op.random_inputs(np.random.default_rng(0))
 
     with Measurer(target, cache=False) as m:
         kernel = render(schedule, target)
@@ -100,14 +98,12 @@ def run(cfg: Config) -> dict:
         _status(f"building {op.kind} {op.shape_str} ({cfg.schedule}) and the naive kernel ...")
         built, naive_built = m.builder.build([kernel, naive_kernel])
         results: list[MeasureResult] = []
-        lib_ms: list[float] = []
         for r in range(cfg.rounds):
-            _status(f"round {r + 1}/{cfg.rounds}: {lib}, then {cfg.schedule}")
-            lib_ms.append(library_time_ms(op, inputs))
+            _status(f"round {r + 1}/{cfg.rounds}: {cfg.schedule} alternating with {lib}")
             if not built.ok:
                 results.append(MeasureResult.failure(built.error or "build failed", build_s=built.build_s))
                 break
-            results.append(m.runner.run(op, kernel, built.path))
+            results.append(m.runner.run(op, kernel, built.path, library=True))
             if not results[-1].ok:
                 break
         if cfg.schedule == "naive":
@@ -121,12 +117,13 @@ def run(cfg: Config) -> dict:
 
     ok = all(res.ok for res in results)
     time_ms = statistics.median(res.time_ms for res in results) if ok else float("inf")
-    library_ms = statistics.median(lib_ms)
-    fraction = statistics.median(l / res.time_ms for l, res in zip(lib_ms, results)) if ok else 0.0
+    library_ms = statistics.median(statistics.median(r.library_times_ms) for r in results) if ok else None
+    fraction = statistics.median(statistics.median(r.library_times_ms) / r.time_ms for r in results) if ok else 0.0
     summary = {
         "op": op.kind, "shape": op.shape_str, "target": target.kind, "hardware": target.device,
         "schedule": cfg.schedule, "time_ms": time_ms, "gflops": op.flops / time_ms / 1e6 if ok else 0.0,
-        "library": lib, "library_time_ms": library_ms, "library_gflops": op.flops / library_ms / 1e6,
+        "library": lib, "library_time_ms": library_ms,
+        "library_gflops": op.flops / library_ms / 1e6 if library_ms else None,
         "fraction_of_library": fraction,
         "naive_time_ms": naive.time_ms,
         "speedup_vs_naive": naive.time_ms / time_ms if ok and naive.ok else None,
@@ -141,12 +138,12 @@ def _print_table(s: dict, cfg: Config, op: Operator, target: Target) -> None:
     print(f"{s['op']} {s['shape']} on {target.device} ({target.cores} cores, {target.compiler})")
     print(f"{'kernel':<12}{'time ms':>12}{'GFLOPS':>10}")
     for name, ms in (("naive", s["naive_time_ms"]), (cfg.schedule, s["time_ms"]),
-                     (s["library"], s["library_time_ms"])):
+                     (s["library"], s["library_time_ms"] or float("inf"))):
         gflops = op.flops / ms / 1e6 if 0 < ms < float("inf") else 0.0
         print(f"{name[-12:]:<12}{ms:>12.3f}{gflops:>10.1f}")
     if s["correct"]:
         speed = f"{s['speedup_vs_naive']:.1f}x naive, " if s["speedup_vs_naive"] else ""
         print(f"{cfg.schedule}: {speed}{s['fraction_of_library']:.2f} of {s['library']} "
-              f"(median of {s['rounds']} alternating rounds)")
+              f"(median of {s['rounds']} rounds, alternating call by call)")
     else:
         print(f"{cfg.schedule} FAILED: {s['error']}")

@@ -14,10 +14,10 @@ import logging
 import sys
 from typing import Any
 
-from . import bench
+from . import bench, benchmark
 from .config import add_config_arguments, jsonable
 
-COMMANDS: dict[str, Any] = {"bench": bench}
+COMMANDS: dict[str, Any] = {"bench": bench, "benchmark": benchmark}
 
 
 class _Parser(argparse.ArgumentParser):

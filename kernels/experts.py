@@ -16,7 +16,8 @@ from .target import Target
 
 
 def _pick(extent: int, preferred: tuple[int, ...]) -> int:
-    """The first preferred factor dividing ``extent``; else the first that fits."""
+    """The first preferred factor dividing ``extent``; else the first that fits; else
+    ``extent`` itself. (Factors stay among the environment's, so experts replay.)"""
     fits = [f for f in preferred if f <= extent] or [extent]
     return next((f for f in fits if extent % f == 0), fits[0])
 
@@ -52,7 +53,7 @@ def _conv2d(op: Operator, target: Target) -> Schedule:
     depthwise = op.kind == "depthwise_conv2d"
     channel = "c" if depthwise else "k"
     xs = _pick(ext["x"], (target.vector_lanes, target.vector_lanes // 2, target.vector_lanes))
-    ys = _pick(ext["y"], (2, 4, 1)) if not depthwise else _pick(ext["y"], (4, 2, 1))
+    ys = _pick(ext["y"], (2, 4)) if not depthwise else _pick(ext["y"], (4, 2))
     s = Schedule(op).split("x", xs).split("y", ys)
     if depthwise:
         s = s.reorder("n", "c", "y_o", "x_o", "ry", "rx", "y_i", "x_i")
@@ -60,7 +61,7 @@ def _conv2d(op: Operator, target: Target) -> Schedule:
         s = s.fuse("n", "c").parallel("n_c")
         anchor = "n_c"
     else:
-        ks = _pick(ext["k"], (4, 6, 3, 2, 1))
+        ks = _pick(ext["k"], (4, 6, 3, 2))
         s = s.split("k", ks)
         s = s.reorder("n", "y_o", "k_o", "x_o", "c", "ry", "rx", "k_i", "y_i", "x_i")
         s = s.cache_write("x_o").unroll("k_i").unroll("y_i").vectorize("x_i")

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .kernel import Kernel
+from .library import library_call
 from .ops import Operator, make_op
 from .target import CC, CFLAGS, Target, cpu_target
 from .tuning_log import MeasureKey, TuningLog, TuningRecord, measure_key, parse_schedule_key
@@ -58,6 +59,7 @@ class MeasureResult:
     error: str | None                 # short reason when not ok
     build_s: float = 0.0              # seconds spent compiling
     run_s: float = 0.0                # seconds spent running (check + timing)
+    library_times_ms: tuple[float, ...] = ()  # the library, timed alternately with the kernel
 
     @classmethod
     def failure(cls, error: str, correct: bool = False, build_s: float = 0.0,
@@ -272,19 +274,29 @@ def _serve(req: dict, data: dict, send: Any) -> None:
             return
     send(event="checked", correct=True, error=None)
 
+    # With the library, the two alternate call by call, so a machine whose speed
+    # drifts (shared hosts) slows both alike and their ratio stays fair.
+    lib = library_call(op, inputs) if req.get("library") else None
     # The check call already warmed caches; a slow kernel gets no further warm-up.
     if check_s < req["min_time_s"] / 10:
         for _ in range(req["warmup"]):
             fn(*ptrs)
+    if lib is not None:
+        lib()
     times: list[float] = []
+    lib_times: list[float] = []
     least = min(3, req["repeats"])
     while len(times) < req["repeats"]:
+        if lib is not None:
+            t0 = time.perf_counter()
+            lib()
+            lib_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         fn(*ptrs)
         times.append(time.perf_counter() - t0)
         if len(times) >= least and sum(times) >= req["min_time_s"]:
             break
-    send(event="timed", times=times)
+    send(event="timed", times=times, library_times=lib_times)
 
 
 # ---------------------------------------------------------------- the runner
@@ -409,18 +421,19 @@ class Runner:
         except Exception:
             pass
 
-    def run(self, op: Operator, kernel: Kernel, path: str) -> MeasureResult:
-        """Check ``kernel`` (built at ``path``) against the reference and time it."""
+    def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False) -> MeasureResult:
+        """Check ``kernel`` (built at ``path``) against the reference and time it; with
+        ``library``, time the vendor library too, alternating call by call."""
         self.runs += 1
         t0 = time.perf_counter()
         try:
-            result = self._run(op, kernel, path)
+            result = self._run(op, kernel, path, library)
         except BaseException:
             self._drop_worker()  # never leave a worker spinning on a kernel
             raise
         return replace(result, run_s=time.perf_counter() - t0)
 
-    def _run(self, op: Operator, kernel: Kernel, path: str) -> MeasureResult:
+    def _run(self, op: Operator, kernel: Kernel, path: str, library: bool) -> MeasureResult:
         try:
             w = self._ensure_worker()
         except (RuntimeError, OSError) as e:
@@ -428,7 +441,8 @@ class Runner:
             return MeasureResult.failure(str(e))
         req = dict(path=path, name=kernel.name, args=[t.name for t in kernel.args],
                    kind=op.kind, shape=op.shape_str, seed=self.seed, rtol=self.rtol,
-                   repeats=self.repeats, warmup=self.warmup, min_time_s=self.min_time_s)
+                   repeats=self.repeats, warmup=self.warmup, min_time_s=self.min_time_s,
+                   library=library)
         correct = False
         limit = max(self.timeout_s, self.startup_timeout_s)
         deadline = time.monotonic() + limit
@@ -456,7 +470,8 @@ class Runner:
                     times = tuple(t * 1e3 for t in msg["times"])
                     median = statistics.median(times)
                     gflops = op.flops / max(median / 1e3, 1e-12) / 1e9
-                    return MeasureResult(True, median, times, gflops, True, None)
+                    return MeasureResult(True, median, times, gflops, True, None,
+                                         library_times_ms=tuple(t * 1e3 for t in msg["library_times"]))
         except TimeoutError:
             self._drop_worker()
             return MeasureResult.failure(f"timeout after {limit:g}s", correct=correct)

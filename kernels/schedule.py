@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from typing import ClassVar
 
@@ -319,8 +319,9 @@ class CacheRead(Step):
     loop: str
 
     def apply(self, op, nest):
-        names = [t.name for t in op.inputs]
-        check(self.tensor in names, self, f"{self.tensor!r} is not an input (inputs: {', '.join(names)})")
+        names = [op.lhs.tensor, op.rhs.tensor]
+        check(self.tensor in names, self, f"{self.tensor!r} is not an operand of the product "
+                                          f"(operands: {', '.join(names)})")
         self._loop(nest, self.loop)
         check(all(t != self.tensor for t, _ in nest.cache_reads), self, f"{self.tensor!r} is already cached")
         return replace(nest, cache_reads=nest.cache_reads + ((self.tensor, self.loop),))

@@ -1,0 +1,75 @@
+"""Shape families for training and evaluation, as data.
+
+Each family has a ``train`` split and a ``held_out`` split that training never
+samples, so zero-shot results are measured on shapes the policy has not seen.
+Shapes are modest on purpose: every episode measures its final kernel (and the
+naive kernel once per shape) on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+FAMILIES: dict[str, dict[str, dict[str, list[str]]]] = {
+    "matmul": {
+        # square, and rectangular shapes of transformer layers (tokens x hidden x hidden)
+        "default": {
+            "train": ["128x128x128", "256x256x256", "384x384x384", "512x512x512",
+                      "128x768x768", "256x1024x256", "512x256x1024", "64x512x512",
+                      "200x300x100", "96x384x1536"],
+            "held_out": ["320x320x320", "768x768x768", "1024x1024x1024", "256x3072x768",
+                         "100x200x300", "127x255x65"],
+        },
+    },
+    "dense_bias_relu": {
+        "default": {
+            "train": ["128x128x128", "256x512x256", "64x1024x512", "512x512x512", "96x768x384"],
+            "held_out": ["256x256x1024", "384x1536x384", "100x300x200"],
+        },
+    },
+    "batch_matmul": {
+        "default": {
+            "train": ["4x128x128x64", "8x64x64x128", "12x128x64x128", "2x256x256x256", "16x32x128x64"],
+            "held_out": ["8x128x128x64", "12x256x256x64", "3x100x50x70"],
+        },
+    },
+    "conv2d": {
+        # ResNet-18/50 3x3 and 1x1 layers at batch 1
+        "default": {
+            "train": ["1,64,56,56,64,3,3,1,1", "1,128,28,28,128,3,3,1,1", "1,256,14,14,256,3,3,1,1",
+                      "1,64,56,56,256,1,1,1,0", "1,256,56,56,64,1,1,1,0", "1,128,28,28,512,1,1,1,0",
+                      "1,3,224,224,64,7,7,2,3"],
+            "held_out": ["1,512,7,7,512,3,3,1,1", "1,64,56,56,128,3,3,2,1", "1,256,14,14,1024,1,1,1,0",
+                         "1,128,56,56,128,3,3,2,1"],
+        },
+    },
+    "depthwise_conv2d": {
+        # MobileNet depthwise layers
+        "default": {
+            "train": ["1,32,112,112,3,3,1,1", "1,96,112,112,3,3,2,1", "1,144,56,56,3,3,1,1",
+                      "1,192,28,28,3,3,1,1", "1,384,14,14,3,3,1,1"],
+            "held_out": ["1,144,56,56,3,3,2,1", "1,576,14,14,3,3,1,1", "1,960,7,7,3,3,1,1"],
+        },
+    },
+}
+
+# Small shapes of every family for tests and smoke runs (seconds, not minutes).
+SMALL: dict[str, list[str]] = {
+    "matmul": ["16x16x16", "24x40x8", "13x7x29", "1x17x5", "64x48x32"],
+    "dense_bias_relu": ["16x16x16", "9x33x12", "32x8x5"],
+    "batch_matmul": ["2x16x16x8", "3x7x13x5", "1x24x8x16"],
+    "conv2d": ["1,4,8,8,8,3,3,1,1", "2,3,7,9,5,3,3,2,1", "1,8,6,6,4,1,1,1,0"],
+    "depthwise_conv2d": ["1,8,10,10,3,3,1,1", "2,3,9,7,3,3,2,1", "1,4,5,5,3,3,1,0"],
+}
+
+
+def family(op: str, split: str = "train", name: str = "default") -> list[str]:
+    """Shapes of ``op``'s family ``name``: ``train``, ``held_out`` or ``small``."""
+    if op not in FAMILIES:
+        raise ValueError(f"no shape family for op {op!r}; known: {', '.join(FAMILIES)}")
+    if split == "small":
+        return list(SMALL[op])
+    fams = FAMILIES[op]
+    if name not in fams:
+        raise ValueError(f"no family {name!r} for {op}; known: {', '.join(fams)}")
+    if split not in fams[name]:
+        raise ValueError(f"unknown split {split!r}; use train, held_out or small")
+    return list(fams[name][split])
