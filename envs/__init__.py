@@ -1,0 +1,12 @@
+"""The Gymnasium environment for schedule construction, registered as ``schedgym/Schedule-v0``."""
+
+from gymnasium.envs.registration import register, registry
+
+from .schedule_env import ScheduleEnv
+
+ENV_ID = "schedgym/Schedule-v0"
+
+if ENV_ID not in registry:
+    register(id=ENV_ID, entry_point="envs.schedule_env:ScheduleEnv")
+
+__all__ = ["ENV_ID", "ScheduleEnv"]

@@ -1,0 +1,98 @@
+"""Shape-agnostic observation features of a loop nest.
+
+Extents, strides and footprints enter as ``log2(1 + x)``, so one policy sees shapes
+of any size on the same scale; nothing names a concrete shape. Rows are loop
+slots (outermost first, zero-padded to ``MAX_LOOPS``), then the globals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kernels.ops import OPERATORS, Operator
+from kernels.target import Target
+
+from .actions import MAX_LOOPS, NestInfo
+
+KINDS = ("serial", "parallel", "vectorize", "unroll")
+MAX_AXES = 7
+OP_KINDS = tuple(OPERATORS)
+
+# (name, width): one row of the docstring table in ScheduleEnv per entry
+LOOP_FEATURES = (
+    ("present", 1),
+    ("log_extent", 1),
+    ("reduce", 1),
+    ("kind", len(KINDS)),            # one-hot serial / parallel / vectorize / unroll
+    ("axis", MAX_AXES),              # one-hot: which op axis the loop came from
+    ("fused", 1),                    # the loop is a fused loop (indices through div/mod)
+    ("anchor", 3),                   # cache_write here; cache_read of lhs here; of rhs here
+    ("log_stride", 3),               # |step| of output, lhs, rhs flat index per iteration
+    ("log_footprint", 3),            # elements of output, lhs, rhs touched by this loop and those inside
+)
+GLOBAL_FEATURES = (
+    ("op_kind", len(OP_KINDS)),
+    ("log_flops", 1),
+    ("log_intensity", 1),            # FLOPs per byte of all tensors
+    ("log_cores", 1),
+    ("log_vector_lanes", 1),
+    ("step_fraction", 1),
+    ("loop_fraction", 1),            # loops / MAX_LOOPS
+    ("has", 4),                      # parallel, vectorize, cache_write, any cache_read
+)
+LOOP_WIDTH = sum(w for _, w in LOOP_FEATURES)
+GLOBAL_WIDTH = sum(w for _, w in GLOBAL_FEATURES)
+SIZE = MAX_LOOPS * LOOP_WIDTH + GLOBAL_WIDTH
+HIGH = 64.0  # every feature lies in [0, HIGH]
+
+
+def _log(x: float) -> float:
+    return math.log2(1.0 + x)
+
+
+def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float) -> np.ndarray:
+    nest, loops = info.nest, info.loops
+    obs = np.zeros(SIZE, dtype=np.float32)
+    axes = [a.name for a in op.axes]
+    tensors = (op.out.tensor, op.lhs.tensor, op.rhs.tensor)
+    shapes = [op.tensor(t).shape for t in tensors]
+    strides = []
+    for t, shape in zip(tensors, shapes):
+        coefs = info.coefs(t)
+        row_strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        strides.append([None if any(c[i] is None for c in coefs) else
+                        sum(c[i] * s for c, s in zip(coefs, row_strides)) for i in range(len(loops))])
+    footprints = [info.footprints(t) for t in tensors]
+    cache_reads = dict(nest.cache_reads)
+    for i, l in enumerate(loops):
+        row = obs[i * LOOP_WIDTH:(i + 1) * LOOP_WIDTH]
+        row[0] = 1.0
+        row[1] = _log(l.extent)
+        row[2] = float(l.reduce)
+        row[3 + KINDS.index(l.kind)] = 1.0
+        row[7 + axes.index(l.axis)] = 1.0
+        row[14] = float(any(s[i] is None for s in strides))
+        row[15] = float(nest.cache_write == l.name)
+        row[16] = float(cache_reads.get(tensors[1]) == l.name)
+        row[17] = float(cache_reads.get(tensors[2]) == l.name)
+        for k in range(3):
+            row[18 + k] = _log(abs(strides[k][i] or 0))
+            fp = footprints[k][i]
+            row[21 + k] = _log(fp if fp is not None else math.prod(shapes[k]))
+    g = obs[MAX_LOOPS * LOOP_WIDTH:]
+    g[OP_KINDS.index(op.kind)] = 1.0
+    j = len(OP_KINDS)
+    total_bytes = 4 * sum(math.prod(t.shape) for t in op.tensors)
+    g[j] = _log(op.flops)
+    g[j + 1] = _log(op.flops / total_bytes)
+    g[j + 2] = _log(target.cores)
+    g[j + 3] = _log(target.vector_lanes)
+    g[j + 4] = step_fraction
+    g[j + 5] = len(loops) / MAX_LOOPS
+    g[j + 6] = float(any(l.kind == "parallel" for l in loops))
+    g[j + 7] = float(any(l.kind == "vectorize" for l in loops))
+    g[j + 8] = float(nest.cache_write is not None)
+    g[j + 9] = float(bool(nest.cache_reads))
+    return obs

@@ -1,0 +1,222 @@
+"""ScheduleEnv: build a loop schedule step by step; the reward is measured speedup."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from kernels.measure import Measurer
+from kernels.ops import make_op
+from kernels.render import render
+from kernels.schedule import Schedule, ScheduleError
+from kernels.target import get_target
+
+from . import features
+from .actions import ActionTable, NestInfo
+from .cost import AnalyticalCostModel, CostModel
+
+FAILED_SLOWDOWN = 10.0  # a final kernel that fails counts as this much slower than naive
+
+
+class ScheduleEnv(gym.Env):
+    """Schedule one tensor operator, one primitive per step.
+
+    **Options** (``gymnasium.make("schedgym/Schedule-v0", ...)``): ``op`` (kind),
+    ``shape`` or ``shapes`` (a family sampled at each reset; ``reset(options={"shape":
+    ...})`` picks one), ``target`` ("cpu"), ``max_steps`` (32), ``reward``
+    ("measure" or "surrogate"), ``measure_every_step`` (False), ``cost_model``
+    (default: :class:`AnalyticalCostModel`), ``measurer`` / ``log_path`` (share a
+    measurement cache; append every measurement to a tuning log).
+
+    **Actions**: ``Discrete(n)``, the same ``n`` for every shape of an op kind. A loop
+    slot is a position in the current nest (0 = outermost, at most ``MAX_LOOPS`` = 12);
+    a factor slot indexes ``FACTORS`` = (2, 3, 4, 6, 8, 16, 32, 64), capped at the
+    loop's extent. ``action_masks()`` gives the legal ones.
+
+    ======================  =========  ==========================================
+    action                  count      step
+    ======================  =========  ==========================================
+    split(slot, factor)     12 x 8     ``Split(loop, factor)``
+    tile(slot, factor)      11 x 8     ``Tile(loop, next loop, factor, factor)``
+    swap(slot)              11         ``Reorder`` of the loop and the next inner one
+    fuse(slot)              11         ``Fuse(loop, next loop)``
+    vectorize(slot)         12         ``Vectorize``
+    unroll(slot)            12         ``Unroll``
+    parallel(slot)          12         ``Parallel``
+    cache_write(slot)       12         ``CacheWrite``
+    cache_read(lhs, slot)   12         ``CacheRead`` of the first operand
+    cache_read(rhs, slot)   12         ``CacheRead`` of the second operand
+    done                    1          end the episode; the schedule is measured
+    ======================  =========  ==========================================
+
+    **Observation**: ``Box(0, 64, (SIZE,), float32)``: 12 loop-slot rows (zeros for
+    empty slots), then globals. Sizes enter as ``log2(1 + x)``.
+
+    ======================  =====  ==============================================
+    feature                 width  meaning
+    ======================  =====  ==============================================
+    present                 1      the slot holds a loop
+    log_extent              1      iterations of the loop
+    reduce                  1      a reduction loop
+    kind                    4      one-hot: serial, parallel, vectorize, unroll
+    axis                    7      one-hot: the op axis it came from
+    fused                   1      indices go through div/mod (a fused loop)
+    anchor                  3      cache_write here; cache_read of lhs; of rhs
+    log_stride              3      flat-index step per iteration: output, lhs, rhs
+    log_footprint           3      elements of output, lhs, rhs this loop and those
+                                   inside touch
+    op_kind (global)        5      one-hot operator kind
+    log_flops               1      total FLOPs
+    log_intensity           1      FLOPs per byte of all tensors
+    log_cores               1      target cores
+    log_vector_lanes        1      fp32 SIMD lanes
+    step_fraction           1      steps taken / max_steps
+    loop_fraction           1      loops / 12
+    has                     4      a parallel loop; a vectorized loop; cache_write;
+                                   any cache_read
+    ======================  =====  ==============================================
+
+    **Reward** telescopes, ``r_t = log(T_{t-1} / T_t)`` with ``T_0`` the measured time of
+    the unscheduled kernel, so an episode's return is the log speedup of its final
+    kernel. ``T_t`` between steps is ``T_0`` times the cost model's predicted ratio
+    (``surrogate``), a measurement (``measure_every_step``), or unchanged (``measure``:
+    zero reward until the end). The final schedule is always measured and the last
+    reward uses that measurement. A final kernel that fails to build, run or match the
+    reference gets the return ``-log(10)`` and ``info["error"]``. An action the mask
+    forbids leaves the schedule unchanged, with reward 0 and ``info["error"]``.
+
+    **Episode end**: ``done`` (terminated), or ``max_steps`` steps (truncated; the
+    final schedule is still measured, so truncation is handled here, not by a
+    ``TimeLimit`` wrapper).
+
+    ``info`` at the end: ``time_ms``, ``gflops``, ``speedup``, ``correct``, ``error``,
+    ``shape``, ``schedule`` (steps as JSON), ``measurements`` (new hardware
+    measurements this episode).
+
+    **Version history**: v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(self, op: str = "matmul", shape: str | None = None, shapes: Sequence[str] | None = None,
+                 target: str = "cpu", max_steps: int = 32, reward: str = "measure",
+                 measure_every_step: bool = False, cost_model: CostModel | None = None,
+                 measurer: Measurer | None = None, log_path: str | None = None,
+                 render_mode: str | None = None):
+        if (shape is None) == (shapes is None):
+            raise ValueError("give exactly one of shape= or shapes=")
+        if reward not in ("measure", "surrogate"):
+            raise ValueError(f"unknown reward mode {reward!r}; use 'measure' or 'surrogate'")
+        if max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        self.kind = op
+        self.shapes = [make_op(op, s).shape_str for s in ([shape] if shape else list(shapes))]
+        if not self.shapes:
+            raise ValueError("shapes= is empty")
+        self.target = get_target(target)
+        self.max_steps = max_steps
+        self.reward_mode = reward
+        self.measure_every_step = measure_every_step
+        self.cost_model = cost_model or AnalyticalCostModel(self.target)
+        self.measurer = measurer or Measurer(self.target, log=log_path)
+        self.render_mode = render_mode
+        self.table = ActionTable(make_op(op, self.shapes[0]))
+        self.action_space = spaces.Discrete(len(self.table))
+        self.observation_space = spaces.Box(0.0, features.HIGH, (features.SIZE,), np.float32)
+        self.schedule: Schedule | None = None
+
+    # ------------------------------------------------------------ gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        shape = (options or {}).get("shape")
+        shape = make_op(self.kind, shape).shape_str if shape else \
+            self.shapes[int(self.np_random.integers(len(self.shapes)))]
+        self.op = make_op(self.kind, shape)
+        self.schedule = Schedule(self.op)
+        self.steps = 0
+        self.over = False
+        self.measured_before = self.measurer.measured
+        naive = self._measure(self.schedule)
+        if not naive.ok:
+            raise RuntimeError(f"the unscheduled {self.kind} {shape} failed to measure: {naive.error}")
+        self.t_naive = self.t_prev = naive.time_ms / 1e3
+        self.pred_naive = self._predict(self.schedule) if self.reward_mode == "surrogate" else None
+        self._refresh()
+        return self.obs, {"shape": shape}
+
+    def step(self, action):
+        if self.schedule is None or self.over:
+            raise RuntimeError("call reset() before step()")
+        action = int(action)
+        self.steps += 1
+        info: dict[str, Any] = {}
+        if action == self.table.done:
+            return self._finish(terminated=True)
+        try:
+            if not self.mask[action]:
+                raise ScheduleError(f"action {self.table.actions[action]} is masked")
+            self.schedule = self.schedule.apply(self.table.to_step(action, self.schedule.nest))
+        except ScheduleError as e:
+            info["error"] = str(e)
+        else:
+            self._refresh()
+        if self.steps >= self.max_steps:
+            return self._finish(terminated=False, info=info)
+        reward = 0.0
+        if "error" not in info and (self.reward_mode == "surrogate" or self.measure_every_step):
+            t = self._time_estimate(self.schedule)
+            if t is not None:
+                reward, self.t_prev = math.log(self.t_prev / t), t
+        return self.obs, reward, False, False, info
+
+    def action_masks(self) -> np.ndarray:
+        """Legal actions (sb3-contrib's MaskablePPO reads this)."""
+        return self.mask.copy()
+
+    def render(self):
+        if self.render_mode == "ansi" and self.schedule is not None:
+            return str(self.schedule)
+        return None
+
+    def close(self):
+        self.measurer.close()
+
+    # ------------------------------------------------------------ internals
+    def _refresh(self) -> None:
+        info = NestInfo(self.op, self.schedule.nest)
+        self.mask = self.table.mask(info)
+        if self.steps >= self.max_steps - 1:  # the last step can only end the episode
+            self.mask[:] = False
+            self.mask[self.table.done] = True
+        self.obs = features.featurize(self.op, info, self.target, self.steps / self.max_steps)
+
+    def _measure(self, schedule: Schedule):
+        return self.measurer.measure_one(self.op, render(schedule, self.target), schedule.key())
+
+    def _predict(self, schedule: Schedule) -> float:
+        return float(self.cost_model.predict([schedule])[0])
+
+    def _time_estimate(self, schedule: Schedule) -> float | None:
+        """Seconds: measured (measure_every_step) or T_0 x the cost model's predicted ratio."""
+        if self.measure_every_step:
+            res = self._measure(schedule)
+            return res.time_ms / 1e3 if res.ok else None
+        return self.t_naive * math.exp(self._predict(schedule) - self.pred_naive)
+
+    def _finish(self, terminated: bool, info: dict | None = None):
+        self.over = True
+        res = self._measure(self.schedule)
+        t_final = res.time_ms / 1e3 if res.ok else FAILED_SLOWDOWN * self.t_naive
+        info = dict(info or {})
+        info.update(time_ms=res.time_ms, gflops=res.gflops, speedup=self.t_naive / t_final if res.ok else 0.0,
+                    correct=res.ok, shape=self.op.shape_str, schedule=self.schedule.steps_json(),
+                    measurements=self.measurer.measured - self.measured_before)
+        if not res.ok:
+            info["error"] = res.error
+        reward = math.log(self.t_prev / t_final)
+        return self.obs, reward, terminated, not terminated, info
+
