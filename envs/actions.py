@@ -13,12 +13,12 @@ Every action the mask allows applies without :class:`ScheduleError` (tested).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.expr import Lin
 from kernels.ops import Operator
 from kernels.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, CacheRead, CacheWrite, Fuse,
                               LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split, Step, Tile,
@@ -44,6 +44,7 @@ def factor_for(extent: int, f: int) -> int:
     return min(FACTORS[f], extent)
 
 
+@functools.lru_cache(maxsize=4096)
 def factor_allowed(extent: int, f: int) -> bool:
     """Slots whose factors fit, plus the first one that does not (it means 'the whole
     extent'), so each distinct factor has exactly one slot."""
@@ -60,24 +61,19 @@ class NestInfo:
         self.names = {l.name for l in nest.loops}
         positions = [nest.index(a) for a in nest.anchors()]
         self.first_anchor = min(positions) if positions else len(self.loops)
-        axis_map = nest.axis_map
         # per access: per dimension, the index expression over loop variables
-        self.access_dims: dict[str, list[Lin]] = {}
-        for access in op.accesses:
-            dims = []
-            for aff in access.index:
-                e = Lin.constant(aff.const)
-                for axis, coef in aff.terms:
-                    e = e + axis_map[axis] * coef
-                dims.append(e)
-            self.access_dims[access.tensor] = dims
+        self.access_dims = {access.tensor: nest.access_exprs(access) for access in op.accesses}
         self._coefs: dict[str, list] = {}
         self._footprints: dict[str, list] = {}
 
     def coefs(self, tensor: str) -> list[list[int | None]]:
         """[dim][loop] coefficient of each loop variable in ``tensor``'s index (None: not linear)."""
         if tensor not in self._coefs:
-            self._coefs[tensor] = [[e.coef(l.name) for l in self.loops] for e in self.access_dims[tensor]]
+            rows = []
+            for e in self.access_dims[tensor]:
+                linear, nonlinear = e.coefs()
+                rows.append([None if l.name in nonlinear else linear.get(l.name, 0) for l in self.loops])
+            self._coefs[tensor] = rows
         return self._coefs[tensor]
 
     def footprints(self, tensor: str) -> list[int | None]:
@@ -158,6 +154,11 @@ class ActionTable:
         has_parallel = any(l.kind == "parallel" for l in loops)
         unrolled = math.prod(l.extent for l in loops if l.kind == "unroll")
         first_reduce = min((i for i, l in enumerate(loops) if l.reduce), default=n)
+        # an unrolled loop may only hold unrolled or vectorized loops: the first slot from
+        # which every loop inward is one of those
+        tile_from = n
+        while tile_from > 0 and loops[tile_from - 1].kind in ("unroll", "vectorize"):
+            tile_from -= 1
         spatial_inside = [1] * (n + 1)  # product of spatial extents at positions >= i
         for i in range(n - 1, -1, -1):
             spatial_inside[i] = spatial_inside[i + 1] * (1 if loops[i].reduce else loops[i].extent)
@@ -179,13 +180,14 @@ class ActionTable:
                     for f in range(len(FACTORS)):
                         allowed[idx[Action("tile", i, f)]] = (factor_allowed(l.extent, f)
                                                               and factor_allowed(m.extent, f))
-                if i + 1 < info.first_anchor and m.kind != "vectorize":
+                if i + 1 < info.first_anchor and m.kind != "vectorize" and \
+                        (m.kind != "unroll" or l.kind == "unroll"):
                     allowed[idx[Action("swap", i)]] = True
                 if both_free and l.reduce == m.reduce and f"{l.name}_{m.name}" not in info.names:
                     allowed[idx[Action("fuse", i)]] = True
             if serial:
                 allowed[idx[Action("vectorize", i)]] = i == n - 1 and not l.reduce
-                allowed[idx[Action("unroll", i)]] = (l.extent <= MAX_UNROLL
+                allowed[idx[Action("unroll", i)]] = (i + 1 >= tile_from and l.extent <= MAX_UNROLL
                                                      and unrolled * l.extent <= MAX_UNROLLED_BODY)
                 allowed[idx[Action("parallel", i)]] = not l.reduce and not has_parallel
             if nest.cache_write is None:

@@ -58,12 +58,14 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
     axes = [a.name for a in op.axes]
     tensors = (op.out.tensor, op.lhs.tensor, op.rhs.tensor)
     shapes = [op.tensor(t).shape for t in tensors]
-    strides = []
+    strides = []  # [tensor][loop]: flat-index step of one iteration; None through a div/mod
     for t, shape in zip(tensors, shapes):
         coefs = info.coefs(t)
         row_strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-        strides.append([None if any(c[i] is None for c in coefs) else
-                        sum(c[i] * s for c, s in zip(coefs, row_strides)) for i in range(len(loops))])
+        per_loop = []
+        for column in zip(*coefs):
+            per_loop.append(None if None in column else sum(c * s for c, s in zip(column, row_strides)))
+        strides.append(per_loop)
     footprints = [info.footprints(t) for t in tensors]
     cache_reads = dict(nest.cache_reads)
     for i, l in enumerate(loops):

@@ -6,6 +6,7 @@ names the machine, and gives the command behind every row.
 Suites:
   kernels-cpu   expert schedules vs numpy/torch and vs the naive loop nest
   measure-cpu   cost of measuring one candidate: compile, check against the reference, time
+  env-cpu       environment steps per second without measuring; where a random episode's time goes
 
 Example:
   python -m experiments benchmark --suite kernels-cpu
@@ -29,7 +30,7 @@ from kernels.target import get_target
 from . import bench
 from .config import field
 
-SUITES = ("kernels-cpu", "measure-cpu")
+SUITES = ("kernels-cpu", "measure-cpu", "env-cpu")
 
 KERNELS_CPU = [
     ("matmul", "512x512x512"),
@@ -48,7 +49,7 @@ class Config:
     suite: str = field(help="which suite to run", choices=list(SUITES))
     out: str = field("BENCHMARKS.md", help="the markdown file whose section is rewritten")
     rounds: int = field(5, help="library/kernel timing rounds per row (kernels-cpu)")
-    candidates: int = field(12, help="candidate kernels to measure (measure-cpu)")
+    candidates: int = field(12, help="candidate kernels (measure-cpu) or episodes (env-cpu) to measure")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -109,6 +110,71 @@ def _measure_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
                     "wall_per_candidate_s": wall / len(results), "correct": len(ok)}]
 
 
+def _env_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
+    import numpy as np
+
+    from envs.actions import ActionTable, NestInfo
+    from envs import features
+    from envs.schedule_env import ScheduleEnv
+
+    from .shapes import family
+
+    target = get_target("cpu")
+    lines = ["Steps per second of mask + apply + featurize (no measurement), random masked actions, "
+             "episodes of up to 31 steps, one process:", "",
+             "| op | shape | steps/s | command |", "|---|---|---:|---|"]
+    results = []
+    cmd = "python -m experiments benchmark --suite env-cpu"
+    for kind, shape in (("matmul", "1024x1024x1024"), ("conv2d", "1,64,56,56,64,3,3,1,1"),
+                        ("batch_matmul", "8x256x256x256"), ("depthwise_conv2d", "1,128,56,56,3,3,1,1")):
+        op = make_op(kind, shape)
+        table, rng, steps = ActionTable(op), np.random.default_rng(0), 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 3.0:
+            s = Schedule(op)
+            for k in range(31):
+                info = NestInfo(op, s.nest)
+                mask = table.mask(info)
+                features.featurize(op, info, target, k / 32)
+                mask[table.done] = False
+                if not mask.any():
+                    break
+                s = s.apply(table.to_step(int(rng.choice(np.flatnonzero(mask))), s.nest))
+                steps += 1
+        rate = steps / (time.perf_counter() - t0)
+        results.append({"op": kind, "steps_per_s": rate})
+        lines.append(f"| {kind} | {shape} | {rate:.0f} | `{cmd}` |")
+
+    episodes = cfg.candidates
+    lines += ["", f"Where the time of a random-policy episode goes: {episodes} episodes of `ScheduleEnv` "
+              "(reward `measure`, small matmul shapes of the `small` family, random masked actions, "
+              "`done` with probability 0.1 per step), from an empty build cache:", "",
+              "| part | seconds | share |", "|---|---:|---:|"]
+    with tempfile.TemporaryDirectory() as cache:
+        measurer = Measurer(target, Builder(cache_dir=cache), Runner())
+        env = ScheduleEnv(op="matmul", shapes=family("matmul", "small"), measurer=measurer)
+        rng = np.random.default_rng(0)
+        t0 = time.perf_counter()
+        for ep in range(episodes):
+            env.reset(seed=ep)
+            over = False
+            while not over:
+                mask = env.action_masks()
+                a = env.table.done if rng.random() < 0.1 else int(rng.choice(np.flatnonzero(mask)))
+                _, _, term, trunc, _ = env.step(a)
+                over = term or trunc
+        wall = time.perf_counter() - t0
+        env.close()
+    python_s = wall - measurer.build_s - measurer.run_s
+    for part, sec in (("compile", measurer.build_s), ("run (check + time)", measurer.run_s),
+                      ("Python (env, lowering, rendering, IPC)", python_s)):
+        lines.append(f"| {part} | {sec:.2f} | {sec / wall:.0%} |")
+    lines.append(f"| total ({measurer.measured} kernels measured) | {wall:.2f} | 100% |")
+    results.append({"compile_s": measurer.build_s, "run_s": measurer.run_s, "python_s": python_s,
+                    "wall_s": wall, "kernels": measurer.measured})
+    return lines, results
+
+
 def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
     begin, end = f"<!-- suite:{suite} -->", f"<!-- /suite:{suite} -->"
     section = "\n".join([begin, f"## {title}", "", *lines, end])
@@ -126,8 +192,10 @@ def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
 def run(cfg: Config) -> dict:
     target = get_target("cpu")
     title = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
-             "measure-cpu": "CPU measurement cost per candidate"}[cfg.suite]
-    lines, results = (_kernels_cpu if cfg.suite == "kernels-cpu" else _measure_cpu)(cfg)
+             "measure-cpu": "CPU measurement cost per candidate",
+             "env-cpu": "Environment throughput and episode time split"}[cfg.suite]
+    lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu,
+                      "env-cpu": _env_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
     machine = [f"Machine: {target.device}, {target.cores} cores, {target.vector_lanes} fp32 SIMD lanes, "
                f"{target.compiler}; measured {stamp}. "

@@ -14,10 +14,10 @@ import logging
 import sys
 from typing import Any
 
-from . import bench, benchmark
+from . import bench, benchmark, compare, tune
 from .config import add_config_arguments, jsonable
 
-COMMANDS: dict[str, Any] = {"bench": bench, "benchmark": benchmark}
+COMMANDS: dict[str, Any] = {"bench": bench, "tune": tune, "compare": compare, "benchmark": benchmark}
 
 
 class _Parser(argparse.ArgumentParser):

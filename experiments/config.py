@@ -17,6 +17,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
             parser.add_argument(flag, action="store_true", help=helptext)
             continue
         kw: dict[str, Any] = {"help": helptext, "dest": f.name}
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs=meta.get("nargs"), metavar=meta.get("metavar"), help=helptext)
+            continue
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             kw["required"] = True
         else:

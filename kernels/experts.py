@@ -36,7 +36,7 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
     s = Schedule(op).tile("i", "j", rows, cols)
     order = ("j_o", "i_o", "k", "i_i", "j_i")
     s = s.reorder(*(("b",) + order if batch else order))
-    s = s.cache_write("i_o").unroll("i_i").vectorize("j_i")
+    s = s.cache_write("i_o").vectorize("j_i").unroll("i_i")
     if batch:
         s = s.fuse("b", "j_o")
         outer = "b_j_o"
@@ -57,14 +57,14 @@ def _conv2d(op: Operator, target: Target) -> Schedule:
     s = Schedule(op).split("x", xs).split("y", ys)
     if depthwise:
         s = s.reorder("n", "c", "y_o", "x_o", "ry", "rx", "y_i", "x_i")
-        s = s.cache_write("x_o").unroll("y_i").vectorize("x_i")
+        s = s.cache_write("x_o").vectorize("x_i").unroll("y_i")
         s = s.fuse("n", "c").parallel("n_c")
         anchor = "n_c"
     else:
         ks = _pick(ext["k"], (4, 6, 3, 2))
         s = s.split("k", ks)
         s = s.reorder("n", "y_o", "k_o", "x_o", "c", "ry", "rx", "k_i", "y_i", "x_i")
-        s = s.cache_write("x_o").unroll("k_i").unroll("y_i").vectorize("x_i")
+        s = s.cache_write("x_o").vectorize("x_i").unroll("y_i").unroll("k_i")
         s = s.fuse("n", "y_o").parallel("n_y_o")
         anchor = "n_y_o"
     try:

@@ -75,6 +75,18 @@ class Lin:
                 return None
         return c
 
+    def coefs(self) -> tuple[dict[str, int], set[str]]:
+        """Coefficients of the variables it is linear in, and the variables it is not
+        linear in (those inside a div/mod); one pass instead of one ``coef`` per variable."""
+        linear: dict[str, int] = {}
+        nonlinear: set[str] = set()
+        for atom, k in self.terms:
+            if isinstance(atom, str):
+                linear[atom] = linear.get(atom, 0) + k
+            else:
+                nonlinear |= atom.arg.vars()
+        return linear, nonlinear
+
     def drop(self, names: set[str]) -> "Lin":
         """The expression with the plain-atom variables in ``names`` set to zero."""
         return Lin(tuple((a, c) for a, c in self.terms if a not in names), self.const)

@@ -132,12 +132,11 @@ def _place_guards(nest_loops, guards, bound_vars: set[str]):
 
 def lower(schedule: Schedule, name: str = "kernel") -> Function:
     op, nest = schedule.op, schedule.nest
-    axis_map = nest.axis_map
     loops = nest.loops
     local: dict[str, int] = {}
 
     out_t = op.output
-    out_idx = _flat(_access_exprs(op.out, axis_map), out_t.shape)
+    out_idx = _flat(nest.access_exprs(op.out), out_t.shape)
 
     # Spatial tails inside the cache_write tile are not guarded in the compute: the
     # tile is computed whole (in registers) and only its valid part is written back.
@@ -162,12 +161,12 @@ def lower(schedule: Schedule, name: str = "kernel") -> Function:
             reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
             packs[cached] += [Alloc(buf, local[buf]), _pack(access.tensor, shape, buf, dims, nest)]
         else:
-            reads[access.tensor] = _direct_read(op, access, axis_map, nest, unguarded)
+            reads[access.tensor] = _direct_read(op, access, nest, unguarded)
 
     product = Mul(reads[op.lhs.tensor], reads[op.rhs.tensor])
     bias = None
     if op.bias:
-        bias = Load(op.bias.tensor, _flat(_access_exprs(op.bias, axis_map), op.tensor(op.bias.tensor).shape))
+        bias = Load(op.bias.tensor, _flat(nest.access_exprs(op.bias), op.tensor(op.bias.tensor).shape))
 
     head: dict[str, list] = {l.name: list(packs[l.name]) for l in loops}
     tail: dict[str, list] = {l.name: [] for l in loops}
@@ -197,14 +196,14 @@ def _names_to(nest: LoopNest, anchor: str) -> set[str]:
     return {l.name for l in nest.loops[:nest.index(anchor) + 1]}
 
 
-def _direct_read(op: Operator, access: Access, axis_map, nest: LoopNest, unguarded: set[str]) -> Load:
+def _direct_read(op: Operator, access: Access, nest: LoopNest, unguarded: set[str]) -> Load:
     """A read of ``access`` from its tensor, safe for every iteration the loops make.
 
     A dimension that can leave the tensor inside the op's own domain (padding) reads
     zero there; one that leaves it only through unguarded tail iterations is clamped.
     """
     shape = op.tensor(access.tensor).shape
-    exprs = _access_exprs(access, axis_map)
+    exprs = nest.access_exprs(access)
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     index, bounds, clamps = Lin(), [], []
     ext = nest.extents

@@ -16,7 +16,9 @@ TVM/Halide names:
 ``Fuse``          two adjacent loops (outer directly around inner, both spatial
                   or both reduce) -> one loop ``outer_inner``.
 ``Vectorize``     SIMD: the innermost loop, spatial.
-``Unroll``        explicit unrolling of a loop of at most ``MAX_UNROLL``.
+``Unroll``        explicit unrolling of a loop of at most ``MAX_UNROLL``, whose
+                  inner loops are all unrolled or vectorized already (a
+                  register tile: code size stays bounded by ``MAX_UNROLLED_BODY``).
 ``Parallel``      OpenMP over a spatial loop; at most one per schedule.
 ``CacheWrite``    accumulate in a local tile covering the spatial loops inside
                   ``loop`` (every reduce loop must be inside it); the tile is
@@ -35,12 +37,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import ClassVar
 
 from .expr import Lin
-from .ops import Operator, make_op
+from .ops import Access, Operator, make_op
 
 MAX_UNROLL = 64          # extent of one unrolled loop
 MAX_UNROLLED_BODY = 512  # product of the extents of all unrolled loops (code size)
@@ -76,6 +78,21 @@ class LoopNest:
     guards: tuple[tuple[Lin, int], ...]      # each (e, n) means e < n (tails of splits)
     cache_write: str | None = None
     cache_reads: tuple[tuple[str, str], ...] = ()  # (tensor, loop)
+    _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def access_exprs(self, access: Access) -> tuple[Lin, ...]:
+        """Per tensor dimension, ``access``'s index over loop variables (memoized)."""
+        key = access.tensor  # one access per tensor in an operator
+        if key not in self._memo:
+            axis_map = self.axis_map
+            out = []
+            for aff in access.index:
+                e = Lin.constant(aff.const)
+                for axis, coef in aff.terms:
+                    e = e + axis_map[axis] * coef
+                out.append(e)
+            self._memo[key] = tuple(out)
+        return self._memo[key]
 
     def index(self, name: str) -> int:
         for i, loop in enumerate(self.loops):
@@ -123,13 +140,9 @@ def footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str):
     index is not affine in those loops (a fused loop inside).
     """
     access = next(a for a in op.accesses if a.tensor == tensor)
-    axis_map = nest.axis_map
     inner = {l.name: l.extent for l in nest.inside(anchor)}
     dims = []
-    for index in access.index:
-        e = Lin.constant(index.const)
-        for axis, coef in index.terms:
-            e = e + axis_map[axis] * coef
+    for e in nest.access_exprs(access):
         if any(e.coef(v) is None for v in inner):
             return None
         inner_part = Lin(tuple((a, c) for a, c in e.terms if a in inner))
@@ -334,6 +347,11 @@ def validate(op: Operator, nest: LoopNest, step: Step) -> None:
     for i, loop in enumerate(nest.loops):
         if loop.kind == "vectorize":
             check(i == len(nest.loops) - 1, step, f"vectorized loop {loop.name!r} must stay innermost")
+    for i, loop in enumerate(nest.loops):
+        if loop.kind == "unroll":
+            rolled = [l.name for l in nest.loops[i + 1:] if l.kind not in ("unroll", "vectorize")]
+            check(not rolled, step, f"unrolled loop {loop.name!r} would contain the rolled loop(s) "
+                                    f"{', '.join(rolled)}; unroll from the innermost loop outwards")
     unrolled = math.prod(l.extent for l in nest.loops if l.kind == "unroll")
     check(unrolled <= MAX_UNROLLED_BODY, step,
           f"unrolled loops multiply to {unrolled} copies of the body (limit {MAX_UNROLLED_BODY})")

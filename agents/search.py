@@ -1,0 +1,231 @@
+"""Search agents under a budget of hardware measurements.
+
+Every agent proposes candidate schedules and spends measurements through one
+:class:`Search` driver, which measures each distinct schedule once, tracks the
+best correct kernel and reports progress with the number of measurements as the
+step, so curves of different agents compare directly. Agents:
+
+- ``random``: random masked rollouts of the environment's actions.
+- ``anneal``: simulated annealing over action sequences guided by the cost model
+  (AutoTVM's method): chains walk on predicted cost, the predicted-best unmeasured
+  schedules are measured, the model is updated with the results.
+- ``beam``: beam search over actions; the cost model ranks children, the top of each
+  beam level is measured and fed back.
+- ``policy``: a trained policy's rollouts (sampled), ranked by the cost model, the
+  top measured; zero-shot, no training on the shape. Budget 1 measures only its
+  greedy schedule.
+
+Seeded agents are deterministic given the same measurement results, so a search
+resumed from its tuning log replays the measured part from the cache and goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from envs.actions import ActionTable, NestInfo
+from envs.features import featurize
+from kernels.measure import Measurer, MeasureResult
+from kernels.ops import Operator
+from kernels.render import render
+from kernels.schedule import Schedule
+from kernels.target import Target
+
+MAX_STEPS = 32  # actions per rollout, as in the environment
+
+
+@dataclass
+class Progress:
+    measurements: int
+    best_gflops: float
+    best_time_ms: float
+    wall_s: float
+
+
+@dataclass
+class Search:
+    """Measures schedules for one operator and remembers the best correct one."""
+
+    op: Operator
+    target: Target
+    measurer: Measurer
+    budget: int
+    on_progress: Callable[[Progress], None] | None = None
+    measured: dict[str, MeasureResult] = field(default_factory=dict)  # schedule key -> result
+    best: Schedule | None = None
+    best_result: MeasureResult | None = None
+    history: list[Progress] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.t0 = time.perf_counter()
+
+    @property
+    def left(self) -> int:
+        return self.budget - len(self.measured)
+
+    def measure(self, schedules: Sequence[Schedule]) -> list[tuple[Schedule, MeasureResult]]:
+        """Measure the not-yet-measured ones among ``schedules`` (within the budget)."""
+        todo: dict[str, Schedule] = {}
+        for s in schedules:
+            k = s.key()
+            if k not in self.measured and k not in todo and len(todo) < self.left:
+                todo[k] = s
+        if not todo:
+            return []
+        batch = list(todo.values())
+        results = self.measurer.measure(self.op, [render(s, self.target) for s in batch], list(todo))
+        for s, r in zip(batch, results):
+            self.measured[s.key()] = r
+            if r.ok and (self.best_result is None or r.time_ms < self.best_result.time_ms):
+                self.best, self.best_result = s, r
+            p = Progress(len(self.measured), self.best_result.gflops if self.best_result else 0.0,
+                         self.best_result.time_ms if self.best_result else math.inf,
+                         time.perf_counter() - self.t0)
+            self.history.append(p)
+            if self.on_progress:
+                self.on_progress(p)
+        return list(zip(batch, results))
+
+
+# ---------------------------------------------------------------- rollouts
+
+def rollout(op: Operator, table: ActionTable, rng: np.random.Generator, max_steps: int = MAX_STEPS,
+            p_done: float = 0.05, prefix: Sequence[int] = ()) -> tuple[Schedule, list[int]]:
+    """A random masked rollout (after replaying ``prefix``): the schedule and its actions."""
+    s = Schedule(op)
+    actions: list[int] = []
+    for a in prefix:
+        s = s.apply(table.to_step(a, s.nest))
+        actions.append(a)
+    while len(actions) < max_steps - 1:
+        mask = table.mask(NestInfo(op, s.nest))
+        mask[table.done] = False
+        if not mask.any() or rng.random() < p_done:
+            break
+        a = int(rng.choice(np.flatnonzero(mask)))
+        s = s.apply(table.to_step(a, s.nest))
+        actions.append(a)
+    return s, actions
+
+
+def policy_rollout(op: Operator, table: ActionTable, policy, target: Target, deterministic: bool,
+                   max_steps: int = MAX_STEPS) -> tuple[Schedule, list[int]]:
+    """Roll out a MaskablePPO-style policy (``predict(obs, action_masks=, deterministic=)``)."""
+    s = Schedule(op)
+    actions: list[int] = []
+    for step in range(max_steps):
+        info = NestInfo(op, s.nest)
+        mask = table.mask(info)
+        if step >= max_steps - 1:
+            break
+        obs = featurize(op, info, target, step / max_steps)
+        a, _ = policy.predict(obs, action_masks=mask, deterministic=deterministic)
+        a = int(a)
+        if a == table.done:
+            break
+        s = s.apply(table.to_step(a, s.nest))
+        actions.append(a)
+    return s, actions
+
+
+# ---------------------------------------------------------------- agents
+
+def _feedback(model, pairs) -> None:
+    if model is not None:
+        model.update([(s, r.time_ms / 1e3) for s, r in pairs if r.ok])
+
+
+def search_random(search: Search, rng: np.random.Generator, batch: int = 8, **_) -> None:
+    table = ActionTable(search.op)
+    stale = 0
+    while search.left > 0 and stale < 50:
+        cands = [rollout(search.op, table, rng)[0] for _ in range(min(batch, search.left))]
+        stale = 0 if search.measure(cands) else stale + 1
+
+
+def search_anneal(search: Search, rng: np.random.Generator, model, batch: int = 8, chains: int = 16,
+                  chain_steps: int = 40, temperature: float = 0.5, **_) -> None:
+    """Simulated annealing on predicted log time; measure each round's predicted best."""
+    table = ActionTable(search.op)
+    points = [rollout(search.op, table, rng) for _ in range(chains)]
+    stale = 0
+    while search.left > 0 and stale < 50:
+        scores = model.predict([s for s, _ in points])
+        seen: dict[str, tuple[float, Schedule]] = {}
+        for step in range(chain_steps):
+            t = temperature * (1 - step / chain_steps) + 1e-3
+            proposals = [_mutate(search.op, table, acts, rng) for _, acts in points]
+            new_scores = model.predict([s for s, _ in proposals])
+            for i, (p, ns) in enumerate(zip(proposals, new_scores)):
+                if ns < scores[i] or rng.random() < math.exp((scores[i] - ns) / t):
+                    points[i], scores[i] = p, ns
+                seen.setdefault(p[0].key(), (float(ns), p[0]))
+        ranked = sorted((v for k, v in seen.items() if k not in search.measured), key=lambda v: v[0])
+        # mostly exploit the model, keep a little exploration (AutoTVM's epsilon-greedy)
+        n_explore = max(1, batch // 8)
+        picks = [s for _, s in ranked[:batch - n_explore]]
+        picks += [rollout(search.op, table, rng)[0] for _ in range(n_explore)]
+        pairs = search.measure(picks)
+        stale = 0 if pairs else stale + 1
+        _feedback(model, pairs)
+
+
+def _mutate(op: Operator, table: ActionTable, actions: list[int], rng: np.random.Generator):
+    """Keep a random prefix of the action sequence and roll out the rest anew."""
+    cut = int(rng.integers(0, len(actions) + 1))
+    return rollout(op, table, rng, prefix=actions[:cut])
+
+
+def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int = 8, per_level: int = 2,
+                max_children: int = 64, **_) -> None:
+    """Beam search over actions, ranked by the model; the top of every level is measured."""
+    table = ActionTable(search.op)
+    beam = [(Schedule(search.op), [])]
+    for depth in range(MAX_STEPS - 1):
+        if search.left <= 0 or not beam:
+            break
+        children = []
+        for s, acts in beam:
+            mask = table.mask(NestInfo(search.op, s.nest))
+            mask[table.done] = False
+            legal = np.flatnonzero(mask)
+            if len(legal) > max_children:
+                legal = rng.choice(legal, max_children, replace=False)
+            for a in legal:
+                children.append((s.apply(table.to_step(int(a), s.nest)), acts + [int(a)]))
+        if not children:
+            break
+        scores = model.predict([c for c, _ in children])
+        order = np.argsort(scores, kind="stable")
+        beam = [children[i] for i in order[:beam_width]]
+        _feedback(model, search.measure([s for s, _ in beam[:per_level]]))
+    if search.left > 0:  # budget left after the deepest level: spend it like random search
+        search_random(search, rng)
+
+
+def search_policy(search: Search, rng: np.random.Generator, model, policy, samples: int = 64, **_) -> None:
+    """Zero-shot: the greedy rollout first, then sampled ones ranked by the model."""
+    table = ActionTable(search.op)
+    greedy, _ = policy_rollout(search.op, table, policy, search.target, deterministic=True)
+    search.measure([greedy])
+    stale = 0
+    while search.left > 0 and stale < 20:
+        cands = [policy_rollout(search.op, table, policy, search.target, deterministic=False)[0]
+                 for _ in range(samples)]
+        cands = [c for c in cands if c.key() not in search.measured]
+        if not cands:
+            stale += 1
+            continue
+        scores = model.predict(cands)
+        order = np.argsort(scores, kind="stable")
+        pairs = search.measure([cands[i] for i in order[:min(8, search.left)]])
+        stale = 0 if pairs else stale + 1
+        _feedback(model, pairs)
+
+
+AGENTS = {"random": search_random, "anneal": search_anneal, "beam": search_beam, "ppo": search_policy}

@@ -1,0 +1,66 @@
+"""Run directories: ``runs/<op>-<target>-<agent>-<seed>-<time>/``.
+
+Each holds the TensorBoard event files, the hyperparameters (``config.json`` and a
+text table in TensorBoard), the tuning log (``tuning.jsonl``), the progress curve
+(``progress.jsonl``: one line per hardware measurement) and, at the end,
+``summary.json`` and the best kernel. Every agent logs the same scalars with the
+number of hardware measurements as the step, so ``tensorboard --logdir runs``
+overlays them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def new_run_dir(root: str, op: str, target: str, agent: str, seed: int) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{op}-{target}-{agent}-{seed}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{op}-{target}-{agent}-{seed}-{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def save_config(run_dir: Path, cfg: Any, writer=None) -> None:
+    d = dataclasses.asdict(cfg)
+    (run_dir / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    if writer is not None:
+        table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in d.items())
+        writer.add_text("hyperparameters", table)
+
+
+def load_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+class ProgressLog:
+    """``progress.jsonl`` plus TensorBoard scalars, one point per hardware measurement."""
+
+    def __init__(self, run_dir: Path, writer=None):
+        self.path = Path(run_dir) / "progress.jsonl"
+        self.writer = writer
+        self.path.write_text("")
+
+    def add(self, step: int, **scalars: float) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"measurements": step, **scalars}) + "\n")
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+
+
+def read_progress(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "progress.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no progress.jsonl (not a tune run?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,141 @@
+"""Tune one operator shape with at most --budget hardware measurements.
+
+Agents: ppo (a trained policy, zero-shot: no training on this shape; default the
+policy shipped for the op), random, anneal (simulated annealing guided by the
+learned cost model), beam (beam search ranked by the cost model). The naive kernel
+and the library are timed as references and do not count against the budget.
+
+Everything goes to runs/<op>-<target>-<agent>-<seed>-<time>/ (TensorBoard events,
+tuning.jsonl, progress.jsonl, summary.json, best_kernel.c). --resume RUN_DIR goes
+on from an interrupted run: measured schedules come back from its tuning log and
+are not measured again.
+
+Examples:
+  python -m experiments tune --op matmul --shape 1024x1024x1024 --budget 64
+  python -m experiments tune --op conv2d --shape 1,64,56,56,64,3,3,1,1 --agent anneal --budget 128
+  tensorboard --logdir runs
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agents.search import AGENTS, Progress, Search
+from kernels.library import library_name
+from kernels.measure import Measurer
+from kernels.ops import OPERATORS, make_op
+from kernels.render import render
+from kernels.schedule import Schedule
+from kernels.target import get_target
+
+from . import pretrained
+from .bench import export_kernel
+from .config import field
+from .runs import ProgressLog, load_config, new_run_dir, save_config
+
+
+@dataclass
+class Config:
+    op: str = field(help="operator", choices=list(OPERATORS))
+    shape: str = field(help="extents, e.g. 1024x1024x1024 or N,C,H,W,K,R,S[,stride[,pad]]")
+    target: str = field("cpu", help="where to run", choices=["cpu"])
+    agent: str = field("ppo", help="search agent", choices=list(AGENTS))
+    policy: str | None = field(None, help="trained policy (.zip) for --agent ppo (default: the shipped one)",
+                               metavar="PATH")
+    cost_model: str | None = field(None, help="pre-trained cost model for ppo/anneal/beam "
+                                              "(default: the shipped one)", metavar="PATH")
+    budget: int = field(64, help="hardware measurements the search may make")
+    seed: int = field(0, help="random seed")
+    runs: str = field("runs", help="where run directories go")
+    resume: str | None = field(None, help="continue the run in this directory", metavar="RUN_DIR")
+    export: str | None = field(None, help="write the best kernel's .c, .so and .json here", metavar="DIR")
+    json: bool = field(False, help="print one JSON object as the last line")
+
+
+def _resumed(cfg: Config) -> Config:
+    saved = load_config(Path(cfg.resume))
+    keep = {k: v for k, v in saved.items() if k not in ("resume", "json", "export")}
+    return Config(**{**keep, "resume": cfg.resume, "json": cfg.json, "export": cfg.export})
+
+
+def run(cfg: Config) -> dict:
+    if cfg.resume:
+        cfg = _resumed(cfg)
+    if cfg.budget < 1:
+        raise ValueError("--budget must be at least 1")
+    op = make_op(cfg.op, cfg.shape)
+    target = get_target(cfg.target)
+    policy = model = None
+    if cfg.agent == "ppo":
+        policy = pretrained.load_policy(cfg.policy, op, target)
+    if cfg.agent in ("ppo", "anneal", "beam"):
+        model = pretrained.load_cost_model(cfg.cost_model, target, seed=cfg.seed)
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, op.kind, target.kind, cfg.agent, cfg.seed)
+    writer = SummaryWriter(str(run_dir))
+    save_config(run_dir, cfg, writer)
+    progress = ProgressLog(run_dir, writer)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+
+    with Measurer(target, log=run_dir / "tuning.jsonl") as measurer:
+        already = len(measurer.cache)
+        naive = measurer.measure_one(op, render(Schedule(op), target), Schedule(op).key())
+        bar = tqdm(total=cfg.budget, desc=f"{cfg.agent} {op.kind} {op.shape_str}", unit="meas",
+                   file=sys.stderr, disable=None)
+        lib_ms: list[float] = []
+
+        def on_progress(p: Progress) -> None:
+            bar.update(1)
+            bar.set_postfix(best_gflops=f"{p.best_gflops:.1f}")
+            speedup = naive.time_ms / p.best_time_ms if naive.ok and p.best_time_ms < float("inf") else 0.0
+            progress.add(p.measurements, **{"search/best_gflops": p.best_gflops, "search/best_speedup": speedup,
+                                            "search/wall_time_s": p.wall_s})
+
+        search = Search(op, target, measurer, cfg.budget, on_progress=on_progress)
+        rng = np.random.default_rng(cfg.seed)
+        AGENTS[cfg.agent](search, rng, model=model, policy=policy)
+        bar.close()
+        if search.best is None:
+            raise RuntimeError(f"no correct kernel in {len(search.measured)} measurements")
+
+        # the final comparison: best kernel and library alternating call by call
+        kernel = render(search.best, target)
+        built = measurer.builder.build([kernel])[0]
+        final = measurer.runner.run(op, kernel, built.path, library=True)
+        lib_ms = list(final.library_times_ms)
+        if cfg.export:
+            export_kernel(cfg.export, kernel, built.path, search.best, target)
+    writer.close()
+
+    best = final if final.ok else search.best_result
+    library_ms = statistics.median(lib_ms) if lib_ms else None
+    summary = {
+        "op": op.kind, "shape": op.shape_str, "target": target.kind, "hardware": target.device,
+        "agent": cfg.agent, "budget": cfg.budget, "measurements": len(search.measured),
+        "resumed_records": already,
+        "time_ms": best.time_ms, "gflops": best.gflops,
+        "library": library_name(op), "library_time_ms": library_ms,
+        "library_gflops": op.flops / library_ms / 1e6 if library_ms else None,
+        "fraction_of_library": library_ms / best.time_ms if library_ms else None,
+        "naive_time_ms": naive.time_ms,
+        "speedup_vs_naive": naive.time_ms / best.time_ms if naive.ok else None,
+        "correct": True, "best_schedule": search.best.steps_json(),
+        "wall_s": search.history[-1].wall_s if search.history else 0.0, "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "best.json").write_text(json.dumps(search.best.to_json(), indent=2) + "\n")
+    (run_dir / "best_kernel.c").write_text(kernel.source)
+    frac = f", {summary['fraction_of_library']:.2f} of {summary['library']}" if library_ms else ""
+    print(f"{op.kind} {op.shape_str}: best {best.gflops:.1f} GFLOPS ({best.time_ms:.3f} ms) after "
+          f"{summary['measurements']} measurements, {summary['speedup_vs_naive'] or 0:.1f}x naive{frac}")
+    print(f"best schedule: {run_dir / 'best.json'}; log: {run_dir / 'tuning.jsonl'}")
+    return summary
