@@ -29,7 +29,8 @@ class ScheduleEnv(gym.Env):
     ``shape`` or ``shapes`` (a family sampled at each reset; ``reset(options={"shape":
     ...})`` picks one), ``target`` ("cpu"), ``max_steps`` (32), ``reward``
     ("measure" or "surrogate"), ``measure_every_step`` (False), ``cost_model``
-    (default: :class:`AnalyticalCostModel`), ``measurer`` / ``log_path`` (share a
+    (default: :class:`AnalyticalCostModel`), ``update_cost_model`` (feed every measured
+    final kernel to ``cost_model.update``), ``measurer`` / ``log_path`` (share a
     measurement cache; append every measurement to a tuning log).
 
     **Actions**: ``Discrete(n)``, the same ``n`` for every shape of an op kind. A loop
@@ -106,7 +107,7 @@ class ScheduleEnv(gym.Env):
                  target: str = "cpu", max_steps: int = 32, reward: str = "measure",
                  measure_every_step: bool = False, cost_model: CostModel | None = None,
                  measurer: Measurer | None = None, log_path: str | None = None,
-                 render_mode: str | None = None):
+                 update_cost_model: bool = False, render_mode: str | None = None):
         if (shape is None) == (shapes is None):
             raise ValueError("give exactly one of shape= or shapes=")
         if reward not in ("measure", "surrogate"):
@@ -114,7 +115,7 @@ class ScheduleEnv(gym.Env):
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
         self.kind = op
-        self.shapes = [make_op(op, s).shape_str for s in ([shape] if shape else list(shapes))]
+        self.shapes = [make_op(op, s).shape_str for s in ([shape] if shape is not None else list(shapes))]
         if not self.shapes:
             raise ValueError("shapes= is empty")
         self.target = get_target(target)
@@ -122,7 +123,9 @@ class ScheduleEnv(gym.Env):
         self.reward_mode = reward
         self.measure_every_step = measure_every_step
         self.cost_model = cost_model or AnalyticalCostModel(self.target)
+        self.owns_measurer = measurer is None
         self.measurer = measurer or Measurer(self.target, log=log_path)
+        self.update_cost_model = update_cost_model
         self.render_mode = render_mode
         self.table = ActionTable(make_op(op, self.shapes[0]))
         self.action_space = spaces.Discrete(len(self.table))
@@ -146,7 +149,7 @@ class ScheduleEnv(gym.Env):
         self.t_naive = self.t_prev = naive.time_ms / 1e3
         self.pred_naive = self._predict(self.schedule) if self.reward_mode == "surrogate" else None
         self._refresh()
-        return self.obs, {"shape": shape}
+        return self.obs.copy(), {"shape": shape}
 
     def step(self, action):
         if self.schedule is None or self.over:
@@ -171,7 +174,7 @@ class ScheduleEnv(gym.Env):
             t = self._time_estimate(self.schedule)
             if t is not None:
                 reward, self.t_prev = math.log(self.t_prev / t), t
-        return self.obs, reward, False, False, info
+        return self.obs.copy(), reward, False, False, info
 
     def action_masks(self) -> np.ndarray:
         """Legal actions (sb3-contrib's MaskablePPO reads this)."""
@@ -183,7 +186,8 @@ class ScheduleEnv(gym.Env):
         return None
 
     def close(self):
-        self.measurer.close()
+        if self.owns_measurer:
+            self.measurer.close()
 
     # ------------------------------------------------------------ internals
     def _refresh(self) -> None:
@@ -217,6 +221,8 @@ class ScheduleEnv(gym.Env):
                     measurements=self.measurer.measured - self.measured_before)
         if not res.ok:
             info["error"] = res.error
+        elif self.update_cost_model:
+            self.cost_model.update([(self.schedule, t_final)])
         reward = math.log(self.t_prev / t_final)
-        return self.obs, reward, terminated, not terminated, info
+        return self.obs.copy(), reward, terminated, not terminated, info
 

@@ -14,10 +14,13 @@ import logging
 import sys
 from typing import Any
 
-from . import bench, benchmark, compare, tune
+from . import bench, benchmark, compare, train, tune
+from . import costmodel
 from .config import add_config_arguments, jsonable
 
-COMMANDS: dict[str, Any] = {"bench": bench, "tune": tune, "compare": compare, "benchmark": benchmark}
+COMMANDS: dict[str, Any] = {"bench": bench, "train": train, "tune": tune, "compare": compare,
+                             "benchmark": benchmark}
+COMMANDS["costmodel"] = costmodel
 
 
 class _Parser(argparse.ArgumentParser):

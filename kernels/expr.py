@@ -125,7 +125,7 @@ class Lin:
         parts = []
         for atom, coef in self.terms:
             s = atom if isinstance(atom, str) else \
-                f"({atom.arg} {'/' if atom.op == 'div' else '%'} {atom.divisor})"
+                f"(({atom.arg}) {'/' if atom.op == 'div' else '%'} {atom.divisor})"
             parts.append(s if coef == 1 else f"{s}*{coef}")
         if self.const or not parts:
             parts.append(str(self.const))

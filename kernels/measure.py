@@ -465,6 +465,7 @@ class Runner:
                     deadline = time.monotonic() + limit
                 elif event == "checked":
                     if not msg["correct"]:
+                        self._drop_worker()  # a kernel that wrote garbage may have written it anywhere
                         return MeasureResult.failure(msg["error"])
                     correct = True
                 elif event == "timed":

@@ -1,0 +1,222 @@
+"""Train a MaskablePPO agent on an operator's shape family.
+
+Episodes build schedules for shapes sampled from the family's train split (the
+held-out split is never sampled). Before PPO, the policy imitates the expert
+schedules replayed as environment actions on the train shapes (--imitation-epochs;
+0 turns it off), so PPO starts from a sensible policy instead of from chance. With --reward surrogate (default) the learned
+cost model rewards each step and is updated online from the measured final
+kernels; with --reward measure only measurements reward. Vectorised envs share one
+measurement cache and tuning log.
+
+Writes runs/<op>-<target>-ppo-<seed>-<time>/: policy.zip (+ policy.json: what it was
+trained for and how), cost_model.pt, tuning.jsonl, TensorBoard events (SB3's
+scalars under rollout/ and train/, ours under search/ with hardware measurements as
+the step). --resume RUN_DIR continues training from there without re-measuring.
+
+Example:
+  python -m experiments train --op matmul --timesteps 4096
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from kernels.measure import Measurer
+from kernels.ops import OPERATORS
+from kernels.target import get_target
+
+from . import pretrained
+from .config import field
+from .runs import ProgressLog, load_config, new_run_dir, save_config
+from .shapes import family
+
+
+@dataclass
+class Config:
+    op: str = field(help="operator", choices=list(OPERATORS))
+    target: str = field("cpu", help="where to run", choices=["cpu"])
+    shapes: str = field("default", help="shape family (its train split), or 'small' for quick runs")
+    agent: str = field("ppo", help="the learning agent", choices=["ppo"])
+    timesteps: int = field(4096, help="environment steps to train for")
+    reward: str = field("surrogate", help="reward mode of the environment", choices=["surrogate", "measure"])
+    n_envs: int = field(2, help="vectorised environments")
+    n_steps: int = field(256, help="PPO rollout length per environment")
+    batch_size: int = field(128, help="PPO minibatch size")
+    learning_rate: float = field(3e-4, help="PPO learning rate")
+    ent_coef: float = field(0.01, help="PPO entropy bonus")
+    max_steps: int = field(32, help="actions per episode")
+    imitation_epochs: int = field(300, help="epochs of imitating expert replays before PPO (0: none)")
+    cost_model: str | None = field(None, help="pre-trained cost model (default: the shipped one)",
+                                   metavar="PATH")
+    seed: int = field(0, help="random seed")
+    runs: str = field("runs", help="where run directories go")
+    resume: str | None = field(None, help="continue the run in this directory", metavar="RUN_DIR")
+    json: bool = field(False, help="print one JSON object as the last line")
+
+
+def _callback(progress: ProgressLog, measurer: Measurer, total: int, model_cost):
+    from stable_baselines3.common.callbacks import BaseCallback
+    from tqdm import tqdm
+
+    class SearchLogger(BaseCallback):
+        """Logs measured episode results (search/*, step = hardware measurements) and a
+        progress bar; feeds measurements to the cost model."""
+
+        def _on_training_start(self) -> None:
+            self.bar = tqdm(total=total, initial=self.model.num_timesteps, unit="step", desc="train",
+                            file=sys.stderr, disable=None)
+            self.best: dict[str, float] = {}
+
+        def _on_step(self) -> bool:
+            self.bar.update(self.training_env.num_envs)
+            for info in self.locals.get("infos", []):
+                if "speedup" not in info:
+                    continue
+                shape = info["shape"]
+                if info["correct"]:
+                    self.best[shape] = max(self.best.get(shape, 0.0), info["speedup"])
+                    self.logger.record_mean("search/episode_log_speedup", math.log(max(info["speedup"], 1e-9)))
+                mean_best = sum(self.best.values()) / max(len(self.best), 1)
+                self.bar.set_postfix(mean_best_speedup=f"{mean_best:.1f}")
+                progress.add(measurer.measured, **{"search/mean_best_speedup": mean_best,
+                                                   "search/episode_speedup": info["speedup"]})
+            return True
+
+        def _on_training_end(self) -> None:
+            self.bar.close()
+
+    return SearchLogger()
+
+
+def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: int):
+    """(observations, masks, actions) of each train shape's expert schedule replayed as
+    environment actions, with the features the environment would show."""
+    import numpy as np
+
+    from envs.actions import ActionTable, NestInfo
+    from envs.features import featurize
+    from kernels.experts import expert_schedule
+    from kernels.ops import make_op
+    from kernels.schedule import Schedule
+
+    obs, masks, actions = [], [], []
+    for shape in shapes:
+        op = make_op(op_kind, shape)
+        table = ActionTable(op)
+        s = Schedule(op)
+        for step, a in enumerate(table.actions_for(expert_schedule(op, target))[:max_steps]):
+            info = NestInfo(op, s.nest)
+            mask = table.mask(info)
+            if step >= max_steps - 1:
+                mask[:] = False
+                mask[table.done] = True
+            if not mask[a]:
+                break
+            obs.append(featurize(op, info, target, step / max_steps))
+            masks.append(mask)
+            actions.append(a)
+            if a != table.done:
+                s = s.apply(table.to_step(a, s.nest))
+    return np.array(obs), np.array(masks), np.array(actions)
+
+
+def imitate(agent, demos, epochs: int, seed: int) -> float:
+    """Behaviour cloning of the demonstrations into the policy; returns the final accuracy."""
+    import torch
+
+    obs, masks, actions = (torch.as_tensor(x) for x in demos)
+    policy = agent.policy
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    torch.manual_seed(seed)
+    for _ in range(epochs):
+        _, log_prob, _ = policy.evaluate_actions(obs, actions, action_masks=masks)
+        loss = -log_prob.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        dist = policy.get_distribution(obs, action_masks=masks.numpy())
+        return float((dist.get_actions(deterministic=True) == actions).float().mean())
+
+
+def _command(cfg: Config) -> str:
+    """The command line that reproduces this training run."""
+    parts = ["python -m experiments train", f"--op {cfg.op}"]
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name not in ("op", "json", "resume", "runs") and value != f.default:
+            parts.append(f"--{f.name.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+def run(cfg: Config) -> dict:
+    if cfg.resume:
+        saved = load_config(Path(cfg.resume))
+        cfg = Config(**{**saved, "resume": cfg.resume, "json": cfg.json, "timesteps": cfg.timesteps})
+    if cfg.timesteps < 1:
+        raise ValueError("--timesteps must be at least 1")
+    target = get_target(cfg.target)
+    shapes = family(cfg.op, "small" if cfg.shapes == "small" else "train",
+                    "default" if cfg.shapes == "small" else cfg.shapes)
+
+    import torch
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.vec_env import DummyVecEnv
+    from torch.utils.tensorboard import SummaryWriter
+
+    from envs.schedule_env import ScheduleEnv
+
+    torch.set_num_threads(1)  # a small MLP: threads cost more than they give, and kernels need the cores
+    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, cfg.op, target.kind, "ppo", cfg.seed)
+    writer = SummaryWriter(str(run_dir))
+    save_config(run_dir, cfg, writer)
+    progress = ProgressLog(run_dir, writer)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+
+    model_path = run_dir / "cost_model.pt"
+    cost_model = pretrained.load_cost_model(str(model_path) if model_path.is_file() else cfg.cost_model,
+                                            target, seed=cfg.seed)
+    measurer = Measurer(target, log=run_dir / "tuning.jsonl")
+    # Measurements run one at a time on this machine anyway, so the envs live in this
+    # process (DummyVecEnv) and share the measurer: one cache, one tuning log.
+    envs = DummyVecEnv([lambda: ScheduleEnv(op=cfg.op, shapes=shapes, target=cfg.target,
+                                            max_steps=cfg.max_steps, reward=cfg.reward,
+                                            cost_model=cost_model, measurer=measurer,
+                                            update_cost_model=True)
+                        for _ in range(cfg.n_envs)])
+    envs.seed(cfg.seed)
+    policy_file = run_dir / "policy.zip"
+    if cfg.resume and policy_file.is_file():
+        agent = MaskablePPO.load(str(policy_file), env=envs, device="cpu")
+    else:
+        agent = MaskablePPO("MlpPolicy", envs, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
+                            learning_rate=cfg.learning_rate, ent_coef=cfg.ent_coef, seed=cfg.seed,
+                            device="cpu", verbose=0)
+    agent.set_logger(configure(str(run_dir), ["tensorboard", "csv"]))
+    if not cfg.resume and cfg.imitation_epochs > 0:
+        demos = expert_demonstrations(cfg.op, shapes, target, cfg.max_steps)
+        accuracy = imitate(agent, demos, cfg.imitation_epochs, cfg.seed)
+        writer.add_scalar("train/imitation_accuracy", accuracy, 0)
+        print(f"imitation: {len(demos[2])} expert actions from {len(shapes)} shapes, "
+              f"greedy accuracy {accuracy:.2f}", file=sys.stderr)
+    try:
+        agent.learn(total_timesteps=cfg.timesteps, callback=_callback(progress, measurer, cfg.timesteps, cost_model),
+                    reset_num_timesteps=not cfg.resume)
+    finally:  # an interrupted run keeps what it learned
+        agent.save(str(policy_file))
+        cost_model.save(str(model_path))
+        meta = {"op": cfg.op, "target": target.kind, "hardware": target.device, "shapes": shapes,
+                "timesteps": int(agent.num_timesteps), "reward": cfg.reward, "seed": cfg.seed,
+                "command": _command(cfg)}
+        policy_file.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        envs.close()
+        writer.close()
+    summary = {"op": cfg.op, "target": target.kind, "agent": "ppo", "timesteps": int(agent.num_timesteps),
+               "measurements": measurer.measured, "run_dir": str(run_dir), "policy": str(policy_file)}
+    print(f"trained {summary['timesteps']} steps ({measurer.measured} measurements); policy: {policy_file}")
+    return summary
