@@ -58,7 +58,12 @@ def load_schedule(spec: str, op: Operator, target: Target) -> Schedule:
     if not path.is_file():
         raise FileNotFoundError(f"--schedule {spec!r} is neither naive, expert nor a file")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds no schedule object")
         if (data.get("op"), data.get("shape")) != (op.kind, op.shape_str):
             raise ValueError(f"{path} holds a schedule for {data.get('op')} {data.get('shape')}, "
                              f"not {op.kind} {op.shape_str}")

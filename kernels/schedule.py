@@ -20,6 +20,11 @@ TVM/Halide names:
                   inner loops are all unrolled or vectorized already (a
                   register tile: code size stays bounded by ``MAX_UNROLLED_BODY``).
 ``Parallel``      OpenMP over a spatial loop; at most one per schedule.
+``Bind``          (GPU) a spatial loop runs as ``blockIdx.x/y/z`` or
+                  ``threadIdx.x/y/z``: one block or thread per iteration. Each
+                  axis is bound once; blockIdx loops lie outside threadIdx loops.
+                  Target rules (CUDA only, thread limits) are checked where the
+                  target is known: :func:`kernels.cuda.check_for_target`.
 ``CacheWrite``    accumulate in a local tile covering the spatial loops inside
                   ``loop`` (every reduce loop must be inside it); the tile is
                   written back once, with the epilogue applied there.
@@ -66,7 +71,7 @@ class Loop:
     extent: int
     reduce: bool
     axis: str                # the op axis it came from (the outer one for fused loops)
-    kind: str = "serial"     # serial | parallel | vectorize | unroll
+    kind: str = "serial"     # serial | parallel | vectorize | unroll | bind:<thread axis>
 
 
 @dataclass(frozen=True)
@@ -133,14 +138,17 @@ def tile_shape(nest: LoopNest) -> tuple[Loop, ...]:
     return tuple(l for l in nest.inside(nest.cache_write) if not l.reduce)
 
 
-def footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str):
+def footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str, also: tuple[Loop, ...] = ()):
     """Per tensor dimension: (base expression over outer loops, inner expression, extent).
 
     The part of ``tensor`` that the loops inside ``anchor`` read; None when an
-    index is not affine in those loops (a fused loop inside).
+    index is not affine in those loops (a fused loop inside). Loops in ``also`` count
+    as inside too: on a GPU, the threadIdx loops, since a block's shared stage holds
+    what all its threads read.
     """
     access = next(a for a in op.accesses if a.tensor == tensor)
     inner = {l.name: l.extent for l in nest.inside(anchor)}
+    inner.update({l.name: l.extent for l in also})
     dims = []
     for e in nest.access_exprs(access):
         if any(e.coef(v) is None for v in inner):
@@ -190,14 +198,22 @@ class Step:
 
     @staticmethod
     def from_json(d: dict) -> "Step":
-        d = dict(d)
-        cls = Step.registry.get(d.pop("step", None))
+        if not isinstance(d, dict):
+            raise ScheduleError(f"a step must be a JSON object, got {d!r}")
+        name = d.get("step")
+        cls = Step.registry.get(name) if isinstance(name, str) else None
         if cls is None:
-            raise ScheduleError(f"unknown step in {d!r}")
-        try:
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-        except TypeError as e:
-            raise ScheduleError(f"bad fields for {cls.__name__}: {e}") from None
+            raise ScheduleError(f"unknown step {name!r} (known: {', '.join(Step.registry)})")
+        args = {k: v for k, v in d.items() if k != "step"}
+        expected = {f.name: f.type for f in fields(cls)}
+        if set(args) != set(expected):
+            raise ScheduleError(f"bad fields for {name}: needs {sorted(expected)}, got {sorted(args)}")
+        for k, v in args.items():  # lists become tuples; other values are checked by apply()
+            if expected[k].startswith("tuple"):
+                if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                    raise ScheduleError(f"{name}.{k} must be a list of loop names, got {v!r}")
+                args[k] = tuple(v)
+        return cls(**args)
 
     def __str__(self) -> str:
         args = ", ".join(repr(getattr(self, f.name)) for f in fields(self))
@@ -316,6 +332,38 @@ class Parallel(Step):
         return self._set_kind(nest, self.loop, "parallel")
 
 
+THREAD_AXES = ("blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x", "threadIdx.y", "threadIdx.z")
+BIND = "bind:"
+
+
+def bound_axis(loop: Loop) -> str | None:
+    """The GPU axis ``loop`` is bound to (``"threadIdx.x"``...), or None."""
+    return loop.kind[len(BIND):] if loop.kind.startswith(BIND) else None
+
+
+@dataclass(frozen=True)
+class Bind(Step):
+    """Run a spatial loop's iterations as GPU blocks or threads.
+
+    Recorded as the loop's kind (``bind:threadIdx.x``) rather than a separate field:
+    a loop runs in exactly one way (serial, parallel, vectorized, unrolled or bound),
+    so every existing rule about annotated loops (no split or fuse of one, unrolled
+    loops hold only unrolled or vectorized loops) applies to bound loops unchanged.
+    """
+
+    loop: str
+    thread_axis: str
+
+    def apply(self, op, nest):
+        loop = self._loop(nest, self.loop)
+        check(self.thread_axis in THREAD_AXES, self, f"unknown thread axis {self.thread_axis!r} "
+                                                     f"(known: {', '.join(THREAD_AXES)})")
+        check(not loop.reduce, self, "a reduce loop cannot be bound (threads would race on the sum)")
+        taken = [l.name for l in nest.loops if bound_axis(l) == self.thread_axis]
+        check(not taken, self, f"{self.thread_axis} is already bound to {', '.join(taken)}")
+        return self._set_kind(nest, self.loop, BIND + self.thread_axis)
+
+
 @dataclass(frozen=True)
 class CacheWrite(Step):
     loop: str
@@ -352,6 +400,13 @@ def validate(op: Operator, nest: LoopNest, step: Step) -> None:
             rolled = [l.name for l in nest.loops[i + 1:] if l.kind not in ("unroll", "vectorize")]
             check(not rolled, step, f"unrolled loop {loop.name!r} would contain the rolled loop(s) "
                                     f"{', '.join(rolled)}; unroll from the innermost loop outwards")
+    bound = [(i, bound_axis(l)) for i, l in enumerate(nest.loops) if bound_axis(l)]
+    if bound:
+        last_block = max((i for i, a in bound if a.startswith("blockIdx")), default=-1)
+        first_thread = min((i for i, a in bound if a.startswith("threadIdx")), default=len(nest.loops))
+        if last_block > first_thread:
+            check(False, step, f"blockIdx-bound loop {nest.loops[last_block].name!r} would lie "
+                               f"inside threadIdx-bound loop {nest.loops[first_thread].name!r}")
     unrolled = math.prod(l.extent for l in nest.loops if l.kind == "unroll")
     check(unrolled <= MAX_UNROLLED_BODY, step,
           f"unrolled loops multiply to {unrolled} copies of the body (limit {MAX_UNROLLED_BODY})")
@@ -414,6 +469,9 @@ class Schedule:
     def parallel(self, loop: str) -> "Schedule":
         return self.apply(Parallel(loop))
 
+    def bind(self, loop: str, thread_axis: str) -> "Schedule":
+        return self.apply(Bind(loop, thread_axis))
+
     def cache_write(self, loop: str) -> "Schedule":
         return self.apply(CacheWrite(loop))
 
@@ -433,7 +491,12 @@ class Schedule:
 
     @staticmethod
     def from_json(d: dict, op: Operator | None = None) -> "Schedule":
-        op = op or make_op(d["op"], d["shape"])
+        if not isinstance(d, dict) or not isinstance(d.get("steps", []), list):
+            raise ScheduleError("a schedule must be a JSON object with a list of steps")
+        if op is None:
+            if "op" not in d or "shape" not in d:
+                raise ScheduleError("a schedule without an operator needs 'op' and 'shape'")
+            op = make_op(d["op"], d["shape"])
         sched = Schedule(op)
         for s in d.get("steps", []):
             sched = sched.apply(Step.from_json(s))

@@ -1,0 +1,157 @@
+"""Shared fixtures: build and run schedules against the numpy reference, quickly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kernels import lower as ir
+from kernels.expr import DivMod, Lin
+from kernels.lower import lower, print_loop_nest
+from kernels.measure import Builder, Measurer, MeasureResult, Runner
+from kernels.render import render
+from kernels.schedule import Schedule
+from kernels.target import cpu_target
+
+
+@pytest.fixture(scope="session")
+def target():
+    return cpu_target()
+
+
+@pytest.fixture(scope="session")
+def check_measurer(tmp_path_factory, target):
+    """A measurer for correctness only: one timed call, no warm-up, private build cache."""
+    builder = Builder(cache_dir=tmp_path_factory.mktemp("kernel-build"))
+    runner = Runner(timeout_s=30, repeats=1, warmup=0, min_time_s=0.0)
+    with Measurer(target, builder=builder, runner=runner) as m:
+        yield m
+
+
+def describe(schedule: Schedule) -> str:
+    """Enough to reproduce a failure: the schedule as JSON and its loop nest."""
+    return json.dumps(schedule.to_json()) + "\n" + print_loop_nest(schedule)
+
+
+@pytest.fixture(scope="session")
+def run_schedule(check_measurer, target):
+    """``run_schedule(schedule) -> MeasureResult``: render, compile, run and compare."""
+
+    def run(schedule: Schedule, for_target=None) -> MeasureResult:
+        kernel = render(schedule, for_target or target)
+        # keyed by the source: the same code gives the same result, whatever the target said
+        return check_measurer.measure_one(schedule.op, kernel, f"source:{kernel.digest}")
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def assert_correct(run_schedule):
+    """``assert_correct(schedule)``: the kernel builds, runs and matches the reference."""
+
+    def check(schedule: Schedule, for_target=None) -> MeasureResult:
+        res = run_schedule(schedule, for_target)
+        assert res.ok and res.correct, f"{res.error}\n{describe(schedule)}"
+        return res
+
+    return check
+
+
+# ---------------------------------------------------------------- a checking interpreter
+
+class OutOfBounds(AssertionError):
+    """A read or write outside its buffer."""
+
+
+def _eval(e: Lin, env: dict[str, int]) -> int:
+    total = e.const
+    for atom, coef in e.terms:
+        if isinstance(atom, DivMod):
+            v = _eval(atom.arg, env)
+            v = v // atom.divisor if atom.op == "div" else v % atom.divisor
+        else:
+            v = env[atom]
+        total += coef * v
+    return total
+
+
+def interpret_lowered(fn, arrays: dict) -> dict:
+    """Execute lowered IR on flat float64 arrays, checking that every access is in range.
+
+    Local buffers start as NaN so that reading one before writing it shows up in
+    the result. Returns the arrays (inputs, output and local buffers) by name.
+    """
+    bufs = {name: np.asarray(a, np.float64).reshape(-1).copy() for name, a in arrays.items()}
+
+    def at(buffer, index, env, what):
+        i = _eval(index, env)
+        if not 0 <= i < bufs[buffer].size:
+            raise OutOfBounds(f"{what} {buffer}[{index}] = {buffer}[{i}] outside [0, {bufs[buffer].size}) "
+                              f"at {dict(env)}")
+        return i
+
+    def value(v, env):
+        if isinstance(v, ir.Load):
+            if not all(0 <= _eval(e, env) < n for e, n in v.bounds):
+                return 0.0
+            index = v.index
+            for e, n, stride in getattr(v, "clamps", ()):   # index + min(e, n - 1) * stride
+                index = index + Lin.constant(min(_eval(e, env), n - 1) * stride)
+            return bufs[v.buffer][at(v.buffer, index, env, "read")]
+        if isinstance(v, ir.Mul):
+            return value(v.a, env) * value(v.b, env)
+        if isinstance(v, ir.Add):
+            return value(v.a, env) + value(v.b, env)
+        if isinstance(v, ir.Relu):
+            return max(value(v.a, env), 0.0)
+        if isinstance(v, ir.Zero):
+            return 0.0
+        raise TypeError(v)
+
+    def run(stmts, env):
+        for s in stmts:
+            if isinstance(s, ir.For):
+                limit = s.extent
+                for e, c in s.bounds:
+                    limit = min(limit, -(-_eval(e, env) // c))
+                for v in range(limit):
+                    run(s.body, {**env, s.var: v})
+            elif isinstance(s, ir.If):
+                if all(_eval(e, env) < n for e, n in s.conds):
+                    run(s.body, env)
+            elif isinstance(s, ir.Alloc):
+                bufs[s.buffer] = np.full(s.size, np.nan)
+            elif type(s).__name__ == "Sync":       # a GPU barrier: nothing to do serially
+                pass
+            elif isinstance(s, ir.Store):
+                i = at(s.buffer, s.index, env, "write")
+                x = value(s.value, env)
+                bufs[s.buffer][i] = bufs[s.buffer][i] + x if s.accumulate else x
+            else:
+                raise TypeError(s)
+
+    run(fn.body, {})
+    return bufs
+
+
+class Interpreter:
+    """``interpret(schedule) -> (output, reference)``: run the lowered IR of ``schedule``
+    in Python on random inputs, checking every access (raises ``OutOfBounds``)."""
+
+    OutOfBounds = OutOfBounds
+    lowered = staticmethod(interpret_lowered)   # (Function, arrays) -> buffers
+    eval = staticmethod(_eval)                  # (Lin, env) -> int
+
+    def __call__(self, schedule: Schedule, seed: int = 0):
+        op = schedule.op
+        inputs = op.random_inputs(np.random.default_rng(seed))
+        arrays = {**inputs, op.output.name: np.full(op.output.shape, np.nan)}
+        bufs = interpret_lowered(lower(schedule), arrays)
+        return bufs[op.output.name].reshape(op.output.shape), op.reference(inputs)
+
+
+@pytest.fixture(scope="session")
+def interpret():
+    return Interpreter()

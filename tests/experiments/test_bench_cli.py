@@ -1,0 +1,228 @@
+"""``python -m experiments bench``: run as a user would, in a subprocess."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.cli import main
+from kernels.ops import make_op
+
+ROOT = Path(__file__).resolve().parents[2]
+SUMMARY_KEYS = {"op", "shape", "target", "time_ms", "gflops", "library_gflops", "fraction_of_library",
+                "speedup_vs_naive", "correct"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment for the CLI: its compiled kernels go to a private cache."""
+    e = dict(os.environ)
+    e["SCHEDGYM_CACHE"] = str(tmp_path_factory.mktemp("schedgym-cache"))
+    return e
+
+
+def bench(env, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments", "bench", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def summary(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stdout
+    return json.loads(lines[-1])
+
+
+def assert_good_summary(s: dict, op: str, shape: str, library: str) -> None:
+    assert SUMMARY_KEYS <= set(s), set(s)
+    assert (s["op"], s["shape"], s["target"]) == (op, shape, "cpu")
+    assert s["correct"] is True
+    assert s["library"] == library
+    for key in ("time_ms", "gflops", "library_gflops", "fraction_of_library", "speedup_vs_naive"):
+        assert isinstance(s[key], (int, float)) and math.isfinite(s[key]) and s[key] > 0, (key, s[key])
+
+
+# ---------------------------------------------------------------- the happy paths
+
+@pytest.fixture(scope="module")
+def exported(env, tmp_path_factory):
+    """One bench run of matmul 64x64x64 with --json and --export."""
+    out = tmp_path_factory.mktemp("export") / "kernel"
+    proc = bench(env, "--op", "matmul", "--shape", "64x64x64", "--rounds", "1", "--json",
+                 "--export", str(out))
+    return proc, out
+
+
+def test_matmul_json_summary(exported):
+    proc, _ = exported
+    s = summary(proc)
+    assert_good_summary(s, "matmul", "64x64x64", "numpy")
+    assert s["schedule"] == "expert"
+    assert "Traceback" not in proc.stderr
+    # the table for people comes before the JSON line
+    assert "matmul 64x64x64" in proc.stdout.splitlines()[0]
+
+
+def test_export_writes_kernel_files(exported):
+    proc, out = exported
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["kernel.c", "kernel.json", "kernel.so"]
+    meta = json.loads((out / "kernel.json").read_text())
+    assert meta["op"] == "matmul" and meta["shape"] == "64x64x64"
+    assert meta["steps"], "the expert schedule's steps"
+    assert [a["name"] for a in meta["args"]] == ["A", "B", "C"]
+    assert f"void {meta['function']}(" in (out / "kernel.c").read_text()
+
+
+def _call_exported(out: Path, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    meta = json.loads((out / "kernel.json").read_text())
+    lib = ctypes.CDLL(str(out / "kernel.so"))
+    fn = getattr(lib, meta["function"])
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * len(meta["args"])
+    arrays = {}
+    for a in meta["args"]:
+        assert a["dtype"] == "float32"
+        if a["role"] == "output":
+            arrays[a["name"]] = np.full(a["shape"], np.nan, np.float32)
+        else:
+            arrays[a["name"]] = rng.uniform(-1, 1, a["shape"]).astype(np.float32)
+    fn(*[arrays[a["name"]].ctypes.data for a in meta["args"]])
+    return arrays, meta
+
+
+def test_exported_kernel_reproduces_numpy(exported):
+    proc, out = exported
+    assert proc.returncode == 0, proc.stderr
+    arrays, _ = _call_exported(out, np.random.default_rng(1))
+    expected = arrays["A"].astype(np.float64) @ arrays["B"].astype(np.float64)
+    np.testing.assert_allclose(arrays["C"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_from_exported_json_is_remeasured(exported, env, tmp_path):
+    proc, out = exported
+    assert proc.returncode == 0, proc.stderr
+    again = tmp_path / "again"
+    proc2 = bench(env, "--op", "matmul", "--shape", "64x64x64", "--rounds", "1", "--json",
+                  "--schedule", str(out / "kernel.json"), "--export", str(again))
+    s = summary(proc2)
+    assert_good_summary(s, "matmul", "64x64x64", "numpy")
+    assert s["schedule"] == str(out / "kernel.json")
+    # the same schedule: the same steps and the same generated code
+    first, second = (json.loads((d / "kernel.json").read_text()) for d in (out, again))
+    assert second["steps"] == first["steps"]
+    assert (again / "kernel.c").read_text() == (out / "kernel.c").read_text()
+
+
+def test_naive_schedule(env):
+    s = summary(bench(env, "--op", "matmul", "--shape", "16x8x4", "--schedule", "naive",
+                      "--rounds", "1", "--json"))
+    assert s["correct"] is True and s["schedule"] == "naive"
+    assert s["speedup_vs_naive"] == pytest.approx(1.0)
+
+
+def test_conv2d_against_torch(env, tmp_path):
+    out = tmp_path / "conv"
+    proc = bench(env, "--op", "conv2d", "--shape", "1,4,9,9,8,3,3,2,1", "--rounds", "1", "--json",
+                 "--export", str(out))
+    s = summary(proc)
+    assert_good_summary(s, "conv2d", "1,4,9,9,8,3,3,2,1", "torch")
+    arrays, meta = _call_exported(out, np.random.default_rng(2))
+    assert [a["name"] for a in meta["args"]] == ["I", "W", "O"]
+    ref = make_op("conv2d", "1,4,9,9,8,3,3,2,1").reference({"I": arrays["I"], "W": arrays["W"]})
+    np.testing.assert_allclose(arrays["O"], ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD = [
+    ("unknown-op", ["--op", "nosuchop", "--shape", "3x3x3"]),
+    ("malformed-shape", ["--op", "matmul", "--shape", "3xax4"]),
+    ("zero-extent", ["--op", "matmul", "--shape", "0x3x4"]),
+    ("negative-extent", ["--op", "matmul", "--shape=-3x3x4"]),
+    ("too-few-numbers", ["--op", "matmul", "--shape", "3x3"]),
+    ("too-many-numbers", ["--op", "matmul", "--shape", "3x3x3x3"]),
+    ("empty-shape", ["--op", "matmul", "--shape", ""]),
+    ("conv-window-too-large", ["--op", "conv2d", "--shape", "1,1,3,3,1,5,5"]),
+    ("conv-negative-pad", ["--op", "conv2d", "--shape=1,1,3,3,1,3,3,1,-1"]),
+    ("missing-schedule-file", ["--op", "matmul", "--shape", "4x4x4", "--schedule", "no/such/file.json"]),
+    ("missing-shape", ["--op", "matmul"]),
+    ("zero-rounds", ["--op", "matmul", "--shape", "4x4x4", "--rounds", "0"]),
+    ("rounds-not-a-number", ["--op", "matmul", "--shape", "4x4x4", "--rounds", "two"]),
+    ("unknown-flag", ["--op", "matmul", "--shape", "4x4x4", "--frobnicate"]),
+]
+
+
+@pytest.mark.parametrize("args", [b[1] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_one_error_line(env, args):
+    proc = bench(env, *args, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "error" in lines[0]
+
+
+def _schedule_file(tmp_path: Path, content: str) -> str:
+    p = tmp_path / "schedule.json"
+    p.write_text(content)
+    return str(p)
+
+
+BAD_FILES = [
+    ("not-json", "this is not json"),
+    ("other-shape", json.dumps({"op": "matmul", "shape": "8x8x8", "steps": []})),
+    ("illegal-step", json.dumps({"op": "matmul", "shape": "4x4x4",
+                                 "steps": [{"step": "Split", "loop": "i", "factor": 0}]})),
+    ("unknown-step", json.dumps({"op": "matmul", "shape": "4x4x4", "steps": [{"step": "Bogus"}]})),
+]
+
+
+@pytest.mark.parametrize("content", [b[1] for b in BAD_FILES], ids=[b[0] for b in BAD_FILES])
+def test_bad_schedule_file_is_one_error_line(env, tmp_path, content):
+    proc = bench(env, "--op", "matmul", "--shape", "4x4x4", "--schedule", _schedule_file(tmp_path, content),
+                 timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+MALFORMED_FILES = [
+    ("top-level-list", "[1, 2]"),
+    ("step-not-an-object", json.dumps({"op": "matmul", "shape": "4x4x4", "steps": [1]})),
+    ("reorder-order-not-a-list", json.dumps({"op": "matmul", "shape": "4x4x4",
+                                             "steps": [{"step": "Reorder", "order": 5}]})),
+]
+
+
+@pytest.mark.parametrize("content", [b[1] for b in MALFORMED_FILES], ids=[b[0] for b in MALFORMED_FILES])
+def test_malformed_schedule_file_is_one_error_line(env, tmp_path, content):
+    proc = bench(env, "--op", "matmul", "--shape", "4x4x4", "--schedule", _schedule_file(tmp_path, content),
+                 timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_main_returns_exit_code_without_subprocess(capsys):
+    assert main(["bench", "--op", "matmul", "--shape", "0x3x4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_export_into_a_file_fails_cleanly(env, tmp_path):
+    target = tmp_path / "not-a-directory"
+    target.write_text("")
+    proc = bench(env, "--op", "matmul", "--shape", "8x8x8", "--rounds", "1", "--export", str(target))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr

@@ -1,0 +1,556 @@
+"""CUDA backend: GPU rules, lowering checked by simulating a grid of threads, nvcc compiles.
+
+Without a GPU, two things still catch most mistakes: a simulator that runs the
+GPU-lowered IR block by block, its threads in lock step between barriers (so a
+missing ``__syncthreads``, a barrier not reached by every thread, a race on shared
+memory or an output written twice shows up, as well as a wrong result), and nvcc,
+which compiles every generated kernel (skipped where nvcc is absent). Tests that
+need a GPU skip unless CuPy sees one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from kernels import lower as ir
+from kernels.cuda import check_for_target, default_schedule, launch_config, render_cuda
+from kernels.experts import expert_schedule
+from kernels.expr import DivMod
+from kernels.ops import OPERATORS, make_op
+from kernels.render import render
+from kernels.schedule import (Bind, CacheRead, CacheWrite, Reorder, Schedule, ScheduleError, Split,
+                              Unroll, Vectorize, bound_axis)
+from kernels.target import NoCudaDevice, cuda_target_for_compile, get_target
+
+TARGET = cuda_target_for_compile("sm_90")
+NVCC = shutil.which("nvcc")
+
+
+# ---------------------------------------------------------------- a GPU simulator
+
+class GpuFault(AssertionError):
+    pass
+
+
+def _eval(e, env) -> int:
+    total = e.const
+    for atom, coef in e.terms:
+        if isinstance(atom, DivMod):
+            v = _eval(atom.arg, env)
+            v = v // atom.divisor if atom.op == "div" else v % atom.divisor
+        else:
+            v = env[atom]
+        total += coef * v
+    return total
+
+
+def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Run GPU-lowered ``fn`` on every thread of ``launch``; returns the output (flat).
+
+    Threads of a block run one after another up to the next barrier, then the next
+    epoch starts; within an epoch, a shared element written by one thread and touched
+    by another is a race. Every output element must be written exactly once.
+    """
+    glob = {name: np.asarray(a, np.float64).reshape(-1).copy() for name, a in arrays.items()}
+    out_name = fn.params[-1].name
+    writes = np.zeros(glob[out_name].size, int)
+    (gx, gy, gz), (bx, by, bz) = launch
+
+    def bound_vars(stmts) -> dict[str, str]:
+        out = {}
+        for s in stmts:
+            if isinstance(s, ir.For) and s.kind.startswith("bind:"):
+                out[s.var] = s.kind[5:]
+            if isinstance(s, (ir.For, ir.If)):
+                out.update(bound_vars(s.body))
+        return out
+
+    bound = bound_vars(fn.body)
+
+    def thread(env0: dict, tid: int, shared: dict, log: dict):
+        local: dict[str, np.ndarray] = {}
+
+        def buffer(name):
+            return local.get(name, shared.get(name, glob.get(name)))
+
+        def at(name, index, env, write):
+            i = _eval(index, env)
+            buf = buffer(name)
+            if not 0 <= i < buf.size:
+                raise GpuFault(f"{'write' if write else 'read'} {name}[{i}] outside [0, {buf.size}) at {env}")
+            if name in shared:
+                if write:
+                    if log["w"].setdefault((name, i), tid) != tid:
+                        raise GpuFault(f"race: threads {log['w'][(name, i)]} and {tid} write {name}[{i}]")
+                else:
+                    log["r"].append((name, i, tid))
+            return i
+
+        def value(v, env):
+            if isinstance(v, ir.Load):
+                if not all(0 <= _eval(e, env) < n for e, n in v.bounds):
+                    return 0.0
+                index = v.index
+                for e, n, stride in v.clamps:
+                    index = index + min(_eval(e, env), n - 1) * stride
+                x = buffer(v.buffer)[at(v.buffer, index, env, False)]
+                if np.isnan(x):
+                    raise GpuFault(f"read of unset {v.buffer} at {env}")
+                return x
+            if isinstance(v, ir.Mul):
+                return value(v.a, env) * value(v.b, env)
+            if isinstance(v, ir.Add):
+                return value(v.a, env) + value(v.b, env)
+            if isinstance(v, ir.Relu):
+                return max(value(v.a, env), 0.0)
+            return 0.0
+
+        def limit(s, env):
+            lim = s.extent
+            for e, c in s.bounds:
+                lim = min(lim, -(-_eval(e, env) // c))
+            return lim
+
+        def run(stmts, env):
+            for s in stmts:
+                if isinstance(s, ir.For):
+                    if s.kind.startswith("bind:"):
+                        v = env0[s.kind[5:]]
+                        assert v < s.extent
+                        if v < limit(s, env):
+                            yield from run(s.body, {**env, s.var: v})
+                    else:
+                        for v in range(limit(s, env)):
+                            yield from run(s.body, {**env, s.var: v})
+                elif isinstance(s, ir.If):
+                    if all(_eval(e, env) < n for e, n in s.conds):
+                        yield from run(s.body, env)
+                elif isinstance(s, ir.Alloc):
+                    if s.scope == "shared":
+                        shared.setdefault(s.buffer, np.full(s.size, np.nan))
+                    else:
+                        local[s.buffer] = np.full(s.size, np.nan)
+                elif isinstance(s, ir.Store):
+                    i = at(s.buffer, s.index, env, True)
+                    x = value(s.value, env)
+                    buf = buffer(s.buffer)
+                    buf[i] = buf[i] + x if s.accumulate else x
+                    if s.buffer == out_name:
+                        writes[i] += 1
+                elif isinstance(s, ir.Sync):
+                    yield s
+                else:
+                    raise TypeError(s)
+
+        return run(fn.body, {var: env0[axis] for var, axis in bound.items()})  # indices known everywhere
+
+    for block in itertools.product(range(gz), range(gy), range(gx)):
+        shared: dict[str, np.ndarray] = {}
+        log: dict = {"w": {}, "r": []}
+        threads = []
+        for tid, t in enumerate(itertools.product(range(bz), range(by), range(bx))):
+            env0 = {"blockIdx.z": block[0], "blockIdx.y": block[1], "blockIdx.x": block[2],
+                    "threadIdx.z": t[0], "threadIdx.y": t[1], "threadIdx.x": t[2]}
+            threads.append(thread(env0, tid, shared, log))
+        while threads:
+            waiting, finished = [], 0
+            for g in threads:
+                try:
+                    waiting.append((g, next(g)))
+                except StopIteration:
+                    finished += 1
+            if waiting and finished:
+                raise GpuFault(f"block {block}: {finished} threads ended while others wait at a barrier")
+            if len({id(s) for _, s in waiting}) > 1:
+                raise GpuFault(f"block {block}: threads wait at different barriers")
+            for name, i, tid in log["r"]:
+                if log["w"].get((name, i), tid) != tid:
+                    raise GpuFault(f"race: thread {tid} reads {name}[{i}] that thread {log['w'][(name, i)]} "
+                                   "writes between the same barriers")
+            log["w"].clear()
+            log["r"].clear()
+            threads = [g for g, _ in waiting]
+    if not (writes == 1).all():
+        raise GpuFault(f"output elements written {sorted(set(writes.tolist()))} times, not once each")
+    return glob[out_name]
+
+
+def simulate_schedule(schedule: Schedule, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(simulated output, reference) on random inputs; checks the target's rules first."""
+    if not schedule.steps:
+        schedule = default_schedule(schedule.op)
+    check_for_target(schedule, TARGET)
+    op = schedule.op
+    inputs = op.random_inputs(np.random.default_rng(seed))
+    arrays = {**inputs, op.output.name: np.full(op.output.shape, np.nan)}
+    out = simulate(ir.lower(schedule, gpu=True), launch_config(schedule.nest), arrays)
+    return out.reshape(op.output.shape), op.reference(inputs)
+
+
+def describe(schedule: Schedule) -> str:
+    return json.dumps(schedule.to_json()) + "\n" + ir.print_loop_nest(schedule, gpu=True)
+
+
+# ---------------------------------------------------------------- nvcc
+
+def nvcc_compile(sources: list[str], tmp_path) -> None:
+    """Compile all sources as one translation unit (one nvcc start, ~2 s); on failure,
+    find the kernel that fails and show its source."""
+    src = tmp_path / "kernels.cu"
+    src.write_text("\n".join(sources))
+    proc = subprocess.run([NVCC, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "k.o")],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 0:
+        return
+    for s in sources:
+        src.write_text(s)
+        one = subprocess.run([NVCC, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "k.o")],
+                             capture_output=True, text=True, timeout=600)
+        assert one.returncode == 0, f"{one.stderr[:3000]}\n{s}"
+    pytest.fail(proc.stderr[:3000])
+
+
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+
+
+# ---------------------------------------------------------------- random GPU schedules
+
+def random_gpu_schedule(op, rng: random.Random) -> Schedule | None:
+    """A random schedule that is legal on the GPU, or None when the draw failed.
+
+    Spatial axes are split (tails often) and some of their loops bound to blocks and
+    threads; the output is cached at or inside the last bound loop; inputs are staged
+    at random loops inside the block loops; loops inside get unrolled or vectorized.
+    """
+    s = Schedule(op)
+    ext = op.extents
+
+    def factor(n: int) -> int:
+        return rng.choice([f for f in range(1, n + 1)] + [max(1, n // 2), min(n, 2), min(n, 3)])
+
+    try:
+        for a in op.axes:
+            if rng.random() < 0.8 and ext[a.name] > 1:
+                s = s.split(a.name, factor(ext[a.name]))
+                if not a.reduce and rng.random() < 0.5:
+                    s = s.split(f"{a.name}_i", factor(s.nest.loop(f"{a.name}_i").extent))
+    except ScheduleError:
+        return None
+    spatial = [l.name for l in s.nest.loops if not l.reduce]
+    reduce = [l.name for l in s.nest.loops if l.reduce]
+    rng.shuffle(spatial)
+    blocks = spatial[:rng.randint(1, min(3, len(spatial)))]
+    rest = spatial[len(blocks):]
+    threads = rest[:rng.randint(0, min(3, len(rest)))]
+    rest = rest[len(threads):]
+    outer = [n for n in rest if rng.random() < 0.3]     # serial spatial loops around the threads
+    tile = [n for n in rest if n not in outer]
+    inner = tile + reduce
+    rng.shuffle(inner)
+    inner.sort(key=lambda n: n in tile and rng.random() < 0.5)  # some of the tile innermost
+    split = rng.randint(0, len(outer))
+    order = outer[:split] + blocks + outer[split:] + threads + inner
+    try:
+        s = s.reorder(*order)
+        for n, axis in zip(blocks, rng.sample(["x", "y", "z"], len(blocks))):
+            s = s.bind(n, f"blockIdx.{axis}")
+        for n, axis in zip(threads, rng.sample(["x", "y", "z"], len(threads))):
+            s = s.bind(n, f"threadIdx.{axis}")
+        last_bound = max(s.nest.index(n) for n in blocks + threads)
+        s = s.cache_write(s.nest.loops[last_bound].name)
+    except ScheduleError:
+        return None
+    first_inner = last_bound + 1
+    last_block = max(s.nest.index(n) for n in blocks)
+    for tensor in (op.lhs.tensor, op.rhs.tensor):
+        if rng.random() < 0.6:
+            anchor = s.nest.loops[rng.randint(last_block, len(s.nest.loops) - 1)].name
+            try:
+                s = s.cache_read(tensor, anchor)
+            except ScheduleError:
+                pass
+    loops = s.nest.loops
+    if len(loops) > first_inner and not loops[-1].reduce and rng.random() < 0.5:
+        try:
+            s = s.vectorize(loops[-1].name)
+        except ScheduleError:
+            pass
+    for l in reversed(s.nest.loops[first_inner:]):
+        if rng.random() < 0.5:
+            try:
+                s = s.unroll(l.name)
+            except ScheduleError:
+                break
+    try:
+        check_for_target(s, TARGET)
+    except ScheduleError:
+        return None
+    return s
+
+
+def _small_shape(kind: str, rng: random.Random) -> str:
+    e = lambda: rng.choice((1, 2, 3, 5, 7, 8, 12))  # noqa: E731
+    if kind in ("matmul", "dense_bias_relu"):
+        return f"{e()}x{e()}x{e()}"
+    if kind == "batch_matmul":
+        return f"{rng.choice((1, 2))}x{e()}x{e()}x{e()}"
+    pad, stride = rng.choice((0, 1)), rng.choice((1, 2))
+    r = rng.choice((1, 3))
+    h, w = rng.choice((3, 5, 8)), rng.choice((3, 6, 9))
+    c = rng.choice((1, 2, 3))
+    if kind == "depthwise_conv2d":
+        return f"1,{c},{h},{w},{r},{r},{stride},{pad}"
+    return f"{rng.choice((1, 2))},{c},{h},{w},{rng.choice((1, 2, 4))},{r},{r},{stride},{pad}"
+
+
+def random_examples(kind: str, n: int, seed: int = 1234) -> list[Schedule]:
+    rng = random.Random(f"{seed}-{kind}")
+    out: list[Schedule] = []
+    while len(out) < n:
+        s = random_gpu_schedule(make_op(kind, _small_shape(kind, rng)), rng)
+        if s is not None:
+            out.append(s)
+    return out
+
+
+EXAMPLES = 12
+KINDS = list(OPERATORS)
+
+
+# ---------------------------------------------------------------- the schedule IR
+
+def test_bind_round_trips_through_json():
+    op = make_op("matmul", "64x64x64")
+    s = expert_schedule(op, TARGET)
+    assert any(isinstance(x, Bind) for x in s.steps)
+    again = Schedule.from_json(json.loads(json.dumps(s.to_json())))
+    assert again.steps == s.steps and again.nest == s.nest
+    assert Bind("i_o", "blockIdx.y").to_json() == {"step": "Bind", "loop": "i_o", "thread_axis": "blockIdx.y"}
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda s: s.bind("k", "threadIdx.x"), "reduce loop"),
+    (lambda s: s.bind("i", "warp.x"), "unknown thread axis"),
+    (lambda s: s.bind("i", "threadIdx.x").bind("j", "threadIdx.x"), "already bound"),
+    (lambda s: s.bind("i", "threadIdx.x").bind("j", "blockIdx.x"), "inside threadIdx"),
+    (lambda s: s.bind("i", "blockIdx.x").bind("j", "threadIdx.x").reorder("j", "i"), "inside threadIdx"),
+    (lambda s: s.bind("i", "blockIdx.x").split("i", 2), "already marked"),
+])
+def test_illegal_binds_raise(build, message):
+    with pytest.raises(ScheduleError, match=message):
+        build(Schedule(make_op("matmul", "8x8x8")))
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda s: s, "no loop is bound"),
+    (lambda s: s.bind("i", "blockIdx.x"), "cache_write"),
+    (lambda s: s.bind("i", "blockIdx.x").parallel("j").cache_write("j"), "OpenMP"),
+    (lambda s: s.bind("j", "threadIdx.x").cache_write("i"), "inside it"),
+    (lambda s: s.bind("i", "blockIdx.x").bind("j", "threadIdx.x").cache_write("j")
+     .cache_read("A", "i").reorder("j", "i"), None),  # illegal in the IR already
+    (lambda s: s.split("i", 40).split("j", 40).reorder("i_o", "j_o", "i_i", "j_i").bind("i_o", "blockIdx.x")
+     .bind("i_i", "threadIdx.y").bind("j_i", "threadIdx.x").cache_write("j_i"), "threads per block"),
+    (lambda s: s.split("j", 2000).bind("i", "blockIdx.x").bind("j_i", "threadIdx.x").cache_write("j_i"),
+     "threadIdx.x extent 2000"),
+    (lambda s: s.bind("i", "blockIdx.y").bind("j", "blockIdx.x").cache_write("j"), "65535"),
+    (lambda s: s.split("j", 500).bind("i", "blockIdx.x").bind("j_i", "threadIdx.x").cache_write("j_i")
+     .cache_read("B", "i"), "shared stages take"),
+    (lambda s: s.split("i", 128).split("j", 8).reorder("i_o", "j_o", "i_i", "j_i").bind("i_o", "blockIdx.x")
+     .cache_write("j_o"), "tile of"),
+])
+def test_target_rules(build, message):
+    try:
+        s = build(Schedule(make_op("matmul", "70000x4000x16")))
+    except ScheduleError:
+        assert message is None
+        return
+    assert message is not None
+    with pytest.raises(ScheduleError, match=message):
+        check_for_target(s, TARGET)
+
+
+def test_binds_are_rejected_on_a_cpu(target):
+    s = Schedule(make_op("matmul", "8x8x8")).bind("i", "blockIdx.x").cache_write("i")
+    with pytest.raises(ScheduleError, match="cuda target"):
+        render(s, target)
+
+
+def test_cuda_target_without_a_gpu_is_a_clear_error():
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed: get_target('cuda') may work here")
+    except ImportError:
+        pass
+    with pytest.raises(NoCudaDevice, match="no CUDA GPU"):
+        get_target("cuda")
+    assert issubclass(NoCudaDevice, OSError)
+
+
+def test_launch_and_source_header():
+    k = render(expert_schedule(make_op("matmul", "1024x1024x1024"), TARGET), TARGET)
+    assert k.launch == ((8, 8, 1), (16, 16, 1))
+    assert 'extern "C" __global__ void __launch_bounds__(256) matmul_1024_1024_1024(' in k.source
+    assert "__shared__" in k.source and "__syncthreads();" in k.source and "float4" in k.source
+    assert k.signature_json()["launch"] == {"grid": [8, 8, 1], "block": [16, 16, 1]}
+
+
+def test_cpu_kernels_are_unchanged_by_the_gpu_fields(target):
+    k = render(expert_schedule(make_op("matmul", "64x64x64"), target), target)
+    assert k.launch is None and "launch" not in k.signature_json()
+    assert "arch" not in target.to_json()
+
+
+# ---------------------------------------------------------------- simulated correctness
+
+AWKWARD = [("matmul", "1x1x1"), ("matmul", "7x13x5"), ("matmul", "130x17x9"), ("matmul", "33x129x20"),
+           ("dense_bias_relu", "9x21x11"), ("batch_matmul", "2x9x20x7"),
+           ("conv2d", "1,3,7,7,5,3,3,2,1"), ("conv2d", "2,9,6,10,11,3,3,1,1"), ("conv2d", "1,2,5,5,3,1,1,1,0"),
+           ("depthwise_conv2d", "1,5,9,7,3,3,1,1"), ("depthwise_conv2d", "2,3,8,8,3,3,2,0")]
+
+
+@pytest.mark.parametrize("kind,shape", AWKWARD)
+def test_expert_schedules_simulate_correctly(kind, shape):
+    s = expert_schedule(make_op(kind, shape), TARGET)
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
+@pytest.mark.parametrize("kind,shape", AWKWARD[:3] + AWKWARD[6:8])
+def test_default_schedule_simulates_correctly(kind, shape):
+    out, ref = simulate_schedule(Schedule(make_op(kind, shape)))
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_gpu_schedules_simulate_correctly(kind):
+    for s in random_examples(kind, EXAMPLES):
+        out, ref = simulate_schedule(s)
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
+def test_random_gpu_schedules_are_varied():
+    seen: dict[str, int] = {}
+    for kind in KINDS:
+        for s in random_examples(kind, EXAMPLES):
+            nest = s.nest
+            feats = {type(x).__name__ for x in s.steps}
+            if nest.guards:
+                feats.add("tail")
+            if any(bound_axis(l) and bound_axis(l).startswith("threadIdx") for l in nest.loops):
+                feats.add("threads")
+            if any(nest.index(a) > max(nest.index(l.name) for l in nest.loops if bound_axis(l))
+                   for _, a in nest.cache_reads):
+                feats.add("shared inside threads")
+            for f in feats:
+                seen[f] = seen.get(f, 0) + 1
+    for f in ("Split", "Reorder", "Bind", "CacheWrite", "CacheRead", "Unroll", "Vectorize", "tail",
+              "threads", "shared inside threads"):
+        assert seen.get(f, 0) >= 3, (f, seen)
+
+
+def test_the_simulator_catches_a_missing_barrier():
+    s = expert_schedule(make_op("matmul", "16x16x16"), TARGET)
+    fn = ir.lower(s, gpu=True)
+
+    def strip(stmts):
+        out = []
+        for x in stmts:
+            if isinstance(x, ir.Sync):
+                continue
+            if isinstance(x, (ir.For, ir.If)):
+                x.body = strip(x.body)
+            out.append(x)
+        return out
+
+    fn.body = strip(fn.body)
+    op = s.op
+    inputs = op.random_inputs(np.random.default_rng(0))
+    with pytest.raises(GpuFault, match="race|unset"):
+        simulate(fn, launch_config(s.nest), {**inputs, "C": np.full(op.output.shape, np.nan)})
+
+
+# ---------------------------------------------------------------- nvcc
+
+@needs_nvcc
+def test_generated_cuda_compiles_with_nvcc(tmp_path):
+    sources = []
+    for n, (kind, shape) in enumerate(AWKWARD + [("matmul", "1024x1024x1024"), ("matmul", "1000x1000x999"),
+                                                 ("conv2d", "1,64,56,56,64,3,3,1,1")]):
+        op = make_op(kind, shape)
+        sources.append(render(expert_schedule(op, TARGET), TARGET, name=f"expert{n}").source)
+        sources.append(render(Schedule(op), TARGET, name=f"naive{n}").source)
+    for kind in KINDS:
+        for n, s in enumerate(random_examples(kind, EXAMPLES)):
+            sources.append(render(s, TARGET, name=f"random_{kind}_{n}").source)
+    nvcc_compile(sources, tmp_path)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+def _gpu_target():
+    pytest.importorskip("cupy")
+    try:
+        return get_target("cuda")
+    except (OSError, ValueError) as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def gpu_measurer(tmp_path_factory):
+    from kernels.measure import Builder, Measurer, Runner
+
+    target = _gpu_target()
+    builder = Builder(cache_dir=tmp_path_factory.mktemp("cuda-build"))
+    runner = Runner(timeout_s=60, repeats=2, warmup=1, min_time_s=0.0)
+    with Measurer(target, builder=builder, runner=runner) as m:
+        yield m
+
+
+def _measure(m, schedule: Schedule):
+    kernel = render(schedule, m.target)
+    return m.measure_one(schedule.op, kernel, f"source:{kernel.digest}")
+
+
+@pytest.mark.parametrize("kind,shape", AWKWARD + [("matmul", "512x512x512")])
+def test_gpu_experts_match_reference(gpu_measurer, kind, shape):
+    s = expert_schedule(make_op(kind, shape), gpu_measurer.target)
+    res = _measure(gpu_measurer, s)
+    assert res.ok and res.correct, f"{res.error}\n{describe(s)}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_random_schedules_match_reference(gpu_measurer, kind):
+    for s in random_examples(kind, EXAMPLES):
+        res = _measure(gpu_measurer, s)
+        assert res.ok and res.correct, f"{res.error}\n{describe(s)}"
+
+
+def test_gpu_failures_are_values(gpu_measurer):
+    from kernels.kernel import Kernel
+
+    op = make_op("matmul", "64x64x64")
+    good = render(expert_schedule(op, gpu_measurer.target), gpu_measurer.target)
+    bad_syntax = Kernel(good.name, good.source.replace("__syncthreads();", "__syncthreads()", 1),
+                        good.args, good.launch)
+    wild = Kernel(good.name, good.source.replace("C[i_o", "C[1 << 30 + i_o", 1), good.args, good.launch)
+    for k, why in ((bad_syntax, "compile error"), (wild, "")):
+        res = gpu_measurer.measure_one(op, k, f"source:{k.digest}")
+        assert not res.ok and why in (res.error or ""), res
+    res = _measure(gpu_measurer, expert_schedule(op, gpu_measurer.target))
+    assert res.ok, res.error  # a fresh worker after the illegal address
+
+
+def test_gpu_library_is_timed(gpu_measurer):
+    op = make_op("matmul", "256x256x256")
+    kernel = render(expert_schedule(op, gpu_measurer.target), gpu_measurer.target)
+    built = gpu_measurer.builder.build([kernel])[0]
+    res = gpu_measurer.runner.run(op, kernel, built.path, library=True)
+    assert res.ok and res.library_times_ms and res.build_s > 0, res
