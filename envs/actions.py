@@ -180,7 +180,7 @@ class ActionTable:
                     for f in range(len(FACTORS)):
                         allowed[idx[Action("tile", i, f)]] = (factor_allowed(l.extent, f)
                                                               and factor_allowed(m.extent, f))
-                if i + 1 < info.first_anchor and m.kind != "vectorize" and \
+                if i + 1 < info.first_anchor and m.kind != "vectorize" and l.kind != "parallel" and \
                         (m.kind != "unroll" or l.kind == "unroll"):
                     allowed[idx[Action("swap", i)]] = True
                 if both_free and l.reduce == m.reduce and f"{l.name}_{m.name}" not in info.names:
@@ -189,7 +189,7 @@ class ActionTable:
                 allowed[idx[Action("vectorize", i)]] = i == n - 1 and not l.reduce
                 allowed[idx[Action("unroll", i)]] = (i + 1 >= tile_from and l.extent <= MAX_UNROLL
                                                      and unrolled * l.extent <= MAX_UNROLLED_BODY)
-                allowed[idx[Action("parallel", i)]] = not l.reduce and not has_parallel
+                allowed[idx[Action("parallel", i)]] = i == 0 and not l.reduce and not has_parallel
             if nest.cache_write is None:
                 allowed[idx[Action("cache_write", i)]] = (first_reduce > i
                                                           and 4 * spatial_inside[i + 1] <= MAX_LOCAL_BYTES)

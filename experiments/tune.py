@@ -105,7 +105,7 @@ def run(cfg: Config) -> dict:
         AGENTS[cfg.agent](search, rng, model=model, policy=policy)
         bar.close()
         if search.best is None:
-            raise RuntimeError(f"no correct kernel in {len(search.measured)} measurements")
+            raise LookupError(f"no correct kernel in {len(search.measured)} measurements")
 
         # the final comparison: best kernel and library alternating call by call
         kernel = render(search.best, target)

@@ -19,7 +19,8 @@ TVM/Halide names:
 ``Unroll``        explicit unrolling of a loop of at most ``MAX_UNROLL``, whose
                   inner loops are all unrolled or vectorized already (a
                   register tile: code size stays bounded by ``MAX_UNROLLED_BODY``).
-``Parallel``      OpenMP over a spatial loop; at most one per schedule.
+``Parallel``      OpenMP over the outermost loop (spatial; fuse loops first to
+                  give it more iterations).
 ``Bind``          (GPU) a spatial loop runs as ``blockIdx.x/y/z`` or
                   ``threadIdx.x/y/z``: one block or thread per iteration. Each
                   axis is bound once; blockIdx loops lie outside threadIdx loops.
@@ -395,6 +396,8 @@ def validate(op: Operator, nest: LoopNest, step: Step) -> None:
     for i, loop in enumerate(nest.loops):
         if loop.kind == "vectorize":
             check(i == len(nest.loops) - 1, step, f"vectorized loop {loop.name!r} must stay innermost")
+        if loop.kind == "parallel":  # one thread team per call, not one per outer iteration
+            check(i == 0, step, f"parallel loop {loop.name!r} must be the outermost loop")
     for i, loop in enumerate(nest.loops):
         if loop.kind == "unroll":
             rolled = [l.name for l in nest.loops[i + 1:] if l.kind not in ("unroll", "vectorize")]

@@ -1,0 +1,1 @@
+"""Agents that search schedules: search drivers and the learned cost model."""

@@ -1,0 +1,222 @@
+"""Train the learned cost model from tuning logs; optionally measure random schedules first.
+
+Trains on every correct record of ``--logs`` for ``--target``, holding out a fifth
+of each (op, shape) group's schedules, and reports held-out pairwise ranking
+accuracy (the fraction of same-shape pairs ordered like the measurements) and
+top-k recall (how many of the k truly fastest are among the k predicted fastest).
+With several shapes it also trains on some shapes and tests on the others (each
+shape held out in turn, up to 5 folds). The saved model is the one the held-out
+figures describe.
+
+``--generate OP:SHAPE:N ...`` first measures N random legal schedules of each shape
+(half drawn uniformly over actions, half over primitives, ``agents.sampling``) into
+``--logs-out DIR/OP_SHAPE.jsonl``; a rerun finds them in the log and measures
+only what is missing.
+
+Examples:
+  python -m experiments costmodel --logs runs/a/tuning.jsonl --out runs/costmodel.pt --json
+  python -m experiments costmodel --generate matmul:256x256x256:200 conv2d:1,32,28,28,32,3,3,1,1:150 \\
+      --logs-out /tmp/cm_data --out /tmp/cm_data/model.pt --compare
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kernels.measure import Measurer, Runner
+from kernels.ops import make_op
+from kernels.render import render
+from kernels.target import get_target
+
+from .config import field
+
+
+@dataclass
+class Config:
+    logs: list[str] | None = field(None, help="tuning logs (JSON lines) to train on", nargs="+", metavar="LOG")
+    out: str | None = field(None, help="where to save the trained model", metavar="MODEL")
+    epochs: int = field(60, help="training epochs")
+    seed: int = field(0, help="seed of the initial weights, the held-out split and the sampled schedules")
+    holdout: float = field(0.2, help="fraction of each shape's schedules held out for the metrics")
+    top_k: int = field(10, help="k of the top-k recall")
+    arch: str = field("set", help="network over the features: set (per-loop rows, pooled) or mlp (flat)",
+                      choices=["set", "mlp"])
+    compare: bool = field(False, help="also train the other architecture and report both")
+    tensorboard: str | None = field(None, help="write cost_model/* scalars of the held-out metrics here",
+                                    metavar="DIR")
+    target: str = field("cpu", help="train on records of this target", choices=["cpu"])
+    generate: list[str] | None = field(None, help="measure N random schedules of each OP:SHAPE:N first",
+                                       nargs="+", metavar="OP:SHAPE:N")
+    logs_out: str | None = field(None, help="directory for the logs --generate writes", metavar="DIR")
+    max_steps: int = field(10, help="most steps of a generated schedule")
+    timeout: float = field(10.0, help="seconds a generated kernel may run (check and timing) before it "
+                                      "counts as failed")
+    json: bool = field(False, help="print one JSON object as the last line")
+
+
+def _status(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_spec(spec: str) -> tuple[str, str, int]:
+    """``OP:SHAPE:N`` -> (op, shape, n)."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:
+        raise ValueError(f"--generate {spec!r}: expected OP:SHAPE:N, e.g. matmul:256x256x256:200")
+    make_op(parts[0], parts[1])  # raises on a bad op or shape
+    return parts[0], parts[1], int(parts[2])
+
+
+def log_name(kind: str, shape: str) -> str:
+    return f"{kind}_{make_op(kind, shape).shape_str.replace(',', 'x')}.jsonl"
+
+
+def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: int = 10,
+             target: str = "cpu", repeats: int = 3, min_time_s: float = 0.05, timeout_s: float = 10.0,
+             batch: int = 16) -> list[dict]:
+    """Measure random schedules of each ``OP:SHAPE:N`` into ``out_dir``; one summary per spec.
+
+    The schedules of a spec depend only on ``seed``, the spec and ``max_steps``, so a
+    rerun replays the same list and the log's cache skips what was measured.
+    """
+    from agents.sampling import random_schedules
+
+    parsed = [parse_spec(s) for s in specs]
+    tgt = get_target(target)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for kind, shape, n in parsed:
+        op = make_op(kind, shape)
+        rng = np.random.default_rng([seed, zlib.crc32(f"{kind}:{op.shape_str}".encode())])
+        scheds = random_schedules(op, n // 2, rng, max_steps, by="action")
+        seen = {s.key() for s in scheds}
+        scheds += [s for s in random_schedules(op, 2 * (n - len(scheds)), rng, max_steps, by="primitive")
+                   if s.key() not in seen][:n - len(scheds)]
+        path = out_dir / log_name(kind, shape)
+        runner = Runner(repeats=repeats, min_time_s=min_time_s, timeout_s=timeout_s)
+        t0, ok = time.perf_counter(), 0
+        with Measurer(tgt, runner=runner, log=path) as m:
+            for i in range(0, len(scheds), batch):
+                part = scheds[i:i + batch]
+                res = m.measure(op, [render(s, tgt) for s in part], [s.key() for s in part])
+                ok += sum(r.ok for r in res)
+                _status(f"{kind} {op.shape_str}: {i + len(part)}/{len(scheds)} measured, {ok} correct "
+                        f"({time.perf_counter() - t0:.0f}s)")
+            summaries.append({"op": kind, "shape": op.shape_str, "log": str(path), "schedules": len(scheds),
+                              "correct": ok, "new_measurements": m.measured,
+                              "seconds": round(time.perf_counter() - t0, 1)})
+    return summaries
+
+
+def throughput(model, schedules: list, min_s: float = 1.0) -> dict:
+    """Predictions per second, featurization included, from an empty feature cache: on
+    schedules whose loop nest is known (built step by step, as a search builds them)
+    and on schedules rebuilt from their steps (the nest replayed too)."""
+    from kernels.schedule import Schedule
+
+    out = {}
+    for name, fresh in (("predict_per_s", False), ("predict_from_steps_per_s", True)):
+        n, spent = 0, 0.0
+        while schedules and spent < min_s and n < 50_000:
+            batch = [Schedule(s.op, s.steps) for s in schedules] if fresh else list(schedules)
+            model.clear_cache()
+            t0 = time.perf_counter()
+            model.predict(batch)
+            spent += time.perf_counter() - t0
+            n += len(batch)
+        out[name] = n / spent if spent else None
+    return out
+
+
+def _train_and_evaluate(cfg: Config, arch: str, records: list, groups: int, log_dir: str | None):
+    from agents.cost_model import CostModelConfig, LearnedCostModel, cross_validate_by_shape
+
+    mcfg = CostModelConfig(arch=arch, seed=cfg.seed)
+    model = LearnedCostModel(mcfg, get_target(cfg.target))
+    t0 = time.perf_counter()
+    res = model.fit(records, epochs=cfg.epochs, holdout=cfg.holdout, seed=cfg.seed, k=cfg.top_k,
+                    log_dir=log_dir)
+    res["train_s"] = time.perf_counter() - t0
+    if groups >= 2:
+        cv = cross_validate_by_shape(records, mcfg, cfg.epochs, k=cfg.top_k, target=model.target)
+        res["by_shape"] = cv
+    return model, res
+
+
+def _print_table(rows: list[tuple[str, dict]], k: int) -> None:
+    print(f"{'arch':<6}{'split':<22}{'held out':>9}{'pairwise acc':>14}{f'top-{k} recall':>14}")
+    for arch, r in rows:
+        print(f"{arch:<6}{'by schedule':<22}{r['held_out']:>9}{r['pairwise_accuracy']:>14.3f}"
+              f"{r['top_k_recall']:>14.3f}")
+        if "by_shape" in r:
+            cv = r["by_shape"]
+            split = f"by shape ({cv['folds']} folds)"
+            print(f"{arch:<6}{split:<22}{'':>9}{cv['pairwise_accuracy']:>14.3f}"
+                  f"{cv['top_k_recall']:>14.3f}")
+
+
+def run(cfg: Config) -> dict:
+    from agents.cost_model import records_from_logs, to_samples
+
+    summary: dict = {}
+    logs = list(cfg.logs or [])
+    if cfg.generate:
+        if not cfg.logs_out:
+            raise ValueError("--generate needs --logs-out DIR for the logs it writes")
+        gen = generate(cfg.generate, cfg.logs_out, cfg.seed, cfg.max_steps, cfg.target, timeout_s=cfg.timeout)
+        summary["generated"] = gen
+        logs += [g["log"] for g in gen if g["log"] not in logs]
+        if not cfg.out:
+            return summary
+    if not logs:
+        raise ValueError("nothing to train on: give --logs LOG ... (or --generate OP:SHAPE:N --logs-out DIR)")
+    if not cfg.out:
+        raise ValueError("--out MODEL is required: where to save the trained model")
+    if cfg.epochs < 1:
+        raise ValueError("--epochs must be at least 1")
+    target = get_target(cfg.target)
+    records = records_from_logs(logs, cfg.target)
+    samples = to_samples(records, target.device)
+    if not samples:
+        raise ValueError(f"no usable records in {', '.join(logs)}: {len(records)} records of target "
+                         f"{cfg.target}, none correct with a finite time")
+    groups = len({s.group for s in samples})
+    _status(f"training on {len(samples)} correct records of {groups} shapes from {len(logs)} logs ...")
+
+    arches = [cfg.arch] + ([a for a in ("set", "mlp") if a != cfg.arch] if cfg.compare else [])
+    rows = []
+    model = None
+    for arch in arches:
+        log_dir = None
+        if cfg.tensorboard:
+            log_dir = str(Path(cfg.tensorboard) / f"costmodel_{arch}_seed{cfg.seed}") if cfg.compare \
+                else cfg.tensorboard
+        m, res = _train_and_evaluate(cfg, arch, records, groups, log_dir)
+        rows.append((arch, res))
+        if model is None:
+            model = m
+    model.save(cfg.out)
+    main = rows[0][1]
+    speed = throughput(model, [s.schedule for s in samples][:2000])
+    _print_table(rows, cfg.top_k)
+    print(f"model ({cfg.arch}) saved to {cfg.out}; predicts {speed['predict_per_s']:.0f} schedules/s "
+          f"({speed['predict_from_steps_per_s']:.0f}/s replaying their steps)")
+    summary.update({
+        "records": len(samples), "records_read": len(records), "groups": groups, "arch": cfg.arch,
+        "train": main["train"], "held_out": main["held_out"], "k": cfg.top_k,
+        "pairwise_accuracy": main["pairwise_accuracy"], "top_k_recall": main["top_k_recall"],
+        "by_shape": main.get("by_shape"), "train_s": main["train_s"], **speed, "out": str(cfg.out),
+        "logs": logs,
+    })
+    if cfg.compare:
+        summary["compare"] = {arch: {"pairwise_accuracy": r["pairwise_accuracy"],
+                                     "top_k_recall": r["top_k_recall"], "by_shape": r.get("by_shape")}
+                              for arch, r in rows}
+    return summary

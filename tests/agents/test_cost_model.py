@@ -1,0 +1,313 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from agents.cost_model import (CostModelConfig, CostModelError, LearnedCostModel, cross_validate_by_shape,
+                               measure_top_k, pairwise_accuracy_of, records_from_logs, select_top_k, split,
+                               to_samples, top_k_recall_of)
+from agents.sampling import random_schedules
+from envs.actions import ActionTable, NestInfo
+from experiments import cli
+from kernels.measure import Builder, MeasureResult, Measurer, Runner
+from kernels.ops import make_op
+from kernels.render import render
+from kernels.schedule import Parallel, Schedule, Unroll, Vectorize
+from kernels.target import cpu_target
+from kernels.tuning_log import TuningLog, TuningRecord
+
+TRAIN_SHAPES = ["16x16x16", "64x48x32"]
+UNSEEN_SHAPE = "24x40x8"
+
+
+def synthetic_time(s: Schedule) -> float:
+    """Seconds: fewer annotations are slower; the scale follows the FLOPs."""
+    n = sum(isinstance(step, (Vectorize, Parallel, Unroll)) for step in s.steps)
+    return s.op.flops * 1e-9 / (1 + n)
+
+
+def synthetic(shape: str, n: int, seed: int) -> list[tuple[Schedule, float]]:
+    op = make_op("matmul", shape)
+    scheds = random_schedules(op, n, np.random.default_rng(seed), max_steps=8, by="primitive")
+    return [(s, synthetic_time(s)) for s in scheds]
+
+
+def record(s: Schedule, time_ms: float, correct: bool = True, target: str = "cpu") -> TuningRecord:
+    return TuningRecord(op=s.op.kind, shape=s.op.shape_str, target=target, hardware=cpu_target().device,
+                        compiler="gcc", schedule=s.steps_json(), time_ms=time_ms, correct=correct,
+                        error=None if correct else "wrong result")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return [p for i, shape in enumerate(TRAIN_SHAPES) for p in synthetic(shape, 100, i)]
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    model = LearnedCostModel(seed=0)
+    metrics = model.fit(data, epochs=25, holdout=0.2, seed=0)
+    return model, metrics
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_random_schedules_are_legal_distinct_and_seeded():
+    op = make_op("conv2d", "1,4,8,8,8,3,3,1,1")
+    a = random_schedules(op, 20, np.random.default_rng(3), max_steps=5)
+    b = random_schedules(op, 20, np.random.default_rng(3), max_steps=5)
+    assert [s.key() for s in a] == [s.key() for s in b]
+    assert len({s.key() for s in a}) == len(a) == 20
+    assert all(len(s.steps) <= 5 for s in a)
+    table = ActionTable(op)
+    for s in a:   # replays through the mask: every step was an allowed action
+        replay = Schedule(op)
+        for step in s.steps:
+            allowed = [table.to_step(i, replay.nest) for i in np.flatnonzero(table.mask(NestInfo(op, replay.nest)))
+                       if i != table.done]
+            assert step in allowed
+            replay = replay.apply(step)
+    with pytest.raises(ValueError, match="sampling"):
+        random_schedules(op, 1, np.random.default_rng(0), by="nope")
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_metrics_on_known_orders():
+    y = np.log([1.0, 2.0, 3.0, 4.0, 1.0, 5.0])
+    groups = [("matmul", "a", "h")] * 4 + [("matmul", "b", "h")] * 2
+    assert pairwise_accuracy_of(y, y, groups) == 1.0
+    assert pairwise_accuracy_of(-y, y, groups) == 0.0
+    assert pairwise_accuracy_of(np.zeros(6), y, groups) == 0.5
+    assert top_k_recall_of(y, y, groups, 2) == 1.0
+    assert top_k_recall_of(-y, y, groups, 2) == 0.5   # group b has only 2: k caps at its size
+    assert math.isnan(pairwise_accuracy_of(np.zeros(2), np.zeros(2), [("m", "a", "h")] * 2))
+
+
+def test_split_by_schedule_and_by_shape(data):
+    samples = to_samples(data, "h")
+    train, held = split(samples, 0.2, 0, "schedule")
+    assert len(held) == 40 and {s.group for s in held} == {s.group for s in train}
+    train, held = split(samples, 0.2, 0, "shape")
+    assert held and not {s.group for s in held} & {s.group for s in train}
+
+
+# ---------------------------------------------------------------- learning
+
+def test_ranks_held_out_schedules(trained):
+    _, metrics = trained
+    assert metrics["held_out"] == 40 and metrics["groups"] == 2
+    assert metrics["pairwise_accuracy"] > 0.8
+    assert metrics["top_k_recall"] > 0.3
+
+
+def test_predicts_unseen_shape(trained):
+    model, _ = trained
+    unseen = synthetic(UNSEEN_SHAPE, 60, 7)
+    pred = model.predict([s for s, _ in unseen])
+    assert pred.shape == (60,) and np.all(np.isfinite(pred))
+    assert model.pairwise_accuracy(unseen) > 0.8
+    conv = random_schedules(make_op("conv2d", "1,4,8,8,8,3,3,1,1"), 5, np.random.default_rng(0))
+    assert np.all(np.isfinite(model.predict(conv)))
+
+
+def test_by_shape_cross_validation(data):
+    res = cross_validate_by_shape(data, CostModelConfig(seed=0), epochs=10)
+    assert res["folds"] == 2 and 0 <= res["pairwise_accuracy"] <= 1
+
+
+def test_deterministic_given_seed(data):
+    preds = []
+    for _ in range(2):
+        m = LearnedCostModel(seed=5)
+        m.update(data[:40])
+        m.update(data[100:140])
+        preds.append(m.predict([s for s, _ in data]))
+    np.testing.assert_array_equal(*preds)
+
+
+def test_update_skips_failures_and_accepts_every_record_form(data):
+    m = LearnedCostModel(seed=0)
+    (s1, t1), (s2, t2), (s3, _), (s4, _) = data[:4]
+    ok = MeasureResult(True, t2 * 1e3, (t2 * 1e3,), 1.0, True, None)
+    m.update([(s1, t1), (s2, ok), (s3, MeasureResult.failure("timeout")), (s4, math.inf),
+              record(s4, math.inf, correct=False), record(s3, 5.0, correct=False)])
+    assert len(m.data) == 2
+    m.update([record(s3, 5.0), record(s4, 2.0, target="cuda")])   # the model does not filter targets
+    assert len(m.data) == 4
+    m.update([])
+    assert len(m.data) == 4
+
+
+def test_predict_returns_log_seconds_on_a_plausible_scale(trained, data):
+    model, _ = trained
+    pred = model.predict([s for s, _ in data])
+    true = np.log([t for _, t in data])
+    assert abs(np.median(pred - true)) < 2.0
+    assert model.predict([]).shape == (0,)
+
+
+# ---------------------------------------------------------------- persistence
+
+def test_save_load_round_trip(trained, data, tmp_path):
+    model, _ = trained
+    path = tmp_path / "m.pt"
+    model.save(path)
+    loaded = LearnedCostModel.load(path)
+    scheds = [s for s, _ in data] + [s for s, _ in synthetic(UNSEEN_SHAPE, 10, 9)]
+    np.testing.assert_array_equal(model.predict(scheds), loaded.predict(scheds))
+    assert loaded.config == model.config
+    loaded.update(data[:10])      # a loaded model keeps learning
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no cost model"):
+        LearnedCostModel.load(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CostModelError, match="not a readable cost model"):
+        LearnedCostModel.load(bad)
+    import torch
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(CostModelError, match="not a cost model"):
+        LearnedCostModel.load(tmp_path / "other.pt")
+    m = LearnedCostModel()
+    m.save(tmp_path / "ok.pt")
+    state = torch.load(tmp_path / "ok.pt", weights_only=True)
+    del state["weights"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(CostModelError, match="incomplete"):
+        LearnedCostModel.load(tmp_path / "broken.pt")
+
+
+# ---------------------------------------------------------------- logs
+
+def test_records_from_logs_skips_corrupt_lines_and_other_targets(tmp_path, data, caplog):
+    log = tmp_path / "t.jsonl"
+    tl = TuningLog(log)
+    for s, t in data[:6]:
+        tl.append(record(s, t * 1e3))
+    tl.append(record(data[6][0], 1.0, target="cuda"))
+    with open(log, "a") as f:
+        f.write('{"op": "matmul", "shape": \n')
+        f.write("not json at all\n")
+    recs = records_from_logs([log])
+    assert len(recs) == 6 and all(r.target == "cpu" for r in recs)
+    assert "corrupt" in caplog.text
+    with pytest.raises(FileNotFoundError, match="not found"):
+        records_from_logs([tmp_path / "nope.jsonl"])
+
+
+def test_fit_without_usable_records_raises(data):
+    s = data[0][0]
+    with pytest.raises(ValueError, match="no usable records"):
+        LearnedCostModel().fit([record(s, math.inf, correct=False)])
+
+
+def test_tensorboard_scalars(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    LearnedCostModel(seed=0).fit(data, epochs=4, log_dir=tmp_path / "tb", eval_every=2)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"cost_model/loss", "cost_model/pairwise_accuracy", "cost_model/top_k_recall"} <= tags
+    assert [e.step for e in acc.Scalars("cost_model/loss")] == [2, 4]
+
+
+# ---------------------------------------------------------------- pruning before measuring
+
+class FixedModel:
+    def __init__(self, values):
+        self.values, self.updates = values, []
+
+    def predict(self, schedules):
+        return np.array([self.values[s.key()] for s in schedules])
+
+    def update(self, records):
+        self.updates.append(list(records))
+
+
+def test_select_top_k_is_stable():
+    op = make_op("matmul", "16x16x16")
+    scheds = random_schedules(op, 6, np.random.default_rng(0), max_steps=3)
+    model = FixedModel(dict(zip((s.key() for s in scheds), [3.0, 1.0, 2.0, 1.0, 5.0, 1.0])))
+    assert select_top_k(model, scheds, 4) == [1, 3, 5, 2]
+    assert select_top_k(model, scheds, 0) == []
+    assert select_top_k(model, scheds, 10) == [1, 3, 5, 2, 0, 4]
+
+
+@pytest.fixture(scope="module")
+def measurer(tmp_path_factory):
+    builder = Builder(cache_dir=tmp_path_factory.mktemp("build"))
+    with Measurer(cpu_target(), builder=builder,
+                  runner=Runner(repeats=1, min_time_s=0.0, timeout_s=30)) as m:
+        yield m
+
+
+def test_measure_top_k_measures_only_the_top_and_learns(measurer):
+    op = make_op("matmul", "16x16x16")
+    scheds = random_schedules(op, 8, np.random.default_rng(1), max_steps=4)
+    model = LearnedCostModel(seed=0)
+    before = measurer.measured
+    chosen = select_top_k(model, scheds, 3)
+    pairs = measure_top_k(model, measurer, scheds, 3)
+    assert [s.key() for s, _ in pairs] == [scheds[i].key() for i in chosen]
+    assert measurer.measured - before == 3
+    assert len(model.data) == sum(r.ok for _, r in pairs) > 0
+
+
+# ---------------------------------------------------------------- the command
+
+@pytest.fixture(scope="module")
+def measured_log(measurer, tmp_path_factory):
+    """A real tuning log: 24 random schedules of a small matmul, measured."""
+    op = make_op("matmul", "32x32x32")
+    scheds = random_schedules(op, 24, np.random.default_rng(0), max_steps=6, by="primitive")
+    path = tmp_path_factory.mktemp("logs") / "tuning.jsonl"
+    measurer.log = TuningLog(path)
+    try:
+        res = measurer.measure(op, [render(s, measurer.target) for s in scheds], [s.key() for s in scheds])
+    finally:
+        measurer.log = None
+    assert sum(r.ok for r in res) >= 10
+    return path
+
+
+def test_cli_end_to_end(measured_log, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    rc = cli.main(["costmodel", "--logs", str(measured_log), "--out", str(out), "--epochs", "5",
+                   "--top-k", "3", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    res = json.loads(captured.out.strip().splitlines()[-1])
+    assert {"records", "groups", "pairwise_accuracy", "top_k_recall", "out"} <= set(res)
+    assert res["groups"] == 1 and res["records"] >= 10 and res["out"] == str(out)
+    assert 0 <= res["pairwise_accuracy"] <= 1 and res["predict_per_s"] > 0
+    assert "pairwise acc" in captured.out
+    model = LearnedCostModel.load(out)
+    assert np.all(np.isfinite(model.predict(random_schedules(make_op("matmul", "8x8x8"), 3,
+                                                               np.random.default_rng(0)))))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no usable records"),
+    ("garbage\n{\"also\": \"bad\"}\n", "no usable records"),
+])
+def test_cli_empty_or_corrupt_log_is_one_line_error(tmp_path, capsys, content, message):
+    log = tmp_path / "empty.jsonl"
+    log.write_text(content)
+    rc = cli.main(["costmodel", "--logs", str(log), "--out", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_cli_missing_log_and_missing_out(tmp_path, capsys):
+    assert cli.main(["costmodel", "--logs", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "m.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["costmodel", "--logs", str(tmp_path / "nope.jsonl")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert cli.main(["costmodel", "--generate", "matmul:8x8x8"]) == 2
+    assert "--logs-out" in capsys.readouterr().err

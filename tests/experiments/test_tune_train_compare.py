@@ -1,0 +1,121 @@
+"""Smoke tests of tune, train and compare with tiny budgets, plus resume and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDGYM_CACHE": str(cwd / "cache")}
+    return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if "error" in l]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny policy: imitation of expert replays plus a few PPO steps on small matmuls."""
+    cwd = tmp_path_factory.mktemp("train")
+    out = last_json(cli("train", "--op", "matmul", "--shapes", "small", "--timesteps", "64", "--n-steps", "32",
+                        "--batch-size", "16", "--imitation-epochs", "20", "--runs", "runs", "--json", cwd=cwd))
+    assert out["timesteps"] >= 64
+    run_dir = cwd / out["run_dir"]
+    for name in ("policy.zip", "policy.json", "cost_model.pt", "config.json"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    return run_dir
+
+
+@pytest.mark.parametrize("agent", ["random", "anneal", "beam"])
+def test_tune_agents_with_a_tiny_budget(agent, tmp_path):
+    out = last_json(cli("tune", "--op", "matmul", "--shape", "16x24x8", "--agent", agent, "--budget", "4",
+                        "--json", cwd=tmp_path))
+    for key in ("op", "shape", "target", "time_ms", "gflops", "library_gflops", "fraction_of_library",
+                "speedup_vs_naive", "correct", "agent", "budget", "measurements", "best_schedule"):
+        assert key in out, key
+    assert out["agent"] == agent and out["correct"] and 1 <= out["measurements"] <= 4
+    run_dir = tmp_path / out["run_dir"]
+    progress = [json.loads(l) for l in (run_dir / "progress.jsonl").read_text().splitlines()]
+    assert [p["measurements"] for p in progress] == list(range(1, out["measurements"] + 1))
+    assert all("search/best_gflops" in p for p in progress)
+
+
+def test_tune_ppo_zero_shot_with_budget_one(trained, tmp_path):
+    out = last_json(cli("tune", "--op", "matmul", "--shape", "20x36x12", "--agent", "ppo", "--policy",
+                        str(trained / "policy.zip"), "--budget", "1", "--json", "--export", "k", cwd=tmp_path))
+    assert out["measurements"] == 1 and out["correct"]
+    assert {p.name for p in (tmp_path / "k").iterdir()} >= {"kernel.c", "kernel.so", "kernel.json"}
+
+
+def test_saved_policy_gives_the_same_greedy_schedule(trained):
+    from sb3_contrib import MaskablePPO
+
+    from agents.search import policy_rollout
+    from envs.actions import ActionTable
+    from kernels.ops import make_op
+    from kernels.target import cpu_target
+
+    op = make_op("matmul", "40x24x16")
+    a = MaskablePPO.load(str(trained / "policy.zip"), device="cpu")
+    b = MaskablePPO.load(str(trained / "policy.zip"), device="cpu")
+    sa, _ = policy_rollout(op, ActionTable(op), a, cpu_target(), deterministic=True)
+    sb, _ = policy_rollout(op, ActionTable(op), b, cpu_target(), deterministic=True)
+    assert sa.key() == sb.key()
+
+
+def test_resume_measures_nothing_twice(tmp_path):
+    first = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--agent", "random", "--budget", "3",
+                          "--json", cwd=tmp_path))
+    run_dir = tmp_path / first["run_dir"]
+    config = json.loads((run_dir / "config.json").read_text())
+    config["budget"] = 6  # the interrupted run had more budget than it used
+    (run_dir / "config.json").write_text(json.dumps(config))
+    second = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--resume", str(run_dir), "--json",
+                           cwd=tmp_path))
+    assert second["measurements"] == 6 and second["resumed_records"] >= 3
+    keys = [json.dumps(json.loads(l)["schedule"], sort_keys=True)
+            for l in (run_dir / "tuning.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)), "a schedule was measured twice"
+
+
+def test_compare_writes_png_and_table(tmp_path):
+    runs = [last_json(cli("tune", "--op", "matmul", "--shape", "16x16x16", "--agent", "random", "--budget", "3",
+                          "--seed", str(seed), "--json", cwd=tmp_path))["run_dir"] for seed in (0, 1)]
+    out = last_json(cli("compare", *runs, "--out", "cmp", "--json", cwd=tmp_path))
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    table = (tmp_path / "cmp.md").read_text()
+    assert table.count("| random") == 2 and "to 90% of best" in table
+    assert len(out["runs"]) == 2
+
+
+def test_bad_input_gives_one_line(trained, tmp_path):
+    assert "does not exist" in one_error_line(
+        cli("tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "ppo", "--policy", "nope.zip", cwd=tmp_path))
+    assert "trained for matmul" in one_error_line(
+        cli("tune", "--op", "conv2d", "--shape", "1,4,8,8,8,3,3,1,1", "--agent", "ppo", "--policy",
+            str(trained / "policy.zip"), cwd=tmp_path))
+    assert "budget" in one_error_line(
+        cli("tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "random", "--budget", "0", cwd=tmp_path))
+    assert "not a run directory" in one_error_line(
+        cli("tune", "--op", "matmul", "--shape", "8x8x8", "--resume", str(tmp_path), cwd=tmp_path))
+    assert "no progress" in one_error_line(cli("compare", str(tmp_path), cwd=tmp_path))
