@@ -44,12 +44,19 @@ def factor_for(extent: int, f: int) -> int:
     return min(FACTORS[f], extent)
 
 
-@functools.lru_cache(maxsize=4096)
 def factor_allowed(extent: int, f: int) -> bool:
     """Slots whose factors fit, plus the first one that does not (it means 'the whole
     extent'), so each distinct factor has exactly one slot."""
+    return bool(factor_slots(extent)[f])
+
+
+@functools.lru_cache(maxsize=4096)
+def factor_slots(extent: int) -> np.ndarray:
+    """``factor_allowed`` for every factor slot at once."""
     first_above = next((i for i, v in enumerate(FACTORS) if v >= extent), len(FACTORS))
-    return FACTORS[f] <= extent or f == first_above
+    out = np.array([v <= extent or i == first_above for i, v in enumerate(FACTORS)])
+    out.flags.writeable = False
+    return out
 
 
 class NestInfo:
@@ -116,6 +123,13 @@ class ActionTable:
         self.actions = tuple(table)
         self.index = {a: i for i, a in enumerate(self.actions)}
         self.done = len(table) - 1
+        # positions by (primitive, slot[, factor]) for the mask's hot loop
+        self.at: dict[str, list] = {}
+        for i, a in enumerate(self.actions):
+            if a.primitive in ("split", "tile"):
+                self.at.setdefault(a.primitive, [[] for _ in range(MAX_LOOPS)])[a.slot].append(i)
+            else:
+                self.at.setdefault(a.primitive + a.tensor, [None] * MAX_LOOPS)[a.slot] = i
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -164,38 +178,35 @@ class ActionTable:
             spatial_inside[i] = spatial_inside[i + 1] * (1 if loops[i].reduce else loops[i].extent)
         cached = {t for t, _ in nest.cache_reads}
         footprints = {t: info.footprints(t) for t in self.inputs if t not in cached}
-        idx = self.index
+        at = self.at
+        reads = [(at["cache_read" + t], sizes) for t, sizes in footprints.items()]
 
         for i, l in enumerate(loops):
             serial = l.kind == "serial"
             free = serial and i < info.first_anchor   # structural steps may touch it
-            if free and n < MAX_LOOPS and {f"{l.name}_o", f"{l.name}_i"}.isdisjoint(info.names):
-                for f in range(len(FACTORS)):
-                    allowed[idx[Action("split", i, f)]] = factor_allowed(l.extent, f)
+            if free and n < MAX_LOOPS and f"{l.name}_o" not in info.names and f"{l.name}_i" not in info.names:
+                allowed[at["split"][i]] = factor_slots(l.extent)
             if i + 1 < n:
                 m = loops[i + 1]
                 both_free = free and m.kind == "serial" and i + 1 < info.first_anchor
                 if both_free and n + 2 <= MAX_LOOPS and \
                         {f"{x}_{y}" for x in (l.name, m.name) for y in "oi"}.isdisjoint(info.names):
-                    for f in range(len(FACTORS)):
-                        allowed[idx[Action("tile", i, f)]] = (factor_allowed(l.extent, f)
-                                                              and factor_allowed(m.extent, f))
+                    allowed[at["tile"][i]] = factor_slots(l.extent) & factor_slots(m.extent)
                 if i + 1 < info.first_anchor and m.kind != "vectorize" and l.kind != "parallel" and \
                         (m.kind != "unroll" or l.kind == "unroll"):
-                    allowed[idx[Action("swap", i)]] = True
+                    allowed[at["swap"][i]] = True
                 if both_free and l.reduce == m.reduce and f"{l.name}_{m.name}" not in info.names:
-                    allowed[idx[Action("fuse", i)]] = True
+                    allowed[at["fuse"][i]] = True
             if serial:
-                allowed[idx[Action("vectorize", i)]] = i == n - 1 and not l.reduce
-                allowed[idx[Action("unroll", i)]] = (i + 1 >= tile_from and l.extent <= MAX_UNROLL
-                                                     and unrolled * l.extent <= MAX_UNROLLED_BODY)
-                allowed[idx[Action("parallel", i)]] = i == 0 and not l.reduce and not has_parallel
+                allowed[at["vectorize"][i]] = i == n - 1 and not l.reduce
+                allowed[at["unroll"][i]] = (i + 1 >= tile_from and l.extent <= MAX_UNROLL
+                                            and unrolled * l.extent <= MAX_UNROLLED_BODY)
+                allowed[at["parallel"][i]] = i == 0 and not l.reduce and not has_parallel
             if nest.cache_write is None:
-                allowed[idx[Action("cache_write", i)]] = (first_reduce > i
-                                                          and 4 * spatial_inside[i + 1] <= MAX_LOCAL_BYTES)
-            for t, sizes in footprints.items():
+                allowed[at["cache_write"][i]] = first_reduce > i and 4 * spatial_inside[i + 1] <= MAX_LOCAL_BYTES
+            for slots, sizes in reads:
                 size = sizes[i + 1]
-                allowed[idx[Action("cache_read", i, tensor=t)]] = size is not None and 4 * size <= MAX_LOCAL_BYTES
+                allowed[slots[i]] = size is not None and 4 * size <= MAX_LOCAL_BYTES
         return allowed
 
     # ------------------------------------------------------------ replay

@@ -68,21 +68,25 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
         strides.append(per_loop)
     footprints = [info.footprints(t) for t in tensors]
     cache_reads = dict(nest.cache_reads)
-    for i, l in enumerate(loops):
-        row = obs[i * LOOP_WIDTH:(i + 1) * LOOP_WIDTH]
-        row[0] = 1.0
-        row[1] = _log(l.extent)
-        row[2] = float(l.reduce)
-        row[3 + KINDS.index(l.kind)] = 1.0
-        row[7 + axes.index(l.axis)] = 1.0
-        row[14] = float(any(s[i] is None for s in strides))
-        row[15] = float(nest.cache_write == l.name)
-        row[16] = float(cache_reads.get(tensors[1]) == l.name)
-        row[17] = float(cache_reads.get(tensors[2]) == l.name)
-        for k in range(3):
-            row[18 + k] = _log(abs(strides[k][i] or 0))
-            fp = footprints[k][i]
-            row[21 + k] = _log(fp if fp is not None else math.prod(shapes[k]))
+    n = len(loops)
+    rows = obs[:n * LOOP_WIDTH].reshape(n, LOOP_WIDTH)
+    rows[:, 0] = 1.0
+    rows[:, 2] = [l.reduce for l in loops]
+    rows[np.arange(n), [3 + KINDS.index(l.kind) for l in loops]] = 1.0
+    rows[np.arange(n), [7 + axes.index(l.axis) for l in loops]] = 1.0
+    rows[:, 14] = [any(s[i] is None for s in strides) for i in range(n)]
+    rows[:, 15] = [nest.cache_write == l.name for l in loops]
+    rows[:, 16] = [cache_reads.get(tensors[1]) == l.name for l in loops]
+    rows[:, 17] = [cache_reads.get(tensors[2]) == l.name for l in loops]
+    raw = np.empty((n, 7))  # extent, 3 strides, 3 footprints: log2(1 + x) below
+    raw[:, 0] = [l.extent for l in loops]
+    for k in range(3):
+        raw[:, 1 + k] = [abs(x or 0) for x in strides[k]]
+        full = math.prod(shapes[k])
+        raw[:, 4 + k] = [full if fp is None else fp for fp in footprints[k][:n]]
+    logs = np.log2(1.0 + raw)
+    rows[:, 1] = logs[:, 0]
+    rows[:, 18:24] = logs[:, 1:]
     g = obs[MAX_LOOPS * LOOP_WIDTH:]
     g[OP_KINDS.index(op.kind)] = 1.0
     j = len(OP_KINDS)

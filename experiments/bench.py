@@ -2,8 +2,10 @@
 
 The kernel is checked against the numpy reference before it is timed. The
 library (numpy for the matmul family, torch for convolutions) and the kernel are
-timed on the same inputs, alternating call by call, in a few rounds; the ratio
-is taken per round, so a machine that changes speed under load skews both alike.
+timed on the same inputs in alternating blocks (with pauses so that one's
+spinning worker threads do not steal the other's cores), in a few rounds; the
+ratio is taken per round, so a machine that changes speed under load skews both
+alike.
 
 Examples:
   python -m experiments bench --op matmul --shape 1024x1024x1024 --schedule expert
@@ -42,7 +44,7 @@ class Config:
     schedule: str = field("expert", help="naive, expert, a tuning log (its best record for this op "
                                          "and shape) or a kernel.json written by --export",
                           metavar="naive|expert|FILE")
-    rounds: int = field(3, help="timing rounds; in each, the library and the kernel alternate call by call")
+    rounds: int = field(3, help="timing rounds; in each, the library and the kernel alternate in blocks")
     export: str | None = field(None, help="write kernel.c, kernel.so and kernel.json to this directory",
                                metavar="DIR")
     json: bool = field(False, help="print one JSON object as the last line")
@@ -149,6 +151,6 @@ def _print_table(s: dict, cfg: Config, op: Operator, target: Target) -> None:
     if s["correct"]:
         speed = f"{s['speedup_vs_naive']:.1f}x naive, " if s["speedup_vs_naive"] else ""
         print(f"{cfg.schedule}: {speed}{s['fraction_of_library']:.2f} of {s['library']} "
-              f"(median of {s['rounds']} rounds, alternating call by call)")
+              f"(median of {s['rounds']} rounds of alternating blocks)")
     else:
         print(f"{cfg.schedule} FAILED: {s['error']}")

@@ -107,7 +107,7 @@ def run(cfg: Config) -> dict:
         if search.best is None:
             raise LookupError(f"no correct kernel in {len(search.measured)} measurements")
 
-        # the final comparison: best kernel and library alternating call by call
+        # the final comparison: best kernel and library, alternating in blocks
         kernel = render(search.best, target)
         built = measurer.builder.build([kernel])[0]
         final = measurer.runner.run(op, kernel, built.path, library=True)

@@ -12,11 +12,22 @@ from dataclasses import dataclass
 from typing import Union
 
 
+def _memo_hash(self) -> int:
+    """Hash once: expressions nest (div/mod of sums) and are hashed in every dict merge."""
+    h = self.__dict__.get("_hash")
+    if h is None:
+        h = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))
+        object.__setattr__(self, "_hash", h)
+    return h
+
+
 @dataclass(frozen=True)
 class DivMod:
     op: str  # "div" or "mod"
     arg: "Lin"
     divisor: int
+
+    __hash__ = _memo_hash
 
 
 Atom = Union[str, DivMod]
@@ -26,6 +37,8 @@ Atom = Union[str, DivMod]
 class Lin:
     terms: tuple[tuple[Atom, int], ...] = ()
     const: int = 0
+
+    __hash__ = _memo_hash
 
     # ------------------------------------------------------------ construction
     @staticmethod
@@ -59,10 +72,12 @@ class Lin:
         return Lin() if d == 1 else Lin(((DivMod("mod", self, d), 1),))
 
     # ------------------------------------------------------------ queries
-    def vars(self) -> set[str]:
-        out: set[str] = set()
-        for atom, _ in self.terms:
-            out |= {atom} if isinstance(atom, str) else atom.arg.vars()
+    def vars(self) -> frozenset[str]:
+        out = self.__dict__.get("_vars")
+        if out is None:
+            out = frozenset().union(*({atom} if isinstance(atom, str) else atom.arg.vars()
+                                      for atom, _ in self.terms))
+            object.__setattr__(self, "_vars", out)
         return out
 
     def coef(self, var: str) -> int | None:
