@@ -73,8 +73,110 @@ def _conv2d(op: Operator, target: Target) -> Schedule:
         return s  # footprint too large for a local buffer: read the input in place
 
 
+# ---------------------------------------------------------------- GPU (CUDA)
+#
+# The classic shared-memory tiling: each block computes a block tile of the output,
+# each thread a small register tile of it (cache_write at the innermost thread loop,
+# unrolled and vectorized so it stays in registers); the reduction runs in slices,
+# and for each slice the block stages the inputs it reads in shared memory
+# (cache_read at the slice loop), which every thread then reads many times.
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Tiles measured on an H100 (fp32, TF32 off): a 128x64 block tile of 8x4 register
+# tiles with k slices of 32 ran at 38-40 TFLOP/s at 1024-4096 (128x128 of 8x8 in slices
+# of 8: 15-24); smaller products take 64x64 tiles so that most multiprocessors get work.
+MATMUL_TILES = ((8, 4, 16, 16, 32), (4, 4, 16, 16, 16))
+CONV_TILE = (2, 2, 8, 2, 32, 8)   # H100, 64 channels at 56x56: about cuDNN's speed
+
+
+def _matmul_tile(m: int, n: int, target: Target) -> tuple[int, int, int, int, int]:
+    """The largest tile that still gives most multiprocessors a block."""
+    for tile in MATMUL_TILES:
+        tm, tn, ty, tx, _ = tile
+        if _ceil(m, tm * ty) * _ceil(n, tn * tx) >= max(target.sm_count, 1) // 2:
+            return tile
+    return MATMUL_TILES[-1]
+
+
+def _gpu_matmul(op: Operator, target: Target, batch: bool,
+                tile: tuple[int, int, int, int, int] | None = None) -> Schedule:
+    """``tile`` = (thread rows, thread cols, threads y, threads x, k slice); by default
+    from :data:`MATMUL_TILES`."""
+    ext = op.extents
+    m, n, k = ext["i"], ext["j"], ext["k"]
+    tm, tn, ty, tx, bk = tile or _matmul_tile(m, n, target)
+    tm, tn = min(tm, m), min(tn, n)
+    ty, tx = min(ty, _ceil(m, tm)), min(tx, _ceil(n, tn))
+    bm, bn, bk = min(ty * tm, m), min(tx * tn, n), min(bk, k)
+    s = Schedule(op).split("i", bm).split("i_i", tm).split("j", bn).split("j_i", tn).split("k", bk)
+    order = ("i_o", "j_o", "i_i_o", "j_i_o", "k_o", "k_i", "i_i_i", "j_i_i")
+    s = s.reorder(*(("b",) + order if batch else order))
+    if batch:
+        s = s.bind("b", "blockIdx.z")
+    s = (s.bind("i_o", "blockIdx.y").bind("j_o", "blockIdx.x")
+         .bind("i_i_o", "threadIdx.y").bind("j_i_o", "threadIdx.x"))
+    s = s.cache_write("j_i_o").cache_read("A", "k_o").cache_read("B", "k_o")
+    return s.vectorize("j_i_i").unroll("i_i_i").unroll("k_i")
+
+
+def _gpu_conv2d(op: Operator, target: Target,
+                tile: tuple[int, int, int, int, int, int] = CONV_TILE, stage: bool = True) -> Schedule:
+    """Direct convolution (no im2col). ``tile`` = (channels per thread, pixels per thread,
+    threads z over channels, threads y over rows, threads x over columns, input channels
+    per slice): a block computes a few output rows of a group of channels; per slice of
+    input channels, it stages the input rows and the weights it needs."""
+    from .cuda import check_for_target
+
+    ext = op.extents
+    depthwise = op.kind == "depthwise_conv2d"
+    ch = "c" if depthwise else "k"
+    tk, xw, tz, ty, tx, cb = tile
+    tk, xw = (1 if depthwise else min(tk, ext[ch])), min(xw, ext["x"])
+    bw = min(ext["x"], tx * xw)
+    bh = min(ext["y"], ty)
+    bc = min(ext[ch], tk * tz)
+    s = Schedule(op).split("x", bw).split("x_i", xw).split("y", bh).split(ch, bc).split(f"{ch}_i", tk)
+    order = ["n", f"{ch}_o", "y_o", "x_o", f"{ch}_i_o", "y_i", "x_i_o"]
+    reduce = ["ry", "rx"] if depthwise else ["c_o", "c_i", "ry", "rx"]
+    if not depthwise:
+        s = s.split("c", min(cb, ext["c"]))
+    s = s.reorder(*order, *reduce, f"{ch}_i_i", "x_i_i")
+    s = (s.bind("n", "blockIdx.z").bind(f"{ch}_o", "blockIdx.y").bind("y_o", "blockIdx.x")
+         .bind(f"{ch}_i_o", "threadIdx.z").bind("y_i", "threadIdx.y").bind("x_i_o", "threadIdx.x"))
+    s = s.cache_write("x_i_o").vectorize("x_i_i").unroll(f"{ch}_i_i").unroll("rx").unroll("ry")
+    anchor = "x_i_o" if depthwise else "c_o"
+    for tensors in (("I", "W"), ("W",), ()) if stage else ((),):  # stage what fits in shared memory
+        staged = s
+        for t in tensors:
+            staged = staged.cache_read(t, anchor)
+        try:
+            check_for_target(staged, target)
+            return staged
+        except ValueError:
+            continue
+    return s
+
+
+def _gpu_expert(op: Operator, target: Target) -> Schedule:
+    if not target.max_threads_per_block:
+        raise ValueError(f"cuda target {target.device!r} has no GPU limits; use get_target('cuda') "
+                         "or cuda_target_for_compile()")
+    if op.kind in ("matmul", "dense_bias_relu"):
+        return _gpu_matmul(op, target, batch=False)
+    if op.kind == "batch_matmul":
+        return _gpu_matmul(op, target, batch=True)
+    if op.kind in ("conv2d", "depthwise_conv2d"):
+        return _gpu_conv2d(op, target)
+    raise ValueError(f"no expert schedule for {op.kind!r}")
+
+
 def expert_schedule(op: Operator, target: Target) -> Schedule:
     """The hand-written schedule for ``op`` on ``target``."""
+    if target.kind == "cuda":
+        return _gpu_expert(op, target)
     if target.kind != "cpu":
         raise ValueError(f"no expert schedule for target {target.kind!r}")
     if op.kind in ("matmul", "dense_bias_relu"):

@@ -10,17 +10,26 @@ from .ops import Tensor
 
 @dataclass(frozen=True)
 class Kernel:
-    """C source defining ``void name(float* arg0, ...)`` taking ``args`` in order."""
+    """C source defining ``void name(float* arg0, ...)`` taking ``args`` in order; for a
+    GPU, CUDA source of a ``__global__`` function launched as ``launch`` = (grid, block)."""
 
     name: str
     source: str
     args: tuple[Tensor, ...]
+    launch: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None  # None: a CPU kernel
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.launch is not None
 
     @property
     def digest(self) -> str:
         return hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
     def signature_json(self) -> dict:
-        return {"function": self.name,
-                "args": [{"name": t.name, "shape": list(t.shape), "dtype": "float32", "role": t.role}
-                         for t in self.args]}
+        d = {"function": self.name,
+             "args": [{"name": t.name, "shape": list(t.shape), "dtype": "float32", "role": t.role}
+                      for t in self.args]}
+        if self.launch is not None:
+            d["launch"] = {"grid": list(self.launch[0]), "block": list(self.launch[1])}
+        return d

@@ -1,11 +1,20 @@
 """Lowering: a schedule's loop nest -> one loop IR that every backend renders.
 
-The IR is a small tree of statements (``For``, ``If``, ``Alloc``, ``Store``) over
-value expressions (``Load``, ``Mul``, ``Add``, ``Relu``, ``Zero``). Index
-expressions are :class:`Lin` over loop variables, flattened to one offset per
+The IR is a small tree of statements (``For``, ``If``, ``Alloc``, ``Store``,
+``Sync``) over value expressions (``Load``, ``Mul``, ``Add``, ``Relu``, ``Zero``).
+Index expressions are :class:`Lin` over loop variables, flattened to one offset per
 buffer (row-major). Guards of non-divisible splits become loop bounds
 (``v < min(extent, ceil((n - rest) / c))``) where the guarded expression is linear
 in the loop that binds it last, and ``If`` nodes otherwise.
+
+``lower(schedule, gpu=True)`` reads the nest as one GPU thread's program (bound
+loops become block and thread indices in the renderer) and differs in three ways:
+a ``cache_read`` is a ``shared`` buffer holding what the whole block reads, filled
+by all its threads together between ``Sync`` barriers; guards that involve a
+threadIdx loop are dropped from the compute like those of the register tile (reads
+clamped instead) and applied at the write-back, so every thread of a block runs the
+same loops and reaches every barrier; the tile's fill and write-back are unrolled,
+so it stays in registers.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from dataclasses import dataclass, field
 
 from .expr import Lin
 from .ops import Access, Operator
-from .schedule import LoopNest, Schedule, footprint, tile_shape
+from .schedule import Loop, LoopNest, Schedule, bound_axis, footprint, tile_shape
 
 
 # ---------------------------------------------------------------- IR nodes
@@ -77,6 +86,12 @@ class If:
 class Alloc:
     buffer: str
     size: int
+    scope: str = "local"        # local (stack / registers) | shared (a GPU block's shared memory)
+
+
+@dataclass(frozen=True)
+class Sync:
+    """A barrier for the threads of a GPU block (``__syncthreads()``)."""
 
 
 @dataclass
@@ -85,6 +100,7 @@ class Function:
     params: tuple                                        # op tensors, in argument order
     body: list
     local_buffers: dict[str, int] = field(default_factory=dict)
+    shared_buffers: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- helpers
@@ -130,10 +146,19 @@ def _place_guards(nest_loops, guards, bound_vars: set[str]):
 
 # ---------------------------------------------------------------- lowering
 
-def lower(schedule: Schedule, name: str = "kernel") -> Function:
+def thread_loops(nest: LoopNest) -> tuple[Loop, ...]:
+    """The loops bound to threadIdx axes, in nest order."""
+    return tuple(l for l in nest.loops if (bound_axis(l) or "").startswith("threadIdx"))
+
+
+def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Function:
     op, nest = schedule.op, schedule.nest
     loops = nest.loops
     local: dict[str, int] = {}
+    shared: dict[str, int] = {}
+    threads = thread_loops(nest) if gpu else ()
+    if gpu and not nest.cache_write:
+        raise ValueError("GPU lowering needs cache_write: each thread accumulates its outputs privately")
 
     out_t = op.output
     out_idx = _flat(nest.access_exprs(op.out), out_t.shape)
@@ -144,17 +169,32 @@ def lower(schedule: Schedule, name: str = "kernel") -> Function:
     guards, dropped = nest.guards, ()
     if nest.cache_write:
         tile = {l.name for l in tile_shape(nest)}
-        dropped = tuple(g for g in guards if g[0].vars() & tile)
+        private = tile | {l.name for l in threads}
+        dropped = tuple(g for g in guards if g[0].vars() & private)
         guards = tuple(g for g in guards if g not in dropped)
     unguarded = set().union(*(e.vars() for e, _ in dropped))
 
     # where each input is read from: the tensor itself, or a packed local buffer
     packs: dict[str, list] = {l.name: [] for l in loops}
     reads: dict[str, Load] = {}
+    pre, post = [], []
+    synced: set[str] = set()        # anchors whose shared stage is refilled: barrier at body end
     for access in (op.lhs, op.rhs):
         cached = dict(nest.cache_reads).get(access.tensor)
         shape = op.tensor(access.tensor).shape
-        if cached:
+        if cached and gpu:
+            buf = f"{access.tensor}_shared"
+            dims = footprint(op, nest, access.tensor, cached, also=threads)
+            if dims is None:
+                raise ValueError(f"the block's footprint of {access.tensor!r} at {cached!r} is not a box")
+            shared[buf] = math.prod(d[2] for d in dims)
+            reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
+            pre.append(Alloc(buf, shared[buf], "shared"))  # hoisted: one allocation per block
+            packs[cached] += [_cooperative_copy(access.tensor, shape, buf, dims, nest, threads), Sync()]
+            outer = nest.loops[:nest.index(cached) + 1]
+            if math.prod(l.extent for l in outer if not bound_axis(l)) > 1:
+                synced.add(cached)
+        elif cached:
             buf = f"{access.tensor}_local"
             dims = footprint(op, nest, access.tensor, cached)
             local[buf] = math.prod(d[2] for d in dims)
@@ -170,26 +210,32 @@ def lower(schedule: Schedule, name: str = "kernel") -> Function:
 
     head: dict[str, list] = {l.name: list(packs[l.name]) for l in loops}
     tail: dict[str, list] = {l.name: [] for l in loops}
-    pre, post = [], []
     if nest.cache_write:
         tile = tile_shape(nest)
         acc = f"{out_t.name}_local"
         local[acc] = math.prod(l.extent for l in tile)
         acc_idx = _flat(tuple(Lin.var(l.name) for l in tile), tuple(l.extent for l in tile))
         compute = Store(acc, acc_idx, product, accumulate=True)
-        head[nest.cache_write][:0] = [Alloc(acc, local[acc]), _fill(acc, local[acc])]
+        # on a GPU, unrolled: constant indices keep the tile in registers
+        kinds = {l.name: "vectorize" if l.kind == "vectorize" else "unroll" for l in tile} if gpu else None
+        head[nest.cache_write][:0] = [Alloc(acc, local[acc]), _fill(acc, local[acc], "unroll" if gpu else "serial")]
         value = Load(acc, acc_idx)
-        tail[nest.cache_write].append(_loops_over(
+        write_back = _loops_over(
             tile, nest, Store(out_t.name, out_idx, Relu(Add(value, bias)) if bias else value),
-            bound=_names_to(nest, nest.cache_write)))
+            bound=_names_to(nest, nest.cache_write), kinds=kinds)
+        tile_names = {l.name for l in tile}
+        outside = tuple(g for g in dropped if not g[0].vars() & tile_names)  # threads past a tail
+        tail[nest.cache_write].append(If(outside, [write_back]) if outside else write_back)
     else:
         compute = Store(out_t.name, out_idx, product, accumulate=True)
         pre.append(_fill(out_t.name, math.prod(out_t.shape)))
         if bias:
             post.append(_epilogue(op))
 
+    for anchor in synced:  # no thread may refill the stage while another still reads it
+        tail[anchor].append(Sync())
     body = _build(loops, guards, head, tail, compute)
-    return Function(name, op.tensors, pre + body + post, local)
+    return Function(name, op.tensors, pre + body + post, local, shared)
 
 
 def _names_to(nest: LoopNest, anchor: str) -> set[str]:
@@ -222,8 +268,8 @@ def _direct_read(op: Operator, access: Access, nest: LoopNest, unguarded: set[st
     return Load(access.tensor, index, tuple(bounds), tuple(clamps))
 
 
-def _fill(buffer: str, size: int) -> For:
-    return For(f"{buffer}_z", size, [Store(buffer, Lin.var(f"{buffer}_z"), Zero())])
+def _fill(buffer: str, size: int, kind: str = "serial") -> For:
+    return For(f"{buffer}_z", size, [Store(buffer, Lin.var(f"{buffer}_z"), Zero())], kind)
 
 
 def _build(loops, guards, head, tail, innermost) -> list:
@@ -242,9 +288,10 @@ def _build(loops, guards, head, tail, innermost) -> list:
     return rec(0)
 
 
-def _loops_over(loops, nest: LoopNest, stmt, bound: set[str]) -> list:
+def _loops_over(loops, nest: LoopNest, stmt, bound: set[str], kinds: dict[str, str] | None = None) -> list:
     """Plain loops over ``loops`` (a subset of the nest's) around ``stmt``, with the guards
-    that concern them; loop variables keep their names, so indices carry over."""
+    that concern them; loop variables keep their names, so indices carry over. ``kinds``
+    overrides a loop's kind (default serial)."""
     names = {l.name for l in loops}
     guards = [(e, n) for e, n in nest.guards if e.vars() <= names | bound and e.vars() & names]
     placed = _place_guards(loops, guards, bound)
@@ -257,7 +304,7 @@ def _loops_over(loops, nest: LoopNest, stmt, bound: set[str]) -> list:
         stmts = rec(i + 1)
         if conds:
             stmts = [If(tuple(conds), stmts)]
-        return [For(loop.name, loop.extent, stmts, "serial", tuple(bounds))]
+        return [For(loop.name, loop.extent, stmts, (kinds or {}).get(loop.name, "serial"), tuple(bounds))]
 
     return rec(0)[0]
 
@@ -273,6 +320,44 @@ def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest) -> For:
     for v, d in reversed(list(zip(vars_, dims))):
         stmt = For(v, d[2], [stmt])
     return stmt
+
+
+def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, threads: tuple[Loop, ...]):
+    """All threads of a block copy the footprint box of ``tensor`` into the shared ``buf``
+    (zero outside the tensor): thread ``t`` takes chunks ``t, t + T, t + 2T, ...`` of
+    ``width`` consecutive elements of the box, so neighbouring threads read neighbouring
+    addresses (coalesced) and a renderer can move a chunk as one vector."""
+    exts = [d[2] for d in dims]
+    size = math.prod(exts)
+    width = 4 if exts[-1] % 4 == 0 else 1
+    nthreads = math.prod(l.extent for l in threads)
+    tid, scale = Lin(), 1
+    for l in sorted(threads, key=lambda l: bound_axis(l)):  # threadIdx.x fastest, as CUDA numbers them
+        tid, scale = tid + Lin.var(l.name, scale), scale * l.extent
+    chunks = size // width
+    rounds = -(-chunks // nthreads)
+    c, w = f"{buf}_c", f"{buf}_w"
+    q = tid + Lin.var(c, nthreads) if rounds > 1 else tid       # this thread's chunk
+    lane = Lin.var(w) if width > 1 else Lin()
+    src = []
+    for d, (base, _, ext) in enumerate(dims):
+        stride = math.prod(exts[d + 1:]) // width if d < len(dims) - 1 else 1
+        x = q.floordiv(stride)
+        x = x.mod(ext // width if d == len(dims) - 1 else ext) if d else x
+        x = x if ext > 1 else Lin()
+        src.append(base + (x * width + lane if d == len(dims) - 1 else x))
+    ext_all = nest.extents
+    bounds = []
+    for (base, _, ext), e, n in zip(dims, src, shape):
+        lo, hi = base.range(ext_all)
+        if not (0 <= lo and hi + ext - 1 < n):
+            bounds.append((e, n))
+    stmt = Store(buf, q * width + lane, Load(tensor, _flat(tuple(src), shape), tuple(bounds)))
+    if width > 1:
+        stmt = For(w, width, [stmt], "vectorize")
+    if chunks % nthreads:
+        stmt = If(((q, chunks),), [stmt])
+    return For(c, rounds, [stmt]) if rounds > 1 else stmt
 
 
 def _epilogue(op: Operator) -> For:
@@ -320,13 +405,16 @@ def _dump(stmts, depth: int, out: list[str]) -> None:
             _dump(s.body, depth + 1, out)
         elif isinstance(s, Store):
             out.append(f"{pad}{s.buffer}[{s.index}] {'+=' if s.accumulate else '='} {_fmt_value(s.value)}")
+        elif isinstance(s, Sync):
+            out.append(f"{pad}sync")
 
 
-def print_loop_nest(schedule: Schedule) -> str:
+def print_loop_nest(schedule: Schedule, gpu: bool = False) -> str:
     """The lowered loop nest as indented pseudo-code, for people."""
-    fn = lower(schedule)
+    fn = lower(schedule, gpu=gpu)
     op = schedule.op
     lines = [f"# {op.kind} {op.shape_str}: " + ", ".join(f"{t.name}{list(t.shape)}" for t in op.tensors)]
     lines += [f"local {b}[{n}]" for b, n in fn.local_buffers.items()]
+    lines += [f"shared {b}[{n}]" for b, n in fn.shared_buffers.items()]
     _dump(fn.body, 0, lines)
     return "\n".join(lines)

@@ -5,6 +5,11 @@ process that can be killed and replaced; every failure comes back as a failed
 MeasureResult, never as an exception. Compiles run in parallel, but never beside
 timing: ``Measurer.measure`` builds a whole batch first, then runs it one kernel at
 a time.
+
+CUDA kernels (``Kernel.launch`` set) are compiled by NVRTC inside the worker, on the
+GPU they run on (:mod:`kernels.cuda_runner`): the Builder only stores their source,
+and the NVRTC time comes back as the result's ``build_s``. A CUDA error can poison
+the worker's context, so the worker is replaced after one.
 """
 
 from __future__ import annotations
@@ -146,6 +151,8 @@ class Builder:
         return [done[k.digest] for k in kernels]
 
     def _build_one(self, kernel: Kernel) -> BuildResult:
+        if kernel.is_cuda:
+            return self._store_cuda(kernel)
         so = self.path_for(kernel)
         if so.exists():
             return BuildResult(str(so), None, 0.0, cached=True)
@@ -177,6 +184,21 @@ class Builder:
         finally:
             for p in (tmp_src, tmp_so):
                 p.unlink(missing_ok=True)
+
+
+    def _store_cuda(self, kernel: Kernel) -> BuildResult:
+        """CUDA source is compiled by NVRTC where it runs; here it is only written down."""
+        cu = self.cache_dir / f"{kernel.digest}.cu"
+        if cu.exists():
+            return BuildResult(str(cu), None, 0.0, cached=True)
+        tmp = cu.with_name(f"{cu.stem}.{os.getpid()}-{threading.get_ident()}.tmp.cu")
+        try:
+            tmp.write_text(kernel.source)
+            os.replace(tmp, cu)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            return BuildResult(None, f"cannot write kernel source: {e}", 0.0)
+        return BuildResult(str(cu), None, 0.0)
 
 
 # ---------------------------------------------------------------- the worker process
@@ -238,6 +260,10 @@ def _worker_main() -> None:
 
 
 def _serve(req: dict, data: dict, send: Any) -> None:
+    if req.get("backend") == "cuda":
+        from .cuda_runner import serve_cuda  # CuPy is imported by GPU workers only
+        serve_cuda(req, send)
+        return
     key = (req["kind"], req["shape"], req["seed"])
     if key not in data:  # inputs and reference once per operator, not per kernel
         op = make_op(req["kind"], req["shape"])
@@ -273,31 +299,54 @@ def _serve(req: dict, data: dict, send: Any) -> None:
             send(event="checked", correct=False, error=f"wrong result: kernel wrote to input {name}")
             return
     send(event="checked", correct=True, error=None)
+    if req.get("slow_cutoff_s") and check_s > req["slow_cutoff_s"]:
+        send(event="timed", times=[check_s], library_times=[])  # hopeless: the check call is its time
+        return
 
-    # With the library, the two alternate call by call, so a machine whose speed
-    # drifts (shared hosts) slows both alike and their ratio stays fair.
-    lib = library_call(op, inputs) if req.get("library") else None
     # The check call already warmed caches; a slow kernel gets no further warm-up.
     if check_s < req["min_time_s"] / 10:
         for _ in range(req["warmup"]):
             fn(*ptrs)
-    if lib is not None:
-        lib()
-    times: list[float] = []
-    lib_times: list[float] = []
     # at least 3 calls, but a call slower than the whole budget is not repeated much
     least = min(3 if check_s < req["min_time_s"] else 1, req["repeats"])
-    while len(times) < req["repeats"]:
-        if lib is not None:
-            t0 = time.perf_counter()
-            lib()
-            lib_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fn(*ptrs)
-        times.append(time.perf_counter() - t0)
-        if len(times) >= least and sum(times) >= req["min_time_s"]:
-            break
+    if req.get("library"):
+        times, lib_times = _time_against_library(fn, ptrs, library_call(op, inputs), least, req)
+    else:
+        times, lib_times = _time_calls(lambda: fn(*ptrs), least, req["repeats"], req["min_time_s"]), []
     send(event="timed", times=times, library_times=lib_times)
+
+
+def _time_calls(call, least: int, most: int, budget_s: float) -> list[float]:
+    """Seconds per call: ``least`` to ``most`` calls, stopping once ``budget_s`` is spent."""
+    times: list[float] = []
+    while len(times) < most:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= least and sum(times) >= budget_s:
+            break
+    return times
+
+
+LIBRARY_BLOCKS = 4      # alternating blocks of library calls and kernel calls
+SPIN_PAUSE_S = 0.15     # idle time between blocks
+
+
+def _time_against_library(fn, ptrs, lib, least: int, req: dict) -> tuple[list[float], list[float]]:
+    """Kernel and library timed in alternating blocks, so a machine whose speed drifts
+    (shared hosts) slows both alike. Blocks, not single calls: after a call, OpenBLAS
+    and OpenMP worker threads keep spinning for a while and would steal the cores of
+    whichever runs next; a pause between blocks lets them go to sleep."""
+    lib()
+    times: list[float] = []
+    lib_times: list[float] = []
+    per_block = req["min_time_s"] / LIBRARY_BLOCKS
+    for _ in range(LIBRARY_BLOCKS):
+        time.sleep(SPIN_PAUSE_S)
+        lib_times += _time_calls(lib, least, req["repeats"], per_block)
+        time.sleep(SPIN_PAUSE_S)
+        times += _time_calls(lambda: fn(*ptrs), least, req["repeats"], per_block)
+    return times, lib_times
 
 
 # ---------------------------------------------------------------- the runner
@@ -370,6 +419,9 @@ class Runner:
                  omp_stacksize: str = "16M", startup_timeout_s: float = 120.0):
         self.timeout_s, self.repeats, self.warmup = timeout_s, max(1, repeats), warmup
         self.min_time_s, self.seed, self.rtol = min_time_s, seed, rtol
+        # A search sets this to a multiple of its best time: a kernel whose check call is
+        # slower is timed by that one call instead of several (tinygrad stops early too).
+        self.slow_cutoff_s: float | None = None
         self.omp_stacksize = omp_stacksize
         self.startup_timeout_s = startup_timeout_s   # also bounds preparing inputs
         self._worker: _Worker | None = None
@@ -424,7 +476,7 @@ class Runner:
 
     def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False) -> MeasureResult:
         """Check ``kernel`` (built at ``path``) against the reference and time it; with
-        ``library``, time the vendor library too, alternating call by call."""
+        ``library``, time the vendor library too, in alternating blocks."""
         self.runs += 1
         t0 = time.perf_counter()
         try:
@@ -432,7 +484,7 @@ class Runner:
         except BaseException:
             self._drop_worker()  # never leave a worker spinning on a kernel
             raise
-        return replace(result, run_s=time.perf_counter() - t0)
+        return replace(result, run_s=time.perf_counter() - t0 - result.build_s)
 
     def _run(self, op: Operator, kernel: Kernel, path: str, library: bool) -> MeasureResult:
         try:
@@ -443,8 +495,12 @@ class Runner:
         req = dict(path=path, name=kernel.name, args=[t.name for t in kernel.args],
                    kind=op.kind, shape=op.shape_str, seed=self.seed, rtol=self.rtol,
                    repeats=self.repeats, warmup=self.warmup, min_time_s=self.min_time_s,
+                   slow_cutoff_s=None if library else self.slow_cutoff_s,
                    library=library)
+        if kernel.is_cuda:
+            req.update(backend="cuda", launch=kernel.launch)
         correct = False
+        build_s = 0.0  # NVRTC, for CUDA kernels
         limit = max(self.timeout_s, self.startup_timeout_s)
         deadline = time.monotonic() + limit
         try:
@@ -456,31 +512,34 @@ class Runner:
                     self._drop_worker()
                     return MeasureResult.failure(
                         reason.replace("crashed", "crashed during timing") if correct else reason,
-                        correct=correct)
+                        correct=correct, build_s=build_s)
                 event = msg["event"]
+                build_s = msg.get("build_s", build_s)
                 if event == "error":
-                    return MeasureResult.failure(msg["error"])
+                    if msg.get("fatal"):  # e.g. a CUDA error: the worker's context is unusable
+                        self._drop_worker()
+                    return MeasureResult.failure(msg["error"], build_s=build_s)
                 if event == "prepared":
                     limit = self.timeout_s
                     deadline = time.monotonic() + limit
                 elif event == "checked":
                     if not msg["correct"]:
                         self._drop_worker()  # a kernel that wrote garbage may have written it anywhere
-                        return MeasureResult.failure(msg["error"])
+                        return MeasureResult.failure(msg["error"], build_s=build_s)
                     correct = True
                 elif event == "timed":
                     times = tuple(t * 1e3 for t in msg["times"])
                     median = statistics.median(times)
                     gflops = op.flops / max(median / 1e3, 1e-12) / 1e9
-                    return MeasureResult(True, median, times, gflops, True, None,
+                    return MeasureResult(True, median, times, gflops, True, None, build_s=build_s,
                                          library_times_ms=tuple(t * 1e3 for t in msg["library_times"]))
         except TimeoutError:
             self._drop_worker()
-            return MeasureResult.failure(f"timeout after {limit:g}s", correct=correct)
+            return MeasureResult.failure(f"timeout after {limit:g}s", correct=correct, build_s=build_s)
         except (BrokenPipeError, OSError):
             reason = w.death()
             self._drop_worker()
-            return MeasureResult.failure(reason, correct=correct)
+            return MeasureResult.failure(reason, correct=correct, build_s=build_s)
 
 
 # ---------------------------------------------------------------- the measurer
@@ -538,7 +597,8 @@ class Measurer:
             if b.path is None:
                 res = MeasureResult.failure(b.error or "build failed", build_s=b.build_s)
             else:
-                res = replace(self.runner.run(op, kernel, b.path), build_s=b.build_s)
+                res = self.runner.run(op, kernel, b.path)
+                res = replace(res, build_s=b.build_s + res.build_s)  # + NVRTC in the worker (CUDA)
             if not res.ok:
                 logger.debug("%s %s: %s", op.kind, op.shape_str, res.error)
             results[mk] = res

@@ -31,6 +31,10 @@ class CStyleRenderer:
     def __init__(self, target: Target):
         self.target = target
 
+    def expr(self, e: Lin) -> str:
+        """An index expression in the target language."""
+        return str(e)
+
     # ------------------------------------------------------------ entry point
     def render(self, fn: Function) -> str:
         params = ", ".join(f"{self.param_type} {t.name}" for t in fn.params)
@@ -51,7 +55,7 @@ class CStyleRenderer:
         if isinstance(s, Alloc):
             return [pad + self.local_decl.format(name=s.buffer, size=s.size)]
         if isinstance(s, Store):
-            return [f"{pad}{s.buffer}[{s.index}] {'+=' if s.accumulate else '='} {self.value(s.value)};"]
+            return [f"{pad}{s.buffer}[{self.expr(s.index)}] {'+=' if s.accumulate else '='} {self.value(s.value)};"]
         raise TypeError(f"cannot render {s!r}")
 
     def block(self, head: str, body: list, depth: int) -> list[str]:
@@ -63,7 +67,7 @@ class CStyleRenderer:
     def limit(self, loop: For) -> str:
         lim = str(loop.extent)
         for e, c in loop.bounds:
-            b = f"({e})" if c == 1 else f"(({e}) + {c - 1}) / {c}"
+            b = f"({self.expr(e)})" if c == 1 else f"(({self.expr(e)}) + {c - 1}) / {c}"
             lim = f"imin({lim}, {b})"
         return lim
 
@@ -89,21 +93,19 @@ class CStyleRenderer:
         return lines
 
     # ------------------------------------------------------------ expressions
-    @staticmethod
-    def ref(load: Load) -> str:
-        clamps = "".join(f" + imin({e}, {n - 1})*{stride}" for e, n, stride in load.clamps)
-        return f"{load.buffer}[{load.index}{clamps}]"
+    def ref(self, load: Load) -> str:
+        clamps = "".join(f" + imin({self.expr(e)}, {n - 1})*{stride}" for e, n, stride in load.clamps)
+        return f"{load.buffer}[{self.expr(load.index)}{clamps}]"
 
-    @staticmethod
-    def conds(conds) -> str:
-        return " && ".join(f"{e} < {n}" for e, n in conds)
+    def conds(self, conds) -> str:
+        return " && ".join(f"{self.expr(e)} < {n}" for e, n in conds)
 
     def value(self, v) -> str:
         if isinstance(v, Load):
             ref = self.ref(v)
             if not v.bounds:
                 return ref
-            ok = " && ".join(f"0 <= {e} && {e} < {n}" for e, n in v.bounds)
+            ok = " && ".join(f"0 <= {self.expr(e)} && {self.expr(e)} < {n}" for e, n in v.bounds)
             return f"(({ok}) ? {ref} : 0.0f)"
         if isinstance(v, Mul):
             return f"{self.value(v.a)} * {self.value(v.b)}"
@@ -175,9 +177,18 @@ class CRenderer(CStyleRenderer):
 
 
 def render(schedule: Schedule, target: Target, name: str | None = None) -> Kernel:
-    """Lower and render ``schedule`` for ``target`` into a callable kernel."""
+    """Lower and render ``schedule`` for ``target`` into a callable kernel.
+
+    Rules that depend on the target (GPU binds, thread and shared-memory limits) are
+    checked here, where the target is known: a ``ScheduleError`` names the rule.
+    """
+    from .cuda import check_for_target, render_cuda  # it builds on this module
+
     op = schedule.op
     name = name or f"{op.kind}_{'_'.join(map(str, op.shape))}"
+    if target.kind == "cuda":
+        return render_cuda(schedule, target, name)
+    check_for_target(schedule, target)
     fn = lower(schedule, name)
     if target.kind != "cpu":
         raise ValueError(f"no renderer for target {target.kind!r}")

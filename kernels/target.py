@@ -7,7 +7,7 @@ import os
 import platform
 import re
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 CC = os.environ.get("SCHEDGYM_CC", "gcc")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")  # GNU C: fp-contract=fast gives FMAs
@@ -17,14 +17,25 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")  # GNU C: fp-c
 class Target:
     """What code generation and the measurement cache need to know about a device."""
 
-    kind: str            # "cpu" (later "cuda")
-    device: str          # CPU model name
-    cores: int
-    vector_lanes: int    # fp32 lanes of the widest SIMD register
+    kind: str            # "cpu" or "cuda"
+    device: str          # CPU model name, or GPU name
+    cores: int           # CPU cores, or GPU multiprocessors
+    vector_lanes: int    # fp32 lanes of the widest SIMD register (a warp on a GPU)
     compiler: str        # compiler version line
+    # GPU limits (zero on a CPU): what a kernel's launch and its shared memory may use
+    arch: str = ""                   # e.g. "sm_90", for NVRTC/nvcc
+    max_threads_per_block: int = 0
+    shared_bytes_per_block: int = 0  # static shared memory (48 KiB without opting in)
+    warp_size: int = 0
+    sm_count: int = 0
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The fields, leaving out GPU limits that are unset, so a CPU target reads as before."""
+        d = asdict(self)
+        for f in fields(self):
+            if f.default is not MISSING and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
 
 def _cpu_model() -> str:
@@ -65,7 +76,50 @@ def cpu_target() -> Target:
     return Target("cpu", re.sub(r"\s+", " ", _cpu_model()), cores or 1, lanes, _compiler_version())
 
 
+class NoCudaDevice(OSError):
+    """No usable CUDA GPU here (an OSError, so the command line reports it in one line)."""
+
+
+CUDA_SHARED_BYTES = 48 << 10  # static __shared__ per block; more needs an opt-in attribute
+
+
+def cuda_target_for_compile(arch: str = "sm_90", device: str | None = None, sm_count: int = 132) -> Target:
+    """A CUDA target with the usual limits, for generating and nvcc-compiling code where no
+    GPU is present (tests, CI); its device name says so, so it never shares a cache entry
+    with a measured GPU."""
+    return Target("cuda", device or f"compile-only {arch}", sm_count, 32, "nvcc", arch=arch,
+                  max_threads_per_block=1024, shared_bytes_per_block=CUDA_SHARED_BYTES,
+                  warp_size=32, sm_count=sm_count)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_target(device_id: int = 0) -> Target:
+    """The GPU's name and limits, read through CuPy; ``NoCudaDevice`` without CuPy or a GPU."""
+    try:
+        import cupy  # noqa: F401  (optional: only GPU machines have it)
+    except ImportError as e:
+        raise NoCudaDevice(f"no CUDA GPU: CuPy is not installed ({e})") from None
+    try:
+        from cupy.cuda import nvrtc, runtime
+        if runtime.getDeviceCount() <= device_id:
+            raise NoCudaDevice(f"no CUDA GPU: device {device_id} does not exist")
+        p = runtime.getDeviceProperties(device_id)
+        major, minor = nvrtc.getVersion()
+    except NoCudaDevice:
+        raise
+    except Exception as e:  # CUDARuntimeError without a driver or device
+        raise NoCudaDevice(f"no CUDA GPU: {type(e).__name__}: {e}") from None
+    name = p["name"].decode() if isinstance(p["name"], bytes) else str(p["name"])
+    return Target("cuda", name, int(p["multiProcessorCount"]), int(p["warpSize"]),
+                  f"NVRTC {major}.{minor}", arch=f"sm_{p['major']}{p['minor']}",
+                  max_threads_per_block=int(p["maxThreadsPerBlock"]),
+                  shared_bytes_per_block=min(int(p["sharedMemPerBlock"]), CUDA_SHARED_BYTES),
+                  warp_size=int(p["warpSize"]), sm_count=int(p["multiProcessorCount"]))
+
+
 def get_target(kind: str) -> Target:
     if kind == "cpu":
         return cpu_target()
-    raise ValueError(f"unknown target {kind!r}; known: cpu")
+    if kind == "cuda":
+        return cuda_target()
+    raise ValueError(f"unknown target {kind!r}; known: cpu, cuda")

@@ -1,0 +1,312 @@
+"""CUDA backend: GPU rules for a schedule, its launch configuration, and the renderer.
+
+A bound loop's iterations run as blocks (``blockIdx``) or threads (``threadIdx``) of
+one launch: grid and block sizes are the bound loops' extents, so each thread runs
+the nest with its bound loops fixed to its indices. On CUDA:
+
+- the output is cached (``cache_write``) at or inside every bound loop: each thread
+  accumulates its own outputs in registers and writes each one once;
+- a ``cache_read`` anchored inside every blockIdx loop stages, in ``__shared__``
+  memory, what the whole block reads below the anchor (all threadIdx loops count as
+  inside it); the block's threads fill it together, then ``__syncthreads()``, and
+  again before it is refilled;
+- tails of non-divisible splits that concern a thread's tile or its thread index
+  are not guarded in the compute (reads are clamped) but at the write-back, so all
+  threads of a block take the same path through every barrier;
+- ``vectorize`` moves four consecutive floats as one ``float4`` where the address
+  is provably 16-byte aligned, otherwise it is a loop unrolled by nvcc; ``unroll``
+  is ``#pragma unroll`` over a constant trip count (a guarded tail inside).
+
+An unscheduled operator (no steps) runs with :func:`default_schedule`: one thread
+per output element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NoReturn
+
+from .expr import DivMod, Lin
+from .kernel import Kernel
+from .lower import Add, Alloc, For, Function, If, Load, Mul, Relu, Store, Sync, lower, thread_loops
+from .ops import Operator
+from .render import CStyleRenderer
+from .schedule import (Bind, LoopNest, Parallel, Schedule, ScheduleError, bound_axis,
+                       footprint, tile_shape)
+from .target import Target
+
+MAX_BLOCK = {"x": 1024, "y": 1024, "z": 64}
+MAX_GRID = {"x": 2 ** 31 - 1, "y": 65535, "z": 65535}
+MAX_TILE_BYTES = 2048   # a thread's accumulator tile: beyond registers it spills to local memory
+DEFAULT_THREADS = 256   # threads per block of the unscheduled kernel
+
+Launch = tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
+def _fail(what: str, reason: str) -> NoReturn:
+    raise ScheduleError(f"{what}: {reason}")
+
+
+def launch_config(nest: LoopNest) -> Launch:
+    """(grid, block): each axis is the extent of the loop bound to it, else 1."""
+    ext = {bound_axis(l): l.extent for l in nest.loops if bound_axis(l)}
+    grid = tuple(ext.get(f"blockIdx.{a}", 1) for a in "xyz")
+    block = tuple(ext.get(f"threadIdx.{a}", 1) for a in "xyz")
+    return grid, block  # type: ignore[return-value]
+
+
+def shared_bytes(schedule: Schedule) -> int:
+    """Bytes of ``__shared__`` memory the schedule's cache_reads take per block."""
+    op, nest = schedule.op, schedule.nest
+    total = 0
+    for tensor, anchor in nest.cache_reads:
+        dims = footprint(op, nest, tensor, anchor, also=thread_loops(nest))
+        total += 4 * math.prod(d[2] for d in dims) if dims else 0
+    return total
+
+
+def check_for_target(schedule: Schedule, target: Target) -> None:
+    """Raise ScheduleError if ``schedule`` breaks a rule of ``target`` (the schedule IR
+    itself is target-agnostic: these are checked where the target is known)."""
+    nest = schedule.nest
+    bound = [l for l in nest.loops if bound_axis(l)]
+    if target.kind != "cuda":
+        for l in bound:
+            _fail(str(Bind(l.name, bound_axis(l))), f"binding to GPU axes needs a cuda target, not {target.kind}")
+        return
+    for l in nest.loops:
+        if l.kind == "parallel":
+            _fail(str(Parallel(l.name)), "OpenMP loops are for CPUs; on cuda, bind loops to blockIdx/threadIdx")
+    if not bound:
+        _fail("schedule", "no loop is bound to a GPU axis: the kernel would run on a single thread")
+    if not nest.cache_write:
+        _fail("schedule", "on cuda the output needs cache_write at or inside every bound loop "
+                          "(each thread accumulates its outputs privately and writes them once)")
+    anchor = nest.index(nest.cache_write)
+    inside = [l.name for l in bound if nest.index(l.name) > anchor]
+    if inside:
+        _fail(f"CacheWrite({nest.cache_write!r})", f"bound loop(s) {', '.join(inside)} lie inside it; "
+                                                   "a thread's tile must not span other threads' outputs")
+    tile = 4 * math.prod(l.extent for l in tile_shape(nest))
+    if tile > MAX_TILE_BYTES:
+        _fail(f"CacheWrite({nest.cache_write!r})", f"a thread's tile of {tile} bytes exceeds {MAX_TILE_BYTES} "
+                                                   "(it would spill out of registers)")
+    (gx, gy, gz), (bx, by, bz) = launch_config(nest)
+    for axis, n in zip("xyz", (bx, by, bz)):
+        if n > MAX_BLOCK[axis]:
+            _fail("schedule", f"threadIdx.{axis} extent {n} exceeds {MAX_BLOCK[axis]}")
+    for axis, n in zip("xyz", (gx, gy, gz)):
+        if n > MAX_GRID[axis]:
+            _fail("schedule", f"blockIdx.{axis} extent {n} exceeds {MAX_GRID[axis]}")
+    limit = target.max_threads_per_block or 1024
+    if bx * by * bz > limit:
+        _fail("schedule", f"{bx * by * bz} threads per block exceed the device's {limit}")
+    last_block = max((nest.index(l.name) for l in bound if bound_axis(l).startswith("blockIdx")), default=-1)
+    threads = thread_loops(nest)
+    for tensor, at in nest.cache_reads:
+        step = f"CacheRead({tensor!r}, {at!r})"
+        if nest.index(at) < last_block:
+            _fail(step, f"a shared stage belongs to one block: anchor it inside blockIdx loop "
+                        f"{nest.loops[last_block].name!r}")
+        if footprint(schedule.op, nest, tensor, at, also=threads) is None:
+            _fail(step, "a thread loop or a loop inside is fused: the block's footprint is not a box")
+    used, room = shared_bytes(schedule), target.shared_bytes_per_block or 48 << 10
+    if used > room:
+        _fail("schedule", f"shared stages take {used} bytes per block (limit {room})")
+
+
+def default_schedule(op: Operator) -> Schedule:
+    """The unscheduled operator on a GPU: one thread per output element, blocks of up to
+    256 threads along the innermost output axis, the next outer ones as grid y and z."""
+    ext = op.extents
+    spatial = [a.name for a in op.axes if not a.reduce]
+    last = spatial[-1]
+    s = Schedule(op).split(last, min(ext[last], DEFAULT_THREADS))
+    s = s.bind(f"{last}_o", "blockIdx.x").bind(f"{last}_i", "threadIdx.x")
+    for name, axis in zip(reversed(spatial[:-1]), ("blockIdx.y", "blockIdx.z")):
+        if ext[name] <= MAX_GRID[axis[-1]]:
+            s = s.bind(name, axis)
+    # serial outer loops first, then blockIdx z, y, x, then the threads
+    rank = ("blockIdx.z", "blockIdx.y", "blockIdx.x", "threadIdx.x")
+    loops = [l for l in s.nest.loops if not l.reduce]
+    order = sorted(loops, key=lambda l: rank.index(bound_axis(l)) if bound_axis(l) else -1)
+    return s.reorder(*(l.name for l in order)).cache_write(f"{last}_i")
+
+
+# ---------------------------------------------------------------- the renderer
+
+@dataclass(frozen=True)
+class _Lane:
+    """Lane ``comp`` of a float4 already loaded into ``name``."""
+    name: str
+    comp: str
+
+
+def _bound_vars(stmts) -> list[tuple[str, str]]:
+    """(loop variable, GPU axis) of every bound loop in ``stmts``."""
+    out = []
+    for s in stmts:
+        if isinstance(s, For) and s.kind.startswith("bind:"):
+            out.append((s.var, s.kind[len("bind:"):]))
+        if isinstance(s, (For, If)):
+            out += _bound_vars(s.body)
+    return out
+
+
+def _loads(v) -> list[Load]:
+    if isinstance(v, Load):
+        return [v]
+    if isinstance(v, (Mul, Add)):
+        return _loads(v.a) + _loads(v.b)
+    if isinstance(v, Relu):
+        return _loads(v.a)
+    return []
+
+
+def _shift(v, var: str, lane: int, vectors: dict[int, str]):
+    """``v`` at ``var + lane``; loads already in a float4 become that vector's lane."""
+    if isinstance(v, Load):
+        if id(v) in vectors:
+            return _Lane(vectors[id(v)], "xyzw"[lane])
+        to = Lin.var(var) + lane
+        return Load(v.buffer, v.index.subst(var, to), tuple((e.subst(var, to), n) for e, n in v.bounds),
+                    tuple((e.subst(var, to), n, s) for e, n, s in v.clamps))
+    if isinstance(v, Mul):
+        return Mul(_shift(v.a, var, lane, vectors), _shift(v.b, var, lane, vectors))
+    if isinstance(v, Add):
+        return Add(_shift(v.a, var, lane, vectors), _shift(v.b, var, lane, vectors))
+    if isinstance(v, Relu):
+        return Relu(_shift(v.a, var, lane, vectors))
+    return v
+
+
+class CUDARenderer(CStyleRenderer):
+    """CUDA C for NVRTC/nvcc: bound loops become block and thread indices."""
+
+    local_decl = "float {name}[{size}];"
+    shared_decl = "__shared__ __align__(16) float {name}[{size}];"
+    preamble = ("#ifndef SCHEDGYM_CUDA_HELPERS",
+                "#define SCHEDGYM_CUDA_HELPERS",
+                "static __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }",
+                "#endif",
+                "")
+    lanes = 4  # float4
+
+    def __init__(self, target: Target, launch: Launch):
+        super().__init__(target)
+        self.launch = launch
+        self.registers: set[str] = set()   # local buffers: indexed by constants, never by pointer
+
+    def render(self, fn: Function) -> str:
+        self.registers = set(fn.local_buffers)
+        grid, block = self.launch
+        params = ", ".join(f"{'const ' if t.role == 'input' else ''}float* __restrict__ {t.name}"
+                           for t in fn.params)
+        lines = list(self.preamble)
+        lines.append(f"// launch: grid ({', '.join(map(str, grid))}), block ({', '.join(map(str, block))})")
+        lines.append(f'extern "C" __global__ void __launch_bounds__({math.prod(block)}) {fn.name}({params}) {{')
+        # A bound loop's index is the same wherever the loop sits, so it is declared up
+        # front: a block's cooperative copy outside a thread loop needs the thread index.
+        for var, axis in _bound_vars(fn.body):
+            lines.append(f"{self.indent}const int {var} = (int){axis};")
+        for s in fn.body:
+            lines += self.stmt(s, 1)
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def expr(self, e: Lin) -> str:
+        """Like ``str(e)``, but a division or modulo of a sum keeps its parentheses."""
+        parts = []
+        for atom, coef in e.terms:
+            if isinstance(atom, DivMod):
+                s = f"(({self.expr(atom.arg)}) {'/' if atom.op == 'div' else '%'} {atom.divisor})"
+            else:
+                s = atom
+            parts.append(s if coef == 1 else f"{s}*{coef}")
+        if e.const or not parts:
+            parts.append(str(e.const))
+        return " + ".join(parts).replace("+ -", "- ")
+
+    def stmt(self, s, depth: int) -> list[str]:
+        pad = self.indent * depth
+        if isinstance(s, Sync):
+            return [f"{pad}__syncthreads();"]
+        if isinstance(s, Alloc) and s.scope == "shared":
+            return [pad + self.shared_decl.format(name=s.buffer, size=s.size)]
+        return super().stmt(s, depth)
+
+    def value(self, v) -> str:
+        if isinstance(v, _Lane):
+            return f"{v.name}.{v.comp}"
+        return super().value(v)
+
+    # ------------------------------------------------------------ loops
+    def for_loop(self, loop: For, depth: int) -> list[str]:
+        if loop.kind.startswith("bind:"):
+            return self.bound(loop, loop.kind[len("bind:"):], depth)
+        if loop.kind == "vectorize":
+            return self.vectorized(loop, depth) or self.unrolled(loop, depth)
+        return super().for_loop(loop, depth)
+
+    def bound(self, loop: For, axis: str, depth: int) -> list[str]:
+        """A bound loop is its index (declared at the top); a guard on it is uniform over a
+        block (lowering drops those on thread indices), so every thread reaches the barriers."""
+        pad = self.indent * depth
+        head = f"{pad}if ({loop.var} < {self.limit(loop)}) {{" if loop.bounds else f"{pad}{{  // {axis}"
+        return self.block(head, loop.body, depth)
+
+    def unrolled(self, loop: For, depth: int) -> list[str]:
+        """Fully unrolled by nvcc (a constant trip count), a tail guarded inside."""
+        pad = self.indent * depth
+        head = f"{pad}for (int {loop.var} = 0; {loop.var} < {loop.extent}; ++{loop.var}) {{"
+        if loop.bounds:
+            inner = self.block(f"{pad}{self.indent}if ({loop.var} < {self.limit(loop)}) {{", loop.body, depth + 1)
+            return [f"{pad}#pragma unroll", head, *inner, f"{pad}}}"]
+        return [f"{pad}#pragma unroll"] + self.block(head, loop.body, depth)
+
+    def aligned(self, buffer: str, index: Lin, var: str) -> bool:
+        """``buffer[index]`` is four consecutive floats from a 16-byte boundary for each
+        ``var`` that is a multiple of 4 (tensors and shared buffers are 16-byte aligned)."""
+        if buffer in self.registers or index.coef(var) != 1:
+            return False
+        return index.const % 4 == 0 and all(c % 4 == 0 for a, c in index.terms if a != var)
+
+    def vectorized(self, loop: For, depth: int) -> list[str] | None:
+        """Chunks of four iterations, moving aligned contiguous loads and stores as float4;
+        None when nothing in the loop can be (the caller renders a plain loop)."""
+        if loop.bounds or loop.extent % self.lanes or len(loop.body) != 1 or not isinstance(loop.body[0], Store):
+            return None
+        (store,) = loop.body
+        var = loop.var
+        vec_loads = [l for l in _loads(store.value) if not l.bounds and not l.clamps
+                     and self.aligned(l.buffer, l.index, var)]
+        vec_store = not store.accumulate and self.aligned(store.buffer, store.index, var)
+        if not vec_loads and not vec_store:
+            return None
+        pad, inner = self.indent * depth, self.indent * (depth + 1)
+        names = {id(l): f"{var}_v{k}" for k, l in enumerate(vec_loads)}
+        lines = [f"{pad}#pragma unroll",
+                 f"{pad}for (int {var} = 0; {var} < {loop.extent}; {var} += {self.lanes}) {{"]
+        for l in vec_loads:
+            lines.append(f"{inner}const float4 {names[id(l)]} = *(const float4*)&{self.ref(l)};")
+        values = [self.value(_shift(store.value, var, k, names)) for k in range(self.lanes)]
+        if vec_store:
+            lines.append(f"{inner}*(float4*)&{store.buffer}[{self.expr(store.index)}] = "
+                         f"make_float4({', '.join(values)});")
+        else:
+            op = "+=" if store.accumulate else "="
+            for k, v in enumerate(values):
+                index = store.index.subst(var, Lin.var(var) + k)
+                lines.append(f"{inner}{store.buffer}[{self.expr(index)}] {op} {v};")
+        return lines + [f"{pad}}}"]
+
+
+def render_cuda(schedule: Schedule, target: Target, name: str) -> Kernel:
+    """Check ``schedule`` against the GPU's rules, lower it for a GPU and render CUDA."""
+    if not schedule.steps:
+        schedule = default_schedule(schedule.op)
+    check_for_target(schedule, target)
+    fn = lower(schedule, name, gpu=True)
+    launch = launch_config(schedule.nest)
+    return Kernel(name, CUDARenderer(target, launch).render(fn), schedule.op.tensors, launch=launch)

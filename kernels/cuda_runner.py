@@ -1,0 +1,190 @@
+"""The GPU half of the measurement worker: NVRTC compile, check, time with CUDA events.
+
+Imported only inside a worker process (``kernels.measure``), so the tuner itself
+never touches CUDA: a kernel that faults (illegal address, launch failure) leaves
+the CUDA context unusable, and the worker reports a *fatal* error that makes the
+runner replace it. A hang is the runner's timeout, as on the CPU.
+
+The reference is computed with numpy on the CPU once per operator, as on the CPU;
+inputs are copied to the GPU once per operator. The library is cuBLAS (through
+CuPy) for the matmul family and cuDNN (through torch) for convolutions, both with
+TF32 off, timed with the same events, alternating call by call with the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .ops import Operator, make_op
+
+# CuPy adds -arch for the device it compiles on (sm_XX, or compute_XX where NVRTC is older)
+NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
+SAMPLE_S = 2e-3  # a timing sample launches back to back until it lasts about this long
+
+_data: dict[tuple, tuple[Operator, dict[str, np.ndarray], np.ndarray, dict[str, Any]]] = {}
+
+
+def _cupy() -> Any:
+    """CuPy, imported with fp32 cuBLAS without TF32 and a compile cache in memory only
+    (so NVRTC time is measured and no disk cache grows): it reads both when imported."""
+    os.environ.setdefault("CUPY_TF32", "0")
+    os.environ.setdefault("CUPY_CACHE_IN_MEMORY", "1")
+    import cupy
+    return cupy
+
+
+def library_name(op: Operator) -> str:
+    return "cuDNN" if "conv" in op.kind else "cuBLAS"
+
+
+def _operator(req: dict) -> tuple[Operator, dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
+    """Operator, host inputs, reference and device inputs; one operator held at a time."""
+    cp = _cupy()
+    key = (req["kind"], req["shape"], req["seed"])
+    if key not in _data:
+        _data.clear()  # frees the previous operator's device memory
+        op = make_op(req["kind"], req["shape"])
+        inputs = op.random_inputs(np.random.default_rng(req["seed"]))
+        _data[key] = (op, inputs, op.reference(inputs), {n: cp.asarray(a) for n, a in inputs.items()})
+    return _data[key]
+
+
+def compile_kernel(source: str, name: str) -> Any:
+    """The kernel compiled by NVRTC for this GPU (raises CuPy's CompileException)."""
+    return _cupy().RawModule(code=source, options=NVRTC_OPTIONS).get_function(name)
+
+
+def _compile_error(e: Exception) -> str:
+    lines = [line for line in str(e).splitlines() if "error" in line] or str(e).splitlines() or ["failed"]
+    return "compile error: " + lines[0].strip()[:300]
+
+
+def library_call(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
+    """cuBLAS (CuPy) for the matmul family, cuDNN (torch) for convolutions; fp32, TF32 off."""
+    cp = _cupy()
+
+    if op.kind in ("matmul", "batch_matmul", "dense_bias_relu"):
+        a, b = dev["A"], dev["B"]
+        out = cp.empty(op.output.shape, cp.float32)
+        if op.kind != "dense_bias_relu":
+            return lambda: cp.matmul(a, b, out=out)
+        bias = dev["bias"]
+
+        def dense():
+            cp.matmul(a, b, out=out)
+            cp.add(out, bias, out=out)
+            cp.maximum(out, 0, out=out)
+        return dense
+    if op.kind in ("conv2d", "depthwise_conv2d"):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True  # the fastest cuDNN algorithm: a fair bar
+        torch.set_grad_enabled(False)  # once, not per call: host overhead must not hide cuDNN's speed
+        x = torch.as_tensor(dev["I"], device="cuda")  # shares CuPy's memory
+        w = torch.as_tensor(dev["W"], device="cuda")
+        stride, pad = op.params["stride"], op.params["pad"]
+        groups = x.shape[1] if op.kind == "depthwise_conv2d" else 1
+        return lambda: torch.conv2d(x, w, None, stride, pad, 1, groups)
+    raise ValueError(f"no GPU library reference for {op.kind!r}")
+
+
+class EventTimer:
+    """Seconds per call of ``fn``, from CUDA events around ``n`` back-to-back calls.
+
+    Everything runs on the legacy default stream (CuPy's and torch's default), so the
+    events also bracket torch's kernels.
+    """
+
+    def __init__(self) -> None:
+        self.cp = _cupy()
+        self.start, self.end = self.cp.cuda.Event(), self.cp.cuda.Event()
+
+    def __call__(self, fn: Callable[[], object], n: int = 1) -> float:
+        self.start.record()
+        for _ in range(n):
+            fn()
+        self.end.record()
+        self.end.synchronize()
+        return self.cp.cuda.get_elapsed_time(self.start, self.end) / 1e3 / n
+
+
+def calls_per_sample(seconds: float) -> int:
+    """How many back-to-back calls make one sample last about SAMPLE_S (launch overhead
+    of a few microseconds would otherwise count against short kernels)."""
+    return max(1, min(1000, math.ceil(SAMPLE_S / max(seconds, 1e-7))))
+
+
+def serve_cuda(req: dict, send: Any) -> None:
+    """Answer one run request for a CUDA kernel (the protocol of ``kernels.measure``)."""
+    from .measure import _rel_error
+
+    cp = _cupy()
+
+    op, inputs, ref, dev = _operator(req)
+    t0 = time.perf_counter()
+    try:
+        fn = compile_kernel(Path(req["path"]).read_text(), req["name"])
+    except cp.cuda.compiler.CompileException as e:
+        send(event="error", error=_compile_error(e), build_s=time.perf_counter() - t0)
+        return
+    build_s = time.perf_counter() - t0
+    out_name = op.output.name
+    out = cp.full(op.output.shape, cp.nan, cp.float32)
+    args = tuple(out if name == out_name else dev[name] for name in req["args"])
+    grid, block = (tuple(x) for x in req["launch"])
+
+    def kernel() -> None:
+        fn(grid, block, args)
+
+    send(event="prepared", build_s=build_s)
+    try:
+        timer = EventTimer()
+        check_s = timer(kernel)
+        result = cp.asnumpy(out)
+        changed = [name for name in inputs if not np.array_equal(cp.asnumpy(dev[name]), inputs[name])]
+    except Exception as e:  # CUDA errors: the context may be unusable now
+        send(event="error", error=f"launch error: {type(e).__name__}: {str(e)[:200]}", fatal=True,
+             build_s=build_s)
+        return
+    err = _rel_error(result, ref)
+    if not err <= req["rtol"]:
+        what = "NaN or inf in output" if math.isinf(err) else f"max rel err {err:.1e}"
+        send(event="checked", correct=False, error=f"wrong result: {what}")
+        return
+    if changed:
+        for name in changed:
+            dev[name][...] = cp.asarray(inputs[name])
+        send(event="checked", correct=False, error=f"wrong result: kernel wrote to input {changed[0]}")
+        return
+    send(event="checked", correct=True, error=None)
+
+    try:
+        lib = library_call(op, dev) if req.get("library") else None
+        for _ in range(max(1, req["warmup"])):
+            kernel()
+        n = calls_per_sample(timer(kernel))
+        if lib is not None:
+            lib()  # cuDNN's autotuning happens here
+            n_lib = calls_per_sample(timer(lib))
+        times: list[float] = []
+        lib_times: list[float] = []
+        least = min(3 if check_s < req["min_time_s"] else 1, req["repeats"])
+        while len(times) < req["repeats"]:
+            if lib is not None:
+                lib_times.append(timer(lib, n_lib))
+            times.append(timer(kernel, n))
+            if len(times) >= least and sum(times) * n >= req["min_time_s"]:
+                break
+    except Exception as e:
+        send(event="error", error=f"launch error during timing: {type(e).__name__}: {str(e)[:200]}",
+             fatal=True, build_s=build_s)
+        return
+    send(event="timed", times=times, library_times=lib_times)
