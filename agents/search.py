@@ -6,6 +6,8 @@ best correct kernel and reports progress with the number of measurements as the
 step, so curves of different agents compare directly. Agents:
 
 - ``random``: random masked rollouts of the environment's actions.
+- ``filtered``: random rollouts too, but only the cost model's predicted best of
+  each batch are measured (and the model learns from them).
 - ``anneal``: simulated annealing over action sequences guided by the cost model
   (AutoTVM's method): chains walk on predicted cost, the predicted-best unmeasured
   schedules are measured, the model is updated with the results.
@@ -37,6 +39,7 @@ from kernels.schedule import Schedule
 from kernels.target import Target
 
 MAX_STEPS = 32  # actions per rollout, as in the environment
+SLOW_FACTOR = 10  # kernels this much slower than the best so far are timed by one call
 
 
 @dataclass
@@ -78,6 +81,8 @@ class Search:
         if not todo:
             return []
         batch = list(todo.values())
+        if self.best_result is not None:
+            self.measurer.runner.slow_cutoff_s = SLOW_FACTOR * self.best_result.time_ms / 1e3
         results = self.measurer.measure(self.op, [render(s, self.target) for s in batch], list(todo))
         for s, r in zip(batch, results):
             self.measured[s.key()] = r
@@ -208,6 +213,20 @@ def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int
         search_random(search, rng)
 
 
+def search_filtered(search: Search, rng: np.random.Generator, model, candidates: int = 64, batch: int = 8,
+                    **_) -> None:
+    """Cost-model filtering: of many random rollouts, measure only the predicted best."""
+    table = ActionTable(search.op)
+    stale = 0
+    while search.left > 0 and stale < 50:
+        cands = [rollout(search.op, table, rng)[0] for _ in range(candidates)]
+        cands = [c for c in cands if c.key() not in search.measured]
+        order = np.argsort(model.predict(cands), kind="stable") if cands else []
+        pairs = search.measure([cands[i] for i in order[:min(batch, search.left)]])
+        stale = 0 if pairs else stale + 1
+        _feedback(model, pairs)
+
+
 def search_policy(search: Search, rng: np.random.Generator, model, policy, samples: int = 64, **_) -> None:
     """Zero-shot: the greedy rollout first, then sampled ones ranked by the model."""
     table = ActionTable(search.op)
@@ -228,4 +247,5 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
         _feedback(model, pairs)
 
 
-AGENTS = {"random": search_random, "anneal": search_anneal, "beam": search_beam, "ppo": search_policy}
+AGENTS = {"random": search_random, "filtered": search_filtered, "anneal": search_anneal, "beam": search_beam,
+          "ppo": search_policy}

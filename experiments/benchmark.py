@@ -7,6 +7,8 @@ Suites:
   kernels-cpu   expert schedules vs numpy/torch and vs the naive loop nest
   measure-cpu   cost of measuring one candidate: compile, check against the reference, time
   env-cpu       environment steps per second without measuring; where a random episode's time goes
+  search-cpu    agents under one measurement budget: measurements to 90% of random search's best
+  zeroshot-cpu  the shipped policy on held-out shapes (budget 1 and 8) vs annealing (budget 256)
 
 Example:
   python -m experiments benchmark --suite kernels-cpu
@@ -30,7 +32,7 @@ from kernels.target import get_target
 from . import bench
 from .config import field
 
-SUITES = ("kernels-cpu", "measure-cpu", "env-cpu")
+SUITES = ("kernels-cpu", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu")
 
 KERNELS_CPU = [
     ("matmul", "512x512x512"),
@@ -50,6 +52,8 @@ class Config:
     out: str = field("BENCHMARKS.md", help="the markdown file whose section is rewritten")
     rounds: int = field(5, help="library/kernel timing rounds per row (kernels-cpu)")
     candidates: int = field(12, help="candidate kernels (measure-cpu) or episodes (env-cpu) to measure")
+    budget: int = field(64, help="measurements per agent (search-cpu)")
+    anneal_budget: int = field(256, help="measurements of the annealing reference (zeroshot-cpu)")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -176,6 +180,73 @@ def _env_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     return lines, results
 
 
+SEARCH_CASES = [("matmul", "1024x1024x1024"), ("conv2d", "1,64,56,56,64,3,3,1,1")]
+SEARCH_AGENTS = ("random", "filtered", "anneal", "beam", "ppo")
+
+
+def _tune(kind: str, shape: str, agent: str, budget: int, runs: str) -> dict:
+    from . import tune
+    from .runs import read_progress
+
+    summary = tune.run(tune.Config(op=kind, shape=shape, agent=agent, budget=budget, runs=runs))
+    summary["progress"] = read_progress(Path(summary["run_dir"]))
+    return summary
+
+
+def _first_reaching(progress: list[dict], gflops: float) -> int | None:
+    return next((p["measurements"] for p in progress if p["search/best_gflops"] >= gflops), None)
+
+
+def _search_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
+    lines = [f"Every agent tunes the same shape with a budget of {cfg.budget} hardware measurements "
+             "(`tune --agent A --budget B`, seed 0, shipped policy and cost model). *To 90%* counts the "
+             "measurements an agent needed to reach 90% of the best GFLOPS that random search found "
+             "with the whole budget (- if never); *of library* is the final best kernel against "
+             "numpy/torch, timed in alternating blocks.", "",
+             "| op | shape | agent | best GFLOPS | of library | to 90% of random's best | wall s | command |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    results = []
+    with tempfile.TemporaryDirectory() as runs:
+        for kind, shape in SEARCH_CASES:
+            by_agent = {a: _tune(kind, shape, a, cfg.budget, runs) for a in SEARCH_AGENTS}
+            reference = 0.9 * by_agent["random"]["progress"][-1]["search/best_gflops"]
+            for agent, r in by_agent.items():
+                reach = _first_reaching(r["progress"], reference)
+                cmd = f"python -m experiments tune --op {kind} --shape {shape} --agent {agent} --budget {cfg.budget}"
+                lines.append(f"| {kind} | {shape} | {agent} | {r['gflops']:.1f} | "
+                             f"{r['fraction_of_library'] or 0:.2f} | {reach if reach else '-'} | "
+                             f"{r['wall_s']:.0f} | `{cmd}` |")
+                results.append({k: v for k, v in r.items() if k not in ("progress", "best_schedule")}
+                               | {"to_90pct_of_random": reach})
+    return lines, results
+
+
+ZEROSHOT_CASES = [("matmul", "768x768x768"), ("matmul", "256x3072x768"),
+                  ("conv2d", "1,512,7,7,512,3,3,1,1"), ("conv2d", "1,64,56,56,128,3,3,2,1")]
+
+
+def _zeroshot_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
+    lines = ["Held-out shapes (never sampled in training). The shipped policy tunes each with "
+             f"`--budget 1` (its greedy schedule alone) and `--budget 8`; `anneal` with "
+             f"`--budget {cfg.anneal_budget}` is the long-search reference.", "",
+             "| op | shape | ppo b=1 GFLOPS | ppo b=8 GFLOPS | anneal GFLOPS | b=1 / anneal | b=8 / anneal | "
+             "commands |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    results = []
+    with tempfile.TemporaryDirectory() as runs:
+        for kind, shape in ZEROSHOT_CASES:
+            one = _tune(kind, shape, "ppo", 1, runs)
+            eight = _tune(kind, shape, "ppo", 8, runs)
+            ref = _tune(kind, shape, "anneal", cfg.anneal_budget, runs)
+            base = f"python -m experiments tune --op {kind} --shape {shape}"
+            lines.append(f"| {kind} | {shape} | {one['gflops']:.1f} | {eight['gflops']:.1f} | {ref['gflops']:.1f} | "
+                         f"{one['gflops'] / ref['gflops']:.2f} | {eight['gflops'] / ref['gflops']:.2f} | "
+                         f"`{base} --agent ppo --budget 1`, `--budget 8`, "
+                         f"`--agent anneal --budget {cfg.anneal_budget}` |")
+            results.append({"op": kind, "shape": shape, "ppo_1": one["gflops"], "ppo_8": eight["gflops"],
+                            "anneal": ref["gflops"]})
+    return lines, results
+
+
 def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
     begin, end = f"<!-- suite:{suite} -->", f"<!-- /suite:{suite} -->"
     section = "\n".join([begin, f"## {title}", "", *lines, end])
@@ -194,9 +265,11 @@ def run(cfg: Config) -> dict:
     target = get_target("cpu")
     title = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
              "measure-cpu": "CPU measurement cost per candidate",
-             "env-cpu": "Environment throughput and episode time split"}[cfg.suite]
-    lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu,
-                      "env-cpu": _env_cpu}[cfg.suite](cfg)
+             "env-cpu": "Environment throughput and episode time split",
+             "search-cpu": "Search agents under one measurement budget",
+             "zeroshot-cpu": "Zero-shot tuning of held-out shapes"}[cfg.suite]
+    lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
+                      "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
     machine = [f"Machine: {target.device}, {target.cores} cores, {target.vector_lanes} fp32 SIMD lanes, "
                f"{target.compiler}; measured {stamp}. "

@@ -1,7 +1,8 @@
 """Tune one operator shape with at most --budget hardware measurements.
 
 Agents: ppo (a trained policy, zero-shot: no training on this shape; default the
-policy shipped for the op), random, anneal (simulated annealing guided by the
+policy shipped for the op), random, filtered (random candidates, only the cost
+model's predicted best measured), anneal (simulated annealing guided by the
 learned cost model), beam (beam search ranked by the cost model). The naive kernel
 and the library are timed as references and do not count against the budget.
 
@@ -74,7 +75,7 @@ def run(cfg: Config) -> dict:
     policy = model = None
     if cfg.agent == "ppo":
         policy = pretrained.load_policy(cfg.policy, op, target)
-    if cfg.agent in ("ppo", "anneal", "beam"):
+    if cfg.agent in ("ppo", "filtered", "anneal", "beam"):
         model = pretrained.load_cost_model(cfg.cost_model, target, seed=cfg.seed)
 
     from torch.utils.tensorboard import SummaryWriter
