@@ -40,7 +40,7 @@ from .config import field
 class Config:
     op: str = field(help="operator", choices=list(OPERATORS))
     shape: str = field(help="extents, e.g. 1024x1024x1024 (matmul) or N,C,H,W,K,R,S[,stride[,pad]] (conv2d)")
-    target: str = field("cpu", help="where to run", choices=["cpu"])
+    target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
     schedule: str = field("expert", help="naive, expert, a tuning log (its best record for this op "
                                          "and shape) or a kernel.json written by --export",
                           metavar="naive|expert|FILE")
@@ -97,7 +97,7 @@ def run(cfg: Config) -> dict:
     schedule = load_schedule(cfg.schedule, op, target)
     if cfg.rounds < 1:
         raise ValueError("--rounds must be at least 1")
-    lib = library_name(op)
+    lib = library_name(op, target.kind)
 
     with Measurer(target, cache=False) as m:
         kernel = render(schedule, target)

@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from kernels.cuda_runner import library_name
+from kernels.library import library_name
 from kernels.experts import expert_schedule
 from kernels.measure import Builder, MeasureResult, Runner
 from kernels.ops import make_op
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 if r["ok"]:
                     gf, lib_gf = op.flops / r["ms"] / 1e6, op.flops / r["lib_ms"] / 1e6
                     lines.append(f"| {kind} | {op.shape_str} | {label} | {launch} | {r['ms']:.3f} | {gf:.0f} | "
-                                 f"{library_name(op)} | {r['lib_ms']:.3f} | {lib_gf:.0f} | {r['ratio']:.2f} | "
+                                 f"{library_name(op, 'cuda')} | {r['lib_ms']:.3f} | {lib_gf:.0f} | {r['ratio']:.2f} | "
                                  f"{r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
                 else:
                     failed = failed or label == "expert"

@@ -124,7 +124,7 @@ def run(cfg: Config) -> dict:
         "agent": cfg.agent, "budget": cfg.budget, "measurements": len(search.measured),
         "resumed_records": already,
         "time_ms": best.time_ms, "gflops": best.gflops,
-        "library": library_name(op), "library_time_ms": library_ms,
+        "library": library_name(op, target.kind), "library_time_ms": library_ms,
         "library_gflops": op.flops / library_ms / 1e6 if library_ms else None,
         "fraction_of_library": library_ms / best.time_ms if library_ms else None,
         "naive_time_ms": naive.time_ms,

@@ -39,10 +39,6 @@ def _cupy() -> Any:
     return cupy
 
 
-def library_name(op: Operator) -> str:
-    return "cuDNN" if "conv" in op.kind else "cuBLAS"
-
-
 def _operator(req: dict) -> tuple[Operator, dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
     """Operator, host inputs, reference and device inputs; one operator held at a time."""
     cp = _cupy()

@@ -10,6 +10,8 @@ the SIMD width; shapes that do not divide get guarded tails.
 
 from __future__ import annotations
 
+import functools
+
 from .ops import Operator
 from .schedule import MAX_LOCAL_BYTES, Schedule
 from .target import Target
@@ -160,29 +162,26 @@ def _gpu_conv2d(op: Operator, target: Target,
     return s
 
 
-def _gpu_expert(op: Operator, target: Target) -> Schedule:
-    if not target.max_threads_per_block:
-        raise ValueError(f"cuda target {target.device!r} has no GPU limits; use get_target('cuda') "
-                         "or cuda_target_for_compile()")
-    if op.kind in ("matmul", "dense_bias_relu"):
-        return _gpu_matmul(op, target, batch=False)
-    if op.kind == "batch_matmul":
-        return _gpu_matmul(op, target, batch=True)
-    if op.kind in ("conv2d", "depthwise_conv2d"):
-        return _gpu_conv2d(op, target)
-    raise ValueError(f"no expert schedule for {op.kind!r}")
+_EXPERTS = {
+    "cpu": {"matmul": functools.partial(_matmul, batch=False),
+            "dense_bias_relu": functools.partial(_matmul, batch=False),
+            "batch_matmul": functools.partial(_matmul, batch=True),
+            "conv2d": _conv2d, "depthwise_conv2d": _conv2d},
+    "cuda": {"matmul": functools.partial(_gpu_matmul, batch=False),
+             "dense_bias_relu": functools.partial(_gpu_matmul, batch=False),
+             "batch_matmul": functools.partial(_gpu_matmul, batch=True),
+             "conv2d": _gpu_conv2d, "depthwise_conv2d": _gpu_conv2d},
+}
 
 
 def expert_schedule(op: Operator, target: Target) -> Schedule:
     """The hand-written schedule for ``op`` on ``target``."""
-    if target.kind == "cuda":
-        return _gpu_expert(op, target)
-    if target.kind != "cpu":
+    if target.kind not in _EXPERTS:
         raise ValueError(f"no expert schedule for target {target.kind!r}")
-    if op.kind in ("matmul", "dense_bias_relu"):
-        return _matmul(op, target, batch=False)
-    if op.kind == "batch_matmul":
-        return _matmul(op, target, batch=True)
-    if op.kind in ("conv2d", "depthwise_conv2d"):
-        return _conv2d(op, target)
-    raise ValueError(f"no expert schedule for {op.kind!r}")
+    if target.kind == "cuda" and not target.max_threads_per_block:
+        raise ValueError(f"cuda target {target.device!r} has no GPU limits; use get_target('cuda') "
+                         "or cuda_target_for_compile()")
+    builder = _EXPERTS[target.kind].get(op.kind)
+    if builder is None:
+        raise ValueError(f"no expert schedule for {op.kind!r}")
+    return builder(op, target)

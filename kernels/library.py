@@ -14,7 +14,9 @@ import numpy as np
 from .ops import Operator
 
 
-def library_name(op: Operator) -> str:
+def library_name(op: Operator, target_kind: str = "cpu") -> str:
+    if target_kind == "cuda":
+        return "cuDNN" if "conv" in op.kind else "cuBLAS"
     return "torch" if "conv" in op.kind else "numpy"
 
 

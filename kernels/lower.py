@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from .expr import Lin
 from .ops import Access, Operator
-from .schedule import Loop, LoopNest, Schedule, bound_axis, footprint, tile_shape
+from .schedule import Loop, LoopNest, Schedule, bound_axis, compose, footprint, tile_shape
 
 
 # ---------------------------------------------------------------- IR nodes
@@ -110,16 +110,6 @@ def _flat(index: tuple[Lin, ...], shape: tuple[int, ...]) -> Lin:
     for e, n in zip(index, shape):
         out = out * n + e
     return out
-
-
-def _access_exprs(access: Access, axis_map: dict[str, Lin]) -> tuple[Lin, ...]:
-    out = []
-    for aff in access.index:
-        e = Lin.constant(aff.const)
-        for axis, coef in aff.terms:
-            e = e + axis_map[axis] * coef
-        out.append(e)
-    return tuple(out)
 
 
 def _place_guards(nest_loops, guards, bound_vars: set[str]):
@@ -368,7 +358,7 @@ def _epilogue(op: Operator) -> For:
     for access_e, v in zip(op.out.index, vars_):
         axis_map[access_e.terms[0][0]] = Lin.var(v)
     idx = _flat(tuple(Lin.var(v) for v in vars_), out_t.shape)
-    bias = Load(op.bias.tensor, _flat(_access_exprs(op.bias, axis_map), op.tensor(op.bias.tensor).shape))
+    bias = Load(op.bias.tensor, _flat(compose(op.bias, axis_map), op.tensor(op.bias.tensor).shape))
     stmt = Store(out_t.name, idx, Relu(Add(Load(out_t.name, idx), bias)))
     for v, n in reversed(list(zip(vars_, out_t.shape))):
         stmt = For(v, n, [stmt])

@@ -90,14 +90,7 @@ class LoopNest:
         """Per tensor dimension, ``access``'s index over loop variables (memoized)."""
         key = access.tensor  # one access per tensor in an operator
         if key not in self._memo:
-            axis_map = self.axis_map
-            out = []
-            for aff in access.index:
-                e = Lin.constant(aff.const)
-                for axis, coef in aff.terms:
-                    e = e + axis_map[axis] * coef
-                out.append(e)
-            self._memo[key] = tuple(out)
+            self._memo[key] = compose(access, self.axis_map)
         return self._memo[key]
 
     def index(self, name: str) -> int:
@@ -126,6 +119,18 @@ class LoopNest:
 
     def anchors(self) -> set[str]:
         return ({self.cache_write} if self.cache_write else set()) | {l for _, l in self.cache_reads}
+
+
+def compose(access: Access, axis_map: dict[str, Lin]) -> tuple[Lin, ...]:
+    """``access``'s index, one expression per tensor dimension, with each op axis
+    replaced by its expression in ``axis_map``."""
+    out = []
+    for aff in access.index:
+        e = Lin.constant(aff.const)
+        for axis, coef in aff.terms:
+            e = e + axis_map[axis] * coef
+        out.append(e)
+    return tuple(out)
 
 
 def initial_nest(op: Operator) -> LoopNest:

@@ -98,6 +98,12 @@ def test_expert_schedule_interpreted_stays_in_range(kind, shape, target, interpr
 
 
 def test_expert_schedule_rejects_other_targets(target):
+    tpu = Target("tpu", "some accelerator", 1, 32, "xla")
+    with pytest.raises(ValueError, match="no expert schedule for target 'tpu'"):
+        expert_schedule(make_op("matmul", "8x8x8"), tpu)
+
+
+def test_expert_schedule_needs_gpu_limits_on_cuda():
     gpu = Target("cuda", "some gpu", 1, 32, "nvcc")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no GPU limits"):
         expert_schedule(make_op("matmul", "8x8x8"), gpu)
