@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import sys
 from typing import Any
 
-from . import bench, benchmark, compare, train, tune
-from . import costmodel
 from .config import add_config_arguments, jsonable
 
-COMMANDS: dict[str, Any] = {"bench": bench, "train": train, "tune": tune, "compare": compare,
-                             "benchmark": benchmark}
-COMMANDS["costmodel"] = costmodel
+# command -> one-line help; a command's module (and what it imports: gymnasium, torch,
+# CuPy) is loaded only when that command runs, so `bench` works where only numpy is.
+COMMANDS: dict[str, str] = {
+    "tune": "Tune one operator shape with at most --budget hardware measurements.",
+    "train": "Train a MaskablePPO agent on an operator's shape family.",
+    "compare": "Compare tuning runs: best GFLOPS against hardware measurements.",
+    "bench": "Measure one schedule against the naive kernel and the vendor library.",
+    "costmodel": "Train the learned cost model from tuning logs.",
+    "benchmark": "Run a benchmark suite and write its section of BENCHMARKS.md.",
+}
+
+
+def command_module(name: str) -> Any:
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,21 +38,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the flags of ``command`` (the others only list their help line)."""
     parser = _Parser(prog="python -m experiments",
                      description="schedgym: search loop schedules for tensor kernels and measure them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, module in COMMANDS.items():
-        p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],
-                           description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_config_arguments(p, module.Config)
+    for name, line in COMMANDS.items():
+        p = sub.add_parser(name, help=line, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == command:
+            module = command_module(name)
+            p.description = module.__doc__
+            add_config_arguments(p, module.Config)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    module = COMMANDS[args.command]
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    module = command_module(args.command)
     cfg = module.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(module.Config)})
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
