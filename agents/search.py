@@ -108,7 +108,7 @@ def rollout(op: Operator, table: ActionTable, rng: np.random.Generator, max_step
         s = s.apply(table.to_step(a, s.nest))
         actions.append(a)
     while len(actions) < max_steps - 1:
-        mask = table.mask(NestInfo(op, s.nest))
+        mask = table.mask(NestInfo(op, s.nest), actions[-1] if actions else None)
         mask[table.done] = False
         if not mask.any() or rng.random() < p_done:
             break
@@ -125,7 +125,7 @@ def policy_rollout(op: Operator, table: ActionTable, policy, target: Target, det
     actions: list[int] = []
     for step in range(max_steps):
         info = NestInfo(op, s.nest)
-        mask = table.mask(info)
+        mask = table.mask(info, actions[-1] if actions else None)
         if step >= max_steps - 1:
             break
         obs = featurize(op, info, target, step / max_steps)

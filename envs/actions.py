@@ -161,7 +161,9 @@ class ActionTable:
                 "cache_write": CacheWrite}[a.primitive](l.name)
 
     # ------------------------------------------------------------ legality
-    def mask(self, info: NestInfo) -> np.ndarray:
+    def mask(self, info: NestInfo, last: int | None = None) -> np.ndarray:
+        """Legal actions on ``info``'s nest; ``last`` (the previous action), if a swap, is
+        masked too: taking it again would only undo it (and lets a policy loop)."""
         loops, n, nest = info.loops, len(info.loops), info.nest
         allowed = np.zeros(len(self.actions), dtype=bool)
         allowed[self.done] = True
@@ -207,6 +209,8 @@ class ActionTable:
             for slots, sizes in reads:
                 size = sizes[i + 1]
                 allowed[slots[i]] = size is not None and 4 * size <= MAX_LOCAL_BYTES
+        if last is not None and self.actions[last].primitive == "swap":
+            allowed[last] = False
         return allowed
 
     # ------------------------------------------------------------ replay

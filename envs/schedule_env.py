@@ -141,6 +141,7 @@ class ScheduleEnv(gym.Env):
         self.op = make_op(self.kind, shape)
         self.schedule = Schedule(self.op)
         self.steps = 0
+        self.last_action: int | None = None
         self.over = False
         self.measured_before = self.measurer.measured
         naive = self._measure(self.schedule)
@@ -166,6 +167,7 @@ class ScheduleEnv(gym.Env):
         except ScheduleError as e:
             info["error"] = str(e)
         else:
+            self.last_action = action
             self._refresh()
         if self.steps >= self.max_steps:
             return self._finish(terminated=False, info=info)
@@ -192,7 +194,7 @@ class ScheduleEnv(gym.Env):
     # ------------------------------------------------------------ internals
     def _refresh(self) -> None:
         info = NestInfo(self.op, self.schedule.nest)
-        self.mask = self.table.mask(info)
+        self.mask = self.table.mask(info, self.last_action)
         if self.steps >= self.max_steps - 1:  # the last step can only end the episode
             self.mask[:] = False
             self.mask[self.table.done] = True

@@ -108,9 +108,10 @@ def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: in
         op = make_op(op_kind, shape)
         table = ActionTable(op)
         s = Schedule(op)
+        last = None
         for step, a in enumerate(table.actions_for(expert_schedule(op, target))[:max_steps]):
             info = NestInfo(op, s.nest)
-            mask = table.mask(info)
+            mask = table.mask(info, last)
             if step >= max_steps - 1:
                 mask[:] = False
                 mask[table.done] = True
@@ -121,6 +122,7 @@ def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: in
             actions.append(a)
             if a != table.done:
                 s = s.apply(table.to_step(a, s.nest))
+                last = a
     return np.array(obs), np.array(masks), np.array(actions)
 
 

@@ -175,9 +175,9 @@ def test_masked_action_is_a_no_op(make_env):
 def test_truncation_at_max_steps(make_env):
     env = make_env("matmul", shape="16x16x16", max_steps=3)
     env.reset(seed=0)
-    swap = env.table.index[Action("swap", 0)]
     unroll_k = env.table.index[Action("unroll", 2)]
-    for _ in range(2):
+    for slot in (0, 1):
+        swap = env.table.index[Action("swap", slot)]
         assert env.action_masks()[swap]
         _, _, terminated, truncated, info = env.step(swap)
         assert not (terminated or truncated) and "error" not in info
@@ -187,6 +187,17 @@ def test_truncation_at_max_steps(make_env):
     assert truncated and not terminated
     assert "masked" in info["error"] and END_KEYS <= info.keys()
     assert [s["step"] for s in info["schedule"]] == ["Reorder", "Reorder"]
+
+
+def test_a_swap_cannot_be_undone_at_once(make_env):
+    env = make_env("matmul", shape="16x16x16")
+    env.reset(seed=0)
+    swap0, swap1 = (env.table.index[Action("swap", s)] for s in (0, 1))
+    env.step(swap0)
+    mask = env.action_masks()
+    assert not mask[swap0] and mask[swap1]
+    env.step(swap1)
+    assert env.action_masks()[swap0]
 
 
 @pytest.mark.parametrize("op", ["matmul", "depthwise_conv2d"])
