@@ -46,8 +46,8 @@ class Config:
     n_envs: int = field(2, help="vectorised environments")
     n_steps: int = field(256, help="PPO rollout length per environment")
     batch_size: int = field(128, help="PPO minibatch size")
-    learning_rate: float = field(3e-4, help="PPO learning rate")
-    ent_coef: float = field(0.01, help="PPO entropy bonus")
+    learning_rate: float = field(3e-5, help="PPO learning rate (small: PPO fine-tunes the imitation policy)")
+    ent_coef: float = field(0.0, help="PPO entropy bonus")
     max_steps: int = field(32, help="actions per episode")
     imitation_epochs: int = field(300, help="epochs of imitating expert replays before PPO (0: none)")
     cost_model: str | None = field(None, help="pre-trained cost model (default: the shipped one)",
