@@ -153,8 +153,8 @@ def search_random(search: Search, rng: np.random.Generator, batch: int = 8, **_)
         stale = 0 if search.measure(cands) else stale + 1
 
 
-def search_anneal(search: Search, rng: np.random.Generator, model, batch: int = 8, chains: int = 16,
-                  chain_steps: int = 40, temperature: float = 0.5, **_) -> None:
+def search_anneal(search: Search, rng: np.random.Generator, model, batch: int = 8, chains: int = 8,
+                  chain_steps: int = 20, temperature: float = 0.5, **_) -> None:
     """Simulated annealing on predicted log time; measure each round's predicted best."""
     table = ActionTable(search.op)
     points = [rollout(search.op, table, rng) for _ in range(chains)]
