@@ -229,6 +229,9 @@ def search_filtered(search: Search, rng: np.random.Generator, model, candidates:
 
 def search_policy(search: Search, rng: np.random.Generator, model, policy, samples: int = 64, **_) -> None:
     """Zero-shot: the greedy rollout first, then sampled ones ranked by the model."""
+    import torch
+
+    torch.manual_seed(int(rng.integers(2**31)))  # the policy samples with torch: seeded, it replays on resume
     table = ActionTable(search.op)
     greedy, _ = policy_rollout(search.op, table, policy, search.target, deterministic=True)
     search.measure([greedy])

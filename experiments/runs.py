@@ -46,10 +46,11 @@ def load_config(run_dir: Path) -> dict:
 class ProgressLog:
     """``progress.jsonl`` plus TensorBoard scalars, one point per hardware measurement."""
 
-    def __init__(self, run_dir: Path, writer=None):
+    def __init__(self, run_dir: Path, writer=None, append: bool = False):
         self.path = Path(run_dir) / "progress.jsonl"
         self.writer = writer
-        self.path.write_text("")
+        if not append:
+            self.path.write_text("")
 
     def add(self, step: int, **scalars: float) -> None:
         with self.path.open("a") as f:

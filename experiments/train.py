@@ -58,13 +58,13 @@ class Config:
     json: bool = field(False, help="print one JSON object as the last line")
 
 
-def _callback(progress: ProgressLog, measurer: Measurer, total: int, model_cost):
+def _callback(progress: ProgressLog, measurer: Measurer, total: int):
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm import tqdm
 
     class SearchLogger(BaseCallback):
         """Logs measured episode results (search/*, step = hardware measurements) and a
-        progress bar; feeds measurements to the cost model."""
+        progress bar."""
 
         def _on_training_start(self) -> None:
             self.bar = tqdm(total=total, initial=self.model.num_timesteps, unit="step", desc="train",
@@ -177,7 +177,7 @@ def run(cfg: Config) -> dict:
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, cfg.op, target.kind, "ppo", cfg.seed)
     writer = SummaryWriter(str(run_dir))
     save_config(run_dir, cfg, writer)
-    progress = ProgressLog(run_dir, writer)
+    progress = ProgressLog(run_dir, writer, append=bool(cfg.resume))
     print(f"run directory: {run_dir}", file=sys.stderr)
 
     model_path = run_dir / "cost_model.pt"
@@ -207,7 +207,7 @@ def run(cfg: Config) -> dict:
         print(f"imitation: {len(demos[2])} expert actions from {len(shapes)} shapes, "
               f"greedy accuracy {accuracy:.2f}", file=sys.stderr)
     try:
-        agent.learn(total_timesteps=cfg.timesteps, callback=_callback(progress, measurer, cfg.timesteps, cost_model),
+        agent.learn(total_timesteps=cfg.timesteps, callback=_callback(progress, measurer, cfg.timesteps),
                     reset_num_timesteps=not cfg.resume)
     finally:  # an interrupted run keeps what it learned
         agent.save(str(policy_file))

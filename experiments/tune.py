@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from agents.search import AGENTS, Progress, Search
-from kernels.library import library_name
+from kernels.library import library_name, library_time_ms
 from kernels.measure import Measurer
 from kernels.ops import OPERATORS, make_op
 from kernels.render import render
@@ -90,6 +90,8 @@ def run(cfg: Config) -> dict:
     with Measurer(target, log=run_dir / "tuning.jsonl") as measurer:
         already = len(measurer.cache)
         naive = measurer.measure_one(op, render(Schedule(op), target), Schedule(op).key())
+        # for the curve; the final figure times the library against the best kernel, in blocks
+        library_ms_start = library_time_ms(op, op.random_inputs(np.random.default_rng(0)))
         bar = tqdm(total=cfg.budget, desc=f"{cfg.agent} {op.kind} {op.shape_str}", unit="meas",
                    file=sys.stderr, disable=None)
         lib_ms: list[float] = []
@@ -99,6 +101,7 @@ def run(cfg: Config) -> dict:
             bar.set_postfix(best_gflops=f"{p.best_gflops:.1f}")
             speedup = naive.time_ms / p.best_time_ms if naive.ok and p.best_time_ms < float("inf") else 0.0
             progress.add(p.measurements, **{"search/best_gflops": p.best_gflops, "search/best_speedup": speedup,
+                                            "search/fraction_of_library": library_ms_start / p.best_time_ms,
                                             "search/wall_time_s": p.wall_s})
 
         search = Search(op, target, measurer, cfg.budget, on_progress=on_progress)

@@ -119,3 +119,16 @@ def test_bad_input_gives_one_line(trained, tmp_path):
     assert "not a run directory" in one_error_line(
         cli("tune", "--op", "matmul", "--shape", "8x8x8", "--resume", str(tmp_path), cwd=tmp_path))
     assert "no progress" in one_error_line(cli("compare", str(tmp_path), cwd=tmp_path))
+
+
+def test_train_resumes_without_measuring_again(trained, tmp_path):
+    before = json.loads((trained / "policy.json").read_text())["timesteps"]
+    lines_before = (trained / "tuning.jsonl").read_text().splitlines()
+    out = last_json(cli("train", "--op", "matmul", "--resume", str(trained), "--timesteps", "32", "--json",
+                        cwd=tmp_path))
+    assert out["timesteps"] >= before + 32
+    assert json.loads((trained / "policy.json").read_text())["timesteps"] == out["timesteps"]
+    lines = (trained / "tuning.jsonl").read_text().splitlines()
+    assert lines[:len(lines_before)] == lines_before
+    keys = [json.dumps([json.loads(l)["shape"], json.loads(l)["schedule"]], sort_keys=True) for l in lines]
+    assert len(keys) == len(set(keys)), "a schedule was measured twice"
