@@ -120,6 +120,18 @@ class Lin:
                 out = out + Lin(((atom, coef),))
         return out
 
+    def evaluate(self, env: dict[str, int]) -> int:
+        """The value when each variable ``v`` is ``env[v]``."""
+        total = self.const
+        for atom, coef in self.terms:
+            if isinstance(atom, str):
+                v = env[atom]
+            else:
+                v = atom.arg.evaluate(env)
+                v = v // atom.divisor if atom.op == "div" else v % atom.divisor
+            total += coef * v
+        return total
+
     def range(self, extents: dict[str, int]) -> tuple[int, int]:
         """Smallest and largest value when each variable ``v`` runs over ``[0, extents[v])``."""
         lo = hi = self.const

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels import lower as ir
-from kernels.expr import DivMod, Lin
+from kernels.expr import Lin
 from kernels.lower import lower, print_loop_nest
 from kernels.measure import Builder, Measurer, MeasureResult, Runner
 from kernels.render import render
@@ -65,18 +65,6 @@ class OutOfBounds(AssertionError):
     """A read or write outside its buffer."""
 
 
-def _eval(e: Lin, env: dict[str, int]) -> int:
-    total = e.const
-    for atom, coef in e.terms:
-        if isinstance(atom, DivMod):
-            v = _eval(atom.arg, env)
-            v = v // atom.divisor if atom.op == "div" else v % atom.divisor
-        else:
-            v = env[atom]
-        total += coef * v
-    return total
-
-
 def interpret_lowered(fn, arrays: dict) -> dict:
     """Execute lowered IR on flat float64 arrays, checking that every access is in range.
 
@@ -86,7 +74,7 @@ def interpret_lowered(fn, arrays: dict) -> dict:
     bufs = {name: np.asarray(a, np.float64).reshape(-1).copy() for name, a in arrays.items()}
 
     def at(buffer, index, env, what):
-        i = _eval(index, env)
+        i = index.evaluate(env)
         if not 0 <= i < bufs[buffer].size:
             raise OutOfBounds(f"{what} {buffer}[{index}] = {buffer}[{i}] outside [0, {bufs[buffer].size}) "
                               f"at {dict(env)}")
@@ -94,11 +82,11 @@ def interpret_lowered(fn, arrays: dict) -> dict:
 
     def value(v, env):
         if isinstance(v, ir.Load):
-            if not all(0 <= _eval(e, env) < n for e, n in v.bounds):
+            if not all(0 <= e.evaluate(env) < n for e, n in v.bounds):
                 return 0.0
             index = v.index
             for e, n, stride in getattr(v, "clamps", ()):   # index + min(e, n - 1) * stride
-                index = index + Lin.constant(min(_eval(e, env), n - 1) * stride)
+                index = index + Lin.constant(min(e.evaluate(env), n - 1) * stride)
             return bufs[v.buffer][at(v.buffer, index, env, "read")]
         if isinstance(v, ir.Mul):
             return value(v.a, env) * value(v.b, env)
@@ -115,11 +103,11 @@ def interpret_lowered(fn, arrays: dict) -> dict:
             if isinstance(s, ir.For):
                 limit = s.extent
                 for e, c in s.bounds:
-                    limit = min(limit, -(-_eval(e, env) // c))
+                    limit = min(limit, -(-e.evaluate(env) // c))
                 for v in range(limit):
                     run(s.body, {**env, s.var: v})
             elif isinstance(s, ir.If):
-                if all(_eval(e, env) < n for e, n in s.conds):
+                if all(e.evaluate(env) < n for e, n in s.conds):
                     run(s.body, env)
             elif isinstance(s, ir.Alloc):
                 bufs[s.buffer] = np.full(s.size, np.nan)
@@ -142,7 +130,6 @@ class Interpreter:
 
     OutOfBounds = OutOfBounds
     lowered = staticmethod(interpret_lowered)   # (Function, arrays) -> buffers
-    eval = staticmethod(_eval)                  # (Lin, env) -> int
 
     def __call__(self, schedule: Schedule, seed: int = 0):
         op = schedule.op

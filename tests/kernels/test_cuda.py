@@ -22,7 +22,6 @@ import pytest
 from kernels import lower as ir
 from kernels.cuda import check_for_target, default_schedule, launch_config
 from kernels.experts import expert_schedule
-from kernels.expr import DivMod
 from kernels.ops import OPERATORS, make_op
 from kernels.render import render
 from kernels.schedule import Bind, Schedule, ScheduleError, bound_axis
@@ -36,18 +35,6 @@ NVCC = shutil.which("nvcc")
 
 class GpuFault(AssertionError):
     pass
-
-
-def _eval(e, env) -> int:
-    total = e.const
-    for atom, coef in e.terms:
-        if isinstance(atom, DivMod):
-            v = _eval(atom.arg, env)
-            v = v // atom.divisor if atom.op == "div" else v % atom.divisor
-        else:
-            v = env[atom]
-        total += coef * v
-    return total
 
 
 def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -80,7 +67,7 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
             return local.get(name, shared.get(name, glob.get(name)))
 
         def at(name, index, env, write):
-            i = _eval(index, env)
+            i = index.evaluate(env)
             buf = buffer(name)
             if not 0 <= i < buf.size:
                 raise GpuFault(f"{'write' if write else 'read'} {name}[{i}] outside [0, {buf.size}) at {env}")
@@ -94,11 +81,11 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
 
         def value(v, env):
             if isinstance(v, ir.Load):
-                if not all(0 <= _eval(e, env) < n for e, n in v.bounds):
+                if not all(0 <= e.evaluate(env) < n for e, n in v.bounds):
                     return 0.0
                 index = v.index
                 for e, n, stride in v.clamps:
-                    index = index + min(_eval(e, env), n - 1) * stride
+                    index = index + min(e.evaluate(env), n - 1) * stride
                 x = buffer(v.buffer)[at(v.buffer, index, env, False)]
                 if np.isnan(x):
                     raise GpuFault(f"read of unset {v.buffer} at {env}")
@@ -114,7 +101,7 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
         def limit(s, env):
             lim = s.extent
             for e, c in s.bounds:
-                lim = min(lim, -(-_eval(e, env) // c))
+                lim = min(lim, -(-e.evaluate(env) // c))
             return lim
 
         def run(stmts, env):
@@ -129,7 +116,7 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                         for v in range(limit(s, env)):
                             yield from run(s.body, {**env, s.var: v})
                 elif isinstance(s, ir.If):
-                    if all(_eval(e, env) < n for e, n in s.conds):
+                    if all(e.evaluate(env) < n for e, n in s.conds):
                         yield from run(s.body, env)
                 elif isinstance(s, ir.Alloc):
                     if s.scope == "shared":

@@ -242,7 +242,7 @@ def test_division_of_a_sum_prints_with_parentheses(interpret):
     e = (Lin.var("a") + Lin.var("b")).floordiv(5)
     m = (Lin.var("a", 2) + Lin.var("b") + 1).mod(5)
     env = {"a": 3, "b": 4}
-    assert interpret.eval(e, env) == 1 and interpret.eval(m, env) == 1
+    assert e.evaluate(env) == 1 and m.evaluate(env) == 1
     # evaluate the printed text with C's integer semantics (non-negative operands)
     assert eval(str(e).replace("/", "//"), {}, env) == 1, str(e)
     assert eval(str(m), {}, env) == 1, str(m)
