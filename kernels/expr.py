@@ -52,6 +52,8 @@ class Lin:
     def __add__(self, other: "Lin | int") -> "Lin":
         if isinstance(other, int):
             return Lin(self.terms, self.const + other)
+        if not other.terms or not self.terms:  # common when composing indices
+            return Lin(self.terms or other.terms, self.const + other.const)
         merged: dict[Atom, int] = dict(self.terms)
         for atom, coef in other.terms:
             merged[atom] = merged.get(atom, 0) + coef
@@ -107,18 +109,24 @@ class Lin:
         return Lin(tuple((a, c) for a, c in self.terms if a not in names), self.const)
 
     def subst(self, name: str, repl: "Lin") -> "Lin":
+        """The expression with variable ``name`` replaced by ``repl`` (one pass, one result)."""
         if name not in self.vars():
             return self
-        out = Lin((), self.const)
+        terms: dict[Atom, int] = {}
+        const = self.const
         for atom, coef in self.terms:
             if atom == name:
-                out = out + repl * coef
+                part = repl
             elif isinstance(atom, DivMod) and name in atom.arg.vars():
                 arg = atom.arg.subst(name, repl)
-                out = out + (arg.floordiv(atom.divisor) if atom.op == "div" else arg.mod(atom.divisor)) * coef
+                part = arg.floordiv(atom.divisor) if atom.op == "div" else arg.mod(atom.divisor)
             else:
-                out = out + Lin(((atom, coef),))
-        return out
+                terms[atom] = terms.get(atom, 0) + coef
+                continue
+            for a, c in part.terms:
+                terms[a] = terms.get(a, 0) + c * coef
+            const += part.const * coef
+        return Lin(tuple((a, c) for a, c in terms.items() if c), const)
 
     def evaluate(self, env: dict[str, int]) -> int:
         """The value when each variable ``v`` is ``env[v]``."""
