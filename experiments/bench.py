@@ -76,13 +76,19 @@ def load_schedule(spec: str, op: Operator, target: Target) -> Schedule:
     return Schedule.from_json({"steps": best.schedule}, op)
 
 
-def export_kernel(directory: str, kernel: Kernel, so_path: str, schedule: Schedule, target: Target) -> Path:
+def export_kernel(directory: str, kernel: Kernel, built_path: str, schedule: Schedule, target: Target) -> Path:
+    """``kernel.c`` + ``kernel.so`` (CPU) or ``kernel.cu`` (CUDA: compile it for your GPU, launch it
+    with the grid and block in ``kernel.json``), and ``kernel.json`` describing the call."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel.c").write_text(kernel.source)
-    shutil.copyfile(so_path, out / "kernel.so")
-    meta = {**kernel.signature_json(), **schedule.to_json(), "target": target.to_json(),
-            "compile": [CC, *CFLAGS, "kernel.c", "-o", "kernel.so"]}
+    meta = {**kernel.signature_json(), **schedule.to_json(), "target": target.to_json()}
+    if kernel.is_cuda:
+        (out / "kernel.cu").write_text(kernel.source)
+        meta["compile"] = ["nvcc", "-O3", f"-arch={target.arch or 'native'}", "-cubin", "kernel.cu"]
+    else:
+        (out / "kernel.c").write_text(kernel.source)
+        shutil.copyfile(built_path, out / "kernel.so")
+        meta["compile"] = [CC, *CFLAGS, "kernel.c", "-o", "kernel.so"]
     (out / "kernel.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

@@ -226,3 +226,20 @@ def test_export_into_a_file_fails_cleanly(env, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr
+
+
+def test_export_of_a_cuda_kernel_writes_its_source_and_launch(tmp_path):
+    from experiments.bench import export_kernel
+    from kernels.experts import expert_schedule
+    from kernels.render import render
+    from kernels.target import cuda_target_for_compile
+
+    target = cuda_target_for_compile("sm_90")
+    schedule = expert_schedule(make_op("matmul", "64x64x64"), target)
+    kernel = render(schedule, target)
+    export_kernel(str(tmp_path), kernel, "", schedule, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernel.cu", "kernel.json"]
+    meta = json.loads((tmp_path / "kernel.json").read_text())
+    assert meta["function"] == kernel.name and set(meta["launch"]) == {"grid", "block"}
+    assert "-arch=sm_90" in meta["compile"]
+    assert (tmp_path / "kernel.cu").read_text() == kernel.source
