@@ -53,7 +53,6 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
 def _conv2d(op: Operator, target: Target) -> Schedule:
     ext = op.extents
     depthwise = op.kind == "depthwise_conv2d"
-    channel = "c" if depthwise else "k"
     xs = _pick(ext["x"], (target.vector_lanes, target.vector_lanes // 2, target.vector_lanes))
     ys = _pick(ext["y"], (2, 4)) if not depthwise else _pick(ext["y"], (4, 2))
     s = Schedule(op).split("x", xs).split("y", ys)
