@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .library import matmul_call
 from .ops import Operator, make_op
 
 # CuPy adds -arch for the device it compiles on (sm_XX, or compute_XX where NVRTC is older)
@@ -63,20 +64,9 @@ def _compile_error(e: Exception) -> str:
 
 def library_call(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
     """cuBLAS (CuPy) for the matmul family, cuDNN (torch) for convolutions; fp32, TF32 off."""
-    cp = _cupy()
-
-    if op.kind in ("matmul", "batch_matmul", "dense_bias_relu"):
-        a, b = dev["A"], dev["B"]
-        out = cp.empty(op.output.shape, cp.float32)
-        if op.kind != "dense_bias_relu":
-            return lambda: cp.matmul(a, b, out=out)
-        bias = dev["bias"]
-
-        def dense():
-            cp.matmul(a, b, out=out)
-            cp.add(out, bias, out=out)
-            cp.maximum(out, 0, out=out)
-        return dense
+    call = matmul_call(op, dev, _cupy())
+    if call is not None:
+        return call
     if op.kind in ("conv2d", "depthwise_conv2d"):
         import torch
 

@@ -20,21 +20,29 @@ def library_name(op: Operator, target_kind: str = "cpu") -> str:
     return "torch" if "conv" in op.kind else "numpy"
 
 
+def matmul_call(op: Operator, arrays: dict, xp=np) -> Callable[[], object] | None:
+    """The matmul family through array module ``xp`` (numpy, or CuPy for cuBLAS) into a
+    preallocated output; None for other operators."""
+    if op.kind not in ("matmul", "batch_matmul", "dense_bias_relu"):
+        return None
+    a, b = arrays["A"], arrays["B"]
+    out = xp.empty(op.output.shape, xp.float32)
+    if op.kind != "dense_bias_relu":
+        return lambda: xp.matmul(a, b, out=out)
+    bias = arrays["bias"]
+
+    def dense():
+        xp.matmul(a, b, out=out)
+        xp.add(out, bias, out=out)
+        xp.maximum(out, 0, out=out)
+    return dense
+
+
 def library_call(op: Operator, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
     """A no-argument call computing ``op`` with numpy (matmul family) or torch (convolutions)."""
-    if op.kind in ("matmul", "batch_matmul"):
-        a, b = inputs["A"], inputs["B"]
-        out = np.empty(op.output.shape, np.float32)
-        return lambda: np.matmul(a, b, out=out)
-    if op.kind == "dense_bias_relu":
-        a, b, bias = inputs["A"], inputs["B"], inputs["bias"]
-        out = np.empty(op.output.shape, np.float32)
-
-        def dense():
-            np.matmul(a, b, out=out)
-            np.add(out, bias, out=out)
-            np.maximum(out, 0, out=out)
-        return dense
+    call = matmul_call(op, inputs)
+    if call is not None:
+        return call
     if op.kind in ("conv2d", "depthwise_conv2d"):
         import torch
         stride, pad = op.params["stride"], op.params["pad"]
