@@ -101,16 +101,19 @@ class Search:
 
 def rollout(op: Operator, table: ActionTable, rng: np.random.Generator, max_steps: int = MAX_STEPS,
             p_done: float = 0.05, prefix: Sequence[int] = ()) -> tuple[Schedule, list[int]]:
-    """A random masked rollout (after replaying ``prefix``): the schedule and its actions."""
+    """A random masked rollout (after replaying ``prefix``) that stops, with probability
+    ``p_done`` per step, wherever ``done`` is allowed: the schedule and its actions."""
     s = Schedule(op)
     actions: list[int] = []
     for a in prefix:
         s = s.apply(table.to_step(a, s.nest))
         actions.append(a)
-    while len(actions) < max_steps - 1:
-        mask = table.mask(NestInfo(op, s.nest), actions[-1] if actions else None)
+    while True:
+        mask = table.mask(NestInfo(op, s.nest), actions[-1] if actions else None,
+                          steps_left=max_steps - len(actions))
+        can_stop = mask[table.done]
         mask[table.done] = False
-        if not mask.any() or rng.random() < p_done:
+        if not mask.any() or (can_stop and rng.random() < p_done):
             break
         a = int(rng.choice(np.flatnonzero(mask)))
         s = s.apply(table.to_step(a, s.nest))
@@ -123,11 +126,9 @@ def policy_rollout(op: Operator, table: ActionTable, policy, target: Target, det
     """Roll out a MaskablePPO-style policy (``predict(obs, action_masks=, deterministic=)``)."""
     s = Schedule(op)
     actions: list[int] = []
-    for step in range(max_steps):
+    for step in range(max_steps - 1):
         info = NestInfo(op, s.nest)
-        mask = table.mask(info, actions[-1] if actions else None)
-        if step >= max_steps - 1:
-            break
+        mask = table.mask(info, actions[-1] if actions else None, steps_left=max_steps - step)
         obs = featurize(op, info, target, step / max_steps)
         a, _ = policy.predict(obs, action_masks=mask, deterministic=deterministic)
         a = int(a)
@@ -146,7 +147,7 @@ def _feedback(model, pairs) -> None:
 
 
 def search_random(search: Search, rng: np.random.Generator, batch: int = 8, **_) -> None:
-    table = ActionTable(search.op)
+    table = ActionTable(search.op, search.target)
     stale = 0
     while search.left > 0 and stale < 50:
         cands = [rollout(search.op, table, rng)[0] for _ in range(min(batch, search.left))]
@@ -156,7 +157,7 @@ def search_random(search: Search, rng: np.random.Generator, batch: int = 8, **_)
 def search_anneal(search: Search, rng: np.random.Generator, model, batch: int = 8, chains: int = 8,
                   chain_steps: int = 20, temperature: float = 0.5, **_) -> None:
     """Simulated annealing on predicted log time; measure each round's predicted best."""
-    table = ActionTable(search.op)
+    table = ActionTable(search.op, search.target)
     points = [rollout(search.op, table, rng) for _ in range(chains)]
     stale = 0
     while search.left > 0 and stale < 50:
@@ -189,7 +190,7 @@ def _mutate(op: Operator, table: ActionTable, actions: list[int], rng: np.random
 def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int = 8, per_level: int = 2,
                 max_children: int = 64, **_) -> None:
     """Beam search over actions, ranked by the model; the top of every level is measured."""
-    table = ActionTable(search.op)
+    table = ActionTable(search.op, search.target)
     beam = [(Schedule(search.op), [])]
     for depth in range(MAX_STEPS - 1):
         if search.left <= 0 or not beam:
@@ -208,7 +209,8 @@ def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int
         scores = model.predict([c for c, _ in children])
         order = np.argsort(scores, kind="stable")
         beam = [children[i] for i in order[:beam_width]]
-        _feedback(model, search.measure([s for s, _ in beam[:per_level]]))
+        complete = [s for s, _ in beam if table.complete(NestInfo(search.op, s.nest))]
+        _feedback(model, search.measure(complete[:per_level]))
     if search.left > 0:  # budget left after the deepest level: spend it like random search
         search_random(search, rng)
 
@@ -216,7 +218,7 @@ def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int
 def search_filtered(search: Search, rng: np.random.Generator, model, candidates: int = 64, batch: int = 8,
                     **_) -> None:
     """Cost-model filtering: of many random rollouts, measure only the predicted best."""
-    table = ActionTable(search.op)
+    table = ActionTable(search.op, search.target)
     stale = 0
     while search.left > 0 and stale < 50:
         cands = [rollout(search.op, table, rng)[0] for _ in range(candidates)]
@@ -232,7 +234,7 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
     import torch
 
     torch.manual_seed(int(rng.integers(2**31)))  # the policy samples with torch: seeded, it replays on resume
-    table = ActionTable(search.op)
+    table = ActionTable(search.op, search.target)
     greedy, _ = policy_rollout(search.op, table, policy, search.target, deterministic=True)
     search.measure([greedy])
     stale = 0

@@ -9,6 +9,23 @@ and is deliberately a little stricter than the schedule IR: once a cache stage i
 anchored at a loop, structural steps (split, tile, swap, fuse) may only touch
 loops outside every anchor, so they cannot change a cache's tile or footprint.
 Every action the mask allows applies without :class:`ScheduleError` (tested).
+
+The table depends on the target: ``parallel`` (OpenMP) exists only on a CPU,
+``bind`` (a loop to ``blockIdx``/``threadIdx``) only on CUDA. On CUDA the mask also
+keeps every state *completable*, so that every allowed sequence ends in a kernel
+that passes the GPU's rules (:func:`kernels.cuda.check_for_target`):
+
+- bound loops stay outside every reduction and never move; blocks bind outside
+  threads; thread counts and grid sizes stay within the device's limits;
+- until a loop is bound, the outermost loop stays serial and spatial (it can always
+  be bound to ``blockIdx.x``);
+- the spatial loops inside the first reduction hold at most one thread's tile of
+  outputs, so ``cache_write`` just outside it always fits in registers;
+- ``cache_read`` (a shared-memory stage) needs a bound loop, lies inside every block
+  loop and fits in the block's shared memory; after it, nothing more is bound;
+- ``done`` is allowed once the schedule is complete, and when the steps left are
+  only enough to complete it, only the completing actions are (a bind, then a
+  ``cache_write``, then ``done``).
 """
 
 from __future__ import annotations
@@ -19,24 +36,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels import cuda
+from kernels.lower import thread_loops
 from kernels.ops import Operator
-from kernels.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, CacheRead, CacheWrite, Fuse,
-                              LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split, Step, Tile,
-                              Unroll, Vectorize)
+from kernels.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES, Bind, CacheRead,
+                              CacheWrite, Fuse, LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split,
+                              Step, Tile, Unroll, Vectorize, bound_axis, footprint)
+from kernels.target import CUDA_SHARED_BYTES, Target, cpu_target
 
 MAX_LOOPS = 12
 FACTORS = (2, 3, 4, 6, 8, 16, 32, 64)
 
 STRUCTURAL = ("split", "tile", "swap", "fuse")
-ANNOTATIONS = ("vectorize", "unroll", "parallel", "cache_write")
+ANNOTATIONS = {"cpu": ("vectorize", "unroll", "parallel", "cache_write"),
+               "cuda": ("vectorize", "unroll", "cache_write")}
+MAX_TILE_FLOATS = cuda.MAX_TILE_BYTES // 4   # one GPU thread's accumulators
 
 
 @dataclass(frozen=True)
 class Action:
-    primitive: str           # split, tile, swap, fuse, vectorize, unroll, parallel, cache_write, cache_read, done
+    primitive: str           # split, tile, swap, fuse, vectorize, unroll, parallel, bind, cache_write,
+                             # cache_read, done
     slot: int = 0            # loop position, outermost = 0
     factor: int = 0          # index into FACTORS (split, tile)
     tensor: str = ""         # cache_read only
+    axis: str = ""           # bind only: blockIdx.x ... threadIdx.z
 
 
 def factor_for(extent: int, f: int) -> int:
@@ -103,10 +127,12 @@ class NestInfo:
 
 
 class ActionTable:
-    """The fixed action list of one operator kind."""
+    """The fixed action list of one operator kind on one kind of target."""
 
-    def __init__(self, op: Operator):
+    def __init__(self, op: Operator, target: Target | None = None):
         self.kind = op.kind
+        self.target = target or cpu_target()
+        self.gpu = self.target.kind == "cuda"
         self.inputs = (op.lhs.tensor, op.rhs.tensor)
         table: list[Action] = []
         for s in range(MAX_LOOPS):
@@ -115,21 +141,25 @@ class ActionTable:
             table += [Action("tile", s, f) for f in range(len(FACTORS))]
         for prim in ("swap", "fuse"):
             table += [Action(prim, s) for s in range(MAX_LOOPS - 1)]
-        for prim in ANNOTATIONS:
+        for prim in ANNOTATIONS[self.target.kind]:
             table += [Action(prim, s) for s in range(MAX_LOOPS)]
+        if self.gpu:
+            for axis in THREAD_AXES:
+                table += [Action("bind", s, axis=axis) for s in range(MAX_LOOPS)]
         for t in self.inputs:
             table += [Action("cache_read", s, tensor=t) for s in range(MAX_LOOPS)]
         table.append(Action("done"))
         self.actions = tuple(table)
         self.index = {a: i for i, a in enumerate(self.actions)}
         self.done = len(table) - 1
+        self.is_primitive = {p: np.array([a.primitive == p for a in table]) for p in {a.primitive for a in table}}
         # positions by (primitive, slot[, factor]) for the mask's hot loop
         self.at: dict[str, list] = {}
         for i, a in enumerate(self.actions):
             if a.primitive in ("split", "tile"):
                 self.at.setdefault(a.primitive, [[] for _ in range(MAX_LOOPS)])[a.slot].append(i)
             else:
-                self.at.setdefault(a.primitive + a.tensor, [None] * MAX_LOOPS)[a.slot] = i
+                self.at.setdefault(a.primitive + a.tensor + a.axis, [None] * MAX_LOOPS)[a.slot] = i
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -157,16 +187,20 @@ class ActionTable:
             return Fuse(l.name, loops[a.slot + 1].name)
         if a.primitive == "cache_read":
             return CacheRead(a.tensor, l.name)
+        if a.primitive == "bind":
+            return Bind(l.name, a.axis)
         return {"vectorize": Vectorize, "unroll": Unroll, "parallel": Parallel,
                 "cache_write": CacheWrite}[a.primitive](l.name)
 
     # ------------------------------------------------------------ legality
-    def mask(self, info: NestInfo, last: int | None = None) -> np.ndarray:
-        """Legal actions on ``info``'s nest; ``last`` (the previous action), if a swap, is
-        masked too: taking it again would only undo it (and lets a policy loop)."""
+    def mask(self, info: NestInfo, last: int | None = None, steps_left: int | None = None) -> np.ndarray:
+        """Legal actions on ``info``'s nest. ``last`` (the previous action), if a swap, is
+        masked too: taking it again would only undo it (and lets a policy loop).
+        ``steps_left`` (this one included): with one left only ``done`` is allowed; on
+        CUDA, with only enough left to complete the schedule, only the completing ones."""
         loops, n, nest = info.loops, len(info.loops), info.nest
+        gpu = self.gpu
         allowed = np.zeros(len(self.actions), dtype=bool)
-        allowed[self.done] = True
         has_parallel = any(l.kind == "parallel" for l in loops)
         unrolled = math.prod(l.extent for l in loops if l.kind == "unroll")
         first_reduce = min((i for i, l in enumerate(loops) if l.reduce), default=n)
@@ -179,9 +213,14 @@ class ActionTable:
         for i in range(n - 1, -1, -1):
             spatial_inside[i] = spatial_inside[i + 1] * (1 if loops[i].reduce else loops[i].extent)
         cached = {t for t, _ in nest.cache_reads}
-        footprints = {t: info.footprints(t) for t in self.inputs if t not in cached}
         at = self.at
-        reads = [(at["cache_read" + t], sizes) for t, sizes in footprints.items()]
+        gpu_rules = _GpuRules(self, info, first_reduce) if gpu else None
+        if gpu:
+            reads = gpu_rules.cache_reads(cached)
+        else:
+            footprints = {t: info.footprints(t) for t in self.inputs if t not in cached}
+            reads = [(at["cache_read" + t], [s is not None and 4 * s <= MAX_LOCAL_BYTES for s in sizes[1:]])
+                     for t, sizes in footprints.items()]
 
         for i, l in enumerate(loops):
             serial = l.kind == "serial"
@@ -193,25 +232,42 @@ class ActionTable:
                 both_free = free and m.kind == "serial" and i + 1 < info.first_anchor
                 if both_free and n + 2 <= MAX_LOOPS and \
                         {f"{x}_{y}" for x in (l.name, m.name) for y in "oi"}.isdisjoint(info.names):
-                    allowed[at["tile"][i]] = factor_slots(l.extent) & factor_slots(m.extent)
+                    allowed[at["tile"][i]] = factor_slots(l.extent) & factor_slots(m.extent) & \
+                        (gpu_rules.tile_factors(i) if gpu else True)
                 if i + 1 < info.first_anchor and m.kind != "vectorize" and l.kind != "parallel" and \
-                        (m.kind != "unroll" or l.kind == "unroll"):
+                        (m.kind != "unroll" or l.kind == "unroll") and (not gpu or gpu_rules.swap(i)):
                     allowed[at["swap"][i]] = True
                 if both_free and l.reduce == m.reduce and f"{l.name}_{m.name}" not in info.names:
                     allowed[at["fuse"][i]] = True
             if serial:
-                allowed[at["vectorize"][i]] = i == n - 1 and not l.reduce
-                allowed[at["unroll"][i]] = (i + 1 >= tile_from and l.extent <= MAX_UNROLL
+                keep = not gpu or gpu_rules.annotate(i)
+                allowed[at["vectorize"][i]] = keep and i == n - 1 and not l.reduce and \
+                    (not gpu or l.extent <= MAX_UNROLL)
+                allowed[at["unroll"][i]] = (keep and i + 1 >= tile_from and l.extent <= MAX_UNROLL
                                             and unrolled * l.extent <= MAX_UNROLLED_BODY)
-                allowed[at["parallel"][i]] = i == 0 and not l.reduce and not has_parallel
+                if gpu:
+                    for axis in THREAD_AXES:
+                        allowed[at["bind" + axis][i]] = gpu_rules.bind(i, axis)
+                else:
+                    allowed[at["parallel"][i]] = i == 0 and not l.reduce and not has_parallel
             if nest.cache_write is None:
-                allowed[at["cache_write"][i]] = first_reduce > i and 4 * spatial_inside[i + 1] <= MAX_LOCAL_BYTES
-            for slots, sizes in reads:
-                size = sizes[i + 1]
-                allowed[slots[i]] = size is not None and 4 * size <= MAX_LOCAL_BYTES
+                allowed[at["cache_write"][i]] = first_reduce > i and 4 * spatial_inside[i + 1] <= MAX_LOCAL_BYTES \
+                    and (not gpu or gpu_rules.cache_write(i, spatial_inside[i + 1]))
+            for slots, fits in reads:
+                allowed[slots[i]] = fits[i]
         if last is not None and self.actions[last].primitive == "swap":
             allowed[last] = False
+        allowed[self.done] = not gpu or gpu_rules.complete
+        if steps_left is not None and steps_left <= 1:
+            allowed[:] = False
+            allowed[self.done] = True
+        elif gpu and steps_left is not None and steps_left <= gpu_rules.steps_to_complete:
+            allowed &= self.is_primitive["cache_write" if gpu_rules.bound else "bind"]
         return allowed
+
+    def complete(self, info: NestInfo) -> bool:
+        """Whether the nest is a finished kernel for the target (``done`` is allowed)."""
+        return bool(self.mask(info)[self.done])
 
     # ------------------------------------------------------------ replay
     def actions_for(self, schedule: Schedule) -> list[int]:
@@ -225,6 +281,8 @@ class ActionTable:
 
         def take(a: Action) -> None:
             nonlocal current
+            if a not in self.index:
+                raise ScheduleError(f"{a} is not in the action table (at most {MAX_LOOPS} loops)")
             i = self.index[a]
             step = self.to_step(i, current.nest)
             current = current.apply(step)
@@ -248,6 +306,8 @@ class ActionTable:
                 take(Action("fuse", nest.index(step.outer)))
             elif isinstance(step, CacheRead):
                 take(Action("cache_read", nest.index(step.loop), tensor=step.tensor))
+            elif isinstance(step, Bind):
+                take(Action("bind", nest.index(step.loop), axis=step.thread_axis))
             else:
                 prim = {Vectorize: "vectorize", Unroll: "unroll", Parallel: "parallel",
                         CacheWrite: "cache_write"}[type(step)]
@@ -273,3 +333,83 @@ class ActionTable:
             while i > pos:
                 take(Action("swap", i - 1))
                 i -= 1
+
+
+class _GpuRules:
+    """The CUDA part of :meth:`ActionTable.mask` for one nest (see the module docstring)."""
+
+    def __init__(self, table: ActionTable, info: NestInfo, first_reduce: int):
+        self.table, self.info, self.first_reduce = table, info, first_reduce
+        loops, nest = info.loops, info.nest
+        self.loops = loops
+        self.bound = [i for i, l in enumerate(loops) if bound_axis(l)]
+        self.axes = {bound_axis(loops[i]) for i in self.bound}
+        blocks = [i for i in self.bound if bound_axis(loops[i]).startswith("blockIdx")]
+        threads = [i for i in self.bound if i not in blocks]
+        self.last_block = blocks[-1] if blocks else -1
+        self.first_thread = threads[0] if threads else len(loops)
+        self.threads = math.prod(loops[i].extent for i in threads)
+        self.write_at = nest.index(nest.cache_write) if nest.cache_write else None
+        # spatial iterations inside the first reduction: they all end up in one thread's tile
+        self.inner_tile = math.prod(l.extent for l in loops[first_reduce:] if not l.reduce)
+        self.complete = bool(self.bound) and self.write_at is not None
+        self.steps_to_complete = 1 + (not self.bound) + (self.write_at is None)
+
+    def annotate(self, i: int) -> bool:
+        """Until something is bound, the outermost loop stays serial (bindable)."""
+        return i > 0 or bool(self.bound)
+
+    def swap(self, i: int) -> bool:
+        l, m = self.loops[i], self.loops[i + 1]
+        if bound_axis(l) or bound_axis(m):
+            return False
+        if i == 0 and not self.bound and m.reduce:
+            return False
+        if i + 1 == self.first_reduce and not l.reduce and m.reduce:
+            return self.inner_tile * l.extent <= MAX_TILE_FLOATS
+        return True
+
+    def tile_factors(self, i: int) -> np.ndarray | bool:
+        """A tile of a spatial loop and the first reduction moves the spatial tile inside it."""
+        l, m = self.loops[i], self.loops[i + 1]
+        if i + 1 != self.first_reduce or l.reduce or not m.reduce:
+            return True
+        return np.array([self.inner_tile * factor_for(l.extent, f) <= MAX_TILE_FLOATS
+                         for f in range(len(FACTORS))])
+
+    def bind(self, i: int, axis: str) -> bool:
+        l, t = self.loops[i], self.table.target
+        if axis in self.axes or l.reduce or i >= self.first_reduce or self.info.nest.cache_reads:
+            return False
+        if self.write_at is not None and i > self.write_at:
+            return False
+        if axis.startswith("blockIdx"):
+            return i < self.first_thread and l.extent <= cuda.MAX_GRID[axis[-1]]
+        return (i > self.last_block and l.extent <= cuda.MAX_BLOCK[axis[-1]]
+                and self.threads * l.extent <= (t.max_threads_per_block or 1024))
+
+    def cache_write(self, i: int, tile: int) -> bool:
+        return (not self.bound or i >= self.bound[-1]) and tile <= MAX_TILE_FLOATS
+
+    def cache_reads(self, cached: set[str]) -> list[tuple[list, list[bool]]]:
+        """(action positions, fits per slot) of each input not yet staged in shared memory."""
+        op, nest, n = self.info.op, self.info.nest, len(self.loops)
+        room = self.table.target.shared_bytes_per_block or CUDA_SHARED_BYTES
+        threads = thread_loops(nest)
+
+        def size(tensor: str, anchor: str) -> int | None:
+            dims = footprint(op, nest, tensor, anchor, also=threads)
+            return None if dims is None else 4 * math.prod(d[2] for d in dims)
+
+        room -= sum(size(t, a) or 0 for t, a in nest.cache_reads)
+        out = []
+        for t in self.table.inputs:
+            if t in cached:
+                continue
+            fits = [False] * n
+            if self.bound:
+                for i in range(max(self.last_block, 0), n):
+                    b = size(t, self.loops[i].name)
+                    fits[i] = b is not None and b <= room
+            out.append((self.table.at["cache_read" + t], fits))
+        return out

@@ -12,11 +12,15 @@ import math
 import numpy as np
 
 from kernels.ops import OPERATORS, Operator
+from kernels.schedule import bound_axis
 from kernels.target import Target
 
 from .actions import MAX_LOOPS, NestInfo
 
 KINDS = ("serial", "parallel", "vectorize", "unroll")
+# A bound GPU loop shows in the "parallel" column (its iterations run concurrently):
+# 1 for blocks, like a CPU's parallel loop, 2 for threads, the inner level.
+PARALLEL_LEVEL = {"blockIdx": 1.0, "threadIdx": 2.0}
 MAX_AXES = 7
 OP_KINDS = tuple(OPERATORS)
 
@@ -25,7 +29,7 @@ LOOP_FEATURES = (
     ("present", 1),
     ("log_extent", 1),
     ("reduce", 1),
-    ("kind", len(KINDS)),            # one-hot serial / parallel / vectorize / unroll
+    ("kind", len(KINDS)),            # one-hot serial / parallel / vectorize / unroll (GPU: see PARALLEL_LEVEL)
     ("axis", MAX_AXES),              # one-hot: which op axis the loop came from
     ("fused", 1),                    # the loop is a fused loop (indices through div/mod)
     ("anchor", 3),                   # cache_write here; cache_read of lhs here; of rhs here
@@ -72,7 +76,12 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
     rows = obs[:n * LOOP_WIDTH].reshape(n, LOOP_WIDTH)
     rows[:, 0] = 1.0
     rows[:, 2] = [l.reduce for l in loops]
-    rows[np.arange(n), [3 + KINDS.index(l.kind) for l in loops]] = 1.0
+    for i, l in enumerate(loops):
+        axis = bound_axis(l)
+        if axis:
+            rows[i, 3 + KINDS.index("parallel")] = PARALLEL_LEVEL[axis.split(".")[0]]
+        else:
+            rows[i, 3 + KINDS.index(l.kind)] = 1.0
     rows[np.arange(n), [7 + axes.index(l.axis) for l in loops]] = 1.0
     rows[:, 14] = [any(s[i] is None for s in strides) for i in range(n)]
     rows[:, 15] = [nest.cache_write == l.name for l in loops]
@@ -97,7 +106,7 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
     g[j + 3] = _log(target.vector_lanes)
     g[j + 4] = step_fraction
     g[j + 5] = len(loops) / MAX_LOOPS
-    g[j + 6] = float(any(l.kind == "parallel" for l in loops))
+    g[j + 6] = float(any(l.kind == "parallel" or bound_axis(l) for l in loops))
     g[j + 7] = float(any(l.kind == "vectorize" for l in loops))
     g[j + 8] = float(nest.cache_write is not None)
     g[j + 9] = float(bool(nest.cache_reads))

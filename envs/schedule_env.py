@@ -27,7 +27,7 @@ class ScheduleEnv(gym.Env):
 
     **Options** (``gymnasium.make("schedgym/Schedule-v0", ...)``): ``op`` (kind),
     ``shape`` or ``shapes`` (a family sampled at each reset; ``reset(options={"shape":
-    ...})`` picks one), ``target`` ("cpu"), ``max_steps`` (32), ``reward``
+    ...})`` picks one), ``target`` ("cpu" or "cuda"), ``max_steps`` (32), ``reward``
     ("measure" or "surrogate"), ``measure_every_step`` (False), ``cost_model``
     (default: :class:`AnalyticalCostModel`), ``update_cost_model`` (feed every measured
     final kernel to ``cost_model.update``), ``measurer`` / ``log_path`` (share a
@@ -47,7 +47,9 @@ class ScheduleEnv(gym.Env):
     fuse(slot)              11         ``Fuse(loop, next loop)``
     vectorize(slot)         12         ``Vectorize``
     unroll(slot)            12         ``Unroll``
-    parallel(slot)          12         ``Parallel``
+    parallel(slot)          12         ``Parallel`` (CPU only)
+    bind(axis, slot)        6 x 12     ``Bind`` to blockIdx.x/y/z, threadIdx.x/y/z
+                                       (CUDA only)
     cache_write(slot)       12         ``CacheWrite``
     cache_read(lhs, slot)   12         ``CacheRead`` of the first operand
     cache_read(rhs, slot)   12         ``CacheRead`` of the second operand
@@ -64,6 +66,8 @@ class ScheduleEnv(gym.Env):
     log_extent              1      iterations of the loop
     reduce                  1      a reduction loop
     kind                    4      one-hot: serial, parallel, vectorize, unroll
+                                   (a GPU loop bound to blocks: parallel = 1;
+                                   to threads: parallel = 2)
     axis                    7      one-hot: the op axis it came from
     fused                   1      indices go through div/mod (a fused loop)
     anchor                  3      cache_write here; cache_read of lhs; of rhs
@@ -77,7 +81,7 @@ class ScheduleEnv(gym.Env):
     log_vector_lanes        1      fp32 SIMD lanes
     step_fraction           1      steps taken / max_steps
     loop_fraction           1      loops / 12
-    has                     4      a parallel loop; a vectorized loop; cache_write;
+    has                     4      a parallel or bound loop; a vectorized loop; cache_write;
                                    any cache_read
     ======================  =====  ==============================================
 
@@ -127,7 +131,7 @@ class ScheduleEnv(gym.Env):
         self.measurer = measurer or Measurer(self.target, log=log_path)
         self.update_cost_model = update_cost_model
         self.render_mode = render_mode
-        self.table = ActionTable(make_op(op, self.shapes[0]))
+        self.table = ActionTable(make_op(op, self.shapes[0]), self.target)
         self.action_space = spaces.Discrete(len(self.table))
         self.observation_space = spaces.Box(0.0, features.HIGH, (features.SIZE,), np.float32)
         self.schedule: Schedule | None = None
@@ -194,10 +198,7 @@ class ScheduleEnv(gym.Env):
     # ------------------------------------------------------------ internals
     def _refresh(self) -> None:
         info = NestInfo(self.op, self.schedule.nest)
-        self.mask = self.table.mask(info, self.last_action)
-        if self.steps >= self.max_steps - 1:  # the last step can only end the episode
-            self.mask[:] = False
-            self.mask[self.table.done] = True
+        self.mask = self.table.mask(info, self.last_action, steps_left=self.max_steps - self.steps)
         self.obs = features.featurize(self.op, info, self.target, self.steps / self.max_steps)
 
     def _measure(self, schedule: Schedule):

@@ -52,7 +52,7 @@ def load_policy(path: str | None, op: Operator, target: Target):
         policy = MaskablePPO.load(str(p), device="cpu")
     except Exception as e:  # a zip that is not a policy
         raise ValueError(f"cannot load policy {p}: {e}") from None
-    n_actions = len(ActionTable(op))
+    n_actions = len(ActionTable(op, target))
     if policy.action_space.n != n_actions or policy.observation_space.shape != (SIZE,):
         raise ValueError(f"policy {p} has {policy.action_space.n} actions and observations of "
                          f"{policy.observation_space.shape}; {op.kind} needs {n_actions} and ({SIZE},)")

@@ -106,15 +106,12 @@ def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: in
     obs, masks, actions = [], [], []
     for shape in shapes:
         op = make_op(op_kind, shape)
-        table = ActionTable(op)
+        table = ActionTable(op, target)
         s = Schedule(op)
         last = None
         for step, a in enumerate(table.actions_for(expert_schedule(op, target))[:max_steps]):
             info = NestInfo(op, s.nest)
-            mask = table.mask(info, last)
-            if step >= max_steps - 1:
-                mask[:] = False
-                mask[table.done] = True
+            mask = table.mask(info, last, steps_left=max_steps - step)
             if not mask[a]:
                 break
             obs.append(featurize(op, info, target, step / max_steps))

@@ -111,16 +111,16 @@ def _gpu_matmul(op: Operator, target: Target, batch: bool,
     tm, tn, ty, tx, bk = tile or _matmul_tile(m, n, target)
     tm, tn = min(tm, m), min(tn, n)
     ty, tx = min(ty, _ceil(m, tm)), min(tx, _ceil(n, tn))
-    bm, bn, bk = min(ty * tm, m), min(tx * tn, n), min(bk, k)
-    s = Schedule(op).split("i", bm).split("i_i", tm).split("j", bn).split("j_i", tn).split("k", bk)
-    order = ("i_o", "j_o", "i_i_o", "j_i_o", "k_o", "k_i", "i_i_i", "j_i_i")
+    # inner tiles first, so every split factor is a small one (the environment's factors)
+    s = Schedule(op).split("i", tm).split("i_o", ty).split("j", tn).split("j_o", tx).split("k", min(bk, k))
+    order = ("i_o_o", "j_o_o", "i_o_i", "j_o_i", "k_o", "k_i", "i_i", "j_i")
     s = s.reorder(*(("b",) + order if batch else order))
     if batch:
         s = s.bind("b", "blockIdx.z")
-    s = (s.bind("i_o", "blockIdx.y").bind("j_o", "blockIdx.x")
-         .bind("i_i_o", "threadIdx.y").bind("j_i_o", "threadIdx.x"))
-    s = s.cache_write("j_i_o").cache_read("A", "k_o").cache_read("B", "k_o")
-    return s.vectorize("j_i_i").unroll("i_i_i").unroll("k_i")
+    s = (s.bind("i_o_o", "blockIdx.y").bind("j_o_o", "blockIdx.x")
+         .bind("i_o_i", "threadIdx.y").bind("j_o_i", "threadIdx.x"))
+    s = s.cache_write("j_o_i").cache_read("A", "k_o").cache_read("B", "k_o")
+    return s.vectorize("j_i").unroll("i_i").unroll("k_i")
 
 
 def _gpu_conv2d(op: Operator, target: Target,
