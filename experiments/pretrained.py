@@ -64,8 +64,8 @@ def load_cost_model(path: str | None, target: Target, seed: int = 0):
     from agents.cost_model import LearnedCostModel
 
     if path:
-        return LearnedCostModel.load(path)
+        return LearnedCostModel.load(path, target=target)
     shipped = cost_model_path(target.kind)
     if shipped.is_file():
-        return LearnedCostModel.load(shipped)
-    return LearnedCostModel(seed=seed)
+        return LearnedCostModel.load(shipped, target=target)
+    return LearnedCostModel(target=target, seed=seed)

@@ -38,7 +38,7 @@ from .shapes import family
 @dataclass
 class Config:
     op: str = field(help="operator", choices=list(OPERATORS))
-    target: str = field("cpu", help="where to run", choices=["cpu"])
+    target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
     shapes: str = field("default", help="shape family (its train split), or 'small' for quick runs")
     agent: str = field("ppo", help="the learning agent", choices=["ppo"])
     timesteps: int = field(4096, help="environment steps to train for")
@@ -101,7 +101,7 @@ def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: in
     from envs.features import featurize
     from kernels.experts import expert_schedule
     from kernels.ops import make_op
-    from kernels.schedule import Schedule
+    from kernels.schedule import Schedule, ScheduleError
 
     obs, masks, actions = [], [], []
     for shape in shapes:
@@ -109,7 +109,13 @@ def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: in
         table = ActionTable(op, target)
         s = Schedule(op)
         last = None
-        for step, a in enumerate(table.actions_for(expert_schedule(op, target))[:max_steps]):
+        try:
+            replay = table.actions_for(expert_schedule(op, target))
+        except ScheduleError as e:
+            print(f"imitation: the expert schedule of {op_kind} {shape} has no action sequence ({e}); "
+                  "skipped", file=sys.stderr)
+            continue
+        for step, a in enumerate(replay[:max_steps]):
             info = NestInfo(op, s.nest)
             mask = table.mask(info, last, steps_left=max_steps - step)
             if not mask[a]:
@@ -197,8 +203,9 @@ def run(cfg: Config) -> dict:
                             learning_rate=cfg.learning_rate, ent_coef=cfg.ent_coef, seed=cfg.seed,
                             device="cpu", verbose=0)
     agent.set_logger(configure(str(run_dir), ["tensorboard", "csv"]))
-    if not cfg.resume and cfg.imitation_epochs > 0:
-        demos = expert_demonstrations(cfg.op, shapes, target, cfg.max_steps)
+    demos = expert_demonstrations(cfg.op, shapes, target, cfg.max_steps) \
+        if not cfg.resume and cfg.imitation_epochs > 0 else None
+    if demos is not None and len(demos[2]):
         accuracy = imitate(agent, demos, cfg.imitation_epochs, cfg.seed)
         writer.add_scalar("train/imitation_accuracy", accuracy, 0)
         print(f"imitation: {len(demos[2])} expert actions from {len(shapes)} shapes, "

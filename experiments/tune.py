@@ -7,13 +7,14 @@ learned cost model), beam (beam search ranked by the cost model). The naive kern
 and the library are timed as references and do not count against the budget.
 
 Everything goes to runs/<op>-<target>-<agent>-<seed>-<time>/ (TensorBoard events,
-tuning.jsonl, progress.jsonl, summary.json, best_kernel.c). --resume RUN_DIR goes
+tuning.jsonl, progress.jsonl, summary.json, best_kernel.c or .cu). --resume RUN_DIR goes
 on from an interrupted run: measured schedules come back from its tuning log and
 are not measured again.
 
 Examples:
   python -m experiments tune --op matmul --shape 1024x1024x1024 --budget 64
   python -m experiments tune --op conv2d --shape 1,64,56,56,64,3,3,1,1 --agent anneal --budget 128
+  python -m experiments tune --op matmul --shape 1024x1024x1024 --target cuda --budget 64
   tensorboard --logdir runs
 """
 
@@ -45,7 +46,7 @@ from .runs import ProgressLog, load_config, new_run_dir, save_config
 class Config:
     op: str = field(help="operator", choices=list(OPERATORS))
     shape: str = field(help="extents, e.g. 1024x1024x1024 or N,C,H,W,K,R,S[,stride[,pad]]")
-    target: str = field("cpu", help="where to run", choices=["cpu"])
+    target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
     agent: str = field("ppo", help="search agent", choices=list(AGENTS))
     policy: str | None = field(None, help="trained policy (.zip) for --agent ppo (default: the shipped one)",
                                metavar="PATH")
@@ -63,6 +64,18 @@ def _resumed(cfg: Config) -> Config:
     saved = load_config(Path(cfg.resume))
     keep = {k: v for k, v in saved.items() if k not in ("resume", "json", "export")}
     return Config(**{**keep, "resume": cfg.resume, "json": cfg.json, "export": cfg.export})
+
+
+def _library_ms(op, measurer: Measurer) -> float:
+    """The library's time on this target: in this process on a CPU; on a GPU in the
+    measurement worker, which holds the device (beside the naive kernel)."""
+    if measurer.target.kind == "cpu":
+        return library_time_ms(op, op.random_inputs(np.random.default_rng(0)))
+    naive = render(Schedule(op), measurer.target)
+    res = measurer.runner.run(op, naive, measurer.builder.build([naive])[0].path, library=True)
+    if not res.ok:
+        raise RuntimeError(f"the naive {op.kind} kernel failed on {measurer.target.device}: {res.error}")
+    return statistics.median(res.library_times_ms)
 
 
 def run(cfg: Config) -> dict:
@@ -91,7 +104,7 @@ def run(cfg: Config) -> dict:
         already = len(measurer.cache)
         naive = measurer.measure_one(op, render(Schedule(op), target), Schedule(op).key())
         # for the curve; the final figure times the library against the best kernel, in blocks
-        library_ms_start = library_time_ms(op, op.random_inputs(np.random.default_rng(0)))
+        library_ms_start = _library_ms(op, measurer)
         bar = tqdm(total=cfg.budget, desc=f"{cfg.agent} {op.kind} {op.shape_str}", unit="meas",
                    file=sys.stderr, disable=None)
         lib_ms: list[float] = []
@@ -137,7 +150,7 @@ def run(cfg: Config) -> dict:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "best.json").write_text(json.dumps(search.best.to_json(), indent=2) + "\n")
-    (run_dir / "best_kernel.c").write_text(kernel.source)
+    (run_dir / f"best_kernel.{'cu' if kernel.is_cuda else 'c'}").write_text(kernel.source)
     frac = f", {summary['fraction_of_library']:.2f} of {summary['library']}" if library_ms else ""
     print(f"{op.kind} {op.shape_str}: best {best.gflops:.1f} GFLOPS ({best.time_ms:.3f} ms) after "
           f"{summary['measurements']} measurements, {summary['speedup_vs_naive'] or 0:.1f}x naive{frac}")

@@ -501,7 +501,9 @@ class Runner:
             req.update(backend="cuda", launch=kernel.launch)
         correct = False
         build_s = 0.0  # NVRTC, for CUDA kernels
-        limit = max(self.timeout_s, self.startup_timeout_s)
+        # Before "prepared", a CPU worker may compute a large reference (startup_timeout_s
+        # bounds it); a GPU worker compiles the kernel then, which timeout_s bounds.
+        limit = self.timeout_s if kernel.is_cuda else max(self.timeout_s, self.startup_timeout_s)
         deadline = time.monotonic() + limit
         try:
             w.send(req)
@@ -557,7 +559,8 @@ class Measurer:
                  cache: bool = True):
         self.target = target
         self.builder = builder or Builder()
-        self.runner = runner or Runner()
+        # GPU kernels run in milliseconds: one that takes 30 s to compile and run is hopeless
+        self.runner = runner or Runner(timeout_s=30.0 if target.kind == "cuda" else 60.0)
         self.log = log if isinstance(log, TuningLog) or log is None else TuningLog(log)
         self.use_cache = cache
         self.cache: dict[MeasureKey, MeasureResult] = {}

@@ -7,6 +7,7 @@ minimum time, a private build cache); its cache makes repeated shapes free.
 
 from __future__ import annotations
 
+import types
 import zlib
 
 import pytest
@@ -72,6 +73,7 @@ class FakeMeasurer:
         self.measured = 0
         self.calls: list[str] = []
         self.closed = False
+        self.runner = types.SimpleNamespace(slow_cutoff_s=None)   # the env sets its cutoff here
 
     def time_ms(self, key: str) -> float:
         if key == "[]":

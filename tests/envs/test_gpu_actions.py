@@ -148,3 +148,39 @@ def test_env_rollouts_compile_with_nvcc(tmp_path):
     sources = [render(s, TARGET, name=f"{kind}_{n}").source
                for kind in OPS for n, s in enumerate(_env_rollouts(kind, 2, seed=11))]
     nvcc_compile(sources, tmp_path)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+@pytest.fixture(scope="module")
+def gpu_env():
+    pytest.importorskip("cupy")
+    from envs.schedule_env import ScheduleEnv
+    from kernels.target import NoCudaDevice
+    try:
+        env = ScheduleEnv(op="matmul", shapes=["512x512x512", "96x80x64"], target="cuda")
+    except NoCudaDevice as e:
+        pytest.skip(str(e))
+    yield env
+    env.close()
+
+
+def test_gpu_env_expert_and_random_episodes_are_correct(gpu_env):
+    """The expert replayed as actions, and random masked episodes, measure correct on the GPU."""
+    env = gpu_env
+    obs, info = env.reset(seed=0, options={"shape": "512x512x512"})
+    expert = env.table.actions_for(expert_schedule(env.op, env.target))
+    for a in expert:
+        assert env.action_masks()[a]
+        obs, reward, terminated, truncated, info = env.step(a)
+    assert terminated and info["correct"], info
+    assert info["speedup"] > 1.0
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        env.reset(seed=int(rng.integers(1 << 30)), options={"shape": "96x80x64"})
+        done = False
+        while not done:
+            a = int(rng.choice(np.flatnonzero(env.action_masks())))
+            obs, reward, terminated, truncated, info = env.step(a)
+            done = terminated or truncated
+        assert info["correct"], info
