@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -474,6 +474,14 @@ class Runner:
         except Exception:
             pass
 
+    def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]],
+                 library: bool = False) -> Iterator[MeasureResult]:
+        """One result per (kernel, path), in order; here one at a time, lazily, so the
+        caller records each before the next runs. A runner with several devices
+        (:class:`kernels.cluster.RayRunner`) runs them side by side instead."""
+        for kernel, path in jobs:
+            yield self.run(op, kernel, path, library)
+
     def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False) -> MeasureResult:
         """Check ``kernel`` (built at ``path``) against the reference and time it; with
         ``library``, time the vendor library too, in alternating blocks."""
@@ -551,7 +559,10 @@ class Measurer:
 
     Results are cached by (op kind, shape, schedule key, target kind, device,
     compiler); with a tuning log, the cache starts from the log's records and every
-    new measurement is appended to it.
+    new measurement is appended to it. The builder/runner pair decides where kernels
+    compile and run: :class:`Builder`/:class:`Runner` on this machine, or
+    :func:`kernels.cluster.backend` on a Ray cluster. Several threads may measure at
+    once (envs stepping in parallel); cache and log are updated under a lock.
     """
 
     def __init__(self, target: Target, builder: Builder | None = None,
@@ -567,6 +578,7 @@ class Measurer:
         self.measured = 0         # new measurements made (cache misses)
         self.build_s = 0.0        # seconds spent compiling, over all of them
         self.run_s = 0.0          # seconds spent checking and timing, over all of them
+        self._lock = threading.Lock()
         if cache and self.log is not None:
             self.preload(self.log)
 
@@ -589,29 +601,33 @@ class Measurer:
         mkeys = [self.key(op, k) for k in keys]
         results: dict[MeasureKey, MeasureResult] = {}
         todo: dict[MeasureKey, tuple[Kernel, str]] = {}
-        for mk, kernel, key in zip(mkeys, kernels, keys):
-            if self.use_cache and mk in self.cache:
-                results[mk] = self.cache[mk]
-            elif mk not in todo:    # duplicates in a batch are measured once
-                todo[mk] = (kernel, key)
+        with self._lock:
+            for mk, kernel, key in zip(mkeys, kernels, keys):
+                if self.use_cache and mk in self.cache:
+                    results[mk] = self.cache[mk]
+                elif mk not in todo:    # duplicates in a batch are measured once
+                    todo[mk] = (kernel, key)
 
         builds = self.builder.build([k for k, _ in todo.values()])   # all compiles first...
-        for (mk, (kernel, key)), b in zip(todo.items(), builds):     # ...then timing, alone
+        runs = self.runner.run_many(op, [(kernel, b.path) for (kernel, _), b in zip(todo.values(), builds)
+                                         if b.path is not None])     # ...then timing, alone
+        for (mk, (kernel, key)), b in zip(todo.items(), builds):
             if b.path is None:
                 res = MeasureResult.failure(b.error or "build failed", build_s=b.build_s)
             else:
-                res = self.runner.run(op, kernel, b.path)
+                res = next(runs)
                 res = replace(res, build_s=b.build_s + res.build_s)  # + NVRTC in the worker (CUDA)
             if not res.ok:
                 logger.debug("%s %s: %s", op.kind, op.shape_str, res.error)
             results[mk] = res
-            self.measured += 1
-            self.build_s += res.build_s
-            self.run_s += res.run_s
-            if self.use_cache:
-                self.cache[mk] = res
-            if self.log is not None:
-                self.log.append(self.record(op, key, res))
+            with self._lock:
+                self.measured += 1
+                self.build_s += res.build_s
+                self.run_s += res.run_s
+                if self.use_cache:
+                    self.cache[mk] = res
+                if self.log is not None:
+                    self.log.append(self.record(op, key, res))
         return [results[mk] for mk in mkeys]
 
     def measure_one(self, op: Operator, kernel: Kernel, key: str) -> MeasureResult:

@@ -1,0 +1,158 @@
+"""The Ray measurement backend on a throwaway one-machine cluster (loopback only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kernels import cluster
+from kernels.kernel import Kernel
+from kernels.measure import Builder, Measurer, Runner
+from kernels.ops import make_op
+from kernels.target import cpu_target
+from kernels.tuning_log import TuningLog
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = dict(timeout_s=30, repeats=1, warmup=0, min_time_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """One local cluster for the module: 2 CPUs for compiles, 2 CPU runners; its workers
+    build into a private cache (they inherit SCHEDGYM_CACHE)."""
+    saved = os.environ.get("SCHEDGYM_CACHE")
+    os.environ["SCHEDGYM_CACHE"] = str(tmp_path_factory.mktemp("ray-cache"))
+    cluster.connect("local", num_cpus=2, cpu_hosts=2)
+    yield
+    cluster.disconnect()
+    if saved is None:
+        os.environ.pop("SCHEDGYM_CACHE", None)
+    else:
+        os.environ["SCHEDGYM_CACHE"] = saved
+
+
+def _random_search(measurer: Measurer, budget: int):
+    from agents.search import Search, search_random
+
+    op = make_op("matmul", "16x24x20")
+    search = Search(op, measurer.target, measurer, budget)
+    search_random(search, np.random.default_rng(7))
+    return search
+
+
+def _content(log: TuningLog) -> list[tuple]:
+    """What must not depend on where a kernel was measured (times do)."""
+    return [(r.op, r.shape, r.target, r.hardware, r.compiler, json.dumps(r.schedule), r.correct, r.error)
+            for r in log]
+
+
+def test_ray_search_matches_the_local_backend(ray_cluster, tmp_path):
+    target = cpu_target()
+    with Measurer(target, Builder(cache_dir=tmp_path / "local-build"), Runner(**FAST),
+                  log=tmp_path / "local.jsonl") as m:
+        local = _random_search(m, 12)
+    backend = cluster.backend(target, **FAST)
+    assert backend.runner.devices == 2 and backend.builder.workers == 2
+    with Measurer(target, backend.builder, backend.runner, log=tmp_path / "ray.jsonl") as m:
+        remote = _random_search(m, 12)
+    assert backend.builder.compiles >= 1 and backend.runner.runs == 12  # it really went through Ray
+    assert list(remote.measured) == list(local.measured)
+    assert [r.ok for r in remote.measured.values()] == [r.ok for r in local.measured.values()]
+    assert any(r.ok for r in remote.measured.values())
+    assert _content(TuningLog(tmp_path / "ray.jsonl")) == _content(TuningLog(tmp_path / "local.jsonl"))
+
+
+SLEEPY = Kernel("sleepy", """
+#include <unistd.h>
+void sleepy(float* restrict A, float* restrict B, float* restrict C) {
+    usleep(1500000);
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 8; j++) {
+            float acc = 0.0f;
+            for (int k = 0; k < 8; k++) acc += A[i * 8 + k] * B[k * 8 + j];
+            C[i * 8 + j] = acc;
+        }
+}
+""", make_op("matmul", "8x8x8").tensors)
+
+
+def test_a_runner_killed_mid_measurement_loses_no_record(ray_cluster, tmp_path):
+    import ray
+
+    backend = cluster.backend(cpu_target(), **FAST)
+    log = TuningLog(tmp_path / "tuning.jsonl")
+    killed = []
+
+    def kill_the_busy_one():
+        deadline = time.monotonic() + 60
+        while not backend.runner.busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for actor in backend.runner.busy():
+            ray.kill(actor)
+            killed.append(actor)
+
+    with Measurer(cpu_target(), backend.builder, backend.runner, log=log) as m:
+        killer = threading.Thread(target=kill_the_busy_one)
+        killer.start()
+        res = m.measure_one(make_op("matmul", "8x8x8"), SLEEPY, "sleepy")
+        killer.join()
+        assert len(killed) == 1
+        assert res.ok, res.error          # retried on the other runner
+        assert backend.runner.retries == 1
+        assert backend.runner.devices == 2  # the dead runner was replaced
+        assert [(r.schedule, r.correct) for r in log] == [("sleepy", True)]
+        # and the run goes on: a search after the loss measures its whole budget
+        search = _random_search(m, 6)
+    assert len(search.measured) == 6 and len(log.read()) == 7
+
+
+def test_a_bad_address_fails_fast_and_names_it():
+    t0 = time.monotonic()
+    with pytest.raises(cluster.ClusterError, match="127.0.0.1:1"):
+        cluster.connect("127.0.0.1:1")
+    with pytest.raises(cluster.ClusterError, match="not auto, local or HOST:PORT"):
+        cluster.connect("nowhere")
+    assert time.monotonic() - t0 < 15
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDGYM_CACHE": str(cwd / "cache")}
+    return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_cluster_is_one_error_line(tmp_path):
+    proc = cli("tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "random", "--cluster", "127.0.0.1:1",
+               cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no Ray cluster at 127.0.0.1:1")
+    assert not (tmp_path / "runs").exists()  # failed before making a run directory
+
+
+def test_without_cluster_ray_is_not_imported(tmp_path):
+    code = ("import sys; from experiments.cli import main; "
+            "rc = main(['tune', '--op', 'matmul', '--shape', '8x8x8', '--agent', 'random', '--budget', '1']); "
+            "assert rc == 0 and 'ray' not in sys.modules, sorted(m for m in sys.modules if 'ray' in m)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDGYM_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_train_on_the_cluster_steps_envs_side_by_side(ray_cluster, tmp_path):
+    from experiments import train
+
+    out = train.run(train.Config(op="matmul", shapes="small", timesteps=32, n_steps=16, batch_size=16,
+                                 imitation_epochs=0, runs=str(tmp_path / "runs"), cluster="local"))
+    assert out["n_envs"] == 2 and out["timesteps"] >= 32
+    records = TuningLog(Path(out["run_dir"]) / "tuning.jsonl").read()
+    assert len(records) == out["measurements"] >= 2
+    assert all(r.correct for r in records if not r.schedule)  # the naive kernels
