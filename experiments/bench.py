@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from kernels import cluster
 from kernels.experts import expert_schedule
 from kernels.kernel import Kernel
 from kernels.library import library_name
@@ -47,6 +48,9 @@ class Config:
     rounds: int = field(3, help="timing rounds; in each, the library and the kernel alternate in blocks")
     export: str | None = field(None, help="write kernel.c, kernel.so and kernel.json to this directory",
                                metavar="DIR")
+    cluster: str | None = field(None, help="build and time on the Ray cluster at this address: auto, "
+                                           "HEAD_IP:6379, or local (a throwaway one on this machine)",
+                                metavar="ADDRESS")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -105,7 +109,8 @@ def run(cfg: Config) -> dict:
         raise ValueError("--rounds must be at least 1")
     lib = library_name(op, target.kind)
 
-    with Measurer(target, cache=False) as m:
+    backend = cluster.join(cfg.cluster, target) if cfg.cluster else None
+    with Measurer(target, backend and backend.builder, backend and backend.runner, cache=False) as m:
         kernel = render(schedule, target)
         naive_kernel = render(Schedule(op), target, name=kernel.name + "_naive")
         _status(f"building {op.kind} {op.shape_str} ({cfg.schedule}) and the naive kernel ...")

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from kernels import cluster
 from kernels.measure import Measurer
 from kernels.ops import OPERATORS
 from kernels.target import get_target
@@ -43,7 +44,8 @@ class Config:
     agent: str = field("ppo", help="the learning agent", choices=["ppo"])
     timesteps: int = field(4096, help="environment steps to train for")
     reward: str = field("surrogate", help="reward mode of the environment", choices=["surrogate", "measure"])
-    n_envs: int = field(2, help="vectorised environments")
+    n_envs: int = field(0, help="vectorised environments (0: 2 on this machine; with --cluster, as many "
+                                "candidates as the cluster measures at once)")
     n_steps: int = field(256, help="PPO rollout length per environment")
     batch_size: int = field(128, help="PPO minibatch size")
     learning_rate: float = field(3e-5, help="PPO learning rate (small: PPO fine-tunes the imitation policy)")
@@ -55,6 +57,8 @@ class Config:
     seed: int = field(0, help="random seed")
     runs: str = field("runs", help="where run directories go")
     resume: str | None = field(None, help="continue the run in this directory", metavar="RUN_DIR")
+    cluster: str | None = field(None, help="measure on the Ray cluster at this address: auto, HEAD_IP:6379, "
+                                           "or local (a throwaway one on this machine)", metavar="ADDRESS")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -161,7 +165,8 @@ def _command(cfg: Config) -> str:
 def run(cfg: Config) -> dict:
     if cfg.resume:
         saved = load_config(Path(cfg.resume))
-        cfg = Config(**{**saved, "resume": cfg.resume, "json": cfg.json, "timesteps": cfg.timesteps})
+        cfg = Config(**{**saved, "resume": cfg.resume, "json": cfg.json, "timesteps": cfg.timesteps,
+                        "cluster": cfg.cluster})
     if cfg.timesteps < 1:
         raise ValueError("--timesteps must be at least 1")
     target = get_target(cfg.target)
@@ -174,9 +179,12 @@ def run(cfg: Config) -> dict:
     from stable_baselines3.common.vec_env import DummyVecEnv
     from torch.utils.tensorboard import SummaryWriter
 
+    from agents.vec_env import Serialized, ThreadVecEnv
     from envs.schedule_env import ScheduleEnv
 
     torch.set_num_threads(1)  # a small MLP: threads cost more than they give, and kernels need the cores
+    backend = cluster.join(cfg.cluster, target) if cfg.cluster else None  # fails fast, before a run dir
+    n_envs = cfg.n_envs or (backend.parallelism if backend else 2)
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, cfg.op, target.kind, "ppo", cfg.seed)
     writer = SummaryWriter(str(run_dir))
     save_config(run_dir, cfg, writer)
@@ -186,14 +194,18 @@ def run(cfg: Config) -> dict:
     model_path = run_dir / "cost_model.pt"
     cost_model = pretrained.load_cost_model(str(model_path) if model_path.is_file() else cfg.cost_model,
                                             target, seed=cfg.seed)
-    measurer = Measurer(target, log=run_dir / "tuning.jsonl")
-    # Measurements run one at a time on this machine anyway, so the envs live in this
-    # process (DummyVecEnv) and share the measurer: one cache, one tuning log.
-    envs = DummyVecEnv([lambda: ScheduleEnv(op=cfg.op, shapes=shapes, target=cfg.target,
-                                            max_steps=cfg.max_steps, reward=cfg.reward,
-                                            cost_model=cost_model, measurer=measurer,
-                                            update_cost_model=True)
-                        for _ in range(cfg.n_envs)])
+    measurer = Measurer(target, backend and backend.builder, backend and backend.runner,
+                        log=run_dir / "tuning.jsonl")
+    # The envs live in this process and share the measurer (one cache, one tuning log) and
+    # the cost model. Here measurements run one at a time anyway, so they step in turn
+    # (DummyVecEnv); on a cluster they step in threads, and their kernels are measured side
+    # by side on its devices (agents/vec_env.py says why not envs in remote actors).
+    vec_env, env_cost_model = (ThreadVecEnv, Serialized(cost_model)) if backend else (DummyVecEnv, cost_model)
+    envs = vec_env([lambda: ScheduleEnv(op=cfg.op, shapes=shapes, target=cfg.target,
+                                        max_steps=cfg.max_steps, reward=cfg.reward,
+                                        cost_model=env_cost_model, measurer=measurer,
+                                        update_cost_model=True)
+                    for _ in range(n_envs)])
     envs.seed(cfg.seed)
     policy_file = run_dir / "policy.zip"
     if cfg.resume and policy_file.is_file():
@@ -221,8 +233,10 @@ def run(cfg: Config) -> dict:
                 "command": _command(cfg)}
         policy_file.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
         envs.close()
+        measurer.close()
         writer.close()
     summary = {"op": cfg.op, "target": target.kind, "agent": "ppo", "timesteps": int(agent.num_timesteps),
-               "measurements": measurer.measured, "run_dir": str(run_dir), "policy": str(policy_file)}
+               "measurements": measurer.measured, "n_envs": n_envs, "run_dir": str(run_dir),
+               "policy": str(policy_file)}
     print(f"trained {summary['timesteps']} steps ({measurer.measured} measurements); policy: {policy_file}")
     return summary

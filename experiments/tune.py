@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from agents.search import AGENTS, Progress, Search
+from kernels import cluster
 from kernels.library import library_name, library_time_ms
 from kernels.measure import Measurer
 from kernels.ops import OPERATORS, make_op
@@ -57,13 +58,15 @@ class Config:
     runs: str = field("runs", help="where run directories go")
     resume: str | None = field(None, help="continue the run in this directory", metavar="RUN_DIR")
     export: str | None = field(None, help="write the best kernel's .c, .so and .json here", metavar="DIR")
+    cluster: str | None = field(None, help="measure on the Ray cluster at this address: auto, HEAD_IP:6379, "
+                                           "or local (a throwaway one on this machine)", metavar="ADDRESS")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
 def _resumed(cfg: Config) -> Config:
     saved = load_config(Path(cfg.resume))
-    keep = {k: v for k, v in saved.items() if k not in ("resume", "json", "export")}
-    return Config(**{**keep, "resume": cfg.resume, "json": cfg.json, "export": cfg.export})
+    keep = {k: v for k, v in saved.items() if k not in ("resume", "json", "export", "cluster")}
+    return Config(**{**keep, "resume": cfg.resume, "json": cfg.json, "export": cfg.export, "cluster": cfg.cluster})
 
 
 def _library_ms(op, measurer: Measurer) -> float:
@@ -94,13 +97,15 @@ def run(cfg: Config) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    backend = cluster.join(cfg.cluster, target) if cfg.cluster else None  # fails fast, before a run dir
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, op.kind, target.kind, cfg.agent, cfg.seed)
     writer = SummaryWriter(str(run_dir))
     save_config(run_dir, cfg, writer)
     progress = ProgressLog(run_dir, writer)
     print(f"run directory: {run_dir}", file=sys.stderr)
 
-    with Measurer(target, log=run_dir / "tuning.jsonl") as measurer:
+    with Measurer(target, backend and backend.builder, backend and backend.runner,
+                  log=run_dir / "tuning.jsonl") as measurer:
         already = len(measurer.cache)
         naive = measurer.measure_one(op, render(Schedule(op), target), Schedule(op).key())
         # for the curve; the final figure times the library against the best kernel, in blocks
