@@ -19,8 +19,9 @@ that passes the GPU's rules (:func:`kernels.cuda.check_for_target`):
   threads; thread counts and grid sizes stay within the device's limits;
 - until a loop is bound, the outermost loop stays serial and spatial (it can always
   be bound to ``blockIdx.x``);
-- the spatial loops inside the first reduction hold at most one thread's tile of
-  outputs, so ``cache_write`` just outside it always fits in registers;
+- the spatial loops inside the first reduction (tails of splits included) hold at
+  most one thread's tile of outputs, so ``cache_write`` just outside it always fits
+  in registers;
 - ``cache_read`` (a shared-memory stage) needs a bound loop, lies inside every block
   loop and fits in the block's shared memory; after it, nothing more is bound;
 - ``done`` is allowed once the schedule is complete, and when the steps left are
@@ -226,7 +227,7 @@ class ActionTable:
             serial = l.kind == "serial"
             free = serial and i < info.first_anchor   # structural steps may touch it
             if free and n < MAX_LOOPS and f"{l.name}_o" not in info.names and f"{l.name}_i" not in info.names:
-                allowed[at["split"][i]] = factor_slots(l.extent)
+                allowed[at["split"][i]] = factor_slots(l.extent) & (gpu_rules.split_factors(i) if gpu else True)
             if i + 1 < n:
                 m = loops[i + 1]
                 both_free = free and m.kind == "serial" and i + 1 < info.first_anchor
@@ -369,12 +370,31 @@ class _GpuRules:
             return self.inner_tile * l.extent <= MAX_TILE_FLOATS
         return True
 
-    def tile_factors(self, i: int) -> np.ndarray | bool:
-        """A tile of a spatial loop and the first reduction moves the spatial tile inside it."""
-        l, m = self.loops[i], self.loops[i + 1]
-        if i + 1 != self.first_reduce or l.reduce or not m.reduce:
+    def _grown(self, loop, f: int) -> int:
+        """The extent a split by factor slot ``f`` leaves ``loop`` with, tail included."""
+        factor = factor_for(loop.extent, f)
+        return -(-loop.extent // factor) * factor
+
+    def split_factors(self, i: int) -> np.ndarray | bool:
+        """A split with a tail enlarges a spatial loop inside the first reduction."""
+        l = self.loops[i]
+        if i <= self.first_reduce or l.reduce:
             return True
-        return np.array([self.inner_tile * factor_for(l.extent, f) <= MAX_TILE_FLOATS
+        rest = self.inner_tile // l.extent
+        return np.array([rest * self._grown(l, f) <= MAX_TILE_FLOATS for f in range(len(FACTORS))])
+
+    def tile_factors(self, i: int) -> np.ndarray | bool:
+        """A tile of a spatial loop and the first reduction moves the spatial loop's inner
+        part inside it; inside the first reduction, tails enlarge spatial loops."""
+        l, m = self.loops[i], self.loops[i + 1]
+        if i + 1 < self.first_reduce:
+            return True
+        if i + 1 == self.first_reduce:   # l is spatial, m the first reduction
+            return np.array([self.inner_tile * factor_for(l.extent, f) <= MAX_TILE_FLOATS
+                             for f in range(len(FACTORS))])
+        spatial = [x for x in (l, m) if not x.reduce]
+        rest = self.inner_tile // math.prod(x.extent for x in spatial)
+        return np.array([rest * math.prod(self._grown(x, f) for x in spatial) <= MAX_TILE_FLOATS
                          for f in range(len(FACTORS))])
 
     def bind(self, i: int, axis: str) -> bool:

@@ -18,6 +18,13 @@ FAMILIES: dict[str, dict[str, dict[str, list[str]]]] = {
             "held_out": ["320x320x320", "768x768x768", "1024x1024x1024", "256x3072x768",
                          "100x200x300", "127x255x65"],
         },
+        # sizes that fill a large GPU; held out: the default family's GPU-sized ones
+        "gpu": {
+            "train": ["256x256x256", "512x512x512", "2048x2048x2048", "4096x4096x4096",
+                      "512x2048x512", "1536x1536x1536", "128x4096x1024", "2048x512x2048",
+                      "384x768x3072", "200x300x100"],
+            "held_out": ["768x768x768", "1024x1024x1024", "256x3072x768", "3000x1000x2000"],
+        },
     },
     "dense_bias_relu": {
         "default": {

@@ -184,3 +184,26 @@ def test_gpu_env_expert_and_random_episodes_are_correct(gpu_env):
             obs, reward, terminated, truncated, info = env.step(a)
             done = terminated or truncated
         assert info["correct"], info
+
+
+def test_long_rollouts_on_awkward_shapes_end_complete():
+    """Long episodes on extents with tails still end in a complete kernel: splits with
+    tails inside the reduction cannot outgrow a thread's tile."""
+    rng = np.random.default_rng(3)
+    for shape in ("256x3072x768", "3000x1000x2000", "127x255x65"):
+        op = make_op("matmul", shape)
+        table = ActionTable(op, TARGET)
+        for _ in range(150):
+            s, _ = rollout(op, table, rng, p_done=0.01)
+            check_for_target(s, TARGET)
+
+
+def test_tails_inside_the_reduction_cannot_outgrow_a_thread_tile():
+    op = make_op("matmul", "4x511x8")
+    table = ActionTable(op, TARGET)
+    s = Schedule(op).reorder("i", "k", "j")       # 511 outputs per thread, inside k
+    mask = table.mask(NestInfo(op, s.nest))
+    split_j = {table.actions[a].factor for a in np.flatnonzero(mask)
+               if table.actions[a].primitive == "split" and table.actions[a].slot == 2}
+    assert 0 in split_j        # by 2: 256 x 2 = 512 outputs, fits
+    assert 1 not in split_j    # by 3: 171 x 3 = 513, one more than a thread's tile
