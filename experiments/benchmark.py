@@ -9,6 +9,8 @@ Suites:
   env-cpu       environment steps per second without measuring; where a random episode's time goes
   search-cpu    agents under one measurement budget: measurements to 90% of random search's best
   zeroshot-cpu  the shipped policy on held-out shapes (budget 1 and 8) vs annealing (budget 256)
+  cluster-cpu   measurements per minute of a random search: local backend vs Ray with 1 and 2
+                runners on this machine, and the per-candidate costs on Ray (build, transfer, run)
 
 Example:
   python -m experiments benchmark --suite kernels-cpu
@@ -16,7 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -32,7 +37,7 @@ from kernels.target import get_target
 from . import bench
 from .config import field
 
-SUITES = ("kernels-cpu", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu")
+SUITES = ("kernels-cpu", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu", "cluster-cpu")
 
 KERNELS_CPU = [
     ("matmul", "512x512x512"),
@@ -54,6 +59,7 @@ class Config:
     candidates: int = field(12, help="candidate kernels (measure-cpu) or episodes (env-cpu) to measure")
     budget: int = field(64, help="measurements per agent (search-cpu)")
     anneal_budget: int = field(256, help="measurements of the annealing reference (zeroshot-cpu)")
+    cluster_rounds: int = field(2, help="interleaved rounds of local, Ray x1 and Ray x2 (cluster-cpu)")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -246,6 +252,182 @@ def _zeroshot_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     return lines, results
 
 
+CLUSTER_CASE = ("matmul", "512x512x512")
+CLUSTER_CONFIGS = (("local backend", 0), ("Ray, 1 runner", 1), ("Ray, 2 runners", 2))  # (name, runners)
+
+
+@contextlib.contextmanager
+def _fresh_cache(path: Path):
+    """An empty build cache for what starts inside (Ray's workers inherit SCHEDGYM_CACHE
+    from this process when the cluster starts), so no configuration reuses another's compiles."""
+    saved = os.environ.get("SCHEDGYM_CACHE")
+    os.environ["SCHEDGYM_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SCHEDGYM_CACHE", None)
+        else:
+            os.environ["SCHEDGYM_CACHE"] = saved
+
+
+@contextlib.contextmanager
+def _one_machine_cluster(runners: int):
+    """A throwaway Ray cluster on this machine (all its CPUs compile) with ``runners`` CPU
+    runners; nothing for ``runners == 0``."""
+    from kernels import cluster
+
+    if runners:
+        cluster.connect("local", cpu_hosts=runners)
+    try:
+        yield
+    finally:
+        if runners:
+            cluster.disconnect()
+
+
+def _driver_cpu_s() -> float:
+    """CPU seconds of this process (compilers, kernel workers and Ray's daemons excluded)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cluster_costs(n: int, root: Path) -> dict:
+    """Per-candidate costs of measuring ``n`` register-tile variants of matmul 512, phase by
+    phase, on the local backend and on Ray with one runner, each from an empty build cache
+    and after a warm-up batch (worker processes started); Ray's start-up is timed apart."""
+    from kernels import cluster
+
+    target = get_target("cpu")
+    op = make_op(*CLUSTER_CASE)
+    kernels = [render(s, target) for s in _candidate_schedules(op, n)]
+    warm_op = make_op("matmul", "256x256x256")
+    warm = [render(s, target) for s in _candidate_schedules(warm_op, 4)]
+    out = {}
+    for name, runners in (("local", 0), ("ray", 1)):
+        with _fresh_cache(root / f"costs-{name}"):
+            t_start = time.perf_counter()
+            with _one_machine_cluster(runners):
+                if runners:
+                    b = cluster.backend(target)
+                    builder, runner = b.builder, b.runner
+                else:
+                    builder, runner = Builder(), Runner()
+                start_s = time.perf_counter() - t_start
+                try:
+                    list(runner.run_many(warm_op, [(k, bld.path) for k, bld in zip(warm, builder.build(warm))]))
+                    runs0, dispatch0 = runner.runs, getattr(runner, "dispatch_s", 0.0)
+                    compiles0, bytes0 = builder.compiles, getattr(builder, "artefact_bytes", 0)
+                    cpu0, t0 = _driver_cpu_s(), time.perf_counter()
+                    builds = builder.build(kernels)
+                    t1 = time.perf_counter()
+                    results = list(runner.run_many(op, [(k, bld.path) for k, bld in zip(kernels, builds)]))
+                    t2 = time.perf_counter()
+                    cpu = _driver_cpu_s() - cpu0
+                finally:
+                    runner.close()
+        build_s = [bld.build_s for bld in builds]
+        out[name] = {
+            "build_s": statistics.median(build_s), "run_s": statistics.median(r.run_s for r in results),
+            "build_wall_per": (t1 - t0) / n, "run_wall_per": (t2 - t1) / n,
+            # wall time of the build phase beyond the compiles themselves, spread over its workers
+            "build_overhead_s": max((t1 - t0) - sum(build_s) / builder.workers, 0.0) / n,
+            "driver_cpu_s": cpu / n, "correct": sum(r.ok for r in results), "workers": builder.workers,
+            "start_s": start_s,
+        }
+        if runners:
+            out[name].update(dispatch_s=(runner.dispatch_s - dispatch0) / max(runner.runs - runs0, 1),
+                             artefact_kib=(builder.artefact_bytes - bytes0) / max(builder.compiles - compiles0, 1)
+                             / 1024)
+    out["propose_s"] = _propose_s(op, target, 64)
+    return out
+
+
+def _propose_s(op, target, n: int) -> float:
+    """Seconds the driver spends on one random-search candidate: a masked rollout, then rendering."""
+    import numpy as np
+
+    from agents.search import rollout
+    from envs.actions import ActionTable
+
+    table, rng = ActionTable(op, target), np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        render(rollout(op, table, rng)[0], target)
+    return (time.perf_counter() - t0) / n
+
+
+def _cluster_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
+    from . import tune
+
+    kind, shape = CLUSTER_CASE
+    base = f"python -m experiments tune --op {kind} --shape {shape} --agent random --budget {cfg.budget}"
+    runs: dict[str, list[dict]] = {name: [] for name, _ in CLUSTER_CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for rnd in range(cfg.cluster_rounds):
+            order = CLUSTER_CONFIGS[rnd % 3:] + CLUSTER_CONFIGS[:rnd % 3]  # interleaved, rotating
+            for name, runners in order:
+                with _fresh_cache(root / f"{rnd}-{runners}"), _one_machine_cluster(runners):
+                    runs[name].append(tune.run(tune.Config(
+                        op=kind, shape=shape, agent="random", budget=cfg.budget, runs=str(root / "runs"),
+                        cluster="local" if runners else None)))
+        costs = _cluster_costs(cfg.candidates, root)
+
+    def rate(s: dict) -> float:
+        return s["measurements"] / s["wall_s"] * 60
+
+    local = statistics.median(rate(s) for s in runs["local backend"])
+    lines = [f"`{base}` (seed 0, the same candidates in every configuration), each run from an empty build "
+             f"cache; {cfg.cluster_rounds} rounds, the three configurations interleaved in rotating order. "
+             "*Per minute* counts measurements over the search's wall time (from the first proposal to the "
+             "last result; Ray's start-up, the naive kernel and the final library comparison excluded). Ray "
+             "runs on a throwaway cluster on this machine (`--cluster local`; with 2 runners, "
+             "`connect(\"local\", cpu_hosts=2)`, like `ray start --head --resources='{\"cpu_host\": 2}'` and "
+             "`--cluster auto`); both CPUs compile in every configuration. Two runners on one 2-core host time "
+             "side by side and share its cores: that row shows the dispatch scaling, not timings to trust.", "",
+             "| configuration | measurements / min (median) | per round | ratio to local | wall s / measurement "
+             "| command |", "|---|---:|---|---:|---:|---|"]
+    results = []
+    for name, runners in CLUSTER_CONFIGS:
+        rs = runs[name]
+        med = statistics.median(rate(s) for s in rs)
+        cmd = base + (" --cluster local" if runners == 1 else
+                      " --cluster auto` after `ray start --head --resources='{\"cpu_host\": 2}'" if runners else "")
+        lines.append(f"| {name} | {med:.1f} | {', '.join(f'{rate(s):.1f}' for s in rs)} | {med / local:.2f} | "
+                     f"{60 / med:.3f} | `{cmd}` |")
+        results.append({"config": name, "runners": runners, "per_min": med, "ratio": med / local,
+                        "rounds": [rate(s) for s in rs]})
+    ray1 = statistics.median(rate(s) for s in runs["Ray, 1 runner"])
+    lines += ["", f"Ray's overhead per measurement, search level (1 runner vs local, same candidates): "
+              f"{60 / ray1 - 60 / local:+.3f} s.", "",
+              f"Per-candidate costs, phase by phase: {cfg.candidates} register-tile variants of matmul 512 "
+              "(`measure-cpu`'s candidates), all compiled, then all run, from an empty build cache, after a "
+              "warm-up batch of 4 others (worker processes started); Ray with one runner on this machine. "
+              "*Start-up* is once per command: joining (here: starting) the cluster and its runner actors, or "
+              "nothing locally (the local worker starts with the first kernel). *Build overhead* is the build phase's wall time beyond the compiles "
+              "spread over the workers; *dispatch* is a runner call's wall time beyond the runner's own check "
+              "and timing (task submission, the shared object moving to the actor, the result back); "
+              "*driver CPU* is this process's CPU time for the batch (Ray's client included); *propose* is what "
+              "the driver spends making a candidate in a random search (a masked rollout, then rendering C).", "",
+              "| cost per candidate | local | Ray | command |", "|---|---:|---:|---|"]
+    cmd = f"`python -m experiments benchmark --suite cluster-cpu --candidates {cfg.candidates}`"
+    lo, ra = costs["local"], costs["ray"]
+    for label, key, fmt in (("compile (median, on the worker)", "build_s", "{:.3f} s"),
+                            ("build overhead", "build_overhead_s", "{:.3f} s"),
+                            ("check + time (median, in the runner)", "run_s", "{:.3f} s"),
+                            ("run phase wall / candidates", "run_wall_per", "{:.3f} s"),
+                            ("driver CPU", "driver_cpu_s", "{:.4f} s")):
+        lines.append(f"| {label} | {fmt.format(lo[key])} | {fmt.format(ra[key])} | {cmd} |")
+    lines += [f"| propose (driver) | {costs['propose_s']:.4f} s | {costs['propose_s']:.4f} s | {cmd} |",
+              f"| start-up, once | {lo['start_s']:.2f} s | {ra['start_s']:.2f} s | {cmd} |",
+              f"| runner dispatch (Ray) | - | {ra['dispatch_s']:.4f} s | {cmd} |",
+              f"| shared object shipped (Ray) | - | {ra['artefact_kib']:.1f} KiB | {cmd} |",
+              f"| correct | {lo['correct']}/{cfg.candidates} | {ra['correct']}/{cfg.candidates} | {cmd} |"]
+    results.append({"costs": costs})
+    return lines, results
+
+
 def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
     begin, end = f"<!-- suite:{suite} -->", f"<!-- /suite:{suite} -->"
     section = "\n".join([begin, f"## {title}", "", *lines, end])
@@ -266,9 +448,11 @@ def run(cfg: Config) -> dict:
              "measure-cpu": "CPU measurement cost per candidate",
              "env-cpu": "Environment throughput and episode time split",
              "search-cpu": "Search agents under one measurement budget",
-             "zeroshot-cpu": "Zero-shot tuning of held-out shapes"}[cfg.suite]
+             "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
+             "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate"}[cfg.suite]
     lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
-                      "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu}[cfg.suite](cfg)
+                      "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,
+                      "cluster-cpu": _cluster_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
     machine = [f"Machine: {target.device}, {target.cores} cores, {target.vector_lanes} fp32 SIMD lanes, "
                f"{target.compiler}; measured {stamp}. "
