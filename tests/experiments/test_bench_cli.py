@@ -243,3 +243,20 @@ def test_export_of_a_cuda_kernel_writes_its_source_and_launch(tmp_path):
     assert meta["function"] == kernel.name and set(meta["launch"]) == {"grid", "block"}
     assert "-arch=sm_90" in meta["compile"]
     assert (tmp_path / "kernel.cu").read_text() == kernel.source
+
+
+@pytest.mark.parametrize("command", [["bench", "--shape", "8x8x8"], ["tune", "--shape", "8x8x8", "--budget", "2"],
+                                     ["train", "--timesteps", "8"]])
+def test_cuda_without_a_gpu_is_one_clear_error(capsys, tmp_path, command):
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed: there may be a GPU here")
+    except ImportError:
+        pass
+    args = [command[0], "--op", "matmul", *command[1:], "--target", "cuda"]
+    if command[0] != "bench":
+        args += ["--runs", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no CUDA GPU"), err
+    assert not any(tmp_path.iterdir())   # nothing half-written
