@@ -76,12 +76,9 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
     rows = obs[:n * LOOP_WIDTH].reshape(n, LOOP_WIDTH)
     rows[:, 0] = 1.0
     rows[:, 2] = [l.reduce for l in loops]
-    for i, l in enumerate(loops):
-        axis = bound_axis(l)
-        if axis:
-            rows[i, 3 + KINDS.index("parallel")] = PARALLEL_LEVEL[axis.split(".")[0]]
-        else:
-            rows[i, 3 + KINDS.index(l.kind)] = 1.0
+    axes_bound = [bound_axis(l) for l in loops]
+    rows[np.arange(n), [3 + KINDS.index("parallel" if b else l.kind) for l, b in zip(loops, axes_bound)]] = \
+        [PARALLEL_LEVEL[b.split(".")[0]] if b else 1.0 for b in axes_bound]
     rows[np.arange(n), [7 + axes.index(l.axis) for l in loops]] = 1.0
     rows[:, 14] = [any(s[i] is None for s in strides) for i in range(n)]
     rows[:, 15] = [nest.cache_write == l.name for l in loops]
@@ -106,7 +103,7 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
     g[j + 3] = _log(target.vector_lanes)
     g[j + 4] = step_fraction
     g[j + 5] = len(loops) / MAX_LOOPS
-    g[j + 6] = float(any(l.kind == "parallel" or bound_axis(l) for l in loops))
+    g[j + 6] = float(any(l.kind == "parallel" for l in loops) or any(axes_bound))
     g[j + 7] = float(any(l.kind == "vectorize" for l in loops))
     g[j + 8] = float(nest.cache_write is not None)
     g[j + 9] = float(bool(nest.cache_reads))

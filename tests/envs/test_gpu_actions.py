@@ -207,3 +207,14 @@ def test_tails_inside_the_reduction_cannot_outgrow_a_thread_tile():
                if table.actions[a].primitive == "split" and table.actions[a].slot == 2}
     assert 0 in split_j        # by 2: 256 x 2 = 512 outputs, fits
     assert 1 not in split_j    # by 3: 171 x 3 = 513, one more than a thread's tile
+
+
+def test_bound_loops_show_as_parallel_levels():
+    from envs.features import KINDS, LOOP_WIDTH
+    op = make_op("matmul", "256x256x256")
+    s = expert_schedule(op, TARGET)
+    obs = featurize(op, NestInfo(op, s.nest), TARGET, 0.0)
+    column = obs[:len(s.nest.loops) * LOOP_WIDTH].reshape(-1, LOOP_WIDTH)[:, 3 + KINDS.index("parallel")]
+    expected = [{"blockIdx": 1.0, "threadIdx": 2.0}[bound_axis(l).split(".")[0]] if bound_axis(l) else 0.0
+                for l in s.nest.loops]
+    assert column.tolist() == expected and 1.0 in expected and 2.0 in expected
