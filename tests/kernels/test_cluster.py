@@ -31,6 +31,9 @@ def ray_cluster(tmp_path_factory):
     saved = os.environ.get("SCHEDGYM_CACHE")
     os.environ["SCHEDGYM_CACHE"] = str(tmp_path_factory.mktemp("ray-cache"))
     cluster.connect("local", num_cpus=2, cpu_hosts=2)
+    import ray
+
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]  # loopback only
     yield
     cluster.disconnect()
     if saved is None:
