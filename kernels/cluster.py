@@ -136,9 +136,15 @@ def _describe_node() -> dict:
 _builder: Builder | None = None
 
 
-def _build(kernel: Kernel, timeout_s: float) -> tuple[BuildResult, bytes | None]:
-    """Compile on this node (its own build cache); the result and the shared object."""
+OTHER_CPU = "this node compiles for another CPU"
+
+
+def _build(kernel: Kernel, timeout_s: float, want: dict) -> tuple[BuildResult, bytes | None]:
+    """Compile on this node (its own build cache); the result and the shared object. A node
+    whose CPU or compiler is not ``want``'s (one that joined later, say) declines."""
     global _builder
+    if not _same_target(want, cpu_target()):
+        return BuildResult(None, OTHER_CPU, 0.0), None
     if _builder is None or _builder.timeout_s != timeout_s:
         _builder = Builder(workers=1, timeout_s=timeout_s)
     res = _builder.build([kernel])[0]
@@ -206,15 +212,17 @@ def _alive(node_id: str) -> bool:
 # ---------------------------------------------------------------- the builder
 
 class RayBuilder:
-    """``Builder.build`` on the cluster's CPUs: one Ray task per distinct source, on the
-    nodes that compile for the target; results land in this machine's build cache too."""
+    """``Builder.build`` on the cluster's CPUs: one Ray task per distinct source, wherever
+    a CPU is free when every node compiles for the target, else pinned round robin to the
+    nodes that do; results land in this machine's build cache too."""
 
     def __init__(self, target: Target, nodes: list[tuple[str, int]], artefacts: dict[str, Any],
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, anywhere: bool = False):
         self.target = target
         self.local = Builder(timeout_s=timeout_s)   # paths, cache hits, and CUDA sources
         self.timeout_s = timeout_s
         self.nodes = nodes                            # (node id, CPUs) that compile for the target
+        self.anywhere = anywhere                      # every node does: let Ray place the compiles
         self.workers = sum(c for _, c in nodes) or 1  # compiles that can run at once
         # round robin over nodes, each as often as it has CPUs
         self._next = itertools.cycle([n for n, c in nodes for _ in range(max(c, 1))] or [None])
@@ -237,10 +245,14 @@ class RayBuilder:
             else:
                 pending[d] = (k, *self._submit(k), 0)
         for d, (k, res_ref, data_ref, tries) in pending.items():
+            pinned = False
             while True:
                 try:
                     res = ray.get(res_ref)
-                    break
+                    if res.error != OTHER_CPU or pinned:
+                        break
+                    pinned = True    # once more, on a node known to compile for the target
+                    res_ref, data_ref = self._submit(k, pin=True)
                 except ray.exceptions.RayError as e:  # the build's worker or node was lost
                     if tries >= RETRIES:
                         res = BuildResult(None, f"build lost: {type(e).__name__}", 0.0)
@@ -250,11 +262,14 @@ class RayBuilder:
             done[d] = self._land(k, res, data_ref)
         return [done[k.digest] for k in kernels]
 
-    def _submit(self, kernel: Kernel) -> tuple[Any, Any]:
+    def _submit(self, kernel: Kernel, pin: bool = False) -> tuple[Any, Any]:
         with self._lock:
-            node = next(self._next)
+            node = None if self.anywhere and not pin else next(self._next)
             self.compiles += 1
-        return _remotes()["build"].options(scheduling_strategy=_pin(node)).remote(kernel, self.timeout_s)
+        build = _remotes()["build"]
+        if node is not None:
+            build = build.options(scheduling_strategy=_pin(node))
+        return build.remote(kernel, self.timeout_s, self.target.to_json())
 
     def _land(self, kernel: Kernel, res: BuildResult, data_ref: Any) -> BuildResult:
         """The remote result with this machine's path; the object is copied here."""
@@ -506,7 +521,8 @@ def backend(target: Target, build_timeout_s: float = 60.0, **runner_options: Any
         if not nodes:
             raise ClusterError(f"no node of the Ray cluster compiles for {target.device} ({target.compiler})")
     runner = RayRunner(target, artefacts, **runner_options)
-    return RayBackend(RayBuilder(target, nodes, artefacts, timeout_s=build_timeout_s), runner)
+    return RayBackend(RayBuilder(target, nodes, artefacts, timeout_s=build_timeout_s,
+                                 anywhere=bool(nodes) and len(nodes) == len(alive)), runner)
 
 
 def join(address: str, target: Target, **runner_options: Any) -> RayBackend:

@@ -159,3 +159,22 @@ def test_train_on_the_cluster_steps_envs_side_by_side(ray_cluster, tmp_path):
     records = TuningLog(Path(out["run_dir"]) / "tuning.jsonl").read()
     assert len(records) == out["measurements"] >= 2
     assert all(r.correct for r in records if not r.schedule)  # the naive kernels
+
+
+def test_a_node_of_another_cpu_declines_to_compile(ray_cluster, tmp_path):
+    """A node that does not compile for the target (one that joined later) declines; the
+    build is sent once more to a known node, and fails rather than loops."""
+    import dataclasses
+
+    import ray
+
+    from kernels.cluster import OTHER_CPU, RayBuilder
+
+    other = dataclasses.replace(cpu_target(), device="another CPU")
+    node = ray.get_runtime_context().get_node_id()
+    builder = RayBuilder(other, [(node, 2)], {}, anywhere=True)
+    builder.local = Builder(cache_dir=tmp_path)  # nothing cached
+    good = Kernel("g", "void g(float* A, float* B, float* C) { C[0] = A[0] * B[0]; }\n",
+                  make_op("matmul", "8x8x8").tensors)
+    [res] = builder.build([good])
+    assert not res.ok and res.error == OTHER_CPU and builder.compiles == 2
