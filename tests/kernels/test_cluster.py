@@ -178,3 +178,13 @@ def test_a_node_of_another_cpu_declines_to_compile(ray_cluster, tmp_path):
                   make_op("matmul", "8x8x8").tensors)
     [res] = builder.build([good])
     assert not res.ok and res.error == OTHER_CPU and builder.compiles == 2
+
+
+def test_tune_on_the_cluster_exports_the_best_kernel(ray_cluster, tmp_path):
+    from experiments import tune
+
+    out = tune.run(tune.Config(op="matmul", shape="16x24x8", agent="random", budget=3, runs=str(tmp_path / "runs"),
+                               export=str(tmp_path / "k"), cluster="local"))
+    assert out["correct"] and out["measurements"] == 3 and out["fraction_of_library"]
+    assert 3 <= len(TuningLog(Path(out["run_dir"]) / "tuning.jsonl").read()) <= 4  # the naive kernel, 3 found
+    assert (tmp_path / "k" / "kernel.so").stat().st_size > 0
