@@ -215,7 +215,7 @@ class ActionTable:
             spatial_inside[i] = spatial_inside[i + 1] * (1 if loops[i].reduce else loops[i].extent)
         cached = {t for t, _ in nest.cache_reads}
         at = self.at
-        gpu_rules = _GpuRules(self, info, first_reduce) if gpu else None
+        gpu_rules = _GpuRules(self, info, first_reduce, spatial_inside[first_reduce]) if gpu else None
         if gpu:
             reads = gpu_rules.cache_reads(cached)
         else:
@@ -339,8 +339,10 @@ class ActionTable:
 class _GpuRules:
     """The CUDA part of :meth:`ActionTable.mask` for one nest (see the module docstring)."""
 
-    def __init__(self, table: ActionTable, info: NestInfo, first_reduce: int):
+    def __init__(self, table: ActionTable, info: NestInfo, first_reduce: int, inner_tile: int):
         self.table, self.info, self.first_reduce = table, info, first_reduce
+        # spatial iterations inside the first reduction: they all end up in one thread's tile
+        self.inner_tile = inner_tile
         loops, nest = info.loops, info.nest
         self.loops = loops
         self.bound = [i for i, l in enumerate(loops) if bound_axis(l)]
@@ -351,8 +353,6 @@ class _GpuRules:
         self.first_thread = threads[0] if threads else len(loops)
         self.threads = math.prod(loops[i].extent for i in threads)
         self.write_at = nest.index(nest.cache_write) if nest.cache_write else None
-        # spatial iterations inside the first reduction: they all end up in one thread's tile
-        self.inner_tile = math.prod(l.extent for l in loops[first_reduce:] if not l.reduce)
         self.complete = bool(self.bound) and self.write_at is not None
         self.steps_to_complete = 1 + (not self.bound) + (self.write_at is None)
 
