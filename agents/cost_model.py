@@ -63,11 +63,10 @@ from torch import nn
 
 from envs.actions import MAX_LOOPS, NestInfo
 from envs.features import GLOBAL_WIDTH, LOOP_WIDTH, SIZE, featurize
-from kernels.ops import Operator, OperatorError, make_op
-from kernels.render import render
-from kernels.schedule import Schedule, ScheduleError
+from kernels.ir.ops import Operator, OperatorError, make_op
+from kernels.ir.schedule import Schedule, ScheduleError
 from kernels.target import Target, cpu_target
-from kernels.tuning_log import TuningLog, TuningRecord
+from kernels.measure.tuning_log import TuningLog, TuningRecord
 
 logger = logging.getLogger(__name__)
 
@@ -592,8 +591,7 @@ def measure_top_k(model, measurer, schedules: Sequence[Schedule], k: int) -> lis
         by_op.setdefault(s.op, []).append(i)
     results: list[Any] = [None] * len(chosen)
     for op, idx in by_op.items():
-        res = measurer.measure(op, [render(chosen[i], measurer.target) for i in idx],
-                               [chosen[i].key() for i in idx])
+        res = measurer.measure([chosen[i] for i in idx])
         for i, r in zip(idx, res):
             results[i] = r
     pairs = list(zip(chosen, results))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from envs.actions import ActionTable, NestInfo
-from kernels.ops import Operator
-from kernels.schedule import Schedule
+from kernels.ir.ops import Operator
+from kernels.ir.schedule import Schedule
 
 SAMPLING = ("action", "primitive")
 

@@ -33,9 +33,8 @@ import numpy as np
 from envs.actions import ActionTable, NestInfo
 from envs.features import featurize
 from kernels.measure import Measurer, MeasureResult
-from kernels.ops import Operator
-from kernels.render import render
-from kernels.schedule import Schedule
+from kernels.ir.ops import Operator
+from kernels.ir.schedule import Schedule
 from kernels.target import Target
 
 MAX_STEPS = 32  # actions per rollout, as in the environment
@@ -83,7 +82,7 @@ class Search:
         batch = list(todo.values())
         if self.best_result is not None:
             self.measurer.runner.slow_cutoff_s = SLOW_FACTOR * self.best_result.time_ms / 1e3
-        results = self.measurer.measure(self.op, [render(s, self.target) for s in batch], list(todo))
+        results = self.measurer.measure(batch)
         for s, r in zip(batch, results):
             self.measured[s.key()] = r
             if r.ok and (self.best_result is None or r.time_ms < self.best_result.time_ms):

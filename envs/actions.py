@@ -37,13 +37,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import cuda
-from kernels.lower import thread_loops
-from kernels.ops import Operator
-from kernels.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES, Bind, CacheRead,
+from kernels.ir.lower import thread_loops
+from kernels.ir.ops import Operator
+from kernels.ir.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES, Bind, CacheRead,
                               CacheWrite, Fuse, LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split,
                               Step, Tile, Unroll, Vectorize, bound_axis, footprint)
-from kernels.target import CUDA_SHARED_BYTES, Target, cpu_target
+from kernels.target import Target, cpu_target
 
 MAX_LOOPS = 12
 FACTORS = (2, 3, 4, 6, 8, 16, 32, 64)
@@ -51,7 +50,6 @@ FACTORS = (2, 3, 4, 6, 8, 16, 32, 64)
 STRUCTURAL = ("split", "tile", "swap", "fuse")
 ANNOTATIONS = {"cpu": ("vectorize", "unroll", "parallel", "cache_write"),
                "cuda": ("vectorize", "unroll", "cache_write")}
-MAX_TILE_FLOATS = cuda.MAX_TILE_BYTES // 4   # one GPU thread's accumulators
 
 
 @dataclass(frozen=True)
@@ -343,6 +341,7 @@ class _GpuRules:
         self.table, self.info, self.first_reduce = table, info, first_reduce
         # spatial iterations inside the first reduction: they all end up in one thread's tile
         self.inner_tile = inner_tile
+        self.tile_floats = table.target.tile_bytes // 4   # one thread's accumulators
         loops, nest = info.loops, info.nest
         self.loops = loops
         self.bound = [i for i, l in enumerate(loops) if bound_axis(l)]
@@ -367,7 +366,7 @@ class _GpuRules:
         if i == 0 and not self.bound and m.reduce:
             return False
         if i + 1 == self.first_reduce and not l.reduce and m.reduce:
-            return self.inner_tile * l.extent <= MAX_TILE_FLOATS
+            return self.inner_tile * l.extent <= self.tile_floats
         return True
 
     def _grown(self, loop, f: int) -> int:
@@ -381,7 +380,7 @@ class _GpuRules:
         if i <= self.first_reduce or l.reduce:
             return True
         rest = self.inner_tile // l.extent
-        return np.array([rest * self._grown(l, f) <= MAX_TILE_FLOATS for f in range(len(FACTORS))])
+        return np.array([rest * self._grown(l, f) <= self.tile_floats for f in range(len(FACTORS))])
 
     def tile_factors(self, i: int) -> np.ndarray | bool:
         """A tile of a spatial loop and the first reduction moves the spatial loop's inner
@@ -390,11 +389,11 @@ class _GpuRules:
         if i + 1 < self.first_reduce:
             return True
         if i + 1 == self.first_reduce:   # l is spatial, m the first reduction
-            return np.array([self.inner_tile * factor_for(l.extent, f) <= MAX_TILE_FLOATS
+            return np.array([self.inner_tile * factor_for(l.extent, f) <= self.tile_floats
                              for f in range(len(FACTORS))])
         spatial = [x for x in (l, m) if not x.reduce]
         rest = self.inner_tile // math.prod(x.extent for x in spatial)
-        return np.array([rest * math.prod(self._grown(x, f) for x in spatial) <= MAX_TILE_FLOATS
+        return np.array([rest * math.prod(self._grown(x, f) for x in spatial) <= self.tile_floats
                          for f in range(len(FACTORS))])
 
     def bind(self, i: int, axis: str) -> bool:
@@ -404,17 +403,17 @@ class _GpuRules:
         if self.write_at is not None and i > self.write_at:
             return False
         if axis.startswith("blockIdx"):
-            return i < self.first_thread and l.extent <= cuda.MAX_GRID[axis[-1]]
-        return (i > self.last_block and l.extent <= cuda.MAX_BLOCK[axis[-1]]
-                and self.threads * l.extent <= (t.max_threads_per_block or 1024))
+            return i < self.first_thread and l.extent <= t.max_grid["xyz".index(axis[-1])]
+        return (i > self.last_block and l.extent <= t.max_block["xyz".index(axis[-1])]
+                and self.threads * l.extent <= t.max_threads_per_block)
 
     def cache_write(self, i: int, tile: int) -> bool:
-        return (not self.bound or i >= self.bound[-1]) and tile <= MAX_TILE_FLOATS
+        return (not self.bound or i >= self.bound[-1]) and tile <= self.tile_floats
 
     def cache_reads(self, cached: set[str]) -> list[tuple[list, list[bool]]]:
         """(action positions, fits per slot) of each input not yet staged in shared memory."""
         op, nest, n = self.info.op, self.info.nest, len(self.loops)
-        room = self.table.target.shared_bytes_per_block or CUDA_SHARED_BYTES
+        room = self.table.target.shared_bytes_per_block
         threads = thread_loops(nest)
 
         def size(tensor: str, anchor: str) -> int | None:

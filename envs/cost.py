@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from kernels.schedule import Schedule
+from kernels.ir.schedule import Schedule
 from kernels.target import Target
 
 

@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from kernels.ops import OPERATORS, Operator
-from kernels.schedule import bound_axis
+from kernels.ir.ops import OPERATORS, Operator
+from kernels.ir.schedule import bound_axis
 from kernels.target import Target
 
 from .actions import MAX_LOOPS, NestInfo

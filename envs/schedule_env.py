@@ -10,9 +10,9 @@ import numpy as np
 from gymnasium import spaces
 
 from kernels.measure import Measurer
-from kernels.ops import make_op
-from kernels.render import render
-from kernels.schedule import Schedule, ScheduleError
+from kernels.ir.ops import make_op
+from kernels.ir.printer import print_loop_nest
+from kernels.ir.schedule import Schedule, ScheduleError
 from kernels.target import get_target
 
 from . import features
@@ -188,7 +188,7 @@ class ScheduleEnv(gym.Env):
 
     def render(self):
         if self.render_mode == "ansi" and self.schedule is not None:
-            return str(self.schedule)
+            return print_loop_nest(self.schedule, gpu=self.target.kind == "cuda")
         return None
 
     def close(self):
@@ -204,7 +204,7 @@ class ScheduleEnv(gym.Env):
     def _measure(self, schedule: Schedule):
         # a kernel much slower than the naive one is timed by its checking call alone
         self.measurer.runner.slow_cutoff_s = FAILED_SLOWDOWN * self.t_naive if schedule.steps else None
-        return self.measurer.measure_one(self.op, render(schedule, self.target), schedule.key())
+        return self.measurer.measure_one(schedule)
 
     def _predict(self, schedule: Schedule) -> float:
         return float(self.cost_model.predict([schedule])[0])

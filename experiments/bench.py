@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from kernels import cluster
+from kernels.measure import cluster
 from kernels.experts import expert_schedule
-from kernels.kernel import Kernel
-from kernels.library import library_name
+from kernels.codegen.kernel import Kernel
+from kernels.measure.library import library_name
 from kernels.measure import Measurer, MeasureResult
-from kernels.ops import OPERATORS, Operator, make_op
-from kernels.render import render
-from kernels.schedule import Schedule
+from kernels.ir.ops import OPERATORS, Operator, make_op
+from kernels.codegen import render
+from kernels.ir.schedule import Schedule
 from kernels.target import CC, CFLAGS, Target, get_target
-from kernels.tuning_log import TuningLog
+from kernels.measure.tuning_log import TuningLog
 
 from .config import field
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernels.measure import Builder, Measurer, Runner
-from kernels.ops import make_op
-from kernels.render import render
-from kernels.schedule import Schedule
+from kernels.ir.ops import make_op
+from kernels.codegen import render
+from kernels.ir.schedule import Schedule
 from kernels.target import get_target
 
 from . import bench
@@ -99,10 +99,9 @@ def _measure_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     target = get_target("cpu")
     op = make_op("matmul", "512x512x512")
     candidates = _candidate_schedules(op, cfg.candidates)
-    kernels = [render(s, target) for s in candidates]
     with tempfile.TemporaryDirectory() as cache, Measurer(target, Builder(cache_dir=cache), Runner()) as m:
         t0 = time.perf_counter()
-        results = m.measure(op, kernels, [s.key() for s in candidates])
+        results = m.measure(candidates)
         wall = time.perf_counter() - t0
     ok = [r for r in results if r.ok]
     build = statistics.median(r.build_s for r in results)
@@ -275,7 +274,7 @@ def _fresh_cache(path: Path):
 def _one_machine_cluster(runners: int):
     """A throwaway Ray cluster on this machine (all its CPUs compile) with ``runners`` CPU
     runners; nothing for ``runners == 0``."""
-    from kernels import cluster
+    from kernels.measure import cluster
 
     if runners:
         cluster.connect("local", cpu_hosts=runners)
@@ -296,7 +295,7 @@ def _cluster_costs(n: int, root: Path) -> dict:
     """Per-candidate costs of measuring ``n`` register-tile variants of matmul 512, phase by
     phase, on the local backend and on Ray with one runner, each from an empty build cache
     and after a warm-up batch (worker processes started); Ray's start-up is timed apart."""
-    from kernels import cluster
+    from kernels.measure import cluster
 
     target = get_target("cpu")
     op = make_op(*CLUSTER_CASE)

@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from kernels.measure import Measurer, Runner
-from kernels.ops import make_op
-from kernels.render import render
+from kernels.ir.ops import make_op
 from kernels.target import get_target
 
 from .config import field
@@ -105,7 +104,7 @@ def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: in
         with Measurer(tgt, runner=runner, log=path) as m:
             for i in range(0, len(scheds), batch):
                 part = scheds[i:i + batch]
-                res = m.measure(op, [render(s, tgt) for s in part], [s.key() for s in part])
+                res = m.measure(part)
                 ok += sum(r.ok for r in res)
                 _status(f"{kind} {op.shape_str}: {i + len(part)}/{len(scheds)} measured, {ok} correct "
                         f"({time.perf_counter() - t0:.0f}s)")
@@ -119,7 +118,7 @@ def throughput(model, schedules: list, min_s: float = 1.0) -> dict:
     """Predictions per second, featurization included, from an empty feature cache: on
     schedules whose loop nest is known (built step by step, as a search builds them)
     and on schedules rebuilt from their steps (the nest replayed too)."""
-    from kernels.schedule import Schedule
+    from kernels.ir.schedule import Schedule
 
     out = {}
     for name, fresh in (("predict_per_s", False), ("predict_from_steps_per_s", True)):

@@ -16,12 +16,12 @@ import statistics
 import sys
 import time
 
-from kernels.library import library_name
+from kernels.measure.library import library_name
 from kernels.experts import expert_schedule
 from kernels.measure import Builder, MeasureResult, Runner
-from kernels.ops import make_op
-from kernels.render import render
-from kernels.schedule import Schedule
+from kernels.ir.ops import make_op
+from kernels.codegen import render
+from kernels.ir.schedule import Schedule
 from kernels.target import get_target
 
 CASES = ("matmul:1024x1024x1024", "matmul:2048x2048x2048", "matmul:4096x4096x4096",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kernels.ops import Operator
+from kernels.ir.ops import Operator
 from kernels.target import Target
 
 ROOT = Path(__file__).resolve().parent / "pretrained"

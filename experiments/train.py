@@ -25,9 +25,9 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from kernels import cluster
+from kernels.measure import cluster
 from kernels.measure import Measurer
-from kernels.ops import OPERATORS
+from kernels.ir.ops import OPERATORS
 from kernels.target import get_target
 
 from . import pretrained
@@ -104,8 +104,8 @@ def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: in
     from envs.actions import ActionTable, NestInfo
     from envs.features import featurize
     from kernels.experts import expert_schedule
-    from kernels.ops import make_op
-    from kernels.schedule import Schedule, ScheduleError
+    from kernels.ir.ops import make_op
+    from kernels.ir.schedule import Schedule, ScheduleError
 
     obs, masks, actions = [], [], []
     for shape in shapes:

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from agents.search import AGENTS, Progress, Search
-from kernels import cluster
-from kernels.library import library_name, library_time_ms
+from kernels.measure import cluster
+from kernels.measure.library import library_name, library_time_ms
 from kernels.measure import Measurer
-from kernels.ops import OPERATORS, make_op
-from kernels.render import render
-from kernels.schedule import Schedule
+from kernels.ir.ops import OPERATORS, make_op
+from kernels.codegen import render
+from kernels.ir.schedule import Schedule
 from kernels.target import get_target
 
 from . import pretrained
@@ -107,7 +107,7 @@ def run(cfg: Config) -> dict:
     with Measurer(target, backend and backend.builder, backend and backend.runner,
                   log=run_dir / "tuning.jsonl") as measurer:
         already = len(measurer.cache)
-        naive = measurer.measure_one(op, render(Schedule(op), target), Schedule(op).key())
+        naive = measurer.measure_one(Schedule(op))
         # for the curve; the final figure times the library against the best kernel, in blocks
         library_ms_start = _library_ms(op, measurer)
         bar = tqdm(total=cfg.budget, desc=f"{cfg.agent} {op.kind} {op.shape_str}", unit="meas",

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 
-from .ops import Operator
-from .schedule import MAX_LOCAL_BYTES, Schedule
+from .codegen.rules import check_for_target
+from .ir.ops import Operator
+from .ir.schedule import MAX_LOCAL_BYTES, Schedule
 from .target import Target
 
 
@@ -129,7 +130,6 @@ def _gpu_conv2d(op: Operator, target: Target,
     threads z over channels, threads y over rows, threads x over columns, input channels
     per slice): a block computes a few output rows of a group of channels; per slice of
     input channels, it stages the input rows and the weights it needs."""
-    from .cuda import check_for_target
 
     ext = op.extents
     depthwise = op.kind == "depthwise_conv2d"

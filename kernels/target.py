@@ -22,12 +22,14 @@ class Target:
     cores: int           # CPU cores, or GPU multiprocessors
     vector_lanes: int    # fp32 lanes of the widest SIMD register (a warp on a GPU)
     compiler: str        # compiler version line
-    # GPU limits (zero on a CPU): what a kernel's launch and its shared memory may use
+    # GPU limits (unset on a CPU): what a kernel's launch, registers and shared memory may use
     arch: str = ""                   # e.g. "sm_90", for NVRTC/nvcc
     max_threads_per_block: int = 0
     shared_bytes_per_block: int = 0  # static shared memory (48 KiB without opting in)
-    warp_size: int = 0
     sm_count: int = 0
+    max_block: tuple[int, ...] = ()  # threadIdx extents (x, y, z)
+    max_grid: tuple[int, ...] = ()   # blockIdx extents (x, y, z)
+    tile_bytes: int = 0              # a thread's accumulator tile: beyond registers it spills
 
     def to_json(self) -> dict:
         """The fields, leaving out GPU limits that are unset, so a CPU target reads as before."""
@@ -81,6 +83,8 @@ class NoCudaDevice(OSError):
 
 
 CUDA_SHARED_BYTES = 48 << 10  # static __shared__ per block; more needs an opt-in attribute
+# Limits every CUDA device since compute capability 3.0 shares
+CUDA_LIMITS = dict(max_block=(1024, 1024, 64), max_grid=(2 ** 31 - 1, 65535, 65535), tile_bytes=2048)
 
 
 def cuda_target_for_compile(arch: str = "sm_90", device: str | None = None, sm_count: int = 132) -> Target:
@@ -89,7 +93,7 @@ def cuda_target_for_compile(arch: str = "sm_90", device: str | None = None, sm_c
     with a measured GPU."""
     return Target("cuda", device or f"compile-only {arch}", sm_count, 32, "nvcc", arch=arch,
                   max_threads_per_block=1024, shared_bytes_per_block=CUDA_SHARED_BYTES,
-                  warp_size=32, sm_count=sm_count)
+                  sm_count=sm_count, **CUDA_LIMITS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +118,7 @@ def cuda_target(device_id: int = 0) -> Target:
                   f"NVRTC {major}.{minor}", arch=f"sm_{p['major']}{p['minor']}",
                   max_threads_per_block=int(p["maxThreadsPerBlock"]),
                   shared_bytes_per_block=min(int(p["sharedMemPerBlock"]), CUDA_SHARED_BYTES),
-                  warp_size=int(p["warpSize"]), sm_count=int(p["multiProcessorCount"]))
+                  sm_count=int(p["multiProcessorCount"]), **CUDA_LIMITS)
 
 
 def get_target(kind: str) -> Target:

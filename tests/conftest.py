@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from kernels import lower as ir
-from kernels.expr import Lin
-from kernels.lower import lower, print_loop_nest
-from kernels.measure import Builder, Measurer, MeasureResult, Runner
-from kernels.render import render
-from kernels.schedule import Schedule
+from kernels.ir import lower as ir
+from kernels.ir.expr import Lin
+from kernels.ir.lower import lower
+from kernels.ir.printer import print_loop_nest
+from kernels.measure import Builder, Candidate, Measurer, MeasureResult, Runner
+from kernels.codegen import render
+from kernels.ir.schedule import Schedule
 from kernels.target import cpu_target
 
 
@@ -42,7 +43,7 @@ def run_schedule(check_measurer, target):
     def run(schedule: Schedule, for_target=None) -> MeasureResult:
         kernel = render(schedule, for_target or target)
         # keyed by the source: the same code gives the same result, whatever the target said
-        return check_measurer.measure_one(schedule.op, kernel, f"source:{kernel.digest}")
+        return check_measurer.measure_one(Candidate(schedule.op, f"source:{kernel.digest}", kernel))
 
     return run
 

@@ -11,11 +11,10 @@ from agents.sampling import random_schedules
 from envs.actions import ActionTable, NestInfo
 from experiments import cli
 from kernels.measure import Builder, MeasureResult, Measurer, Runner
-from kernels.ops import make_op
-from kernels.render import render
-from kernels.schedule import Parallel, Schedule, Unroll, Vectorize
+from kernels.ir.ops import make_op
+from kernels.ir.schedule import Parallel, Schedule, Unroll, Vectorize
 from kernels.target import cpu_target
-from kernels.tuning_log import TuningLog, TuningRecord
+from kernels.measure.tuning_log import TuningLog, TuningRecord
 
 TRAIN_SHAPES = ["16x16x16", "64x48x32"]
 UNSEEN_SHAPE = "24x40x8"
@@ -268,7 +267,7 @@ def measured_log(measurer, tmp_path_factory):
     path = tmp_path_factory.mktemp("logs") / "tuning.jsonl"
     measurer.log = TuningLog(path)
     try:
-        res = measurer.measure(op, [render(s, measurer.target) for s in scheds], [s.key() for s in scheds])
+        res = measurer.measure(scheds)
     finally:
         measurer.log = None
     assert sum(r.ok for r in res) >= 10

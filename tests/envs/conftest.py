@@ -13,8 +13,8 @@ import zlib
 import pytest
 
 from envs.schedule_env import ScheduleEnv
-from kernels.measure import Builder, Measurer, MeasureResult, Runner
-from kernels.ops import OPERATORS
+from kernels.measure import Builder, Candidate, Measurer, MeasureResult, Runner
+from kernels.ir.ops import OPERATORS
 from kernels.target import cpu_target
 
 OPS = tuple(OPERATORS)
@@ -80,7 +80,9 @@ class FakeMeasurer:
             return self.naive_ms
         return 0.5 + (zlib.crc32(key.encode()) % 1000) / 50.0
 
-    def measure_one(self, op, kernel, key: str) -> MeasureResult:
+    def measure_one(self, schedule) -> MeasureResult:
+        Candidate.of(schedule, cpu_target())   # renders, as the real one does: illegal schedules raise
+        op, key = schedule.op, schedule.key()
         self.measured += 1
         self.calls.append(key)
         if self.fail and key != "[]":

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from kernels.ops import OPERATORS
+from kernels.ir.ops import OPERATORS
 
 OPS = tuple(OPERATORS)
 

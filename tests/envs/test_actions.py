@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from envs.actions import FACTORS, MAX_LOOPS, Action, ActionTable, NestInfo, factor_allowed, factor_for
 from experiments.shapes import family
-from kernels.ops import OPERATORS, make_op
-from kernels.schedule import Schedule, ScheduleError
+from kernels.ir.ops import OPERATORS, make_op
+from kernels.ir.schedule import Schedule, ScheduleError
 
 OPS = tuple(OPERATORS)
 

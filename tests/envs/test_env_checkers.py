@@ -17,7 +17,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import envs
 from envs.schedule_env import ScheduleEnv
 from experiments.shapes import family
-from kernels.ops import OPERATORS
+from kernels.ir.ops import OPERATORS
 
 OPS = tuple(OPERATORS)
 

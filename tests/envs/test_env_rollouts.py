@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from envs.actions import Action
 from envs.schedule_env import ScheduleEnv
 from experiments.shapes import family
-from kernels.expr import Lin
+from kernels.ir.expr import Lin
 
 from rollout_helpers import OPS, random_episode
 

@@ -12,13 +12,13 @@ from agents.search import rollout
 from envs.actions import MAX_LOOPS, Action, ActionTable, NestInfo
 from envs.features import featurize
 from experiments.shapes import family
-from kernels.cuda import check_for_target
+from kernels.codegen.rules import check_for_target
 from kernels.experts import expert_schedule
-from kernels.ops import OPERATORS, make_op
-from kernels.render import render
-from kernels.schedule import Schedule, ScheduleError, bound_axis
+from kernels.ir.ops import OPERATORS, make_op
+from kernels.codegen import render
+from kernels.ir.schedule import Schedule, ScheduleError, bound_axis
 from kernels.target import cuda_target_for_compile
-from tests.kernels.test_cuda import describe, needs_nvcc, nvcc_compile, simulate_schedule
+from tests.kernels.codegen.test_cuda import describe, needs_nvcc, nvcc_compile, simulate_schedule
 
 TARGET = cuda_target_for_compile("sm_90")
 OPS = tuple(OPERATORS)

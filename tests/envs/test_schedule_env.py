@@ -12,9 +12,9 @@ from envs.actions import MAX_LOOPS, Action, ActionTable
 from envs.schedule_env import FAILED_SLOWDOWN, ScheduleEnv
 from experiments.shapes import family
 from kernels.experts import expert_schedule
-from kernels.ops import make_op
-from kernels.render import render
-from kernels.schedule import Schedule
+from kernels.ir.ops import make_op
+from kernels.codegen import render
+from kernels.ir.schedule import Schedule
 from kernels.target import cpu_target
 
 from rollout_helpers import OPS, random_episode

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments.cli import main
-from kernels.ops import make_op
+from kernels.ir.ops import make_op
 
 ROOT = Path(__file__).resolve().parents[2]
 SUMMARY_KEYS = {"op", "shape", "target", "time_ms", "gflops", "library_gflops", "fraction_of_library",
@@ -223,7 +223,7 @@ def test_export_into_a_file_fails_cleanly(env, tmp_path):
 def test_export_of_a_cuda_kernel_writes_its_source_and_launch(tmp_path):
     from experiments.bench import export_kernel
     from kernels.experts import expert_schedule
-    from kernels.render import render
+    from kernels.codegen import render
     from kernels.target import cuda_target_for_compile
 
     target = cuda_target_for_compile("sm_90")

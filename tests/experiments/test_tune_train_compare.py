@@ -72,7 +72,7 @@ def test_saved_policy_gives_the_same_greedy_schedule(trained):
 
     from agents.search import policy_rollout
     from envs.actions import ActionTable
-    from kernels.ops import make_op
+    from kernels.ir.ops import make_op
     from kernels.target import cpu_target
 
     op = make_op("matmul", "40x24x16")

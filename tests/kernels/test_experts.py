@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from kernels.experts import expert_schedule
-from kernels.ops import OPERATORS, make_op
-from kernels.render import render
-from kernels.schedule import Schedule
+from kernels.ir.ops import OPERATORS, make_op
+from kernels.codegen import render
+from kernels.ir.schedule import Schedule
 from kernels.target import Target
 
 SHAPES = {

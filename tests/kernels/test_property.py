@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from kernels.lower import print_loop_nest
-from kernels.ops import OPERATORS, make_op
-from kernels.schedule import (CacheRead, CacheWrite, Fuse, Parallel, Reorder, Schedule,
+from kernels.ir.printer import print_loop_nest
+from kernels.ir.ops import OPERATORS, make_op
+from kernels.ir.schedule import (CacheRead, CacheWrite, Fuse, Parallel, Reorder, Schedule,
                               ScheduleError, Split, Tile, Unroll, Vectorize)
 
 KINDS = list(OPERATORS)

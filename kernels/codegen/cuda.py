@@ -25,116 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NoReturn
 
-from .expr import DivMod, Lin
+from ..ir.expr import DivMod, Lin
+from ..ir.lower import Add, Alloc, For, Function, If, Load, Mul, Relu, Store, Sync, lower
+from ..ir.schedule import Schedule
+from ..target import Target
+from .cstyle import CStyleRenderer
 from .kernel import Kernel
-from .lower import Add, Alloc, For, Function, If, Load, Mul, Relu, Store, Sync, lower, thread_loops
-from .ops import Operator
-from .render import CStyleRenderer
-from .schedule import (Bind, LoopNest, Parallel, Schedule, ScheduleError, bound_axis,
-                       footprint, tile_shape)
-from .target import Target
+from .rules import Launch, check_for_target, default_schedule, launch_config
 
-MAX_BLOCK = {"x": 1024, "y": 1024, "z": 64}
-MAX_GRID = {"x": 2 ** 31 - 1, "y": 65535, "z": 65535}
-MAX_TILE_BYTES = 2048   # a thread's accumulator tile: beyond registers it spills to local memory
-DEFAULT_THREADS = 256   # threads per block of the unscheduled kernel
-
-Launch = tuple[tuple[int, int, int], tuple[int, int, int]]
-
-
-def _fail(what: str, reason: str) -> NoReturn:
-    raise ScheduleError(f"{what}: {reason}")
-
-
-def launch_config(nest: LoopNest) -> Launch:
-    """(grid, block): each axis is the extent of the loop bound to it, else 1."""
-    ext = {bound_axis(l): l.extent for l in nest.loops if bound_axis(l)}
-    grid = tuple(ext.get(f"blockIdx.{a}", 1) for a in "xyz")
-    block = tuple(ext.get(f"threadIdx.{a}", 1) for a in "xyz")
-    return grid, block  # type: ignore[return-value]
-
-
-def shared_bytes(schedule: Schedule) -> int:
-    """Bytes of ``__shared__`` memory the schedule's cache_reads take per block."""
-    op, nest = schedule.op, schedule.nest
-    total = 0
-    for tensor, anchor in nest.cache_reads:
-        dims = footprint(op, nest, tensor, anchor, also=thread_loops(nest))
-        total += 4 * math.prod(d[2] for d in dims) if dims else 0
-    return total
-
-
-def check_for_target(schedule: Schedule, target: Target) -> None:
-    """Raise ScheduleError if ``schedule`` breaks a rule of ``target`` (the schedule IR
-    itself is target-agnostic: these are checked where the target is known)."""
-    nest = schedule.nest
-    bound = [l for l in nest.loops if bound_axis(l)]
-    if target.kind != "cuda":
-        for l in bound:
-            _fail(str(Bind(l.name, bound_axis(l))), f"binding to GPU axes needs a cuda target, not {target.kind}")
-        return
-    for l in nest.loops:
-        if l.kind == "parallel":
-            _fail(str(Parallel(l.name)), "OpenMP loops are for CPUs; on cuda, bind loops to blockIdx/threadIdx")
-    if not bound:
-        _fail("schedule", "no loop is bound to a GPU axis: the kernel would run on a single thread")
-    if not nest.cache_write:
-        _fail("schedule", "on cuda the output needs cache_write at or inside every bound loop "
-                          "(each thread accumulates its outputs privately and writes them once)")
-    anchor = nest.index(nest.cache_write)
-    inside = [l.name for l in bound if nest.index(l.name) > anchor]
-    if inside:
-        _fail(f"CacheWrite({nest.cache_write!r})", f"bound loop(s) {', '.join(inside)} lie inside it; "
-                                                   "a thread's tile must not span other threads' outputs")
-    tile = 4 * math.prod(l.extent for l in tile_shape(nest))
-    if tile > MAX_TILE_BYTES:
-        _fail(f"CacheWrite({nest.cache_write!r})", f"a thread's tile of {tile} bytes exceeds {MAX_TILE_BYTES} "
-                                                   "(it would spill out of registers)")
-    (gx, gy, gz), (bx, by, bz) = launch_config(nest)
-    for axis, n in zip("xyz", (bx, by, bz)):
-        if n > MAX_BLOCK[axis]:
-            _fail("schedule", f"threadIdx.{axis} extent {n} exceeds {MAX_BLOCK[axis]}")
-    for axis, n in zip("xyz", (gx, gy, gz)):
-        if n > MAX_GRID[axis]:
-            _fail("schedule", f"blockIdx.{axis} extent {n} exceeds {MAX_GRID[axis]}")
-    limit = target.max_threads_per_block or 1024
-    if bx * by * bz > limit:
-        _fail("schedule", f"{bx * by * bz} threads per block exceed the device's {limit}")
-    last_block = max((nest.index(l.name) for l in bound if bound_axis(l).startswith("blockIdx")), default=-1)
-    threads = thread_loops(nest)
-    for tensor, at in nest.cache_reads:
-        step = f"CacheRead({tensor!r}, {at!r})"
-        if nest.index(at) < last_block:
-            _fail(step, f"a shared stage belongs to one block: anchor it inside blockIdx loop "
-                        f"{nest.loops[last_block].name!r}")
-        if footprint(schedule.op, nest, tensor, at, also=threads) is None:
-            _fail(step, "a thread loop or a loop inside is fused: the block's footprint is not a box")
-    used, room = shared_bytes(schedule), target.shared_bytes_per_block or 48 << 10
-    if used > room:
-        _fail("schedule", f"shared stages take {used} bytes per block (limit {room})")
-
-
-def default_schedule(op: Operator) -> Schedule:
-    """The unscheduled operator on a GPU: one thread per output element, blocks of up to
-    256 threads along the innermost output axis, the next outer ones as grid y and z."""
-    ext = op.extents
-    spatial = [a.name for a in op.axes if not a.reduce]
-    last = spatial[-1]
-    s = Schedule(op).split(last, min(ext[last], DEFAULT_THREADS))
-    s = s.bind(f"{last}_o", "blockIdx.x").bind(f"{last}_i", "threadIdx.x")
-    for name, axis in zip(reversed(spatial[:-1]), ("blockIdx.y", "blockIdx.z")):
-        if ext[name] <= MAX_GRID[axis[-1]]:
-            s = s.bind(name, axis)
-    # serial outer loops first, then blockIdx z, y, x, then the threads
-    rank = ("blockIdx.z", "blockIdx.y", "blockIdx.x", "threadIdx.x")
-    loops = [l for l in s.nest.loops if not l.reduce]
-    order = sorted(loops, key=lambda l: rank.index(bound_axis(l)) if bound_axis(l) else -1)
-    return s.reorder(*(l.name for l in order)).cache_write(f"{last}_i")
-
-
-# ---------------------------------------------------------------- the renderer
 
 @dataclass(frozen=True)
 class _Lane:
@@ -305,7 +204,7 @@ class CUDARenderer(CStyleRenderer):
 def render_cuda(schedule: Schedule, target: Target, name: str) -> Kernel:
     """Check ``schedule`` against the GPU's rules, lower it for a GPU and render CUDA."""
     if not schedule.steps:
-        schedule = default_schedule(schedule.op)
+        schedule = default_schedule(schedule.op, target)
     check_for_target(schedule, target)
     fn = lower(schedule, name, gpu=True)
     launch = launch_config(schedule.nest)

@@ -6,12 +6,12 @@ torch is imported only when a convolution asks for it.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
 
 import numpy as np
 
-from .ops import Operator
+from ..ir.ops import Operator
+from .timing import time_calls
 
 
 def library_name(op: Operator, target_kind: str = "cpu") -> str:
@@ -59,12 +59,7 @@ def library_call(op: Operator, inputs: dict[str, np.ndarray]) -> Callable[[], ob
 def time_call(fn: Callable[[], object], repeats: int = 10, min_time_s: float = 1.0) -> list[float]:
     """Seconds per call: one warm-up, then 3..repeats calls or until ``min_time_s`` is spent."""
     fn()
-    times: list[float] = []
-    while len(times) < 3 or (len(times) < repeats and sum(times) < min_time_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    return time_calls(fn, min(3, repeats), repeats, min_time_s)
 
 
 def library_time_ms(op: Operator, inputs: dict[str, np.ndarray], **kw) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .ops import Tensor
+from ..ir.ops import Tensor
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ TVM/Halide names:
                   ``threadIdx.x/y/z``: one block or thread per iteration. Each
                   axis is bound once; blockIdx loops lie outside threadIdx loops.
                   Target rules (CUDA only, thread limits) are checked where the
-                  target is known: :func:`kernels.cuda.check_for_target`.
+                  target is known: :func:`kernels.codegen.rules.check_for_target`.
 ``CacheWrite``    accumulate in a local tile covering the spatial loops inside
                   ``loop`` (every reduce loop must be inside it); the tile is
                   written back once, with the epilogue applied there.
@@ -509,10 +509,6 @@ class Schedule:
         for s in d.get("steps", []):
             sched = sched.apply(Step.from_json(s))
         return sched
-
-    def __str__(self) -> str:
-        from .lower import print_loop_nest
-        return print_loop_nest(self)
 
 
 def _apply(op: Operator, nest: LoopNest, step: Step) -> LoopNest:

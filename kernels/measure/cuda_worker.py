@@ -1,6 +1,6 @@
 """The GPU half of the measurement worker: NVRTC compile, check, time with CUDA events.
 
-Imported only inside a worker process (``kernels.measure``), so the tuner itself
+Imported only inside a worker process (:mod:`kernels.measure.worker`), so the tuner itself
 never touches CUDA: a kernel that faults (illegal address, launch failure) leaves
 the CUDA context unusable, and the worker reports a *fatal* error that makes the
 runner replace it. A hang is the runner's timeout, as on the CPU.
@@ -21,8 +21,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..ir.ops import Operator, make_op
+from .check import output_error
 from .library import matmul_call
-from .ops import Operator, make_op
+from .timing import time_calls
 
 # CuPy adds -arch for the device it compiles on (sm_XX, or compute_XX where NVRTC is older)
 NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
@@ -109,9 +111,7 @@ def calls_per_sample(seconds: float) -> int:
 
 
 def serve_cuda(req: dict, send: Any) -> None:
-    """Answer one run request for a CUDA kernel (the protocol of ``kernels.measure``)."""
-    from .measure import _rel_error
-
+    """Answer one run request for a CUDA kernel (the protocol of :mod:`kernels.measure.worker`)."""
     cp = _cupy()
 
     op, inputs, ref, dev = _operator(req)
@@ -135,20 +135,16 @@ def serve_cuda(req: dict, send: Any) -> None:
         timer = EventTimer()
         check_s = timer(kernel)
         result = cp.asnumpy(out)
-        changed = [name for name in inputs if not np.array_equal(cp.asnumpy(dev[name]), inputs[name])]
+        after = {name: cp.asnumpy(dev[name]) for name in inputs}
     except Exception as e:  # CUDA errors: the context may be unusable now
         send(event="error", error=f"launch error: {type(e).__name__}: {str(e)[:200]}", fatal=True,
              build_s=build_s)
         return
-    err = _rel_error(result, ref)
-    if not err <= req["rtol"]:
-        what = "NaN or inf in output" if math.isinf(err) else f"max rel err {err:.1e}"
-        send(event="checked", correct=False, error=f"wrong result: {what}")
-        return
-    if changed:
-        for name in changed:
+    error = output_error(result, ref, req["rtol"], after, inputs)
+    if error:
+        for name in inputs:  # a kernel may have scribbled on the device inputs
             dev[name][...] = cp.asarray(inputs[name])
-        send(event="checked", correct=False, error=f"wrong result: kernel wrote to input {changed[0]}")
+        send(event="checked", correct=False, error=error)
         return
     send(event="checked", correct=True, error=None)
 
@@ -160,15 +156,16 @@ def serve_cuda(req: dict, send: Any) -> None:
         if lib is not None:
             lib()  # cuDNN's autotuning happens here
             n_lib = calls_per_sample(timer(lib))
-        times: list[float] = []
         lib_times: list[float] = []
-        least = min(3 if check_s < req["min_time_s"] else 1, req["repeats"])
-        while len(times) < req["repeats"]:
+
+        def clock(fn: Callable[[], object]) -> float:
+            """A sample of ``fn``, after one of the library: the two alternate."""
             if lib is not None:
                 lib_times.append(timer(lib, n_lib))
-            times.append(timer(kernel, n))
-            if len(times) >= least and sum(times) * n >= req["min_time_s"]:
-                break
+            return timer(fn, n)
+
+        least = min(3 if check_s < req["min_time_s"] else 1, req["repeats"])
+        times = time_calls(kernel, least, req["repeats"], req["min_time_s"] / n, clock)
     except Exception as e:
         send(event="error", error=f"launch error during timing: {type(e).__name__}: {str(e)[:200]}",
              fatal=True, build_s=build_s)

@@ -1,15 +1,15 @@
-import json
 import math
 import statistics
 import time
 
 import pytest
 
-from kernels.kernel import Kernel
-from kernels.measure import RTOL, Builder, MeasureResult, Measurer, Runner
-from kernels.ops import make_op
+from kernels.codegen.kernel import Kernel
+from kernels.measure import Builder, Candidate, MeasureResult, Measurer, Runner
+from kernels.measure.check import RTOL
+from kernels.ir.ops import make_op
 from kernels.target import cpu_target
-from kernels.tuning_log import TuningLog
+from kernels.measure.tuning_log import TuningLog
 
 OP = make_op("matmul", "8x8x8")
 
@@ -49,8 +49,8 @@ NEEDS_STACKSIZE = kernel('const char* s = getenv("OMP_STACKSIZE"); if (!s || str
                          + MATMUL)
 
 
-def key(i: int) -> str:
-    return json.dumps([["tile", "i", i]])
+def key(i: int) -> list:
+    return [["tile", "i", i]]
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_rtol_is_small():
 
 
 def test_correct_kernel(measurer):
-    r = measurer.measure_one(OP, GOOD, key(0))
+    r = measurer.measure_one(Candidate(OP, key(0), GOOD))
     assert r.ok and r.correct and r.error is None
     assert 3 <= len(r.times_ms) <= 10
     assert r.time_ms == statistics.median(r.times_ms)
@@ -84,7 +84,7 @@ def test_correct_kernel(measurer):
 
 
 def test_segfault_then_next_kernel_measures(measurer, runner):
-    bad, good = measurer.measure(OP, [SEGV, GOOD], [key(1), key(2)])
+    bad, good = measurer.measure([Candidate(OP, key(1), SEGV), Candidate(OP, key(2), GOOD)])
     assert not bad.ok and not bad.correct and math.isinf(bad.time_ms) and bad.gflops == 0
     assert bad.error == "crashed (signal 11)"
     assert good.ok
@@ -92,7 +92,7 @@ def test_segfault_then_next_kernel_measures(measurer, runner):
 
 
 def test_abort_is_a_crash(measurer):
-    r = measurer.measure_one(OP, ABORT, key(3))
+    r = measurer.measure_one(Candidate(OP, key(3), ABORT))
     assert not r.ok and r.error == "crashed (signal 6)"
 
 
@@ -100,7 +100,7 @@ def test_infinite_loop_times_out(builder):
     with Runner(timeout_s=2, min_time_s=0.05) as runner:
         m = Measurer(cpu_target(), builder=builder, runner=runner)
         t0 = time.monotonic()
-        loop, good = m.measure(OP, [LOOP, GOOD], [key(4), key(5)])
+        loop, good = m.measure([Candidate(OP, key(4), LOOP), Candidate(OP, key(5), GOOD)])
         assert time.monotonic() - t0 < 8
         assert not loop.ok and loop.error == "timeout after 2s"
         assert good.ok
@@ -110,33 +110,33 @@ def test_infinite_loop_times_out(builder):
                                      (NOTHING, "wrong result: NaN"),
                                      (WRITES_INPUT, "wrong result: kernel wrote to input A")])
 def test_wrong_result(measurer, k, what):
-    r = measurer.measure_one(OP, k, key(6))
+    r = measurer.measure_one(Candidate(OP, key(6), k))
     assert not r.ok and not r.correct and r.times_ms == ()
     assert r.error.startswith(what)
 
 
 def test_compile_error_is_not_run(measurer, runner):
-    r = measurer.measure_one(OP, BROKEN, key(7))
+    r = measurer.measure_one(Candidate(OP, key(7), BROKEN))
     assert not r.ok and r.error.startswith("compile error") and "error" in r.error[14:]
     assert runner.runs == 0
 
 
 def test_slow_kernel_stops_after_three_calls(builder):
     with Runner(timeout_s=10, repeats=10, min_time_s=0.2) as runner:
-        r = Measurer(cpu_target(), builder=builder, runner=runner).measure_one(OP, SLOW, key(8))
+        r = Measurer(cpu_target(), builder=builder, runner=runner).measure_one(Candidate(OP, key(8), SLOW))
     assert r.ok and len(r.times_ms) == 3 and r.time_ms >= 100
     assert r.run_s < 2
 
 
 def test_worker_sets_omp_stacksize(measurer):
-    assert measurer.measure_one(OP, NEEDS_STACKSIZE, key(9)).ok
+    assert measurer.measure_one(Candidate(OP, key(9), NEEDS_STACKSIZE)).ok
 
 
 def test_identical_schedule_measured_once(measurer, builder, runner):
-    k = json.dumps({"steps": [1, 2], "a": 0})
-    same = json.dumps({"a": 0, "steps": [1, 2]}, indent=2)   # same schedule, other text
-    first = measurer.measure(OP, [GOOD, GOOD, GOOD], [k, same, k])
-    again = measurer.measure_one(OP, GOOD, same)
+    k = {"steps": [1, 2], "a": 0}
+    same = {"a": 0, "steps": [1, 2]}   # same schedule, keys in another order
+    first = measurer.measure([Candidate(OP, k, GOOD), Candidate(OP, same, GOOD), Candidate(OP, k, GOOD)])
+    again = measurer.measure_one(Candidate(OP, same, GOOD))
     assert builder.compiles == 1 and runner.runs == 1 and measurer.measured == 1
     assert first[0] == first[1] == first[2] == again
 
@@ -160,7 +160,7 @@ def test_parallel_build_keeps_order(builder):
 def test_log_records_and_preloads_cache(tmp_path, builder, runner):
     log = TuningLog(tmp_path / "logs" / "tune.jsonl")
     m = Measurer(cpu_target(), builder=builder, runner=runner, log=log)
-    good, bad = m.measure(OP, [GOOD, ZEROS], [key(10), key(11)])
+    good, bad = m.measure([Candidate(OP, key(10), GOOD), Candidate(OP, key(11), ZEROS)])
     records = log.read()
     assert [r.schedule for r in records] == [[["tile", "i", 10]], [["tile", "i", 11]]]
     assert records[0].correct and records[0].time_ms == good.time_ms
@@ -168,7 +168,7 @@ def test_log_records_and_preloads_cache(tmp_path, builder, runner):
 
     runs = runner.runs
     m2 = Measurer(cpu_target(), builder=builder, runner=runner, log=log)
-    good2, bad2 = m2.measure(OP, [GOOD, ZEROS], [key(10), key(11)])
+    good2, bad2 = m2.measure([Candidate(OP, key(10), GOOD), Candidate(OP, key(11), ZEROS)])
     assert runner.runs == runs and m2.measured == 0
     assert good2.ok and good2.time_ms == good.time_ms and good2.times_ms == good.times_ms
     assert not bad2.ok and bad2.error == bad.error
@@ -177,8 +177,8 @@ def test_log_records_and_preloads_cache(tmp_path, builder, runner):
 
 def test_cache_off_measures_again(builder, runner):
     m = Measurer(cpu_target(), builder=builder, runner=runner, cache=False)
-    m.measure_one(OP, GOOD, key(12))
-    m.measure_one(OP, GOOD, key(12))
+    m.measure_one(Candidate(OP, key(12), GOOD))
+    m.measure_one(Candidate(OP, key(12), GOOD))
     assert runner.runs == 2 and builder.compiles == 1
 
 

@@ -37,17 +37,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from .kernel import Kernel
-from .measure import Builder, BuildResult, MeasureResult, Runner, default_cache_dir
-from .ops import Operator, make_op
-from .target import Target, cpu_target, cuda_target
+from ..codegen.kernel import Kernel
+from ..ir.ops import Operator, make_op
+from ..target import Target, cpu_target, cuda_target
+from .build import Builder, default_cache_dir
+from .result import BuildResult, MeasureResult
+from .runner import Runner
 
 logger = logging.getLogger(__name__)
 
 CPU_HOST = "cpu_host"      # custom Ray resource: one unit per runner of C kernels on a machine
 PROBE_TIMEOUT_S = 10.0     # a cluster address that does not answer within this fails
 RETRIES = 1                # extra attempts of a candidate whose runner died
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # kernels/, shipped to the workers
 
 
 class ClusterError(ConnectionError):
@@ -507,7 +509,7 @@ def backend(target: Target, build_timeout_s: float = 60.0, **runner_options: Any
     ``target``; ``runner_options`` are :class:`~kernels.measure.Runner`'s."""
     ray = _ray()
     if not ray.is_initialized():
-        raise ClusterError("not connected to a Ray cluster; call kernels.cluster.connect first")
+        raise ClusterError("not connected to a Ray cluster; call kernels.measure.cluster.connect first")
     artefacts: dict[str, Any] = {}
     nodes: list[tuple[str, int]] = []
     # as the local Measurer: a GPU kernel that needs 30 s to compile and run is hopeless

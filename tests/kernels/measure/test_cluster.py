@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernels import cluster
-from kernels.kernel import Kernel
-from kernels.measure import Builder, Measurer, Runner
-from kernels.ops import make_op
+from kernels.measure import cluster
+from kernels.codegen.kernel import Kernel
+from kernels.measure import Builder, Candidate, Measurer, Runner
+from kernels.ir.ops import make_op
 from kernels.target import cpu_target
-from kernels.tuning_log import TuningLog
+from kernels.measure.tuning_log import TuningLog
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = dict(timeout_s=30, repeats=1, warmup=0, min_time_s=0.0)
@@ -105,7 +105,7 @@ def test_a_runner_killed_mid_measurement_loses_no_record(ray_cluster, tmp_path):
     with Measurer(cpu_target(), backend.builder, backend.runner, log=log) as m:
         killer = threading.Thread(target=kill_the_busy_one)
         killer.start()
-        res = m.measure_one(make_op("matmul", "8x8x8"), SLEEPY, "sleepy")
+        res = m.measure_one(Candidate(make_op("matmul", "8x8x8"), "sleepy", SLEEPY))
         killer.join()
         assert len(killed) == 1
         assert res.ok, res.error          # retried on the other runner
@@ -168,7 +168,7 @@ def test_a_node_of_another_cpu_declines_to_compile(ray_cluster, tmp_path):
 
     import ray
 
-    from kernels.cluster import OTHER_CPU, RayBuilder
+    from kernels.measure.cluster import OTHER_CPU, RayBuilder
 
     other = dataclasses.replace(cpu_target(), device="another CPU")
     node = ray.get_runtime_context().get_node_id()

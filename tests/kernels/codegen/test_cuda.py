@@ -19,12 +19,14 @@ import subprocess
 import numpy as np
 import pytest
 
-from kernels import lower as ir
-from kernels.cuda import check_for_target, default_schedule, launch_config
+from kernels.ir import lower as ir
+from kernels.ir.printer import print_loop_nest
+from kernels.codegen.rules import check_for_target, default_schedule, launch_config
 from kernels.experts import expert_schedule
-from kernels.ops import OPERATORS, make_op
-from kernels.render import render
-from kernels.schedule import Bind, Schedule, ScheduleError, bound_axis
+from kernels.ir.ops import OPERATORS, make_op
+from kernels.codegen import render
+from kernels.measure import Candidate
+from kernels.ir.schedule import Bind, Schedule, ScheduleError, bound_axis
 from kernels.target import NoCudaDevice, cuda_target_for_compile, get_target
 
 TARGET = cuda_target_for_compile("sm_90")
@@ -171,7 +173,7 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
 def simulate_schedule(schedule: Schedule, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(simulated output, reference) on random inputs; checks the target's rules first."""
     if not schedule.steps:
-        schedule = default_schedule(schedule.op)
+        schedule = default_schedule(schedule.op, TARGET)
     check_for_target(schedule, TARGET)
     op = schedule.op
     inputs = op.random_inputs(np.random.default_rng(seed))
@@ -181,7 +183,7 @@ def simulate_schedule(schedule: Schedule, seed: int = 0) -> tuple[np.ndarray, np
 
 
 def describe(schedule: Schedule) -> str:
-    return json.dumps(schedule.to_json()) + "\n" + ir.print_loop_nest(schedule, gpu=True)
+    return json.dumps(schedule.to_json()) + "\n" + print_loop_nest(schedule, gpu=True)
 
 
 # ---------------------------------------------------------------- nvcc
@@ -506,7 +508,7 @@ def gpu_measurer(tmp_path_factory):
 
 def _measure(m, schedule: Schedule):
     kernel = render(schedule, m.target)
-    return m.measure_one(schedule.op, kernel, f"source:{kernel.digest}")
+    return m.measure_one(Candidate(schedule.op, f"source:{kernel.digest}", kernel))
 
 
 @pytest.mark.parametrize("kind,shape", AWKWARD + [("matmul", "512x512x512")])
@@ -524,7 +526,7 @@ def test_gpu_random_schedules_match_reference(gpu_measurer, kind):
 
 
 def test_gpu_failures_are_values(gpu_measurer):
-    from kernels.kernel import Kernel
+    from kernels.codegen.kernel import Kernel
 
     op = make_op("matmul", "64x64x64")
     good = render(expert_schedule(op, gpu_measurer.target), gpu_measurer.target)
@@ -532,7 +534,7 @@ def test_gpu_failures_are_values(gpu_measurer):
                         good.args, good.launch)
     wild = Kernel(good.name, good.source.replace("C[i_o", "C[1 << 30 + i_o", 1), good.args, good.launch)
     for k, why in ((bad_syntax, "compile error"), (wild, "")):
-        res = gpu_measurer.measure_one(op, k, f"source:{k.digest}")
+        res = gpu_measurer.measure_one(Candidate(op, f"source:{k.digest}", k))
         assert not res.ok and why in (res.error or ""), res
     res = _measure(gpu_measurer, expert_schedule(op, gpu_measurer.target))
     assert res.ok, res.error  # a fresh worker after the illegal address

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .ops import OperatorError, parse_shape
-from .target import Target
+from ..ir.ops import OperatorError, parse_shape
+from ..target import Target
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +28,6 @@ def schedule_key(schedule: Any) -> str:
     """Canonical text of a schedule (JSON data), so equal schedules get equal keys
     whatever the key order or spacing they were written with."""
     return json.dumps(schedule, sort_keys=True, separators=(",", ":"))
-
-
-def parse_schedule_key(key: str) -> Any:
-    """The schedule data behind a caller's key; a key that is not JSON stands for itself."""
-    try:
-        return json.loads(key)
-    except (TypeError, ValueError):
-        return key
 
 
 def _norm_shape(kind: str, shape: str | tuple[int, ...]) -> tuple[int, ...] | str:

@@ -9,10 +9,10 @@ import re
 import pytest
 
 from kernels.experts import expert_schedule
-from kernels.lower import print_loop_nest
-from kernels.ops import OPERATORS, make_op
-from kernels.render import render
-from kernels.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, CacheRead,
+from kernels.ir.printer import print_loop_nest
+from kernels.ir.ops import OPERATORS, make_op
+from kernels.codegen import render
+from kernels.ir.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, CacheRead,
                               CacheWrite, Fuse, Parallel, Reorder, Schedule, ScheduleError,
                               Split, Step, Tile, Unroll, Vectorize)
 from kernels.target import cpu_target

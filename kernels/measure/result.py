@@ -1,0 +1,89 @@
+"""What is measured and what comes back: typed candidates and results (TVM's
+``MeasureInput``/``RunnerResult``), and the protocols a measurement backend implements."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+from ..codegen import render
+from ..codegen.kernel import Kernel
+from ..ir.ops import Operator
+from ..ir.schedule import Schedule
+from ..target import Target
+from .tuning_log import TuningRecord
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One kernel to measure: its operator, the schedule it came from as JSON data (what
+    the tuning log stores and the cache is keyed by) and its rendered source."""
+
+    op: Operator
+    schedule: Any
+    kernel: Kernel
+
+    @classmethod
+    def of(cls, schedule: Schedule, target: Target) -> "Candidate":
+        """Render ``schedule`` for ``target`` (a ``ScheduleError`` if it breaks a rule)."""
+        return cls(schedule.op, schedule.steps_json(), render(schedule, target))
+
+
+@dataclass(frozen=True)
+class MeasureResult:
+    """Outcome of building and timing one kernel; failures are values too."""
+
+    ok: bool                          # built, ran, was correct and was timed
+    time_ms: float                    # median of times_ms; inf when failed
+    times_ms: tuple[float, ...]
+    gflops: float                     # 0 when failed
+    correct: bool                     # output matched the reference
+    error: str | None                 # short reason when not ok
+    build_s: float = 0.0              # seconds spent compiling
+    run_s: float = 0.0                # seconds spent running (check + timing)
+    library_times_ms: tuple[float, ...] = ()  # the library, timed alternately with the kernel
+
+    @classmethod
+    def failure(cls, error: str, correct: bool = False, build_s: float = 0.0,
+                run_s: float = 0.0) -> "MeasureResult":
+        return cls(False, math.inf, (), 0.0, correct, error, build_s, run_s)
+
+    @classmethod
+    def from_record(cls, r: TuningRecord) -> "MeasureResult":
+        """A result recalled from a tuning log (nothing was spent on it now)."""
+        ok = r.correct and r.error is None and math.isfinite(r.time_ms)
+        return cls(ok, r.time_ms if ok else math.inf, tuple(r.times_ms), r.gflops if ok else 0.0,
+                   r.correct, r.error)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: str | None                  # the shared object, None when the build failed
+    error: str | None
+    build_s: float
+    cached: bool = False              # found already built
+
+    @property
+    def ok(self) -> bool:
+        return self.path is not None
+
+
+class BuilderProtocol(Protocol):
+    """Compiles kernels: :class:`kernels.measure.build.Builder` here, or on a Ray cluster."""
+
+    def build(self, kernels: list[Kernel]) -> list[BuildResult]: ...
+
+
+class RunnerProtocol(Protocol):
+    """Checks and times built kernels: :class:`kernels.measure.runner.Runner` here, or on a
+    Ray cluster (several devices side by side)."""
+
+    slow_cutoff_s: float | None
+
+    def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False) -> MeasureResult: ...
+
+    def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]],
+                 library: bool = False) -> Iterator[MeasureResult]: ...
+
+    def close(self) -> None: ...

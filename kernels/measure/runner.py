@@ -1,0 +1,229 @@
+"""Check and time built kernels one at a time, each in a replaceable worker process.
+
+Generated kernels can crash, hang or compute garbage, so each runs in a worker
+process (:mod:`kernels.measure.worker`) that can be killed and replaced; every
+failure comes back as a failed MeasureResult, never as an exception. A CUDA error
+can poison the worker's context, so the worker is replaced after one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+from ..codegen.kernel import Kernel
+from ..ir.ops import Operator
+from .check import RTOL
+from .result import MeasureResult
+
+logger = logging.getLogger(__name__)
+
+
+class _Worker:
+    """A worker process and the line-based pipe to it."""
+
+    def __init__(self, env: dict[str, str]):
+        cmd = [sys.executable, "-c", "from kernels.measure.worker import main; main()"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._buf = b""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, msg: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def recv(self, deadline: float) -> dict | None:
+        """Next message; None when the worker died; TimeoutError past ``deadline``."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    return None
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def death(self) -> str:
+        """Why the worker is gone, e.g. ``crashed (signal 11)``."""
+        try:
+            rc = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return "crashed (worker hung after closing its pipe)"
+        return f"crashed (signal {-rc})" if rc < 0 else f"crashed (exit code {rc})"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+class Runner:
+    """Checks and times built kernels one at a time in a replaceable worker process.
+
+    A kernel that crashes or outlives ``timeout_s`` (the check call plus timing) gets a
+    failed result, and the next kernel a fresh worker. Timing makes between 3 and
+    ``repeats`` calls, stopping once they add up to ``min_time_s``, so a slow kernel
+    costs a few calls rather than minutes.
+    """
+
+    def __init__(self, timeout_s: float = 60.0, repeats: int = 10, warmup: int = 1,
+                 min_time_s: float = 1.0, seed: int = 0, rtol: float = RTOL,
+                 omp_stacksize: str = "16M", startup_timeout_s: float = 120.0):
+        self.timeout_s, self.repeats, self.warmup = timeout_s, max(1, repeats), warmup
+        self.min_time_s, self.seed, self.rtol = min_time_s, seed, rtol
+        # A search sets this to a multiple of its best time: a kernel whose check call is
+        # slower is timed by that one call instead of several (tinygrad stops early too).
+        self.slow_cutoff_s: float | None = None
+        self.omp_stacksize = omp_stacksize
+        self.startup_timeout_s = startup_timeout_s   # also bounds preparing inputs
+        self._worker: _Worker | None = None
+        self.runs = 0             # kernels run so far
+        self.workers_started = 0
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Kernels keep local buffers on the stack of each OpenMP thread; libgomp reads
+        # this when it loads, so it must be in the worker's environment from the start.
+        env["OMP_STACKSIZE"] = self.omp_stacksize
+        root = str(Path(__file__).resolve().parents[__name__.count(".")])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env["PYTHONSAFEPATH"] = "1"  # import this package, not whatever the cwd holds
+        return env
+
+    def _ensure_worker(self) -> _Worker:
+        if self._worker is not None and self._worker.alive():
+            return self._worker
+        self._drop_worker()
+        w = _Worker(self._env())
+        self.workers_started += 1
+        try:
+            msg = w.recv(time.monotonic() + self.startup_timeout_s)
+        except TimeoutError:
+            msg = None
+        if msg is None or msg.get("event") != "ready":
+            w.kill()
+            raise RuntimeError("measurement worker failed to start")
+        self._worker = w
+        return w
+
+    def _drop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.kill()
+            self._worker = None
+
+    def close(self) -> None:
+        self._drop_worker()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]],
+                 library: bool = False) -> Iterator[MeasureResult]:
+        """One result per (kernel, path), in order; here one at a time, lazily, so the
+        caller records each before the next runs. A runner with several devices
+        (:class:`kernels.cluster.RayRunner`) runs them side by side instead."""
+        for kernel, path in jobs:
+            yield self.run(op, kernel, path, library)
+
+    def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False) -> MeasureResult:
+        """Check ``kernel`` (built at ``path``) against the reference and time it; with
+        ``library``, time the vendor library too, in alternating blocks."""
+        self.runs += 1
+        t0 = time.perf_counter()
+        try:
+            result = self._run(op, kernel, path, library)
+        except BaseException:
+            self._drop_worker()  # never leave a worker spinning on a kernel
+            raise
+        return replace(result, run_s=time.perf_counter() - t0 - result.build_s)
+
+    def _run(self, op: Operator, kernel: Kernel, path: str, library: bool) -> MeasureResult:
+        try:
+            w = self._ensure_worker()
+        except (RuntimeError, OSError) as e:
+            logger.warning("%s", e)
+            return MeasureResult.failure(str(e))
+        req = dict(path=path, name=kernel.name, args=[t.name for t in kernel.args],
+                   kind=op.kind, shape=op.shape_str, seed=self.seed, rtol=self.rtol,
+                   repeats=self.repeats, warmup=self.warmup, min_time_s=self.min_time_s,
+                   slow_cutoff_s=None if library else self.slow_cutoff_s,
+                   library=library)
+        if kernel.is_cuda:
+            req.update(backend="cuda", launch=kernel.launch)
+        correct = False
+        build_s = 0.0  # NVRTC, for CUDA kernels
+        # Before "prepared", a CPU worker may compute a large reference (startup_timeout_s
+        # bounds it); a GPU worker compiles the kernel then, which timeout_s bounds.
+        limit = self.timeout_s if kernel.is_cuda else max(self.timeout_s, self.startup_timeout_s)
+        deadline = time.monotonic() + limit
+        try:
+            w.send(req)
+            while True:
+                msg = w.recv(deadline)
+                if msg is None:
+                    reason = w.death()
+                    self._drop_worker()
+                    return MeasureResult.failure(
+                        reason.replace("crashed", "crashed during timing") if correct else reason,
+                        correct=correct, build_s=build_s)
+                event = msg["event"]
+                build_s = msg.get("build_s", build_s)
+                if event == "error":
+                    if msg.get("fatal"):  # e.g. a CUDA error: the worker's context is unusable
+                        self._drop_worker()
+                    return MeasureResult.failure(msg["error"], build_s=build_s)
+                if event == "prepared":
+                    limit = self.timeout_s
+                    deadline = time.monotonic() + limit
+                elif event == "checked":
+                    if not msg["correct"]:
+                        self._drop_worker()  # a kernel that wrote garbage may have written it anywhere
+                        return MeasureResult.failure(msg["error"], build_s=build_s)
+                    correct = True
+                elif event == "timed":
+                    times = tuple(t * 1e3 for t in msg["times"])
+                    median = statistics.median(times)
+                    gflops = op.flops / max(median / 1e3, 1e-12) / 1e9
+                    return MeasureResult(True, median, times, gflops, True, None, build_s=build_s,
+                                         library_times_ms=tuple(t * 1e3 for t in msg["library_times"]))
+        except TimeoutError:
+            self._drop_worker()
+            return MeasureResult.failure(f"timeout after {limit:g}s", correct=correct, build_s=build_s)
+        except (BrokenPipeError, OSError):
+            reason = w.death()
+            self._drop_worker()
+            return MeasureResult.failure(reason, correct=correct, build_s=build_s)

@@ -1,0 +1,148 @@
+"""The measurement worker: a process that loads, checks and times kernels.
+
+It reads one JSON request a line from stdin and answers with events (``prepared``,
+``checked``, ``timed`` or ``error``) on its own copy of stdout, so a kernel that
+prints cannot corrupt the protocol. The runner (:mod:`kernels.measure.runner`)
+kills and replaces it when a kernel crashes or hangs. CUDA requests are served by
+:mod:`kernels.measure.cuda_worker`, imported only in GPU workers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ..ir.ops import Operator, make_op
+from .check import output_error
+from .library import library_call
+from .timing import time_calls
+
+
+MASTER_STACK = 64 << 20   # bytes of stack for the thread that calls kernels
+
+
+def _stack_bytes(size: str) -> int:
+    """Bytes in an OMP_STACKSIZE value such as ``16M`` (no suffix means KiB); 0 if unreadable."""
+    m = re.fullmatch(r"\s*(\d+)\s*([bkmgBKMG]?)\s*", size)
+    if not m:
+        return 0
+    return int(m.group(1)) << {"b": 0, "k": 10, "": 10, "m": 20, "g": 30}[m.group(2).lower()]
+
+
+def _watch_parent() -> None:
+    """Exit when the parent dies, even while a kernel loops forever (ctypes drops the GIL)."""
+    parent = os.getppid()
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(3)
+
+
+def main() -> None:
+    """Serve run requests, one JSON line each, from stdin until it closes."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)            # whatever a kernel prints must not corrupt the protocol
+    sys.stdout = sys.stderr
+    threading.Thread(target=_watch_parent, daemon=True).start()
+
+    def send(**msg: Any) -> None:
+        proto.write(json.dumps(msg) + "\n")
+        proto.flush()
+
+    def serve_all() -> None:
+        data: dict[tuple[str, str, int], tuple[Operator, dict[str, np.ndarray], np.ndarray]] = {}
+        send(event="ready")
+        for line in sys.stdin:
+            try:
+                _serve(json.loads(line), data, send)
+            except Exception as e:  # a broken request must not take the worker down
+                send(event="error", error=f"worker error: {type(e).__name__}: {e}")
+
+    # The calling thread becomes OpenMP's master thread, which OMP_STACKSIZE does not
+    # cover; give it a stack at least as large as the other threads get.
+    threading.stack_size(max(_stack_bytes(os.environ.get("OMP_STACKSIZE", "")), MASTER_STACK))
+    server = threading.Thread(target=serve_all, name="kernel-runner")
+    server.start()
+    server.join()
+
+
+def _serve(req: dict, data: dict, send: Any) -> None:
+    if req.get("backend") == "cuda":
+        from .cuda_worker import serve_cuda  # CuPy is imported by GPU workers only
+        serve_cuda(req, send)
+        return
+    key = (req["kind"], req["shape"], req["seed"])
+    if key not in data:  # inputs and reference once per operator, not per kernel
+        op = make_op(req["kind"], req["shape"])
+        inputs = op.random_inputs(np.random.default_rng(req["seed"]))
+        data[key] = (op, inputs, op.reference(inputs))
+    op, inputs, ref = data[key]
+    try:
+        fn = getattr(ctypes.CDLL(req["path"]), req["name"])
+    except (OSError, AttributeError) as e:
+        send(event="error", error=f"load error: {e}")
+        return
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * len(req["args"])
+    out_name = op.output.name
+    # Fresh copies each time: a kernel that scribbles on its inputs must not spoil the next.
+    arrays = [np.full(op.output.shape, np.nan, np.float32) if name == out_name
+              else np.array(inputs[name], dtype=np.float32, order="C", copy=True)
+              for name in req["args"]]
+    out = arrays[req["args"].index(out_name)]
+    ptrs = [a.ctypes.data for a in arrays]
+    send(event="prepared")
+
+    t0 = time.perf_counter()
+    fn(*ptrs)
+    check_s = time.perf_counter() - t0
+    error = output_error(out, ref, req["rtol"],
+                         {n: a for n, a in zip(req["args"], arrays) if n != out_name}, inputs)
+    if error:
+        send(event="checked", correct=False, error=error)
+        return
+    send(event="checked", correct=True, error=None)
+    if req.get("slow_cutoff_s") and check_s > req["slow_cutoff_s"]:
+        send(event="timed", times=[check_s], library_times=[])  # hopeless: the check call is its time
+        return
+
+    # The check call already warmed caches; a slow kernel gets no further warm-up.
+    if check_s < req["min_time_s"] / 10:
+        for _ in range(req["warmup"]):
+            fn(*ptrs)
+    # at least 3 calls, but a call slower than the whole budget is not repeated much
+    least = min(3 if check_s < req["min_time_s"] else 1, req["repeats"])
+    if req.get("library"):
+        times, lib_times = _time_against_library(fn, ptrs, library_call(op, inputs), least, req)
+    else:
+        times, lib_times = time_calls(lambda: fn(*ptrs), least, req["repeats"], req["min_time_s"]), []
+    send(event="timed", times=times, library_times=lib_times)
+
+
+LIBRARY_BLOCKS = 4      # alternating blocks of library calls and kernel calls
+SPIN_PAUSE_S = 0.15     # idle time between blocks
+
+
+def _time_against_library(fn, ptrs, lib, least: int, req: dict) -> tuple[list[float], list[float]]:
+    """Kernel and library timed in alternating blocks, so a machine whose speed drifts
+    (shared hosts) slows both alike. Blocks, not single calls: after a call, OpenBLAS
+    and OpenMP worker threads keep spinning for a while and would steal the cores of
+    whichever runs next; a pause between blocks lets them go to sleep."""
+    lib()
+    times: list[float] = []
+    lib_times: list[float] = []
+    per_block = req["min_time_s"] / LIBRARY_BLOCKS
+    for _ in range(LIBRARY_BLOCKS):
+        time.sleep(SPIN_PAUSE_S)
+        lib_times += time_calls(lib, least, req["repeats"], per_block)
+        time.sleep(SPIN_PAUSE_S)
+        times += time_calls(lambda: fn(*ptrs), least, req["repeats"], per_block)
+    return times, lib_times
