@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import subprocess
 import tempfile
 import threading
@@ -20,20 +21,79 @@ from .result import BuildResult
 logger = logging.getLogger(__name__)
 
 
+class CacheDirError(OSError):
+    """The build cache's directory is not safe to load code from."""
+
+
+def private_dir(path: Path) -> Path:
+    """``path``, created if missing, checked to be a real directory that this user owns and
+    no one else can write: objects loaded from it run as the user."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheDirError(f"{path} is not a directory (a link?)")
+    if st.st_uid != os.getuid():
+        raise CacheDirError(f"{path} belongs to another user (uid {st.st_uid})")
+    if st.st_mode & 0o022:
+        raise CacheDirError(f"{path} can be written by others (mode {stat.S_IMODE(st.st_mode):o})")
+    return path
+
+
 def default_cache_dir() -> Path:
-    """``$SCHEDGYM_CACHE/build``, else ``~/.cache/schedgym/build``, else a per-user temp dir."""
+    """``$SCHEDGYM_CACHE/build``, else ``~/.cache/schedgym/build``, else a per-user temp dir;
+    each must be private (:func:`private_dir`), the one the user set above all."""
     root = os.environ.get("SCHEDGYM_CACHE")
-    candidates = [Path(root)] if root else []
-    candidates.append(Path.home() / ".cache" / "schedgym")
-    candidates.append(Path(tempfile.gettempdir()) / f"schedgym-{os.getuid()}")
-    for c in candidates:
+    if root:
+        return private_dir(Path(root) / "build")
+    reasons = []
+    for c in (Path.home() / ".cache" / "schedgym", Path(tempfile.gettempdir()) / f"schedgym-{os.getuid()}"):
         try:
-            (c / "build").mkdir(parents=True, exist_ok=True)
-            if os.access(c / "build", os.W_OK):
-                return c / "build"
+            return private_dir(private_dir(c) / "build")
+        except OSError as e:
+            reasons.append(str(e))
+    raise CacheDirError("no private directory for compiled kernels (" + "; ".join(reasons)
+                        + "); set SCHEDGYM_CACHE to one you own")
+
+
+class ObjectCache:
+    """Files in a private directory, each used only while its SHA-256 matches the digest
+    recorded beside it when it was stored (a file replaced since is dropped and remade)."""
+
+    def __init__(self, directory: Path):
+        self.dir = private_dir(directory)
+
+    @staticmethod
+    def _sidecar(path: Path) -> Path:
+        return path.with_name(path.name + ".sha256")
+
+    def get(self, name: str) -> Path | None:
+        """The stored file, if present and unchanged; None otherwise."""
+        path = self.dir / name
+        try:
+            recorded = self._sidecar(path).read_text().strip()
+            data = path.read_bytes()
         except OSError:
-            continue
-    raise OSError("no writable directory for compiled kernels; set SCHEDGYM_CACHE")
+            return None
+        if hashlib.sha256(data).hexdigest() != recorded:
+            logger.warning("cached %s does not match its recorded digest; it is built again", path)
+            path.unlink(missing_ok=True)
+            return None
+        return path
+
+    def put(self, name: str, data: bytes) -> Path:
+        """Store ``data`` as ``name`` atomically, digest first: a reader in between sees a
+        mismatch and rebuilds, never a half-written object taken as good."""
+        path = self.dir / name
+        tag = f"{os.getpid()}-{threading.get_ident()}"
+        for target, content in ((self._sidecar(path), hashlib.sha256(data).hexdigest().encode()),
+                                (path, data)):
+            tmp = target.with_name(f"{target.name}.{tag}.tmp")
+            try:
+                tmp.write_bytes(content)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return path
 
 
 def _short_compile_error(stderr: str, src: Path) -> str:
@@ -46,8 +106,9 @@ def _short_compile_error(stderr: str, src: Path) -> str:
 class Builder:
     """Compiles kernel sources to shared objects, in parallel, each under a timeout.
 
-    Objects are cached on disk by source digest and toolchain (compiler, flags and
-    CPU, because of ``-march=native``), so the same source is compiled only once.
+    Objects are cached on disk (an :class:`ObjectCache`) by source digest and toolchain
+    (compiler, flags and CPU, because of ``-march=native``), so the same source is
+    compiled only once.
     """
 
     def __init__(self, workers: int | None = None, timeout_s: float = 60.0,
@@ -55,8 +116,8 @@ class Builder:
                  cflags: tuple[str, ...] = CFLAGS):
         self.workers = workers or len(os.sched_getaffinity(0)) or 1
         self.timeout_s = timeout_s
-        self.cache_dir = (Path(cache_dir) if cache_dir is not None else default_cache_dir()).resolve()
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = ObjectCache(Path(cache_dir).resolve() if cache_dir is not None else default_cache_dir())
+        self.cache_dir = self.cache.dir
         self.cc, self.cflags = cc, tuple(cflags)
         t = cpu_target()
         toolchain = json.dumps([cc, t.compiler, self.cflags, t.device])
@@ -64,8 +125,12 @@ class Builder:
         self._lock = threading.Lock()
         self.compiles = 0             # compiler invocations so far (cache hits excluded)
 
+    def object_name(self, kernel: Kernel) -> str:
+        """The cache entry of ``kernel``: CUDA source as is, C compiled by this toolchain."""
+        return f"{kernel.digest}.cu" if kernel.is_cuda else f"{kernel.digest}-{self._toolchain}.so"
+
     def path_for(self, kernel: Kernel) -> Path:
-        return self.cache_dir / f"{kernel.digest}-{self._toolchain}.so"
+        return self.cache_dir / self.object_name(kernel)
 
     def build(self, kernels: list[Kernel]) -> list[BuildResult]:
         """One BuildResult per kernel, in order; equal sources are compiled once."""
@@ -78,21 +143,22 @@ class Builder:
         return [done[k.digest] for k in kernels]
 
     def _build_one(self, kernel: Kernel) -> BuildResult:
-        if kernel.is_cuda:
-            return self._store_cuda(kernel)
-        so = self.path_for(kernel)
-        if so.exists():
-            return BuildResult(str(so), None, 0.0, cached=True)
+        name = self.object_name(kernel)
+        hit = self.cache.get(name)
+        if hit is not None:
+            return BuildResult(str(hit), None, 0.0, cached=True)
+        if kernel.is_cuda:  # compiled by NVRTC where it runs; here it is only written down
+            try:
+                return BuildResult(str(self.cache.put(name, kernel.source.encode())), None, 0.0)
+            except OSError as e:
+                return BuildResult(None, f"cannot write kernel source: {e}", 0.0)
         t0 = time.perf_counter()
-        tag = f"{os.getpid()}-{threading.get_ident()}"
-        src = so.with_suffix(".c")
-        tmp_src = so.with_name(f"{so.stem}.{tag}.tmp.c")
-        tmp_so = so.with_name(f"{so.stem}.{tag}.tmp.so")
+        src = self.cache_dir / (Path(name).stem + ".c")   # kept beside the object, for reading
+        tmp_so = self.cache_dir / f"{Path(name).stem}.{os.getpid()}-{threading.get_ident()}.tmp.so"
         with self._lock:
             self.compiles += 1
         try:
-            tmp_src.write_text(kernel.source)
-            os.replace(tmp_src, src)  # kept beside the object, for reading
+            src.write_text(kernel.source)
             cmd = [self.cc, *self.cflags, str(src), "-o", str(tmp_so)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s)
@@ -106,23 +172,7 @@ class Builder:
                 logger.debug("compile of %s failed:\n%s", kernel.name, proc.stderr)
                 return BuildResult(None, _short_compile_error(proc.stderr, src),
                                    time.perf_counter() - t0)
-            os.replace(tmp_so, so)  # atomic: a concurrent reader never sees half a file
-            return BuildResult(str(so), None, time.perf_counter() - t0)
+            path = self.cache.put(name, tmp_so.read_bytes())
+            return BuildResult(str(path), None, time.perf_counter() - t0)
         finally:
-            for p in (tmp_src, tmp_so):
-                p.unlink(missing_ok=True)
-
-
-    def _store_cuda(self, kernel: Kernel) -> BuildResult:
-        """CUDA source is compiled by NVRTC where it runs; here it is only written down."""
-        cu = self.cache_dir / f"{kernel.digest}.cu"
-        if cu.exists():
-            return BuildResult(str(cu), None, 0.0, cached=True)
-        tmp = cu.with_name(f"{cu.stem}.{os.getpid()}-{threading.get_ident()}.tmp.cu")
-        try:
-            tmp.write_text(kernel.source)
-            os.replace(tmp, cu)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            return BuildResult(None, f"cannot write kernel source: {e}", 0.0)
-        return BuildResult(str(cu), None, 0.0)
+            tmp_so.unlink(missing_ok=True)

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 from ..codegen.kernel import Kernel
 from ..ir.ops import Operator, make_op
 from ..target import Target, cpu_target, cuda_target
-from .build import Builder, default_cache_dir
+from .build import Builder, ObjectCache, default_cache_dir
 from .result import BuildResult, MeasureResult
 from .runner import Runner
 
@@ -164,9 +164,9 @@ class _RunnerActor:
         self.kind = kind
         self.runner = Runner(**options)
         try:
-            self.dir = default_cache_dir()
+            self.cache = ObjectCache(default_cache_dir())
         except OSError:
-            self.dir = Path(tempfile.mkdtemp(prefix="schedgym-artefacts-"))
+            self.cache = ObjectCache(Path(tempfile.mkdtemp(prefix="schedgym-artefacts-")))
 
     def describe(self) -> tuple[str, dict]:
         import ray
@@ -176,11 +176,7 @@ class _RunnerActor:
 
     def run(self, kind: str, shape: str, kernel: Kernel, filename: str, data: bytes, library: bool,
             slow_cutoff_s: float | None) -> MeasureResult:
-        path = self.dir / filename
-        if not path.exists():
-            tmp = path.with_name(f"{filename}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+        path = self.cache.get(filename) or self.cache.put(filename, data)
         self.runner.slow_cutoff_s = slow_cutoff_s
         return self.runner.run(make_op(kind, shape), kernel, str(path), library)
 
@@ -241,8 +237,8 @@ class RayBuilder:
         done: dict[str, BuildResult] = {}
         pending: dict[str, tuple[Kernel, Any, Any, int]] = {}
         for d, k in unique.items():
-            path = self.local.path_for(k)
-            if path.exists():
+            path = self.local.cache.get(self.local.object_name(k))
+            if path is not None:
                 done[d] = BuildResult(str(path), None, 0.0, cached=True)
             else:
                 pending[d] = (k, *self._submit(k), 0)
@@ -277,12 +273,9 @@ class RayBuilder:
         """The remote result with this machine's path; the object is copied here."""
         if not res.ok:
             return res
-        path = self.local.path_for(kernel)
+        name = self.local.object_name(kernel)
         data = _ray().get(data_ref)
-        if not path.exists():
-            tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+        path = self.local.cache.get(name) or self.local.cache.put(name, data)
         with self._lock:
             self._artefacts[str(path)] = data_ref
             self.artefact_bytes += len(data)

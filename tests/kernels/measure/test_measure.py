@@ -1,4 +1,6 @@
 import math
+import os
+import subprocess
 import statistics
 import time
 
@@ -6,6 +8,7 @@ import pytest
 
 from kernels.codegen.kernel import Kernel
 from kernels.measure import Builder, Candidate, MeasureResult, Measurer, Runner
+from kernels.measure.build import CacheDirError
 from kernels.measure.check import RTOL
 from kernels.ir.ops import make_op
 from kernels.target import cpu_target
@@ -148,6 +151,37 @@ def test_same_source_compiled_once_on_disk(tmp_path, runner):
     r2, r3 = b2.build([GOOD, GOOD])
     assert not r1.cached and r2.cached and r2.path == r1.path == r3.path
     assert b1.compiles == 1 and b2.compiles == 0
+
+
+def test_replaced_cached_object_is_not_loaded(tmp_path, runner):
+    """A shared object swapped in the cache (here: one whose constructor touches a file)
+    does not match the digest recorded at build time: it is rebuilt, never loaded."""
+    (first,) = Builder(cache_dir=tmp_path).build([GOOD])
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.c"
+    evil.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void p(void) '
+                    f'{{ fopen("{marker}", "w"); }}\nvoid f(float* A, float* B, float* C) {{}}\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", str(evil), "-o", first.path], check=True)
+    builder = Builder(cache_dir=tmp_path)
+    (again,) = builder.build([GOOD])
+    assert not again.cached and builder.compiles == 1
+    assert runner.run(OP, GOOD, again.path).ok
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_cache_dir_others_can_write_is_refused(tmp_path, mode):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(CacheDirError, match="written by others"):
+        Builder(cache_dir=shared)
+
+
+def test_cache_dir_of_another_user_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(CacheDirError, match="another user"):
+        Builder(cache_dir=tmp_path)
 
 
 def test_parallel_build_keeps_order(builder):
