@@ -96,62 +96,6 @@ def _callback(progress: ProgressLog, measurer: Measurer, total: int):
     return SearchLogger()
 
 
-def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: int):
-    """(observations, masks, actions) of each train shape's expert schedule replayed as
-    environment actions, with the features the environment would show."""
-    import numpy as np
-
-    from envs.actions import ActionTable, NestInfo
-    from envs.features import featurize
-    from kernels.experts import expert_schedule
-    from kernels.ops import make_op
-    from kernels.schedule import Schedule, ScheduleError
-
-    obs, masks, actions = [], [], []
-    for shape in shapes:
-        op = make_op(op_kind, shape)
-        table = ActionTable(op, target)
-        s = Schedule(op)
-        last = None
-        try:
-            replay = table.actions_for(expert_schedule(op, target))
-        except ScheduleError as e:
-            print(f"imitation: the expert schedule of {op_kind} {shape} has no action sequence ({e}); "
-                  "skipped", file=sys.stderr)
-            continue
-        for step, a in enumerate(replay[:max_steps]):
-            info = NestInfo(op, s.nest)
-            mask = table.mask(info, last, steps_left=max_steps - step)
-            if not mask[a]:
-                break
-            obs.append(featurize(op, info, target, step / max_steps))
-            masks.append(mask)
-            actions.append(a)
-            if a != table.done:
-                s = s.apply(table.to_step(a, s.nest))
-                last = a
-    return np.array(obs), np.array(masks), np.array(actions)
-
-
-def imitate(agent, demos, epochs: int, seed: int) -> float:
-    """Behaviour cloning of the demonstrations into the policy; returns the final accuracy."""
-    import torch
-
-    obs, masks, actions = (torch.as_tensor(x) for x in demos)
-    policy = agent.policy
-    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    torch.manual_seed(seed)
-    for _ in range(epochs):
-        _, log_prob, _ = policy.evaluate_actions(obs, actions, action_masks=masks)
-        loss = -log_prob.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        dist = policy.get_distribution(obs, action_masks=masks.numpy())
-        return float((dist.get_actions(deterministic=True) == actions).float().mean())
-
-
 def _command(cfg: Config) -> str:
     """The command line that reproduces this training run."""
     parts = ["python -m experiments train", f"--op {cfg.op}"]
@@ -179,6 +123,7 @@ def run(cfg: Config) -> dict:
     from stable_baselines3.common.vec_env import DummyVecEnv
     from torch.utils.tensorboard import SummaryWriter
 
+    from agents.imitation import expert_demonstrations, imitate
     from agents.vec_env import Serialized, ThreadVecEnv
     from envs.schedule_env import ScheduleEnv
 
