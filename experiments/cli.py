@@ -26,11 +26,12 @@ COMMANDS: dict[str, str] = {
     "bench": "Measure one schedule against the naive kernel and the vendor library.",
     "costmodel": "Train the learned cost model from tuning logs.",
     "benchmark": "Run a benchmark suite and write its section of BENCHMARKS.md.",
+    "convert-policy": "Convert an old pickled policy (.zip) you trust to weights + JSON.",
 }
 
 
 def command_module(name: str) -> Any:
-    return importlib.import_module(f"{__package__}.{name}")
+    return importlib.import_module(f"{__package__}.{name.replace('-', '_')}")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -40,7 +40,24 @@ def load_config(run_dir: Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    return json.loads(path.read_text())
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return saved
+
+
+def resumed_config(cfg: Any, keep: tuple[str, ...]) -> Any:
+    """The config saved in ``cfg.resume``, with the fields in ``keep`` (and ``resume``) taken
+    from ``cfg``, the command line. A run directory is data: only known settings are read."""
+    saved = load_config(Path(cfg.resume))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise ValueError(f"{cfg.resume}/config.json has unknown settings: {', '.join(unknown)}")
+    try:
+        return type(cfg)(**{**saved, **{k: getattr(cfg, k) for k in ("resume", *keep)}})
+    except TypeError as e:
+        raise ValueError(f"{cfg.resume}/config.json is incomplete ({e})") from None
 
 
 class ProgressLog:

@@ -8,8 +8,9 @@ cost model rewards each step and is updated online from the measured final
 kernels; with --reward measure only measurements reward. Vectorised envs share one
 measurement cache and tuning log.
 
-Writes runs/<op>-<target>-ppo-<seed>-<time>/: policy.zip (+ policy.json: what it was
-trained for and how), cost_model.pt, tuning.jsonl, TensorBoard events (SB3's
+Writes runs/<op>-<target>-ppo-<seed>-<time>/: policy.pt and policy.json (the weights,
+and the spec they are rebuilt from: what the policy was trained for and how;
+agents/policy.py), cost_model.pt, tuning.jsonl, TensorBoard events (SB3's
 scalars under rollout/ and train/, ours under search/ with hardware measurements as
 the step). --resume RUN_DIR continues training from there without re-measuring.
 
@@ -19,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, fields
@@ -32,7 +32,7 @@ from kernels.target import get_target
 
 from . import pretrained
 from .config import field
-from .runs import ProgressLog, load_config, new_run_dir, save_config
+from .runs import ProgressLog, new_run_dir, resumed_config, save_config
 from .shapes import family
 
 
@@ -96,62 +96,6 @@ def _callback(progress: ProgressLog, measurer: Measurer, total: int):
     return SearchLogger()
 
 
-def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: int):
-    """(observations, masks, actions) of each train shape's expert schedule replayed as
-    environment actions, with the features the environment would show."""
-    import numpy as np
-
-    from envs.actions import ActionTable, NestInfo
-    from envs.features import featurize
-    from kernels.experts import expert_schedule
-    from kernels.ir.ops import make_op
-    from kernels.ir.schedule import Schedule, ScheduleError
-
-    obs, masks, actions = [], [], []
-    for shape in shapes:
-        op = make_op(op_kind, shape)
-        table = ActionTable(op, target)
-        s = Schedule(op)
-        last = None
-        try:
-            replay = table.actions_for(expert_schedule(op, target))
-        except ScheduleError as e:
-            print(f"imitation: the expert schedule of {op_kind} {shape} has no action sequence ({e}); "
-                  "skipped", file=sys.stderr)
-            continue
-        for step, a in enumerate(replay[:max_steps]):
-            info = NestInfo(op, s.nest)
-            mask = table.mask(info, last, steps_left=max_steps - step)
-            if not mask[a]:
-                break
-            obs.append(featurize(op, info, target, step / max_steps))
-            masks.append(mask)
-            actions.append(a)
-            if a != table.done:
-                s = s.apply(table.to_step(a, s.nest))
-                last = a
-    return np.array(obs), np.array(masks), np.array(actions)
-
-
-def imitate(agent, demos, epochs: int, seed: int) -> float:
-    """Behaviour cloning of the demonstrations into the policy; returns the final accuracy."""
-    import torch
-
-    obs, masks, actions = (torch.as_tensor(x) for x in demos)
-    policy = agent.policy
-    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    torch.manual_seed(seed)
-    for _ in range(epochs):
-        _, log_prob, _ = policy.evaluate_actions(obs, actions, action_masks=masks)
-        loss = -log_prob.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        dist = policy.get_distribution(obs, action_masks=masks.numpy())
-        return float((dist.get_actions(deterministic=True) == actions).float().mean())
-
-
 def _command(cfg: Config) -> str:
     """The command line that reproduces this training run."""
     parts = ["python -m experiments train", f"--op {cfg.op}"]
@@ -164,9 +108,7 @@ def _command(cfg: Config) -> str:
 
 def run(cfg: Config) -> dict:
     if cfg.resume:
-        saved = load_config(Path(cfg.resume))
-        cfg = Config(**{**saved, "resume": cfg.resume, "json": cfg.json, "timesteps": cfg.timesteps,
-                        "cluster": cfg.cluster})
+        cfg = resumed_config(cfg, keep=("json", "timesteps", "cluster"))
     if cfg.timesteps < 1:
         raise ValueError("--timesteps must be at least 1")
     target = get_target(cfg.target)
@@ -174,11 +116,12 @@ def run(cfg: Config) -> dict:
                     "default" if cfg.shapes == "small" else cfg.shapes)
 
     import torch
-    from sb3_contrib import MaskablePPO
     from stable_baselines3.common.logger import configure
     from stable_baselines3.common.vec_env import DummyVecEnv
     from torch.utils.tensorboard import SummaryWriter
 
+    from agents import policy
+    from agents.imitation import expert_demonstrations, imitate
     from agents.vec_env import Serialized, ThreadVecEnv
     from envs.schedule_env import ScheduleEnv
 
@@ -186,11 +129,6 @@ def run(cfg: Config) -> dict:
     backend = cluster.join(cfg.cluster, target) if cfg.cluster else None  # fails fast, before a run dir
     n_envs = cfg.n_envs or (backend.parallelism if backend else 2)
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, cfg.op, target.kind, "ppo", cfg.seed)
-    writer = SummaryWriter(str(run_dir))
-    save_config(run_dir, cfg, writer)
-    progress = ProgressLog(run_dir, writer, append=bool(cfg.resume))
-    print(f"run directory: {run_dir}", file=sys.stderr)
-
     model_path = run_dir / "cost_model.pt"
     cost_model = pretrained.load_cost_model(str(model_path) if model_path.is_file() else cfg.cost_model,
                                             target, seed=cfg.seed)
@@ -207,13 +145,17 @@ def run(cfg: Config) -> dict:
                                         update_cost_model=True)
                     for _ in range(n_envs)])
     envs.seed(cfg.seed)
-    policy_file = run_dir / "policy.zip"
-    if cfg.resume and policy_file.is_file():
-        agent = MaskablePPO.load(str(policy_file), env=envs, device="cpu")
+    policy_file = run_dir / "policy.pt"
+    saved = policy_file if policy_file.is_file() else policy_file.with_suffix(".zip")  # an old run's: refused
+    if cfg.resume and saved.is_file():  # loaded before anything is written to the run directory
+        agent = policy.load_agent(saved, envs, cfg.op, target.kind, seed=cfg.seed)
     else:
-        agent = MaskablePPO("MlpPolicy", envs, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
-                            learning_rate=cfg.learning_rate, ent_coef=cfg.ent_coef, seed=cfg.seed,
-                            device="cpu", verbose=0)
+        agent = policy.new_agent(envs, dict(n_steps=cfg.n_steps, batch_size=cfg.batch_size,
+                                            learning_rate=cfg.learning_rate, ent_coef=cfg.ent_coef), seed=cfg.seed)
+    writer = SummaryWriter(str(run_dir))
+    save_config(run_dir, cfg, writer)
+    progress = ProgressLog(run_dir, writer, append=bool(cfg.resume))
+    print(f"run directory: {run_dir}", file=sys.stderr)
     agent.set_logger(configure(str(run_dir), ["tensorboard", "csv"]))
     demos = expert_demonstrations(cfg.op, shapes, target, cfg.max_steps) \
         if not cfg.resume and cfg.imitation_epochs > 0 else None
@@ -226,12 +168,9 @@ def run(cfg: Config) -> dict:
         agent.learn(total_timesteps=cfg.timesteps, callback=_callback(progress, measurer, cfg.timesteps),
                     reset_num_timesteps=not cfg.resume)
     finally:  # an interrupted run keeps what it learned
-        agent.save(str(policy_file))
+        policy.save(agent, policy_file, cfg.op, target.kind, hardware=target.device, shapes=shapes,
+                    reward=cfg.reward, seed=cfg.seed, command=_command(cfg))
         cost_model.save(str(model_path))
-        meta = {"op": cfg.op, "target": target.kind, "hardware": target.device, "shapes": shapes,
-                "timesteps": int(agent.num_timesteps), "reward": cfg.reward, "seed": cfg.seed,
-                "command": _command(cfg)}
-        policy_file.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
         envs.close()
         measurer.close()
         writer.close()

@@ -40,7 +40,7 @@ from kernels.target import get_target
 from . import pretrained
 from .bench import export_kernel
 from .config import field
-from .runs import ProgressLog, load_config, new_run_dir, save_config
+from .runs import ProgressLog, new_run_dir, resumed_config, save_config
 
 
 @dataclass
@@ -49,8 +49,8 @@ class Config:
     shape: str = field(help="extents, e.g. 1024x1024x1024 or N,C,H,W,K,R,S[,stride[,pad]]")
     target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
     agent: str = field("ppo", help="search agent", choices=list(AGENTS))
-    policy: str | None = field(None, help="trained policy (.zip) for --agent ppo (default: the shipped one)",
-                               metavar="PATH")
+    policy: str | None = field(None, help="trained policy for --agent ppo: its .pt, with the .json beside it "
+                                          "(default: the shipped one)", metavar="PATH")
     cost_model: str | None = field(None, help="pre-trained cost model for ppo/anneal/beam "
                                               "(default: the shipped one)", metavar="PATH")
     budget: int = field(64, help="hardware measurements the search may make")
@@ -61,12 +61,6 @@ class Config:
     cluster: str | None = field(None, help="measure on the Ray cluster at this address: auto, HEAD_IP:6379, "
                                            "or local (a throwaway one on this machine)", metavar="ADDRESS")
     json: bool = field(False, help="print one JSON object as the last line")
-
-
-def _resumed(cfg: Config) -> Config:
-    saved = load_config(Path(cfg.resume))
-    keep = {k: v for k, v in saved.items() if k not in ("resume", "json", "export", "cluster")}
-    return Config(**{**keep, "resume": cfg.resume, "json": cfg.json, "export": cfg.export, "cluster": cfg.cluster})
 
 
 def _library_ms(op, measurer: Measurer) -> float:
@@ -83,7 +77,7 @@ def _library_ms(op, measurer: Measurer) -> float:
 
 def run(cfg: Config) -> dict:
     if cfg.resume:
-        cfg = _resumed(cfg)
+        cfg = resumed_config(cfg, keep=("json", "export", "cluster"))
     if cfg.budget < 1:
         raise ValueError("--budget must be at least 1")
     op = make_op(cfg.op, cfg.shape)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import pickle
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +33,60 @@ def check_measurer(tmp_path_factory, target):
     runner = Runner(timeout_s=30, repeats=1, warmup=0, min_time_s=0.0)
     with Measurer(target, builder=builder, runner=runner) as m:
         yield m
+
+
+@pytest.fixture(scope="session")
+def small_agent(tmp_path_factory):
+    """An untrained MaskablePPO for matmul on this CPU: the spaces of a real policy."""
+    from agents.policy import new_agent
+    from envs.schedule_env import ScheduleEnv
+
+    measurer = Measurer(cpu_target(), builder=Builder(cache_dir=tmp_path_factory.mktemp("agent-build")))
+    return new_agent(ScheduleEnv(op="matmul", shape="16x24x8", measurer=measurer),
+                     dict(n_steps=8, batch_size=8), seed=0)
+
+
+class _Payload:
+    """Unpickled, it creates a file: what a hostile policy file could do (any command)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+class HostileFiles:
+    """Policy files whose loading by unpickling creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def zip(self, path: Path) -> Path:
+        """SB3's layout: ``data`` (JSON with cloudpickled entries) and ``policy.pth``."""
+        payload = pickle.dumps(_Payload(self.marker))
+        data = {"policy_class": {":type:": "<class 'abc.ABCMeta'>",
+                                 ":serialized:": base64.b64encode(payload).decode()}}
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("data", json.dumps(data))
+            z.writestr("policy.pth", payload)
+        return path
+
+    def pickle(self, path: Path) -> Path:
+        path.write_bytes(pickle.dumps(_Payload(self.marker)))
+        return path
+
+    def torch_file(self, path: Path) -> Path:
+        """A torch.save file (a zip, like a real one) whose pickle holds the payload."""
+        import torch
+
+        torch.save({"policy": _Payload(self.marker)}, path)
+        return path
+
+
+@pytest.fixture
+def hostile(tmp_path) -> HostileFiles:
+    return HostileFiles(tmp_path / "payload-ran")
 
 
 def describe(schedule: Schedule) -> str:

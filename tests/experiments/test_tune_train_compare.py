@@ -40,7 +40,7 @@ def trained(tmp_path_factory) -> Path:
                         "--batch-size", "16", "--imitation-epochs", "20", "--runs", "runs", "--json", cwd=cwd))
     assert out["timesteps"] >= 64
     run_dir = cwd / out["run_dir"]
-    for name in ("policy.zip", "policy.json", "cost_model.pt", "config.json"):
+    for name in ("policy.pt", "policy.json", "cost_model.pt", "config.json"):
         assert (run_dir / name).is_file(), name
     assert list(run_dir.glob("events.out.tfevents.*"))
     return run_dir
@@ -62,22 +62,21 @@ def test_tune_agents_with_a_tiny_budget(agent, tmp_path):
 
 def test_tune_ppo_zero_shot_with_budget_one(trained, tmp_path):
     out = last_json(cli("tune", "--op", "matmul", "--shape", "20x36x12", "--agent", "ppo", "--policy",
-                        str(trained / "policy.zip"), "--budget", "1", "--json", "--export", "k", cwd=tmp_path))
+                        str(trained / "policy.pt"), "--budget", "1", "--json", "--export", "k", cwd=tmp_path))
     assert out["measurements"] == 1 and out["correct"]
     assert {p.name for p in (tmp_path / "k").iterdir()} >= {"kernel.c", "kernel.so", "kernel.json"}
 
 
 def test_saved_policy_gives_the_same_greedy_schedule(trained):
-    from sb3_contrib import MaskablePPO
-
+    from agents.policy import load_policy
     from agents.search import policy_rollout
     from envs.actions import ActionTable
     from kernels.ir.ops import make_op
     from kernels.target import cpu_target
 
     op = make_op("matmul", "40x24x16")
-    a = MaskablePPO.load(str(trained / "policy.zip"), device="cpu")
-    b = MaskablePPO.load(str(trained / "policy.zip"), device="cpu")
+    a = load_policy(trained / "policy.pt", op, cpu_target())
+    b = load_policy(trained / "policy.pt", op, cpu_target())
     sa, _ = policy_rollout(op, ActionTable(op), a, cpu_target(), deterministic=True)
     sb, _ = policy_rollout(op, ActionTable(op), b, cpu_target(), deterministic=True)
     assert sa.key() == sb.key()
@@ -113,7 +112,7 @@ def test_bad_input_gives_one_line(trained, tmp_path):
         cli("tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "ppo", "--policy", "nope.zip", cwd=tmp_path))
     assert "trained for matmul" in one_error_line(
         cli("tune", "--op", "conv2d", "--shape", "1,4,8,8,8,3,3,1,1", "--agent", "ppo", "--policy",
-            str(trained / "policy.zip"), cwd=tmp_path))
+            str(trained / "policy.pt"), cwd=tmp_path))
     assert "budget" in one_error_line(
         cli("tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "random", "--budget", "0", cwd=tmp_path))
     assert "not a run directory" in one_error_line(

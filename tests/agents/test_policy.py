@@ -1,0 +1,91 @@
+"""Policies are saved as weights plus a JSON spec and loaded without unpickling."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+from sb3_contrib import MaskablePPO
+
+from agents import policy
+from agents.search import policy_rollout
+from envs.actions import ActionTable
+from kernels.ir.ops import make_op
+from kernels.target import cpu_target
+
+SHAPES = ("16x24x8", "64x48x32", "100x200x300")
+
+
+def greedy(pol, shape: str) -> list[int]:
+    op = make_op("matmul", shape)
+    return policy_rollout(op, ActionTable(op, cpu_target()), pol, cpu_target(), deterministic=True)[1]
+
+
+@pytest.fixture
+def saved(small_agent, tmp_path):
+    return policy.save(small_agent, tmp_path / "matmul-ppo.pt", "matmul", "cpu", seed=0, command="test")
+
+
+def test_round_trip_gives_the_same_actions(small_agent, saved):
+    assert saved.with_suffix(".json").is_file()
+    loaded = policy.load_policy(saved, make_op("matmul", "32x32x32"), cpu_target())
+    for shape in SHAPES:
+        assert greedy(loaded, shape) == greedy(small_agent, shape)
+    op = make_op("matmul", "64x48x32")
+    torch.manual_seed(1)
+    sampled = [policy_rollout(op, ActionTable(op), small_agent, cpu_target(), deterministic=False)[1]
+               for _ in range(3)]
+    torch.manual_seed(1)
+    assert [policy_rollout(op, ActionTable(op), loaded, cpu_target(), deterministic=False)[1]
+            for _ in range(3)] == sampled
+
+
+def test_resumed_agent_keeps_weights_optimizer_and_hyperparameters(small_agent, saved):
+    agent = policy.load_agent(saved, small_agent.get_env(), "matmul", "cpu")
+    for a, b in zip(small_agent.policy.state_dict().values(), agent.policy.state_dict().values()):
+        assert torch.equal(a, b)
+    assert agent.policy.optimizer.state_dict()["param_groups"] == \
+        small_agent.policy.optimizer.state_dict()["param_groups"]
+    assert (agent.n_steps, agent.batch_size, agent.num_timesteps) == (8, 8, small_agent.num_timesteps)
+    spec = json.loads(saved.with_suffix(".json").read_text())
+    assert spec["command"] == "test" and spec["actions"] == 279 and spec["op"] == "matmul"
+
+
+def test_wrong_op_target_or_sizes_are_refused(saved):
+    with pytest.raises(policy.PolicyError, match="trained for matmul on cpu, not conv2d"):
+        policy.read(saved, "conv2d", "cpu", 279)
+    with pytest.raises(policy.PolicyError, match="has 279 actions"):
+        policy.read(saved, "matmul", "cpu", 300)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        policy.read(saved.with_name("nope.pt"), "matmul", "cpu", 279)
+    spec = json.loads(saved.with_suffix(".json").read_text())
+    spec["policy_kwargs"]["net_arch"] = [32]
+    saved.with_suffix(".json").write_text(json.dumps(spec))
+    with pytest.raises(policy.PolicyError, match="do not fit"):
+        policy.load_policy(saved, make_op("matmul", "8x8x8"), cpu_target())
+
+
+def test_an_old_zip_is_refused_unread(hostile, tmp_path):
+    old = hostile.zip(tmp_path / "policy.zip")
+    with pytest.raises(policy.PolicyError, match="convert-policy") as e:
+        policy.load_policy(old, make_op("matmul", "8x8x8"), cpu_target())
+    assert "\n" not in str(e.value)
+    assert not hostile.marker.exists()
+
+
+def test_the_crafted_zip_runs_its_payload_when_unpickled(hostile, tmp_path):
+    """What the refusals guard against: MaskablePPO.load runs the payload."""
+    with contextlib.suppress(Exception):
+        MaskablePPO.load(str(hostile.zip(tmp_path / "policy.zip")), device="cpu")
+    assert hostile.marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch_file"])
+def test_a_pt_that_needs_unpickling_is_refused_unrun(kind, saved, hostile):
+    getattr(hostile, kind)(saved)
+    with pytest.raises(policy.PolicyError, match="not a plain tensor file") as e:
+        policy.load_policy(saved, make_op("matmul", "8x8x8"), cpu_target())
+    assert "\n" not in str(e.value)
+    assert not hostile.marker.exists()

@@ -1,0 +1,80 @@
+"""Policy files a user is handed run no code: old pickled ones are refused by tune and
+train with one line saying how to convert them, and convert-policy converts them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from agents import policy
+from agents.search import policy_rollout
+from envs.actions import ActionTable
+from experiments import train, tune
+from experiments.cli import main
+from kernels.ir.ops import make_op
+from kernels.target import cpu_target
+
+
+def refused(capsys, *argv: str) -> str:
+    """The one error line of a command that must fail."""
+    assert main(list(argv)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    return lines[0]
+
+
+def run_dir(path: Path, config) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    return path
+
+
+def test_tune_refuses_an_old_zip_policy(capsys, hostile, tmp_path):
+    old = hostile.zip(tmp_path / "matmul-ppo.zip")
+    assert "convert-policy" in refused(capsys, "tune", "--op", "matmul", "--shape", "8x8x8", "--policy", str(old),
+                                       "--runs", str(tmp_path / "runs"))
+    assert not hostile.marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_tune_resume_refuses_the_old_zip_its_config_names(capsys, hostile, tmp_path):
+    old = hostile.zip(tmp_path / "matmul-ppo.zip")
+    d = run_dir(tmp_path / "run", tune.Config(op="matmul", shape="8x8x8", policy=str(old)))
+    assert "convert-policy" in refused(capsys, "tune", "--op", "matmul", "--shape", "8x8x8", "--resume", str(d))
+    assert not hostile.marker.exists()
+
+
+@pytest.mark.parametrize("name, kind", [("policy.zip", "zip"), ("policy.pt", "pickle")])
+def test_train_resume_refuses_a_pickled_policy(capsys, hostile, small_agent, tmp_path, name, kind):
+    d = run_dir(tmp_path / "run", train.Config(op="matmul", shapes="small"))
+    if kind == "pickle":  # a valid spec beside it, so only the weights file is at fault
+        policy.save(small_agent, d / "policy.pt", "matmul", "cpu")
+    getattr(hostile, kind)(d / name)
+    line = refused(capsys, "train", "--op", "matmul", "--resume", str(d), "--timesteps", "8")
+    assert ("convert-policy" if kind == "zip" else "not a plain tensor file") in line
+    assert not hostile.marker.exists()
+    assert not list(d.glob("events.out.tfevents.*")), "the run directory was written to"
+
+
+def test_convert_policy_keeps_the_actions(capsys, small_agent, tmp_path):
+    old = tmp_path / "old.zip"
+    small_agent.save(str(old))
+    old.with_suffix(".json").write_text(json.dumps({"op": "matmul", "target": "cpu", "seed": 3}))
+    assert main(["convert-policy", str(old), "--out", str(tmp_path / "new")]) == 0
+    assert json.loads((tmp_path / "new.json").read_text())["seed"] == 3
+    target = cpu_target()
+    for shape in ("16x24x8", "96x64x128"):
+        op = make_op("matmul", shape)
+        loaded = policy.load_policy(tmp_path / "new.pt", op, target)
+        assert policy_rollout(op, ActionTable(op), loaded, target, deterministic=True)[1] == \
+            policy_rollout(op, ActionTable(op), small_agent, target, deterministic=True)[1]
+
+
+def test_convert_policy_says_it_unpickles_and_needs_the_op(capsys, small_agent, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["convert-policy", "--help"])
+    assert "trust" in capsys.readouterr().out
+    small_agent.save(str(tmp_path / "old.zip"))
+    assert "--op and --target" in refused(capsys, "convert-policy", str(tmp_path / "old.zip"))
