@@ -59,6 +59,7 @@ class Search:
     budget: int
     on_progress: Callable[[Progress], None] | None = None
     measured: dict[str, MeasureResult] = field(default_factory=dict)  # schedule key -> result
+    schedules: dict[str, Schedule] = field(default_factory=dict)      # schedule key -> schedule
     best: Schedule | None = None
     best_result: MeasureResult | None = None
     history: list[Progress] = field(default_factory=list)
@@ -84,7 +85,7 @@ class Search:
             self.measurer.runner.slow_cutoff_s = SLOW_FACTOR * self.best_result.time_ms / 1e3
         results = self.measurer.measure(batch)
         for s, r in zip(batch, results):
-            self.measured[s.key()] = r
+            self.measured[s.key()], self.schedules[s.key()] = r, s
             if r.ok and (self.best_result is None or r.time_ms < self.best_result.time_ms):
                 self.best, self.best_result = s, r
             p = Progress(len(self.measured), self.best_result.gflops if self.best_result else 0.0,

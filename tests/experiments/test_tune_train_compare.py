@@ -86,15 +86,43 @@ def test_resume_measures_nothing_twice(tmp_path):
     first = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--agent", "random", "--budget", "3",
                           "--json", cwd=tmp_path))
     run_dir = tmp_path / first["run_dir"]
-    config = json.loads((run_dir / "config.json").read_text())
-    config["budget"] = 6  # the interrupted run had more budget than it used
-    (run_dir / "config.json").write_text(json.dumps(config))
-    second = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--resume", str(run_dir), "--json",
-                           cwd=tmp_path))
+    # no --op/--shape needed; a new --budget is honoured (it counts the run's measurements too)
+    second = last_json(cli("tune", "--resume", str(run_dir), "--budget", "6", "--json", cwd=tmp_path))
     assert second["measurements"] == 6 and second["resumed_records"] >= 3
+    assert json.loads((run_dir / "config.json").read_text())["budget"] == 6
     keys = [json.dumps(json.loads(l)["schedule"], sort_keys=True)
             for l in (run_dir / "tuning.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)), "a schedule was measured twice"
+
+
+def test_resume_refuses_another_shape_or_command(trained, tmp_path):
+    run_dir = tmp_path / last_json(cli("tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "random",
+                                       "--budget", "1", "--json", cwd=tmp_path))["run_dir"]
+    assert "is not the run's" in one_error_line(cli("tune", "--resume", str(run_dir), "--shape", "9x9x9",
+                                                    cwd=tmp_path))
+    assert "is not a tune run" in one_error_line(cli("tune", "--resume", str(trained), cwd=tmp_path))
+    assert "is not a train run" in one_error_line(cli("train", "--resume", str(run_dir), cwd=tmp_path))
+    (run_dir / "config.json").write_text("[]")
+    assert "not a JSON object" in one_error_line(cli("tune", "--resume", str(run_dir), cwd=tmp_path))
+
+
+@pytest.mark.parametrize("shape,why", [("100000x100000x100000", "32-bit int"),
+                                       ("40000x40000x40000", "GiB of memory")])
+def test_too_large_shape_is_one_line_before_a_run_directory(tmp_path, shape, why):
+    assert why in one_error_line(cli("tune", "--op", "matmul", "--shape", shape, "--agent", "random",
+                                     cwd=tmp_path))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_piped_tune_prints_progress_and_honest_final_figures(tmp_path):
+    """stderr is a pipe here, as in CI: progress comes as lines, and the final figure is a
+    median over rounds with its spread, from a re-check of the best kernel."""
+    proc = cli("tune", "--op", "matmul", "--shape", "32x32x32", "--agent", "random", "--budget", "3",
+               "--rounds", "2", "--json", cwd=tmp_path)
+    out = last_json(proc)
+    assert "random matmul 32x32x32: 3/3 meas" in proc.stderr
+    assert out["rounds"] == 2 and out["time_spread_ms"] >= 0 and out["library_spread_ms"] >= 0
+    assert out["gflops"] == pytest.approx(2 * 32 ** 3 / out["time_ms"] / 1e6)
 
 
 def test_compare_writes_png_and_table(tmp_path):
