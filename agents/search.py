@@ -37,6 +37,8 @@ from kernels.ir.ops import Operator
 from kernels.ir.schedule import Schedule
 from kernels.target import Target
 
+from .evolution import search_evolve
+
 MAX_STEPS = 32  # actions per rollout, as in the environment
 SLOW_FACTOR = 10  # kernels this much slower than the best so far are timed by one call
 
@@ -252,5 +254,25 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
         _feedback(model, pairs)
 
 
-AGENTS = {"random": search_random, "filtered": search_filtered, "anneal": search_anneal, "beam": search_beam,
+def search_evolution(search: Search, rng: np.random.Generator, model, policy=None, **_) -> None:
+    """Ansor's evolutionary search (agents/evolution.py); a trained policy, where there is
+    one, is its proposal distribution (its greedy schedule measured first), random
+    rollouts otherwise."""
+    table = ActionTable(search.op, search.target)
+    if policy is None:
+        def propose(n: int) -> list[Schedule]:
+            return [rollout(search.op, table, rng)[0] for _ in range(n)]
+    else:
+        import torch
+
+        torch.manual_seed(int(rng.integers(2**31)))  # seeded: a resumed search replays
+        search.measure([policy_rollout(search.op, table, policy, search.target, deterministic=True)[0]])
+
+        def propose(n: int) -> list[Schedule]:
+            return [policy_rollout(search.op, table, policy, search.target, deterministic=False)[0]
+                    for _ in range(n)]
+    search_evolve(search, rng, model, propose)
+
+
+AGENTS = {"evolve": search_evolution, "random": search_random, "filtered": search_filtered, "anneal": search_anneal, "beam": search_beam,
           "ppo": search_policy}

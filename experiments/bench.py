@@ -119,7 +119,7 @@ def run(cfg: Config) -> dict:
         built, naive_built = m.builder.build([kernel, naive_kernel])
         if built.ok:
             _status(f"{cfg.rounds} rounds: {cfg.schedule} alternating with {lib}")
-            final = compare_with_library(m.runner, op, kernel, built.path, target, cfg.rounds)
+            (final,) = compare_with_library(m.runner, op, [(kernel, built.path)], target, cfg.rounds)
         else:
             final = Comparison((MeasureResult.failure(built.error or "build failed", build_s=built.build_s),))
         if cfg.schedule == "naive":

@@ -68,16 +68,19 @@ class ImpossibleTiming(ValueError):
     """A kernel timed faster than the machine's peak: a measurement error, never a result."""
 
 
-def compare_with_library(runner: RunnerProtocol, op: Operator, kernel: Kernel, path: str,
-                         target: Target, rounds: int = 3) -> Comparison:
-    """``rounds`` rounds of the kernel alternating with the library; stops at a failure."""
-    results: list[MeasureResult] = []
+def compare_with_library(runner: RunnerProtocol, op: Operator, kernels: list[tuple[Kernel, str]],
+                         target: Target, rounds: int = 3) -> list[Comparison]:
+    """One Comparison per (kernel, built path): ``rounds`` rounds, each timing every kernel
+    in turn against the library, so figures of the kernels compare within one run too. A
+    kernel that fails stops being timed."""
+    results: list[list[MeasureResult]] = [[] for _ in kernels]
     for _ in range(rounds):
-        results.append(runner.run(op, kernel, path, library=True))
-        if not results[-1].ok:
-            break
-        gflops = op.flops / results[-1].time_ms / 1e6
-        if gflops > target.peak_gflops:
-            raise ImpossibleTiming(f"{kernel.name} timed at {gflops:.0f} GFLOPS, above this machine's "
-                                   f"peak of {target.peak_gflops:.0f}: the timing is wrong")
-    return Comparison(tuple(results))
+        for (kernel, path), done in zip(kernels, results):
+            if done and not done[-1].ok:
+                continue
+            done.append(runner.run(op, kernel, path, library=True))
+            gflops = op.flops / done[-1].time_ms / 1e6
+            if done[-1].ok and gflops > target.peak_gflops:
+                raise ImpossibleTiming(f"{kernel.name} timed at {gflops:.0f} GFLOPS, above this machine's "
+                                       f"peak of {target.peak_gflops:.0f}: the timing is wrong")
+    return [Comparison(tuple(r)) for r in results]

@@ -46,6 +46,21 @@ def trained(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.parametrize("kind,shape", [("matmul", "12x20x8"), ("batch_matmul", "2x8x12x4"),
+                                        ("dense_bias_relu", "8x12x4"), ("conv2d", "1,3,7,7,4,3,3,2,1"),
+                                        ("depthwise_conv2d", "1,4,7,7,3,3,1,1")])
+def test_every_op_tunes_with_the_default_agent(kind, shape, tmp_path):
+    """The default search (evolve) needs no policy; the naive kernel and the expert are
+    measured too, and the result is never slower than the expert in the final rounds."""
+    out = last_json(cli("tune", "--op", kind, "--shape", shape, "--budget", "3", "--rounds", "1", "--json",
+                        cwd=tmp_path))
+    assert out["agent"] == "evolve" and out["correct"] and out["measurements"] <= 3
+    assert out["expert_gflops"] > 0 and out["fraction_of_expert"] > 0
+    records = [json.loads(l) for l in (tmp_path / out["run_dir"] / "tuning.jsonl").read_text().splitlines()]
+    assert [] in [r["schedule"] for r in records], "the naive kernel is always a candidate"
+    assert len(records) >= 2, "and so is the expert schedule"
+
+
 @pytest.mark.parametrize("agent", ["random", "anneal", "beam"])
 def test_tune_agents_with_a_tiny_budget(agent, tmp_path):
     out = last_json(cli("tune", "--op", "matmul", "--shape", "16x24x8", "--agent", agent, "--budget", "4",
@@ -83,8 +98,8 @@ def test_saved_policy_gives_the_same_greedy_schedule(trained):
 
 
 def test_resume_measures_nothing_twice(tmp_path):
-    first = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--agent", "random", "--budget", "3",
-                          "--json", cwd=tmp_path))
+    first = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--budget", "3", "--json",
+                          cwd=tmp_path))
     run_dir = tmp_path / first["run_dir"]
     # no --op/--shape needed; a new --budget is honoured (it counts the run's measurements too)
     second = last_json(cli("tune", "--resume", str(run_dir), "--budget", "6", "--json", cwd=tmp_path))
