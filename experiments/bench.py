@@ -39,13 +39,19 @@ from .config import field
 
 
 @dataclass
-class Config:
+class KernelChoice:
+    """Which kernel: the operator, its shape, the target and the schedule (also ``render``'s)."""
+
     op: str = field(help="operator", choices=list(OPERATORS))
     shape: str = field(help="extents, e.g. 1024x1024x1024 (matmul) or N,C,H,W,K,R,S[,stride[,pad]] (conv2d)")
-    target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
+    target: str = field("cpu", help="cpu, or cuda (an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
     schedule: str = field("expert", help="naive, expert, a tuning log (its best record for this op "
-                                         "and shape) or a kernel.json written by --export",
+                                         "and shape) or a best.json / kernel.json",
                           metavar="naive|expert|FILE")
+
+
+@dataclass
+class Config(KernelChoice):
     rounds: int = field(3, help="timing rounds; in each, the library and the kernel alternate in blocks")
     export: str | None = field(None, help="write kernel.c, kernel.so and kernel.json to this directory",
                                metavar="DIR")

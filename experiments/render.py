@@ -19,20 +19,15 @@ from pathlib import Path
 
 from kernels.codegen import render
 from kernels.codegen.rules import shared_bytes
-from kernels.ir.ops import OPERATORS, make_op
+from kernels.ir.ops import make_op
 from kernels.target import NoCudaDevice, cuda_target, cuda_target_for_compile, get_target
 
-from .bench import load_schedule
+from .bench import KernelChoice, load_schedule
 from .config import field
 
 
 @dataclass
-class Config:
-    op: str = field(help="operator", choices=list(OPERATORS))
-    shape: str = field(help="extents, e.g. 1024x1024x1024 (matmul) or N,C,H,W,K,R,S[,stride[,pad]] (conv2d)")
-    target: str = field("cpu", help="cpu (C) or cuda (CUDA; no GPU needed)", choices=["cpu", "cuda"])
-    schedule: str = field("expert", help="naive, expert, a tuning log (its best record for this op and shape) "
-                                         "or a best.json / kernel.json", metavar="naive|expert|FILE")
+class Config(KernelChoice):
     out: str | None = field(None, help="write the source alone to this file", metavar="FILE")
 
 
