@@ -78,6 +78,21 @@ def cpu_target() -> Target:
     return Target("cpu", re.sub(r"\s+", " ", _cpu_model()), cores or 1, lanes, _compiler_version())
 
 
+MAX_CLOCK_GHZ = 5.0         # above any CPU's or GPU's boost clock
+FMA_PER_CYCLE = {"cpu": 2, "cuda": 4}   # vector FMAs a core (an SM: 4 warp schedulers) issues per cycle
+MAX_GFLOPS = 1e6            # fp32 GFLOPS beyond any single device: a bound for unknown hardware
+
+
+def peak_gflops(target: Target) -> float:
+    """fp32 GFLOPS no kernel can exceed on ``target``, generously: 2 flops per FMA x FMAs
+    per cycle x vector lanes x cores x ``MAX_CLOCK_GHZ`` (a GPU's cores are its SMs, its
+    lanes a warp). A measurement above it is a broken clock or a forged record."""
+    fma = FMA_PER_CYCLE.get(target.kind)
+    if fma is None:
+        return MAX_GFLOPS
+    return 2.0 * fma * target.vector_lanes * target.cores * MAX_CLOCK_GHZ
+
+
 class NoCudaDevice(OSError):
     """No usable CUDA GPU here (an OSError, so the command line reports it in one line)."""
 
