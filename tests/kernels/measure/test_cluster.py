@@ -20,7 +20,7 @@ from kernels.ir.ops import make_op
 from kernels.target import cpu_target
 from kernels.measure.tuning_log import TuningLog
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FAST = dict(timeout_s=30, repeats=1, warmup=0, min_time_s=0.0)
 
 
