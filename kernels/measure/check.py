@@ -86,12 +86,12 @@ def tolerance(op: Operator, dtype: str = "float32") -> Tolerance:
       running sum is typically sqrt(K) * sigma_p, and K independent roundings of that
       size add up like a random walk to sqrt(K) * u * sqrt(K) * sigma_p = K * u * sigma_p
       (simulated sequential fp32 sums, with and without FMA, in both directions, for K
-      from 2 to 4608: a standard deviation of 0.2-0.46 of that, and a maximum over 10**4
-      to 10**5 sums of at most 4 of it; summing in vector lanes gives less). ``atol =
+      from 2 to 4608: a standard deviation of 0.2-0.46 of that, and a maximum over
+      3 * 10**3 to 2 * 10**5 sums of at most 4 of it; summing in vector lanes gives less). ``atol =
       ATOL_SIGMAS * K * u * sigma_p`` leaves room for that maximum over every output
       element, however many, and stays far below the error of a real mistake: a dropped
       or repeated product is off by |a*b|, up to r**2, which is more than atol for any
-      K below ~3 * 10**6 (and a wrong index or a missed tile gives errors of order
+      K below ~6 * 10**6 (and a wrong index or a missed tile gives errors of order
       sqrt(K) * sigma_p).
     - rtol: errors proportional to the result itself: the reference's own rounding to
       ``dtype`` (u), the rounding of a product (u) and of the epilogue (a bias add, u),
