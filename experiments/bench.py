@@ -81,7 +81,7 @@ def load_schedule(spec: str, op: Operator, target: Target) -> Schedule:
             raise ValueError(f"{path} holds a schedule for {data.get('op')} {data.get('shape')}, "
                              f"not {op.kind} {op.shape_str}")
         return Schedule.from_json(data, op)
-    best = TuningLog(path).best(op.kind, op.shape_str, target.kind)
+    best = TuningLog(path, target).best(op.kind, op.shape_str, target.kind)
     if best is None:
         raise LookupError(f"{path} has no correct measurement of {op.kind} {op.shape_str} on {target.kind}")
     return Schedule.from_json({"steps": best.schedule}, op)

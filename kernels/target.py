@@ -87,6 +87,9 @@ def cpu_target() -> Target:
     return Target("cpu", re.sub(r"\s+", " ", _cpu_model()), cores or 1, lanes, _compiler_version())
 
 
+MAX_GFLOPS = 1e7   # beyond any single device (tensor cores included): a bound for unknown hardware
+
+
 class NoCudaDevice(OSError):
     """No usable CUDA GPU here (an OSError, so the command line reports it in one line)."""
 

@@ -25,6 +25,9 @@ from typing import Callable
 import numpy as np
 
 
+INPUT_RANGE = 1.0  # inputs are drawn uniformly from [-INPUT_RANGE, INPUT_RANGE]
+
+
 class OperatorError(ValueError):
     """An unknown operator or a shape it cannot take."""
 
@@ -128,7 +131,8 @@ class Operator:
                    zip((e.range(self.extents) for e in access.index), shape))
 
     def random_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {t.name: rng.uniform(-1, 1, t.shape).astype(np.float32) for t in self.inputs}
+        return {t.name: rng.uniform(-INPUT_RANGE, INPUT_RANGE, t.shape).astype(np.float32)
+                for t in self.inputs}
 
     def reference(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.reference_fn(**inputs).astype(np.float32)

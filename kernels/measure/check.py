@@ -1,33 +1,206 @@
-"""Is a kernel's output right? One check for every backend."""
+"""Is a kernel's output right? One check for every backend.
+
+A speedup is the reward, so the check is what stands between the search and a kernel
+that is fast because it is wrong. Each part closes a way to look right without being
+right (ARCHITECTURE.md, "Measurement"):
+
+- :func:`tolerance`: how far a correct fp32 kernel can be from the float64 reference,
+  per operator (a global bound is either too loose for a short reduction or too tight
+  for a long one);
+- :class:`Guarded`: every buffer sits between two canary margins, so a write just
+  before or after a tensor is seen;
+- :func:`check_call`: margins intact, output within tolerance, inputs untouched and,
+  for a repeat call, the output bit for bit the first call's.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-# Kernels sum fp32 products in a different order than the float64 reference, so
-# results differ by rounding that grows with the reduction length; normalising the
-# error by the largest output keeps near-zero outputs from failing a correct kernel,
-# while a wrong index or a missed tile still gives errors of order 1.
-RTOL = 1e-4
+from ..ir.ops import INPUT_RANGE, Operator
 
 
-def rel_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """max|out-ref| / max(max|ref|, 1e-6); inf when anything is NaN or infinite."""
-    if not np.all(np.isfinite(out)):
-        return math.inf
-    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
-    return float(diff.max(initial=0.0) / max(float(np.abs(ref).max(initial=0.0)), 1e-6))
+# ---------------------------------------------------------------- tolerance
+
+@dataclass(frozen=True)
+class Precision:
+    """The arithmetic a kernel computes in."""
+
+    unit_roundoff: float   # u: the largest relative error of one rounding (half of eps)
 
 
-def output_error(out: np.ndarray, ref: np.ndarray, rtol: float, inputs_after: dict[str, np.ndarray],
-                 inputs: dict[str, np.ndarray]) -> str | None:
-    """Why ``out`` (with the inputs as the kernel left them) is wrong; None when right."""
-    err = rel_error(out, ref)
-    if not err <= rtol:
-        return "wrong result: " + ("NaN or inf in output" if math.isinf(err) else f"max rel err {err:.1e}")
-    for name, a in inputs_after.items():
-        if not np.array_equal(a, inputs[name]):
-            return f"wrong result: kernel wrote to input {name}"
+# Keyed by the dtype of inputs and outputs; bf16/fp16 would add their own entries (with
+# fp32 accumulation, their rounding of inputs and of the output would enter the formula).
+PRECISIONS: dict[str, Precision] = {
+    "float32": Precision(unit_roundoff=2.0 ** -24),
+}
+
+ATOL_SIGMAS = 8.0   # standard deviations of the rounding error a correct kernel may reach
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """numpy ``allclose`` form: ``|out - ref| <= atol + rtol * |ref|`` everywhere."""
+
+    atol: float
+    rtol: float
+
+    def violation(self, out: np.ndarray, ref: np.ndarray) -> str | None:
+        """Why ``out`` is not close to ``ref``; None when it is."""
+        finite = np.isfinite(out)
+        if not finite.all():
+            return f"NaN or inf in output ({int(out.size - finite.sum())} of {out.size} elements)"
+        ref64 = ref.astype(np.float64)
+        diff = np.abs(out.astype(np.float64) - ref64)
+        allowed = self.atol + self.rtol * np.abs(ref64)
+        excess = diff - allowed
+        if out.size == 0 or excess.max() <= 0:
+            return None
+        i = int(np.argmax(excess))
+        where = [int(x) for x in np.unravel_index(i, out.shape)]
+        bad = int((excess > 0).sum())
+        return (f"max err {diff.flat[i]:.1e} at {where}, allowed {allowed.flat[i]:.1e} "
+                f"({bad} of {out.size} elements out of tolerance)")
+
+
+def reduction_length(op: Operator) -> int:
+    """How many products are summed into each output element (K of a matmul, C*R*S of
+    a convolution, R*S of a depthwise one)."""
+    return math.prod(a.extent for a in op.axes if a.reduce)
+
+
+def tolerance(op: Operator, dtype: str = "float32") -> Tolerance:
+    """How far a correct kernel of ``op`` computing in ``dtype`` may be from the reference.
+
+    Each output is a sum of K = :func:`reduction_length` products ``a*b`` of inputs drawn
+    uniformly from [-r, r] (r = ``INPUT_RANGE``), computed in ``dtype`` in whatever order
+    the schedule gives (tiles, a reordered reduction, vector lanes, FMA or not) and
+    compared with a float64 reference rounded to ``dtype``. With u the unit roundoff:
+
+    - atol: each of the K additions rounds the running sum, an error of up to
+      u * |running sum|. The products have mean 0 and rms sigma_p = r**2 / 3, so the
+      running sum is typically sqrt(K) * sigma_p, and K independent roundings of that
+      size add up like a random walk to sqrt(K) * u * sqrt(K) * sigma_p = K * u * sigma_p
+      (simulated sequential fp32 sums, with and without FMA, in both directions, for K
+      from 2 to 4608: a standard deviation of 0.2-0.46 of that, and a maximum over
+      3 * 10**3 to 2 * 10**5 sums of at most 4 of it; summing in vector lanes gives less). ``atol =
+      ATOL_SIGMAS * K * u * sigma_p`` leaves room for that maximum over every output
+      element, however many, and stays far below the error of a real mistake: a dropped
+      or repeated product is off by |a*b|, up to r**2, which is more than atol for any
+      K below ~6 * 10**6 (and a wrong index or a missed tile gives errors of order
+      sqrt(K) * sigma_p).
+    - rtol: errors proportional to the result itself: the reference's own rounding to
+      ``dtype`` (u), the rounding of a product (u) and of the epilogue (a bias add, u),
+      and partial sums combined pairwise (vector lanes, split reductions), whose error
+      bound grows with their depth, log2(K) * u. ``rtol = 4 * u * log2(2K)``: a few ulps
+      (an ulp at 1 is 2u) times log2 of the reduction length.
+    """
+    u = PRECISIONS[dtype].unit_roundoff
+    k = reduction_length(op)
+    sigma_p = INPUT_RANGE ** 2 / 3.0    # rms of a product of two U(-r, r) inputs
+    return Tolerance(atol=ATOL_SIGMAS * k * u * sigma_p, rtol=4.0 * u * math.log2(2 * k))
+
+
+# ---------------------------------------------------------------- guard zones
+
+CANARY_BASE = 0x7FC00000   # a quiet NaN; a random payload in its low 22 bits makes it distinctive
+ALIGN_BYTES = 64           # the interior of a guarded buffer starts on a cache line
+
+
+def random_canary(rng: np.random.Generator) -> int:
+    """A quiet-NaN bit pattern with a random payload, never the NaN arithmetic produces
+    (0x7FC00000): a kernel cannot predict it, and one that reads a margin as data gets NaN."""
+    return CANARY_BASE | int(rng.integers(1, 1 << 22))
+
+
+def margin_words(nbytes: int) -> int:
+    """fp32 words of canary on each side of a buffer of ``nbytes``: 64 bytes, or a page
+    for buffers larger than a page (an off-by-one row of a big matrix is a long write)."""
+    return (4096 if nbytes > 4096 else 64) // 4
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """A float32 array inside one allocation with canary-filled margins before and after
+    it. The kernel gets the interior (:attr:`array`); ``raw`` is the whole allocation as
+    uint32 words, on the host (numpy) or the device (CuPy)."""
+
+    raw: Any
+    margin: int             # words in each margin
+    shape: tuple[int, ...]
+    canary: int
+
+    @classmethod
+    def alloc(cls, xp: Any, shape: tuple[int, ...], canary: int, data: Any = None) -> "Guarded":
+        """A guarded buffer from array module ``xp`` (numpy or CuPy) holding ``data``, or NaN."""
+        size = math.prod(shape)
+        margin = margin_words(4 * size)
+        words = size + 2 * margin
+        if xp is np:   # numpy aligns to 16 bytes; CuPy's allocations are 256-byte aligned
+            base = np.empty(words + ALIGN_BYTES // 4, np.uint32)
+            skip = (-base.ctypes.data % ALIGN_BYTES) // 4
+            raw = base[skip:skip + words]
+        else:
+            raw = xp.empty(words, xp.uint32)
+        raw[:margin] = canary
+        raw[margin + size:] = canary
+        g = cls(raw, margin, tuple(shape), canary)
+        if data is None:
+            g.array.fill(np.nan)
+        else:
+            g.array[...] = data
+        return g
+
+    @property
+    def array(self) -> Any:
+        """The interior, the tensor the kernel sees (a view into ``raw``)."""
+        return self.interior(self.raw)
+
+    def interior(self, raw: Any) -> Any:
+        """The tensor inside ``raw`` (this buffer's words, or a host copy of them)."""
+        return raw[self.margin:len(raw) - self.margin].view(np.float32).reshape(self.shape)
+
+    def overrun(self, raw: np.ndarray) -> str | None:
+        """Which margin of ``raw`` (a host copy of the words) a kernel wrote to, if any."""
+        if not np.all(raw[:self.margin] == self.canary):
+            return "before the start"
+        if not np.all(raw[len(raw) - self.margin:] == self.canary):
+            return "after the end"
+        return None
+
+
+# ---------------------------------------------------------------- the check
+
+def check_call(buffers: dict[str, Guarded], raws: dict[str, np.ndarray], out_name: str,
+               ref: np.ndarray, inputs: dict[str, np.ndarray], tol: Tolerance,
+               call: str | None = None, first: np.ndarray | None = None) -> str | None:
+    """Why the call just made is wrong; None when it is right.
+
+    ``raws`` are the words of ``buffers`` after the call, on the host; ``call`` names a
+    call other than the first (``"timed call 5"``), ``first`` is the first call's output,
+    which a repeat must reproduce bit for bit (generated kernels reduce each element in
+    one thread, in a fixed order).
+    """
+    on = f" on {call}" if call else ""
+    for name, g in buffers.items():
+        side = g.overrun(raws[name])
+        if side:
+            return f"wrote out of bounds of {name} ({side}){on}"
+    out = buffers[out_name].interior(raws[out_name])
+    why = tol.violation(out, ref)
+    if why:
+        return f"wrong result{on}: {why}"
+    for name, a in inputs.items():
+        if not np.array_equal(buffers[name].interior(raws[name]).view(np.uint32), a.view(np.uint32)):
+            return f"wrong result{on}: kernel wrote to input {name}"
+    if first is not None:
+        differ = np.flatnonzero(out.view(np.uint32) != first.view(np.uint32))
+        if differ.size:
+            where = [int(x) for x in np.unravel_index(int(differ[0]), out.shape)]
+            return (f"nondeterministic output: {call} differs from the first call in "
+                    f"{differ.size} element(s), first at {where}")
     return None

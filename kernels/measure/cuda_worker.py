@@ -6,9 +6,14 @@ the CUDA context unusable, and the worker reports a *fatal* error that makes the
 runner replace it. A hang is the runner's timeout, as on the CPU.
 
 The reference is computed with numpy on the CPU once per operator, as on the CPU;
-inputs are copied to the GPU once per operator. The library is cuBLAS (through
-CuPy) for the matmul family and cuDNN (through torch) for convolutions, both with
-TF32 off, timed with the same events, alternating call by call with the kernel.
+inputs are copied to the GPU once per operator, each between canary margins, as is
+each kernel's output. The check is the CPU worker's: the first launch, then one timed
+sample drawn at random, run on a NaN-filled output and compared bit for bit with the
+first launch's output (our kernels reduce each element in one thread, in a fixed
+order, so a difference is a race or a kernel that keeps state between launches). The
+library is cuBLAS (through CuPy) for the matmul family and cuDNN (through torch) for
+convolutions, both with TF32 off, timed with the same events, alternating call by
+call with the kernel.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ from typing import Any, Callable
 import numpy as np
 
 from ..ir.ops import Operator, make_op
-from .check import output_error
+from .check import Guarded, Tolerance, check_call, random_canary
 from .library import matmul_call
-from .timing import time_calls
+from .timing import Rejected, VerifiedCall, time_calls
 
 # CuPy adds -arch for the device it compiles on (sm_XX, or compute_XX where NVRTC is older)
 NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 SAMPLE_S = 2e-3  # a timing sample launches back to back until it lasts about this long
 
-_data: dict[tuple, tuple[Operator, dict[str, np.ndarray], np.ndarray, dict[str, Any]]] = {}
+_data: dict[tuple, tuple[Operator, dict[str, np.ndarray], np.ndarray, dict[str, Guarded]]] = {}
+_rng = np.random.default_rng()   # OS entropy: the verified sample and the canary
 
 
 def _cupy() -> Any:
@@ -42,15 +48,17 @@ def _cupy() -> Any:
     return cupy
 
 
-def _operator(req: dict) -> tuple[Operator, dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
-    """Operator, host inputs, reference and device inputs; one operator held at a time."""
+def _operator(req: dict) -> tuple[Operator, dict[str, np.ndarray], np.ndarray, dict[str, Guarded]]:
+    """Operator, host inputs, reference and guarded device inputs; one operator held at a time."""
     cp = _cupy()
     key = (req["kind"], req["shape"], req["seed"])
     if key not in _data:
         _data.clear()  # frees the previous operator's device memory
         op = make_op(req["kind"], req["shape"])
         inputs = op.random_inputs(np.random.default_rng(req["seed"]))
-        _data[key] = (op, inputs, op.reference(inputs), {n: cp.asarray(a) for n, a in inputs.items()})
+        canary = random_canary(_rng)
+        dev = {n: Guarded.alloc(cp, a.shape, canary, cp.asarray(a)) for n, a in inputs.items()}
+        _data[key] = (op, inputs, op.reference(inputs), dev)
     return _data[key]
 
 
@@ -123,33 +131,38 @@ def serve_cuda(req: dict, send: Any) -> None:
         return
     build_s = time.perf_counter() - t0
     out_name = op.output.name
-    out = cp.full(op.output.shape, cp.nan, cp.float32)
-    args = tuple(out if name == out_name else dev[name] for name in req["args"])
+    tol = Tolerance(req["atol"], req["rtol"])
+    bufs = dict(dev)
+    bufs[out_name] = Guarded.alloc(cp, op.output.shape, next(iter(dev.values())).canary)
+    out = bufs[out_name].array
+    args = tuple(bufs[name].array for name in req["args"])
     grid, block = (tuple(x) for x in req["launch"])
 
     def kernel() -> None:
         fn(grid, block, args)
 
+    def check(call: str | None = None, first: np.ndarray | None = None) -> str | None:
+        raws = {name: cp.asnumpy(g.raw) for name, g in bufs.items()}  # waits for the kernel
+        return check_call(bufs, raws, out_name, ref, inputs, tol, call, first)
+
     send(event="prepared", build_s=build_s)
     try:
         timer = EventTimer()
         check_s = timer(kernel)
-        result = cp.asnumpy(out)
-        after = {name: cp.asnumpy(dev[name]) for name in inputs}
+        error = check(None)
+        first = cp.asnumpy(out)
     except Exception as e:  # CUDA errors: the context may be unusable now
         send(event="error", error=f"launch error: {type(e).__name__}: {str(e)[:200]}", fatal=True,
              build_s=build_s)
         return
-    error = output_error(result, ref, req["rtol"], after, inputs)
     if error:
-        for name in inputs:  # a kernel may have scribbled on the device inputs
-            dev[name][...] = cp.asarray(inputs[name])
+        _data.clear()  # a kernel may have scribbled on the device inputs or their margins
         send(event="checked", correct=False, error=error)
         return
     send(event="checked", correct=True, error=None)
 
     try:
-        lib = library_call(op, dev) if req.get("library") else None
+        lib = library_call(op, {n: g.array for n, g in dev.items()}) if req.get("library") else None
         for _ in range(max(1, req["warmup"])):
             kernel()
         n = calls_per_sample(timer(kernel))
@@ -157,15 +170,25 @@ def serve_cuda(req: dict, send: Any) -> None:
             lib()  # cuDNN's autotuning happens here
             n_lib = calls_per_sample(timer(lib))
         lib_times: list[float] = []
+        # One sample (n launches) drawn at random runs on a NaN-filled output (the fill is
+        # queued before the sample's start event) and is checked after its end event.
+        verified = VerifiedCall(int(_rng.integers(req["repeats"])), lambda: out.fill(cp.nan),
+                                lambda call: check(call, first))
+        kernel_clock = verified.clock(lambda fn: timer(fn, n))
 
         def clock(fn: Callable[[], object]) -> float:
             """A sample of ``fn``, after one of the library: the two alternate."""
             if lib is not None:
                 lib_times.append(timer(lib, n_lib))
-            return timer(fn, n)
+            return kernel_clock(fn)
 
         least = min(3 if check_s < req["min_time_s"] else 1, req["repeats"])
         times = time_calls(kernel, least, req["repeats"], req["min_time_s"] / n, clock)
+        verified.finish(kernel)
+    except Rejected as e:
+        _data.clear()
+        send(event="checked", correct=False, error=str(e))
+        return
     except Exception as e:
         send(event="error", error=f"launch error during timing: {type(e).__name__}: {str(e)[:200]}",
              fatal=True, build_s=build_s)

@@ -43,7 +43,7 @@ class Measurer:
         self.builder = builder or Builder()
         # GPU kernels run in milliseconds: one that takes 30 s to compile and run is hopeless
         self.runner = runner or Runner(timeout_s=30.0 if target.kind == "cuda" else 60.0)
-        self.log = log if isinstance(log, TuningLog) or log is None else TuningLog(log)
+        self.log = log if isinstance(log, TuningLog) or log is None else TuningLog(log, target)
         self.use_cache = cache
         self.cache: dict[MeasureKey, MeasureResult] = {}
         self.measured = 0         # new measurements made (cache misses)
@@ -54,9 +54,10 @@ class Measurer:
             self.preload(self.log)
 
     def preload(self, log: TuningLog) -> int:
-        """Fill the cache from ``log``; returns how many records were taken."""
+        """Fill the cache from ``log``; returns how many records were taken (impossible
+        ones, judged against this target's peak, are skipped)."""
         n = 0
-        for r in log:
+        for r in log.records(self.target):
             res = MeasureResult.from_record(r)
             if not res.transient:
                 self.cache[r.key] = res

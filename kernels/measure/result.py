@@ -58,7 +58,7 @@ class MeasureResult:
     @classmethod
     def from_record(cls, r: TuningRecord) -> "MeasureResult":
         """A result recalled from a tuning log (nothing was spent on it now)."""
-        ok = r.correct and r.error is None and math.isfinite(r.time_ms)
+        ok = r.correct and r.error is None and 0 < r.time_ms < math.inf
         return cls(ok, r.time_ms if ok else math.inf, tuple(r.times_ms), r.gflops if ok else 0.0,
                    r.correct, r.error)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import select
 import statistics
 import subprocess
@@ -23,7 +24,7 @@ from typing import Iterator
 
 from ..codegen.kernel import Kernel
 from ..ir.ops import Operator
-from .check import RTOL
+from .check import PRECISIONS, tolerance
 from .result import MeasureResult
 
 logger = logging.getLogger(__name__)
@@ -113,13 +114,20 @@ class Runner:
     failed result, and the next kernel a fresh worker. Timing makes between 3 and
     ``repeats`` calls, stopping once they add up to ``min_time_s``, so a slow kernel
     costs a few calls rather than minutes.
+
+    Inputs are drawn from ``seed``; without one, a fresh seed per runner, so no kernel
+    (and no search) can be tuned to one set of inputs. Outputs are checked against
+    :func:`kernels.measure.check.tolerance` for ``dtype``.
     """
 
     def __init__(self, timeout_s: float = 60.0, repeats: int = 10, warmup: int = 1,
-                 min_time_s: float = 1.0, seed: int = 0, rtol: float = RTOL,
+                 min_time_s: float = 1.0, seed: int | None = None, dtype: str = "float32",
                  omp_stacksize: str = "16M", startup_timeout_s: float = 120.0, realtime: bool = True):
+        if dtype not in PRECISIONS:
+            raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(PRECISIONS)}")
         self.timeout_s, self.repeats, self.warmup = timeout_s, max(1, repeats), warmup
-        self.min_time_s, self.seed, self.rtol = min_time_s, seed, rtol
+        self.min_time_s, self.dtype = min_time_s, dtype
+        self.seed = secrets.randbits(32) if seed is None else seed
         # A search sets this to a multiple of its best time: a kernel whose check call is
         # slower is timed by that one call instead of several (tinygrad stops early too).
         self.slow_cutoff_s: float | None = None
@@ -208,8 +216,9 @@ class Runner:
         except (RuntimeError, OSError) as e:
             logger.warning("%s", e)
             return MeasureResult.failure(str(e))
+        tol = tolerance(op, self.dtype)
         req = dict(path=path, name=kernel.name, args=[t.name for t in kernel.args],
-                   kind=op.kind, shape=op.shape_str, seed=self.seed, rtol=self.rtol,
+                   kind=op.kind, shape=op.shape_str, seed=self.seed, atol=tol.atol, rtol=tol.rtol,
                    repeats=self.repeats, warmup=self.warmup, min_time_s=self.min_time_s,
                    slow_cutoff_s=None if library else self.slow_cutoff_s,
                    library=library)
@@ -240,13 +249,17 @@ class Runner:
                 if event == "prepared":
                     limit = self.timeout_s
                     deadline = time.monotonic() + limit
-                elif event == "checked":
+                elif event == "checked":  # the first call's check, or a failed timed call's
                     if not msg["correct"]:
-                        self._drop_worker()  # a kernel that wrote garbage may have written it anywhere
+                        # A kernel that wrote garbage, or out of bounds, may have written
+                        # anywhere (the worker's heap too): the next kernel gets a fresh one.
+                        self._drop_worker()
                         return MeasureResult.failure(msg["error"], build_s=build_s)
                     correct = True
                 elif event == "timed":
                     times = tuple(t * 1e3 for t in msg["times"])
+                    if not times or not all(0 < t < math.inf for t in times):
+                        return MeasureResult.failure(f"impossible times {times}", build_s=build_s)
                     median = statistics.median(times)
                     gflops = op.flops / max(median / 1e3, 1e-12) / 1e9
                     return MeasureResult(True, median, times, gflops, True, None, build_s=build_s,

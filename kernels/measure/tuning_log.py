@@ -2,10 +2,16 @@
 
 One line per measurement, so a crashed or killed run loses at most the line it was
 writing, and a log can be shared, grepped and replayed into a measurement cache.
+
+A log is data, not truth: a file can be edited, merged from elsewhere or written by a
+broken clock, and whatever is read back may become a search's best or a cached
+result. So reading skips, with a warning naming the line, every record that cannot
+be a measurement (:func:`record_problem`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -15,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..ir.ops import OperatorError, parse_shape
-from ..target import Target
+from ..ir.ops import OperatorError, make_op, parse_shape
+from ..target import MAX_GFLOPS, Target
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +110,51 @@ class TuningRecord:
             raise ValueError(f"bad field: {e}") from None
 
 
-class TuningLog:
-    """Append-only JSON-lines file of TuningRecords."""
+@functools.lru_cache(maxsize=1024)
+def _flops(op: str, shape: str) -> int | None:
+    try:
+        return make_op(op, shape).flops
+    except (OperatorError, TypeError, ValueError):
+        return None
 
-    def __init__(self, path: str | os.PathLike):
+
+def record_problem(r: TuningRecord, peak: float = MAX_GFLOPS) -> str | None:
+    """Why ``r`` cannot be a real measurement, None when it can: a NaN or negative
+    number; for a successful record (correct, no error), a time that is not positive and
+    finite, a median outside its samples, or GFLOPS (recorded, or implied by the time
+    and the operator's flops) above ``peak``."""
+    numbers = [("time_ms", r.time_ms), ("gflops", r.gflops)] + [("times_ms", t) for t in r.times_ms]
+    for name, x in numbers:
+        if math.isnan(x) or x < 0:
+            return f"{name} is {x}"
+    if not math.isfinite(r.gflops):
+        return f"gflops is {r.gflops}"
+    if not r.correct or r.error is not None:
+        return None
+    if not 0 < r.time_ms < math.inf:
+        return f"time_ms {r.time_ms} for a correct record"
+    if r.times_ms:
+        if not all(0 < t < math.inf for t in r.times_ms):
+            return f"times_ms {list(r.times_ms)} for a correct record"
+        if not min(r.times_ms) * (1 - 1e-9) <= r.time_ms <= max(r.times_ms) * (1 + 1e-9):
+            return f"time_ms {r.time_ms} outside times_ms {list(r.times_ms)}"
+    flops = _flops(r.op, r.shape)
+    implied = flops / (r.time_ms * 1e6) if flops is not None else 0.0
+    if max(r.gflops, implied) > peak:
+        return f"{max(r.gflops, implied):.3g} GFLOPS, above the {peak:.3g} this hardware can reach"
+    return None
+
+
+class TuningLog:
+    """Append-only JSON-lines file of TuningRecords.
+
+    With a ``target``, records from its hardware are held to its peak GFLOPS when read
+    (others to a bound no device reaches); ``best`` and :meth:`records` may name another.
+    """
+
+    def __init__(self, path: str | os.PathLike, target: Target | None = None):
         self.path = Path(path)
+        self.target = target
 
     def append(self, record: TuningRecord) -> None:
         """Write one line and fsync it, so a kill loses at most the line being written."""
@@ -127,19 +173,31 @@ class TuningLog:
             os.close(fd)
 
     def __iter__(self) -> Iterator[TuningRecord]:
-        """Records in file order; a corrupt or truncated line is skipped with a warning."""
+        return self.records(self.target)
+
+    def records(self, target: Target | None = None) -> Iterator[TuningRecord]:
+        """Records in file order; a corrupt or truncated line, or a record that cannot be a
+        measurement (on ``target``'s hardware, judged by its peak), is skipped with a warning."""
         try:
             f = open(self.path, encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return
+        peak = target.peak_gflops if target is not None else MAX_GFLOPS
         with f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    yield TuningRecord.from_json(line)
+                    r = TuningRecord.from_json(line)
                 except ValueError as e:
                     logger.warning("%s:%d: skipping corrupt tuning record (%s)", self.path, lineno, e)
+                    continue
+                mine = target is not None and (r.target, r.hardware) == (target.kind, target.device)
+                problem = record_problem(r, peak if mine else MAX_GFLOPS)
+                if problem:
+                    logger.warning("%s:%d: skipping impossible tuning record (%s)", self.path, lineno, problem)
+                    continue
+                yield r
 
     def read(self) -> list[TuningRecord]:
         return list(self)
@@ -150,7 +208,7 @@ class TuningLog:
         hardware (times from other machines do not compare); a string matches the kind."""
         want = _norm_shape(op, shape)
         best: TuningRecord | None = None
-        for r in self:
+        for r in self.records(target if isinstance(target, Target) else self.target):
             if r.op != op or _norm_shape(r.op, r.shape) != want:
                 continue
             if not r.correct or r.error is not None or not math.isfinite(r.time_ms):

@@ -2,7 +2,8 @@
 
 It reads one JSON request a line from stdin and answers with events (``prepared``,
 ``checked``, ``timed`` or ``error``) on its own copy of stdout, so a kernel that
-prints cannot corrupt the protocol. The runner (:mod:`kernels.measure.runner`)
+prints cannot corrupt the protocol. ``checked`` reports the first call's check, and
+comes again, failed, when the timed call drawn for verification is wrong. The runner (:mod:`kernels.measure.runner`)
 kills and replaces it when a kernel crashes or hangs. CUDA requests are served by
 :mod:`kernels.measure.cuda_worker`, imported only in GPU workers.
 """
@@ -16,17 +17,20 @@ import re
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..ir.ops import Operator, make_op
-from .check import output_error
+from .check import Guarded, Tolerance, check_call, random_canary
 from .library import library_call
-from .timing import time_calls
+from .timing import Rejected, VerifiedCall, time_calls
 
 
 MASTER_STACK = 64 << 20   # bytes of stack for the thread that calls kernels
+# Draws which timed call is verified and the canary: from the OS's entropy, not the
+# inputs' seed, so nothing a kernel could learn predicts them.
+_rng = np.random.default_rng()
 
 
 def _stack_bytes(size: str) -> int:
@@ -110,22 +114,25 @@ def _serve(req: dict, data: dict, send: Any) -> None:
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * len(req["args"])
     out_name = op.output.name
-    # Fresh copies each time: a kernel that scribbles on its inputs must not spoil the next.
-    arrays = [np.full(op.output.shape, np.nan, np.float32) if name == out_name
-              else np.array(inputs[name], dtype=np.float32, order="C", copy=True)
-              for name in req["args"]]
-    out = arrays[req["args"].index(out_name)]
-    ptrs = [a.ctypes.data for a in arrays]
+    tol = Tolerance(req["atol"], req["rtol"])
+    # Fresh copies each time (a kernel that scribbles on its inputs must not spoil the
+    # next), each between canary margins; the output starts as NaN.
+    canary = random_canary(_rng)
+    bufs = {name: Guarded.alloc(np, op.tensor(name).shape, canary, inputs.get(name))
+            for name in req["args"]}
+    raws = {name: g.raw for name, g in bufs.items()}   # host memory: checked in place
+    out = bufs[out_name].array
+    ptrs = [bufs[name].array.ctypes.data for name in req["args"]]
     send(event="prepared")
 
     t0 = time.perf_counter()
     fn(*ptrs)
     check_s = time.perf_counter() - t0
-    error = output_error(out, ref, req["rtol"],
-                         {n: a for n, a in zip(req["args"], arrays) if n != out_name}, inputs)
+    error = check_call(bufs, raws, out_name, ref, inputs, tol)
     if error:
         send(event="checked", correct=False, error=error)
         return
+    first = out.copy()   # what every later call must reproduce, bit for bit
     send(event="checked", correct=True, error=None)
     if req.get("slow_cutoff_s") and check_s > req["slow_cutoff_s"]:
         send(event="timed", times=[check_s], library_times=[])  # hopeless: the check call is its time
@@ -137,10 +144,21 @@ def _serve(req: dict, data: dict, send: Any) -> None:
             fn(*ptrs)
     # at least 3 calls, but a call slower than the whole budget is not repeated much
     least = min(3 if check_s < req["min_time_s"] else 1, req["repeats"])
-    if req.get("library"):
-        times, lib_times = _time_against_library(fn, ptrs, library_call(op, inputs), least, req)
-    else:
-        times, lib_times = time_calls(lambda: fn(*ptrs), least, req["repeats"], req["min_time_s"]), []
+    most = req["repeats"] * (LIBRARY_BLOCKS if req.get("library") else 1)
+    verified = VerifiedCall(int(_rng.integers(most)), lambda: out.fill(np.nan),
+                            lambda call: check_call(bufs, raws, out_name, ref, inputs, tol, call, first))
+    try:
+        if req.get("library"):
+            times, lib_times = _time_against_library(fn, ptrs, library_call(op, inputs), least, req,
+                                                     verified.clock())
+        else:
+            times = time_calls(lambda: fn(*ptrs), least, req["repeats"], req["min_time_s"],
+                               verified.clock())
+            lib_times = []
+        verified.finish(lambda: fn(*ptrs))
+    except Rejected as e:
+        send(event="checked", correct=False, error=str(e))
+        return
     send(event="timed", times=times, library_times=lib_times)
 
 
@@ -148,7 +166,8 @@ LIBRARY_BLOCKS = 4      # alternating blocks of library calls and kernel calls
 SPIN_PAUSE_S = 0.15     # idle time between blocks
 
 
-def _time_against_library(fn, ptrs, lib, least: int, req: dict) -> tuple[list[float], list[float]]:
+def _time_against_library(fn, ptrs, lib, least: int, req: dict,
+                          clock: Callable[[Callable[[], object]], float]) -> tuple[list[float], list[float]]:
     """Kernel and library timed in alternating blocks, so a machine whose speed drifts
     (shared hosts) slows both alike. Blocks, not single calls: after a call, OpenBLAS
     and OpenMP worker threads keep spinning for a while and would steal the cores of
@@ -161,5 +180,5 @@ def _time_against_library(fn, ptrs, lib, least: int, req: dict) -> tuple[list[fl
         time.sleep(SPIN_PAUSE_S)
         lib_times += time_calls(lib, least, req["repeats"], per_block)
         time.sleep(SPIN_PAUSE_S)
-        times += time_calls(lambda: fn(*ptrs), least, req["repeats"], per_block)
+        times += time_calls(lambda: fn(*ptrs), least, req["repeats"], per_block, clock)
     return times, lib_times

@@ -546,3 +546,49 @@ def test_gpu_library_is_timed(gpu_measurer):
     built = gpu_measurer.builder.build([kernel])[0]
     res = gpu_measurer.runner.run(op, kernel, built.path, library=True)
     assert res.ok and res.library_times_ms and res.build_s > 0, res
+
+
+# Hand-written 8x8x8 matmuls, one thread an element, each failing one part of the check.
+CHECKED_MATMUL = """
+__device__ int seen[64];
+__device__ unsigned calls[64];
+extern "C" __global__ void f(float* __restrict__ A, float* __restrict__ B, float* __restrict__ C) {
+  const int t = threadIdx.x, i = t / 8, j = t % 8;
+  PROLOGUE
+  float acc = 0.0f;
+  for (int k = 0; k < 8; k++) acc += A[i * 8 + k] * B[k * 8 + j];
+  C[t] = acc;
+  EPILOGUE
+}
+"""
+FLIP_ONE_ULP = "C[t] = __int_as_float(__float_as_int(acc) ^ 1);"
+# the verified call: a timed sample, or one more launch when timing stopped before the drawn one
+LATER_CALL = r"(timed call \d+|call \d+ \(after timing\))"
+
+
+@pytest.mark.parametrize("prologue,epilogue,error", [
+    ("", "", None),
+    ("if (seen[t]) return;", "seen[t] = 1;", rf"wrong result on {LATER_CALL}: NaN or inf in output"),
+    ("unsigned n = ++calls[t];", f"if (n > 1 && t == n % 64) {FLIP_ONE_ULP}",
+     rf"nondeterministic output: {LATER_CALL} differs from the first call in 1 element"),
+    ("", "if (t == 0) C[64] = 0.0f;", r"wrote out of bounds of C \(after the end\)$"),
+    ("", "if (t == 0) C[-1] = 0.0f;", r"wrote out of bounds of C \(before the start\)$"),
+    ("", "if (t == 0) A[64] = 0.0f;", r"wrote out of bounds of A \(after the end\)$"),
+    ("", "if (t == 0) B[-1] = 0.0f;", r"wrote out of bounds of B \(before the start\)$"),
+], ids=["good", "idle-after-first", "nondeterministic", "C-after", "C-before", "A-after", "B-before"])
+def test_gpu_check_failures(gpu_measurer, prologue, epilogue, error):
+    """Right once then idle, a later launch one ulp off, a write past a buffer: each fails
+    the GPU check with its reason (and the worker is replaced: the next kernel is fine)."""
+    import re
+
+    from kernels.codegen.kernel import Kernel
+
+    op = make_op("matmul", "8x8x8")
+    source = CHECKED_MATMUL.replace("PROLOGUE", prologue).replace("EPILOGUE", epilogue)
+    k = Kernel("f", source, op.tensors, ((1, 1, 1), (64, 1, 1)))
+    res = gpu_measurer.measure_one(Candidate(op, f"source:{k.digest}", k))
+    if error is None:
+        assert res.ok and res.correct, res.error
+    else:
+        assert not res.ok and not res.correct and re.match(error, res.error or ""), res.error
+    assert _measure(gpu_measurer, expert_schedule(op, gpu_measurer.target)).ok

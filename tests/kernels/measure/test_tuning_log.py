@@ -101,3 +101,53 @@ def test_json_round_trip(schedule, time_ms, error):
     r.error = error
     back = TuningRecord.from_json(r.to_json())
     assert back == r and back.key == r.key
+
+
+def _write_forged(log: TuningLog, **fields) -> None:
+    with open(log.path, "a") as f:
+        f.write(json.dumps({**json.loads(rec(1.0).to_json()), **fields}) + "\n")
+
+
+def test_impossible_records_are_skipped_with_the_line(tmp_path, caplog):
+    log = TuningLog(tmp_path / "log.jsonl", TARGET)
+    log.append(rec(2.0))
+    _write_forged(log, time_ms=-1.0, times_ms=[-1.0])                         # line 2
+    _write_forged(log, time_ms=0.0, times_ms=[0.0])                           # 3
+    _write_forged(log, time_ms=None, times_ms=[None])                         # 4: inf, yet correct
+    _write_forged(log, gflops=-3.0)                                           # 5
+    _write_forged(log, time_ms=1e-6, times_ms=[1e-6])                         # 6: 1024 flops in 1 ns
+    _write_forged(log, gflops=1e5)                                            # 7: above this CPU's peak
+    _write_forged(log, time_ms=0.5)                                           # 8: median of [1, 1, 1]?
+    _write_forged(log, time_ms=-1.0, times_ms=[], correct=False, error="x")   # 9: negative, even failed
+    log.append(rec(math.inf, correct=False))                                  # 10: a failure is fine
+    with caplog.at_level(logging.WARNING):
+        assert [r.time_ms for r in log.read()] == [2.0, math.inf]
+    skipped = [m for m in caplog.messages if "skipping impossible tuning record" in m]
+    assert [m.split(":")[-2] for m in skipped] == [str(i) for i in range(2, 10)]
+
+
+def test_peak_is_the_targets_for_its_own_hardware_only(tmp_path):
+    log = TuningLog(tmp_path / "log.jsonl")
+    mine, other = rec(1.0), rec(1.0, hardware="Big machine")
+    mine.gflops = other.gflops = 1e4      # 10 TFLOPS: not on a 2-core CPU, maybe elsewhere
+    log.append(mine)
+    log.append(other)
+    assert len(log.read()) == 2           # no target: only a bound no device reaches
+    assert [r.hardware for r in log.records(TARGET)] == ["Big machine"]
+    assert [r.hardware for r in TuningLog(log.path, TARGET)] == ["Big machine"]
+
+
+def test_forged_record_never_becomes_best(tmp_path):
+    from kernels.measure import Measurer
+    from kernels.measure.result import MeasureResult
+
+    log = TuningLog(tmp_path / "log.jsonl")
+    honest, forged = rec(2.0), rec(2.0, schedule=[["tile", 99]])
+    log.append(honest)
+    _write_forged(log, schedule=forged.schedule, time_ms=-1.0, times_ms=[-1.0], correct=True)
+    assert log.best("matmul", "8x8x8", TARGET).time_ms == 2.0
+    assert log.best("matmul", "8x8x8").time_ms == 2.0
+
+    m = Measurer(TARGET, runner=object(), builder=object(), log=log)
+    assert m.cache == {honest.key: MeasureResult.from_record(honest)}
+    assert not MeasureResult.from_record(TuningRecord.from_json(log.path.read_text().splitlines()[1])).ok
