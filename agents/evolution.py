@@ -139,7 +139,7 @@ def measured_seeds(search, k: int) -> list[Schedule]:
             s = Schedule.from_json({"steps": steps}, search.op) if isinstance(steps, list) else None
         except (ValueError, ScheduleError):
             s = None
-        if s is not None:
+        if s is not None and len(s.nest.loops) <= MAX_LOOPS:   # what the cost model can see
             out.append(s)
     return out
 
