@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from envs.actions import MAX_LOOPS, NestInfo
-from envs.features import GLOBAL_WIDTH, LOOP_WIDTH, SIZE, featurize
+from envs.features import GLOBAL_WIDTH, LOOP, LOOP_WIDTH, ROWS, SIZE, featurize
 from kernels.ir.ops import Operator, OperatorError, make_op
 from kernels.ir.schedule import Schedule, ScheduleError
 from kernels.target import Target, cpu_target
@@ -72,8 +72,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "schedgym-cost-model"
 VERSION = 1
-ROWS = MAX_LOOPS * LOOP_WIDTH          # the loop-row part of a feature vector
 FEATURE_CACHE = 20_000                 # feature vectors kept (1.2 KB each)
+PRESENT = LOOP["present"].start        # the column that says a loop row holds a loop
 
 Group = tuple[str, str, str]           # (op kind, shape, hardware)
 
@@ -292,12 +292,12 @@ class LearnedCostModel:
         self._features.clear()
 
     def _tensors(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        present = torch.from_numpy(x[:, 0:ROWS:LOOP_WIDTH] > 0.5).float()
+        present = torch.from_numpy(x[:, PRESENT:ROWS:LOOP_WIDTH] > 0.5).float()
         return torch.from_numpy((x - self.mean) / self.std), present
 
     def _fit_normalisation(self, x: np.ndarray) -> None:
         rows = x[:, :ROWS].reshape(-1, LOOP_WIDTH)
-        rows = rows[rows[:, 0] > 0.5]
+        rows = rows[rows[:, PRESENT] > 0.5]
         glob = x[:, ROWS:]
         mean = np.concatenate([np.tile(rows.mean(0), MAX_LOOPS), glob.mean(0)])
         std = np.concatenate([np.tile(rows.std(0), MAX_LOOPS), glob.std(0)])

@@ -210,11 +210,11 @@ def test_tails_inside_the_reduction_cannot_outgrow_a_thread_tile():
 
 
 def test_bound_loops_show_as_parallel_levels():
-    from envs.features import KINDS, LOOP_WIDTH
+    from envs.features import KINDS, LOOP, LOOP_WIDTH
     op = make_op("matmul", "256x256x256")
     s = expert_schedule(op, TARGET)
     obs = featurize(op, NestInfo(op, s.nest), TARGET, 0.0)
-    column = obs[:len(s.nest.loops) * LOOP_WIDTH].reshape(-1, LOOP_WIDTH)[:, 3 + KINDS.index("parallel")]
+    column = obs[:len(s.nest.loops) * LOOP_WIDTH].reshape(-1, LOOP_WIDTH)[:, LOOP["kind"].start + KINDS.index("parallel")]
     expected = [{"blockIdx": 1.0, "threadIdx": 2.0}[bound_axis(l).split(".")[0]] if bound_axis(l) else 0.0
                 for l in s.nest.loops]
     assert column.tolist() == expected and 1.0 in expected and 2.0 in expected
