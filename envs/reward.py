@@ -13,14 +13,23 @@ subclass here, added to :data:`REWARDS`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kernels.ir.schedule import Schedule
-
-if TYPE_CHECKING:
-    from .schedule_env import ScheduleEnv
+from kernels.measure import MeasureResult
 
 FAILED_SLOWDOWN = 10.0  # a final kernel that fails counts as this much slower than naive
+
+
+class Episode(Protocol):
+    """What a reward may read and ask of the env (``ScheduleEnv`` is one)."""
+
+    t_naive: float           # T_0: seconds of the unscheduled kernel
+    schedule: Schedule       # the current schedule
+
+    def measure(self, schedule: Schedule) -> MeasureResult: ...
+
+    def predict(self, schedule: Schedule) -> float: ...
 
 
 class Reward:
@@ -29,15 +38,15 @@ class Reward:
 
     name = ""
 
-    def reset(self, env: "ScheduleEnv") -> None:
+    def reset(self, env: Episode) -> None:
         """A new episode; ``env.t_naive`` holds ``T_0`` in seconds."""
         self.t_naive = self.t_prev = env.t_naive
 
-    def estimate(self, env: "ScheduleEnv", schedule: Schedule) -> float | None:
+    def estimate(self, env: Episode, schedule: Schedule) -> float | None:
         """``T_t`` in seconds after a step, or None: unchanged (the step's reward is 0)."""
         return None
 
-    def step(self, env: "ScheduleEnv", schedule: Schedule) -> float:
+    def step(self, env: Episode, schedule: Schedule) -> float:
         """The reward of a step that led to ``schedule``."""
         t = self.estimate(env, schedule)
         if t is None:
@@ -67,11 +76,11 @@ class Surrogate(Reward):
 
     name = "surrogate"
 
-    def reset(self, env: "ScheduleEnv") -> None:
+    def reset(self, env: Episode) -> None:
         super().reset(env)
         self.pred_naive = env.predict(env.schedule)
 
-    def estimate(self, env: "ScheduleEnv", schedule: Schedule) -> float:
+    def estimate(self, env: Episode, schedule: Schedule) -> float:
         return self.t_naive * math.exp(env.predict(schedule) - self.pred_naive)
 
 
@@ -80,7 +89,7 @@ class MeasureEveryStep(Reward):
 
     name = "measure_every_step"
 
-    def estimate(self, env: "ScheduleEnv", schedule: Schedule) -> float | None:
+    def estimate(self, env: Episode, schedule: Schedule) -> float | None:
         res = env.measure(schedule)
         return res.time_ms / 1e3 if res.ok else None
 
