@@ -321,6 +321,13 @@ class LearnedCostModel:
         base = np.array([math.log(s.op.flops) for s in schedules]) + self.log_s_per_flop
         return self._raw(self.features(schedules)).astype(np.float64) + base
 
+    def rank(self, schedules: Sequence[Schedule], k: int | None = None) -> list[int]:
+        """Indices of the ``k`` (default: all) schedules predicted fastest, fastest first;
+        ties keep their order."""
+        if not len(schedules) or (k is not None and k <= 0):
+            return []
+        return [int(i) for i in np.argsort(self.predict(schedules), kind="stable")[:k]]
+
     # ------------------------------------------------------------ training
     def _add(self, samples: list[Sample]) -> None:
         xs = self.features([s.schedule for s in samples]) if samples else np.zeros((0, SIZE), np.float32)

@@ -123,8 +123,8 @@ def _measure_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
 def _env_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     import numpy as np
 
-    from envs.actions import ActionTable, NestInfo
-    from envs import features
+    from agents.rollout import RandomDraw, rollout
+    from envs.actions import ActionTable
     from envs.schedule_env import ScheduleEnv
 
     from .shapes import family
@@ -138,19 +138,10 @@ def _env_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     for kind, shape in (("matmul", "1024x1024x1024"), ("conv2d", "1,64,56,56,64,3,3,1,1"),
                         ("batch_matmul", "8x256x256x256"), ("depthwise_conv2d", "1,128,56,56,3,3,1,1")):
         op = make_op(kind, shape)
-        table, rng, steps = ActionTable(op), np.random.default_rng(0), 0
+        table, draw, steps = ActionTable(op, target), RandomDraw(np.random.default_rng(0), p_done=0.0), 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 3.0:
-            s = Schedule(op)
-            for k in range(31):
-                info = NestInfo(op, s.nest)
-                mask = table.mask(info)
-                features.featurize(op, info, target, k / 32)
-                mask[table.done] = False
-                if not mask.any():
-                    break
-                s = s.apply(table.to_step(int(rng.choice(np.flatnonzero(mask))), s.nest))
-                steps += 1
+            steps += len(rollout(op, table, draw, max_steps=32, observe=True).actions)
         rate = steps / (time.perf_counter() - t0)
         results.append({"op": kind, "steps_per_s": rate})
         lines.append(f"| {kind} | {shape} | {rate:.0f} | `{cmd}` |")
@@ -346,13 +337,14 @@ def _propose_s(op, target, n: int) -> float:
     """Seconds the driver spends on one random-search candidate: a masked rollout, then rendering."""
     import numpy as np
 
-    from agents.search import rollout
+    from agents.rollout import RandomDraw, rollout
+    from agents.search import P_DONE
     from envs.actions import ActionTable
 
-    table, rng = ActionTable(op, target), np.random.default_rng(0)
+    table, draw = ActionTable(op, target), RandomDraw(np.random.default_rng(0), p_done=P_DONE)
     t0 = time.perf_counter()
     for _ in range(n):
-        render(rollout(op, table, rng)[0], target)
+        render(rollout(op, table, draw).schedule, target)
     return (time.perf_counter() - t0) / n
 
 

@@ -9,7 +9,7 @@ shape held out in turn, up to 5 folds). The saved model is the one the held-out
 figures describe.
 
 ``--generate OP:SHAPE:N ...`` first measures N random legal schedules of each shape
-(half drawn uniformly over actions, half over primitives, ``agents.sampling``) into
+(half drawn uniformly over actions, half over primitives, ``agents.rollout``) into
 ``--logs-out DIR/OP_SHAPE.jsonl``; a rerun finds them in the log and measures
 only what is missing.
 
@@ -84,7 +84,7 @@ def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: in
     The schedules of a spec depend only on ``seed``, the spec and ``max_steps``, so a
     rerun replays the same list and the log's cache skips what was measured.
     """
-    from agents.sampling import random_schedules
+    from agents.rollout import random_schedules
 
     parsed = [parse_spec(s) for s in specs]
     tgt = get_target(target)
@@ -94,9 +94,10 @@ def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: in
     for kind, shape, n in parsed:
         op = make_op(kind, shape)
         rng = np.random.default_rng([seed, zlib.crc32(f"{kind}:{op.shape_str}".encode())])
-        scheds = random_schedules(op, n // 2, rng, max_steps, by="action")
+        episode = max_steps + 1   # a rollout's last action is done
+        scheds = random_schedules(op, n // 2, rng, episode, by="action", target=tgt)
         seen = {s.key() for s in scheds}
-        scheds += [s for s in random_schedules(op, 2 * (n - len(scheds)), rng, max_steps, by="primitive")
+        scheds += [s for s in random_schedules(op, 2 * (n - len(scheds)), rng, episode, by="primitive", target=tgt)
                    if s.key() not in seen][:n - len(scheds)]
         path = out_dir / log_name(kind, shape)
         runner = Runner(repeats=repeats, min_time_s=min_time_s, timeout_s=timeout_s)

@@ -7,8 +7,7 @@ import pytest
 from agents.cost_model import (CostModelConfig, CostModelError, LearnedCostModel, cross_validate_by_shape,
                                measure_top_k, pairwise_accuracy_of, records_from_logs, select_top_k, split,
                                to_samples, top_k_recall_of)
-from agents.sampling import random_schedules
-from envs.actions import ActionTable, NestInfo
+from agents.rollout import random_schedules
 from experiments import cli
 from kernels.measure import Builder, MeasureResult, Measurer, Runner
 from kernels.ir.ops import make_op
@@ -48,27 +47,6 @@ def trained(data):
     model = LearnedCostModel(seed=0)
     metrics = model.fit(data, epochs=25, holdout=0.2, seed=0)
     return model, metrics
-
-
-# ---------------------------------------------------------------- sampling
-
-def test_random_schedules_are_legal_distinct_and_seeded():
-    op = make_op("conv2d", "1,4,8,8,8,3,3,1,1")
-    a = random_schedules(op, 20, np.random.default_rng(3), max_steps=5)
-    b = random_schedules(op, 20, np.random.default_rng(3), max_steps=5)
-    assert [s.key() for s in a] == [s.key() for s in b]
-    assert len({s.key() for s in a}) == len(a) == 20
-    assert all(len(s.steps) <= 5 for s in a)
-    table = ActionTable(op)
-    for s in a:   # replays through the mask: every step was an allowed action
-        replay = Schedule(op)
-        for step in s.steps:
-            allowed = [table.to_step(i, replay.nest) for i in np.flatnonzero(table.mask(NestInfo(op, replay.nest)))
-                       if i != table.done]
-            assert step in allowed
-            replay = replay.apply(step)
-    with pytest.raises(ValueError, match="sampling"):
-        random_schedules(op, 1, np.random.default_rng(0), by="nope")
 
 
 # ---------------------------------------------------------------- metrics

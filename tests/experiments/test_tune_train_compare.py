@@ -69,7 +69,7 @@ def test_tune_ppo_zero_shot_with_budget_one(trained, tmp_path):
 
 def test_saved_policy_gives_the_same_greedy_schedule(trained):
     from agents.policy import load_policy
-    from agents.search import policy_rollout
+    from agents.rollout import PolicyDraw, rollout
     from envs.actions import ActionTable
     from kernels.ir.ops import make_op
     from kernels.target import cpu_target
@@ -77,8 +77,8 @@ def test_saved_policy_gives_the_same_greedy_schedule(trained):
     op = make_op("matmul", "40x24x16")
     a = load_policy(trained / "policy.pt", op, cpu_target())
     b = load_policy(trained / "policy.pt", op, cpu_target())
-    sa, _ = policy_rollout(op, ActionTable(op), a, cpu_target(), deterministic=True)
-    sb, _ = policy_rollout(op, ActionTable(op), b, cpu_target(), deterministic=True)
+    sa = rollout(op, ActionTable(op), PolicyDraw(a, deterministic=True)).schedule
+    sb = rollout(op, ActionTable(op), PolicyDraw(b, deterministic=True)).schedule
     assert sa.key() == sb.key()
 
 
