@@ -141,7 +141,7 @@ def _env_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
         table, draw, steps = ActionTable(op, target), RandomDraw(np.random.default_rng(0), p_done=0.0), 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 3.0:
-            steps += len(rollout(op, table, draw, max_steps=32, observe=True).actions)
+            steps += len(rollout(op, table, draw, observe=True).actions)
         rate = steps / (time.perf_counter() - t0)
         results.append({"op": kind, "steps_per_s": rate})
         lines.append(f"| {kind} | {shape} | {rate:.0f} | `{cmd}` |")

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from envs import MAX_STEPS
 from kernels.measure import cluster
 from kernels.measure import Measurer
 from kernels.ir.ops import OPERATORS
@@ -50,7 +51,7 @@ class Config:
     batch_size: int = field(128, help="PPO minibatch size")
     learning_rate: float = field(3e-5, help="PPO learning rate (small: PPO fine-tunes the imitation policy)")
     ent_coef: float = field(0.0, help="PPO entropy bonus")
-    max_steps: int = field(32, help="actions per episode")
+    max_steps: int = field(MAX_STEPS, help="actions per episode")
     imitation_epochs: int = field(300, help="epochs of imitating expert replays before PPO (0: none)")
     cost_model: str | None = field(None, help="pre-trained cost model (default: the shipped one)",
                                    metavar="PATH")
