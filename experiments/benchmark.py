@@ -125,13 +125,13 @@ def _env_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
 
     from agents.rollout import RandomDraw, rollout
     from envs.actions import ActionTable
-    from envs.schedule_env import ScheduleEnv
+    from envs.schedule_env import MAX_STEPS, ScheduleEnv
 
     from .shapes import family
 
     target = get_target("cpu")
-    lines = ["Steps per second of mask + apply + featurize (no measurement), random masked actions, "
-             "episodes of up to 31 steps, one process:", "",
+    lines = ["Steps per second of mask + apply + featurize (no measurement), random masked actions "
+             f"(`agents.rollout`), episodes of up to {MAX_STEPS - 1} steps, one process:", "",
              "| op | shape | steps/s | command |", "|---|---|---:|---|"]
     results = []
     cmd = "python -m experiments benchmark --suite env-cpu"
