@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from agents.cost_model import (CostModelConfig, CostModelError, LearnedCostModel, cross_validate_by_shape,
-                               measure_top_k, pairwise_accuracy_of, records_from_logs, select_top_k, split,
-                               to_samples, top_k_recall_of)
+                               pairwise_accuracy_of, records_from_logs, split, to_samples, top_k_recall_of)
 from agents.rollout import random_schedules
 from experiments import cli
 from kernels.measure import Builder, MeasureResult, Measurer, Runner
@@ -193,26 +192,15 @@ def test_tensorboard_scalars(data, tmp_path):
     assert [e.step for e in acc.Scalars("cost_model/loss")] == [2, 4]
 
 
-# ---------------------------------------------------------------- pruning before measuring
+# ---------------------------------------------------------------- ranking for the agents
 
-class FixedModel:
-    def __init__(self, values):
-        self.values, self.updates = values, []
-
-    def predict(self, schedules):
-        return np.array([self.values[s.key()] for s in schedules])
-
-    def update(self, records):
-        self.updates.append(list(records))
-
-
-def test_select_top_k_is_stable():
-    op = make_op("matmul", "16x16x16")
-    scheds = random_schedules(op, 6, np.random.default_rng(0), max_steps=3)
-    model = FixedModel(dict(zip((s.key() for s in scheds), [3.0, 1.0, 2.0, 1.0, 5.0, 1.0])))
-    assert select_top_k(model, scheds, 4) == [1, 3, 5, 2]
-    assert select_top_k(model, scheds, 0) == []
-    assert select_top_k(model, scheds, 10) == [1, 3, 5, 2, 0, 4]
+def test_rank_is_stable_and_cut_at_k(monkeypatch):
+    model = LearnedCostModel(seed=0)
+    scheds = random_schedules(make_op("matmul", "16x16x16"), 6, np.random.default_rng(0), max_steps=4)
+    monkeypatch.setattr(model, "predict", lambda schedules: np.array([3.0, 1.0, 2.0, 1.0, 5.0, 1.0]))
+    assert model.rank(scheds, 4) == [1, 3, 5, 2]
+    assert model.rank(scheds, 0) == [] and model.rank([], 3) == []
+    assert model.rank(scheds) == model.rank(scheds, 10) == [1, 3, 5, 2, 0, 4]
 
 
 @pytest.fixture(scope="module")
@@ -221,18 +209,6 @@ def measurer(tmp_path_factory):
     with Measurer(cpu_target(), builder=builder,
                   runner=Runner(repeats=1, min_time_s=0.0, timeout_s=30)) as m:
         yield m
-
-
-def test_measure_top_k_measures_only_the_top_and_learns(measurer):
-    op = make_op("matmul", "16x16x16")
-    scheds = random_schedules(op, 8, np.random.default_rng(1), max_steps=4)
-    model = LearnedCostModel(seed=0)
-    before = measurer.measured
-    chosen = select_top_k(model, scheds, 3)
-    pairs = measure_top_k(model, measurer, scheds, 3)
-    assert [s.key() for s, _ in pairs] == [scheds[i].key() for i in chosen]
-    assert measurer.measured - before == 3
-    assert len(model.data) == sum(r.ok for _, r in pairs) > 0
 
 
 # ---------------------------------------------------------------- the command
