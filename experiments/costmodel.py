@@ -8,6 +8,10 @@ With several shapes it also trains on some shapes and tests on the others (each
 shape held out in turn, up to 5 folds). The saved model is the one the held-out
 figures describe.
 
+Writes runs/costmodel-<target>-<arch>-<seed>-<time>/: config.json, metrics.json (what
+--json prints) and TensorBoard events (cost_model/*; --tensorboard DIR puts them
+elsewhere); the model goes to --out.
+
 ``--generate OP:SHAPE:N ...`` first measures N random legal schedules of each shape
 (half drawn uniformly over actions, half over primitives, ``agents.rollout``) into
 ``--logs-out DIR/OP_SHAPE.jsonl``; a rerun finds them in the log and measures
@@ -21,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import zlib
@@ -33,7 +38,8 @@ from kernels.measure import Measurer, Runner
 from kernels.ir.ops import make_op
 from kernels.target import get_target
 
-from .config import field
+from .config import field, jsonable
+from .runs import new_run_dir, save_config
 
 
 @dataclass
@@ -47,8 +53,8 @@ class Config:
     arch: str = field("set", help="network over the features: set (per-loop rows, pooled) or mlp (flat)",
                       choices=["set", "mlp"])
     compare: bool = field(False, help="also train the other architecture and report both")
-    tensorboard: str | None = field(None, help="write cost_model/* scalars of the held-out metrics here",
-                                    metavar="DIR")
+    tensorboard: str | None = field(None, help="write cost_model/* scalars of the held-out metrics here "
+                                                "(default: the run directory)", metavar="DIR")
     target: str = field("cpu", help="train on records of this target", choices=["cpu"])
     generate: list[str] | None = field(None, help="measure N random schedules of each OP:SHAPE:N first",
                                        nargs="+", metavar="OP:SHAPE:N")
@@ -56,6 +62,7 @@ class Config:
     max_steps: int = field(10, help="most steps of a generated schedule")
     timeout: float = field(10.0, help="seconds a generated kernel may run (check and timing) before it "
                                       "counts as failed")
+    runs: str = field("runs", help="where run directories go")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -174,7 +181,7 @@ def run(cfg: Config) -> dict:
         summary["generated"] = gen
         logs += [g["log"] for g in gen if g["log"] not in logs]
         if not cfg.out:
-            return summary
+            return _record(cfg, summary, _run_dir(cfg))
     if not logs:
         raise ValueError("nothing to train on: give --logs LOG ... (or --generate OP:SHAPE:N --logs-out DIR)")
     if not cfg.out:
@@ -188,16 +195,15 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"no usable records in {', '.join(logs)}: {len(records)} records of target "
                          f"{cfg.target}, none correct with a finite time")
     groups = len({s.group for s in samples})
+    run_dir = _run_dir(cfg)
     _status(f"training on {len(samples)} correct records of {groups} shapes from {len(logs)} logs ...")
 
     arches = [cfg.arch] + ([a for a in ("set", "mlp") if a != cfg.arch] if cfg.compare else [])
     rows = []
     model = None
     for arch in arches:
-        log_dir = None
-        if cfg.tensorboard:
-            log_dir = str(Path(cfg.tensorboard) / f"costmodel_{arch}_seed{cfg.seed}") if cfg.compare \
-                else cfg.tensorboard
+        tensorboard = Path(cfg.tensorboard or run_dir)
+        log_dir = str(tensorboard / f"costmodel_{arch}_seed{cfg.seed}" if cfg.compare else tensorboard)
         m, res = _train_and_evaluate(cfg, arch, records, groups, log_dir)
         rows.append((arch, res))
         if model is None:
@@ -219,4 +225,18 @@ def run(cfg: Config) -> dict:
         summary["compare"] = {arch: {"pairwise_accuracy": r["pairwise_accuracy"],
                                      "top_k_recall": r["top_k_recall"], "by_shape": r.get("by_shape")}
                               for arch, r in rows}
+    return _record(cfg, summary, run_dir)
+
+
+def _run_dir(cfg: Config) -> Path:
+    run_dir = new_run_dir(cfg.runs, "costmodel", cfg.target, cfg.arch, cfg.seed)
+    save_config(run_dir, cfg)
+    _status(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _record(cfg: Config, summary: dict, run_dir: Path) -> dict:
+    """``summary``, with its run directory, also written to ``metrics.json`` there."""
+    summary["run_dir"] = str(run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
     return summary

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,7 +232,7 @@ def measured_log(measurer, tmp_path_factory):
 def test_cli_end_to_end(measured_log, tmp_path, capsys):
     out = tmp_path / "model.pt"
     rc = cli.main(["costmodel", "--logs", str(measured_log), "--out", str(out), "--epochs", "5",
-                   "--top-k", "3", "--json"])
+                   "--top-k", "3", "--runs", str(tmp_path / "runs"), "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     res = json.loads(captured.out.strip().splitlines()[-1])
@@ -239,6 +240,11 @@ def test_cli_end_to_end(measured_log, tmp_path, capsys):
     assert res["groups"] == 1 and res["records"] >= 10 and res["out"] == str(out)
     assert 0 <= res["pairwise_accuracy"] <= 1 and res["predict_per_s"] > 0
     assert "pairwise acc" in captured.out
+    run_dir = Path(res["run_dir"])      # like tune and train: config, metrics, TensorBoard events
+    assert run_dir.parent == tmp_path / "runs" and run_dir.name.startswith("costmodel-cpu-set-0-")
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 5
+    assert json.loads((run_dir / "metrics.json").read_text())["pairwise_accuracy"] == res["pairwise_accuracy"]
+    assert list(run_dir.glob("events.out.tfevents.*"))
     model = LearnedCostModel.load(out)
     assert np.all(np.isfinite(model.predict(random_schedules(make_op("matmul", "8x8x8"), 3,
                                                                np.random.default_rng(0)))))
@@ -251,10 +257,10 @@ def test_cli_end_to_end(measured_log, tmp_path, capsys):
 def test_cli_empty_or_corrupt_log_is_one_line_error(tmp_path, capsys, content, message):
     log = tmp_path / "empty.jsonl"
     log.write_text(content)
-    rc = cli.main(["costmodel", "--logs", str(log), "--out", str(tmp_path / "m.pt")])
+    rc = cli.main(["costmodel", "--logs", str(log), "--out", str(tmp_path / "m.pt"), "--runs", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and message in err[-1]
-    assert not (tmp_path / "m.pt").exists()
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "runs").exists()
 
 
 def test_cli_missing_log_and_missing_out(tmp_path, capsys):
