@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from envs import MAX_STEPS
+from envs.reward import REWARDS
 from kernels.measure import cluster
 from kernels.measure import Measurer
 from kernels.ir.ops import OPERATORS
@@ -44,7 +45,7 @@ class Config:
     shapes: str = field("default", help="shape family (its train split), or 'small' for quick runs")
     agent: str = field("ppo", help="the learning agent", choices=["ppo"])
     timesteps: int = field(4096, help="environment steps to train for")
-    reward: str = field("surrogate", help="reward mode of the environment", choices=["surrogate", "measure"])
+    reward: str = field("surrogate", help="reward mode of the environment (envs/reward.py)", choices=list(REWARDS))
     n_envs: int = field(0, help="vectorised environments (0: 2 on this machine; with --cluster, as many "
                                 "candidates as the cluster measures at once)")
     n_steps: int = field(256, help="PPO rollout length per environment")
