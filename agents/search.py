@@ -42,6 +42,7 @@ from kernels.ir.ops import Operator
 from kernels.ir.schedule import Schedule
 from kernels.target import Target
 
+from .evolution import search_evolve
 from .rollout import PolicyDraw, RandomDraw, Rollout, allowed, rollout
 
 P_DONE = 0.05  # random candidates stop with this probability per step, wherever done is allowed
@@ -66,6 +67,7 @@ class Search:
     budget: int
     on_progress: Callable[[Progress], None] | None = None
     measured: dict[str, MeasureResult] = field(default_factory=dict)  # schedule key -> result
+    schedules: dict[str, Schedule] = field(default_factory=dict)      # schedule key -> schedule
     best: Schedule | None = None
     best_result: MeasureResult | None = None
     history: list[Progress] = field(default_factory=list)
@@ -91,7 +93,7 @@ class Search:
             self.measurer.runner.slow_cutoff_s = SLOW_FACTOR * self.best_result.time_ms / 1e3
         results = self.measurer.measure(batch)
         for s, r in zip(batch, results):
-            self.measured[s.key()] = r
+            self.measured[s.key()], self.schedules[s.key()] = r, s
             if r.ok and (self.best_result is None or r.time_ms < self.best_result.time_ms):
                 self.best, self.best_result = s, r
             p = Progress(len(self.measured), self.best_result.gflops if self.best_result else 0.0,
@@ -211,5 +213,25 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
         _feedback(model, pairs)
 
 
-AGENTS = {"random": search_random, "filtered": search_filtered, "anneal": search_anneal, "beam": search_beam,
+def search_evolution(search: Search, rng: np.random.Generator, model, policy=None, **_) -> None:
+    """Ansor's evolutionary search (agents/evolution.py); a trained policy, where there is
+    one, is its proposal distribution (its greedy schedule measured first), random
+    rollouts otherwise."""
+    table = ActionTable(search.op, search.target)
+    if policy is None:
+        draw = RandomDraw(rng, p_done=P_DONE)
+    else:
+        import torch
+
+        torch.manual_seed(int(rng.integers(2**31)))  # seeded: a resumed search replays
+        search.measure([rollout(search.op, table, PolicyDraw(policy, deterministic=True)).schedule])
+        draw = PolicyDraw(policy, deterministic=False)
+
+    def propose(n: int) -> list[Schedule]:
+        return [rollout(search.op, table, draw).schedule for _ in range(n)]
+
+    search_evolve(search, rng, model, propose)
+
+
+AGENTS = {"evolve": search_evolution, "random": search_random, "filtered": search_filtered, "anneal": search_anneal, "beam": search_beam,
           "ppo": search_policy}

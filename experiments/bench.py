@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from kernels.experts import expert_schedule
 from kernels.codegen.kernel import Kernel
 from kernels.measure.library import library_name
 from kernels.measure import Measurer, MeasureResult
+from kernels.measure.comparison import Comparison, compare_with_library
+from kernels.measure.runner import check_fits_in_memory
 from kernels.ir.ops import OPERATORS, Operator, make_op
 from kernels.codegen import render
 from kernels.ir.schedule import Schedule
@@ -38,13 +39,19 @@ from .config import field
 
 
 @dataclass
-class Config:
+class KernelChoice:
+    """Which kernel: the operator, its shape, the target and the schedule (also ``render``'s)."""
+
     op: str = field(help="operator", choices=list(OPERATORS))
     shape: str = field(help="extents, e.g. 1024x1024x1024 (matmul) or N,C,H,W,K,R,S[,stride[,pad]] (conv2d)")
-    target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
+    target: str = field("cpu", help="cpu, or cuda (an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
     schedule: str = field("expert", help="naive, expert, a tuning log (its best record for this op "
-                                         "and shape) or a kernel.json written by --export",
+                                         "and shape) or a best.json / kernel.json",
                           metavar="naive|expert|FILE")
+
+
+@dataclass
+class Config(KernelChoice):
     rounds: int = field(3, help="timing rounds; in each, the library and the kernel alternate in blocks")
     export: str | None = field(None, help="write kernel.c, kernel.so and kernel.json to this directory",
                                metavar="DIR")
@@ -103,6 +110,7 @@ def _status(msg: str) -> None:
 
 def run(cfg: Config) -> dict:
     op = make_op(cfg.op, cfg.shape)
+    check_fits_in_memory(op)
     target = get_target(cfg.target)
     schedule = load_schedule(cfg.schedule, op, target)
     if cfg.rounds < 1:
@@ -115,17 +123,13 @@ def run(cfg: Config) -> dict:
         naive_kernel = render(Schedule(op), target, name=kernel.name + "_naive")
         _status(f"building {op.kind} {op.shape_str} ({cfg.schedule}) and the naive kernel ...")
         built, naive_built = m.builder.build([kernel, naive_kernel])
-        results: list[MeasureResult] = []
-        for r in range(cfg.rounds):
-            _status(f"round {r + 1}/{cfg.rounds}: {cfg.schedule} alternating with {lib}")
-            if not built.ok:
-                results.append(MeasureResult.failure(built.error or "build failed", build_s=built.build_s))
-                break
-            results.append(m.runner.run(op, kernel, built.path, library=True))
-            if not results[-1].ok:
-                break
+        if built.ok:
+            _status(f"{cfg.rounds} rounds: {cfg.schedule} alternating with {lib}")
+            (final,) = compare_with_library(m.runner, op, [(kernel, built.path)], target, cfg.rounds)
+        else:
+            final = Comparison((MeasureResult.failure(built.error or "build failed", build_s=built.build_s),))
         if cfg.schedule == "naive":
-            naive = results[0]
+            naive = final.rounds[0]
         else:
             _status("timing the naive kernel ...")
             naive = (m.runner.run(op, naive_kernel, naive_built.path) if naive_built.ok else
@@ -133,20 +137,18 @@ def run(cfg: Config) -> dict:
         if cfg.export and built.ok:
             export_kernel(cfg.export, kernel, built.path, schedule, target)
 
-    ok = all(res.ok for res in results)
-    time_ms = statistics.median(res.time_ms for res in results) if ok else float("inf")
-    library_ms = statistics.median(statistics.median(r.library_times_ms) for r in results) if ok else None
-    fraction = statistics.median(statistics.median(r.library_times_ms) / r.time_ms for r in results) if ok else 0.0
+    ok, library_ms = final.ok, final.library_time_ms
     summary = {
         "op": op.kind, "shape": op.shape_str, "target": target.kind, "hardware": target.device,
-        "schedule": cfg.schedule, "time_ms": time_ms, "gflops": op.flops / time_ms / 1e6 if ok else 0.0,
-        "library": lib, "library_time_ms": library_ms,
+        "schedule": cfg.schedule, "time_ms": final.time_ms, "time_spread_ms": final.time_spread_ms,
+        "gflops": op.flops / final.time_ms / 1e6 if ok else 0.0,
+        "library": lib, "library_time_ms": library_ms, "library_spread_ms": final.library_spread_ms,
         "library_gflops": op.flops / library_ms / 1e6 if library_ms else None,
-        "fraction_of_library": fraction,
+        "fraction_of_library": final.fraction_of_library,
         "naive_time_ms": naive.time_ms,
-        "speedup_vs_naive": naive.time_ms / time_ms if ok and naive.ok else None,
-        "correct": ok, "error": next((res.error for res in results if not res.ok), None),
-        "build_s": built.build_s, "rounds": len(results),
+        "speedup_vs_naive": naive.time_ms / final.time_ms if ok and naive.ok else None,
+        "correct": ok, "error": final.error,
+        "build_s": built.build_s, "rounds": len(final.rounds),
     }
     _print_table(summary, cfg, op, target)
     return summary
@@ -162,6 +164,7 @@ def _print_table(s: dict, cfg: Config, op: Operator, target: Target) -> None:
     if s["correct"]:
         speed = f"{s['speedup_vs_naive']:.1f}x naive, " if s["speedup_vs_naive"] else ""
         print(f"{cfg.schedule}: {speed}{s['fraction_of_library']:.2f} of {s['library']} "
-              f"(median of {s['rounds']} rounds of alternating blocks)")
+              f"(median of {s['rounds']} rounds of alternating blocks; spread {s['time_spread_ms']:.3f} ms, "
+              f"{s['library']} {s['library_spread_ms']:.3f} ms)")
     else:
         print(f"{cfg.schedule} FAILED: {s['error']}")

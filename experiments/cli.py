@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "bench": "Measure one schedule against the naive kernel and the vendor library.",
     "costmodel": "Train the learned cost model from tuning logs.",
     "benchmark": "Run a benchmark suite and write its section of BENCHMARKS.md.",
+    "render": "Print the C or CUDA source a schedule generates (no hardware needed).",
     "convert-policy": "Convert an old pickled policy (.zip) you trust to weights + JSON.",
 }
 

@@ -24,8 +24,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
             kw["required"] = True
         else:
             kw["default"] = f.default
-            kw["help"] += f" (default: {f.default})"
-        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            if f.default is not None:
+                kw["help"] += f" (default: {f.default})"
+        type_name = f.type.split("|")[0].strip() if isinstance(f.type, str) else f.type.__name__
+        kind = {"int": int, "float": float}.get(type_name)
         if kind:
             kw["type"] = kind
         if "choices" in meta:

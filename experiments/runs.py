@@ -50,16 +50,26 @@ def load_config(run_dir: Path) -> dict:
     return saved
 
 
-def resumed_config(cfg: Any, keep: tuple[str, ...]) -> Any:
-    """The config saved in ``cfg.resume``, with the fields in ``keep`` (and ``resume``) taken
-    from ``cfg``, the command line. A run directory is data: only known settings are read."""
+def resumed_config(cfg: Any, keep: tuple[str, ...], identity: tuple[str, ...] = ("op",)) -> Any:
+    """The config saved in ``cfg.resume``, with the fields in ``keep`` that the command line
+    gives (not None) taken from it. Fields in ``identity`` (the op, the shape) may be left
+    out; given, they must match the run's. A run directory is data: only known settings
+    are read, and a run of another command is refused."""
     saved = load_config(Path(cfg.resume))
+    command = type(cfg).__module__.rsplit(".", 1)[-1]
     names = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(saved) - names)
     if unknown:
-        raise ValueError(f"{cfg.resume}/config.json has unknown settings: {', '.join(unknown)}")
+        raise ValueError(f"{cfg.resume} is not a {command} run (its config.json has settings {command} "
+                         f"does not know: {', '.join(unknown)})")
+    for name in identity:
+        given = getattr(cfg, name)
+        if given is not None and given != saved.get(name):
+            raise ValueError(f"--{name} {given} is not the run's ({saved.get(name)}); leave it out to resume "
+                             f"{cfg.resume}")
+    overrides = {k: getattr(cfg, k) for k in ("resume", *keep) if getattr(cfg, k) is not None}
     try:
-        return type(cfg)(**{**saved, **{k: getattr(cfg, k) for k in ("resume", *keep)}})
+        return type(cfg)(**{**saved, **overrides})
     except TypeError as e:
         raise ValueError(f"{cfg.resume}/config.json is incomplete ({e})") from None
 

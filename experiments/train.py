@@ -34,13 +34,14 @@ from kernels.target import get_target
 
 from . import pretrained
 from .config import field
+from .progress import Progress
 from .runs import ProgressLog, new_run_dir, resumed_config, save_config
 from .shapes import family
 
 
 @dataclass
 class Config:
-    op: str = field(help="operator", choices=list(OPERATORS))
+    op: str | None = field(None, help="operator (required, unless --resume)", choices=list(OPERATORS))
     target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
     shapes: str = field("default", help="shape family (its train split), or 'small' for quick runs")
     agent: str = field("ppo", help="the learning agent", choices=["ppo"])
@@ -66,19 +67,18 @@ class Config:
 
 def _callback(progress: ProgressLog, measurer: Measurer, total: int):
     from stable_baselines3.common.callbacks import BaseCallback
-    from tqdm import tqdm
 
     class SearchLogger(BaseCallback):
         """Logs measured episode results (search/*, step = hardware measurements) and a
         progress bar."""
 
         def _on_training_start(self) -> None:
-            self.bar = tqdm(total=total, initial=self.model.num_timesteps, unit="step", desc="train",
-                            file=sys.stderr, disable=None)
+            self.bar = Progress(total, "train", unit="step", initial=self.model.num_timesteps)
             self.best: dict[str, float] = {}
 
         def _on_step(self) -> bool:
-            self.bar.update(self.training_env.num_envs)
+            mean_best = sum(self.best.values()) / max(len(self.best), 1)
+            self.bar.update(self.training_env.num_envs, mean_best_speedup=f"{mean_best:.1f}")
             for info in self.locals.get("infos", []):
                 if "speedup" not in info:
                     continue
@@ -87,7 +87,6 @@ def _callback(progress: ProgressLog, measurer: Measurer, total: int):
                     self.best[shape] = max(self.best.get(shape, 0.0), info["speedup"])
                     self.logger.record_mean("search/episode_log_speedup", math.log(max(info["speedup"], 1e-9)))
                 mean_best = sum(self.best.values()) / max(len(self.best), 1)
-                self.bar.set_postfix(mean_best_speedup=f"{mean_best:.1f}")
                 progress.add(measurer.measured, **{"search/mean_best_speedup": mean_best,
                                                    "search/episode_speedup": info["speedup"]})
             return True
@@ -111,6 +110,8 @@ def _command(cfg: Config) -> str:
 def run(cfg: Config) -> dict:
     if cfg.resume:
         cfg = resumed_config(cfg, keep=("json", "timesteps", "cluster"))
+    if cfg.op is None:
+        raise ValueError("train needs --op (or --resume RUN_DIR)")
     if cfg.timesteps < 1:
         raise ValueError("--timesteps must be at least 1")
     target = get_target(cfg.target)

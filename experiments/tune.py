@@ -1,10 +1,13 @@
 """Tune one operator shape with at most --budget hardware measurements.
 
-Agents: ppo (a trained policy, zero-shot: no training on this shape; default the
-policy shipped for the op), random, filtered (random candidates, only the cost
-model's predicted best measured), anneal (simulated annealing guided by the
-learned cost model), beam (beam search ranked by the cost model). The naive kernel
-and the library are timed as references and do not count against the budget.
+Agents: evolve (default: Ansor's evolutionary search guided by the learned cost
+model; a shipped or given policy proposes its population, random rollouts where
+none exists), ppo (a trained policy's samples ranked by the cost model, zero-shot),
+and the baselines random, filtered (random candidates, the cost model's predicted
+best measured), anneal (simulated annealing guided by the cost model) and beam. The
+naive kernel, the expert schedule (unless --no-expert) and the library are timed as
+references outside the budget; the result is never slower than the naive kernel or
+the expert.
 
 Everything goes to runs/<op>-<target>-<agent>-<seed>-<time>/ (TensorBoard events,
 tuning.jsonl, progress.jsonl, summary.json, best_kernel.c or .cu). --resume RUN_DIR goes
@@ -23,15 +26,19 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from agents.search import AGENTS, Progress, Search
+from agents.search import AGENTS, Search
+from agents.search import Progress as SearchProgress
 from kernels.measure import cluster
-from kernels.measure.library import library_name, library_time_ms
 from kernels.measure import Measurer
+from kernels.experts import expert_schedule
+from kernels.measure.comparison import Comparison, compare_with_library
+from kernels.measure.library import library_name, library_time_ms
+from kernels.measure.runner import check_fits_in_memory
 from kernels.ir.ops import OPERATORS, make_op
 from kernels.codegen import render
 from kernels.ir.schedule import Schedule
@@ -40,27 +47,38 @@ from kernels.target import get_target
 from . import pretrained
 from .bench import export_kernel
 from .config import field
+from .progress import Progress
 from .runs import ProgressLog, new_run_dir, resumed_config, save_config
 
 
 @dataclass
 class Config:
-    op: str = field(help="operator", choices=list(OPERATORS))
-    shape: str = field(help="extents, e.g. 1024x1024x1024 or N,C,H,W,K,R,S[,stride[,pad]]")
+    op: str | None = field(None, help="operator (required, unless --resume)", choices=list(OPERATORS))
+    shape: str | None = field(None, help="extents, e.g. 1024x1024x1024 or N,C,H,W,K,R,S[,stride[,pad]] "
+                                         "(required, unless --resume)")
     target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
-    agent: str = field("ppo", help="search agent", choices=list(AGENTS))
-    policy: str | None = field(None, help="trained policy for --agent ppo: its .pt, with the .json beside it "
-                                          "(default: the shipped one)", metavar="PATH")
+    agent: str = field("evolve", help="search agent: evolve (evolutionary search guided by the cost model, "
+                                      "proposals from the policy where one exists), ppo (the policy's "
+                                      "samples ranked by the cost model), or a baseline", choices=list(AGENTS))
+    policy: str | None = field(None, help="trained policy for evolve and ppo: its .pt, with the .json beside it "
+                                          "(default: the shipped one, if any)", metavar="PATH")
+    no_expert: bool = field(False, help="leave the hand-written expert schedule out of the candidates "
+                                        "(an ablation: what the search finds alone)")
     cost_model: str | None = field(None, help="pre-trained cost model for ppo/anneal/beam "
                                               "(default: the shipped one)", metavar="PATH")
-    budget: int = field(64, help="hardware measurements the search may make")
+    budget: int | None = field(None, help="hardware measurements the search may make, in all "
+                                          "(default: 64, or the resumed run's)")
     seed: int = field(0, help="random seed")
     runs: str = field("runs", help="where run directories go")
     resume: str | None = field(None, help="continue the run in this directory", metavar="RUN_DIR")
     export: str | None = field(None, help="write the best kernel's .c, .so and .json here", metavar="DIR")
     cluster: str | None = field(None, help="measure on the Ray cluster at this address: auto, HEAD_IP:6379, "
                                            "or local (a throwaway one on this machine)", metavar="ADDRESS")
+    rounds: int = field(3, help="rounds of the final comparison with the library (alternating blocks)")
     json: bool = field(False, help="print one JSON object as the last line")
+
+
+DEFAULT_BUDGET = 64
 
 
 def _library_ms(op, measurer: Measurer) -> float:
@@ -75,21 +93,82 @@ def _library_ms(op, measurer: Measurer) -> float:
     return statistics.median(res.library_times_ms)
 
 
+def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]],
+                      expert: Schedule | None, rounds: int):
+    """The best kernel re-checked and re-timed against the library (and beside the expert
+    schedule, in the same rounds): ``(schedule, kernel, built, its comparison, the
+    expert's or None, the search's time of it, re-measured?)``.
+
+    The tuning log is data, not truth: a best that fails its re-check is dropped and the
+    next best takes its place. A final time that disagrees with the search's by more than
+    the spread (a machine loaded in one of the two) is measured once more, and said."""
+    extra = []
+    if expert is not None:
+        kernel = render(expert, target, name=f"{op.kind}_expert")
+        built = measurer.builder.build([kernel])[0]
+        extra = [(kernel, built.path)] if built.ok else []
+    for searched_ms, schedule in ranked:
+        kernel = render(schedule, target)
+        built = measurer.builder.build([kernel])[0]
+        if not built.ok:
+            continue
+        cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds)
+        remeasured = False
+        if cmp.ok and not cmp.agrees_with(searched_ms):
+            print(f"the final timing ({cmp.time_ms:.3f} ms) disagrees with the search's ({searched_ms:.3f} ms) "
+                  f"by more than its spread; measuring again", file=sys.stderr)
+            cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds)
+            remeasured = True
+        if cmp.ok:
+            return schedule, kernel, built, cmp, (rest[0] if rest else None), searched_ms, remeasured
+        print(f"warning: the best kernel of the search failed its final check ({cmp.error}); "
+              "taking the next", file=sys.stderr)
+    raise LookupError(f"no kernel passed the final check among {len(ranked)} correct measurements")
+
+
+def _expert(op, target) -> Schedule | None:
+    try:
+        return expert_schedule(op, target)
+    except ValueError:
+        return None
+
+
+def _ratio(slower: Comparison | None, faster: Comparison) -> float | None:
+    """Median over rounds of ``slower``'s time / ``faster``'s (timed in the same rounds)."""
+    if slower is None or not slower.ok:
+        return None
+    return statistics.median(a.time_ms / b.time_ms for a, b in zip(slower.rounds, faster.rounds))
+
+
+def _policy(cfg: Config, op, target):
+    """The policy for evolve (optional: none shipped means random proposals) and ppo (required)."""
+    if cfg.agent == "ppo" or (cfg.agent == "evolve" and cfg.policy):
+        return pretrained.load_policy(cfg.policy, op, target)
+    if cfg.agent == "evolve" and pretrained.policy_path(op.kind, target.kind).is_file():
+        return pretrained.load_policy(None, op, target)
+    return None
+
+
 def run(cfg: Config) -> dict:
     if cfg.resume:
-        cfg = resumed_config(cfg, keep=("json", "export", "cluster"))
+        cfg = resumed_config(cfg, keep=("json", "export", "cluster", "budget", "rounds"), identity=("op", "shape"))
+    if cfg.op is None or cfg.shape is None:
+        raise ValueError("tune needs --op and --shape (or --resume RUN_DIR)")
+    cfg = replace(cfg, budget=DEFAULT_BUDGET if cfg.budget is None else cfg.budget)
     if cfg.budget < 1:
         raise ValueError("--budget must be at least 1")
+    if cfg.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
     op = make_op(cfg.op, cfg.shape)
+    check_fits_in_memory(op)
     target = get_target(cfg.target)
-    policy = model = None
-    if cfg.agent == "ppo":
-        policy = pretrained.load_policy(cfg.policy, op, target)
-    if cfg.agent in ("ppo", "filtered", "anneal", "beam"):
+    policy = _policy(cfg, op, target)
+    model = None
+    if cfg.agent in ("evolve", "ppo", "filtered", "anneal", "beam"):
         model = pretrained.load_cost_model(cfg.cost_model, target, seed=cfg.seed)
+    expert = None if cfg.no_expert else _expert(op, target)
 
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
     backend = cluster.join(cfg.cluster, target) if cfg.cluster else None  # fails fast, before a run dir
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, op.kind, target.kind, cfg.agent, cfg.seed)
@@ -101,16 +180,14 @@ def run(cfg: Config) -> dict:
     with Measurer(target, backend and backend.builder, backend and backend.runner,
                   log=run_dir / "tuning.jsonl") as measurer:
         already = len(measurer.cache)
-        naive = measurer.measure_one(Schedule(op))
+        # references, outside the budget: the result is never slower than either
+        naive, expert_result = measurer.measure([Schedule(op), expert or Schedule(op)])
         # for the curve; the final figure times the library against the best kernel, in blocks
         library_ms_start = _library_ms(op, measurer)
-        bar = tqdm(total=cfg.budget, desc=f"{cfg.agent} {op.kind} {op.shape_str}", unit="meas",
-                   file=sys.stderr, disable=None)
-        lib_ms: list[float] = []
+        bar = Progress(cfg.budget, f"{cfg.agent} {op.kind} {op.shape_str}")
 
-        def on_progress(p: Progress) -> None:
-            bar.update(1)
-            bar.set_postfix(best_gflops=f"{p.best_gflops:.1f}")
+        def on_progress(p: SearchProgress) -> None:
+            bar.update(1, best_gflops=f"{p.best_gflops:.1f}")
             speedup = naive.time_ms / p.best_time_ms if naive.ok and p.best_time_ms < float("inf") else 0.0
             progress.add(p.measurements, **{"search/best_gflops": p.best_gflops, "search/best_speedup": speedup,
                                             "search/fraction_of_library": library_ms_start / p.best_time_ms,
@@ -120,38 +197,42 @@ def run(cfg: Config) -> dict:
         rng = np.random.default_rng(cfg.seed)
         AGENTS[cfg.agent](search, rng, model=model, policy=policy)
         bar.close()
-        if search.best is None:
+        ranked = sorted([(r.time_ms, search.schedules[k]) for k, r in search.measured.items() if r.ok]
+                        + [(r.time_ms, sch) for sch, r in ((Schedule(op), naive), (expert, expert_result))
+                           if sch is not None and r.ok], key=lambda x: x[0])
+        if not ranked:
             raise LookupError(f"no correct kernel in {len(search.measured)} measurements")
-
-        # the final comparison: best kernel and library, alternating in blocks
-        kernel = render(search.best, target)
-        built = measurer.builder.build([kernel])[0]
-        final = measurer.runner.run(op, kernel, built.path, library=True)
-        lib_ms = list(final.library_times_ms)
+        best, kernel, built, final, expert_final, searched_ms, remeasured = _final_comparison(
+            op, target, measurer, ranked, expert, cfg.rounds)
         if cfg.export:
-            export_kernel(cfg.export, kernel, built.path, search.best, target)
+            export_kernel(cfg.export, kernel, built.path, best, target)
     writer.close()
 
-    best = final if final.ok else search.best_result
-    library_ms = statistics.median(lib_ms) if lib_ms else None
+    library_ms = final.library_time_ms
     summary = {
         "op": op.kind, "shape": op.shape_str, "target": target.kind, "hardware": target.device,
         "agent": cfg.agent, "budget": cfg.budget, "measurements": len(search.measured),
         "resumed_records": already,
-        "time_ms": best.time_ms, "gflops": best.gflops,
+        "time_ms": final.time_ms, "time_spread_ms": final.time_spread_ms, "search_time_ms": searched_ms,
+        "gflops": op.flops / final.time_ms / 1e6,
         "library": library_name(op, target.kind), "library_time_ms": library_ms,
-        "library_gflops": op.flops / library_ms / 1e6 if library_ms else None,
-        "fraction_of_library": library_ms / best.time_ms if library_ms else None,
+        "library_spread_ms": final.library_spread_ms,
+        "library_gflops": op.flops / library_ms / 1e6,
+        "fraction_of_library": final.fraction_of_library, "rounds": len(final.rounds), "remeasured": remeasured,
+        "expert_gflops": op.flops / expert_final.time_ms / 1e6 if expert_final and expert_final.ok else None,
+        "fraction_of_expert": _ratio(expert_final, final),
         "naive_time_ms": naive.time_ms,
-        "speedup_vs_naive": naive.time_ms / best.time_ms if naive.ok else None,
-        "correct": True, "best_schedule": search.best.steps_json(),
+        "speedup_vs_naive": naive.time_ms / final.time_ms if naive.ok else None,
+        "correct": True, "best_schedule": best.steps_json(),
         "wall_s": search.history[-1].wall_s if search.history else 0.0, "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (run_dir / "best.json").write_text(json.dumps(search.best.to_json(), indent=2) + "\n")
+    (run_dir / "best.json").write_text(json.dumps(best.to_json(), indent=2) + "\n")
     (run_dir / f"best_kernel.{'cu' if kernel.is_cuda else 'c'}").write_text(kernel.source)
-    frac = f", {summary['fraction_of_library']:.2f} of {summary['library']}" if library_ms else ""
-    print(f"{op.kind} {op.shape_str}: best {best.gflops:.1f} GFLOPS ({best.time_ms:.3f} ms) after "
-          f"{summary['measurements']} measurements, {summary['speedup_vs_naive'] or 0:.1f}x naive{frac}")
+    print(f"{op.kind} {op.shape_str}: best {summary['gflops']:.1f} GFLOPS ({final.time_ms:.3f} ms, spread "
+          f"{final.time_spread_ms:.3f}) after {summary['measurements']} measurements, "
+          f"{summary['speedup_vs_naive'] or 0:.1f}x naive, {final.fraction_of_library:.2f} of {summary['library']}"
+          + (f", {summary['fraction_of_expert']:.2f} of the expert" if summary["fraction_of_expert"] else "")
+          + f" (median of {len(final.rounds)} rounds of alternating blocks)")
     print(f"best schedule: {run_dir / 'best.json'}; log: {run_dir / 'tuning.jsonl'}")
     return summary

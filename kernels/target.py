@@ -31,6 +31,15 @@ class Target:
     max_grid: tuple[int, ...] = ()   # blockIdx extents (x, y, z)
     tile_bytes: int = 0              # a thread's accumulator tile: beyond registers it spills
 
+    @property
+    def peak_gflops(self) -> float:
+        """An upper bound no kernel can beat: every lane doing two FMAs (four flops) a cycle
+        at 6 GHz on a CPU; 8192 flops a cycle per multiprocessor at 3 GHz on a GPU (above
+        Hopper's dense tensor cores). A timing above it is a measurement error."""
+        if self.kind == "cuda":
+            return self.sm_count * 8192 * 3.0
+        return self.cores * self.vector_lanes * 4 * 6.0
+
     def to_json(self) -> dict:
         """The fields, leaving out GPU limits that are unset, so a CPU target reads as before."""
         d = asdict(self)

@@ -17,6 +17,7 @@ are interchangeable.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -226,6 +227,7 @@ OPERATORS: dict[str, tuple[Callable[..., dict], tuple[str, ...], int]] = {
     "depthwise_conv2d": (_depthwise_conv2d, ("N", "C", "H", "W", "R", "S", "stride", "pad"), 2),
 }
 OPTIONAL_DEFAULTS = (1, 0)  # stride, pad
+MAX_ELEMENTS = 2 ** 31 - 1   # per tensor: generated code indexes with int
 
 
 def shape_help(kind: str) -> str:
@@ -264,4 +266,9 @@ def make_op(kind: str, shape: str | tuple[int, ...]) -> Operator:
     """The operator ``kind`` at ``shape`` (a shape string or a tuple of ints)."""
     values = parse_shape(kind, shape)
     builder = OPERATORS[kind][0]
-    return Operator(kind=kind, shape=values, **builder(*values))
+    op = Operator(kind=kind, shape=values, **builder(*values))
+    for t in op.tensors:
+        if math.prod(t.shape) > MAX_ELEMENTS:
+            raise OperatorError(f"{kind} {op.shape_str}: tensor {t.name} has {math.prod(t.shape):,} elements; "
+                                f"kernels index with 32-bit int, so at most {MAX_ELEMENTS:,}")
+    return op

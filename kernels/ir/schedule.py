@@ -214,11 +214,16 @@ class Step:
         expected = {f.name: f.type for f in fields(cls)}
         if set(args) != set(expected):
             raise ScheduleError(f"bad fields for {name}: needs {sorted(expected)}, got {sorted(args)}")
-        for k, v in args.items():  # lists become tuples; other values are checked by apply()
-            if expected[k].startswith("tuple"):
+        for k, v in args.items():  # types here; values are checked by apply()
+            kind = expected[k]
+            if kind.startswith("tuple"):
                 if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
                     raise ScheduleError(f"{name}.{k} must be a list of loop names, got {v!r}")
                 args[k] = tuple(v)
+            elif kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ScheduleError(f"{name}.{k} must be an integer, got {v!r}")
+            elif kind == "str" and not isinstance(v, str):
+                raise ScheduleError(f"{name}.{k} must be a string, got {v!r}")
         return cls(**args)
 
     def __str__(self) -> str:

@@ -73,6 +73,7 @@ def _probe(address: str) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(f"--cluster {address!r} is not auto, local or HOST:PORT")
+    deadline = time.monotonic() + PROBE_TIMEOUT_S   # for both probes together
     try:
         socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
     except OSError as e:
@@ -82,7 +83,7 @@ def _probe(address: str) -> None:
 
     channel = grpc.insecure_channel(f"{host}:{port}")
     try:
-        grpc.channel_ready_future(channel).result(timeout=PROBE_TIMEOUT_S)
+        grpc.channel_ready_future(channel).result(timeout=max(deadline - time.monotonic(), 0.1))
     except grpc.FutureTimeoutError:
         raise ClusterError(f"no Ray cluster answers at {address} (nothing accepted a gRPC connection "
                            f"within {PROBE_TIMEOUT_S:g} s); start one with `ray start --head` and pass "

@@ -57,8 +57,10 @@ class Measurer:
         """Fill the cache from ``log``; returns how many records were taken."""
         n = 0
         for r in log:
-            self.cache[r.key] = MeasureResult.from_record(r)
-            n += 1
+            res = MeasureResult.from_record(r)
+            if not res.transient:
+                self.cache[r.key] = res
+                n += 1
         return n
 
     def key(self, c: Candidate) -> MeasureKey:
@@ -100,7 +102,7 @@ class Measurer:
                 self.measured += 1
                 self.build_s += res.build_s
                 self.run_s += res.run_s
-                if self.use_cache:
+                if self.use_cache and not res.transient:
                     self.cache[mk] = res
                 if self.log is not None:
                     self.log.append(self.record(c, res))

@@ -49,6 +49,12 @@ class MeasureResult:
                 run_s: float = 0.0) -> "MeasureResult":
         return cls(False, math.inf, (), 0.0, correct, error, build_s, run_s)
 
+    @property
+    def transient(self) -> bool:
+        """A failure that a loaded machine can cause (a compile or run timeout): measured
+        again when next asked for, never remembered as the kernel's result."""
+        return not self.ok and (self.error or "").startswith(("compile timeout", "timeout after"))
+
     @classmethod
     def from_record(cls, r: TuningRecord) -> "MeasureResult":
         """A result recalled from a tuning log (nothing was spent on it now)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import select
 import statistics
@@ -26,6 +27,29 @@ from .check import RTOL
 from .result import MeasureResult
 
 logger = logging.getLogger(__name__)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new work (``MemAvailable``), or all of it if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_in_memory(op: Operator) -> None:
+    """Raise a one-line ``ValueError`` when measuring ``op`` cannot fit in this machine's
+    memory, before anything is compiled or written: the worker holds the inputs, a fresh
+    copy of each per kernel, the output and a float64 reference (about 20 bytes an element)."""
+    need = 20 * sum(math.prod(t.shape) for t in op.tensors)
+    have = available_memory()
+    if need > have:
+        raise ValueError(f"{op.kind} {op.shape_str} needs about {need / 2**30:.1f} GiB of memory to measure "
+                         f"(inputs, outputs and reference); {have / 2**30:.1f} GiB are available")
 
 
 class _Worker:
@@ -93,7 +117,7 @@ class Runner:
 
     def __init__(self, timeout_s: float = 60.0, repeats: int = 10, warmup: int = 1,
                  min_time_s: float = 1.0, seed: int = 0, rtol: float = RTOL,
-                 omp_stacksize: str = "16M", startup_timeout_s: float = 120.0):
+                 omp_stacksize: str = "16M", startup_timeout_s: float = 120.0, realtime: bool = True):
         self.timeout_s, self.repeats, self.warmup = timeout_s, max(1, repeats), warmup
         self.min_time_s, self.seed, self.rtol = min_time_s, seed, rtol
         # A search sets this to a multiple of its best time: a kernel whose check call is
@@ -101,6 +125,8 @@ class Runner:
         self.slow_cutoff_s: float | None = None
         self.omp_stacksize = omp_stacksize
         self.startup_timeout_s = startup_timeout_s   # also bounds preparing inputs
+        self.realtime = realtime  # time at real-time priority where allowed (worker.py says why)
+        self.realtime_denied = False
         self._worker: _Worker | None = None
         self.runs = 0             # kernels run so far
         self.workers_started = 0
@@ -113,6 +139,7 @@ class Runner:
         root = str(Path(__file__).resolve().parents[__name__.count(".")])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env["PYTHONSAFEPATH"] = "1"  # import this package, not whatever the cwd holds
+        env["SCHEDGYM_REALTIME"] = "1" if self.realtime else "0"
         return env
 
     def _ensure_worker(self) -> _Worker:
@@ -128,6 +155,10 @@ class Runner:
         if msg is None or msg.get("event") != "ready":
             w.kill()
             raise RuntimeError("measurement worker failed to start")
+        if self.realtime and not msg.get("realtime") and not self.realtime_denied:
+            self.realtime_denied = True
+            logger.warning("timing at normal priority (real-time priority is not allowed here): other "
+                           "processes on this machine can bend the figures")
         self._worker = w
         return w
 

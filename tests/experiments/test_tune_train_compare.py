@@ -46,6 +46,21 @@ def trained(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.parametrize("kind,shape", [("matmul", "12x20x8"), ("batch_matmul", "2x8x12x4"),
+                                        ("dense_bias_relu", "8x12x4"), ("conv2d", "1,3,7,7,4,3,3,2,1"),
+                                        ("depthwise_conv2d", "1,4,7,7,3,3,1,1")])
+def test_every_op_tunes_with_the_default_agent(kind, shape, tmp_path):
+    """The default search (evolve) needs no policy; the naive kernel and the expert are
+    measured too, and the result is never slower than the expert in the final rounds."""
+    out = last_json(cli("tune", "--op", kind, "--shape", shape, "--budget", "3", "--rounds", "1", "--json",
+                        cwd=tmp_path))
+    assert out["agent"] == "evolve" and out["correct"] and out["measurements"] <= 3
+    assert out["expert_gflops"] > 0 and out["fraction_of_expert"] > 0
+    records = [json.loads(l) for l in (tmp_path / out["run_dir"] / "tuning.jsonl").read_text().splitlines()]
+    assert [] in [r["schedule"] for r in records], "the naive kernel is always a candidate"
+    assert len(records) >= 2, "and so is the expert schedule"
+
+
 @pytest.mark.parametrize("agent", ["random", "anneal", "beam"])
 def test_tune_agents_with_a_tiny_budget(agent, tmp_path):
     out = last_json(cli("tune", "--op", "matmul", "--shape", "16x24x8", "--agent", agent, "--budget", "4",
@@ -83,18 +98,46 @@ def test_saved_policy_gives_the_same_greedy_schedule(trained):
 
 
 def test_resume_measures_nothing_twice(tmp_path):
-    first = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--agent", "random", "--budget", "3",
-                          "--json", cwd=tmp_path))
+    first = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--budget", "3", "--json",
+                          cwd=tmp_path))
     run_dir = tmp_path / first["run_dir"]
-    config = json.loads((run_dir / "config.json").read_text())
-    config["budget"] = 6  # the interrupted run had more budget than it used
-    (run_dir / "config.json").write_text(json.dumps(config))
-    second = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--resume", str(run_dir), "--json",
-                           cwd=tmp_path))
+    # no --op/--shape needed; a new --budget is honoured (it counts the run's measurements too)
+    second = last_json(cli("tune", "--resume", str(run_dir), "--budget", "6", "--json", cwd=tmp_path))
     assert second["measurements"] == 6 and second["resumed_records"] >= 3
+    assert json.loads((run_dir / "config.json").read_text())["budget"] == 6
     keys = [json.dumps(json.loads(l)["schedule"], sort_keys=True)
             for l in (run_dir / "tuning.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)), "a schedule was measured twice"
+
+
+def test_resume_refuses_another_shape_or_command(trained, tmp_path):
+    run_dir = tmp_path / last_json(cli("tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "random",
+                                       "--budget", "1", "--json", cwd=tmp_path))["run_dir"]
+    assert "is not the run's" in one_error_line(cli("tune", "--resume", str(run_dir), "--shape", "9x9x9",
+                                                    cwd=tmp_path))
+    assert "is not a tune run" in one_error_line(cli("tune", "--resume", str(trained), cwd=tmp_path))
+    assert "is not a train run" in one_error_line(cli("train", "--resume", str(run_dir), cwd=tmp_path))
+    (run_dir / "config.json").write_text("[]")
+    assert "not a JSON object" in one_error_line(cli("tune", "--resume", str(run_dir), cwd=tmp_path))
+
+
+@pytest.mark.parametrize("shape,why", [("100000x100000x100000", "32-bit int"),
+                                       ("40000x40000x40000", "GiB of memory")])
+def test_too_large_shape_is_one_line_before_a_run_directory(tmp_path, shape, why):
+    assert why in one_error_line(cli("tune", "--op", "matmul", "--shape", shape, "--agent", "random",
+                                     cwd=tmp_path))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_piped_tune_prints_progress_and_honest_final_figures(tmp_path):
+    """stderr is a pipe here, as in CI: progress comes as lines, and the final figure is a
+    median over rounds with its spread, from a re-check of the best kernel."""
+    proc = cli("tune", "--op", "matmul", "--shape", "32x32x32", "--agent", "random", "--budget", "3",
+               "--rounds", "2", "--json", cwd=tmp_path)
+    out = last_json(proc)
+    assert "random matmul 32x32x32: 3/3 meas" in proc.stderr
+    assert out["rounds"] == 2 and out["time_spread_ms"] >= 0 and out["library_spread_ms"] >= 0
+    assert out["gflops"] == pytest.approx(2 * 32 ** 3 / out["time_ms"] / 1e6)
 
 
 def test_compare_writes_png_and_table(tmp_path):

@@ -109,6 +109,18 @@ def test_infinite_loop_times_out(builder):
         assert good.ok
 
 
+def test_a_timeout_is_measured_again_not_remembered(builder, tmp_path):
+    """A loaded machine can time a kernel out: the log keeps the attempt, but neither the
+    cache nor a resumed run takes it as the kernel's result."""
+    log = tmp_path / "log.jsonl"
+    with Runner(timeout_s=1, min_time_s=0.05) as runner:
+        m = Measurer(cpu_target(), builder=builder, runner=runner, log=log)
+        assert m.measure_one(Candidate(OP, key(4), LOOP)).transient
+        assert m.measure_one(Candidate(OP, key(4), LOOP)).transient and m.measured == 2
+    assert len(log.read_text().splitlines()) == 2
+    assert Measurer(cpu_target(), builder=builder, log=log).cache == {}
+
+
 @pytest.mark.parametrize("k, what", [(ZEROS, "wrong result: max rel err"),
                                      (NOTHING, "wrong result: NaN"),
                                      (WRITES_INPUT, "wrong result: kernel wrote to input A")])

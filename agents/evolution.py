@@ -1,0 +1,207 @@
+"""Evolutionary search guided by the cost model (Ansor's method), the default search.
+
+A population of schedules is seeded from the proposal distribution (a trained
+policy's samples, or random rollouts where no policy exists), the expert schedule
+and the best records already measured (a resumed run's tuning log). Each round it
+evolves for a few generations: parents are drawn from the predicted best, children
+are made by mutating one step's parameters (another split or tile factor, two loops
+of a reorder swapped, a cache anchor moved, an unroll/vectorize toggled or moved,
+another loop made parallel or bound) or by crossing two parents' step sequences.
+Every child is replayed through the schedule IR and checked against the target's
+rules: an illegal child is dropped, never measured. The cost model ranks the
+population; its predicted best plus a few random children are measured, and the
+model learns from every batch. The policy proposes; the search decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable, Sequence
+
+import numpy as np
+
+from envs.actions import MAX_LOOPS
+from kernels.codegen.rules import check_for_target
+from kernels.ir.schedule import (Bind, CacheRead, CacheWrite, Fuse, Parallel, Reorder, Schedule, ScheduleError,
+                                 Split, Step, Tile, Unroll, Vectorize)
+from kernels.target import Target
+
+FACTORS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # split and tile factors a mutation draws from
+
+
+def legal(op, steps: Sequence[Step], target: Target) -> Schedule | None:
+    """The schedule ``steps`` build, if every step applies, the target's rules hold and the
+    nest fits the observation (at most ``MAX_LOOPS`` loops, as for any env schedule)."""
+    s = Schedule(op)
+    try:
+        for step in steps:
+            s = s.apply(step)
+        if s.steps:
+            check_for_target(s, target)
+    except ScheduleError:
+        return None
+    return s if len(s.nest.loops) <= MAX_LOOPS else None
+
+
+def _factor(extent: int, current: int, rng: np.random.Generator) -> int | None:
+    """Another factor for a loop of ``extent``: a listed one or a divisor, below the extent."""
+    options = sorted({f for f in FACTORS if f < extent} | {d for d in range(2, min(extent, 65)) if extent % d == 0})
+    options = [f for f in options if f != current]
+    return int(rng.choice(options)) if options else None
+
+
+def mutate(schedule: Schedule, target: Target, rng: np.random.Generator, tries: int = 8) -> Schedule | None:
+    """One step of ``schedule`` changed (or one annotation added or dropped); None when no
+    legal child came out of ``tries`` attempts."""
+    steps = list(schedule.steps)
+    if not steps:
+        return None
+    for _ in range(tries):
+        i = int(rng.integers(len(steps)))
+        before = Schedule(schedule.op, tuple(steps[:i])).nest
+        names = [l.name for l in before.loops]
+        new = _mutate_step(steps[i], before, names, rng)
+        if new is _DROP:
+            child = steps[:i] + steps[i + 1:]
+        elif new is None:
+            continue
+        else:
+            child = steps[:i] + [new] + steps[i + 1:]
+        if rng.random() < 0.2:   # also add an annotation on a loop of the final nest
+            child = child + [_annotation(schedule.nest, target, rng)]
+        s = legal(schedule.op, child, target)
+        if s is not None and s.key() != schedule.key():
+            return s
+    return None
+
+
+_DROP = object()
+
+
+def _mutate_step(step: Step, nest, names: list[str], rng: np.random.Generator):
+    """A changed copy of ``step`` as it applies to ``nest`` (the nest before it), ``_DROP``
+    to remove it, or None when this step has nothing to change."""
+    extent = {l.name: l.extent for l in nest.loops}
+    if isinstance(step, Split) and step.loop in extent:
+        f = _factor(extent[step.loop], step.factor, rng)
+        return None if f is None else dataclasses.replace(step, factor=f)
+    if isinstance(step, Tile) and step.outer in extent and step.inner in extent:
+        if rng.random() < 0.5:
+            f = _factor(extent[step.outer], step.outer_factor, rng)
+            return None if f is None else dataclasses.replace(step, outer_factor=f)
+        f = _factor(extent[step.inner], step.inner_factor, rng)
+        return None if f is None else dataclasses.replace(step, inner_factor=f)
+    if isinstance(step, Reorder) and len(step.order) >= 2:
+        order = list(step.order)
+        a, b = rng.choice(len(order), 2, replace=False)
+        order[a], order[b] = order[b], order[a]
+        return Reorder(tuple(order))
+    if isinstance(step, (CacheWrite, CacheRead, Parallel, Bind)):   # the anchor or the loop moves
+        return dataclasses.replace(step, loop=str(rng.choice(names)))
+    if isinstance(step, (Unroll, Vectorize)):
+        return _DROP if rng.random() < 0.5 else dataclasses.replace(step, loop=str(rng.choice(names)))
+    if isinstance(step, Fuse):
+        return _DROP
+    return None
+
+
+def _annotation(nest, target: Target, rng: np.random.Generator) -> Step:
+    loop = str(rng.choice([l.name for l in nest.loops]))
+    kinds = [Unroll, Vectorize] + ([Parallel] if target.kind == "cpu" else [])
+    return kinds[int(rng.integers(len(kinds)))](loop)
+
+
+def crossover(a: Schedule, b: Schedule, target: Target, rng: np.random.Generator) -> Schedule | None:
+    """A prefix of ``a``'s steps followed by a suffix of ``b``'s (one point each); None
+    when the steps do not fit together."""
+    if not a.steps or not b.steps:
+        return None
+    i = int(rng.integers(1, len(a.steps) + 1))
+    j = int(rng.integers(0, len(b.steps)))
+    s = legal(a.op, a.steps[:i] + b.steps[j:], target)
+    return s if s is not None and s.key() not in (a.key(), b.key()) else None
+
+
+def measured_seeds(search, k: int) -> list[Schedule]:
+    """The ``k`` fastest correct schedules the measurer already holds for this operator
+    (a resumed run's tuning log, or earlier measurements)."""
+    op, t = search.op, search.target
+    found = []
+    for key, res in list(search.measurer.cache.items()):
+        kind, shape, schedule, target_kind, device, _ = key
+        if res.ok and kind == op.kind and tuple(shape) == op.shape and target_kind == t.kind and device == t.device:
+            found.append((res.time_ms, schedule))
+    out = []
+    for _, schedule in sorted(found, key=lambda x: x[0])[:k]:
+        try:
+            steps = json.loads(schedule)
+            s = Schedule.from_json({"steps": steps}, search.op) if isinstance(steps, list) else None
+        except (ValueError, ScheduleError):
+            s = None
+        if s is not None:
+            out.append(s)
+    return out
+
+
+def evolve(population: list[Schedule], model, target: Target, rng: np.random.Generator,
+           generations: int, size: int, crossover_rate: float = 0.3) -> list[Schedule]:
+    """``generations`` rounds of children from the predicted best half; the population
+    that comes out is the predicted best ``size`` of all seen, distinct."""
+    pool = {s.key(): s for s in population}
+    for _ in range(generations):
+        ranked = _rank(list(pool.values()), model)
+        parents = ranked[:max(2, len(ranked) // 2)]
+        for _ in range(size):
+            a = parents[int(rng.integers(len(parents)))]
+            if rng.random() < crossover_rate and len(parents) > 1:
+                child = crossover(a, parents[int(rng.integers(len(parents)))], target, rng)
+            else:
+                child = mutate(a, target, rng)
+            if child is not None:
+                pool.setdefault(child.key(), child)
+        pool = {s.key(): s for s in _rank(list(pool.values()), model)[:size]}
+    return list(pool.values())
+
+
+def _rank(schedules: list[Schedule], model) -> list[Schedule]:
+    """Predicted fastest first."""
+    return [schedules[i] for i in model.rank(schedules)]
+
+
+def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[int], list[Schedule]],
+                  population: int = 64, generations: int = 4, batch: int = 8, explore: int = 2,
+                  local: int = 3, fresh: int = 8) -> None:
+    """Measure, round after round, the predicted best of an evolving population.
+
+    ``propose(n)`` draws ``n`` new schedules (policy samples or random rollouts): a whole
+    population at the start, ``fresh`` more each round; the measured best join each round.
+    Of each batch, ``local`` are the predicted best mutants of the fastest kernel so far
+    (a local search around the incumbent, the expert's included), ``explore`` are random
+    members of the population, and the rest its predicted best.
+    """
+    pop = propose(population)
+    stale = 0
+    while search.left > 0 and stale < 20:
+        best = measured_seeds(search, population // 4)
+        pop = evolve([*pop, *best], model, search.target, rng, generations, population)
+        n = min(batch, search.left)
+        picks: dict[str, Schedule] = {}
+
+        def take(schedules: list[Schedule], k: int) -> None:
+            for s in schedules:
+                if len(picks) >= k:
+                    return
+                if s.key() not in search.measured:
+                    picks.setdefault(s.key(), s)
+
+        if best:
+            mutants = [m for m in (mutate(best[0], search.target, rng) for _ in range(4 * population)) if m]
+            take(_rank(list({m.key(): m for m in mutants}.values()), model), min(local, n))
+        take(pop, max(n - explore, 1))
+        rest = [s for s in pop if s.key() not in search.measured and s.key() not in picks]
+        take([rest[i] for i in rng.permutation(len(rest))], n)
+        pairs = search.measure(list(picks.values()))
+        stale = 0 if pairs else stale + 1
+        model.update([(s, r.time_ms / 1e3) for s, r in pairs if r.ok])
+        pop += propose(fresh)

@@ -1,0 +1,86 @@
+"""The figure a user reads: a kernel against the vendor library, over several rounds.
+
+Each round times the kernel and the library in alternating blocks in one worker
+(``Runner.run(..., library=True)``), so a machine whose speed drifts slows both
+alike; the figures are medians over rounds, reported with their spread (max - min of
+the rounds' medians), so a reader sees how far to trust them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from ..codegen.kernel import Kernel
+from ..ir.ops import Operator
+from ..target import Target
+from .result import MeasureResult, RunnerProtocol
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rounds: tuple[MeasureResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rounds) and all(r.ok for r in self.rounds)
+
+    @property
+    def error(self) -> str | None:
+        return next((r.error for r in self.rounds if not r.ok), None if self.rounds else "not measured")
+
+    def _kernel_ms(self) -> list[float]:
+        return [r.time_ms for r in self.rounds]
+
+    def _library_ms(self) -> list[float]:
+        return [statistics.median(r.library_times_ms) for r in self.rounds]
+
+    @property
+    def time_ms(self) -> float:
+        return statistics.median(self._kernel_ms()) if self.ok else float("inf")
+
+    @property
+    def time_spread_ms(self) -> float:
+        return max(self._kernel_ms()) - min(self._kernel_ms()) if self.ok else float("inf")
+
+    @property
+    def library_time_ms(self) -> float | None:
+        return statistics.median(self._library_ms()) if self.ok else None
+
+    @property
+    def library_spread_ms(self) -> float | None:
+        return max(self._library_ms()) - min(self._library_ms()) if self.ok else None
+
+    @property
+    def fraction_of_library(self) -> float:
+        """Median over rounds of library time / kernel time (each round's pair timed together)."""
+        if not self.ok:
+            return 0.0
+        return statistics.median(lib / r.time_ms for lib, r in zip(self._library_ms(), self.rounds))
+
+    def agrees_with(self, time_ms: float) -> bool:
+        """Whether an earlier measurement of the same kernel lies within this one's spread
+        (or within 10%, for spreads that small rounds underestimate)."""
+        return abs(time_ms - self.time_ms) <= max(self.time_spread_ms, 0.1 * self.time_ms)
+
+
+class ImpossibleTiming(ValueError):
+    """A kernel timed faster than the machine's peak: a measurement error, never a result."""
+
+
+def compare_with_library(runner: RunnerProtocol, op: Operator, kernels: list[tuple[Kernel, str]],
+                         target: Target, rounds: int = 3) -> list[Comparison]:
+    """One Comparison per (kernel, built path): ``rounds`` rounds, each timing every kernel
+    in turn against the library, so figures of the kernels compare within one run too. A
+    kernel that fails stops being timed."""
+    results: list[list[MeasureResult]] = [[] for _ in kernels]
+    for _ in range(rounds):
+        for (kernel, path), done in zip(kernels, results):
+            if done and not done[-1].ok:
+                continue
+            done.append(runner.run(op, kernel, path, library=True))
+            gflops = op.flops / done[-1].time_ms / 1e6
+            if done[-1].ok and gflops > target.peak_gflops:
+                raise ImpossibleTiming(f"{kernel.name} timed at {gflops:.0f} GFLOPS, above this machine's "
+                                       f"peak of {target.peak_gflops:.0f}: the timing is wrong")
+    return [Comparison(tuple(r)) for r in results]

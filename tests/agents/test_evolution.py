@@ -1,0 +1,113 @@
+"""The evolutionary search: children stay legal, seeds are measured, resume replays."""
+
+from __future__ import annotations
+
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+from agents.evolution import crossover, legal, measured_seeds, mutate
+from agents.rollout import RandomDraw, rollout
+from agents.search import AGENTS, P_DONE, Search
+from envs.actions import ActionTable
+from kernels.codegen import render
+from kernels.codegen.rules import check_for_target
+from kernels.ir.ops import make_op
+from kernels.ir.schedule import Split, Unroll
+from kernels.measure import MeasureResult
+from kernels.measure.tuning_log import measure_key
+from kernels.target import cpu_target, cuda_target_for_compile
+
+SHAPES = {"matmul": "24x40x16", "batch_matmul": "3x12x20x8", "dense_bias_relu": "20x36x12",
+          "conv2d": "1,6,10,10,8,3,3,2,1", "depthwise_conv2d": "1,8,11,11,3,3,1,1"}
+TARGETS = {"cpu": cpu_target(), "cuda": cuda_target_for_compile()}
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_mutation_and_crossover_keep_schedules_legal(kind, target):
+    """Random parents, many children: every child replays, passes the target's rules and renders."""
+    op, t = make_op(kind, SHAPES[kind]), TARGETS[target]
+    table = ActionTable(op, t)
+    rng = np.random.default_rng(0)
+    parents = [rollout(op, table, RandomDraw(rng, p_done=P_DONE)).schedule for _ in range(12)]
+    children = []
+    for _ in range(60):
+        a, b = parents[int(rng.integers(len(parents)))], parents[int(rng.integers(len(parents)))]
+        child = mutate(a, t, rng) if rng.random() < 0.6 else crossover(a, b, t, rng)
+        if child is not None:
+            children.append(child)
+    assert len(children) >= 20, "mutation and crossover should mostly succeed"
+    for child in children:
+        assert legal(op, child.steps, t) is not None
+        check_for_target(child, t)
+        render(child, t)
+
+
+def test_an_illegal_child_is_dropped():
+    op = make_op("matmul", "16x16x16")
+    s = legal(op, (), cpu_target())
+    assert s is not None and not s.steps
+    assert legal(op, (Split("i", 4), Unroll("nope")), cpu_target()) is None
+
+
+class _FakeMeasurer:
+    """Times are a function of the schedule, nothing is compiled; a cache like the real one."""
+
+    def __init__(self, target):
+        self.target = target
+        self.cache = {}
+        self.runner = types.SimpleNamespace(slow_cutoff_s=None)
+
+    def measure(self, schedules):
+        out = []
+        for s in schedules:
+            render(s, self.target)
+            key = measure_key(s.op.kind, s.op.shape, s.steps_json(), self.target.kind, self.target.device,
+                              self.target.compiler)
+            t = 0.1 + zlib.crc32(s.key().encode()) % 1000 / 100
+            self.cache.setdefault(key, MeasureResult(True, t, (t,), s.op.flops / t / 1e6, True, None))
+            out.append(self.cache[key])
+        return out
+
+
+@pytest.fixture
+def fake_measurer():
+    return _FakeMeasurer(cpu_target())
+
+
+class _Model:
+    """A stand-in cost model: fewer steps predicted faster; records what it learns."""
+
+    def __init__(self):
+        self.updates = 0
+
+    def predict(self, schedules):
+        return np.array([-len(s.steps) for s in schedules], dtype=float)
+
+    def rank(self, schedules, k=None):
+        return [int(i) for i in np.argsort(self.predict(schedules), kind="stable")[:k]]
+
+    def update(self, pairs):
+        self.updates += len(pairs)
+
+
+def test_evolve_spends_the_budget_on_distinct_legal_schedules(fake_measurer):
+    op = make_op("matmul", "32x32x32")
+    model = _Model()
+    search = Search(op, cpu_target(), fake_measurer, budget=20)
+    AGENTS["evolve"](search, np.random.default_rng(0), model=model)
+    assert len(search.measured) == 20 and model.updates > 0
+    assert len(set(search.measured)) == 20
+
+
+def test_measured_seeds_come_from_the_measurers_cache(fake_measurer):
+    op = make_op("matmul", "32x32x32")
+    search = Search(op, cpu_target(), fake_measurer, budget=6)
+    AGENTS["random"](search, np.random.default_rng(1))
+    again = Search(op, cpu_target(), fake_measurer, budget=6)
+    seeds = measured_seeds(again, 3)
+    times = sorted(r.time_ms for r in search.measured.values() if r.ok)[:3]
+    assert [r.time_ms for r in fake_measurer.measure(seeds)] == times
