@@ -5,6 +5,9 @@ Every agent proposes candidate schedules and spends measurements through one
 best correct kernel and reports progress with the number of measurements as the
 step, so curves of different agents compare directly. Agents:
 
+- ``evolve`` (tune's default): evolutionary search guided by the cost model
+  (``agents/evolution.py``), its population proposed by a trained policy's rollouts
+  where there is one, random rollouts otherwise.
 - ``random``: random masked rollouts of the environment's actions.
 - ``filtered``: random rollouts too, but only the cost model's predicted best of
   each batch are measured (and the model learns from them).
@@ -13,7 +16,7 @@ step, so curves of different agents compare directly. Agents:
   schedules are measured, the model is updated with the results.
 - ``beam``: beam search over actions; the cost model ranks children, the top of each
   beam level is measured and fed back.
-- ``policy``: a trained policy's rollouts (sampled), ranked by the cost model, the
+- ``ppo``: a trained policy's rollouts (sampled), ranked by the cost model, the
   top measured; zero-shot, no training on the shape. Budget 1 measures only its
   greedy schedule.
 
