@@ -166,9 +166,7 @@ def evolve(population: list[Schedule], model, target: Target, rng: np.random.Gen
 
 def _rank(schedules: list[Schedule], model) -> list[Schedule]:
     """Predicted fastest first."""
-    if not schedules:
-        return []
-    return [schedules[i] for i in np.argsort(model.predict(schedules), kind="stable")]
+    return [schedules[i] for i in model.rank(schedules)]
 
 
 def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[int], list[Schedule]],

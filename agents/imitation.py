@@ -11,41 +11,31 @@ import logging
 
 import numpy as np
 
-from envs.actions import ActionTable, NestInfo
-from envs.features import featurize
+from envs.actions import ActionTable
 from kernels.experts import expert_schedule
 from kernels.ir.ops import make_op
-from kernels.ir.schedule import Schedule, ScheduleError
+from kernels.ir.schedule import ScheduleError
+
+from .rollout import ReplayDraw, rollout
 
 logger = logging.getLogger(__name__)
 
 
 def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: int):
     """(observations, masks, actions) of each shape's expert schedule replayed as actions."""
-    obs, masks, actions = [], [], []
+    decisions = []
     for shape in shapes:
         op = make_op(op_kind, shape)
         table = ActionTable(op, target)
-        s = Schedule(op)
-        last = None
         try:
             replay = table.actions_for(expert_schedule(op, target))
         except ScheduleError as e:
             logger.warning("imitation: the expert schedule of %s %s has no action sequence (%s); skipped",
                            op_kind, shape, e)
             continue
-        for step, a in enumerate(replay[:max_steps]):
-            info = NestInfo(op, s.nest)
-            mask = table.mask(info, last, steps_left=max_steps - step)
-            if not mask[a]:
-                break
-            obs.append(featurize(op, info, target, step / max_steps))
-            masks.append(mask)
-            actions.append(a)
-            if a != table.done:
-                s = s.apply(table.to_step(a, s.nest))
-                last = a
-    return np.array(obs), np.array(masks), np.array(actions)
+        decisions += rollout(op, table, ReplayDraw(replay), max_steps, observe=True).decisions
+    return (np.array([d.observation for d in decisions]), np.array([d.mask for d in decisions]),
+            np.array([d.action for d in decisions]))
 
 
 def imitate(agent, demos, epochs: int, seed: int) -> float:

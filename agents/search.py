@@ -5,6 +5,9 @@ Every agent proposes candidate schedules and spends measurements through one
 best correct kernel and reports progress with the number of measurements as the
 step, so curves of different agents compare directly. Agents:
 
+- ``evolve`` (tune's default): evolutionary search guided by the cost model
+  (``agents/evolution.py``), its population proposed by a trained policy's rollouts
+  where there is one, random rollouts otherwise.
 - ``random``: random masked rollouts of the environment's actions.
 - ``filtered``: random rollouts too, but only the cost model's predicted best of
   each batch are measured (and the model learns from them).
@@ -13,12 +16,17 @@ step, so curves of different agents compare directly. Agents:
   schedules are measured, the model is updated with the results.
 - ``beam``: beam search over actions; the cost model ranks children, the top of each
   beam level is measured and fed back.
-- ``policy``: a trained policy's rollouts (sampled), ranked by the cost model, the
+- ``ppo``: a trained policy's rollouts (sampled), ranked by the cost model, the
   top measured; zero-shot, no training on the shape. Budget 1 measures only its
   greedy schedule.
 
 Seeded agents are deterministic given the same measurement results, so a search
 resumed from its tuning log replays the measured part from the cache and goes on.
+
+Candidates come from ``agents.rollout`` (random, policy or replayed rollouts of the
+environment's actions); the cost model orders them with its ``rank``. A new agent is
+one function ``search_NAME(search, rng, model=, policy=, **_)`` here, added to
+:data:`AGENTS` (``tune --agent NAME`` then offers it).
 """
 
 from __future__ import annotations
@@ -30,16 +38,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from envs import MAX_STEPS
 from envs.actions import ActionTable, NestInfo
-from envs.features import featurize
 from kernels.measure import Measurer, MeasureResult
 from kernels.ir.ops import Operator
 from kernels.ir.schedule import Schedule
 from kernels.target import Target
 
 from .evolution import search_evolve
+from .rollout import PolicyDraw, RandomDraw, Rollout, allowed, rollout
 
-MAX_STEPS = 32  # actions per rollout, as in the environment
+P_DONE = 0.05  # random candidates stop with this probability per step, wherever done is allowed
 SLOW_FACTOR = 10  # kernels this much slower than the best so far are timed by one call
 
 
@@ -99,48 +108,6 @@ class Search:
         return list(zip(batch, results))
 
 
-# ---------------------------------------------------------------- rollouts
-
-def rollout(op: Operator, table: ActionTable, rng: np.random.Generator, max_steps: int = MAX_STEPS,
-            p_done: float = 0.05, prefix: Sequence[int] = ()) -> tuple[Schedule, list[int]]:
-    """A random masked rollout (after replaying ``prefix``) that stops, with probability
-    ``p_done`` per step, wherever ``done`` is allowed: the schedule and its actions."""
-    s = Schedule(op)
-    actions: list[int] = []
-    for a in prefix:
-        s = s.apply(table.to_step(a, s.nest))
-        actions.append(a)
-    while True:
-        mask = table.mask(NestInfo(op, s.nest), actions[-1] if actions else None,
-                          steps_left=max_steps - len(actions))
-        can_stop = mask[table.done]
-        mask[table.done] = False
-        if not mask.any() or (can_stop and rng.random() < p_done):
-            break
-        a = int(rng.choice(np.flatnonzero(mask)))
-        s = s.apply(table.to_step(a, s.nest))
-        actions.append(a)
-    return s, actions
-
-
-def policy_rollout(op: Operator, table: ActionTable, policy, target: Target, deterministic: bool,
-                   max_steps: int = MAX_STEPS) -> tuple[Schedule, list[int]]:
-    """Roll out a MaskablePPO-style policy (``predict(obs, action_masks=, deterministic=)``)."""
-    s = Schedule(op)
-    actions: list[int] = []
-    for step in range(max_steps - 1):
-        info = NestInfo(op, s.nest)
-        mask = table.mask(info, actions[-1] if actions else None, steps_left=max_steps - step)
-        obs = featurize(op, info, target, step / max_steps)
-        a, _ = policy.predict(obs, action_masks=mask, deterministic=deterministic)
-        a = int(a)
-        if a == table.done:
-            break
-        s = s.apply(table.to_step(a, s.nest))
-        actions.append(a)
-    return s, actions
-
-
 # ---------------------------------------------------------------- agents
 
 def _feedback(model, pairs) -> None:
@@ -149,44 +116,45 @@ def _feedback(model, pairs) -> None:
 
 
 def search_random(search: Search, rng: np.random.Generator, batch: int = 8, **_) -> None:
-    table = ActionTable(search.op, search.target)
+    table, explore = ActionTable(search.op, search.target), RandomDraw(rng, p_done=P_DONE)
     stale = 0
     while search.left > 0 and stale < 50:
-        cands = [rollout(search.op, table, rng)[0] for _ in range(min(batch, search.left))]
+        cands = [rollout(search.op, table, explore).schedule for _ in range(min(batch, search.left))]
         stale = 0 if search.measure(cands) else stale + 1
 
 
 def search_anneal(search: Search, rng: np.random.Generator, model, batch: int = 8, chains: int = 8,
                   chain_steps: int = 20, temperature: float = 0.5, **_) -> None:
     """Simulated annealing on predicted log time; measure each round's predicted best."""
-    table = ActionTable(search.op, search.target)
-    points = [rollout(search.op, table, rng) for _ in range(chains)]
+    table, explore = ActionTable(search.op, search.target), RandomDraw(rng, p_done=P_DONE)
+    points = [rollout(search.op, table, explore) for _ in range(chains)]
     stale = 0
     while search.left > 0 and stale < 50:
-        scores = model.predict([s for s, _ in points])
-        seen: dict[str, tuple[float, Schedule]] = {}
+        scores = model.predict([p.schedule for p in points])
+        seen: dict[str, Schedule] = {}
         for step in range(chain_steps):
             t = temperature * (1 - step / chain_steps) + 1e-3
-            proposals = [_mutate(search.op, table, acts, rng) for _, acts in points]
-            new_scores = model.predict([s for s, _ in proposals])
+            proposals = [_mutate(search.op, table, p.actions, explore, rng) for p in points]
+            new_scores = model.predict([p.schedule for p in proposals])
             for i, (p, ns) in enumerate(zip(proposals, new_scores)):
                 if ns < scores[i] or rng.random() < math.exp((scores[i] - ns) / t):
                     points[i], scores[i] = p, ns
-                seen.setdefault(p[0].key(), (float(ns), p[0]))
-        ranked = sorted((v for k, v in seen.items() if k not in search.measured), key=lambda v: v[0])
+                seen.setdefault(p.schedule.key(), p.schedule)
+        fresh = [s for k, s in seen.items() if k not in search.measured]
         # mostly exploit the model, keep a little exploration (AutoTVM's epsilon-greedy)
         n_explore = max(1, batch // 8)
-        picks = [s for _, s in ranked[:batch - n_explore]]
-        picks += [rollout(search.op, table, rng)[0] for _ in range(n_explore)]
+        picks = [fresh[i] for i in model.rank(fresh, batch - n_explore)]
+        picks += [rollout(search.op, table, explore).schedule for _ in range(n_explore)]
         pairs = search.measure(picks)
         stale = 0 if pairs else stale + 1
         _feedback(model, pairs)
 
 
-def _mutate(op: Operator, table: ActionTable, actions: list[int], rng: np.random.Generator):
+def _mutate(op: Operator, table: ActionTable, actions: list[int], draw: RandomDraw,
+            rng: np.random.Generator) -> Rollout:
     """Keep a random prefix of the action sequence and roll out the rest anew."""
     cut = int(rng.integers(0, len(actions) + 1))
-    return rollout(op, table, rng, prefix=actions[:cut])
+    return rollout(op, table, draw, prefix=actions[:cut])
 
 
 def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int = 8, per_level: int = 2,
@@ -199,7 +167,7 @@ def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int
             break
         children = []
         for s, acts in beam:
-            mask = table.mask(NestInfo(search.op, s.nest))
+            mask = allowed(table, NestInfo(search.op, s.nest), acts)
             mask[table.done] = False
             legal = np.flatnonzero(mask)
             if len(legal) > max_children:
@@ -208,9 +176,7 @@ def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int
                 children.append((s.apply(table.to_step(int(a), s.nest)), acts + [int(a)]))
         if not children:
             break
-        scores = model.predict([c for c, _ in children])
-        order = np.argsort(scores, kind="stable")
-        beam = [children[i] for i in order[:beam_width]]
+        beam = [children[i] for i in model.rank([c for c, _ in children], beam_width)]
         complete = [s for s, _ in beam if table.complete(NestInfo(search.op, s.nest))]
         _feedback(model, search.measure(complete[:per_level]))
     if search.left > 0:  # budget left after the deepest level: spend it like random search
@@ -220,13 +186,12 @@ def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int
 def search_filtered(search: Search, rng: np.random.Generator, model, candidates: int = 64, batch: int = 8,
                     **_) -> None:
     """Cost-model filtering: of many random rollouts, measure only the predicted best."""
-    table = ActionTable(search.op, search.target)
+    table, explore = ActionTable(search.op, search.target), RandomDraw(rng, p_done=P_DONE)
     stale = 0
     while search.left > 0 and stale < 50:
-        cands = [rollout(search.op, table, rng)[0] for _ in range(candidates)]
+        cands = [rollout(search.op, table, explore).schedule for _ in range(candidates)]
         cands = [c for c in cands if c.key() not in search.measured]
-        order = np.argsort(model.predict(cands), kind="stable") if cands else []
-        pairs = search.measure([cands[i] for i in order[:min(batch, search.left)]])
+        pairs = search.measure([cands[i] for i in model.rank(cands, min(batch, search.left))])
         stale = 0 if pairs else stale + 1
         _feedback(model, pairs)
 
@@ -237,19 +202,16 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
 
     torch.manual_seed(int(rng.integers(2**31)))  # the policy samples with torch: seeded, it replays on resume
     table = ActionTable(search.op, search.target)
-    greedy, _ = policy_rollout(search.op, table, policy, search.target, deterministic=True)
-    search.measure([greedy])
+    search.measure([rollout(search.op, table, PolicyDraw(policy, deterministic=True)).schedule])
+    sample = PolicyDraw(policy, deterministic=False)
     stale = 0
     while search.left > 0 and stale < 20:
-        cands = [policy_rollout(search.op, table, policy, search.target, deterministic=False)[0]
-                 for _ in range(samples)]
+        cands = [rollout(search.op, table, sample).schedule for _ in range(samples)]
         cands = [c for c in cands if c.key() not in search.measured]
         if not cands:
             stale += 1
             continue
-        scores = model.predict(cands)
-        order = np.argsort(scores, kind="stable")
-        pairs = search.measure([cands[i] for i in order[:min(8, search.left)]])
+        pairs = search.measure([cands[i] for i in model.rank(cands, min(8, search.left))])
         stale = 0 if pairs else stale + 1
         _feedback(model, pairs)
 
@@ -260,17 +222,17 @@ def search_evolution(search: Search, rng: np.random.Generator, model, policy=Non
     rollouts otherwise."""
     table = ActionTable(search.op, search.target)
     if policy is None:
-        def propose(n: int) -> list[Schedule]:
-            return [rollout(search.op, table, rng)[0] for _ in range(n)]
+        draw = RandomDraw(rng, p_done=P_DONE)
     else:
         import torch
 
         torch.manual_seed(int(rng.integers(2**31)))  # seeded: a resumed search replays
-        search.measure([policy_rollout(search.op, table, policy, search.target, deterministic=True)[0]])
+        search.measure([rollout(search.op, table, PolicyDraw(policy, deterministic=True)).schedule])
+        draw = PolicyDraw(policy, deterministic=False)
 
-        def propose(n: int) -> list[Schedule]:
-            return [policy_rollout(search.op, table, policy, search.target, deterministic=False)[0]
-                    for _ in range(n)]
+    def propose(n: int) -> list[Schedule]:
+        return [rollout(search.op, table, draw).schedule for _ in range(n)]
+
     search_evolve(search, rng, model, propose)
 
 

@@ -2,11 +2,11 @@
 
 from gymnasium.envs.registration import register, registry
 
-from .schedule_env import ScheduleEnv
+from .schedule_env import MAX_STEPS, ScheduleEnv
 
 ENV_ID = "schedgym/Schedule-v0"
 
 if ENV_ID not in registry:
     register(id=ENV_ID, entry_point="envs.schedule_env:ScheduleEnv")
 
-__all__ = ["ENV_ID", "ScheduleEnv"]
+__all__ = ["ENV_ID", "MAX_STEPS", "ScheduleEnv"]

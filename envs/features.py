@@ -3,6 +3,12 @@
 Extents, strides and footprints enter as ``log2(1 + x)``, so one policy sees shapes
 of any size on the same scale; nothing names a concrete shape. Rows are loop
 slots (outermost first, zero-padded to ``MAX_LOOPS``), then the globals.
+
+Columns are addressed by name: ``LOOP[name]`` and ``GLOBAL[name]`` are the slices the
+tables :data:`LOOP_FEATURES` and :data:`GLOBAL_FEATURES` give them. A new feature is
+one entry in a table, one value in :func:`featurize` and one row in the observation
+table of ``ScheduleEnv``'s docstring (a test holds the two tables together). It
+changes the vector's size, so policies and cost models saved before no longer load.
 """
 
 from __future__ import annotations
@@ -46,9 +52,23 @@ GLOBAL_FEATURES = (
     ("loop_fraction", 1),            # loops / MAX_LOOPS
     ("has", 4),                      # parallel, vectorize, cache_write, any cache_read
 )
+
+
+def _columns(table: tuple[tuple[str, int], ...]) -> dict[str, slice]:
+    """name -> the slice of its columns, in table order."""
+    out, at = {}, 0
+    for name, width in table:
+        out[name] = slice(at, at + width)
+        at += width
+    return out
+
+
+LOOP = _columns(LOOP_FEATURES)       # columns of one loop row
+GLOBAL = _columns(GLOBAL_FEATURES)   # columns of the globals, counted from their start
 LOOP_WIDTH = sum(w for _, w in LOOP_FEATURES)
 GLOBAL_WIDTH = sum(w for _, w in GLOBAL_FEATURES)
-SIZE = MAX_LOOPS * LOOP_WIDTH + GLOBAL_WIDTH
+ROWS = MAX_LOOPS * LOOP_WIDTH        # the loop rows come first in the flat vector, then the globals
+SIZE = ROWS + GLOBAL_WIDTH
 HIGH = 64.0  # every feature lies in [0, HIGH]
 
 
@@ -74,16 +94,7 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
     cache_reads = dict(nest.cache_reads)
     n = len(loops)
     rows = obs[:n * LOOP_WIDTH].reshape(n, LOOP_WIDTH)
-    rows[:, 0] = 1.0
-    rows[:, 2] = [l.reduce for l in loops]
     axes_bound = [bound_axis(l) for l in loops]
-    rows[np.arange(n), [3 + KINDS.index("parallel" if b else l.kind) for l, b in zip(loops, axes_bound)]] = \
-        [PARALLEL_LEVEL[b.split(".")[0]] if b else 1.0 for b in axes_bound]
-    rows[np.arange(n), [7 + axes.index(l.axis) for l in loops]] = 1.0
-    rows[:, 14] = [any(s[i] is None for s in strides) for i in range(n)]
-    rows[:, 15] = [nest.cache_write == l.name for l in loops]
-    rows[:, 16] = [cache_reads.get(tensors[1]) == l.name for l in loops]
-    rows[:, 17] = [cache_reads.get(tensors[2]) == l.name for l in loops]
     raw = np.empty((n, 7))  # extent, 3 strides, 3 footprints: log2(1 + x) below
     raw[:, 0] = [l.extent for l in loops]
     for k in range(3):
@@ -91,20 +102,50 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
         full = math.prod(shapes[k])
         raw[:, 4 + k] = [full if fp is None else fp for fp in footprints[k][:n]]
     logs = np.log2(1.0 + raw)
-    rows[:, 1] = logs[:, 0]
-    rows[:, 18:24] = logs[:, 1:]
-    g = obs[MAX_LOOPS * LOOP_WIDTH:]
-    g[OP_KINDS.index(op.kind)] = 1.0
-    j = len(OP_KINDS)
+    kind = [KINDS.index("parallel" if b else l.kind) for l, b in zip(loops, axes_bound)]
+    # one entry per LOOP_FEATURES entry (and one per GLOBAL_FEATURES entry below)
+    loop_columns = {
+        "present": 1.0,
+        "log_extent": logs[:, 0],
+        "reduce": [l.reduce for l in loops],
+        "kind": _one_hot(n, kind, len(KINDS), [PARALLEL_LEVEL[b.split(".")[0]] if b else 1.0 for b in axes_bound]),
+        "axis": _one_hot(n, [axes.index(l.axis) for l in loops], MAX_AXES),
+        "fused": [any(s[i] is None for s in strides) for i in range(n)],
+        "anchor": np.column_stack([[nest.cache_write == l.name for l in loops],
+                                   [cache_reads.get(tensors[1]) == l.name for l in loops],
+                                   [cache_reads.get(tensors[2]) == l.name for l in loops]]),
+        "log_stride": logs[:, 1:4],
+        "log_footprint": logs[:, 4:7],
+    }
+    _put(rows, LOOP, loop_columns)
     total_bytes = 4 * sum(math.prod(t.shape) for t in op.tensors)
-    g[j] = _log(op.flops)
-    g[j + 1] = _log(op.flops / total_bytes)
-    g[j + 2] = _log(target.cores)
-    g[j + 3] = _log(target.vector_lanes)
-    g[j + 4] = step_fraction
-    g[j + 5] = len(loops) / MAX_LOOPS
-    g[j + 6] = float(any(l.kind == "parallel" for l in loops) or any(axes_bound))
-    g[j + 7] = float(any(l.kind == "vectorize" for l in loops))
-    g[j + 8] = float(nest.cache_write is not None)
-    g[j + 9] = float(bool(nest.cache_reads))
+    global_columns = {
+        "op_kind": np.eye(len(OP_KINDS))[OP_KINDS.index(op.kind)],
+        "log_flops": _log(op.flops),
+        "log_intensity": _log(op.flops / total_bytes),
+        "log_cores": _log(target.cores),
+        "log_vector_lanes": _log(target.vector_lanes),
+        "step_fraction": step_fraction,
+        "loop_fraction": len(loops) / MAX_LOOPS,
+        "has": [float(any(l.kind == "parallel" for l in loops) or any(axes_bound)),
+                float(any(l.kind == "vectorize" for l in loops)),
+                float(nest.cache_write is not None), float(bool(nest.cache_reads))],
+    }
+    _put(obs[ROWS:], GLOBAL, global_columns)
     return obs
+
+
+def _put(block: np.ndarray, columns: dict[str, slice], values: dict) -> None:
+    """Write ``values[name]`` into the columns of ``name`` (the last axis of ``block``),
+    for every feature of the table ``columns`` was made from."""
+    assert values.keys() == columns.keys(), f"features without a value or a column: {values.keys() ^ columns.keys()}"
+    for name, value in values.items():
+        c = columns[name]
+        block[..., c.start if c.stop - c.start == 1 else c] = value
+
+
+def _one_hot(n: int, index: list[int], width: int, value=1.0) -> np.ndarray:
+    """(n, width) rows with ``value`` (one per row, or one for all) at ``index``."""
+    out = np.zeros((n, width))
+    out[np.arange(n), index] = value
+    return out

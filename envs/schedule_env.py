@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -18,8 +17,9 @@ from kernels.target import get_target
 from . import features
 from .actions import ActionTable, NestInfo
 from .cost import AnalyticalCostModel, CostModel
+from .reward import FAILED_SLOWDOWN, Reward, make_reward
 
-FAILED_SLOWDOWN = 10.0  # a final kernel that fails counts as this much slower than naive
+MAX_STEPS = 32  # the default episode length: actions per episode, the final done included
 
 
 class ScheduleEnv(gym.Env):
@@ -27,8 +27,9 @@ class ScheduleEnv(gym.Env):
 
     **Options** (``gymnasium.make("schedgym/Schedule-v0", ...)``): ``op`` (kind),
     ``shape`` or ``shapes`` (a family sampled at each reset; ``reset(options={"shape":
-    ...})`` picks one), ``target`` ("cpu" or "cuda"), ``max_steps`` (32), ``reward``
-    ("measure" or "surrogate"), ``measure_every_step`` (False), ``cost_model``
+    ...})`` picks one), ``target`` ("cpu" or "cuda"), ``max_steps`` (``MAX_STEPS`` = 32),
+    ``reward`` ("measure", "surrogate" or "measure_every_step"; ``envs/reward.py``),
+    ``measure_every_step`` (False; True is ``reward="measure_every_step"``), ``cost_model``
     (default: :class:`AnalyticalCostModel`), ``update_cost_model`` (feed every measured
     final kernel to ``cost_model.update``), ``measurer`` / ``log_path`` (share a
     measurement cache; append every measurement to a tuning log).
@@ -85,14 +86,16 @@ class ScheduleEnv(gym.Env):
                                    any cache_read
     ======================  =====  ==============================================
 
-    **Reward** telescopes, ``r_t = log(T_{t-1} / T_t)`` with ``T_0`` the measured time of
-    the unscheduled kernel, so an episode's return is the log speedup of its final
-    kernel. ``T_t`` between steps is ``T_0`` times the cost model's predicted ratio
-    (``surrogate``), a measurement (``measure_every_step``), or unchanged (``measure``:
-    zero reward until the end). The final schedule is always measured and the last
-    reward uses that measurement. A final kernel that fails to build, run or match the
-    reference gets the return ``-log(10)`` and ``info["error"]``. An action the mask
-    forbids leaves the schedule unchanged, with reward 0 and ``info["error"]``.
+    **Reward** (one class per mode in ``envs/reward.py``) telescopes,
+    ``r_t = log(T_{t-1} / T_t)`` with ``T_0`` the measured time of the unscheduled
+    kernel, so an episode's return is the log speedup of its final kernel. ``T_t``
+    between steps is ``T_0`` times the cost model's predicted ratio (``surrogate``), a
+    measurement (``measure_every_step``), or unchanged (``measure``: zero reward until
+    the end). The final schedule is always measured and the last reward uses that
+    measurement. A final kernel that fails to build, run or match the reference gets
+    the return ``-log(10)`` (the mode's ``reward_on_error``) and ``info["error"]``. An
+    action the mask forbids leaves the schedule unchanged, with reward 0 and
+    ``info["error"]``.
 
     **Episode end**: ``done`` (terminated), or ``max_steps`` steps (truncated; the
     final schedule is still measured, so truncation is handled here, not by a
@@ -108,14 +111,15 @@ class ScheduleEnv(gym.Env):
     metadata = {"render_modes": ["ansi"]}
 
     def __init__(self, op: str = "matmul", shape: str | None = None, shapes: Sequence[str] | None = None,
-                 target: str = "cpu", max_steps: int = 32, reward: str = "measure",
+                 target: str = "cpu", max_steps: int = MAX_STEPS, reward: str = "measure",
                  measure_every_step: bool = False, cost_model: CostModel | None = None,
                  measurer: Measurer | None = None, log_path: str | None = None,
                  update_cost_model: bool = False, render_mode: str | None = None):
         if (shape is None) == (shapes is None):
             raise ValueError("give exactly one of shape= or shapes=")
-        if reward not in ("measure", "surrogate"):
-            raise ValueError(f"unknown reward mode {reward!r}; use 'measure' or 'surrogate'")
+        self.reward: Reward = make_reward(reward)
+        if measure_every_step:
+            self.reward = make_reward("measure_every_step")
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
         self.kind = op
@@ -124,8 +128,6 @@ class ScheduleEnv(gym.Env):
             raise ValueError("shapes= is empty")
         self.target = get_target(target)
         self.max_steps = max_steps
-        self.reward_mode = reward
-        self.measure_every_step = measure_every_step
         self.cost_model = cost_model or AnalyticalCostModel(self.target)
         self.owns_measurer = measurer is None
         self.measurer = measurer or Measurer(self.target, log=log_path)
@@ -148,11 +150,11 @@ class ScheduleEnv(gym.Env):
         self.last_action: int | None = None
         self.over = False
         self.measured_before = self.measurer.measured
-        naive = self._measure(self.schedule)
+        naive = self.measure(self.schedule)
         if not naive.ok:
             raise RuntimeError(f"the unscheduled {self.kind} {shape} failed to measure: {naive.error}")
-        self.t_naive = self.t_prev = naive.time_ms / 1e3
-        self.pred_naive = self._predict(self.schedule) if self.reward_mode == "surrogate" else None
+        self.t_naive = naive.time_ms / 1e3
+        self.reward.reset(self)
         self._refresh()
         return self.obs.copy(), {"shape": shape}
 
@@ -175,11 +177,7 @@ class ScheduleEnv(gym.Env):
             self._refresh()
         if self.steps >= self.max_steps:
             return self._finish(terminated=False, info=info)
-        reward = 0.0
-        if "error" not in info and (self.reward_mode == "surrogate" or self.measure_every_step):
-            t = self._time_estimate(self.schedule)
-            if t is not None:
-                reward, self.t_prev = math.log(self.t_prev / t), t
+        reward = 0.0 if "error" in info else self.reward.step(self, self.schedule)
         return self.obs.copy(), reward, False, False, info
 
     def action_masks(self) -> np.ndarray:
@@ -201,25 +199,20 @@ class ScheduleEnv(gym.Env):
         self.mask = self.table.mask(info, self.last_action, steps_left=self.max_steps - self.steps)
         self.obs = features.featurize(self.op, info, self.target, self.steps / self.max_steps)
 
-    def _measure(self, schedule: Schedule):
+    def measure(self, schedule: Schedule):
+        """A measurement of ``schedule`` (a MeasureResult), through the env's measurer."""
         # a kernel much slower than the naive one is timed by its checking call alone
         self.measurer.runner.slow_cutoff_s = FAILED_SLOWDOWN * self.t_naive if schedule.steps else None
         return self.measurer.measure_one(schedule)
 
-    def _predict(self, schedule: Schedule) -> float:
+    def predict(self, schedule: Schedule) -> float:
+        """The cost model's prediction for ``schedule`` (log seconds, up to a constant)."""
         return float(self.cost_model.predict([schedule])[0])
-
-    def _time_estimate(self, schedule: Schedule) -> float | None:
-        """Seconds: measured (measure_every_step) or T_0 x the cost model's predicted ratio."""
-        if self.measure_every_step:
-            res = self._measure(schedule)
-            return res.time_ms / 1e3 if res.ok else None
-        return self.t_naive * math.exp(self._predict(schedule) - self.pred_naive)
 
     def _finish(self, terminated: bool, info: dict | None = None):
         self.over = True
-        res = self._measure(self.schedule)
-        t_final = res.time_ms / 1e3 if res.ok else FAILED_SLOWDOWN * self.t_naive
+        res = self.measure(self.schedule)
+        t_final = res.time_ms / 1e3
         info = dict(info or {})
         info.update(time_ms=res.time_ms, gflops=res.gflops, speedup=self.t_naive / t_final if res.ok else 0.0,
                     correct=res.ok, shape=self.op.shape_str, schedule=self.schedule.steps_json(),
@@ -228,6 +221,6 @@ class ScheduleEnv(gym.Env):
             info["error"] = res.error
         elif self.update_cost_model:
             self.cost_model.update([(self.schedule, t_final)])
-        reward = math.log(self.t_prev / t_final)
+        reward = self.reward.final(t_final) if res.ok else self.reward.reward_on_error()
         return self.obs.copy(), reward, terminated, not terminated, info
 

@@ -5,6 +5,8 @@ names the machine, and gives the command behind every row.
 
 Suites:
   kernels-cpu   expert schedules vs numpy/torch and vs the naive loop nest
+  kernels-cuda  expert (and naive) CUDA kernels vs cuBLAS/cuDNN on this machine's GPU (fp32,
+                TF32 off); without a GPU it stops with an error and writes nothing
   measure-cpu   cost of measuring one candidate: compile, check against the reference, time
   env-cpu       environment steps per second without measuring; where a random episode's time goes
   search-cpu    agents under one measurement budget: measurements to 90% of random search's best
@@ -23,21 +25,24 @@ import datetime
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.measure import Builder, Measurer, Runner
+from kernels.experts import expert_schedule
+from kernels.measure import Builder, MeasureResult, Measurer, Runner
+from kernels.measure.library import library_name
 from kernels.ir.ops import make_op
 from kernels.codegen import render
 from kernels.ir.schedule import Schedule
-from kernels.target import get_target
+from kernels.target import Target, get_target
 
 from . import bench
 from .config import field
 
-SUITES = ("kernels-cpu", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu", "cluster-cpu")
+SUITES = ("kernels-cpu", "kernels-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu", "cluster-cpu")
 
 KERNELS_CPU = [
     ("matmul", "512x512x512"),
@@ -55,7 +60,7 @@ KERNELS_CPU = [
 class Config:
     suite: str = field(help="which suite to run", choices=list(SUITES))
     out: str = field("BENCHMARKS.md", help="the markdown file whose section is rewritten")
-    rounds: int = field(5, help="library/kernel timing rounds per row (kernels-cpu)")
+    rounds: int = field(5, help="library/kernel timing rounds per row (kernels-cpu, kernels-cuda)")
     candidates: int = field(12, help="candidate kernels (measure-cpu) or episodes (env-cpu) to measure")
     budget: int = field(64, help="measurements per agent (search-cpu)")
     anneal_budget: int = field(256, help="measurements of the annealing reference (zeroshot-cpu)")
@@ -82,6 +87,72 @@ def _kernels_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
              "that spinning worker threads of one do not steal cores from the other) on the same "
              "inputs, in the same process."]
     return notes + [""] + header + rows, results
+
+
+KERNELS_CUDA = [
+    ("matmul", "1024x1024x1024"),
+    ("matmul", "2048x2048x2048"),
+    ("matmul", "4096x4096x4096"),
+    ("conv2d", "1,64,56,56,64,3,3,1,1"),
+]
+CUDA_MIN_TIME_S = 0.3  # kernel time per timing round
+
+
+def _cuda_rounds(runner: Runner, builder: Builder, op, schedule: Schedule, target: Target, rounds: int,
+                 name: str) -> dict:
+    """Rounds of (kernel, library) timings of ``schedule``; NVRTC time from the first round."""
+    kernel = render(schedule, target, name=name)
+    built = builder.build([kernel])[0]
+    results: list[MeasureResult] = []
+    for _ in range(rounds):
+        if not built.ok:
+            results.append(MeasureResult.failure(built.error or "build failed"))
+            break
+        results.append(runner.run(op, kernel, built.path, library=True))
+        if not results[-1].ok:
+            break
+    ok = all(r.ok for r in results)
+    row = {"ok": ok, "error": next((r.error for r in results if not r.ok), None),
+           "nvrtc_s": results[0].build_s, "run_s": sum(r.run_s for r in results), "launch": kernel.launch}
+    if ok:
+        row["ms"] = statistics.median(r.time_ms for r in results)
+        row["lib_ms"] = statistics.median(statistics.median(r.library_times_ms) for r in results)
+        row["ratio"] = statistics.median(statistics.median(r.library_times_ms) / r.time_ms for r in results)
+    return row
+
+
+def _kernels_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+    lines = ["fp32, TF32 off. Each kernel is compiled with NVRTC in the measuring worker, checked against "
+             "the numpy reference, then timed alternately with the library (CUDA events) in "
+             f"{cfg.rounds} rounds; *kernel/library* is the median of the per-round ratios. *NVRTC s* is the "
+             "compile of one candidate, *check+time s* the check plus all timing rounds. The naive kernel "
+             "(one thread per output) is timed for scale.", "",
+             "| op | shape | kernel | launch (grid, block) | time ms | GFLOPS | library | library ms | "
+             "library GFLOPS | kernel/library | NVRTC s | check+time s |",
+             "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    results = []
+    builder, runner = Builder(), Runner(timeout_s=120, repeats=50, warmup=3, min_time_s=CUDA_MIN_TIME_S)
+    try:
+        for kind, shape in KERNELS_CUDA:
+            op = make_op(kind, shape)
+            for label, schedule in (("expert", expert_schedule(op, target)), ("naive", Schedule(op))):
+                print(f"{kind} {op.shape_str} {label} ...", file=sys.stderr, flush=True)
+                r = _cuda_rounds(runner, builder, op, schedule, target, cfg.rounds, f"{kind}_{label}")
+                grid, block = r["launch"]
+                launch = f"{grid}, {block}".replace(" ", "")
+                if r["ok"]:
+                    gf, lib_gf = op.flops / r["ms"] / 1e6, op.flops / r["lib_ms"] / 1e6
+                    lines.append(f"| {kind} | {op.shape_str} | {label} | {launch} | {r['ms']:.3f} | {gf:.0f} | "
+                                 f"{library_name(op, 'cuda')} | {r['lib_ms']:.3f} | {lib_gf:.0f} | "
+                                 f"{r['ratio']:.2f} | {r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
+                else:
+                    lines.append(f"| {kind} | {op.shape_str} | {label} | {launch} | FAILED: {r['error']} | | | | | "
+                                 f"| {r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
+                results.append({"op": kind, "shape": op.shape_str, "kernel": label,
+                                **{k: v for k, v in r.items() if k != "launch"}})
+    finally:
+        runner.close()
+    return lines, results
 
 
 def _candidate_schedules(op, n: int) -> list[Schedule]:
@@ -123,34 +194,25 @@ def _measure_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
 def _env_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     import numpy as np
 
-    from envs.actions import ActionTable, NestInfo
-    from envs import features
-    from envs.schedule_env import ScheduleEnv
+    from agents.rollout import RandomDraw, rollout
+    from envs.actions import ActionTable
+    from envs.schedule_env import MAX_STEPS, ScheduleEnv
 
     from .shapes import family
 
     target = get_target("cpu")
-    lines = ["Steps per second of mask + apply + featurize (no measurement), random masked actions, "
-             "episodes of up to 31 steps, one process:", "",
+    lines = ["Steps per second of mask + apply + featurize (no measurement), random masked actions "
+             f"(`agents.rollout`), episodes of up to {MAX_STEPS - 1} steps, one process:", "",
              "| op | shape | steps/s | command |", "|---|---|---:|---|"]
     results = []
     cmd = "python -m experiments benchmark --suite env-cpu"
     for kind, shape in (("matmul", "1024x1024x1024"), ("conv2d", "1,64,56,56,64,3,3,1,1"),
                         ("batch_matmul", "8x256x256x256"), ("depthwise_conv2d", "1,128,56,56,3,3,1,1")):
         op = make_op(kind, shape)
-        table, rng, steps = ActionTable(op), np.random.default_rng(0), 0
+        table, draw, steps = ActionTable(op, target), RandomDraw(np.random.default_rng(0), p_done=0.0), 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 3.0:
-            s = Schedule(op)
-            for k in range(31):
-                info = NestInfo(op, s.nest)
-                mask = table.mask(info)
-                features.featurize(op, info, target, k / 32)
-                mask[table.done] = False
-                if not mask.any():
-                    break
-                s = s.apply(table.to_step(int(rng.choice(np.flatnonzero(mask))), s.nest))
-                steps += 1
+            steps += len(rollout(op, table, draw, observe=True).actions)
         rate = steps / (time.perf_counter() - t0)
         results.append({"op": kind, "steps_per_s": rate})
         lines.append(f"| {kind} | {shape} | {rate:.0f} | `{cmd}` |")
@@ -346,13 +408,14 @@ def _propose_s(op, target, n: int) -> float:
     """Seconds the driver spends on one random-search candidate: a masked rollout, then rendering."""
     import numpy as np
 
-    from agents.search import rollout
+    from agents.rollout import RandomDraw, rollout
+    from agents.search import P_DONE
     from envs.actions import ActionTable
 
-    table, rng = ActionTable(op, target), np.random.default_rng(0)
+    table, draw = ActionTable(op, target), RandomDraw(np.random.default_rng(0), p_done=P_DONE)
     t0 = time.perf_counter()
     for _ in range(n):
-        render(rollout(op, table, rng)[0], target)
+        render(rollout(op, table, draw).schedule, target)
     return (time.perf_counter() - t0) / n
 
 
@@ -441,21 +504,33 @@ def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
     path.write_text(text)
 
 
+TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
+          "kernels-cuda": "CUDA kernels: expert schedules vs cuBLAS / cuDNN",
+          "measure-cpu": "CPU measurement cost per candidate",
+          "env-cpu": "Environment throughput and episode time split",
+          "search-cpu": "Search agents under one measurement budget",
+          "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
+          "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate"}
+
+
+def _machine(target: Target) -> str:
+    if target.kind == "cuda":
+        return f"Machine: {target.device} ({target.arch}, {target.sm_count} SMs), {target.compiler}"
+    return (f"Machine: {target.device}, {target.cores} cores, {target.vector_lanes} fp32 SIMD lanes, "
+            f"{target.compiler}")
+
+
 def run(cfg: Config) -> dict:
-    target = get_target("cpu")
-    title = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
-             "measure-cpu": "CPU measurement cost per candidate",
-             "env-cpu": "Environment throughput and episode time split",
-             "search-cpu": "Search agents under one measurement budget",
-             "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
-             "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate"}[cfg.suite]
-    lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
-                      "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,
-                      "cluster-cpu": _cluster_cpu}[cfg.suite](cfg)
+    target = get_target(cfg.suite.rsplit("-", 1)[1])   # no GPU: NoCudaDevice, before anything is written
+    if cfg.suite == "kernels-cuda":
+        lines, results = _kernels_cuda(cfg, target)
+    else:
+        lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
+                          "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,
+                          "cluster-cpu": _cluster_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
-    machine = [f"Machine: {target.device}, {target.cores} cores, {target.vector_lanes} fp32 SIMD lanes, "
-               f"{target.compiler}; measured {stamp}. "
+    machine = [f"{_machine(target)}; measured {stamp}. "
                f"Suite command: `python -m experiments benchmark --suite {cfg.suite}`.", ""]
-    write_section(Path(cfg.out), cfg.suite, title, machine + lines)
+    write_section(Path(cfg.out), cfg.suite, TITLES[cfg.suite], machine + lines)
     print(f"wrote section {cfg.suite} of {cfg.out}")
     return {"suite": cfg.suite, "results": results}

@@ -8,8 +8,12 @@ With several shapes it also trains on some shapes and tests on the others (each
 shape held out in turn, up to 5 folds). The saved model is the one the held-out
 figures describe.
 
+Writes runs/costmodel-<target>-<arch>-<seed>-<time>/: config.json, metrics.json (what
+--json prints) and TensorBoard events (cost_model/*; --tensorboard DIR puts them
+elsewhere); the model goes to --out.
+
 ``--generate OP:SHAPE:N ...`` first measures N random legal schedules of each shape
-(half drawn uniformly over actions, half over primitives, ``agents.sampling``) into
+(half drawn uniformly over actions, half over primitives, ``agents.rollout``) into
 ``--logs-out DIR/OP_SHAPE.jsonl``; a rerun finds them in the log and measures
 only what is missing.
 
@@ -21,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import zlib
@@ -33,7 +38,8 @@ from kernels.measure import Measurer, Runner
 from kernels.ir.ops import make_op
 from kernels.target import get_target
 
-from .config import field
+from .config import field, jsonable
+from .runs import new_run_dir, save_config
 
 
 @dataclass
@@ -47,8 +53,8 @@ class Config:
     arch: str = field("set", help="network over the features: set (per-loop rows, pooled) or mlp (flat)",
                       choices=["set", "mlp"])
     compare: bool = field(False, help="also train the other architecture and report both")
-    tensorboard: str | None = field(None, help="write cost_model/* scalars of the held-out metrics here",
-                                    metavar="DIR")
+    tensorboard: str | None = field(None, help="write cost_model/* scalars of the held-out metrics here "
+                                                "(default: the run directory)", metavar="DIR")
     target: str = field("cpu", help="train on records of this target", choices=["cpu"])
     generate: list[str] | None = field(None, help="measure N random schedules of each OP:SHAPE:N first",
                                        nargs="+", metavar="OP:SHAPE:N")
@@ -56,6 +62,7 @@ class Config:
     max_steps: int = field(10, help="most steps of a generated schedule")
     timeout: float = field(10.0, help="seconds a generated kernel may run (check and timing) before it "
                                       "counts as failed")
+    runs: str = field("runs", help="where run directories go")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -84,7 +91,7 @@ def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: in
     The schedules of a spec depend only on ``seed``, the spec and ``max_steps``, so a
     rerun replays the same list and the log's cache skips what was measured.
     """
-    from agents.sampling import random_schedules
+    from agents.rollout import random_schedules
 
     parsed = [parse_spec(s) for s in specs]
     tgt = get_target(target)
@@ -94,9 +101,10 @@ def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: in
     for kind, shape, n in parsed:
         op = make_op(kind, shape)
         rng = np.random.default_rng([seed, zlib.crc32(f"{kind}:{op.shape_str}".encode())])
-        scheds = random_schedules(op, n // 2, rng, max_steps, by="action")
+        episode = max_steps + 1   # a rollout's last action is done
+        scheds = random_schedules(op, n // 2, rng, episode, by="action", target=tgt)
         seen = {s.key() for s in scheds}
-        scheds += [s for s in random_schedules(op, 2 * (n - len(scheds)), rng, max_steps, by="primitive")
+        scheds += [s for s in random_schedules(op, 2 * (n - len(scheds)), rng, episode, by="primitive", target=tgt)
                    if s.key() not in seen][:n - len(scheds)]
         path = out_dir / log_name(kind, shape)
         runner = Runner(repeats=repeats, min_time_s=min_time_s, timeout_s=timeout_s)
@@ -173,7 +181,7 @@ def run(cfg: Config) -> dict:
         summary["generated"] = gen
         logs += [g["log"] for g in gen if g["log"] not in logs]
         if not cfg.out:
-            return summary
+            return _record(cfg, summary, _run_dir(cfg))
     if not logs:
         raise ValueError("nothing to train on: give --logs LOG ... (or --generate OP:SHAPE:N --logs-out DIR)")
     if not cfg.out:
@@ -187,16 +195,15 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"no usable records in {', '.join(logs)}: {len(records)} records of target "
                          f"{cfg.target}, none correct with a finite time")
     groups = len({s.group for s in samples})
+    run_dir = _run_dir(cfg)
     _status(f"training on {len(samples)} correct records of {groups} shapes from {len(logs)} logs ...")
 
     arches = [cfg.arch] + ([a for a in ("set", "mlp") if a != cfg.arch] if cfg.compare else [])
     rows = []
     model = None
     for arch in arches:
-        log_dir = None
-        if cfg.tensorboard:
-            log_dir = str(Path(cfg.tensorboard) / f"costmodel_{arch}_seed{cfg.seed}") if cfg.compare \
-                else cfg.tensorboard
+        tensorboard = Path(cfg.tensorboard or run_dir)
+        log_dir = str(tensorboard / f"costmodel_{arch}_seed{cfg.seed}" if cfg.compare else tensorboard)
         m, res = _train_and_evaluate(cfg, arch, records, groups, log_dir)
         rows.append((arch, res))
         if model is None:
@@ -218,4 +225,18 @@ def run(cfg: Config) -> dict:
         summary["compare"] = {arch: {"pairwise_accuracy": r["pairwise_accuracy"],
                                      "top_k_recall": r["top_k_recall"], "by_shape": r.get("by_shape")}
                               for arch, r in rows}
+    return _record(cfg, summary, run_dir)
+
+
+def _run_dir(cfg: Config) -> Path:
+    run_dir = new_run_dir(cfg.runs, "costmodel", cfg.target, cfg.arch, cfg.seed)
+    save_config(run_dir, cfg)
+    _status(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _record(cfg: Config, summary: dict, run_dir: Path) -> dict:
+    """``summary``, with its run directory, also written to ``metrics.json`` there."""
+    summary["run_dir"] = str(run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
     return summary

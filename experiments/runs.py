@@ -1,11 +1,13 @@
-"""Run directories: ``runs/<op>-<target>-<agent>-<seed>-<time>/``.
+"""Run directories: ``runs/<op>-<target>-<agent>-<seed>-<time>/`` (tune, train) and
+``runs/costmodel-<target>-<arch>-<seed>-<time>/`` (costmodel).
 
-Each holds the TensorBoard event files, the hyperparameters (``config.json`` and a
-text table in TensorBoard), the tuning log (``tuning.jsonl``), the progress curve
-(``progress.jsonl``: one line per hardware measurement) and, at the end,
-``summary.json`` and the best kernel. Every agent logs the same scalars with the
-number of hardware measurements as the step, so ``tensorboard --logdir runs``
-overlays them.
+Each holds the TensorBoard event files and the hyperparameters (``config.json`` and a
+text table in TensorBoard). A tune or train run also holds the tuning log
+(``tuning.jsonl``) and the progress curve (``progress.jsonl``: one line per measured
+point, the step being the hardware measurements so far); tune ends with
+``summary.json`` and the best kernel, costmodel with ``metrics.json``. Every agent
+logs the same scalars with the number of hardware measurements as the step, so
+``tensorboard --logdir runs`` overlays them.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 
-def new_run_dir(root: str, op: str, target: str, agent: str, seed: int) -> Path:
+def new_run_dir(root: str, *name: Any) -> Path:
+    """A fresh ``root/<name parts joined by ->-<time>/``, e.g. (op, target, agent, seed)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / f"{op}-{target}-{agent}-{seed}-{stamp}"
+    base = "-".join(str(part) for part in (*name, stamp))
+    path = Path(root) / base
     n = 1
     while path.exists():
         n += 1
-        path = Path(root) / f"{op}-{target}-{agent}-{seed}-{stamp}-{n}"
+        path = Path(root) / f"{base}-{n}"
     path.mkdir(parents=True)
     return path
 
@@ -90,5 +94,5 @@ class ProgressLog:
 def read_progress(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "progress.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no progress.jsonl (not a tune run?)")
+        raise FileNotFoundError(f"{run_dir} has no progress.jsonl (not a tune or train run?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from envs import MAX_STEPS
+from envs.reward import REWARDS
 from kernels.measure import cluster
 from kernels.measure import Measurer
 from kernels.ir.ops import OPERATORS
@@ -44,14 +46,14 @@ class Config:
     shapes: str = field("default", help="shape family (its train split), or 'small' for quick runs")
     agent: str = field("ppo", help="the learning agent", choices=["ppo"])
     timesteps: int = field(4096, help="environment steps to train for")
-    reward: str = field("surrogate", help="reward mode of the environment", choices=["surrogate", "measure"])
+    reward: str = field("surrogate", help="reward mode of the environment (envs/reward.py)", choices=list(REWARDS))
     n_envs: int = field(0, help="vectorised environments (0: 2 on this machine; with --cluster, as many "
                                 "candidates as the cluster measures at once)")
     n_steps: int = field(256, help="PPO rollout length per environment")
     batch_size: int = field(128, help="PPO minibatch size")
     learning_rate: float = field(3e-5, help="PPO learning rate (small: PPO fine-tunes the imitation policy)")
     ent_coef: float = field(0.0, help="PPO entropy bonus")
-    max_steps: int = field(32, help="actions per episode")
+    max_steps: int = field(MAX_STEPS, help="actions per episode")
     imitation_epochs: int = field(300, help="epochs of imitating expert replays before PPO (0: none)")
     cost_model: str | None = field(None, help="pre-trained cost model (default: the shipped one)",
                                    metavar="PATH")

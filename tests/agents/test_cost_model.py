@@ -1,14 +1,13 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agents.cost_model import (CostModelConfig, CostModelError, LearnedCostModel, cross_validate_by_shape,
-                               measure_top_k, pairwise_accuracy_of, records_from_logs, select_top_k, split,
-                               to_samples, top_k_recall_of)
-from agents.sampling import random_schedules
-from envs.actions import ActionTable, NestInfo
+                               pairwise_accuracy_of, records_from_logs, split, to_samples, top_k_recall_of)
+from agents.rollout import random_schedules
 from experiments import cli
 from kernels.measure import Builder, MeasureResult, Measurer, Runner
 from kernels.ir.ops import make_op
@@ -48,27 +47,6 @@ def trained(data):
     model = LearnedCostModel(seed=0)
     metrics = model.fit(data, epochs=25, holdout=0.2, seed=0)
     return model, metrics
-
-
-# ---------------------------------------------------------------- sampling
-
-def test_random_schedules_are_legal_distinct_and_seeded():
-    op = make_op("conv2d", "1,4,8,8,8,3,3,1,1")
-    a = random_schedules(op, 20, np.random.default_rng(3), max_steps=5)
-    b = random_schedules(op, 20, np.random.default_rng(3), max_steps=5)
-    assert [s.key() for s in a] == [s.key() for s in b]
-    assert len({s.key() for s in a}) == len(a) == 20
-    assert all(len(s.steps) <= 5 for s in a)
-    table = ActionTable(op)
-    for s in a:   # replays through the mask: every step was an allowed action
-        replay = Schedule(op)
-        for step in s.steps:
-            allowed = [table.to_step(i, replay.nest) for i in np.flatnonzero(table.mask(NestInfo(op, replay.nest)))
-                       if i != table.done]
-            assert step in allowed
-            replay = replay.apply(step)
-    with pytest.raises(ValueError, match="sampling"):
-        random_schedules(op, 1, np.random.default_rng(0), by="nope")
 
 
 # ---------------------------------------------------------------- metrics
@@ -215,26 +193,15 @@ def test_tensorboard_scalars(data, tmp_path):
     assert [e.step for e in acc.Scalars("cost_model/loss")] == [2, 4]
 
 
-# ---------------------------------------------------------------- pruning before measuring
+# ---------------------------------------------------------------- ranking for the agents
 
-class FixedModel:
-    def __init__(self, values):
-        self.values, self.updates = values, []
-
-    def predict(self, schedules):
-        return np.array([self.values[s.key()] for s in schedules])
-
-    def update(self, records):
-        self.updates.append(list(records))
-
-
-def test_select_top_k_is_stable():
-    op = make_op("matmul", "16x16x16")
-    scheds = random_schedules(op, 6, np.random.default_rng(0), max_steps=3)
-    model = FixedModel(dict(zip((s.key() for s in scheds), [3.0, 1.0, 2.0, 1.0, 5.0, 1.0])))
-    assert select_top_k(model, scheds, 4) == [1, 3, 5, 2]
-    assert select_top_k(model, scheds, 0) == []
-    assert select_top_k(model, scheds, 10) == [1, 3, 5, 2, 0, 4]
+def test_rank_is_stable_and_cut_at_k(monkeypatch):
+    model = LearnedCostModel(seed=0)
+    scheds = random_schedules(make_op("matmul", "16x16x16"), 6, np.random.default_rng(0), max_steps=4)
+    monkeypatch.setattr(model, "predict", lambda schedules: np.array([3.0, 1.0, 2.0, 1.0, 5.0, 1.0]))
+    assert model.rank(scheds, 4) == [1, 3, 5, 2]
+    assert model.rank(scheds, 0) == [] and model.rank([], 3) == []
+    assert model.rank(scheds) == model.rank(scheds, 10) == [1, 3, 5, 2, 0, 4]
 
 
 @pytest.fixture(scope="module")
@@ -243,18 +210,6 @@ def measurer(tmp_path_factory):
     with Measurer(cpu_target(), builder=builder,
                   runner=Runner(repeats=1, min_time_s=0.0, timeout_s=30)) as m:
         yield m
-
-
-def test_measure_top_k_measures_only_the_top_and_learns(measurer):
-    op = make_op("matmul", "16x16x16")
-    scheds = random_schedules(op, 8, np.random.default_rng(1), max_steps=4)
-    model = LearnedCostModel(seed=0)
-    before = measurer.measured
-    chosen = select_top_k(model, scheds, 3)
-    pairs = measure_top_k(model, measurer, scheds, 3)
-    assert [s.key() for s, _ in pairs] == [scheds[i].key() for i in chosen]
-    assert measurer.measured - before == 3
-    assert len(model.data) == sum(r.ok for _, r in pairs) > 0
 
 
 # ---------------------------------------------------------------- the command
@@ -277,7 +232,7 @@ def measured_log(measurer, tmp_path_factory):
 def test_cli_end_to_end(measured_log, tmp_path, capsys):
     out = tmp_path / "model.pt"
     rc = cli.main(["costmodel", "--logs", str(measured_log), "--out", str(out), "--epochs", "5",
-                   "--top-k", "3", "--json"])
+                   "--top-k", "3", "--runs", str(tmp_path / "runs"), "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     res = json.loads(captured.out.strip().splitlines()[-1])
@@ -285,6 +240,11 @@ def test_cli_end_to_end(measured_log, tmp_path, capsys):
     assert res["groups"] == 1 and res["records"] >= 10 and res["out"] == str(out)
     assert 0 <= res["pairwise_accuracy"] <= 1 and res["predict_per_s"] > 0
     assert "pairwise acc" in captured.out
+    run_dir = Path(res["run_dir"])      # like tune and train: config, metrics, TensorBoard events
+    assert run_dir.parent == tmp_path / "runs" and run_dir.name.startswith("costmodel-cpu-set-0-")
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 5
+    assert json.loads((run_dir / "metrics.json").read_text())["pairwise_accuracy"] == res["pairwise_accuracy"]
+    assert list(run_dir.glob("events.out.tfevents.*"))
     model = LearnedCostModel.load(out)
     assert np.all(np.isfinite(model.predict(random_schedules(make_op("matmul", "8x8x8"), 3,
                                                                np.random.default_rng(0)))))
@@ -297,10 +257,10 @@ def test_cli_end_to_end(measured_log, tmp_path, capsys):
 def test_cli_empty_or_corrupt_log_is_one_line_error(tmp_path, capsys, content, message):
     log = tmp_path / "empty.jsonl"
     log.write_text(content)
-    rc = cli.main(["costmodel", "--logs", str(log), "--out", str(tmp_path / "m.pt")])
+    rc = cli.main(["costmodel", "--logs", str(log), "--out", str(tmp_path / "m.pt"), "--runs", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and message in err[-1]
-    assert not (tmp_path / "m.pt").exists()
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "runs").exists()
 
 
 def test_cli_missing_log_and_missing_out(tmp_path, capsys):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from agents.evolution import crossover, legal, measured_seeds, mutate
-from agents.search import AGENTS, Search, rollout
+from agents.rollout import RandomDraw, rollout
+from agents.search import AGENTS, P_DONE, Search
 from envs.actions import ActionTable
 from kernels.codegen import render
 from kernels.codegen.rules import check_for_target
@@ -31,7 +32,7 @@ def test_mutation_and_crossover_keep_schedules_legal(kind, target):
     op, t = make_op(kind, SHAPES[kind]), TARGETS[target]
     table = ActionTable(op, t)
     rng = np.random.default_rng(0)
-    parents = [rollout(op, table, rng)[0] for _ in range(12)]
+    parents = [rollout(op, table, RandomDraw(rng, p_done=P_DONE)).schedule for _ in range(12)]
     children = []
     for _ in range(60):
         a, b = parents[int(rng.integers(len(parents)))], parents[int(rng.integers(len(parents)))]
@@ -85,6 +86,9 @@ class _Model:
 
     def predict(self, schedules):
         return np.array([-len(s.steps) for s in schedules], dtype=float)
+
+    def rank(self, schedules, k=None):
+        return [int(i) for i in np.argsort(self.predict(schedules), kind="stable")[:k]]
 
     def update(self, pairs):
         self.updates += len(pairs)

@@ -10,7 +10,7 @@ import torch
 from sb3_contrib import MaskablePPO
 
 from agents import policy
-from agents.search import policy_rollout
+from agents.rollout import PolicyDraw, rollout
 from envs.actions import ActionTable
 from kernels.ir.ops import make_op
 from kernels.target import cpu_target
@@ -20,7 +20,7 @@ SHAPES = ("16x24x8", "64x48x32", "100x200x300")
 
 def greedy(pol, shape: str) -> list[int]:
     op = make_op("matmul", shape)
-    return policy_rollout(op, ActionTable(op, cpu_target()), pol, cpu_target(), deterministic=True)[1]
+    return rollout(op, ActionTable(op, cpu_target()), PolicyDraw(pol, deterministic=True)).actions
 
 
 @pytest.fixture
@@ -35,10 +35,10 @@ def test_round_trip_gives_the_same_actions(small_agent, saved):
         assert greedy(loaded, shape) == greedy(small_agent, shape)
     op = make_op("matmul", "64x48x32")
     torch.manual_seed(1)
-    sampled = [policy_rollout(op, ActionTable(op), small_agent, cpu_target(), deterministic=False)[1]
+    sampled = [rollout(op, ActionTable(op), PolicyDraw(small_agent, deterministic=False)).actions
                for _ in range(3)]
     torch.manual_seed(1)
-    assert [policy_rollout(op, ActionTable(op), loaded, cpu_target(), deterministic=False)[1]
+    assert [rollout(op, ActionTable(op), PolicyDraw(loaded, deterministic=False)).actions
             for _ in range(3)] == sampled
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.search import rollout
+from agents.rollout import RandomDraw, rollout
 from envs.actions import MAX_LOOPS, Action, ActionTable, NestInfo
 from envs.features import featurize
 from experiments.shapes import family
@@ -83,7 +83,8 @@ def test_every_allowed_sequence_is_a_legal_gpu_kernel(op, data, seed, max_steps)
     operator = make_op(op, shape)
     table = ActionTable(operator, TARGET)
     rng = np.random.default_rng(seed)
-    s, actions = rollout(operator, table, rng, max_steps=max_steps, p_done=0.1)
+    r = rollout(operator, table, RandomDraw(rng, p_done=0.1), max_steps=max_steps)
+    s, actions = r.schedule, r.actions
     assert len(actions) <= max_steps - 1
     replay = Schedule(operator)
     for k, a in enumerate(actions + [table.done]):
@@ -112,7 +113,7 @@ def _env_rollouts(kind: str, n: int, seed: int = 7) -> list[Schedule]:
     ops = [op for op in map(lambda sh: make_op(kind, sh), family(kind, "small")) if op.flops <= 20_000]
     for k in range(n):
         op = ops[k % len(ops)]   # small: the simulator runs every thread in Python
-        out.append(rollout(op, ActionTable(op, TARGET), rng, p_done=0.03)[0])
+        out.append(rollout(op, ActionTable(op, TARGET), RandomDraw(rng, p_done=0.03)).schedule)
     return out
 
 
@@ -194,8 +195,7 @@ def test_long_rollouts_on_awkward_shapes_end_complete():
         op = make_op("matmul", shape)
         table = ActionTable(op, TARGET)
         for _ in range(150):
-            s, _ = rollout(op, table, rng, p_done=0.01)
-            check_for_target(s, TARGET)
+            check_for_target(rollout(op, table, RandomDraw(rng, p_done=0.01)).schedule, TARGET)
 
 
 def test_tails_inside_the_reduction_cannot_outgrow_a_thread_tile():
@@ -210,11 +210,11 @@ def test_tails_inside_the_reduction_cannot_outgrow_a_thread_tile():
 
 
 def test_bound_loops_show_as_parallel_levels():
-    from envs.features import KINDS, LOOP_WIDTH
+    from envs.features import KINDS, LOOP, LOOP_WIDTH
     op = make_op("matmul", "256x256x256")
     s = expert_schedule(op, TARGET)
     obs = featurize(op, NestInfo(op, s.nest), TARGET, 0.0)
-    column = obs[:len(s.nest.loops) * LOOP_WIDTH].reshape(-1, LOOP_WIDTH)[:, 3 + KINDS.index("parallel")]
+    column = obs[:len(s.nest.loops) * LOOP_WIDTH].reshape(-1, LOOP_WIDTH)[:, LOOP["kind"].start + KINDS.index("parallel")]
     expected = [{"blockIdx": 1.0, "threadIdx": 2.0}[bound_axis(l).split(".")[0]] if bound_axis(l) else 0.0
                 for l in s.nest.loops]
     assert column.tolist() == expected and 1.0 in expected and 2.0 in expected

@@ -147,14 +147,15 @@ def test_action_space_is_the_same_for_every_op(make_env):
 def test_observation_describes_the_nest(make_env):
     env = make_env("matmul", shape="16x16x16")
     obs, _ = env.reset(seed=0)
-    rows = obs[:MAX_LOOPS * features.LOOP_WIDTH].reshape(MAX_LOOPS, features.LOOP_WIDTH)
-    assert rows[:3, 0].tolist() == [1, 1, 1] and not rows[3:].any()        # i, j, k present
-    assert rows[:, 2].tolist()[:3] == [0, 0, 1]                             # k reduces
-    assert np.allclose(rows[:3, 1], math.log2(17))                          # log2(1 + 16)
+    present, extent, reduce = (features.LOOP[n].start for n in ("present", "log_extent", "reduce"))
+    rows = obs[:features.ROWS].reshape(MAX_LOOPS, features.LOOP_WIDTH)
+    assert rows[:3, present].tolist() == [1, 1, 1] and not rows[3:].any()  # i, j, k present
+    assert rows[:, reduce].tolist()[:3] == [0, 0, 1]                        # k reduces
+    assert np.allclose(rows[:3, extent], math.log2(17))                     # log2(1 + 16)
     split_i = env.table.index[Action("split", 0, 2)]                       # i -> 4 x 4
     obs, *_ = env.step(split_i)
-    rows = obs[:MAX_LOOPS * features.LOOP_WIDTH].reshape(MAX_LOOPS, features.LOOP_WIDTH)
-    assert rows[:4, 0].tolist() == [1, 1, 1, 1] and np.allclose(rows[:2, 1], math.log2(5))
+    rows = obs[:features.ROWS].reshape(MAX_LOOPS, features.LOOP_WIDTH)
+    assert rows[:4, present].tolist() == [1, 1, 1, 1] and np.allclose(rows[:2, extent], math.log2(5))
 
 
 # ---------------------------------------------------------------- the mask and episode end

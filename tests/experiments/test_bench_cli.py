@@ -252,3 +252,17 @@ def test_cuda_without_a_gpu_is_one_clear_error(capsys, tmp_path, command):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no CUDA GPU"), err
     assert not any(tmp_path.iterdir())   # nothing half-written
+
+
+def test_the_cuda_kernel_suite_without_a_gpu_is_one_clear_error(capsys, tmp_path, monkeypatch):
+    from kernels import target as targets
+
+    def no_gpu(device_id: int = 0):
+        raise targets.NoCudaDevice("no CUDA GPU: none here")
+
+    monkeypatch.setattr(targets, "cuda_target", no_gpu)   # also where CuPy and a GPU are present
+    out = tmp_path / "BENCHMARKS.md"
+    assert main(["benchmark", "--suite", "kernels-cuda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no CUDA GPU"), err
+    assert not out.exists()

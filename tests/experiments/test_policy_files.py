@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agents import policy
-from agents.search import policy_rollout
+from agents.rollout import PolicyDraw, rollout
 from envs.actions import ActionTable
 from experiments import train, tune
 from experiments.cli import main
@@ -68,8 +68,8 @@ def test_convert_policy_keeps_the_actions(capsys, small_agent, tmp_path):
     for shape in ("16x24x8", "96x64x128"):
         op = make_op("matmul", shape)
         loaded = policy.load_policy(tmp_path / "new.pt", op, target)
-        assert policy_rollout(op, ActionTable(op), loaded, target, deterministic=True)[1] == \
-            policy_rollout(op, ActionTable(op), small_agent, target, deterministic=True)[1]
+        assert rollout(op, ActionTable(op), PolicyDraw(loaded, deterministic=True)).actions == \
+            rollout(op, ActionTable(op), PolicyDraw(small_agent, deterministic=True)).actions
 
 
 def test_convert_policy_says_it_unpickles_and_needs_the_op(capsys, small_agent, tmp_path):

@@ -84,7 +84,7 @@ def test_tune_ppo_zero_shot_with_budget_one(trained, tmp_path):
 
 def test_saved_policy_gives_the_same_greedy_schedule(trained):
     from agents.policy import load_policy
-    from agents.search import policy_rollout
+    from agents.rollout import PolicyDraw, rollout
     from envs.actions import ActionTable
     from kernels.ir.ops import make_op
     from kernels.target import cpu_target
@@ -92,8 +92,8 @@ def test_saved_policy_gives_the_same_greedy_schedule(trained):
     op = make_op("matmul", "40x24x16")
     a = load_policy(trained / "policy.pt", op, cpu_target())
     b = load_policy(trained / "policy.pt", op, cpu_target())
-    sa, _ = policy_rollout(op, ActionTable(op), a, cpu_target(), deterministic=True)
-    sb, _ = policy_rollout(op, ActionTable(op), b, cpu_target(), deterministic=True)
+    sa = rollout(op, ActionTable(op), PolicyDraw(a, deterministic=True)).schedule
+    sb = rollout(op, ActionTable(op), PolicyDraw(b, deterministic=True)).schedule
     assert sa.key() == sb.key()
 
 
@@ -174,3 +174,21 @@ def test_train_resumes_without_measuring_again(trained, tmp_path):
     assert lines[:len(lines_before)] == lines_before
     keys = [json.dumps([json.loads(l)["shape"], json.loads(l)["schedule"]], sort_keys=True) for l in lines]
     assert len(keys) == len(set(keys)), "a schedule was measured twice"
+
+
+def test_compare_works_on_train_runs(trained, tmp_path):
+    """Train logs its mean best speedup per measured episode; compare plots that curve."""
+    points = [json.loads(l) for l in (trained / "progress.jsonl").read_text().splitlines()]
+    assert points and all("search/mean_best_speedup" in p for p in points)
+    out = last_json(cli("compare", str(trained), "--out", "cmp", "--json", cwd=tmp_path))
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    table = (tmp_path / "cmp.md").read_text()
+    assert "mean best speedup over naive" in table and "ppo train (matmul small shapes" in table
+    [row] = out["runs"]
+    assert row["curve"] == "search/mean_best_speedup" and row["best"] == points[-1]["search/mean_best_speedup"]
+
+
+def test_compare_refuses_runs_without_a_common_curve(trained, tmp_path):
+    tuned = last_json(cli("tune", "--op", "matmul", "--shape", "16x16x16", "--agent", "random", "--budget", "2",
+                          "--json", cwd=tmp_path))["run_dir"]
+    assert "no common curve" in one_error_line(cli("compare", tuned, str(trained), cwd=tmp_path))

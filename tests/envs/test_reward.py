@@ -1,0 +1,53 @@
+"""Reward modes are classes chosen by name; a new one plugs into the env."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from envs.actions import Action
+from envs.reward import FAILED_SLOWDOWN, REWARDS, Reward, make_reward
+from envs.schedule_env import ScheduleEnv
+
+
+def test_modes_by_name():
+    assert set(REWARDS) == {"measure", "surrogate", "measure_every_step"}
+    assert all(make_reward(name).name == name for name in REWARDS)
+    with pytest.raises(ValueError, match="unknown reward mode 'speed'; use one of measure, surrogate"):
+        make_reward("speed")
+
+
+def test_measure_every_step_by_name_or_by_flag(fake_measurer_cls):
+    steps = [Action("split", 1, 2), Action("swap", 0), Action("vectorize", 3)]
+    runs = []
+    for kw in (dict(reward="measure_every_step"), dict(reward="measure", measure_every_step=True)):
+        env = ScheduleEnv(op="matmul", shape="16x16x16", measurer=fake_measurer_cls(), **kw)
+        env.reset(seed=0)
+        assert env.reward.name == "measure_every_step"
+        runs.append([env.step(env.table.index[a])[1] for a in steps] + [env.step(env.table.done)[1]])
+    assert runs[0] == runs[1] and runs[0][0] != 0.0
+
+
+class HalfEachStep(Reward):
+    """A made-up mode: every step halves the time."""
+
+    name = "halves"
+
+    def estimate(self, env, schedule):
+        return self.t_prev / 2
+
+
+def test_a_new_mode_is_one_class(fake_measurer_cls, monkeypatch):
+    monkeypatch.setitem(REWARDS, HalfEachStep.name, HalfEachStep)
+    for fail in (False, True):
+        env = ScheduleEnv(op="matmul", shape="16x16x16", reward="halves", measurer=fake_measurer_cls(fail=fail))
+        env.reset(seed=0)
+        rewards = [env.step(env.table.index[Action("swap", s)])[1] for s in (0, 1)]
+        assert rewards == [math.log(2)] * 2
+        _, last, terminated, _, info = env.step(env.table.done)
+        total = sum(rewards) + last
+        if fail:   # reward_on_error: the failed kernel counts as FAILED_SLOWDOWN x naive
+            assert math.isclose(total, -math.log(FAILED_SLOWDOWN)) and "error" in info
+        else:
+            assert math.isclose(total, math.log(info["speedup"]))
