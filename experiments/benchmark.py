@@ -25,6 +25,7 @@ import datetime
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +43,8 @@ from kernels.target import Target, get_target
 from . import bench
 from .config import field
 
-SUITES = ("kernels-cpu", "kernels-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu", "cluster-cpu")
+SUITES = ("kernels-cpu", "kernels-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu", "cluster-cpu",
+          "timing-cpu")
 
 KERNELS_CPU = [
     ("matmul", "512x512x512"),
@@ -65,6 +67,7 @@ class Config:
     budget: int = field(64, help="measurements per agent (search-cpu)")
     anneal_budget: int = field(256, help="measurements of the annealing reference (zeroshot-cpu)")
     cluster_rounds: int = field(2, help="interleaved rounds of local, Ray x1 and Ray x2 (cluster-cpu)")
+    repeats: int = field(3, help="bench runs per cell, quiet and loaded (timing-cpu)")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -87,6 +90,71 @@ def _kernels_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
              "that spinning worker threads of one do not steal cores from the other) on the same "
              "inputs, in the same process."]
     return notes + [""] + header + rows, results
+
+
+TIMING_CASES = [("matmul", "256x256x256"), ("matmul", "1024x1024x1024"), ("conv2d", "1,64,56,56,64,3,3,1,1")]
+NEIGHBOUR = [sys.executable, "-c", "while True: pass"]   # a CPU-bound process of another session
+
+
+@contextlib.contextmanager
+def _neighbour(on: bool):
+    """A CPU-bound process at nice 19 in a session of its own (so in another scheduler
+    autogroup, which takes half the cores whatever its nice value), for the block."""
+    proc = subprocess.Popen(["nice", "-n", "19", *NEIGHBOUR], start_new_session=True) if on else None
+    try:
+        yield
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+
+def _timing_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
+    """The expert's GFLOPS and fraction of the library, quiet and beside a busy neighbour,
+    at real-time priority (the default) and at normal priority (SCHEDGYM_REALTIME=0)."""
+    header = ["| op | shape | priority | quiet GFLOPS | loaded GFLOPS | quiet of lib | loaded of lib | "
+              "loaded / quiet (of lib) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    rows, results = [], []
+    for kind, shape in TIMING_CASES:
+        for priority, flag in (("real-time", "1"), ("normal", "0")):
+            figures = {}
+            for loaded in (False, True):
+                runs = []
+                with _neighbour(loaded), _env(SCHEDGYM_REALTIME=flag):
+                    for _ in range(cfg.repeats):
+                        runs.append(bench.run(bench.Config(op=kind, shape=shape, schedule="expert",
+                                                           rounds=cfg.rounds)))
+                figures[loaded] = runs
+                results.append({"op": kind, "shape": shape, "priority": priority, "loaded": loaded, "runs": runs})
+
+            def spread(key: str, loaded: bool, fmt: str) -> str:
+                v = [r[key] for r in figures[loaded] if r["correct"]]
+                return f"{min(v):{fmt}}-{max(v):{fmt}}" if v else "failed"
+            q = statistics.median(r["fraction_of_library"] for r in figures[False])
+            lo = statistics.median(r["fraction_of_library"] for r in figures[True])
+            rows.append(f"| {kind} | {shape} | {priority} | {spread('gflops', False, '.0f')} | "
+                        f"{spread('gflops', True, '.0f')} | {spread('fraction_of_library', False, '.2f')} | "
+                        f"{spread('fraction_of_library', True, '.2f')} | {lo / q:.2f} |")
+    notes = [f"Each cell: the range over {cfg.repeats} runs of `python -m experiments bench --op OP --shape "
+             f"SHAPE --schedule expert --rounds {cfg.rounds}` (each the median of its rounds). *loaded*: "
+             "beside `setsid nice -n 19 python -c 'while True: pass'` (a session of its own, so an "
+             "autogroup of its own); *normal* priority: `SCHEDGYM_REALTIME=0`. The last column is the "
+             "median loaded fraction of the library over the median quiet one: the goal is within 10% of 1."]
+    return notes + [""] + header + rows, results
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 KERNELS_CUDA = [
@@ -510,7 +578,8 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "env-cpu": "Environment throughput and episode time split",
           "search-cpu": "Search agents under one measurement budget",
           "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
-          "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate"}
+          "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate",
+          "timing-cpu": "Timing under load: quiet and beside a busy neighbour"}
 
 
 def _machine(target: Target) -> str:
@@ -527,7 +596,7 @@ def run(cfg: Config) -> dict:
     else:
         lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
                           "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,
-                          "cluster-cpu": _cluster_cpu}[cfg.suite](cfg)
+                          "cluster-cpu": _cluster_cpu, "timing-cpu": _timing_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
     machine = [f"{_machine(target)}; measured {stamp}. "
                f"Suite command: `python -m experiments benchmark --suite {cfg.suite}`.", ""]

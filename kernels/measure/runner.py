@@ -122,7 +122,7 @@ class Runner:
 
     def __init__(self, timeout_s: float = 60.0, repeats: int = 10, warmup: int = 1,
                  min_time_s: float = 1.0, seed: int | None = None, dtype: str = "float32",
-                 omp_stacksize: str = "16M", startup_timeout_s: float = 120.0, realtime: bool = True):
+                 omp_stacksize: str = "16M", startup_timeout_s: float = 120.0, realtime: bool | None = None):
         if dtype not in PRECISIONS:
             raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(PRECISIONS)}")
         self.timeout_s, self.repeats, self.warmup = timeout_s, max(1, repeats), warmup
@@ -133,7 +133,8 @@ class Runner:
         self.slow_cutoff_s: float | None = None
         self.omp_stacksize = omp_stacksize
         self.startup_timeout_s = startup_timeout_s   # also bounds preparing inputs
-        self.realtime = realtime  # time at real-time priority where allowed (worker.py says why)
+        # time at real-time priority where allowed (worker.py says why); SCHEDGYM_REALTIME=0 turns it off
+        self.realtime = os.environ.get("SCHEDGYM_REALTIME", "1") != "0" if realtime is None else realtime
         self.realtime_denied = False
         self._worker: _Worker | None = None
         self.runs = 0             # kernels run so far
