@@ -17,8 +17,12 @@ elsewhere); the model goes to --out.
 ``--logs-out DIR/OP_SHAPE.jsonl``; a rerun finds them in the log and measures
 only what is missing.
 
+``--eval LOG ...`` trains nothing: it reports how well ``--model`` (default: the
+shipped one) ranks the correct records of the given logs.
+
 Examples:
   python -m experiments costmodel --logs runs/a/tuning.jsonl --out runs/costmodel.pt --json
+  python -m experiments costmodel --eval runs/*/tuning.jsonl --json
   python -m experiments costmodel --generate matmul:256x256x256:200 conv2d:1,32,28,28,32,3,3,1,1:150 \\
       --logs-out /tmp/cm_data --out /tmp/cm_data/model.pt --compare
 """
@@ -38,6 +42,7 @@ from kernels.measure import Measurer, Runner
 from kernels.ir.ops import make_op
 from kernels.target import get_target
 
+from . import pretrained
 from .config import field, jsonable
 from .runs import new_run_dir, save_config
 
@@ -62,6 +67,11 @@ class Config:
     max_steps: int = field(10, help="most steps of a generated schedule")
     timeout: float = field(10.0, help="seconds a generated kernel may run (check and timing) before it "
                                       "counts as failed")
+    eval: list[str] | None = field(None, help="only evaluate --model on the correct records of these logs "
+                                               "(no training): pairwise accuracy and top-k recall",
+                                   nargs="+", metavar="LOG")
+    model: str | None = field(None, help="the model --eval evaluates (default: the shipped one for --target)",
+                              metavar="PATH")
     runs: str = field("runs", help="where run directories go")
     json: bool = field(False, help="print one JSON object as the last line")
 
@@ -169,8 +179,33 @@ def _print_table(rows: list[tuple[str, dict]], k: int) -> None:
                   f"{cv['top_k_recall']:>14.3f}")
 
 
+def evaluate(cfg: Config) -> dict:
+    """The accuracy of a saved model on the records of given logs, shape by shape."""
+    from agents.cost_model import LearnedCostModel, records_from_logs
+
+    target = get_target(cfg.target)
+    path = Path(cfg.model) if cfg.model else pretrained.cost_model_path(target.kind)
+    if not path.is_file():
+        raise FileNotFoundError(f"cost model {path} does not exist")
+    model = LearnedCostModel.load(path, target=target)
+    records = records_from_logs(cfg.eval, cfg.target)
+    metrics = model.evaluate(records, k=cfg.top_k)
+    used = sum(1 for r in records if r.correct and r.error is None)
+    if not used or metrics["pairwise_accuracy"] != metrics["pairwise_accuracy"]:   # NaN: no pairs
+        raise ValueError(f"no two correct records of one shape in {', '.join(cfg.eval)}: nothing to rank")
+    summary = {"model": str(path), "logs": cfg.eval, "records": used, "k": cfg.top_k,
+               "pairwise_accuracy": metrics["pairwise_accuracy"],
+               f"top{cfg.top_k}_recall": metrics["top_k_recall"]}
+    print(f"{path}: pairwise accuracy {summary['pairwise_accuracy']:.3f}, top-{cfg.top_k} recall "
+          f"{metrics['top_k_recall']:.3f} on {used} correct records of {len(cfg.eval)} logs")
+    return summary
+
+
 def run(cfg: Config) -> dict:
     from agents.cost_model import records_from_logs, to_samples
+
+    if cfg.eval:
+        return evaluate(cfg)
 
     summary: dict = {}
     logs = list(cfg.logs or [])

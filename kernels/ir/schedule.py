@@ -214,16 +214,17 @@ class Step:
         expected = {f.name: f.type for f in fields(cls)}
         if set(args) != set(expected):
             raise ScheduleError(f"bad fields for {name}: needs {sorted(expected)}, got {sorted(args)}")
+        shown = f"{name}({', '.join(repr(args[f]) for f in expected)})"
         for k, v in args.items():  # types here; values are checked by apply()
             kind = expected[k]
             if kind.startswith("tuple"):
                 if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-                    raise ScheduleError(f"{name}.{k} must be a list of loop names, got {v!r}")
+                    raise ScheduleError(f"{shown}: {k} must be a list of loop names, got {v!r}")
                 args[k] = tuple(v)
             elif kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-                raise ScheduleError(f"{name}.{k} must be an integer, got {v!r}")
+                raise ScheduleError(f"{shown}: {k} must be an integer, got {v!r}")
             elif kind == "str" and not isinstance(v, str):
-                raise ScheduleError(f"{name}.{k} must be a string, got {v!r}")
+                raise ScheduleError(f"{shown}: {k} must be a string, got {v!r}")
         return cls(**args)
 
     def __str__(self) -> str:
@@ -239,8 +240,8 @@ class Split(Step):
     def apply(self, op, nest):
         loop = self._unannotated(nest, self.loop)
         check(self.loop not in nest.anchors(), self, f"loop {self.loop!r} anchors a cache stage")
-        check(isinstance(self.factor, int) and 1 <= self.factor <= loop.extent, self,
-              f"factor must be an integer in [1, {loop.extent}]")
+        whole = isinstance(self.factor, int) and not isinstance(self.factor, bool)
+        check(whole and 1 <= self.factor <= loop.extent, self, f"factor must be an integer in [1, {loop.extent}]")
         outer = Loop(f"{loop.name}_o", -(-loop.extent // self.factor), loop.reduce, loop.axis)
         inner = Loop(f"{loop.name}_i", self.factor, loop.reduce, loop.axis)
         repl = Lin.var(outer.name, self.factor) + Lin.var(inner.name)

@@ -250,6 +250,22 @@ def test_cli_end_to_end(measured_log, tmp_path, capsys):
                                                                np.random.default_rng(0)))))
 
 
+def test_cli_eval_reports_the_accuracy_of_a_model(measured_log, tmp_path, capsys):
+    """--eval trains nothing: the shipped model by default, or --model, on given logs."""
+    rc = cli.main(["costmodel", "--eval", str(measured_log), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    res = json.loads(captured.out.strip().splitlines()[-1])
+    assert res["model"].endswith("pretrained/cpu/cost_model.pt") and res["records"] >= 10
+    assert 0 <= res["pairwise_accuracy"] <= 1 and 0 <= res["top10_recall"] <= 1
+    one = tmp_path / "one.jsonl"
+    one.write_text(measured_log.read_text().splitlines()[0] + "\n")
+    assert cli.main(["costmodel", "--eval", str(one)]) == 2
+    assert "nothing to rank" in capsys.readouterr().err
+    assert cli.main(["costmodel", "--eval", str(measured_log), "--model", str(tmp_path / "no.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content, message", [
     ("", "no usable records"),
     ("garbage\n{\"also\": \"bad\"}\n", "no usable records"),

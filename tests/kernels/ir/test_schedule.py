@@ -194,6 +194,7 @@ ILLEGAL = [
     ("split-factor-negative", _sched(), Split("i", -2), "factor must be an integer in [1, 16]"),
     ("split-factor-too-large", _sched(), Split("i", 17), "factor must be an integer in [1, 16]"),
     ("split-factor-not-int", _sched(), Split("i", 2.5), "factor must be an integer"),
+    ("split-factor-bool", _sched(), Split("i", True), "factor must be an integer"),
     ("tile-factor-0", _sched(), Tile("i", "j", 0, 4), "factor must be an integer in [1, 16]"),
     ("tile-factor-too-large", _sched(), Tile("i", "j", 4, 32), "factor must be an integer in [1, 16]"),
     ("tile-same-loop", _sched(), Tile("i", "i", 2, 2), "outer and inner are the same loop"),
