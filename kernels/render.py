@@ -6,7 +6,8 @@ the loop body allows it: one multiply-accumulate whose accesses are contiguous o
 invariant in the loop, no tail, an extent that is a multiple of the width. That
 keeps a register tile in registers, which gcc's auto-vectorizer alone does not.
 Other vectorized loops fall back to ``#pragma omp simd``. ``unroll`` is done
-here, explicitly: one ``{ const int v = c; ... }`` block per iteration.
+here, explicitly: one ``{ const int v = c; ... }`` block per iteration. No element
+is read under a condition (``guarded``; see ``CRenderer.value``).
 """
 
 from __future__ import annotations
@@ -71,11 +72,21 @@ class CStyleRenderer:
             lim = f"imin({lim}, {b})"
         return lim
 
+    def start(self, loop: For) -> str:
+        """The first iteration: max(0, each of ``loop.starts``), constants folded."""
+        fixed = max([0] + [e.evaluate({}) for e in loop.starts if not e.vars()])
+        first = str(fixed)
+        for e in loop.starts:
+            if e.vars():
+                first = f"imax({first}, {self.expr(e)})"
+        return first
+
     def for_loop(self, loop: For, depth: int) -> list[str]:
         if loop.kind == "unroll":
             return self.unrolled(loop, depth)
         pad = self.indent * depth
-        head = f"{pad}for (int {loop.var} = 0; {loop.var} < {self.limit(loop)}; ++{loop.var}) {{"
+        v = loop.var
+        head = f"{pad}for (int {v} = {self.start(loop)}; {v} < {self.limit(loop)}; ++{v}) {{"
         return self.pragmas(loop, depth) + self.block(head, loop.body, depth)
 
     def pragmas(self, loop: For, depth: int) -> list[str]:
@@ -85,17 +96,25 @@ class CStyleRenderer:
         pad = self.indent * depth
         lines = []
         for c in range(loop.extent):
-            if loop.bounds:
-                head = f"{pad}if ({c} < {self.limit(loop)}) {{ const int {loop.var} = {c};"
+            if loop.bounds or loop.starts:
+                first = f"{self.start(loop)} <= {c} && " if loop.starts else ""
+                head = f"{pad}if ({first}{c} < {self.limit(loop)}) {{ const int {loop.var} = {c};"
             else:
                 head = f"{pad}{{ const int {loop.var} = {c};"
             lines += self.block(head, loop.body, depth)
         return lines
 
     # ------------------------------------------------------------ expressions
-    def ref(self, load: Load) -> str:
+    def offset(self, load: Load) -> str:
         clamps = "".join(f" + imin({self.expr(e)}, {n - 1})*{stride}" for e, n, stride in load.clamps)
-        return f"{load.buffer}[{self.expr(load.index)}{clamps}]"
+        return f"{self.expr(load.index)}{clamps}"
+
+    def ref(self, load: Load) -> str:
+        return f"{load.buffer}[{self.offset(load)}]"
+
+    def in_bounds(self, load: Load) -> str:
+        """The condition under which a guarded read is inside its tensor."""
+        return " && ".join(f"0 <= {self.expr(e)} && {self.expr(e)} < {n}" for e, n in load.bounds)
 
     def conds(self, conds) -> str:
         return " && ".join(f"{self.expr(e)} < {n}" for e, n in conds)
@@ -105,8 +124,7 @@ class CStyleRenderer:
             ref = self.ref(v)
             if not v.bounds:
                 return ref
-            ok = " && ".join(f"0 <= {self.expr(e)} && {self.expr(e)} < {n}" for e, n in v.bounds)
-            return f"(({ok}) ? {ref} : 0.0f)"
+            return f"(({self.in_bounds(v)}) ? {ref} : 0.0f)"
         if isinstance(v, Mul):
             return f"{self.value(v.a)} * {self.value(v.b)}"
         if isinstance(v, Add):
@@ -131,6 +149,9 @@ class CRenderer(CStyleRenderer):
                          *(f"typedef float vec{w} __attribute__((vector_size({4 * w}), aligned(4)));"
                            for w in widths),
                          "static inline int imin(int a, int b) { return a < b ? a : b; }",
+                         "static inline int imax(int a, int b) { return a > b ? a : b; }",
+                         "static inline float guarded(const float* p, int ok, int i) { union { float f; "
+                         "unsigned u; } v = { p[ok ? i : 0] }; v.u &= -(unsigned)ok; return v.f; }",
                          "")
 
     def pragmas(self, loop: For, depth: int) -> list[str]:
@@ -156,9 +177,19 @@ class CRenderer(CStyleRenderer):
         return [f"{pad}for (int {loop.var} = 0; {loop.var} < {loop.extent}; {loop.var} += {width}) {{",
                 pad + self.indent + line, pad + "}"]
 
+    def value(self, v) -> str:
+        """A guarded read is never a conditional load (``ok ? A[i] : 0``): gcc 12.2 turns
+        that into a masked load, and its SLP vectorizer drops the permutation of a masked
+        load that feeds several lanes (GCC PR 114375), which reads the wrong memory.
+        ``guarded`` loads unconditionally, from element 0 when outside, and zeroes the
+        value with a bitwise select (ARCHITECTURE "Lowering and rendering")."""
+        if isinstance(v, Load) and v.bounds:
+            return f"guarded({v.buffer}, {self.in_bounds(v)}, {self.offset(v)})"
+        return super().value(v)
+
     def vector_width(self, loop: For) -> int | None:
         """The SIMD width to emit this loop with, or None for the scalar fallback."""
-        if loop.bounds or len(loop.body) != 1:
+        if loop.bounds or loop.starts or len(loop.body) != 1:
             return None
         (s,) = loop.body
         if not (isinstance(s, Store) and isinstance(s.value, Mul)
