@@ -163,7 +163,8 @@ def interpret_lowered(fn, arrays: dict) -> dict:
                 limit = s.extent
                 for e, c in s.bounds:
                     limit = min(limit, -(-e.evaluate(env) // c))
-                for v in range(limit):
+                start = max([0] + [e.evaluate(env) for e in getattr(s, "starts", ())])
+                for v in range(start, limit):
                     run(s.body, {**env, s.var: v})
             elif isinstance(s, ir.If):
                 if all(e.evaluate(env) < n for e, n in s.conds):

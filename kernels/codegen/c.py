@@ -6,7 +6,8 @@ the loop body allows it: one multiply-accumulate whose accesses are contiguous o
 invariant in the loop, no tail, an extent that is a multiple of the width. That
 keeps a register tile in registers, which gcc's auto-vectorizer alone does not.
 Other vectorized loops fall back to ``#pragma omp simd``. ``unroll`` is done
-here, explicitly: one ``{ const int v = c; ... }`` block per iteration.
+here, explicitly: one ``{ const int v = c; ... }`` block per iteration. No element
+is read under a condition (``guarded``; see ``CRenderer.value``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class CRenderer(CStyleRenderer):
                          *(f"typedef float vec{w} __attribute__((vector_size({4 * w}), aligned(4)));"
                            for w in widths),
                          "static inline int imin(int a, int b) { return a < b ? a : b; }",
+                         "static inline int imax(int a, int b) { return a > b ? a : b; }",
+                         "static inline float guarded(const float* p, int ok, int i) { union { float f; "
+                         "unsigned u; } v = { p[ok ? i : 0] }; v.u &= -(unsigned)ok; return v.f; }",
                          "")
 
     def pragmas(self, loop: For, depth: int) -> list[str]:
@@ -57,9 +61,19 @@ class CRenderer(CStyleRenderer):
         return [f"{pad}for (int {loop.var} = 0; {loop.var} < {loop.extent}; {loop.var} += {width}) {{",
                 pad + self.indent + line, pad + "}"]
 
+    def value(self, v) -> str:
+        """A guarded read is never a conditional load (``ok ? A[i] : 0``): gcc 12.2 turns
+        that into a masked load, and its SLP vectorizer drops the permutation of a masked
+        load that feeds several lanes (GCC PR 114375), which reads the wrong memory.
+        ``guarded`` loads unconditionally, from element 0 when outside, and zeroes the
+        value with a bitwise select (ARCHITECTURE "Lowering and rendering")."""
+        if isinstance(v, Load) and v.bounds:
+            return f"guarded({v.buffer}, {self.in_bounds(v)}, {self.offset(v)})"
+        return super().value(v)
+
     def vector_width(self, loop: For) -> int | None:
         """The SIMD width to emit this loop with, or None for the scalar fallback."""
-        if loop.bounds or len(loop.body) != 1:
+        if loop.bounds or loop.starts or len(loop.body) != 1:
             return None
         (s,) = loop.body
         if not (isinstance(s, Store) and isinstance(s.value, Mul)

@@ -65,11 +65,21 @@ class CStyleRenderer:
             lim = f"imin({lim}, {b})"
         return lim
 
+    def start(self, loop: For) -> str:
+        """The first iteration: max(0, each of ``loop.starts``), constants folded."""
+        fixed = max([0] + [e.evaluate({}) for e in loop.starts if not e.vars()])
+        first = str(fixed)
+        for e in loop.starts:
+            if e.vars():
+                first = f"imax({first}, {self.expr(e)})"
+        return first
+
     def for_loop(self, loop: For, depth: int) -> list[str]:
         if loop.kind == "unroll":
             return self.unrolled(loop, depth)
         pad = self.indent * depth
-        head = f"{pad}for (int {loop.var} = 0; {loop.var} < {self.limit(loop)}; ++{loop.var}) {{"
+        v = loop.var
+        head = f"{pad}for (int {v} = {self.start(loop)}; {v} < {self.limit(loop)}; ++{v}) {{"
         return self.pragmas(loop, depth) + self.block(head, loop.body, depth)
 
     def pragmas(self, loop: For, depth: int) -> list[str]:
@@ -79,17 +89,25 @@ class CStyleRenderer:
         pad = self.indent * depth
         lines = []
         for c in range(loop.extent):
-            if loop.bounds:
-                head = f"{pad}if ({c} < {self.limit(loop)}) {{ const int {loop.var} = {c};"
+            if loop.bounds or loop.starts:
+                first = f"{self.start(loop)} <= {c} && " if loop.starts else ""
+                head = f"{pad}if ({first}{c} < {self.limit(loop)}) {{ const int {loop.var} = {c};"
             else:
                 head = f"{pad}{{ const int {loop.var} = {c};"
             lines += self.block(head, loop.body, depth)
         return lines
 
     # ------------------------------------------------------------ expressions
-    def ref(self, load: Load) -> str:
+    def offset(self, load: Load) -> str:
         clamps = "".join(f" + imin({self.expr(e)}, {n - 1})*{stride}" for e, n, stride in load.clamps)
-        return f"{load.buffer}[{self.expr(load.index)}{clamps}]"
+        return f"{self.expr(load.index)}{clamps}"
+
+    def ref(self, load: Load) -> str:
+        return f"{load.buffer}[{self.offset(load)}]"
+
+    def in_bounds(self, load: Load) -> str:
+        """The condition under which a guarded read is inside its tensor."""
+        return " && ".join(f"0 <= {self.expr(e)} && {self.expr(e)} < {n}" for e, n in load.bounds)
 
     def conds(self, conds) -> str:
         return " && ".join(f"{self.expr(e)} < {n}" for e, n in conds)
@@ -99,8 +117,7 @@ class CStyleRenderer:
             ref = self.ref(v)
             if not v.bounds:
                 return ref
-            ok = " && ".join(f"0 <= {self.expr(e)} && {self.expr(e)} < {n}" for e, n in v.bounds)
-            return f"(({ok}) ? {ref} : 0.0f)"
+            return f"(({self.in_bounds(v)}) ? {ref} : 0.0f)"
         if isinstance(v, Mul):
             return f"{self.value(v.a)} * {self.value(v.b)}"
         if isinstance(v, Add):

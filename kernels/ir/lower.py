@@ -74,6 +74,7 @@ class For:
     body: list = field(default_factory=list)
     kind: str = "serial"                                # serial | parallel | vectorize | unroll
     bounds: tuple[tuple[Lin, int], ...] = ()            # extra limits: var < ceil(e / c)
+    starts: tuple[Lin, ...] = ()                        # first iteration: max(0, each e)
 
 
 @dataclass
@@ -189,7 +190,7 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
             dims = footprint(op, nest, access.tensor, cached)
             local[buf] = math.prod(d[2] for d in dims)
             reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
-            packs[cached] += [Alloc(buf, local[buf]), _pack(access.tensor, shape, buf, dims, nest)]
+            packs[cached] += [Alloc(buf, local[buf]), *_pack(access.tensor, shape, buf, dims, nest)]
         else:
             reads[access.tensor] = _direct_read(op, access, nest, unguarded)
 
@@ -299,17 +300,29 @@ def _loops_over(loops, nest: LoopNest, stmt, bound: set[str], kinds: dict[str, s
     return rec(0)[0]
 
 
-def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest) -> For:
-    """Copy the footprint of ``tensor`` into ``buf``, zero outside the tensor."""
+def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest) -> list:
+    """Copy the footprint of ``tensor`` into ``buf``, zero outside the tensor.
+
+    Where the box can leave the tensor (padding, a tail), the buffer is zeroed first and
+    each copy loop runs over the part inside the tensor only, so that no element is read
+    under a condition: contiguous copies, and nothing for gcc to turn into masked loads
+    (see ``CRenderer.value``).
+    """
     vars_ = [f"{buf}_{d}" for d in range(len(dims))]
-    src = tuple(base + Lin.var(v) for (base, _, _), v in zip(dims, vars_))
     ext = {**nest.extents, **{v: d[2] for v, d in zip(vars_, dims)}}
-    bounds = tuple((e, n) for e, n in zip(src, shape) if not (0 <= e.range(ext)[0] and e.range(ext)[1] < n))
+    src = tuple(base + Lin.var(v) for (base, _, _), v in zip(dims, vars_))
     stmt = Store(buf, _flat(tuple(Lin.var(v) for v in vars_), tuple(d[2] for d in dims)),
-                 Load(tensor, _flat(src, shape), bounds))
-    for v, d in reversed(list(zip(vars_, dims))):
-        stmt = For(v, d[2], [stmt])
-    return stmt
+                 Load(tensor, _flat(src, shape)))
+    clipped = False
+    for v, (base, _, size), e, n in reversed(list(zip(vars_, dims, src, shape))):
+        lo, hi = e.range(ext)
+        starts = (Lin() - base,) if lo < 0 else ()               # base + v >= 0
+        bounds = ((Lin.constant(n) - base, 1),) if hi >= n else ()  # base + v < n
+        clipped = clipped or bool(starts or bounds)
+        stmt = For(v, size, [stmt], bounds=bounds, starts=starts)
+    if not clipped:
+        return [stmt]
+    return [_fill(buf, math.prod(d[2] for d in dims)), stmt]
 
 
 def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, threads: tuple[Loop, ...]):

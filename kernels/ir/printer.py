@@ -26,8 +26,10 @@ def _dump(stmts, depth: int, out: list[str]) -> None:
         if isinstance(s, For):
             lim = f"min({s.extent}, " + ", ".join(f"ceil(({e})/{c})" if c != 1 else str(e)
                                                   for e, c in s.bounds) + ")" if s.bounds else str(s.extent)
+            start = "max(0, " + ", ".join(map(str, s.starts)) + ")" if any(e.vars() for e in s.starts) \
+                else str(max([0] + [e.evaluate({}) for e in s.starts]))
             kind = "" if s.kind == "serial" else f"  # {s.kind}"
-            out.append(f"{pad}for {s.var} in 0..{lim}:{kind}")
+            out.append(f"{pad}for {s.var} in {start}..{lim}:{kind}")
             _dump(s.body, depth + 1, out)
         elif isinstance(s, If):
             out.append(f"{pad}if " + " and ".join(f"{e} < {n}" for e, n in s.conds) + ":")

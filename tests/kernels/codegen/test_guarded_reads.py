@@ -1,0 +1,92 @@
+"""Guarded reads (padding, tails of packed panels) in the C kernels: no conditional loads.
+
+gcc 12.2 miscompiles some kernels whose source reads a tensor under a condition
+(``ok ? A[i] : 0.0f``): if-conversion turns the read into a masked load, and the
+loop vectorizer's SLP drops the permutation of a masked load that feeds several
+lanes (GCC PR tree-optimization/114375, fixed in later releases), so the kernel
+reads the wrong memory. A pack (``cache_read``) now zeroes its buffer and copies
+only the part of the box inside the tensor; a direct read of padding goes through
+``guarded``, which loads unconditionally and zeroes with a bitwise select.
+
+The two schedules here came out of random search (values up to 1e33 and NaN,
+changing from run to run); both are a parallel loop of one iteration around a
+cached, unrolled tile whose A panel runs past the last row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.ir.lower import For, Load, Store, lower
+from kernels.ir.ops import make_op
+from kernels.codegen import render
+from kernels.ir.schedule import Schedule
+
+_TILE_UNDER_ONE_THREAD = [
+    {"step": "CacheRead", "tensor": "A", "loop": "i_o_i"},
+    {"step": "CacheRead", "tensor": "B", "loop": "i_i_o"},
+    {"step": "CacheWrite", "loop": "i_o_o"},
+    {"step": "Unroll", "loop": "k"}, {"step": "Unroll", "loop": "j"}, {"step": "Unroll", "loop": "i_i_i"},
+    {"step": "Parallel", "loop": "i_o_o"}]
+REGRESSIONS = {
+    "matmul 8x32x5": ("8x32x5", [
+        {"step": "Split", "loop": "i", "factor": 3},
+        {"step": "Tile", "outer": "i_o", "inner": "i_i", "outer_factor": 3, "inner_factor": 3},
+        *_TILE_UNDER_ONE_THREAD]),
+    "matmul 5x16x9": ("5x16x9", [
+        {"step": "Split", "loop": "i", "factor": 2},
+        {"step": "Tile", "outer": "i_o", "inner": "i_i", "outer_factor": 3, "inner_factor": 2},
+        *_TILE_UNDER_ONE_THREAD]),
+}
+
+
+def regression(name: str) -> Schedule:
+    shape, steps = REGRESSIONS[name]
+    return Schedule.from_json({"op": "matmul", "shape": shape, "steps": steps})
+
+
+def kernel_body(schedule: Schedule, target) -> str:
+    """The C function, without the preamble's helpers."""
+    return "void " + render(schedule, target).source.split("\nvoid ", 1)[1]
+
+
+@pytest.mark.parametrize("name", REGRESSIONS)
+def test_cached_unrolled_tile_under_a_one_iteration_parallel_loop(name, assert_correct, interpret):
+    schedule = regression(name)
+    out, ref = interpret(schedule)      # the IR is right...
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    for _ in range(3):                  # ...and so must the compiled kernel be, every time
+        assert_correct(schedule)
+
+
+@pytest.mark.parametrize("schedule", [
+    regression("matmul 8x32x5"),
+    Schedule(make_op("conv2d", "1,3,7,7,4,3,3,2,1")),
+    Schedule(make_op("conv2d", "1,3,7,7,4,3,3,1,2")).cache_read("I", "k"),
+    Schedule(make_op("depthwise_conv2d", "1,3,7,7,3,3,1,1")).cache_read("I", "c"),
+], ids=["tail pack", "padding read", "padding pack", "depthwise padding pack"])
+def test_no_element_is_read_under_a_condition(schedule, target, assert_correct):
+    body = kernel_body(schedule, target)
+    assert "?" not in body, body
+    assert ("guarded(" in body) == (not schedule.nest.cache_reads), body
+    assert_correct(schedule)
+
+
+def test_a_pack_zeroes_its_buffer_and_copies_the_inside_only():
+    op = make_op("conv2d", "1,2,5,6,3,3,3,1,1")
+    fn = lower(Schedule(op).cache_read("I", "k"))
+    stores = list(_walk(fn.body))
+    zero, copy = [s for s in stores if isinstance(s, Store) and s.buffer == "I_local"]
+    assert zero.value == type(zero.value)() and copy.value == Load("I", copy.value.index)
+    loops = {s.var: s for s in stores if isinstance(s, For) and s.var.startswith("I_local_")}
+    assert [str(e) for e in loops["I_local_2"].starts] == ["1"]     # row -1 is padding
+    assert [str(e) for e in loops["I_local_3"].starts] == ["1"]     # so is column -1
+    assert [(str(e), c) for e, c in loops["I_local_3"].bounds] == [("7", 1)]   # and column 6
+    assert not loops["I_local_1"].starts and not loops["I_local_1"].bounds
+
+
+def _walk(stmts):
+    for s in stmts:
+        yield s
+        yield from _walk(getattr(s, "body", ()))
