@@ -124,6 +124,35 @@ class OutOfBounds(AssertionError):
     """A read or write outside its buffer."""
 
 
+def eval_value(v, env, read):
+    """The value of loop-IR expression ``v`` in ``env``; loads inside their tensor go
+    through ``read(buffer, flat index, env)``, reads of padding are 0."""
+    if isinstance(v, ir.Load):
+        if not all(0 <= e.evaluate(env) < n for e, n in v.bounds):
+            return 0.0
+        index = v.index
+        for e, n, stride in v.clamps:   # index + min(e, n - 1) * stride
+            index = index + Lin.constant(min(e.evaluate(env), n - 1) * stride)
+        return read(v.buffer, index, env)
+    if isinstance(v, ir.Mul):
+        return eval_value(v.a, env, read) * eval_value(v.b, env, read)
+    if isinstance(v, ir.Add):
+        return eval_value(v.a, env, read) + eval_value(v.b, env, read)
+    if isinstance(v, ir.Relu):
+        return max(eval_value(v.a, env, read), 0.0)
+    if isinstance(v, ir.Zero):
+        return 0.0
+    raise TypeError(v)
+
+
+def loop_range(s: ir.For, env) -> range:
+    """The iterations of loop ``s`` in ``env``: its starts and tail bounds applied."""
+    limit = s.extent
+    for e, c in s.bounds:
+        limit = min(limit, -(-e.evaluate(env) // c))
+    return range(max([0] + [e.evaluate(env) for e in s.starts]), limit)
+
+
 def interpret_lowered(fn, arrays: dict) -> dict:
     """Execute lowered IR on flat float64 arrays, checking that every access is in range.
 
@@ -140,31 +169,12 @@ def interpret_lowered(fn, arrays: dict) -> dict:
         return i
 
     def value(v, env):
-        if isinstance(v, ir.Load):
-            if not all(0 <= e.evaluate(env) < n for e, n in v.bounds):
-                return 0.0
-            index = v.index
-            for e, n, stride in getattr(v, "clamps", ()):   # index + min(e, n - 1) * stride
-                index = index + Lin.constant(min(e.evaluate(env), n - 1) * stride)
-            return bufs[v.buffer][at(v.buffer, index, env, "read")]
-        if isinstance(v, ir.Mul):
-            return value(v.a, env) * value(v.b, env)
-        if isinstance(v, ir.Add):
-            return value(v.a, env) + value(v.b, env)
-        if isinstance(v, ir.Relu):
-            return max(value(v.a, env), 0.0)
-        if isinstance(v, ir.Zero):
-            return 0.0
-        raise TypeError(v)
+        return eval_value(v, env, lambda buffer, index, env: bufs[buffer][at(buffer, index, env, "read")])
 
     def run(stmts, env):
         for s in stmts:
             if isinstance(s, ir.For):
-                limit = s.extent
-                for e, c in s.bounds:
-                    limit = min(limit, -(-e.evaluate(env) // c))
-                start = max([0] + [e.evaluate(env) for e in getattr(s, "starts", ())])
-                for v in range(start, limit):
+                for v in loop_range(s, env):
                     run(s.body, {**env, s.var: v})
             elif isinstance(s, ir.If):
                 if all(e.evaluate(env) < n for e, n in s.conds):

@@ -21,6 +21,7 @@ import pytest
 
 from kernels.ir import lower as ir
 from kernels.ir.printer import print_loop_nest
+from tests.conftest import eval_value, loop_range
 from kernels.codegen.rules import check_for_target, default_schedule, launch_config
 from kernels.experts import expert_schedule
 from kernels.ir.ops import OPERATORS, make_op
@@ -81,30 +82,14 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                     log["r"].append((name, i, tid))
             return i
 
-        def value(v, env):
-            if isinstance(v, ir.Load):
-                if not all(0 <= e.evaluate(env) < n for e, n in v.bounds):
-                    return 0.0
-                index = v.index
-                for e, n, stride in v.clamps:
-                    index = index + min(e.evaluate(env), n - 1) * stride
-                x = buffer(v.buffer)[at(v.buffer, index, env, False)]
-                if np.isnan(x):
-                    raise GpuFault(f"read of unset {v.buffer} at {env}")
-                return x
-            if isinstance(v, ir.Mul):
-                return value(v.a, env) * value(v.b, env)
-            if isinstance(v, ir.Add):
-                return value(v.a, env) + value(v.b, env)
-            if isinstance(v, ir.Relu):
-                return max(value(v.a, env), 0.0)
-            return 0.0
+        def read(name, index, env):
+            x = buffer(name)[at(name, index, env, False)]
+            if np.isnan(x):
+                raise GpuFault(f"read of unset {name} at {env}")
+            return x
 
-        def limit(s, env):
-            lim = s.extent
-            for e, c in s.bounds:
-                lim = min(lim, -(-e.evaluate(env) // c))
-            return lim
+        def value(v, env):
+            return eval_value(v, env, read)
 
         def run(stmts, env):
             for s in stmts:
@@ -112,10 +97,10 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                     if s.kind.startswith("bind:"):
                         v = env0[s.kind[5:]]
                         assert v < s.extent
-                        if v < limit(s, env):
+                        if v in loop_range(s, env):
                             yield from run(s.body, {**env, s.var: v})
                     else:
-                        for v in range(limit(s, env)):
+                        for v in loop_range(s, env):
                             yield from run(s.body, {**env, s.var: v})
                 elif isinstance(s, ir.If):
                     if all(e.evaluate(env) < n for e, n in s.conds):
