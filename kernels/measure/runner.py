@@ -53,11 +53,31 @@ def check_fits_in_memory(op: Operator) -> None:
                          f"(inputs, outputs and reference); {have / 2**30:.1f} GiB are available")
 
 
+# The worker asks for real-time priority (SCHED_FIFO 1) first thing, before numpy or
+# torch start their thread pools, so that every thread that runs a kernel or the library
+# inherits it: a real-time thread preempts every normal process, whose share would
+# otherwise bend timings by up to 50x (the scheduler's autogroups give a busy process of
+# another session half the cores whatever its nice value, and threads asleep between
+# blocks wake in 4 ms ticks behind it). The kernel's throttling of real-time tasks (5% of
+# each second left to the rest) keeps a hung kernel from freezing the machine until the
+# runner's timeout kills it. Where it is not allowed, the worker runs as before.
+WORKER_PROGRAM = """
+import os
+if os.environ.get("SCHEDGYM_REALTIME") == "1":
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError:
+        pass
+from kernels.measure.worker import main
+main()
+"""
+
+
 class _Worker:
     """A worker process and the line-based pipe to it."""
 
     def __init__(self, env: dict[str, str]):
-        cmd = [sys.executable, "-c", "from kernels.measure.worker import main; main()"]
+        cmd = [sys.executable, "-c", WORKER_PROGRAM]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._buf = b""
 
@@ -133,7 +153,7 @@ class Runner:
         self.slow_cutoff_s: float | None = None
         self.omp_stacksize = omp_stacksize
         self.startup_timeout_s = startup_timeout_s   # also bounds preparing inputs
-        # time at real-time priority where allowed (worker.py says why); SCHEDGYM_REALTIME=0 turns it off
+        # time at real-time priority where allowed (WORKER_PROGRAM says why); SCHEDGYM_REALTIME=0 turns it off
         self.realtime = os.environ.get("SCHEDGYM_REALTIME", "1") != "0" if realtime is None else realtime
         self.realtime_denied = False
         self._worker: _Worker | None = None

@@ -50,21 +50,6 @@ def _watch_parent() -> None:
             os._exit(3)
 
 
-def _realtime_priority() -> bool:
-    """Run this thread, and the threads it starts (the kernel runner, OpenMP's and
-    OpenBLAS's workers), at real-time priority (SCHED_FIFO 1): they then preempt every
-    normal process, whose share would otherwise bend timings by up to 50x (autogroups give
-    another session's process half the cores whatever its nice value, and threads asleep
-    between blocks wake in 4 ms ticks behind it). The kernel's throttling of real-time
-    tasks (5% of each second left to the rest) keeps a hung kernel from freezing the
-    machine until the runner's timeout kills it. False where it is not allowed."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
 def main() -> None:
     """Serve run requests, one JSON line each, from stdin until it closes."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -76,7 +61,7 @@ def main() -> None:
         proto.write(json.dumps(msg) + "\n")
         proto.flush()
 
-    realtime = os.environ.get("SCHEDGYM_REALTIME") == "1" and _realtime_priority()
+    realtime = os.sched_getscheduler(0) == os.SCHED_FIFO   # set before any import: runner.py says why
 
     def serve_all() -> None:
         data: dict[tuple[str, str, int], tuple[Operator, dict[str, np.ndarray], np.ndarray]] = {}
