@@ -9,8 +9,10 @@ of a reorder swapped, a cache anchor moved, an unroll/vectorize toggled or moved
 another loop made parallel or bound) or by crossing two parents' step sequences.
 Every child is replayed through the schedule IR and checked against the target's
 rules: an illegal child is dropped, never measured. The cost model ranks the
-population; its predicted best plus a few random children are measured, and the
-model learns from every batch. The policy proposes; the search decides.
+population; each batch measures the predicted best mutants of the fastest kernel so
+far (a local search around the incumbent), the population's predicted best and a few
+random members, and the model learns from every batch. The policy proposes; the
+search decides.
 """
 
 from __future__ import annotations
