@@ -62,8 +62,9 @@ class Config:
                                       "samples ranked by the cost model), or a baseline", choices=list(AGENTS))
     policy: str | None = field(None, help="trained policy for evolve and ppo: its .pt, with the .json beside it "
                                           "(default: the shipped one, if any)", metavar="PATH")
-    no_expert: bool = field(False, help="leave the hand-written expert schedule out of the candidates "
-                                        "(an ablation: what the search finds alone)")
+    no_expert: bool = field(False, help="an ablation: the expert schedule is no candidate and no seed, and the "
+                                        "shipped policy (which imitates it) proposes nothing unless --policy "
+                                        "names one; the expert is still timed in the final rounds, for the figure")
     cost_model: str | None = field(None, help="pre-trained cost model for ppo/anneal/beam "
                                               "(default: the shipped one)", metavar="PATH")
     budget: int | None = field(None, help="hardware measurements the search may make, in all "
@@ -94,7 +95,7 @@ def _library_ms(op, measurer: Measurer) -> float:
 
 
 def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]],
-                      expert: Schedule | None, rounds: int):
+                      expert: Schedule | None, rounds: int, expert_wins: bool = True):
     """The best kernel re-checked and re-timed against the library (and beside the expert
     schedule, in the same rounds): ``(schedule, kernel, built, its comparison, the
     expert's or None, the search's time of it, re-measured?)``.
@@ -103,7 +104,8 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
     next best takes its place. A final time that disagrees with the search's by more than
     the spread (a machine loaded in one of the two) is measured once more, and said. Where
     the expert is faster in these rounds (the search timed its best too kindly), the
-    expert is the result: never slower than the expert."""
+    expert is the result, never slower than the expert, unless ``expert_wins`` is off
+    (the ablation, where the expert is timed only for the figure)."""
     extra = []
     if expert is not None:
         expert_kernel = render(expert, target, name=f"{op.kind}_expert")
@@ -123,7 +125,7 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
             remeasured = True
         if cmp.ok:
             expert_cmp = rest[0] if rest else None
-            if expert_cmp is not None and expert_cmp.ok and expert_cmp.time_ms < cmp.time_ms:
+            if expert_wins and expert_cmp is not None and expert_cmp.ok and expert_cmp.time_ms < cmp.time_ms:
                 print(f"the expert schedule is faster in the final rounds ({expert_cmp.time_ms:.3f} ms against "
                       f"{cmp.time_ms:.3f}); it is the result", file=sys.stderr)
                 return expert, expert_kernel, expert_built, expert_cmp, expert_cmp, searched_ms, remeasured
@@ -151,7 +153,7 @@ def _policy(cfg: Config, op, target):
     """The policy for evolve (optional: none shipped means random proposals) and ppo (required)."""
     if cfg.agent == "ppo" or (cfg.agent == "evolve" and cfg.policy):
         return pretrained.load_policy(cfg.policy, op, target)
-    if cfg.agent == "evolve" and pretrained.policy_path(op.kind, target.kind).is_file():
+    if cfg.agent == "evolve" and not cfg.no_expert and pretrained.policy_path(op.kind, target.kind).is_file():
         return pretrained.load_policy(None, op, target)
     return None
 
@@ -173,7 +175,7 @@ def run(cfg: Config) -> dict:
     model = None
     if cfg.agent in ("evolve", "ppo", "filtered", "anneal", "beam"):
         model = pretrained.load_cost_model(cfg.cost_model, target, seed=cfg.seed)
-    expert = None if cfg.no_expert else _expert(op, target)
+    expert = _expert(op, target)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -188,7 +190,8 @@ def run(cfg: Config) -> dict:
                   log=run_dir / "tuning.jsonl") as measurer:
         already = len(measurer.cache)
         # references, outside the budget: the result is never slower than either
-        naive, expert_result = measurer.measure([Schedule(op), expert or Schedule(op)])
+        reference = None if cfg.no_expert else expert
+        naive, expert_result = measurer.measure([Schedule(op), reference or Schedule(op)])
         # for the curve; the final figure times the library against the best kernel, in blocks
         library_ms_start = _library_ms(op, measurer)
         bar = Progress(cfg.budget, f"{cfg.agent} {op.kind} {op.shape_str}")
@@ -205,12 +208,12 @@ def run(cfg: Config) -> dict:
         AGENTS[cfg.agent](search, rng, model=model, policy=policy)
         bar.close()
         ranked = sorted([(r.time_ms, search.schedules[k]) for k, r in search.measured.items() if r.ok]
-                        + [(r.time_ms, sch) for sch, r in ((Schedule(op), naive), (expert, expert_result))
+                        + [(r.time_ms, sch) for sch, r in ((Schedule(op), naive), (reference, expert_result))
                            if sch is not None and r.ok], key=lambda x: x[0])
         if not ranked:
             raise LookupError(f"no correct kernel in {len(search.measured)} measurements")
         best, kernel, built, final, expert_final, searched_ms, remeasured = _final_comparison(
-            op, target, measurer, ranked, expert, cfg.rounds)
+            op, target, measurer, ranked, expert, cfg.rounds, expert_wins=not cfg.no_expert)
         if cfg.export:
             export_kernel(cfg.export, kernel, built.path, best, target)
     writer.close()

@@ -61,6 +61,18 @@ def test_every_op_tunes_with_the_default_agent(kind, shape, tmp_path):
     assert len(records) >= 2, "and so is the expert schedule"
 
 
+def test_no_expert_ablation_measures_no_expert_but_reports_it(tmp_path):
+    out = last_json(cli("tune", "--op", "matmul", "--shape", "16x24x8", "--budget", "3", "--rounds", "1",
+                        "--no-expert", "--json", cwd=tmp_path))
+    records = [json.loads(l) for l in (tmp_path / out["run_dir"] / "tuning.jsonl").read_text().splitlines()]
+    from kernels.experts import expert_schedule
+    from kernels.ir.ops import make_op
+    from kernels.target import cpu_target
+    expert = expert_schedule(make_op("matmul", "16x24x8"), cpu_target()).steps_json()
+    assert expert not in [r["schedule"] for r in records]
+    assert out["fraction_of_expert"] > 0 and out["measurements"] <= 3
+
+
 @pytest.mark.parametrize("agent", ["random", "anneal", "beam"])
 def test_tune_agents_with_a_tiny_budget(agent, tmp_path):
     out = last_json(cli("tune", "--op", "matmul", "--shape", "16x24x8", "--agent", agent, "--budget", "4",
