@@ -47,7 +47,7 @@ from .runner import Runner
 logger = logging.getLogger(__name__)
 
 CPU_HOST = "cpu_host"      # custom Ray resource: one unit per runner of C kernels on a machine
-PROBE_TIMEOUT_S = 10.0     # a cluster address that does not answer within this fails
+PROBE_TIMEOUT_S = 7.0      # a cluster address that does not answer within this fails (the command, in 10 s)
 RETRIES = 1                # extra attempts of a candidate whose runner died
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # kernels/, shipped to the workers
 
