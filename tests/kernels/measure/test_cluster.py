@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -124,6 +125,17 @@ def test_a_bad_address_fails_fast_and_names_it():
     with pytest.raises(cluster.ClusterError, match="not auto, local or HOST:PORT"):
         cluster.connect("nowhere")
     assert time.monotonic() - t0 < 15
+
+
+def test_a_silent_address_fails_within_the_probe_deadline():
+    """Something accepts TCP but speaks no gRPC: both probes share one deadline."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        t0 = time.monotonic()
+        with pytest.raises(cluster.ClusterError, match="nothing accepted a gRPC connection"):
+            cluster.connect(f"127.0.0.1:{listener.getsockname()[1]}")
+        assert time.monotonic() - t0 < cluster.PROBE_TIMEOUT_S + 1
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
