@@ -56,11 +56,10 @@ def library_call(op: Operator, inputs: dict[str, np.ndarray]) -> Callable[[], ob
     raise ValueError(f"no library reference for {op.kind!r}")
 
 
-def time_call(fn: Callable[[], object], repeats: int = 10, min_time_s: float = 1.0) -> list[float]:
-    """Seconds per call: one warm-up, then 3..repeats calls or until ``min_time_s`` is spent."""
+def library_time_ms(op: Operator, inputs: dict[str, np.ndarray], repeats: int = 10,
+                    min_time_s: float = 1.0) -> float:
+    """Median ms of the library on ``inputs`` in this process: one warm-up, then 3 to
+    ``repeats`` calls or until ``min_time_s`` is spent."""
+    fn = library_call(op, inputs)
     fn()
-    return time_calls(fn, min(3, repeats), repeats, min_time_s)
-
-
-def library_time_ms(op: Operator, inputs: dict[str, np.ndarray], **kw) -> float:
-    return statistics.median(time_call(library_call(op, inputs), **kw)) * 1e3
+    return statistics.median(time_calls(fn, min(3, repeats), repeats, min_time_s)) * 1e3
