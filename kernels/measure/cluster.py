@@ -26,6 +26,7 @@ Ray is imported here only, and only when a cluster is asked for (``--cluster``).
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import os
@@ -67,43 +68,98 @@ def _ray() -> Any:
 
 # ---------------------------------------------------------------- joining a cluster
 
-def _probe(address: str) -> None:
+def _probe(address: str) -> bool:
     """Fail within PROBE_TIMEOUT_S when nothing speaks gRPC at ``address`` (Ray's own
-    connect retries for minutes against a wrong or dead address)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"--cluster {address!r} is not auto, local or HOST:PORT")
+    connect retries for minutes against a wrong or dead address); True when the cluster
+    wants a token (Ray's token authentication), which Ray would otherwise retry for 20 s."""
+    host, port = _host_port(address)
     deadline = time.monotonic() + PROBE_TIMEOUT_S   # for both probes together
     try:
         socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
     except OSError as e:
         raise ClusterError(f"no Ray cluster at {address}: {e}; start one with `ray start --head` "
                            "and pass HEAD_IP:6379, or `auto` on a machine of the cluster") from None
-    import grpc  # installed with Ray (and TensorBoard)
-
-    channel = grpc.insecure_channel(f"{host}:{port}")
     try:
-        grpc.channel_ready_future(channel).result(timeout=max(deadline - time.monotonic(), 0.1))
-    except grpc.FutureTimeoutError:
+        return _refuses(address, None, timeout=max(deadline - time.monotonic(), 0.1))
+    except TimeoutError:
         raise ClusterError(f"no Ray cluster answers at {address} (nothing accepted a gRPC connection "
                            f"within {PROBE_TIMEOUT_S:g} s); start one with `ray start --head` and pass "
                            "HEAD_IP:6379, or `auto` on a machine of the cluster") from None
+
+
+def _host_port(address: str) -> tuple[str, str]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--cluster {address!r} is not auto, local or HOST:PORT")
+    return host, port
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuses(address: str, metadata: tuple | None, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the cluster's GCS refuses a call with ``metadata`` as unauthenticated
+    (TimeoutError when no gRPC server answers within ``timeout``)."""
+    import grpc  # installed with Ray (and TensorBoard)
+
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")
+        try:
+            call(b"", timeout=timeout, metadata=metadata)   # an empty request is a valid one
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.UNAUTHENTICATED
+        return False
+    except grpc.FutureTimeoutError:
+        raise TimeoutError(address) from None
     finally:
         channel.close()
+
+
+def _use_token(address: str, loopback: bool) -> None:
+    """Send the cluster its token. Ray sends one only with RAY_AUTH_MODE=token; for a head
+    on this machine (a loopback address) it takes the token that head saved
+    (~/.ray/auth_token, or $RAY_AUTH_TOKEN), as Ray does itself for ``auto``."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available)
+    from ray._raylet import AuthenticationTokenLoader
+
+    if os.environ.get("RAY_AUTH_MODE") != "token" and not (
+            loopback and maybe_enable_token_auth_if_token_available(warn_if_disabled=False)):
+        raise ClusterError(f"the Ray cluster at {address} wants its token: set RAY_AUTH_MODE=token and "
+                           "RAY_AUTH_TOKEN to what `ray get-auth-token` prints on its head")
+    loader = AuthenticationTokenLoader.instance()
+    header = tuple(loader.get_token_for_http_header().items()) if loader.has_token() else ()
+    if _refuses(address, header):
+        raise ClusterError(f"the Ray cluster at {address} refuses this machine's token: set RAY_AUTH_TOKEN "
+                           "to what `ray get-auth-token` prints on its head")
 
 
 def connect(address: str, *, num_cpus: int | None = None, cpu_hosts: int = 1) -> None:
     """Join the Ray cluster at ``address``: ``auto`` (the cluster this machine belongs to,
     or ``$RAY_ADDRESS``), ``HOST:PORT`` of its head, or ``local``: a throwaway cluster
     on this machine, bound to the loopback address, offering ``num_cpus`` CPUs for
-    compiles and ``cpu_hosts`` CPU runners. Keeps an existing connection."""
-    if address == "local":  # read when Ray is imported: bind to 127.0.0.1, not the LAN
+    compiles and ``cpu_hosts`` CPU runners. Keeps an existing connection.
+
+    A loopback ``HOST`` is joined through the loopback address: Ray swaps it for the
+    machine's LAN address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 when Ray is imported."""
+    wants_token = False
+    loopback = address == "local"
+    if address not in ("auto", "local"):
+        wants_token = _probe(address)
+        loopback = _loopback(_host_port(address)[0])
+    if loopback:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    elif address != "auto":
-        _probe(address)
     ray = _ray()
     if ray.is_initialized():
         return
+    if wants_token:
+        _use_token(address, loopback)
     # Workers on other machines import this package from the cluster, not from a checkout.
     common = dict(log_to_driver=False, runtime_env={"py_modules": [str(PACKAGE_DIR)]})
     try:

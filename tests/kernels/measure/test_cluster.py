@@ -152,6 +152,66 @@ def test_cli_bad_cluster_is_one_error_line(tmp_path):
     assert not (tmp_path / "runs").exists()  # failed before making a run directory
 
 
+@pytest.fixture
+def loopback_head(tmp_path):
+    """A head started apart from the command, on the loopback address only
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray keep --node-ip-address=127.0.0.1), with
+    Ray's default token authentication and its token in a file of its own; yields its
+    address and the build cache its workers use."""
+    import shutil
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are bounded
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef" * 4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+               SCHEDGYM_CACHE=str(tmp_path / "head-cache"))
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=1", f"--resources={{\"{cluster.CPU_HOST}\": 1}}", "--include-dashboard=false",
+                             f"--temp-dir={temp}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (temp / "ray_current_cluster").exists() and head.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if head.poll() is not None or not (temp / "ray_current_cluster").exists():
+            pytest.skip(f"ray cannot start a head here: {head.stdout.read()[-500:] if head.poll() is not None else 'timeout'}")
+        yield f"127.0.0.1:{port}", tmp_path / "head-cache", token
+    finally:
+        head.terminate()   # `ray start --block` stops what it started
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        head.stdout.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_loopback_address_joins_a_loopback_head_with_its_token(loopback_head, tmp_path, monkeypatch):
+    """Ray swaps a loopback address for the LAN one, where this head does not listen, and
+    sends no token to an address it is given; both would fail the command."""
+    address, head_cache, token = loopback_head
+    assert cluster._probe(address)  # the head wants a token
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(cluster.ClusterError, match="wants its token: set RAY_AUTH_MODE=token"):
+        cluster._use_token(address, loopback=False)  # another machine's token is not guessed
+    code = ("import sys; from experiments.cli import main; rc = main(sys.argv[1:]); import ray; "
+            "print('GCS', ray.get_runtime_context().gcs_address, [n['NodeManagerAddress'] for n in ray.nodes()]); "
+            "sys.exit(rc)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PYTHONPATH=str(ROOT), SCHEDGYM_CACHE=str(tmp_path / "cache"), RAY_AUTH_TOKEN_PATH=str(token),
+               RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, "-c", code, "bench", "--op", "matmul", "--shape", "16x16x16", "--rounds", "1",
+                           "--cluster", address],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"GCS {address} ['127.0.0.1']" in proc.stdout
+    assert list(head_cache.rglob("*.so"))  # compiled by the head's workers
+
+
 def test_without_cluster_ray_is_not_imported(tmp_path):
     code = ("import sys; from experiments.cli import main; "
             "rc = main(['tune', '--op', 'matmul', '--shape', '8x8x8', '--agent', 'random', '--budget', '1']); "
