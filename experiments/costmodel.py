@@ -12,10 +12,12 @@ Writes runs/costmodel-<target>-<arch>-<seed>-<time>/: config.json, metrics.json 
 --json prints) and TensorBoard events (cost_model/*; --tensorboard DIR puts them
 elsewhere); the model goes to --out.
 
-``--generate OP:SHAPE:N ...`` first measures N random legal schedules of each shape
-(half drawn uniformly over actions, half over primitives, ``agents.rollout``) into
-``--logs-out DIR/OP_SHAPE.jsonl``; a rerun finds them in the log and measures
-only what is missing.
+``--generate OP:SHAPE:N ...`` first measures N legal schedules of each shape into
+``--logs-out DIR/OP_SHAPE.jsonl``: the expert schedule and mutations of it for about
+half, random rollouts for the rest (``sample_schedules``); a rerun finds them in the
+log and measures only what is missing. ``--shape-set NAME`` does the same for every
+shape of a named set of ``experiments/shapes.py`` (``ranking``: 45 shapes of the five
+operators), ``--per-shape`` schedules each.
 
 ``--eval LOG ...`` trains nothing: it reports how well ``--model`` (default: the
 shipped one) ranks the correct records of the given logs.
@@ -25,11 +27,13 @@ Examples:
   python -m experiments costmodel --eval runs/*/tuning.jsonl --json
   python -m experiments costmodel --generate matmul:256x256x256:200 conv2d:1,32,28,28,32,3,3,1,1:150 \\
       --logs-out /tmp/cm_data --out /tmp/cm_data/model.pt --compare
+  python -m experiments costmodel --shape-set ranking --per-shape 100 --logs-out data/ranking --out model.pt
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import zlib
@@ -61,8 +65,11 @@ class Config:
     tensorboard: str | None = field(None, help="write cost_model/* scalars of the held-out metrics here "
                                                 "(default: the run directory)", metavar="DIR")
     target: str = field("cpu", help="train on records of this target", choices=["cpu"])
-    generate: list[str] | None = field(None, help="measure N random schedules of each OP:SHAPE:N first",
+    generate: list[str] | None = field(None, help="measure N schedules of each OP:SHAPE:N first",
                                        nargs="+", metavar="OP:SHAPE:N")
+    shape_set: str | None = field(None, help="measure --per-shape schedules of every shape of this set "
+                                             "(experiments/shapes.py) first", metavar="NAME")
+    per_shape: int = field(60, help="schedules per shape of --shape-set")
     logs_out: str | None = field(None, help="directory for the logs --generate writes", metavar="DIR")
     max_steps: int = field(10, help="most steps of a generated schedule")
     timeout: float = field(10.0, help="seconds a generated kernel may run (check and timing) before it "
@@ -93,15 +100,49 @@ def log_name(kind: str, shape: str) -> str:
     return f"{kind}_{make_op(kind, shape).shape_str.replace(',', 'x')}.jsonl"
 
 
+def sample_schedules(op, n: int, rng: np.random.Generator, max_steps: int, target) -> list:
+    """``n`` distinct legal schedules of ``op``: the expert schedule and chains of one to
+    three mutations of it for about half (where a search spends its measurements, so the
+    model learns to rank good kernels), random rollouts for the rest, half drawn over
+    actions, half over primitives (variety; most are slow)."""
+    from agents.evolution import legal, mutate
+    from agents.rollout import random_schedules
+    from kernels.experts import expert_schedule
+
+    out: dict[str, object] = {}
+    try:
+        expert = legal(op, expert_schedule(op, target).steps, target)
+    except ValueError:   # no expert for this operator
+        expert = None
+    if expert is not None:
+        out[expert.key()] = expert
+        for _ in range(20 * n):
+            if len(out) >= (n + 1) // 2:
+                break
+            s = expert
+            for _ in range(int(rng.integers(1, 4))):
+                s = mutate(s, target, rng) or s
+            out.setdefault(s.key(), s)
+    episode = max_steps + 1   # a rollout's last action is done
+    want = n - len(out)
+    for s in random_schedules(op, want // 2, rng, episode, by="action", target=target):
+        out.setdefault(s.key(), s)
+    for s in random_schedules(op, 2 * (n - len(out)), rng, episode, by="primitive", target=target):
+        if len(out) < n:
+            out.setdefault(s.key(), s)
+    return list(out.values())
+
+
 def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: int = 10,
              target: str = "cpu", repeats: int = 3, min_time_s: float = 0.05, timeout_s: float = 10.0,
              batch: int = 16) -> list[dict]:
-    """Measure random schedules of each ``OP:SHAPE:N`` into ``out_dir``; one summary per spec.
+    """Measure ``sample_schedules`` of each ``OP:SHAPE:N`` into ``out_dir``; one summary per spec.
 
     The schedules of a spec depend only on ``seed``, the spec and ``max_steps``, so a
-    rerun replays the same list and the log's cache skips what was measured.
+    rerun replays the same list and the log's cache skips what was measured. A kernel
+    ten times slower than the best of its shape so far is timed by its one check call.
     """
-    from agents.rollout import random_schedules
+    from agents.search import SLOW_FACTOR
 
     parsed = [parse_spec(s) for s in specs]
     tgt = get_target(target)
@@ -111,19 +152,17 @@ def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: in
     for kind, shape, n in parsed:
         op = make_op(kind, shape)
         rng = np.random.default_rng([seed, zlib.crc32(f"{kind}:{op.shape_str}".encode())])
-        episode = max_steps + 1   # a rollout's last action is done
-        scheds = random_schedules(op, n // 2, rng, episode, by="action", target=tgt)
-        seen = {s.key() for s in scheds}
-        scheds += [s for s in random_schedules(op, 2 * (n - len(scheds)), rng, episode, by="primitive", target=tgt)
-                   if s.key() not in seen][:n - len(scheds)]
+        scheds = sample_schedules(op, n, rng, max_steps, tgt)
         path = out_dir / log_name(kind, shape)
         runner = Runner(repeats=repeats, min_time_s=min_time_s, timeout_s=timeout_s)
-        t0, ok = time.perf_counter(), 0
+        t0, ok, best = time.perf_counter(), 0, math.inf
         with Measurer(tgt, runner=runner, log=path) as m:
             for i in range(0, len(scheds), batch):
                 part = scheds[i:i + batch]
                 res = m.measure(part)
                 ok += sum(r.ok for r in res)
+                best = min([best] + [r.time_ms / 1e3 for r in res if r.ok])
+                runner.slow_cutoff_s = SLOW_FACTOR * best if math.isfinite(best) else None
                 _status(f"{kind} {op.shape_str}: {i + len(part)}/{len(scheds)} measured, {ok} correct "
                         f"({time.perf_counter() - t0:.0f}s)")
             summaries.append({"op": kind, "shape": op.shape_str, "log": str(path), "schedules": len(scheds),
@@ -209,10 +248,15 @@ def run(cfg: Config) -> dict:
 
     summary: dict = {}
     logs = list(cfg.logs or [])
-    if cfg.generate:
+    specs = list(cfg.generate or [])
+    if cfg.shape_set:
+        from .shapes import shape_set
+
+        specs += [f"{op}:{shape}:{cfg.per_shape}" for op, shape in shape_set(cfg.shape_set)]
+    if specs:
         if not cfg.logs_out:
-            raise ValueError("--generate needs --logs-out DIR for the logs it writes")
-        gen = generate(cfg.generate, cfg.logs_out, cfg.seed, cfg.max_steps, cfg.target, timeout_s=cfg.timeout)
+            raise ValueError("--generate and --shape-set need --logs-out DIR for the logs they write")
+        gen = generate(specs, cfg.logs_out, cfg.seed, cfg.max_steps, cfg.target, timeout_s=cfg.timeout)
         summary["generated"] = gen
         logs += [g["log"] for g in gen if g["log"] not in logs]
         if not cfg.out:

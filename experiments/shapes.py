@@ -68,6 +68,36 @@ SMALL: dict[str, list[str]] = {
 }
 
 
+# The cost model's data set (`costmodel --shape-set ranking`): shapes of every operator that
+# no family holds out, square and skinny, powers of two and odd, small to mid-sized (a
+# bad schedule of each still runs in about a second), so a model is judged on shapes it
+# never saw by holding some of these out.
+SHAPE_SETS: dict[str, dict[str, list[str]]] = {
+    "ranking": {
+        "matmul": ["64x64x64", "192x192x192", "256x128x64", "128x512x128", "33x65x129", "48x1024x96",
+                   "384x64x256", "17x257x31", "320x192x160", "160x160x480", "512x384x256"],
+        "dense_bias_relu": ["64x256x128", "128x64x512", "200x120x72", "31x300x47", "256x128x256",
+                            "96x512x64", "16x1024x256", "144x144x144"],
+        "batch_matmul": ["4x64x64x64", "2x96x128x32", "8x32x32x128", "6x50x70x30", "3x128x64x96",
+                         "16x16x64x64", "2x200x40x80", "5x33x17x65"],
+        "conv2d": ["1,32,28,28,32,3,3,1,1", "1,16,56,56,32,3,3,1,1", "1,64,14,14,64,3,3,1,1",
+                   "1,32,30,30,48,3,3,2,1", "1,128,7,7,128,3,3,1,1", "1,64,28,28,128,1,1,1,0",
+                   "1,24,20,20,40,5,5,1,2", "2,8,32,32,16,3,3,1,1", "1,3,64,64,16,7,7,2,3",
+                   "1,48,17,17,40,3,3,1,0"],
+        "depthwise_conv2d": ["1,32,56,56,3,3,1,1", "1,64,28,28,3,3,2,1", "1,128,28,28,3,3,1,1",
+                             "1,256,14,14,3,3,2,1", "1,48,40,40,5,5,1,2", "2,24,33,33,3,3,1,1",
+                             "1,512,7,7,3,3,1,1", "1,96,19,19,3,3,1,0"],
+    },
+}
+
+
+def shape_set(name: str) -> list[tuple[str, str]]:
+    """(op, shape) of every shape in the named set."""
+    if name not in SHAPE_SETS:
+        raise ValueError(f"no shape set {name!r}; known: {', '.join(SHAPE_SETS)}")
+    return [(op, shape) for op, shapes in SHAPE_SETS[name].items() for shape in shapes]
+
+
 def family(op: str, split: str = "train", name: str = "default") -> list[str]:
     """Shapes of ``op``'s family ``name``: ``train``, ``held_out`` or ``small``."""
     if op not in FAMILIES:
