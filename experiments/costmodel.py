@@ -55,7 +55,7 @@ from .runs import new_run_dir, save_config
 class Config:
     logs: list[str] | None = field(None, help="tuning logs (JSON lines) to train on", nargs="+", metavar="LOG")
     out: str | None = field(None, help="where to save the trained model", metavar="MODEL")
-    epochs: int = field(60, help="training epochs")
+    epochs: int = field(30, help="training epochs (more fit the training shapes better and others worse)")
     seed: int = field(0, help="seed of the initial weights, the held-out split and the sampled schedules")
     holdout: float = field(0.2, help="fraction of each shape's schedules held out for the metrics")
     top_k: int = field(10, help="k of the top-k recall")

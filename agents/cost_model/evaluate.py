@@ -13,7 +13,7 @@ from .metrics import ranking_metrics
 from .model import CostModelConfig, LearnedCostModel
 
 
-def cross_validate_by_shape(records: Iterable[Any], config: CostModelConfig | None = None, epochs: int = 60,
+def cross_validate_by_shape(records: Iterable[Any], config: CostModelConfig | None = None, epochs: int = 30,
                             folds: int = 5, k: int = 10, target: Target | None = None) -> dict:
     """Train on some shapes, test on the others: the groups split into ``folds`` folds
     (leave-one-shape-out with at most ``folds`` shapes), a fresh model per fold. Pairwise

@@ -22,8 +22,9 @@ from kernels.ir.schedule import Schedule
 from kernels.target import Target, cpu_target
 
 from .data import Group, Sample, group_index, operator, split, to_samples
+from .features import NEST_LOOP_WIDTH, NEST_SIZE, nest_features
 from .metrics import ranking_metrics
-from .nets import ARCHS, loop_rows, one_thread, present_rows
+from .nets import ARCHS, Ensemble, loop_rows, one_thread, present_rows
 
 FORMAT = "schedgym-cost-model"
 VERSION = 1
@@ -45,6 +46,8 @@ class CostModelConfig:
     min_gap: float = 0.05        # pairs closer than this in log time (5%) are not ranked
     update_epochs: int = 5       # epochs per update() call...
     update_min_steps: int = 20   # ...but at least this many gradient steps
+    nest_features: bool = True   # add the cost model's own columns (features.py) to the env's
+    ensemble: int = 3            # nets averaged (nets.Ensemble)
     seed: int = 0
 
 
@@ -59,12 +62,14 @@ class LearnedCostModel:
         self.target = target or cpu_target()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            self.net = ARCHS[self.config.arch](self.config.hidden)
+            self.net = Ensemble(self.config.arch, self.config.hidden, self.config.nest_features,
+                                self.config.ensemble)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.config.lr,
                                      weight_decay=self.config.weight_decay)
         self.rng = np.random.default_rng(self.config.seed)
-        self.mean = np.zeros(SIZE, np.float32)
-        self.std = np.ones(SIZE, np.float32)
+        self.width = SIZE + (NEST_SIZE if self.config.nest_features else 0)   # columns of a feature vector
+        self.mean = np.zeros(self.width, np.float32)
+        self.std = np.ones(self.width, np.float32)
         self.norm_records = 0          # training-set size the normalisation was taken from
         self.log_s_per_flop = math.log(1e-9)
         self.steps = 0                 # gradient steps so far
@@ -73,14 +78,17 @@ class LearnedCostModel:
 
     # ------------------------------------------------------------ features
     def features(self, schedules: Sequence[Schedule]) -> np.ndarray:
-        """The (n, SIZE) raw feature matrix; recently seen schedules come from a cache."""
-        out = np.empty((len(schedules), SIZE), np.float32)
+        """The (n, width) raw feature matrix; recently seen schedules come from a cache."""
+        out = np.empty((len(schedules), self.width), np.float32)
         cache = self._features
         for i, s in enumerate(schedules):
             key = (s.op.kind, s.op.shape_str, s.key())
             x = cache.get(key)
             if x is None:
-                x = featurize(s.op, NestInfo(s.op, s.nest), self.target, 0.0)
+                info = NestInfo(s.op, s.nest)
+                x = featurize(s.op, info, self.target, 0.0)
+                if self.config.nest_features:
+                    x = np.concatenate([x, nest_features(info, self.target)])
                 cache[key] = x
                 if len(cache) > FEATURE_CACHE:
                     cache.popitem(last=False)
@@ -97,9 +105,15 @@ class LearnedCostModel:
 
     def _fit_normalisation(self, x: np.ndarray) -> None:
         rows = loop_rows(x)[present_rows(x)]
-        glob = x[:, ROWS:]
-        mean = np.concatenate([np.tile(rows.mean(0), MAX_LOOPS), glob.mean(0)])
-        std = np.concatenate([np.tile(rows.std(0), MAX_LOOPS), glob.std(0)])
+        glob = x[:, ROWS:SIZE]
+        mean = [np.tile(rows.mean(0), MAX_LOOPS), glob.mean(0)]
+        std = [np.tile(rows.std(0), MAX_LOOPS), glob.std(0)]
+        if self.config.nest_features:   # the same for the cost model's own rows and globals
+            extra = SIZE + MAX_LOOPS * NEST_LOOP_WIDTH
+            nest_rows = x[:, SIZE:extra].reshape(len(x), MAX_LOOPS, NEST_LOOP_WIDTH)[present_rows(x)]
+            mean += [np.tile(nest_rows.mean(0), MAX_LOOPS), x[:, extra:].mean(0)]
+            std += [np.tile(nest_rows.std(0), MAX_LOOPS), x[:, extra:].std(0)]
+        mean, std = np.concatenate(mean), np.concatenate(std)
         self.mean = mean.astype(np.float32)
         self.std = np.maximum(std, 0.5).astype(np.float32)   # near-constant features stay near their scale
         self.norm_records = len(x)
@@ -110,7 +124,7 @@ class LearnedCostModel:
         out = []
         with torch.inference_mode(), one_thread():
             for i in range(0, len(x), chunk):
-                out.append(self.net(*self._tensors(x[i:i + chunk])).numpy())
+                out.append(self.net(*self._tensors(x[i:i + chunk])).mean(0).numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def score(self, schedules: Sequence[Schedule]) -> np.ndarray:
@@ -133,7 +147,7 @@ class LearnedCostModel:
 
     # ------------------------------------------------------------ training
     def _add(self, samples: list[Sample]) -> None:
-        xs = self.features([s.schedule for s in samples]) if samples else np.zeros((0, SIZE), np.float32)
+        xs = self.features([s.schedule for s in samples]) if samples else np.zeros((0, self.width), np.float32)
         for s, x in zip(samples, xs):
             key = (s.group, s.schedule.key())
             old = self.data.get(key)
@@ -143,7 +157,7 @@ class LearnedCostModel:
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, list[Group]]:
         items = list(self.data.values())
-        x = np.stack([x for _, x in items]) if items else np.zeros((0, SIZE), np.float32)
+        x = np.stack([x for _, x in items]) if items else np.zeros((0, self.width), np.float32)
         y = np.array([s.log_s for s, _ in items])
         return x, y, [s.group for s, _ in items]
 
@@ -207,7 +221,8 @@ class LearnedCostModel:
         losses = []
         for b in self._batches(gidx):
             bt = torch.from_numpy(b)
-            l = self._loss(self.net(xt[bt], present[bt]), yt[bt], gt[bt])
+            preds = self.net(xt[bt], present[bt])
+            l = sum(self._loss(p, yt[bt], gt[bt]) for p in preds) / len(preds)
             self.opt.zero_grad()
             l.backward()
             self.opt.step()
@@ -223,7 +238,7 @@ class LearnedCostModel:
             return
         self.learn(samples, self.config.update_epochs, self.config.update_min_steps)
 
-    def fit(self, records: Iterable[Any], epochs: int = 60, holdout: float = 0.2, seed: int | None = None,
+    def fit(self, records: Iterable[Any], epochs: int = 30, holdout: float = 0.2, seed: int | None = None,
             by: str = "schedule", k: int = 10, writer=None, log_dir: str | os.PathLike | None = None,
             eval_every: int = 5) -> dict:
         """Train ``epochs`` epochs on ``records`` less a held-out part; return held-out metrics.
@@ -306,8 +321,12 @@ class LearnedCostModel:
                                  f"features; this code reads version {VERSION} with {SIZE}")
         try:
             known = {f.name for f in fields(CostModelConfig)}
-            model = cls(CostModelConfig(**{k: v for k, v in state["config"].items() if k in known}), target)
-            model.net.load_state_dict(state["weights"])
+            config = {"nest_features": False, "ensemble": 1, **state["config"]}   # older files: one net...
+            model = cls(CostModelConfig(**{k: v for k, v in config.items() if k in known}), target)
+            weights = state["weights"]
+            if not any(k.startswith("members.") for k in weights):                 # ...saved bare
+                weights = {f"members.0.{k}": v for k, v in weights.items()}
+            model.net.load_state_dict(weights)
             model.mean = state["mean"].numpy().astype(np.float32)
             model.std = state["std"].numpy().astype(np.float32)
             model.norm_records = int(state["norm_records"])

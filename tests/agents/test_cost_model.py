@@ -12,6 +12,7 @@ from experiments import cli
 from kernels.measure import Builder, MeasureResult, Measurer, Runner
 from kernels.ir.ops import make_op
 from kernels.ir.schedule import Parallel, Schedule, Unroll, Vectorize
+from envs.features import SIZE
 from kernels.target import cpu_target
 from kernels.measure.tuning_log import TuningLog, TuningRecord
 
@@ -127,6 +128,18 @@ def test_predict_returns_log_seconds_on_a_plausible_scale(trained, data):
 
 # ---------------------------------------------------------------- persistence
 
+def test_an_ensemble_averages_its_members_and_round_trips(data, tmp_path):
+    model = LearnedCostModel(ensemble=3, seed=0)
+    model.learn(to_samples(data[:60], cpu_target().device), epochs=2)
+    scheds = [s for s, _ in data[:20]]
+    x = model._tensors(model.features(scheds))
+    members = [m(*x).detach().numpy() for m in model.net.members]
+    assert not np.allclose(members[0], members[1])          # different initial weights
+    np.testing.assert_allclose(model.score(scheds), np.mean(members, 0), rtol=1e-5, atol=1e-6)
+    model.save(tmp_path / "e.pt")
+    np.testing.assert_array_equal(LearnedCostModel.load(tmp_path / "e.pt").predict(scheds), model.predict(scheds))
+
+
 def test_save_load_round_trip(trained, data, tmp_path):
     model, _ = trained
     path = tmp_path / "m.pt"
@@ -156,6 +169,49 @@ def test_load_errors(tmp_path):
     torch.save(state, tmp_path / "broken.pt")
     with pytest.raises(CostModelError, match="incomplete"):
         LearnedCostModel.load(tmp_path / "broken.pt")
+
+
+def test_a_file_from_before_the_nest_columns_and_ensembles_loads_as_it_was(tmp_path, data):
+    import torch
+
+    old = LearnedCostModel(nest_features=False, ensemble=1)
+    old.learn(to_samples(data[:40], cpu_target().device), epochs=2)
+    old.save(tmp_path / "old.pt")
+    state = torch.load(tmp_path / "old.pt", weights_only=True)
+    del state["config"]["nest_features"], state["config"]["ensemble"]     # as such a file was written:
+    state["weights"] = {k.removeprefix("members.0."): v for k, v in state["weights"].items()}  # one bare net
+    torch.save(state, tmp_path / "old.pt")
+    loaded = LearnedCostModel.load(tmp_path / "old.pt")
+    assert not loaded.config.nest_features and loaded.config.ensemble == 1 and loaded.width == SIZE
+    scheds = [s for s, _ in data[:20]]
+    np.testing.assert_array_equal(old.predict(scheds), loaded.predict(scheds))
+
+
+def test_nest_columns_of_an_expert_with_tails():
+    """matmul 33x65x129's expert: j_o (3) parallel on 2 cores, i split by 8 and j by 32 with
+    tails (40 of 33 and 96 of 65 iterations run), an 8x32 unrolled and vectorized body
+    accumulated in an 8x32 tile under i_o, B packed under j_o (129x32)."""
+    from agents.cost_model.features import NEST_GLOBAL_FEATURES, NEST_LOOP_FEATURES, NEST_LOOP_WIDTH, nest_features
+    from envs.actions import MAX_LOOPS, NestInfo
+    from kernels.experts import expert_schedule
+
+    target, op = cpu_target(), make_op("matmul", "33x65x129")
+    nest = expert_schedule(op, target).nest
+    assert [(l.name, l.extent, l.kind) for l in nest.loops] == [
+        ("j_o", 3, "parallel"), ("i_o", 5, "serial"), ("k", 129, "serial"), ("i_i", 8, "unroll"),
+        ("j_i", 32, "vectorize")]
+    assert nest.cache_write == "i_o" and nest.cache_reads == (("B", "j_o"),)
+    x = nest_features(NestInfo(op, nest), target)
+    rows = dict(zip(NEST_LOOP_FEATURES, x[:MAX_LOOPS * NEST_LOOP_WIDTH].reshape(MAX_LOOPS, -1)[:5].T))
+    glob = dict(zip(NEST_GLOBAL_FEATURES, x[MAX_LOOPS * NEST_LOOP_WIDTH:]))
+    assert list(rows["guarded"]) == [1, 1, 0, 1, 1]
+    assert rows["core_fill"][0] == pytest.approx(3 / 4) and rows["lane_fill"][4] == 1.0
+    assert rows["log_inner"][4] == pytest.approx(math.log2(33))
+    assert rows["log_inner"][0] == pytest.approx(math.log2(1 + 3 * 5 * 129 * 8 * 32))
+    assert rows["log_bytes"][4] == pytest.approx(math.log2(1 + 4 * (32 + 1 + 32)))   # a row of C and of B, one A
+    assert glob["log_padding"] == pytest.approx(math.log2(40 / 33 * 96 / 65))
+    assert glob["log_body"] == pytest.approx(math.log2(257))
+    assert glob["log_tile"] == pytest.approx(math.log2(257)) and glob["log_packed"] == pytest.approx(math.log2(1 + 129 * 32))
 
 
 # ---------------------------------------------------------------- logs
