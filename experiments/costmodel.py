@@ -16,7 +16,7 @@ elsewhere); the model goes to --out.
 ``--logs-out DIR/OP_SHAPE.jsonl``: the expert schedule and mutations of it for about
 half, random rollouts for the rest (``sample_schedules``); a rerun finds them in the
 log and measures only what is missing. ``--shape-set NAME`` does the same for every
-shape of a named set of ``experiments/shapes.py`` (``ranking``: 45 shapes of the five
+shape of a named set of ``experiments/shapes.py`` (``ranking``: 90 shapes of the five
 operators), ``--per-shape`` schedules each.
 
 ``--eval LOG ...`` trains nothing: it reports how well ``--model`` (default: the
