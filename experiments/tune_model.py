@@ -76,6 +76,10 @@ def prepare(cfg: ModelChoice):
     if ":" in cfg.model and cfg.batch != 1:
         print(f"note: --batch does not apply to {cfg.model}; its factory gives the input", file=sys.stderr)
     if target.kind == "cuda":
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = False   # fp32 against fp32: torch's convolutions
+        torch.backends.cudnn.allow_tf32 = False         # would otherwise use TF32 tensor cores
+        torch.backends.cudnn.benchmark = True           # its fastest algorithms: a fair bar
         module, example = module.cuda(), tuple(t.cuda() for t in example)
     return name, module, example, target, db
 
