@@ -54,19 +54,17 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
 def _pointwise(op: Operator, target: Target) -> Schedule | None:
     """A 1x1 convolution (stride 1, no padding) is a matrix product of the weights
     (K x C) with the image (C x H*W): fused ``y*x`` indexes linearly, so it is tiled
-    like matmul's columns. Only where a vector tile divides H*W (or H*W fits one tile);
-    a tail would clamp reads into gathers. Parallel over the image's tiles where there
-    are enough of them, else over the output channels."""
+    like matmul's columns. Parallel over the image's tiles where there are enough of
+    them and no tail, else over the output channels (the image's tiles then run in
+    serial, so a tail tile is shifted back inside, not clamped)."""
     ext, p = op.extents, op.params
     if op.kind == "depthwise_conv2d" or (p["R"], p["S"], p["stride"], p["pad"]) != (1, 1, 1, 0):
         return None
     hw, lanes = ext["y"] * ext["x"], target.vector_lanes
-    cols = next((c for c in (2 * lanes, lanes) if hw % c == 0), hw if hw <= 64 else None)
-    if cols is None:
-        return None
+    cols = _pick(hw, (2 * lanes, lanes)) if hw > 64 else hw
     rows = min(ext["k"], 8 if lanes >= 16 else 6)
     s = Schedule(op).fuse("y", "x").tile("k", "y_x", rows, cols)
-    if hw // cols >= 4 * target.cores:
+    if hw % cols == 0 and hw // cols >= 4 * target.cores:
         s = s.reorder("n", "y_x_o", "k_o", "c", "ry", "rx", "k_i", "y_x_i")
         s = s.cache_write("k_o").vectorize("y_x_i").unroll("k_i").fuse("n", "y_x_o")
         return s.parallel("n_y_x_o")
