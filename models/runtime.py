@@ -97,7 +97,7 @@ class TunedConv(nn.Module):
         if self.subsample > 1:     # a strided 1x1 convolution: pointwise on every stride-th pixel
             x = x[:, :, ::self.subsample, ::self.subsample]
         y = self.call([x.contiguous(), self.weight, *([self.bias] if self.fused else [])])
-        return y + self.bias.view(1, -1, 1, 1) if self.bias is not None and not self.fused else y
+        return y.add_(self.bias.view(1, -1, 1, 1)) if self.bias is not None and not self.fused else y  # y is ours
 
 
 class TunedLinear(nn.Module):
@@ -115,7 +115,7 @@ class TunedLinear(nn.Module):
         y = self.call([x.reshape(-1, x.shape[-1]).contiguous(), self.weight_t,
                        *([self.bias] if self.fused else [])])
         if self.bias is not None and not self.fused:
-            y = y + self.bias
+            y = y.add_(self.bias)
         return y.reshape(*lead, y.shape[-1])
 
 
