@@ -77,11 +77,11 @@ def load_schedule(spec: str, op: Operator, target: Target) -> Schedule:
             raise ValueError(f"{path} is not JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} holds no schedule object")
-        if (data.get("op"), data.get("shape")) != (op.kind, op.shape_str):
-            raise ValueError(f"{path} holds a schedule for {data.get('op')} {data.get('shape')}, "
-                             f"not {op.kind} {op.shape_str}")
+        if (data.get("op"), data.get("shape"), data.get("dtype", "fp32")) != (op.kind, op.shape_str, op.dtype):
+            raise ValueError(f"{path} holds a schedule for {data.get('op')} {data.get('shape')} "
+                             f"{data.get('dtype', 'fp32')}, not {op.kind} {op.shape_str} {op.dtype}")
         return Schedule.from_json(data, op)
-    best = TuningLog(path, target).best(op.kind, op.shape_str, target.kind)
+    best = TuningLog(path, target).best(op.kind, op.shape_str, target.kind, op.dtype)
     if best is None:
         raise LookupError(f"{path} has no correct measurement of {op.kind} {op.shape_str} on {target.kind}")
     return Schedule.from_json({"steps": best.schedule}, op)

@@ -15,7 +15,13 @@ the nest with its bound loops fixed to its indices. On CUDA:
   threads of a block take the same path through every barrier;
 - ``vectorize`` moves four consecutive floats as one ``float4`` where the address
   is provably 16-byte aligned, otherwise it is a loop unrolled by nvcc; ``unroll``
-  is ``#pragma unroll`` over a constant trip count (a guarded tail inside).
+  is ``#pragma unroll`` over a constant trip count (a guarded tail inside);
+- bf16 and fp16 tensors (and their shared stages) hold ``unsigned short`` bits,
+  converted to float where they are read and back where the output is written (PTX
+  ``cvt``, so no CUDA header is needed); copies move the bits, 16 bytes at a time
+  where aligned;
+- a tensorized nest (:class:`kernels.ir.lower.Mma`) issues ``mma.sync`` through
+  inline PTX; each thread of the nest is a warp, its lane ``threadIdx.x % 32``.
 
 An unscheduled operator (no steps) runs with :func:`default_schedule`: one thread
 per output element.
@@ -26,8 +32,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..ir.dtypes import DTYPES
 from ..ir.expr import DivMod, Lin
-from ..ir.lower import Add, Alloc, For, Function, If, Load, Mul, Relu, Store, Sync, lower
+from ..ir.lower import (LANE, LANE_GROUP, LANE_PLACE, Add, Alloc, For, Function, If, Load, Mma, Mul, Relu, Store,
+                        Sync, lower)
+from ..ir.mma import INSTRUCTIONS
+from ..ir.schedule import WARP
 from ..ir.schedule import Schedule
 from ..target import Target
 from .cstyle import CStyleRenderer
@@ -91,24 +101,55 @@ class CUDARenderer(CStyleRenderer):
                 "#endif",
                 "")
     lanes = 4  # float4
+    # 16-bit dtypes: conversions through PTX (sm_80+), no header needed; pack2 joins two
+    # 16-bit elements into one 32-bit register, the first in the low half
+    dtype_helpers = (
+        "#ifndef SCHEDGYM_DTYPE_HELPERS",
+        "#define SCHEDGYM_DTYPE_HELPERS",
+        "static __device__ __forceinline__ float bf2f(unsigned short x) { return __uint_as_float(((unsigned)x) << 16); }",
+        "static __device__ __forceinline__ unsigned short f2bf(float x) "
+        "{ unsigned short r; asm(\"cvt.rn.bf16.f32 %0, %1;\" : \"=h\"(r) : \"f\"(x)); return r; }",
+        "static __device__ __forceinline__ float h2f(unsigned short x) "
+        "{ float r; asm(\"cvt.f32.f16 %0, %1;\" : \"=f\"(r) : \"h\"(x)); return r; }",
+        "static __device__ __forceinline__ unsigned short f2h(float x) "
+        "{ unsigned short r; asm(\"cvt.rn.f16.f32 %0, %1;\" : \"=h\"(r) : \"f\"(x)); return r; }",
+        "static __device__ __forceinline__ unsigned tf32(float x) "
+        "{ unsigned r; asm(\"cvt.rna.tf32.f32 %0, %1;\" : \"=r\"(r) : \"f\"(x)); return r; }",
+        "static __device__ __forceinline__ unsigned pack2(unsigned short lo, unsigned short hi) "
+        "{ return (unsigned)lo | ((unsigned)hi << 16); }",
+        "#endif",
+    )
+    to_float = {"bf16": "bf2f", "fp16": "h2f"}
+    from_float = {"bf16": "f2bf", "fp16": "f2h"}
 
-    def __init__(self, target: Target, launch: Launch):
+    def __init__(self, target: Target, launch: Launch, dtype: str = "fp32", tensorized: bool = False):
         super().__init__(target)
         self.launch = launch
+        self.dtype, self.tensorized = dtype, tensorized
+        self.ctype = DTYPES[dtype].c_type
         self.registers: set[str] = set()   # local buffers: indexed by constants, never by pointer
+        self.narrow: set[str] = set()      # buffers of 16-bit elements (bf16, fp16 bits)
 
     def render(self, fn: Function) -> str:
         self.registers = set(fn.local_buffers)
+        if DTYPES[self.dtype].bytes == 2:
+            self.narrow = {t.name for t in fn.params} | set(fn.shared_buffers)
         grid, block = self.launch
-        params = ", ".join(f"{'const ' if t.role == 'input' else ''}float* __restrict__ {t.name}"
+        params = ", ".join(f"{'const ' if t.role == 'input' else ''}{self.ctype}* __restrict__ {t.name}"
                            for t in fn.params)
         lines = list(self.preamble)
+        if self.dtype != "fp32":
+            lines[-1:-1] = self.dtype_helpers
         lines.append(f"// launch: grid ({', '.join(map(str, grid))}), block ({', '.join(map(str, block))})")
         lines.append(f'extern "C" __global__ void __launch_bounds__({math.prod(block)}) {fn.name}({params}) {{')
         # A bound loop's index is the same wherever the loop sits, so it is declared up
         # front: a block's cooperative copy outside a thread loop needs the thread index.
         for var, axis in _bound_vars(fn.body):
-            lines.append(f"{self.indent}const int {var} = (int){axis};")
+            warps = f" / {WARP}" if self.tensorized and axis == "threadIdx.x" else ""
+            lines.append(f"{self.indent}const int {var} = (int){axis}{warps};")
+        if self.tensorized:
+            lines.append(f"{self.indent}const int {LANE} = (int)threadIdx.x % {WARP}, "
+                         f"{LANE_GROUP} = {LANE} / 4, {LANE_PLACE} = {LANE} % 4;")
         for s in fn.body:
             lines += self.stmt(s, 1)
         lines.append("}")
@@ -132,13 +173,60 @@ class CUDARenderer(CStyleRenderer):
         if isinstance(s, Sync):
             return [f"{pad}__syncthreads();"]
         if isinstance(s, Alloc) and s.scope == "shared":
-            return [pad + self.shared_decl.format(name=s.buffer, size=s.size)]
+            return [pad + self.shared_decl.replace("float", self.ctype).format(name=s.buffer, size=s.size)]
+        if isinstance(s, Mma):
+            return self.mma(s, depth)
+        if isinstance(s, Store) and s.buffer in self.narrow:
+            if isinstance(s.value, Load) and s.value.buffer in self.narrow:   # a copy: the bits
+                v = self.raw(s.value)
+            else:
+                v = f"{self.from_float[self.dtype]}({self.value(s.value)})"
+            return [f"{pad}{s.buffer}[{self.expr(s.index)}] = {v};"]
         return super().stmt(s, depth)
+
+    def raw(self, load: Load) -> str:
+        """A 16-bit element's bits; zero bits (+0.0) outside the tensor."""
+        ref = self.ref(load)
+        return f"(({self.in_bounds(load)}) ? {ref} : (unsigned short)0)" if load.bounds else ref
 
     def value(self, v) -> str:
         if isinstance(v, _Lane):
             return f"{v.name}.{v.comp}"
+        if isinstance(v, Load) and v.buffer in self.narrow:
+            return f"{self.to_float[self.dtype]}({self.raw(v)})"
         return super().value(v)
+
+    def mma(self, s: Mma, depth: int) -> list[str]:
+        """One ``mma.sync``: the thread's A and B registers loaded, then the instruction
+        accumulating into four of its accumulators."""
+        pad, inner = self.indent * depth, self.indent * (depth + 1)
+        regs = []
+        for reg in s.a + s.b:
+            if self.dtype == "tf32":
+                regs.append(f"tf32({self.value(reg[0])})")
+            elif self.paired(*reg):
+                regs.append(f"*(const unsigned*)&{self.ref(reg[0])}")
+            else:
+                regs.append(f"pack2({self.raw(reg[0])}, {self.raw(reg[1])})")
+        na, nb = len(s.a), len(s.b)
+        lines = [f"{pad}{{"]
+        lines += [f"{inner}const unsigned r{i} = {r};" for i, r in enumerate(regs)]
+        d = ", ".join(f"%{i}" for i in range(4))
+        a = ", ".join(f"%{4 + i}" for i in range(na))
+        b = ", ".join(f"%{4 + na + i}" for i in range(nb))
+        accs = ", ".join(f'"+f"({s.acc}[{self.expr(s.base + c)}])' for c in range(4))
+        ins = ", ".join(f'"r"(r{i})' for i in range(na + nb))
+        lines.append(f'{inner}asm volatile("{INSTRUCTIONS[s.dtype]} {{{d}}}, {{{a}}}, {{{b}}}, {{{d}}};" '
+                     f': {accs} : {ins});')
+        return lines + [f"{pad}}}"]
+
+    def paired(self, lo: Load, hi: Load) -> bool:
+        """Two 16-bit elements that are one aligned 32-bit word: the low one at an even
+        offset (every coefficient even), the high one next to it, neither guarded."""
+        if lo.bounds or hi.bounds or lo.clamps or hi.clamps or lo.buffer != hi.buffer:
+            return False
+        e = lo.index
+        return hi.index == e + 1 and e.const % 2 == 0 and all(c % 2 == 0 for _, c in e.terms)
 
     # ------------------------------------------------------------ loops
     def for_loop(self, loop: For, depth: int) -> list[str]:
@@ -167,14 +255,33 @@ class CUDARenderer(CStyleRenderer):
     def aligned(self, buffer: str, index: Lin, var: str) -> bool:
         """``buffer[index]`` is four consecutive floats from a 16-byte boundary for each
         ``var`` that is a multiple of 4 (tensors and shared buffers are 16-byte aligned)."""
-        if buffer in self.registers or index.coef(var) != 1:
+        if buffer in self.registers or buffer in self.narrow or index.coef(var) != 1:
             return False
         return index.const % 4 == 0 and all(c % 4 == 0 for a, c in index.terms if a != var)
+
+    def vector_copy(self, loop: For, depth: int) -> list[str] | None:
+        """A copy of 4 or 8 consecutive 16-bit elements as one 8- or 16-byte move, where
+        both sides are aligned; None otherwise."""
+        (store,) = loop.body
+        load, var, n = store.value, loop.var, loop.extent
+        if not (isinstance(load, Load) and load.buffer in self.narrow and not load.bounds and not load.clamps):
+            return None
+        if n not in (4, 8) or any(e.coef(var) != 1 or e.const % n or any(c % n for a, c in e.terms if a != var)
+                                  for e in (store.index, load.index)):
+            return None
+        vec = "uint4" if n == 8 else "uint2"
+        at = {var: Lin()}
+        return [f"{self.indent * depth}*({vec}*)&{store.buffer}[{self.expr(store.index.subst(var, at[var]))}] = "
+                f"*(const {vec}*)&{load.buffer}[{self.expr(load.index.subst(var, at[var]))}];"]
 
     def vectorized(self, loop: For, depth: int) -> list[str] | None:
         """Chunks of four iterations, moving aligned contiguous loads and stores as float4;
         None when nothing in the loop can be (the caller renders a plain loop)."""
-        if loop.bounds or loop.extent % self.lanes or len(loop.body) != 1 or not isinstance(loop.body[0], Store):
+        if loop.bounds or len(loop.body) != 1 or not isinstance(loop.body[0], Store):
+            return None
+        if loop.body[0].buffer in self.narrow:
+            return self.vector_copy(loop, depth)
+        if loop.extent % self.lanes:
             return None
         (store,) = loop.body
         var = loop.var
@@ -208,4 +315,5 @@ def render_cuda(schedule: Schedule, target: Target, name: str) -> Kernel:
     check_for_target(schedule, target)
     fn = lower(schedule, name, gpu=True)
     launch = launch_config(schedule.nest)
-    return Kernel(name, CUDARenderer(target, launch).render(fn), schedule.op.tensors, launch=launch)
+    renderer = CUDARenderer(target, launch, schedule.op.dtype, bool(schedule.nest.tensorized))
+    return Kernel(name, renderer.render(fn), schedule.op.tensors, launch=launch)

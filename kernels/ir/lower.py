@@ -22,9 +22,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from . import mma
+from .dtypes import DTYPES
 from .expr import Lin
 from .ops import Access, Operator
-from .schedule import Loop, LoopNest, Schedule, bound_axis, compose, footprint, tile_shape
+from .schedule import WARP, Loop, LoopNest, Schedule, bound_axis, compose, footprint, tile_shape
 
 
 # ---------------------------------------------------------------- IR nodes
@@ -94,6 +96,26 @@ class Alloc:
 class Sync:
     """A barrier for the threads of a GPU block (``__syncthreads()``)."""
 
+
+@dataclass(frozen=True)
+class Mma:
+    """One tensor-core instruction of a warp: ``acc[base + 0..3] += A tile x B tile``.
+
+    ``a`` and ``b`` are the thread's registers, each a tuple of the loads it packs (two
+    16-bit elements, low half first, or one tf32), indexed through the lane variables
+    ``LANE_GROUP`` and ``LANE_PLACE`` (:mod:`kernels.ir.mma` says which lane holds what).
+    """
+
+    acc: str
+    base: Lin
+    a: tuple[tuple[Load, ...], ...]
+    b: tuple[tuple[Load, ...], ...]
+    dtype: str
+
+
+LANE = "tc_lane"         # a thread's lane in its warp (tensorized kernels)
+LANE_GROUP = "tc_g"      # lane // 4
+LANE_PLACE = "tc_t"      # lane % 4
 
 @dataclass
 class Function:
@@ -181,7 +203,9 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
             shared[buf] = math.prod(d[2] for d in dims)
             reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
             pre.append(Alloc(buf, shared[buf], "shared"))  # hoisted: one allocation per block
-            packs[cached] += [_cooperative_copy(access.tensor, shape, buf, dims, nest, threads), Sync()]
+            packs[cached] += [_cooperative_copy(access.tensor, shape, buf, dims, nest, threads,
+                                                lanes=WARP if nest.tensorized else 1,
+                                                vector=16 // DTYPES[op.dtype].bytes), Sync()]
             outer = nest.loops[:nest.index(cached) + 1]
             if math.prod(l.extent for l in outer if not bound_axis(l)) > 1:
                 synced.add(cached)
@@ -201,7 +225,15 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
 
     head: dict[str, list] = {l.name: list(packs[l.name]) for l in loops}
     tail: dict[str, list] = {l.name: [] for l in loops}
-    if nest.cache_write:
+    if nest.tensorized:
+        compute, write_back, size = _tensorized(op, nest, reads, bias, out_idx)
+        acc = f"{out_t.name}_local"
+        local[acc] = size
+        head[nest.cache_write][:0] = [Alloc(acc, size), _fill(acc, size, "unroll")]
+        outside = tuple(g for g in dropped if not g[0].vars() & {l.name for l in tile_shape(nest)})
+        tail[nest.cache_write] += [If(outside, write_back)] if outside else write_back
+        loops = loops[:-3]
+    elif nest.cache_write:
         tile = tile_shape(nest)
         acc = f"{out_t.name}_local"
         local[acc] = math.prod(l.extent for l in tile)
@@ -227,6 +259,60 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
         tail[anchor].append(Sync())
     body = _build(loops, guards, head, tail, compute)
     return Function(name, op.tensors, pre + body + post, local, shared)
+
+
+def _at(load: Load, subst: dict[str, Lin]) -> Load:
+    """``load`` with loop variables replaced (index, bounds and clamps)."""
+    def sub(e: Lin) -> Lin:
+        for var, repl in subst.items():
+            e = e.subst(var, repl)
+        return e
+    return Load(load.buffer, sub(load.index), tuple((sub(e), n) for e, n in load.bounds),
+                tuple((sub(e), n, st) for e, n, st in load.clamps))
+
+
+def _lane_expr(coef: tuple[int, int, int]) -> Lin:
+    g, t, c = coef
+    return Lin.var(LANE_GROUP, g) + Lin.var(LANE_PLACE, t) + c if g or t else Lin.constant(c)
+
+
+def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load | None, out_idx: Lin):
+    """(the Mma statement, the write-back statements, the accumulator's size per thread) of a
+    tensorized nest: each thread of the warp holds 4 accumulators per 16 x 8 tile of its
+    warp's tile, and writes back the elements the instruction's layout gives it."""
+    m, n, k = nest.tensorized
+    tile = tile_shape(nest)
+    frags = tuple(l for l in tile if l.name not in (m, n))   # the warp's 16 x 8 tiles
+    base = _flat(tuple(Lin.var(l.name) for l in frags), tuple(l.extent for l in frags)) * 4
+    size = 4 * math.prod(l.extent for l in frags)
+    a_regs, b_regs = mma.fragments(DTYPES[op.dtype].mma_k)
+
+    def regs(load: Load, rows: str, cols: str, layout) -> tuple:
+        return tuple(tuple(_at(load, {rows: _lane_expr(r), cols: _lane_expr(c)}) for r, c in reg)
+                     for reg in layout)
+
+    compute = Mma(f"{op.output.name}_local", base, regs(reads[op.lhs.tensor], m, k, a_regs),
+                  regs(reads[op.rhs.tensor], k, n, b_regs), op.dtype)
+    # the write-back: every guard on the tile's loops, at each element
+    names = {l.name for l in tile}
+    bound = {l.name for l in nest.loops[:nest.index(nest.cache_write) + 1]}
+    guards = [(e, lim) for e, lim in nest.guards if e.vars() <= names | bound and e.vars() & names]
+    stores = []
+    for c, (row, col) in enumerate(mma.C):
+        subst = {m: _lane_expr(row), n: _lane_expr(col)}
+
+        def sub(e: Lin) -> Lin:
+            return e.subst(m, subst[m]).subst(n, subst[n])
+        value = Load(f"{op.output.name}_local", base + c)
+        if bias is not None:
+            value = Relu(Add(value, _at(bias, subst)))
+        store = Store(op.output.name, sub(out_idx), value)
+        conds = tuple((sub(e), lim) for e, lim in guards)
+        stores.append(If(conds, [store]) if conds else store)
+    body: list = stores
+    for l in reversed(frags):
+        body = [For(l.name, l.extent, body, "unroll")]
+    return compute, body, size
 
 
 def _names_to(nest: LoopNest, anchor: str) -> set[str]:
@@ -325,16 +411,19 @@ def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest) -> list:
     return [_fill(buf, math.prod(d[2] for d in dims)), stmt]
 
 
-def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, threads: tuple[Loop, ...]):
+def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, threads: tuple[Loop, ...],
+                      lanes: int = 1, vector: int = 4):
     """All threads of a block copy the footprint box of ``tensor`` into the shared ``buf``
     (zero outside the tensor): thread ``t`` takes chunks ``t, t + T, t + 2T, ...`` of
-    ``width`` consecutive elements of the box, so neighbouring threads read neighbouring
-    addresses (coalesced) and a renderer can move a chunk as one vector."""
+    ``width`` consecutive elements of the box (16 bytes: ``vector`` elements, where the
+    box's rows allow), so neighbouring threads read neighbouring addresses (coalesced)
+    and a renderer can move a chunk as one vector. ``lanes``: threads per thread loop
+    iteration (a warp's lanes in a tensorized nest), numbered fastest."""
     exts = [d[2] for d in dims]
     size = math.prod(exts)
-    width = 4 if exts[-1] % 4 == 0 else 1
-    nthreads = math.prod(l.extent for l in threads)
-    tid, scale = Lin(), 1
+    width = next((w for w in (vector, 4) if exts[-1] % w == 0), 1)
+    nthreads = math.prod(l.extent for l in threads) * lanes
+    tid, scale = (Lin.var(LANE), lanes) if lanes > 1 else (Lin(), 1)
     for l in sorted(threads, key=lambda l: bound_axis(l)):  # threadIdx.x fastest, as CUDA numbers them
         tid, scale = tid + Lin.var(l.name, scale), scale * l.extent
     chunks = size // width
