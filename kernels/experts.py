@@ -142,16 +142,19 @@ def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool) -> Sched
     fm, fn = min(fm, _ceil(m, 16)), min(fn, _ceil(n, 8))
     wy, wx = min(wy, _ceil(m, 16 * fm)), min(wx, _ceil(n, 8 * fn))
     ks = min(MMA_K_SLICE // mk, k // mk)
-    s = (Schedule(op).split("i", 16).split("i_o", fm).split("i_o_o", wy)
-         .split("j", 8).split("j_o", fn).split("j_o_o", wx).split("k", mk).split("k_o", ks))
-    order = ("i_o_o_o", "j_o_o_o", "i_o_o_i", "j_o_o_i", "k_o_o", "k_o_i", "i_o_i", "j_o_i", "i_i", "j_i", "k_i")
+    # the instruction's tile innermost first: the environment's mask lets a warp's tile
+    # grow past one thread's registers only once the nest is tensorized
+    s = Schedule(op).split("i", 16).split("j", 8).split("k", mk)
+    s = s.reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i").tensorize("i_i", "j_i", "k_i")
+    s = s.split("i_o", fm).split("i_o_o", wy).split("j_o", fn).split("j_o_o", wx).split("k_o", ks)
+    order = ("i_o_o_o", "j_o_o_o", "i_o_o_i", "j_o_o_i", "k_o_o", "k_o_i", "i_o_i", "j_o_i")
     s = s.reorder(*(("b",) + order if batch else order))
     if batch:
         s = s.bind("b", "blockIdx.z")
     s = (s.bind("i_o_o_o", "blockIdx.y").bind("j_o_o_o", "blockIdx.x")
          .bind("i_o_o_i", "threadIdx.y").bind("j_o_o_i", "threadIdx.x"))
     s = s.cache_write("j_o_o_i").cache_read("A", "k_o_o").cache_read("B", "k_o_o")
-    return s.tensorize("i_i", "j_i", "k_i").unroll("j_o_i").unroll("i_o_i").unroll("k_o_i")
+    return s.unroll("j_o_i").unroll("i_o_i").unroll("k_o_i")
 
 
 def _gpu_matmul_any(op: Operator, target: Target, batch: bool) -> Schedule:

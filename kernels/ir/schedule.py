@@ -424,6 +424,25 @@ def tensor_axes(op: Operator) -> dict[str, str]:
     return {r: ",".join(sorted(v)) for r, v in roles.items()}
 
 
+def tensor_tile(op: Operator, nest: LoopNest) -> tuple[str, str, str] | None:
+    """(m, n, k): the nest's three innermost loops as a tensor-core tile, where their
+    extents and axes fit one (:class:`Tensorize` says why not); None otherwise."""
+    mma_k = DTYPES[op.dtype].mma_k
+    if not mma_k or nest.tensorized or len(nest.loops) < 3:
+        return None
+    roles = {r: v.split(",") for r, v in tensor_axes(op).items()}
+    inner = nest.loops[-3:]
+    pick = {}
+    for role, extent in (("k", mma_k), ("m", MMA_M), ("n", MMA_N)):
+        pick[role] = next((l.name for l in inner if l.axis in roles[role] and l.extent == extent
+                           and l.reduce == (role == "k") and l.name not in pick.values()), None)
+    if None in pick.values() or any(l.kind != "serial" for l in inner) or {l.name for l in inner} & nest.anchors():
+        return None
+    if any(pick["k"] in e.vars() for e, _ in nest.guards):
+        return None
+    return pick["m"], pick["n"], pick["k"]
+
+
 @dataclass(frozen=True)
 class Tensorize(Step):
     """The three innermost loops as one tensor-core tile (m16n8k16, or m16n8k8 for tf32).
@@ -448,6 +467,7 @@ class Tensorize(Step):
         inner = {l.name for l in nest.loops[-3:]}
         check(set(names) == inner, self, f"the tile must be the three innermost loops "
                                          f"({', '.join(l.name for l in nest.loops[-3:])})")
+        check(not set(names) & nest.anchors(), self, "a tensorized loop may not anchor a cache stage")
         roles = tensor_axes(op)
         for role, loop, extent in zip("mnk", loops, (MMA_M, MMA_N, mma_k)):
             check(loop.axis in roles[role].split(","), self,

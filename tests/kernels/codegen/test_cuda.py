@@ -236,18 +236,18 @@ def describe(schedule: Schedule) -> str:
 
 # ---------------------------------------------------------------- nvcc
 
-def nvcc_compile(sources: list[str], tmp_path) -> None:
+def nvcc_compile(sources: list[str], tmp_path, arch: str = "sm_90") -> None:
     """Compile all sources as one translation unit (one nvcc start, ~2 s); on failure,
     find the kernel that fails and show its source."""
     src = tmp_path / "kernels.cu"
     src.write_text("\n".join(sources))
-    proc = subprocess.run([NVCC, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "k.o")],
+    proc = subprocess.run([NVCC, f"-arch={arch}", "-c", str(src), "-o", str(tmp_path / "k.o")],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode == 0:
         return
     for s in sources:
         src.write_text(s)
-        one = subprocess.run([NVCC, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "k.o")],
+        one = subprocess.run([NVCC, f"-arch={arch}", "-c", str(src), "-o", str(tmp_path / "k.o")],
                              capture_output=True, text=True, timeout=600)
         assert one.returncode == 0, f"{one.stderr[:3000]}\n{s}"
     pytest.fail(proc.stderr[:3000])
