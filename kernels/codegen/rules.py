@@ -57,15 +57,20 @@ def shared_bytes(schedule: Schedule) -> int:
     return total
 
 
+def check_dtype(dtype: str, target_kind: str) -> None:
+    """Dtypes other than fp32 run on CUDA only (a clear error before anything is measured)."""
+    if dtype != "fp32" and target_kind != "cuda":
+        raise ScheduleError(f"dtype {dtype} runs on cuda only; on {target_kind} use fp32")
+
+
 def check_for_target(schedule: Schedule, target: Target) -> None:
     """Raise ScheduleError if ``schedule`` breaks a rule of ``target`` (the schedule IR
     itself is target-agnostic: these are checked where the target is known)."""
     nest = schedule.nest
     bound = [l for l in nest.loops if bound_axis(l)]
     dtype = schedule.op.dtype
+    check_dtype(dtype, target.kind)
     if target.kind != "cuda":
-        if dtype != "fp32":
-            _fail("schedule", f"dtype {dtype} runs on cuda only; on {target.kind} use fp32")
         for l in bound:
             _fail(str(Bind(l.name, bound_axis(l))), f"binding to GPU axes needs a cuda target, not {target.kind}")
         return

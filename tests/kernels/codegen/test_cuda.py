@@ -665,3 +665,31 @@ def test_the_simulator_catches_a_wrong_fragment_layout(monkeypatch):
     s = expert_schedule(make_op("matmul", "32x16x32", "bf16"), TARGET)
     out, ref = simulate_schedule(s)
     assert not np.allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+DTYPE_GPU_CASES = [("matmul", "512x512x512"), ("matmul", "100x72x48"), ("dense_bias_relu", "33x17x64"),
+                   ("batch_matmul", "2x64x40x32"), ("conv2d", "1,16,14,14,32,3,3,1,1"), ("matmul", "64x64x24")]
+
+
+@pytest.mark.parametrize("dtype", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("kind,shape", DTYPE_GPU_CASES)
+def test_gpu_dtype_experts_match_reference(gpu_measurer, kind, shape, dtype):
+    """Tensor cores where the expert tensorizes (the fragment layout on real hardware),
+    fp32 arithmetic on 16-bit storage elsewhere; each with the library in its dtype."""
+    s = expert_schedule(make_op(kind, shape, dtype), gpu_measurer.target)
+    res = _measure(gpu_measurer, s)
+    assert res.ok and res.correct, f"{res.error}\n{describe(s)}"
+
+
+def test_gpu_a_wrong_tensor_core_kernel_fails_its_dtype_check(gpu_measurer):
+    """One k-step of the instruction left out: every dtype's tolerance refuses it."""
+    from kernels.codegen.kernel import Kernel
+
+    for dtype in ("tf32", "bf16", "fp16"):
+        s = expert_schedule(make_op("matmul", "256x128x512", dtype), gpu_measurer.target)
+        good = render(s, gpu_measurer.target)
+        wrong = good.source.replace("for (int k_o_o = 0; k_o_o < ", "for (int k_o_o = 1; k_o_o < ", 1)
+        assert wrong != good.source
+        bad = Kernel(good.name, wrong, good.args, good.launch)
+        res = gpu_measurer.measure_one(Candidate(s.op, "source:wrong", bad))
+        assert not res.ok and res.error.startswith("wrong result"), (dtype, res.error)
