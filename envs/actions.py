@@ -41,10 +41,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.ir.lower import thread_loops
+from kernels.ir.dtypes import DTYPES
+from kernels.ir.lower import stage_elements, thread_loops
 from kernels.ir.ops import Operator
 from kernels.ir.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES, Bind, CacheRead,
-                              CacheWrite, Fuse, LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split,
+                              CacheWrite, DoubleBuffer, Fuse, LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split,
                               Step, Tensorize, Tile, Unroll, Vectorize, WARP, bound_axis, footprint,
                               tensor_tile)
 from kernels.target import Target, cpu_target
@@ -154,6 +155,7 @@ class ActionTable:
             table += [Action("cache_read", s, tensor=t) for s in range(MAX_LOOPS)]
         if self.gpu:
             table.append(Action("tensorize"))
+            table += [Action("double_buffer", tensor=t) for t in self.inputs]
         table.append(Action("done"))
         self.actions = tuple(table)
         self.index = {a: i for i, a in enumerate(self.actions)}
@@ -180,6 +182,8 @@ class ActionTable:
         loops = nest.loops
         if a.primitive == "tensorize":
             return Tensorize(*(tensor_tile(self.op, nest) or ("?", "?", "?")))
+        if a.primitive == "double_buffer":
+            return DoubleBuffer(a.tensor)
         two = a.primitive in ("tile", "swap", "fuse")
         if a.slot + (1 if two else 0) >= len(loops):
             raise ScheduleError(f"{a.primitive} at loop slot {a.slot}: the nest has {len(loops)} loops")
@@ -216,6 +220,7 @@ class ActionTable:
         # an unrolled loop may only hold unrolled or vectorized loops: the first slot from
         # which every loop inward is one of those
         tensorized = set(nest.tensorized)   # one instruction: they count as unrolled, and stay put
+        kept = {dict(nest.cache_reads)[t] for t in nest.double_buffered}   # loops that stay serial
         tile_from = n
         while tile_from > 0 and (loops[tile_from - 1].kind in ("unroll", "vectorize")
                                  or loops[tile_from - 1].name in tensorized):
@@ -234,7 +239,7 @@ class ActionTable:
                      for t, sizes in footprints.items()]
 
         for i, l in enumerate(loops):
-            serial = l.kind == "serial" and l.name not in tensorized
+            serial = l.kind == "serial" and l.name not in tensorized and l.name not in kept
             free = serial and i < info.first_anchor   # structural steps may touch it
             if free and n < MAX_LOOPS and f"{l.name}_o" not in info.names and f"{l.name}_i" not in info.names:
                 allowed[at["split"][i]] = factor_slots(l.extent) & (gpu_rules.split_factors(i) if gpu else True)
@@ -269,6 +274,8 @@ class ActionTable:
                 allowed[slots[i]] = fits[i] and l.name not in tensorized
         if gpu:
             allowed[at["tensorize"][0]] = gpu_rules.tensorize()
+            for t in self.inputs:
+                allowed[at["double_buffer" + t][0]] = gpu_rules.double_buffer(t)
         if last is not None and self.actions[last].primitive == "swap":
             allowed[last] = False
         allowed[self.done] = not gpu or gpu_rules.complete
@@ -324,6 +331,8 @@ class ActionTable:
                 take(Action("bind", nest.index(step.loop), axis=step.thread_axis))
             elif isinstance(step, Tensorize):
                 take(Action("tensorize"))
+            elif isinstance(step, DoubleBuffer):
+                take(Action("double_buffer", tensor=step.tensor))
             else:
                 prim = {Vectorize: "vectorize", Unroll: "unroll", Parallel: "parallel",
                         CacheWrite: "cache_write"}[type(step)]
@@ -373,6 +382,13 @@ class _GpuRules:
         self.thread_x = next((loops[i].extent for i in threads if bound_axis(loops[i]) == "threadIdx.x"), 1)
         self.write_at = nest.index(nest.cache_write) if nest.cache_write else None
         self.complete = bool(self.bound) and self.write_at is not None
+        # shared bytes the stages take, twice if double-buffered
+        self.elem = DTYPES[info.op.dtype].bytes
+        self.shared = 0
+        for tensor, anchor in nest.cache_reads:
+            dims = footprint(info.op, nest, tensor, anchor, also=thread_loops(nest))
+            copies = 2 if tensor in nest.double_buffered else 1
+            self.shared += copies * self.elem * stage_elements(info.op, nest, dims) if dims else 0
         self.steps_to_complete = 1 + (not self.bound) + (self.write_at is None)
 
     def annotate(self, i: int) -> bool:
@@ -428,6 +444,20 @@ class _GpuRules:
         return (i > self.last_block and l.extent * lanes <= t.max_block["xyz".index(axis[-1])]
                 and self.threads * l.extent <= t.max_threads_per_block)
 
+    def double_buffer(self, tensor: str) -> bool:
+        """A staged input, its loop serial, twice or more and without a tail, room for a
+        second copy of the stage."""
+        nest, t = self.info.nest, self.table.target
+        anchor = dict(nest.cache_reads).get(tensor)
+        if anchor is None or tensor in nest.double_buffered or (t.arch and int(t.arch[3:]) < 80):
+            return False
+        loop = nest.loop(anchor)
+        if loop.kind != "serial" or loop.extent < 2 or any(anchor in e.vars() for e, _ in nest.guards):
+            return False
+        dims = footprint(self.info.op, nest, tensor, anchor, also=thread_loops(nest))
+        return dims is not None and self.shared + self.elem * stage_elements(self.info.op, nest, dims) \
+            <= t.shared_bytes_per_block
+
     def tensorize(self) -> bool:
         """The innermost loops form a tile, and the block's threads can become warps."""
         t, nest = self.table.target, self.info.nest
@@ -449,9 +479,9 @@ class _GpuRules:
 
         def size(tensor: str, anchor: str) -> int | None:
             dims = footprint(op, nest, tensor, anchor, also=threads)
-            return None if dims is None else 4 * math.prod(d[2] for d in dims)
+            return None if dims is None else self.elem * stage_elements(op, nest, dims)
 
-        room -= sum(size(t, a) or 0 for t, a in nest.cache_reads)
+        room -= self.shared
         out = []
         for t in self.table.inputs:
             if t in cached:

@@ -127,9 +127,10 @@ def _gpu_matmul(op: Operator, target: Target, batch: bool,
 
 # Tensor cores (tf32, bf16, fp16): a block of 2 x 4 warps computes a 128 x 128 tile, each
 # warp 64 x 32 as 4 x 4 instructions of 16 x 8 (64 accumulators per thread), over k
-# slices of 32 staged in shared memory. Smaller products take 2 x 2 warps.
+# slices of 32 staged in shared memory, double-buffered (the next slice is copied
+# while this one is used) where the stages fit twice. Smaller products take 2 x 2 warps.
 MMA_TILES = ((2, 4, 4, 4), (2, 2, 2, 2))   # (warps y, warps x, 16-row tiles, 8-column tiles per warp)
-MMA_K_SLICE = 32
+MMA_K_SLICE_BYTES = 64   # a stage's rows of A: 32 bf16/fp16 or 16 tf32 elements
 
 
 def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool) -> Schedule:
@@ -141,7 +142,7 @@ def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool) -> Sched
             break
     fm, fn = min(fm, _ceil(m, 16)), min(fn, _ceil(n, 8))
     wy, wx = min(wy, _ceil(m, 16 * fm)), min(wx, _ceil(n, 8 * fn))
-    ks = min(MMA_K_SLICE // mk, k // mk)
+    ks = min(MMA_K_SLICE_BYTES // (mk * DTYPES[op.dtype].bytes), k // mk)
     # the instruction's tile innermost first: the environment's mask lets a warp's tile
     # grow past one thread's registers only once the nest is tensorized
     s = Schedule(op).split("i", 16).split("j", 8).split("k", mk)
@@ -154,7 +155,13 @@ def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool) -> Sched
     s = (s.bind("i_o_o_o", "blockIdx.y").bind("j_o_o_o", "blockIdx.x")
          .bind("i_o_o_i", "threadIdx.y").bind("j_o_o_i", "threadIdx.x"))
     s = s.cache_write("j_o_o_i").cache_read("A", "k_o_o").cache_read("B", "k_o_o")
-    return s.unroll("j_o_i").unroll("i_o_i").unroll("k_o_i")
+    s = s.unroll("j_o_i").unroll("i_o_i").unroll("k_o_i")
+    try:
+        doubled = s.double_buffer("A").double_buffer("B")
+        check_for_target(doubled, target)
+        return doubled
+    except ValueError:   # one slice of K, a tail, or no room for two
+        return s
 
 
 def _gpu_matmul_any(op: Operator, target: Target, batch: bool) -> Schedule:

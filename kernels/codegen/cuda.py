@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 from ..ir.dtypes import DTYPES
 from ..ir.expr import DivMod, Lin
-from ..ir.lower import (LANE, LANE_GROUP, LANE_PLACE, Add, Alloc, For, Function, If, Load, Mma, Mul, Relu, Store,
-                        Sync, lower)
+from ..ir.lower import (LANE, LANE_GROUP, LANE_PLACE, Add, Alloc, Commit, For, Function, If, Load, Mma, Mul, Relu,
+                        Store, Sync, lower)
 from ..ir.mma import INSTRUCTIONS
 from ..ir.schedule import WARP
 from ..ir.schedule import Schedule
@@ -61,6 +61,10 @@ def _bound_vars(stmts) -> list[tuple[str, str]]:
         if isinstance(s, (For, If)):
             out += _bound_vars(s.body)
     return out
+
+
+def _has_commit(stmts) -> bool:
+    return any(isinstance(s, Commit) or isinstance(s, (For, If)) and _has_commit(s.body) for s in stmts)
 
 
 def _loads(v) -> list[Load]:
@@ -119,6 +123,16 @@ class CUDARenderer(CStyleRenderer):
         "{ return (unsigned)lo | ((unsigned)hi << 16); }",
         "#endif",
     )
+    # cp.async (sm_80+): 16 bytes from global to shared memory without passing registers
+    async_helpers = (
+        "#ifndef SCHEDGYM_ASYNC_HELPERS",
+        "#define SCHEDGYM_ASYNC_HELPERS",
+        "static __device__ __forceinline__ void cp_async16(void* dst, const void* src) {",
+        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
+        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16;\" :: \"r\"(s), \"l\"(src) : \"memory\");",
+        "}",
+        "#endif",
+    )
     to_float = {"bf16": "bf2f", "fp16": "h2f"}
     from_float = {"bf16": "f2bf", "fp16": "f2h"}
 
@@ -129,9 +143,11 @@ class CUDARenderer(CStyleRenderer):
         self.ctype = DTYPES[dtype].c_type
         self.registers: set[str] = set()   # local buffers: indexed by constants, never by pointer
         self.narrow: set[str] = set()      # buffers of 16-bit elements (bf16, fp16 bits)
+        self.asynchronous = False          # cp.async copies (double-buffered stages)
 
     def render(self, fn: Function) -> str:
         self.registers = set(fn.local_buffers)
+        self.asynchronous = _has_commit(fn.body)
         if DTYPES[self.dtype].bytes == 2:
             self.narrow = {t.name for t in fn.params} | set(fn.shared_buffers)
         grid, block = self.launch
@@ -140,6 +156,8 @@ class CUDARenderer(CStyleRenderer):
         lines = list(self.preamble)
         if self.dtype != "fp32":
             lines[-1:-1] = self.dtype_helpers
+        if self.asynchronous:
+            lines[-1:-1] = self.async_helpers
         lines.append(f"// launch: grid ({', '.join(map(str, grid))}), block ({', '.join(map(str, block))})")
         lines.append(f'extern "C" __global__ void __launch_bounds__({math.prod(block)}) {fn.name}({params}) {{')
         # A bound loop's index is the same wherever the loop sits, so it is declared up
@@ -176,6 +194,9 @@ class CUDARenderer(CStyleRenderer):
             return [pad + self.shared_decl.replace("float", self.ctype).format(name=s.buffer, size=s.size)]
         if isinstance(s, Mma):
             return self.mma(s, depth)
+        if isinstance(s, Commit):
+            wait = " cp.async.wait_group 1;" if s.wait else ""
+            return [f'{pad}asm volatile("cp.async.commit_group;{wait}" ::: "memory");']
         if isinstance(s, Store) and s.buffer in self.narrow:
             if isinstance(s.value, Load) and s.value.buffer in self.narrow:   # a copy: the bits
                 v = self.raw(s.value)
@@ -269,10 +290,12 @@ class CUDARenderer(CStyleRenderer):
         if n not in (4, 8) or any(e.coef(var) != 1 or e.const % n or any(c % n for a, c in e.terms if a != var)
                                   for e in (store.index, load.index)):
             return None
+        dst, src = (f"{b}[{self.expr(e.subst(var, Lin()))}]" for b, e in ((store.buffer, store.index),
+                                                                          (load.buffer, load.index)))
+        if store.copy_async and n == 8:
+            return [f"{self.indent * depth}cp_async16(&{dst}, &{src});"]
         vec = "uint4" if n == 8 else "uint2"
-        at = {var: Lin()}
-        return [f"{self.indent * depth}*({vec}*)&{store.buffer}[{self.expr(store.index.subst(var, at[var]))}] = "
-                f"*(const {vec}*)&{load.buffer}[{self.expr(load.index.subst(var, at[var]))}];"]
+        return [f"{self.indent * depth}*({vec}*)&{dst} = *(const {vec}*)&{src};"]
 
     def vectorized(self, loop: For, depth: int) -> list[str] | None:
         """Chunks of four iterations, moving aligned contiguous loads and stores as float4;
@@ -297,6 +320,9 @@ class CUDARenderer(CStyleRenderer):
         for l in vec_loads:
             lines.append(f"{inner}const float4 {names[id(l)]} = *(const float4*)&{self.ref(l)};")
         values = [self.value(_shift(store.value, var, k, names)) for k in range(self.lanes)]
+        if vec_store and store.copy_async and vec_loads and store.value is vec_loads[0]:   # a plain copy: cp.async
+            return lines[:2] + [f"{inner}cp_async16(&{store.buffer}[{self.expr(store.index)}], &{self.ref(store.value)});",
+                                f"{pad}}}"]
         if vec_store:
             lines.append(f"{inner}*(float4*)&{store.buffer}[{self.expr(store.index)}] = "
                          f"make_float4({', '.join(values)});")

@@ -23,9 +23,9 @@ import math
 from typing import NoReturn
 
 from ..ir.dtypes import DTYPES
-from ..ir.lower import thread_loops
+from ..ir.lower import stage_elements, thread_loops
 from ..ir.ops import Operator
-from ..ir.schedule import (WARP, Bind, LoopNest, Parallel, Schedule, ScheduleError, Tensorize, bound_axis,
+from ..ir.schedule import (WARP, Bind, DoubleBuffer, LoopNest, Parallel, Schedule, ScheduleError, Tensorize, bound_axis,
                            footprint, tile_shape)
 from ..target import Target
 
@@ -53,7 +53,8 @@ def shared_bytes(schedule: Schedule) -> int:
     total = 0
     for tensor, anchor in nest.cache_reads:
         dims = footprint(op, nest, tensor, anchor, also=thread_loops(nest))
-        total += DTYPES[op.dtype].bytes * math.prod(d[2] for d in dims) if dims else 0
+        copies = 2 if tensor in nest.double_buffered else 1
+        total += copies * DTYPES[op.dtype].bytes * stage_elements(op, nest, dims) if dims else 0
     return total
 
 
@@ -71,11 +72,14 @@ def check_for_target(schedule: Schedule, target: Target) -> None:
     dtype = schedule.op.dtype
     check_dtype(dtype, target.kind)
     if target.kind != "cuda":
+        for t in nest.double_buffered:
+            _fail(str(DoubleBuffer(t)), f"asynchronous copies into shared memory need a cuda target, not {target.kind}")
         for l in bound:
             _fail(str(Bind(l.name, bound_axis(l))), f"binding to GPU axes needs a cuda target, not {target.kind}")
         return
-    if (dtype != "fp32" or nest.tensorized) and target.arch and int(target.arch[3:]) < 80:
-        what = str(Tensorize(*nest.tensorized)) if nest.tensorized else f"dtype {dtype}"
+    if (dtype != "fp32" or nest.tensorized or nest.double_buffered) and target.arch and int(target.arch[3:]) < 80:
+        what = (str(Tensorize(*nest.tensorized)) if nest.tensorized else
+                str(DoubleBuffer(nest.double_buffered[0])) if nest.double_buffered else f"dtype {dtype}")
         _fail(what, f"needs sm_80 or newer, not {target.arch}")
     for l in nest.loops:
         if l.kind == "parallel":

@@ -32,6 +32,9 @@ TVM/Halide names:
 ``CacheRead``     copy the part of ``tensor`` read inside ``loop`` into a
                   contiguous local buffer (zero-filled where the index falls
                   outside the tensor, which removes padding checks).
+``DoubleBuffer``  (GPU) ``tensor``'s shared stage holds two slices: while the
+                  block computes on one, the next iteration of the stage's loop
+                  is copied into the other asynchronously (``cp.async``).
 ``Tensorize``     (GPU, tf32/bf16/fp16) the three innermost loops, an (m, n, k)
                   tile of 16 x 8 x ``mma_k`` (16; 8 for tf32), become one
                   tensor-core instruction (``mma.sync.m16n8k*``) that a warp of 32
@@ -95,6 +98,7 @@ class LoopNest:
     cache_write: str | None = None
     cache_reads: tuple[tuple[str, str], ...] = ()  # (tensor, loop)
     tensorized: tuple[str, ...] = ()   # (m, n, k) loops run as one tensor-core instruction
+    double_buffered: tuple[str, ...] = ()  # tensors whose stage is filled one iteration ahead
     _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def access_exprs(self, access: Access) -> tuple[Lin, ...]:
@@ -411,6 +415,28 @@ class CacheRead(Step):
         return replace(nest, cache_reads=nest.cache_reads + ((self.tensor, self.loop),))
 
 
+@dataclass(frozen=True)
+class DoubleBuffer(Step):
+    """Two buffers for ``tensor``'s stage: the next slice is copied while this one is used.
+
+    The stage's loop must be serial, run at least twice and have no tail (the copy one
+    iteration ahead must stay inside the loop's range). CUDA only (a rule of the target).
+    """
+
+    tensor: str
+
+    def apply(self, op, nest):
+        anchor = dict(nest.cache_reads).get(self.tensor)
+        check(anchor is not None, self, f"{self.tensor!r} has no cache_read stage to double-buffer")
+        check(self.tensor not in nest.double_buffered, self, f"{self.tensor!r} is double-buffered already")
+        loop = nest.loop(anchor)
+        check(loop.kind == "serial" and loop.extent >= 2, self,
+              f"its stage's loop {anchor!r} must be serial and run at least twice")
+        check(all(anchor not in e.vars() for e, _ in nest.guards), self,
+              f"its stage's loop {anchor!r} has a tail; split by a divisor")
+        return replace(nest, double_buffered=nest.double_buffered + (self.tensor,))
+
+
 def tensor_axes(op: Operator) -> dict[str, str]:
     """The op axes each role of a tensor-core tile can take, comma-joined: ``m`` indexes
     the output and the left operand only, ``n`` the output and the right operand only,
@@ -490,6 +516,10 @@ def validate(op: Operator, nest: LoopNest, step: Step) -> None:
               and all(l.kind == "serial" for l in nest.loops[-3:]), step,
               f"tensorized loops {', '.join(nest.tensorized)} must stay the three innermost, serial")
         check(not set(nest.tensorized) & nest.anchors(), step, "a tensorized loop may not anchor a cache stage")
+    for tensor in nest.double_buffered:   # its stage's loop keeps running serially, twice or more
+        anchor = nest.loop(dict(nest.cache_reads)[tensor])
+        check(anchor.kind == "serial" and anchor.extent >= 2, step,
+              f"loop {anchor.name!r} holds the double-buffered stage of {tensor!r}: it must stay serial")
     for i, loop in enumerate(nest.loops):
         if loop.kind == "vectorize":
             check(i == len(nest.loops) - 1, step, f"vectorized loop {loop.name!r} must stay innermost")
@@ -581,6 +611,9 @@ class Schedule:
 
     def tensorize(self, m: str, n: str, k: str) -> "Schedule":
         return self.apply(Tensorize(m, n, k))
+
+    def double_buffer(self, tensor: str) -> "Schedule":
+        return self.apply(DoubleBuffer(tensor))
 
     # serialisation: steps only
     def steps_json(self) -> list[dict]:

@@ -30,7 +30,7 @@ def test_gpu_table_has_binds_and_no_parallel():
     prims = {a.primitive for a in gpu.actions}
     assert "bind" in prims and "parallel" not in prims
     assert "bind" not in {a.primitive for a in cpu.actions}
-    assert len(gpu) == len(cpu) - MAX_LOOPS + 6 * MAX_LOOPS + 1   # + tensorize
+    assert len(gpu) == len(cpu) - MAX_LOOPS + 6 * MAX_LOOPS + 3   # + tensorize, double_buffer A and B
     assert gpu.to_step(gpu.index[Action("bind", 0, axis="blockIdx.x")], Schedule(op).nest).thread_axis \
         == "blockIdx.x"
 
@@ -130,9 +130,10 @@ def test_env_rollouts_simulate_correctly():
     assert {"Bind", "CacheWrite", "CacheRead", "Unroll", "blockIdx", "threadIdx"} <= seen, seen
 
 
-def test_gpu_expert_matmul_replays_as_actions():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "tf32"])
+def test_gpu_expert_matmul_replays_as_actions(dtype):
     for shape in family("matmul", "train")[:3] + ["1024x1024x1024"]:
-        op = make_op("matmul", shape)
+        op = make_op("matmul", shape, dtype)
         table = ActionTable(op, TARGET)
         expert = expert_schedule(op, TARGET)
         s, last = Schedule(op), None

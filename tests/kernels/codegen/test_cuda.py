@@ -168,6 +168,8 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                         writes[i] += 1
                 elif isinstance(s, ir.Sync):
                     yield s
+                elif isinstance(s, ir.Commit):   # asynchronous copies: done at once here
+                    pass
                 elif isinstance(s, ir.Mma):
                     a = [value(x, env) for reg in s.a for x in reg]
                     b = [value(x, env) for reg in s.b for x in reg]
