@@ -46,7 +46,8 @@ def run(cfg: Config) -> dict:
     target = _target(cfg.target)
     schedule = load_schedule(cfg.schedule, op, target)
     kernel = render(schedule, target)
-    head = f"// {op.kind} {op.shape_str} {op.dtype}, schedule {cfg.schedule}, for {target.device}\n"
+    dtype = "" if op.dtype == "fp32" else f" {op.dtype}"
+    head = f"// {op.kind} {op.shape_str}{dtype}, schedule {cfg.schedule}, for {target.device}\n"
     if kernel.is_cuda:   # the source says grid and block itself
         head += f"// shared memory per block: {shared_bytes(schedule) if schedule.steps else 0} bytes\n"
     if cfg.out:
