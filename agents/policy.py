@@ -27,7 +27,7 @@ from gymnasium import spaces
 
 from envs import features
 from envs.actions import ActionTable
-from kernels.ir.ops import Operator
+from kernels.ir.ops import BASE_KIND, Operator
 from kernels.target import Target
 
 FORMAT = "schedgym-policy"
@@ -111,7 +111,7 @@ def read(path: str | os.PathLike, op_kind: str, target_kind: str, n_actions: int
         raise PolicyError(f"policy {p} needs its spec {side}: {e}") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT or spec.get("version") != VERSION:
         raise PolicyError(f"{side} is not a version {VERSION} policy spec")
-    if (spec.get("op"), spec.get("target")) != (op_kind, target_kind):
+    if (spec.get("op"), spec.get("target")) not in ((op_kind, target_kind), (BASE_KIND.get(op_kind), target_kind)):
         raise PolicyError(f"policy {p} was trained for {spec.get('op')} on {spec.get('target')}, "
                           f"not {op_kind} on {target_kind}")
     if spec.get("actions") != n_actions or spec.get("observation_size") != features.SIZE:

@@ -214,11 +214,12 @@ _EXPERTS = {
     "cpu": {"matmul": functools.partial(_matmul, batch=False),
             "dense_bias_relu": functools.partial(_matmul, batch=False),
             "batch_matmul": functools.partial(_matmul, batch=True),
-            "conv2d": _conv2d, "depthwise_conv2d": _conv2d},
+            "conv2d": _conv2d, "depthwise_conv2d": _conv2d, "conv2d_bias_relu": _conv2d},
     "cuda": {"matmul": functools.partial(_gpu_matmul_any, batch=False),
              "dense_bias_relu": functools.partial(_gpu_matmul_any, batch=False),
              "batch_matmul": functools.partial(_gpu_matmul_any, batch=True),
-             "conv2d": _gpu_conv2d, "depthwise_conv2d": _gpu_conv2d},
+             "conv2d": _gpu_conv2d, "depthwise_conv2d": _gpu_conv2d,
+             "conv2d_bias_relu": _gpu_conv2d},
 }
 
 

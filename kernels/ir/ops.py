@@ -10,8 +10,8 @@ the axes, so footprints, strides and bounds can be derived instead of hand-writt
 An input index that can fall outside its tensor (convolution padding) reads zero.
 
 Shape strings: ``matmul``/``dense_bias_relu`` ``MxNxK``; ``batch_matmul``
-``BxMxNxK``; ``conv2d`` ``N,C,H,W,K,R,S[,stride[,pad]]`` (NCHW input, OIHW
-weights); ``depthwise_conv2d`` ``N,C,H,W,R,S[,stride[,pad]]``. ``x`` and ``,``
+``BxMxNxK``; ``conv2d``/``conv2d_bias_relu`` ``N,C,H,W,K,R,S[,stride[,pad]]`` (NCHW
+input, OIHW weights, a bias per output channel); ``depthwise_conv2d`` ``N,C,H,W,R,S[,stride[,pad]]``. ``x`` and ``,``
 are interchangeable.
 """
 
@@ -198,19 +198,26 @@ def _out_size(size, r, stride, pad, what):
     return out
 
 
-def _conv2d(n, c, h, w, k, r, s, stride=1, pad=0):
+def _conv2d(n, c, h, w, k, r, s, stride=1, pad=0, bias=False):
     oh, ow = _out_size(h, r, stride, pad, "height"), _out_size(w, s, stride, pad, "width")
+    tensors = [Tensor("I", (n, c, h, w), "input"), Tensor("W", (k, c, r, s), "input")]
+    if bias:
+        tensors.append(Tensor("bias", (k,), "input"))
+        ref = lambda I, W, bias: np.maximum(_conv2d_ref(I, W, stride, pad, 1)  # noqa: E731
+                                            + bias[None, :, None, None], 0)
+    else:
+        ref = lambda I, W: _conv2d_ref(I, W, stride, pad, 1)  # noqa: E731
     return dict(
         axes=(Axis("n", n), Axis("k", k), Axis("y", oh), Axis("x", ow),
               Axis("c", c, True), Axis("ry", r, True), Axis("rx", s, True)),
-        tensors=(Tensor("I", (n, c, h, w), "input"), Tensor("W", (k, c, r, s), "input"),
-                 Tensor("O", (n, k, oh, ow), "output")),
+        tensors=(*tensors, Tensor("O", (n, k, oh, ow), "output")),
         out=Access("O", (Affine.of("n"), Affine.of("k"), Affine.of("y"), Affine.of("x"))),
         lhs=Access("I", (Affine.of("n"), Affine.of("c"),
                          Affine.of(("y", stride), "ry", const=-pad),
                          Affine.of(("x", stride), "rx", const=-pad))),
         rhs=Access("W", (Affine.of("k"), Affine.of("c"), Affine.of("ry"), Affine.of("rx"))),
-        reference_fn=lambda I, W: _conv2d_ref(I, W, stride, pad, 1))
+        bias=Access("bias", (Affine.of("k"),)) if bias else None,
+        reference_fn=ref)
 
 
 def _depthwise_conv2d(n, c, h, w, r, s, stride=1, pad=0):
@@ -235,7 +242,12 @@ OPERATORS: dict[str, tuple[Callable[..., dict], tuple[str, ...], int]] = {
     "batch_matmul": (_batch_matmul, ("B", "M", "N", "K"), 0),
     "conv2d": (_conv2d, ("N", "C", "H", "W", "K", "R", "S", "stride", "pad"), 2),
     "depthwise_conv2d": (_depthwise_conv2d, ("N", "C", "H", "W", "R", "S", "stride", "pad"), 2),
+    "conv2d_bias_relu": (lambda *shape: _conv2d(*shape, bias=True),
+                         ("N", "C", "H", "W", "K", "R", "S", "stride", "pad"), 2),
 }
+# An epilogue variant schedules like the operator it extends: it shares that operator's
+# expert, shipped policy and one-hot column in the observation.
+BASE_KIND = {"conv2d_bias_relu": "conv2d"}
 OPTIONAL_DEFAULTS = (1, 0)  # stride, pad
 MAX_ELEMENTS = 2 ** 31 - 1   # per tensor: generated code indexes with int
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..ir.ops import Operator, make_op
 from .check import Guarded, Tolerance, check_call, random_canary
-from .library import matmul_call
+from .library import matmul_call, torch_conv
 from .timing import Rejected, VerifiedCall, time_calls
 
 # CuPy adds -arch for the device it compiles on (sm_XX, or compute_XX where NVRTC is older)
@@ -103,7 +103,7 @@ def _torch_matmul(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
 def library_call(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
     """cuBLAS for the matmul family (CuPy in fp32 with TF32 off; torch in the other dtypes),
     cuDNN (torch) for convolutions, in the operator's dtype (TF32 on only for tf32)."""
-    if op.dtype != "fp32" or op.kind in ("conv2d", "depthwise_conv2d"):
+    if op.dtype != "fp32" or "conv" in op.kind:
         import torch
 
         torch.backends.cuda.matmul.allow_tf32 = op.dtype == "tf32"
@@ -114,15 +114,12 @@ def library_call(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
     call = matmul_call(op, dev, _cupy())
     if call is not None:
         return call
-    if op.kind in ("conv2d", "depthwise_conv2d"):
+    if "conv" in op.kind:
         import torch
 
         torch.backends.cudnn.benchmark = True  # the fastest cuDNN algorithm: a fair bar
         torch.set_grad_enabled(False)  # once, not per call: host overhead must not hide cuDNN's speed
-        x, w = _torch_tensor(dev["I"], op.dtype), _torch_tensor(dev["W"], op.dtype)
-        stride, pad = op.params["stride"], op.params["pad"]
-        groups = x.shape[1] if op.kind == "depthwise_conv2d" else 1
-        return lambda: torch.conv2d(x, w, None, stride, pad, 1, groups)
+        return torch_conv(op, {n: _torch_tensor(a, op.dtype) for n, a in dev.items()})  # CuPy's memory
     raise ValueError(f"no GPU library reference for {op.kind!r}")
 
 
