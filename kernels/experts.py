@@ -142,7 +142,9 @@ def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool) -> Sched
             break
     fm, fn = min(fm, _ceil(m, 16)), min(fn, _ceil(n, 8))
     wy, wx = min(wy, _ceil(m, 16 * fm)), min(wx, _ceil(n, 8 * fn))
-    ks = min(MMA_K_SLICE_BYTES // (mk * DTYPES[op.dtype].bytes), k // mk)
+    # instructions per k slice: the most that fit the slice and divide K (no tail: the stages
+    # can be double-buffered)
+    ks = next(f for f in range(MMA_K_SLICE_BYTES // (mk * DTYPES[op.dtype].bytes), 0, -1) if (k // mk) % f == 0)
     # the instruction's tile innermost first: the environment's mask lets a warp's tile
     # grow past one thread's registers only once the nest is tensorized
     s = Schedule(op).split("i", 16).split("j", 8).split("k", mk)

@@ -121,6 +121,8 @@ class CUDARenderer(CStyleRenderer):
         "{ unsigned r; asm(\"cvt.rna.tf32.f32 %0, %1;\" : \"=r\"(r) : \"f\"(x)); return r; }",
         "static __device__ __forceinline__ unsigned pack2(unsigned short lo, unsigned short hi) "
         "{ return (unsigned)lo | ((unsigned)hi << 16); }",
+        "static __device__ __forceinline__ unsigned smem_u32(const void* p) "
+        "{ unsigned s; asm(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(p)); return s; }",
         "#endif",
     )
     # cp.async (sm_80+): 16 bytes from global to shared memory without passing registers
@@ -130,6 +132,12 @@ class CUDARenderer(CStyleRenderer):
         "static __device__ __forceinline__ void cp_async16(void* dst, const void* src) {",
         "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
         "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16;\" :: \"r\"(s), \"l\"(src) : \"memory\");",
+        "}",
+        "// 16 bytes, or 16 zero bytes where !full (nothing is read then)",
+        "static __device__ __forceinline__ void cp_async16z(void* dst, const void* src, bool full) {",
+        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
+        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\" :: \"r\"(s), \"l\"(src), \"r\"(full ? 16 : 0) "
+        ": \"memory\");",
         "}",
         "#endif",
     )
@@ -144,9 +152,11 @@ class CUDARenderer(CStyleRenderer):
         self.registers: set[str] = set()   # local buffers: indexed by constants, never by pointer
         self.narrow: set[str] = set()      # buffers of 16-bit elements (bf16, fp16 bits)
         self.asynchronous = False          # cp.async copies (double-buffered stages)
+        self.shared: set[str] = set()
 
     def render(self, fn: Function) -> str:
         self.registers = set(fn.local_buffers)
+        self.shared = set(fn.shared_buffers)
         self.asynchronous = _has_commit(fn.body)
         if DTYPES[self.dtype].bytes == 2:
             self.narrow = {t.name for t in fn.params} | set(fn.shared_buffers)
@@ -167,7 +177,8 @@ class CUDARenderer(CStyleRenderer):
             lines.append(f"{self.indent}const int {var} = (int){axis}{warps};")
         if self.tensorized:
             lines.append(f"{self.indent}const int {LANE} = (int)threadIdx.x % {WARP}, "
-                         f"{LANE_GROUP} = {LANE} / 4, {LANE_PLACE} = {LANE} % 4;")
+                         f"{LANE_GROUP} = {LANE} / 4, {LANE_PLACE} = {LANE} % 4, tc_r = {LANE} % 8, tc_m = {LANE} / 8;")
+            lines.append(f"{self.indent}unsigned tc_fence = 0;   // renewed at each barrier: see ldmatrix")
         for s in fn.body:
             lines += self.stmt(s, 1)
         lines.append("}")
@@ -189,6 +200,8 @@ class CUDARenderer(CStyleRenderer):
     def stmt(self, s, depth: int) -> list[str]:
         pad = self.indent * depth
         if isinstance(s, Sync):
+            if self.tensorized:
+                return [f'{pad}__syncthreads(); asm volatile("" : "+r"(tc_fence) :: "memory");']
             return [f"{pad}__syncthreads();"]
         if isinstance(s, Alloc) and s.scope == "shared":
             return [pad + self.shared_decl.replace("float", self.ctype).format(name=s.buffer, size=s.size)]
@@ -218,20 +231,25 @@ class CUDARenderer(CStyleRenderer):
         return super().value(v)
 
     def mma(self, s: Mma, depth: int) -> list[str]:
-        """One ``mma.sync``: the thread's A and B registers loaded, then the instruction
-        accumulating into four of its accumulators."""
+        """One ``mma.sync``: the thread's A and B registers loaded (a fragment of 16-bit
+        elements in shared memory with ``ldmatrix`` where its rows allow), then the
+        instruction accumulating into four of its accumulators."""
         pad, inner = self.indent * depth, self.indent * (depth + 1)
-        regs = []
-        for reg in s.a + s.b:
-            if self.dtype == "tf32":
-                regs.append(f"tf32({self.value(reg[0])})")
-            elif self.paired(*reg):
-                regs.append(f"*(const unsigned*)&{self.ref(reg[0])}")
-            else:
-                regs.append(f"pack2({self.raw(reg[0])}, {self.raw(reg[1])})")
-        na, nb = len(s.a), len(s.b)
         lines = [f"{pad}{{"]
-        lines += [f"{inner}const unsigned r{i} = {r};" for i, r in enumerate(regs)]
+        na, nb = len(s.a), len(s.b)
+        for first, frag in ((0, s.a), (na, s.b)):
+            matrix = self.ldmatrix(frag, first, inner)
+            if matrix:
+                lines += matrix
+                continue
+            for i, reg in enumerate(frag, first):
+                if self.dtype == "tf32":
+                    r = f"tf32({self.value(reg[0])})"
+                elif self.paired(*reg):
+                    r = f"*(const unsigned*)&{self.ref(reg[0])}"
+                else:
+                    r = f"pack2({self.raw(reg[0])}, {self.raw(reg[1])})"
+                lines.append(f"{inner}const unsigned r{i} = {r};")
         d = ", ".join(f"%{i}" for i in range(4))
         a = ", ".join(f"%{4 + i}" for i in range(na))
         b = ", ".join(f"%{4 + na + i}" for i in range(nb))
@@ -240,6 +258,41 @@ class CUDARenderer(CStyleRenderer):
         lines.append(f'{inner}asm volatile("{INSTRUCTIONS[s.dtype]} {{{d}}}, {{{a}}}, {{{b}}}, {{{d}}};" '
                      f': {accs} : {ins});')
         return lines + [f"{pad}}}"]
+
+    def ldmatrix(self, frag: tuple, first: int, pad: str) -> list[str]:
+        """``ldmatrix`` (``.trans`` for a B fragment, whose pairs run down a column) loading
+        registers ``r<first>...`` from a shared stage; [] where the fragment's 8 rows of 16
+        bytes are not each contiguous and aligned. The lanes give the rows' addresses: lane
+        l the row ``l % 8`` of matrix ``l / 8``. The instruction reads shared memory, so it
+        takes the fence token that each barrier renews: it is never moved above the barrier
+        that makes its data visible, yet loads of the same fragment may be merged."""
+        if self.dtype not in self.to_float or any(
+                lo.bounds or hi.bounds or lo.clamps or hi.clamps or lo.buffer not in self.shared
+                or lo.buffer != frag[0][0].buffer for lo, hi in frag):
+            return []
+        e0 = frag[0][0].index
+        step = frag[0][1].index - e0              # lo to hi: 1 along a row, a row's length down a column
+        offsets = [lo.index - e0 for lo, _ in frag]
+        if step.terms or any(o.terms or hi.index - lo.index != step for o, (lo, hi) in zip(offsets, frag)):
+            return []
+        trans = step.const != 1
+        row = step.const if trans else e0.coef(LANE_GROUP)   # elements from one row start to the next
+        if e0.coef(LANE_PLACE) != 2 * step.const or (trans and e0.coef(LANE_GROUP) != 1) or row is None:
+            return []
+        start = e0.subst(LANE_GROUP, Lin()).subst(LANE_PLACE, Lin())
+        if any(c % 8 for _, c in start.terms) or start.const % 8 or row % 8 or any(o.const % 8 for o in offsets):
+            return []
+        n = len(frag)
+        pick = "0"
+        for j in range(n - 1, 0, -1):
+            pick = f"(tc_m{' & 1' if n == 2 else ''}) == {j} ? {offsets[j].const} : {pick}"
+        addr = f"{self.expr(start)} + tc_r*{row} + ({pick})"
+        outs = ", ".join(f"%{i}" for i in range(n))
+        regs = ", ".join(f'"=r"(r{first + i})' for i in range(n))
+        shape = f"x{n}{'.trans' if trans else ''}"
+        return [f"{pad}unsigned {', '.join(f'r{first + i}' for i in range(n))};",
+                f'{pad}asm("ldmatrix.sync.aligned.m8n8.{shape}.shared.b16 {{{outs}}}, [%{n}];" : {regs} : '
+                f'"r"(smem_u32(&{frag[0][0].buffer}[{addr}])), "r"(tc_fence));']
 
     def paired(self, lo: Load, hi: Load) -> bool:
         """Two 16-bit elements that are one aligned 32-bit word: the low one at an even
@@ -280,22 +333,53 @@ class CUDARenderer(CStyleRenderer):
             return False
         return index.const % 4 == 0 and all(c % 4 == 0 for a, c in index.terms if a != var)
 
+    @staticmethod
+    def _chunk_aligned(e: Lin, var: str, n: int) -> bool:
+        """``e`` moves one element per step of ``var`` from a multiple of ``n``."""
+        return e.coef(var) == 1 and e.const % n == 0 and all(c % n == 0 for a, c in e.terms if a != var)
+
+    def chunk_guard(self, load: Load, var: str, n: int) -> str | None:
+        """The condition under which a whole chunk of ``n`` elements of ``load`` is inside its
+        tensor, where each bound holds for all of the chunk or none of it ("" for no
+        bounds); None where a bound cuts a chunk."""
+        conds = []
+        for e, lim in load.bounds:
+            if e.coef(var) != 0 and not (self._chunk_aligned(e, var, n) and lim % n == 0):
+                return None
+            e0 = self.expr(e.subst(var, Lin()))
+            conds.append(f"0 <= {e0} && {e0} < {lim}")
+        return " && ".join(conds)
+
     def vector_copy(self, loop: For, depth: int) -> list[str] | None:
-        """A copy of 4 or 8 consecutive 16-bit elements as one 8- or 16-byte move, where
-        both sides are aligned; None otherwise."""
+        """A copy of 4 or 8 consecutive 16-bit elements as one 8- or 16-byte move (zeros for
+        a chunk outside the tensor), where both sides are aligned; None otherwise."""
         (store,) = loop.body
         load, var, n = store.value, loop.var, loop.extent
-        if not (isinstance(load, Load) and load.buffer in self.narrow and not load.bounds and not load.clamps):
+        if not (isinstance(load, Load) and load.buffer in self.narrow and not load.clamps):
             return None
-        if n not in (4, 8) or any(e.coef(var) != 1 or e.const % n or any(c % n for a, c in e.terms if a != var)
-                                  for e in (store.index, load.index)):
+        if n not in (4, 8) or not all(self._chunk_aligned(e, var, n) for e in (store.index, load.index)):
             return None
+        return self.chunk_copy(store, load, var, n * 2, depth)
+
+    def chunk_copy(self, store: Store, load: Load, var: str, nbytes: int, depth: int) -> list[str] | None:
+        """One aligned chunk of 8 or 16 bytes from ``load`` to ``store`` (``var`` at 0): a
+        ``cp.async`` where asked and 16 bytes, else a move through a register."""
+        n = nbytes // (2 if store.buffer in self.narrow else 4)
+        guard = self.chunk_guard(load, var, n)
+        if guard is None:
+            return None
+        pad = self.indent * depth
         dst, src = (f"{b}[{self.expr(e.subst(var, Lin()))}]" for b, e in ((store.buffer, store.index),
                                                                           (load.buffer, load.index)))
-        if store.copy_async and n == 8:
-            return [f"{self.indent * depth}cp_async16(&{dst}, &{src});"]
-        vec = "uint4" if n == 8 else "uint2"
-        return [f"{self.indent * depth}*({vec}*)&{dst} = *(const {vec}*)&{src};"]
+        if store.copy_async and nbytes == 16:
+            if guard:
+                return [f"{pad}cp_async16z(&{dst}, ({guard}) ? &{src} : {load.buffer}, {guard});"]
+            return [f"{pad}cp_async16(&{dst}, &{src});"]
+        vec = "uint4" if nbytes == 16 else "uint2"
+        if guard:
+            zero = "make_uint4(0, 0, 0, 0)" if nbytes == 16 else "make_uint2(0, 0)"
+            return [f"{pad}*({vec}*)&{dst} = ({guard}) ? *(const {vec}*)&{src} : {zero};"]
+        return [f"{pad}*({vec}*)&{dst} = *(const {vec}*)&{src};"]
 
     def vectorized(self, loop: For, depth: int) -> list[str] | None:
         """Chunks of four iterations, moving aligned contiguous loads and stores as float4;
@@ -308,6 +392,12 @@ class CUDARenderer(CStyleRenderer):
             return None
         (store,) = loop.body
         var = loop.var
+        value = store.value
+        if store.copy_async and loop.extent == 4 and isinstance(value, Load) and not value.clamps and \
+                all(self._chunk_aligned(e, var, 4) for e in (store.index, value.index)):
+            copy = self.chunk_copy(store, value, var, 16, depth)   # a float4 stage's chunk, asynchronously
+            if copy:
+                return copy
         vec_loads = [l for l in _loads(store.value) if not l.bounds and not l.clamps
                      and self.aligned(l.buffer, l.index, var)]
         vec_store = not store.accumulate and self.aligned(store.buffer, store.index, var)

@@ -338,3 +338,21 @@ def test_random_tensor_core_schedules_compile_with_nvcc(tmp_path, arch):
         op = make_op("matmul", "4096x4096x4096", dtype)
         sources.append(render(expert_schedule(op, target), target, name=f"expert_{dtype}").source)
     nvcc_compile(sources, tmp_path, arch)
+
+
+@pytest.mark.parametrize("kind,shape,dtype", TC_CASES + [("matmul", "256x192x128", "bf16")])
+def test_gpu_random_tensor_core_schedules_match_reference(kind, shape, dtype, tmp_path):
+    """Random tensor-core kernels (ldmatrix, padded and double-buffered stages included)
+    are correct on the GPU."""
+    pytest.importorskip("cupy")
+    from kernels.measure import Builder, Candidate, Measurer, Runner
+    from kernels.target import NoCudaDevice, get_target
+    try:
+        target = get_target("cuda")
+    except NoCudaDevice as e:
+        pytest.skip(str(e))
+    with Measurer(target, Builder(cache_dir=tmp_path), Runner(timeout_s=60, repeats=2, min_time_s=0.0)) as m:
+        for s in tensor_core_rollouts(kind, shape, dtype, 6, seed=5):
+            kernel = render(s, target)
+            res = m.measure_one(Candidate(s.op, f"source:{kernel.digest}", kernel))
+            assert res.ok and res.correct, f"{res.error}\n{describe(s)}"
