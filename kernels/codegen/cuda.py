@@ -266,21 +266,31 @@ class CUDARenderer(CStyleRenderer):
         l the row ``l % 8`` of matrix ``l / 8``. The instruction reads shared memory, so it
         takes the fence token that each barrier renews: it is never moved above the barrier
         that makes its data visible, yet loads of the same fragment may be merged."""
-        if self.dtype not in self.to_float or any(
-                lo.bounds or hi.bounds or lo.clamps or hi.clamps or lo.buffer not in self.shared
-                or lo.buffer != frag[0][0].buffer for lo, hi in frag):
+        loads = [x for reg in frag for x in reg]
+        if any(x.bounds or x.clamps or x.buffer not in self.shared or x.buffer != loads[0].buffer for x in loads):
             return []
         e0 = frag[0][0].index
-        step = frag[0][1].index - e0              # lo to hi: 1 along a row, a row's length down a column
-        offsets = [lo.index - e0 for lo, _ in frag]
-        if step.terms or any(o.terms or hi.index - lo.index != step for o, (lo, hi) in zip(offsets, frag)):
+        offsets = [reg[0].index - e0 for reg in frag]
+        if any(o.terms for o in offsets):
             return []
-        trans = step.const != 1
-        row = step.const if trans else e0.coef(LANE_GROUP)   # elements from one row start to the next
-        if e0.coef(LANE_PLACE) != 2 * step.const or (trans and e0.coef(LANE_GROUP) != 1) or row is None:
+        if self.dtype == "tf32":   # one 32-bit element a register: an A fragment, rows of 4 along t
+            trans, row, along, align = False, e0.coef(LANE_GROUP), 1, 4
+        elif self.dtype in self.to_float:
+            step = frag[0][1].index - e0              # lo to hi: 1 along a row, a row's length down a column
+            if step.terms or any(hi.index - lo.index != step for lo, hi in frag):
+                return []
+            trans = step.const != 1
+            row = step.const if trans else e0.coef(LANE_GROUP)   # elements from one row start to the next
+            along, align = 2 * step.const, 8
+            if trans and e0.coef(LANE_GROUP) != 1:
+                return []
+        else:
+            return []
+        if e0.coef(LANE_PLACE) != along or row is None:
             return []
         start = e0.subst(LANE_GROUP, Lin()).subst(LANE_PLACE, Lin())
-        if any(c % 8 for _, c in start.terms) or start.const % 8 or row % 8 or any(o.const % 8 for o in offsets):
+        if any(c % align for _, c in start.terms) or start.const % align or row % align or \
+                any(o.const % align for o in offsets):
             return []
         n = len(frag)
         pick = "0"
@@ -290,9 +300,13 @@ class CUDARenderer(CStyleRenderer):
         outs = ", ".join(f"%{i}" for i in range(n))
         regs = ", ".join(f'"=r"(r{first + i})' for i in range(n))
         shape = f"x{n}{'.trans' if trans else ''}"
-        return [f"{pad}unsigned {', '.join(f'r{first + i}' for i in range(n))};",
-                f'{pad}asm("ldmatrix.sync.aligned.m8n8.{shape}.shared.b16 {{{outs}}}, [%{n}];" : {regs} : '
-                f'"r"(smem_u32(&{frag[0][0].buffer}[{addr}])), "r"(tc_fence));']
+        names = [f"r{first + i}" for i in range(n)]
+        lines = [f"{pad}unsigned {', '.join(names)};",
+                 f'{pad}asm("ldmatrix.sync.aligned.m8n8.{shape}.shared.b16 {{{outs}}}, [%{n}];" : {regs} : '
+                 f'"r"(smem_u32(&{frag[0][0].buffer}[{addr}])), "r"(tc_fence));']
+        if self.dtype == "tf32":   # fp32 bits in: rounded to tf32 as every other operand
+            lines += [f"{pad}{r} = tf32(__uint_as_float({r}));" for r in names]
+        return lines
 
     def paired(self, lo: Load, hi: Load) -> bool:
         """Two 16-bit elements that are one aligned 32-bit word: the low one at an even
