@@ -45,8 +45,10 @@ from kernels.target import Target, get_target
 from . import bench
 from .config import field
 
-SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu", "cluster-cpu",
-          "timing-cpu", "heldout-cpu")
+SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu",
+          "cluster-cpu", "timing-cpu", "heldout-cpu", "models-cpu", "models-cuda")
+MODEL_CASES = {"cpu": (("resnet18", 1), ("mobilenet_v2", 1)),
+               "cuda": (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1))}
 
 KERNELS_CPU = [
     ("matmul", "512x512x512"),
@@ -70,6 +72,7 @@ class Config:
     anneal_budget: int = field(256, help="measurements of the annealing reference (zeroshot-cpu)")
     cluster_rounds: int = field(2, help="interleaved rounds of local, Ray x1 and Ray x2 (cluster-cpu)")
     repeats: int = field(3, help="bench runs per cell, quiet and loaded (timing-cpu)")
+    model_budget: int = field(0, help="measurements per model (models-cpu, models-cuda; 0: 16 per task)")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -452,6 +455,41 @@ def _zeroshot_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     return lines, results
 
 
+def _models(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+    """tune-model on each model into a fresh database, then again on the same database."""
+    from . import tune_model
+
+    lines = ["`tune-model` with a fresh tuning database: the model's layers tuned under one budget, then the "
+             "model run with the tuned kernels (torch where torch's call is faster), checked against the original "
+             "and timed against torch eager in rounds of alternating blocks (median, and the spread over rounds). "
+             "*again* is a second `tune-model` on the same database: its measurements and wall time.", "",
+             "| model | batch | tasks | tuned kernels used | measurements | tune wall s | ours ms (spread) | "
+             "torch ms (spread) | speedup | again: measurements, wall s | command |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, batch in MODEL_CASES[target.kind]:
+            db = str(Path(tmp) / f"{model}-{batch}.jsonl")
+            budget = cfg.model_budget or None
+            mc = tune_model.Config(model=model, batch=batch, target=target.kind, budget=budget, database=db,
+                                   runs=tmp, rounds=cfg.rounds)
+            first = tune_model.run(mc)
+            t0 = time.perf_counter()
+            again = tune_model.run(mc)
+            again_s = time.perf_counter() - t0
+            flags = f" --batch {batch}" if batch != 1 else ""
+            flags += f" --target {target.kind}" if target.kind != "cpu" else ""
+            lines.append(f"| {model} | {batch} | {first['tasks']} | {first['layers_tuned']} | {first['measurements']} | "
+                         f"{first['tune_wall_s']:.0f} | {first['model_ms']:.2f} ({first['model_spread_ms']:.2f}) | "
+                         f"{first['torch_ms']:.2f} ({first['torch_spread_ms']:.2f}) | "
+                         f"{first['speedup_vs_torch']:.2f} | {again['measurements']}, {again_s:.0f} | "
+                         f"`python -m experiments tune-model --model {model}{flags} --budget {first['budget']}` |")
+            results.append({k: first.get(k) for k in ("model", "batch", "tasks", "layers_tuned", "measurements",
+                                                      "tune_wall_s", "model_ms", "torch_ms", "speedup_vs_torch")}
+                           | {"again_measurements": again["measurements"], "again_wall_s": again_s})
+    return lines, results
+
+
 CLUSTER_CASE = ("matmul", "512x512x512")
 CLUSTER_CONFIGS = (("local backend", 0), ("Ray, 1 runner", 1), ("Ray, 2 runners", 2))  # (name, runners)
 
@@ -652,7 +690,9 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
           "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
-          "heldout-cpu": "The default search on held-out shapes of every operator"}
+          "heldout-cpu": "The default search on held-out shapes of every operator",
+          "models-cpu": "Whole models on the CPU: tune-model against torch",
+          "models-cuda": "Whole models on the GPU: tune-model against torch (fp32, TF32 off)"}
 
 
 def _machine(target: Target) -> str:
@@ -668,6 +708,8 @@ def run(cfg: Config) -> dict:
         lines, results = _kernels_cuda(cfg, target)
     elif cfg.suite == "tensor-cuda":
         lines, results = _tensor_cuda(cfg, target)
+    elif cfg.suite.startswith("models-"):
+        lines, results = _models(cfg, target)
     else:
         lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
                           "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,

@@ -39,8 +39,13 @@ def _cuda_launcher(kernel: Kernel, path: str) -> Callable[[list[torch.Tensor]], 
     fn = compile_kernel(kernel.source, kernel.name)
     grid, block = kernel.launch
 
+    streams: dict[int, object] = {}   # CuPy's view of each torch stream, made once
+
     def launch(tensors: list[torch.Tensor]) -> None:
-        with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        ptr = torch.cuda.current_stream().cuda_stream
+        if ptr not in streams:
+            streams[ptr] = cp.cuda.ExternalStream(ptr)
+        with streams[ptr]:
             fn(grid, block, tuple(cp.asarray(t) for t in tensors))
     return launch
 
