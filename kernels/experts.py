@@ -52,7 +52,34 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
     return s
 
 
+def _pointwise(op: Operator, target: Target) -> Schedule | None:
+    """A 1x1 convolution (stride 1, no padding) is a matrix product of the weights
+    (K x C) with the image (C x H*W): fused ``y*x`` indexes linearly, so it is tiled
+    like matmul's columns. Only where a vector tile divides H*W (or H*W fits one tile);
+    a tail would clamp reads into gathers. Parallel over the image's tiles where there
+    are enough of them, else over the output channels."""
+    ext, p = op.extents, op.params
+    if op.kind == "depthwise_conv2d" or (p["R"], p["S"], p["stride"], p["pad"]) != (1, 1, 1, 0):
+        return None
+    hw, lanes = ext["y"] * ext["x"], target.vector_lanes
+    cols = next((c for c in (2 * lanes, lanes) if hw % c == 0), hw if hw <= 64 else None)
+    if cols is None:
+        return None
+    rows = min(ext["k"], 8 if lanes >= 16 else 6)
+    s = Schedule(op).fuse("y", "x").tile("k", "y_x", rows, cols)
+    if hw // cols >= 4 * target.cores:
+        s = s.reorder("n", "y_x_o", "k_o", "c", "ry", "rx", "k_i", "y_x_i")
+        s = s.cache_write("k_o").vectorize("y_x_i").unroll("k_i").fuse("n", "y_x_o")
+        return s.parallel("n_y_x_o")
+    s = s.reorder("n", "k_o", "y_x_o", "c", "ry", "rx", "k_i", "y_x_i")
+    s = s.cache_write("y_x_o").vectorize("y_x_i").unroll("k_i").fuse("n", "k_o")
+    return s.parallel("n_k_o")
+
+
 def _conv2d(op: Operator, target: Target) -> Schedule:
+    pointwise = _pointwise(op, target)
+    if pointwise is not None:
+        return pointwise
     ext = op.extents
     depthwise = op.kind == "depthwise_conv2d"
     xs = _pick(ext["x"], (target.vector_lanes, target.vector_lanes // 2, target.vector_lanes))
