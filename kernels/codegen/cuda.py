@@ -446,4 +446,4 @@ def render_cuda(schedule: Schedule, target: Target, name: str) -> Kernel:
     fn = lower(schedule, name, gpu=True)
     launch = launch_config(schedule.nest)
     renderer = CUDARenderer(target, launch, schedule.op.dtype, bool(schedule.nest.tensorized))
-    return Kernel(name, renderer.render(fn), schedule.op.tensors, launch=launch)
+    return Kernel(name, renderer.render(fn), schedule.op.tensors, launch=launch, dtype=schedule.op.dtype)
