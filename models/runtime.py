@@ -88,11 +88,14 @@ class TunedConv(nn.Module):
     def __init__(self, call: Callable, conv: nn.Conv2d, fused: bool):
         super().__init__()
         self.call, self.fused = call, fused
+        self.subsample = conv.stride[0] if conv.kernel_size == (1, 1) and conv.padding == (0, 0) else 1
         self.weight = nn.Parameter(conv.weight.detach().contiguous(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().contiguous(),
                                                                 requires_grad=False)
 
     def forward(self, x):
+        if self.subsample > 1:     # a strided 1x1 convolution: pointwise on every stride-th pixel
+            x = x[:, :, ::self.subsample, ::self.subsample]
         y = self.call([x.contiguous(), self.weight, *([self.bias] if self.fused else [])])
         return y + self.bias.view(1, -1, 1, 1) if self.bias is not None and not self.fused else y
 

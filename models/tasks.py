@@ -3,6 +3,8 @@
 Batch norms are folded into the convolutions before them (inference), so a ResNet
 convolution becomes a convolution with a bias; one followed by a ReLU is one
 ``conv2d_bias_relu`` task, a linear layer followed by a ReLU one ``dense_bias_relu``.
+A strided 1x1 convolution is a pointwise one on the subsampled image (the layer
+subsamples before the kernel), which vectorises where the strided reads do not.
 Every other convolution (``groups == 1``, or depthwise), linear layer (``matmul``, its
 bias added by torch) and batched product of two tensors becomes a task too; what is
 none of these (pooling, normalisation, softmax, grouped or dilated convolutions) stays
@@ -85,6 +87,8 @@ def _conv_site(node: fx.Node, conv: nn.Conv2d, modules: dict) -> Site | None:
     n, c, h, w = x
     r, s = conv.kernel_size
     stride, pad = conv.stride[0], conv.padding[0]
+    if (r, s, pad) == (1, 1, 0) and stride > 1:     # reads every stride-th pixel: subsampled first
+        h, w, stride = -(-h // stride), -(-w // stride), 1
     if conv.groups == 1:
         relu = _only_relu_user(node, modules) if conv.bias is not None else None
         kind = "conv2d_bias_relu" if relu is not None else "conv2d"

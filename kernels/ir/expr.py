@@ -128,6 +128,22 @@ class Lin:
             const += part.const * coef
         return _lin(terms, const)
 
+    def rescale(self, name: str, factor: int, new: str) -> "Lin":
+        """The expression with ``factor * name`` replaced by ``new`` (inside div/mod too);
+        ValueError where a coefficient of ``name`` is not a multiple of ``factor``."""
+        if name not in self.vars():
+            return self
+        terms: dict[Atom, int] = {}
+        for atom, coef in self.terms:
+            if atom == name:
+                if coef % factor:
+                    raise ValueError(f"{name} appears with coefficient {coef}, not a multiple of {factor}")
+                atom, coef = new, coef // factor
+            elif isinstance(atom, DivMod) and name in atom.arg.vars():
+                atom = DivMod(atom.op, atom.arg.rescale(name, factor, new), atom.divisor)
+            terms[atom] = terms.get(atom, 0) + coef
+        return _lin(terms, self.const)
+
     def evaluate(self, env: dict[str, int]) -> int:
         """The value when each variable ``v`` is ``env[v]``."""
         total = self.const

@@ -19,8 +19,9 @@ so it stays in registers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import mma
 from .dtypes import DTYPES
@@ -91,6 +92,14 @@ class Alloc:
     buffer: str
     size: int
     scope: str = "local"        # local (stack / registers) | shared (a GPU block's shared memory)
+
+
+@dataclass
+class Let:
+    """``const int var = min(value, limit)``: the start of a tail tile shifted back inside."""
+    var: str
+    value: Lin
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,10 @@ def thread_loops(nest: LoopNest) -> tuple[Loop, ...]:
     return tuple(l for l in nest.loops if (bound_axis(l) or "").startswith("threadIdx"))
 
 
-def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Function:
+def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tails: bool = True) -> Function:
+    """The schedule's loop IR. On a CPU, a register tile's tail is shifted back to end at
+    the extent (:func:`_tail_shifts`) where it can be, else computed whole with clamped
+    reads; ``shift_tails=False`` forces the latter."""
     op, nest = schedule.op, schedule.nest
     loops = nest.loops
     local: dict[str, int] = {}
@@ -202,12 +214,15 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
     # Spatial tails inside the cache_write tile are not guarded in the compute: the
     # tile is computed whole (in registers) and only its valid part is written back.
     # Reads that the dropped guards no longer keep inside a tensor are clamped.
-    guards, dropped = nest.guards, ()
+    guards, dropped, shifts = nest.guards, (), {}
     if nest.cache_write:
         tile = {l.name for l in tile_shape(nest)}
         private = tile | {l.name for l in threads}
         dropped = tuple(g for g in guards if g[0].vars() & private)
         guards = tuple(g for g in guards if g not in dropped)
+        if not gpu and shift_tails:
+            shifts = _tail_shifts(nest, dropped, tile)
+            dropped = tuple(g for g in dropped if g not in shifts.values())
     unguarded = set().union(*(e.vars() for e, _ in dropped))
 
     # where each input is read from: the tensor itself, or a packed local buffer
@@ -310,6 +325,11 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
     for anchor in synced:  # no thread may refill the stage while another still reads it
         tail[anchor].append(Sync())
     body = _build(loops, guards, head, tail, compute)
+    if shifts:
+        try:
+            body = [_shifted(s, shifts) for s in body]
+        except ValueError:     # a shifted loop is indexed with another stride: no shifting
+            return lower(schedule, name, gpu, shift_tails=False)
     return Function(name, op.tensors, pre + body + post, local, shared)
 
 
@@ -377,6 +397,55 @@ def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load
     for l in reversed(frags):
         body = [For(l.name, l.extent, body, "unroll")]
     return compute, body, size
+
+
+def _tail_shifts(nest: LoopNest, dropped, tile: set[str]) -> dict[str, tuple]:
+    """Tail guards ``F*o + r < n`` of the register tile (``r`` over tile loops, below ``F``)
+    whose tile can instead start at ``min(F*o, n - F)``: the last tile then overlaps the one
+    before and ends at the extent, so neither its reads nor its write-back need a guard or
+    a clamp, and its vector accesses stay contiguous. It recomputes a few outputs of the
+    tile before, with the same sums, so it writes the same values; ``o`` must be a serial
+    loop (no two threads write one element) in no other guard. Returns ``{o: guard}``."""
+    kinds = {l.name: l.kind for l in nest.loops}
+    ext = nest.extents
+    out = {}
+    for g in dropped:
+        e, n = g
+        outer = [(a, c) for a, c in e.terms if isinstance(a, str) and a not in tile]
+        if len(outer) != 1 or e.coefs()[1] or e.const:
+            continue
+        (o, f), rest = outer[0], e.drop({outer[0][0]})
+        lo, hi = rest.range(ext)
+        if kinds.get(o) != "serial" or not (0 <= lo and hi < f <= n) or \
+                sum(o in e2.vars() for e2, _ in nest.guards) != 1:
+            continue
+        out[o] = g
+    return out
+
+
+def _shifted(stmt, shifts: dict[str, tuple]):
+    """``stmt`` with each shifted loop's body starting with its ``Let`` and reading it."""
+    if isinstance(stmt, For) and stmt.var in shifts:
+        (e, n) = shifts[stmt.var]
+        f = e.coef(stmt.var)
+        new = f"{stmt.var}_s"
+        body = [Let(new, Lin.var(stmt.var, f), n - f)] + [_rescaled(s, stmt.var, f, new) for s in stmt.body]
+        return replace(stmt, body=[_shifted(s, shifts) for s in body])
+    if isinstance(stmt, (For, If)):
+        return replace(stmt, body=[_shifted(s, shifts) for s in stmt.body])
+    return stmt
+
+
+def _rescaled(node, var: str, f: int, new: str):
+    """``node`` (a statement, value or expression) with ``f * var`` read as ``new``."""
+    if isinstance(node, Lin):
+        return node.rescale(var, f, new)
+    if isinstance(node, (list, tuple)):
+        return type(node)(_rescaled(x, var, f, new) for x in node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return replace(node, **{fl.name: _rescaled(getattr(node, fl.name), var, f, new)
+                                for fl in dataclasses.fields(node)})
+    return node
 
 
 def _names_to(nest: LoopNest, anchor: str) -> set[str]:

@@ -20,7 +20,7 @@ def _tasks(name: str, batch: int = 1):
     ("resnet18", 21, 16, {("conv2d_bias_relu", "1,3,224,224,64,7,7,2,3"): 1,     # stem, ReLU fused
                           ("conv2d_bias_relu", "1,64,56,56,64,3,3,1,1"): 2,
                           ("conv2d", "1,64,56,56,64,3,3,1,1"): 2,                 # before the residual add
-                          ("conv2d", "1,64,56,56,128,1,1,2,0"): 1,                # downsampling shortcut
+                          ("conv2d", "1,64,28,28,128,1,1,1,0"): 1,                # shortcut, subsampled
                           ("matmul", "1x1000x512"): 1}),
     ("resnet50", 54, 24, {("conv2d", "1,256,14,14,1024,1,1,1,0"): 6,
                           ("conv2d_bias_relu", "1,256,14,14,256,3,3,1,1"): 5,

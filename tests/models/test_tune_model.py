@@ -25,11 +25,12 @@ class Tiny(nn.Module):
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
         self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(8, 8, 1, stride=2)
         self.fc = nn.Linear(8 * 4 * 4, 10)
 
     def forward(self, x):
         x = torch.relu(self.c1(x))
-        return self.fc(torch.flatten(self.c2(x), 1))
+        return self.fc(torch.flatten(self.c2(x) + self.shortcut(x), 1))
 
 def build():
     torch.manual_seed(0)
@@ -52,11 +53,12 @@ def _run(capsys, *args) -> dict:
 def test_tune_rebuild_check_and_reuse(capsys, tmp_path, tiny):
     db, runs = str(tmp_path / "db.jsonl"), str(tmp_path / "runs")
     common = ["--model", tiny, "--database", db, "--runs", runs, "--rounds", "1", "--json"]
-    first = _run(capsys, "tune-model", *common, "--budget", "5")
-    assert first["correct"] and first["tasks"] == 3 and first["measurements"] == 5
+    first = _run(capsys, "tune-model", *common, "--budget", "6")
+    assert first["correct"] and first["tasks"] == 4 and first["measurements"] == 6
     assert {(t["op"], t["shape"]) for t in first["layers"]} == {
-        ("conv2d_bias_relu", "2,3,8,8,8,3,3,1,1"), ("conv2d", "2,8,8,8,8,3,3,2,1"), ("matmul", "2x10x128")}
-    assert sum(t["measurements"] for t in first["layers"]) == 5
+        ("conv2d_bias_relu", "2,3,8,8,8,3,3,1,1"), ("conv2d", "2,8,8,8,8,3,3,2,1"),
+        ("conv2d", "2,8,4,4,8,1,1,1,0"), ("matmul", "2x10x128")}      # the 1x1 shortcut, subsampled
+    assert sum(t["measurements"] for t in first["layers"]) == 6
     assert all(t["ours_ms"] is not None for t in first["layers"])    # each task got its first measurement
     for key in ("model_ms", "torch_ms", "speedup_vs_torch", "tune_wall_s"):
         assert first[key] > 0
@@ -64,24 +66,24 @@ def test_tune_rebuild_check_and_reuse(capsys, tmp_path, tiny):
     assert (run_dir / "time.png").stat().st_size > 0
     assert json.loads((run_dir / "summary.json").read_text())["layers"] == first["layers"]
 
-    again = _run(capsys, "tune-model", *common, "--budget", "5")
+    again = _run(capsys, "tune-model", *common, "--budget", "6")
     assert again["correct"] and again["measurements"] == 0        # all in the database
-    more = _run(capsys, "tune-model", *common, "--budget", "7")
+    more = _run(capsys, "tune-model", *common, "--budget", "8")
     assert more["measurements"] == 2                              # only what the larger budget adds
 
     applied = _run(capsys, "apply", "--model", tiny, "--database", db, "--runs", runs, "--rounds", "1", "--json")
-    assert applied["correct"] and applied["measurements"] == 0 and applied["tasks"] == 3
+    assert applied["correct"] and applied["measurements"] == 0 and applied["tasks"] == 4
 
 
 def test_the_database_is_never_reused_on_another_machine(capsys, tmp_path, tiny):
     db = tmp_path / "db.jsonl"
     common = ["--model", tiny, "--database", str(db), "--runs", str(tmp_path / "runs"), "--rounds", "1", "--json"]
-    _run(capsys, "tune-model", *common, "--budget", "3")
+    _run(capsys, "tune-model", *common, "--budget", "4")
     lines = [json.loads(line) for line in db.read_text().splitlines()]
     db.write_text("".join(json.dumps({**r, "hardware": "another CPU"}) + "\n" for r in lines))
     applied = _run(capsys, "apply", *common)
     assert all(t["measurements"] == 0 and not t["uses_tuned_kernel"] for t in applied["layers"])
-    assert len(TuningLog(db).read()) == 3    # kept, only not used here
+    assert len(TuningLog(db).read()) == 4    # kept, only not used here
 
 
 def test_a_kernel_operator_refuses_tensors_it_would_overrun():
