@@ -116,7 +116,9 @@ def read(path: str | os.PathLike, op_kind: str, target_kind: str, n_actions: int
                           f"not {op_kind} on {target_kind}")
     if spec.get("actions") != n_actions or spec.get("observation_size") != features.SIZE:
         raise PolicyError(f"policy {p} has {spec.get('actions')} actions and observations of "
-                          f"{spec.get('observation_size')}; {op_kind} needs {n_actions} and {features.SIZE}")
+                          f"{spec.get('observation_size')}; {op_kind} on {target_kind} needs {n_actions} and "
+                          f"{features.SIZE} (retrain it: python -m experiments train --op {op_kind} "
+                          f"--target {target_kind})")
     try:
         with warnings.catch_warnings():  # torch's notes on odd pickles: the error below says it all
             warnings.simplefilter("ignore")

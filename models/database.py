@@ -41,8 +41,8 @@ def check_path(path: str | os.PathLike) -> Path:
 def records(cache: dict, op: Operator, target: Target) -> Iterator[tuple[str, Schedule, MeasureResult]]:
     """``(schedule key, schedule, result)`` of every measurement of ``op`` on this machine
     (target, hardware and compiler) in a measurer's ``cache``."""
-    for (kind, shape, key, target_kind, device, compiler), res in list(cache.items()):
-        if kind != op.kind or shape != op.shape or \
+    for (kind, shape, key, target_kind, device, compiler, dtype), res in list(cache.items()):
+        if kind != op.kind or shape != op.shape or dtype != op.dtype or \
                 (target_kind, device, compiler) != (target.kind, target.device, target.compiler):
             continue
         try:

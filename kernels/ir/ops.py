@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from .dtypes import DEFAULT, DTYPES, decode, encode
 
 INPUT_RANGE = 1.0  # inputs are drawn uniformly from [-INPUT_RANGE, INPUT_RANGE]
 
@@ -83,6 +84,7 @@ class Operator:
     lhs: Access
     rhs: Access
     bias: Access | None = None  # epilogue max(out + bias, 0) when set
+    dtype: str = DEFAULT        # kernels.ir.dtypes: how tensors are stored and multiplied
     reference_fn: Callable[..., np.ndarray] = field(default=None, compare=False, repr=False)
 
     @property
@@ -131,14 +133,18 @@ class Operator:
                    zip((e.range(self.extents) for e in access.index), shape))
 
     def random_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {t.name: rng.uniform(-INPUT_RANGE, INPUT_RANGE, t.shape).astype(np.float32)
+        """Inputs as stored for ``dtype`` (bf16 as its bits, :mod:`kernels.ir.dtypes`)."""
+        return {t.name: encode(rng.uniform(-INPUT_RANGE, INPUT_RANGE, t.shape).astype(np.float32), self.dtype)
                 for t in self.inputs}
 
     def reference(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.reference_fn(**inputs).astype(np.float32)
+        """The exact result on the stored inputs (float64 math), as float32; a kernel's
+        own roundings (tf32 inputs, a bf16/fp16 output) are the tolerance's business."""
+        return self.reference_fn(**{n: decode(a, self.dtype) for n, a in inputs.items()}).astype(np.float32)
 
     def to_json(self) -> dict:
-        return {"op": self.kind, "shape": self.shape_str}
+        d = {"op": self.kind, "shape": self.shape_str}
+        return d if self.dtype == DEFAULT else {**d, "dtype": self.dtype}
 
 
 # ---------------------------------------------------------------- references
@@ -278,11 +284,13 @@ def parse_shape(kind: str, shape: str | tuple[int, ...]) -> tuple[int, ...]:
     return values + OPTIONAL_DEFAULTS[len(OPTIONAL_DEFAULTS) - missing:] if missing else values
 
 
-def make_op(kind: str, shape: str | tuple[int, ...]) -> Operator:
-    """The operator ``kind`` at ``shape`` (a shape string or a tuple of ints)."""
+def make_op(kind: str, shape: str | tuple[int, ...], dtype: str = DEFAULT) -> Operator:
+    """The operator ``kind`` at ``shape`` (a shape string or a tuple of ints) in ``dtype``."""
     values = parse_shape(kind, shape)
+    if dtype not in DTYPES:
+        raise OperatorError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     builder = OPERATORS[kind][0]
-    op = Operator(kind=kind, shape=values, **builder(*values))
+    op = Operator(kind=kind, shape=values, dtype=dtype, **builder(*values))
     for t in op.tensors:
         if math.prod(t.shape) > MAX_ELEMENTS:
             raise OperatorError(f"{kind} {op.shape_str}: tensor {t.name} has {math.prod(t.shape):,} elements; "
