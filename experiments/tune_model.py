@@ -32,16 +32,15 @@ from pathlib import Path
 
 from .config import field
 
-DTYPES = ("fp32",)
-
-
 @dataclass
 class ModelChoice:
     model: str = field(help="resnet18, resnet50, mobilenet_v2, bert_layer, or FILE.py:FACTORY (a function "
                             "of no arguments returning (module, example_input))")
     batch: int = field(1, help="batch size of a built-in model (a FILE.py:FACTORY gives its own input)")
     target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU)", choices=["cpu", "cuda"])
-    dtype: str = field("fp32", help="data type of the kernels", choices=["fp32", "tf32", "bf16", "fp16"])
+    dtype: str = field("fp32", help="data type of the model and its kernels (tf32, bf16, fp16: on cuda; the "
+                                    "model is converted, and torch runs in it too)",
+                       choices=["fp32", "tf32", "bf16", "fp16"])
     database: str | None = field(None, help="the tuning database, one JSON-lines file (default: "
                                             "~/.cache/schedgym/tuning.jsonl, or under $SCHEDGYM_CACHE)",
                                  metavar="PATH")
@@ -62,12 +61,13 @@ class Config(ModelChoice):
 
 def prepare(cfg: ModelChoice):
     """(name, module, example inputs, target, database path), every input checked first."""
+    from kernels.codegen.rules import check_dtype
     from kernels.target import get_target
     from models import database
+    from models.runtime import TORCH_DTYPES
     from models.zoo import load_model
 
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype {cfg.dtype}: tune-model supports {', '.join(DTYPES)} so far")
+    check_dtype(cfg.dtype, cfg.target)
     if cfg.rounds < 1:
         raise ValueError("--rounds must be at least 1")
     target = get_target(cfg.target)     # no GPU: one line, before anything is built
@@ -77,10 +77,13 @@ def prepare(cfg: ModelChoice):
         print(f"note: --batch does not apply to {cfg.model}; its factory gives the input", file=sys.stderr)
     if target.kind == "cuda":
         import torch
-        torch.backends.cuda.matmul.allow_tf32 = False   # fp32 against fp32: torch's convolutions
-        torch.backends.cudnn.allow_tf32 = False         # would otherwise use TF32 tensor cores
+        # torch computes in the same dtype: fp32 without TF32 (its convolutions would
+        # otherwise use TF32 tensor cores), TF32 where the kernels use it
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.dtype == "tf32"
         torch.backends.cudnn.benchmark = True           # its fastest algorithms: a fair bar
-        module, example = module.cuda(), tuple(t.cuda() for t in example)
+        dtype = TORCH_DTYPES[cfg.dtype]
+        module = module.to("cuda", dtype)
+        example = tuple(t.to("cuda", dtype) if t.is_floating_point() else t.cuda() for t in example)
     return name, module, example, target, db
 
 
@@ -106,7 +109,7 @@ def run(cfg: Config) -> dict:
     from .progress import Progress
 
     name, module, example, target, db = prepare(cfg)
-    net = extract(module, example)
+    net = extract(module, example, cfg.dtype)
     tasks = net.tasks()
     budget = 16 * len(tasks) if cfg.budget is None else cfg.budget
     if budget < 0:
@@ -152,7 +155,7 @@ def report(cfg: ModelChoice, name: str, module, example, measurer) -> dict:
     summary = {"model": name, "batch": cfg.batch, "target": target.kind, "hardware": target.device,
                "dtype": cfg.dtype, "run_dir": str(run_dir)}
     try:
-        compiled = compile_model(module, example, measurer)
+        compiled = compile_model(module, example, measurer, dtype=cfg.dtype)
     except CompileError as e:
         print(f"error: {e}", file=sys.stderr)
         return {**summary, "correct": False}

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from kernels.codegen import render
+from kernels.ir.dtypes import DEFAULT
 from kernels.ir.ops import Operator
 from kernels.measure import Measurer
 from kernels.measure.library import torch_conv
 from kernels.target import Target
 
 from . import database
-from .runtime import check_outputs, kernel_operator, time_alternating, tuned_module
+from .runtime import TORCH_DTYPES, check_outputs, kernel_operator, time_alternating, tuned_module
 from .tasks import Network, extract
 
 
@@ -67,7 +68,9 @@ def torch_call(op: Operator, t: dict[str, torch.Tensor]) -> Callable[[], object]
 
 
 def _compare(op: Operator, call: Callable, device: torch.device, rounds: int) -> tuple[float, float]:
-    inputs = {n: torch.from_numpy(a).to(device) for n, a in op.random_inputs(np.random.default_rng(0)).items()}
+    dtype = TORCH_DTYPES[op.dtype]
+    inputs = {n: torch.from_numpy(a).view(dtype).to(device)   # bf16 arrives as its bits
+              for n, a in op.random_inputs(np.random.default_rng(0)).items()}
     args = [inputs[t.name] for t in op.inputs]
     times = time_alternating({"ours": lambda: call(args), "torch": torch_call(op, inputs)}, device,
                              rounds=rounds, block_s=0.05)
@@ -75,11 +78,13 @@ def _compare(op: Operator, call: Callable, device: torch.device, rounds: int) ->
 
 
 def compile_model(module: nn.Module, example: tuple[torch.Tensor, ...], measurer: Measurer,
-                  rounds: int = 3, on_layer: Callable[[Layer], None] | None = None) -> CompiledModel:
-    """``module`` with the fastest kernels ``measurer``'s cache (the database) holds for its tasks."""
+                  dtype: str = DEFAULT, rounds: int = 3,
+                  on_layer: Callable[[Layer], None] | None = None) -> CompiledModel:
+    """``module`` (already in ``dtype``'s storage type) with the fastest kernels ``measurer``'s
+    cache (the database) holds for its tasks in ``dtype``."""
     target: Target = measurer.target
     device = torch.device("cuda" if target.kind == "cuda" else "cpu")
-    net = extract(module, example)
+    net = extract(module, example, dtype)
     calls, layers = {}, []
     for op, weight in net.tasks():
         layer = Layer(op, weight, measurements=sum(1 for _ in database.records(measurer.cache, op, target)))
@@ -102,7 +107,7 @@ def compile_model(module: nn.Module, example: tuple[torch.Tensor, ...], measurer
         if on_layer:
             on_layer(layer)
     tuned = tuned_module(net, calls)
-    problem = check_outputs(tuned, module, example)
+    problem = check_outputs(tuned, module, example, dtype=dtype)
     if problem:
         raise CompileError(f"the tuned model disagrees with the original: {problem}")
     return CompiledModel(tuned, net, layers)

@@ -78,7 +78,7 @@ def _only_relu_user(node: fx.Node, modules: dict) -> fx.Node | None:
     return users[0] if len(users) == 1 and _is_relu(users[0], modules) else None
 
 
-def _conv_site(node: fx.Node, conv: nn.Conv2d, modules: dict) -> Site | None:
+def _conv_site(node: fx.Node, conv: nn.Conv2d, modules: dict, dtype: str) -> Site | None:
     x = _shape(node.args[0]) if node.args else None
     if x is None or len(x) != 4 or conv.padding_mode != "zeros" or conv.dilation != (1, 1):
         return None
@@ -92,23 +92,23 @@ def _conv_site(node: fx.Node, conv: nn.Conv2d, modules: dict) -> Site | None:
     if conv.groups == 1:
         relu = _only_relu_user(node, modules) if conv.bias is not None else None
         kind = "conv2d_bias_relu" if relu is not None else "conv2d"
-        return Site(make_op(kind, (n, c, h, w, conv.out_channels, r, s, stride, pad)), node, relu)
+        return Site(make_op(kind, (n, c, h, w, conv.out_channels, r, s, stride, pad), dtype), node, relu)
     if conv.groups == c == conv.out_channels:
-        return Site(make_op("depthwise_conv2d", (n, c, h, w, r, s, stride, pad)), node)
+        return Site(make_op("depthwise_conv2d", (n, c, h, w, r, s, stride, pad), dtype), node)
     return None
 
 
-def _linear_site(node: fx.Node, linear: nn.Linear, modules: dict) -> Site | None:
+def _linear_site(node: fx.Node, linear: nn.Linear, modules: dict, dtype: str) -> Site | None:
     x = _shape(node.args[0]) if node.args else None
     if x is None or len(x) < 1:
         return None
     m = math.prod(x[:-1])
     relu = _only_relu_user(node, modules) if linear.bias is not None else None
     kind = "dense_bias_relu" if relu is not None else "matmul"
-    return Site(make_op(kind, (m, linear.out_features, linear.in_features)), node, relu)
+    return Site(make_op(kind, (m, linear.out_features, linear.in_features), dtype), node, relu)
 
 
-def _product_site(node: fx.Node) -> Site | None:
+def _product_site(node: fx.Node, dtype: str) -> Site | None:
     if len(node.args) != 2 or node.kwargs:
         return None
     a, b = (_shape(x) for x in node.args)
@@ -116,25 +116,25 @@ def _product_site(node: fx.Node) -> Site | None:
         return None   # broadcasting and matrix-vector products stay in torch
     m, k, n = a[-2], a[-1], b[-1]
     if len(a) == 2:
-        return Site(make_op("matmul", (m, n, k)), node)
-    return Site(make_op("batch_matmul", (math.prod(a[:-2]), m, n, k)), node)
+        return Site(make_op("matmul", (m, n, k), dtype), node)
+    return Site(make_op("batch_matmul", (math.prod(a[:-2]), m, n, k), dtype), node)
 
 
-def _site(node: fx.Node, modules: dict) -> Site | None:
+def _site(node: fx.Node, modules: dict, dtype: str) -> Site | None:
     if node.op == "call_module":
         mod = modules[node.target]
         if type(mod) is nn.Conv2d:
-            return _conv_site(node, mod, modules)
+            return _conv_site(node, mod, modules, dtype)
         if type(mod) is nn.Linear:
-            return _linear_site(node, mod, modules)
+            return _linear_site(node, mod, modules, dtype)
     elif (node.op == "call_function" and node.target in MATMULS) or \
             (node.op == "call_method" and node.target in ("matmul", "bmm")):
-        return _product_site(node)
+        return _product_site(node, dtype)
     return None
 
 
-def extract(module: nn.Module, example: tuple[torch.Tensor, ...]) -> Network:
-    """Trace ``module`` (in eval mode), fold its batch norms, and find its tasks."""
+def extract(module: nn.Module, example: tuple[torch.Tensor, ...], dtype: str = "fp32") -> Network:
+    """Trace ``module`` (in eval mode), fold its batch norms, and find its tasks in ``dtype``."""
     module = module.eval()
     try:
         graph = fuse(module) if any(isinstance(m, nn.BatchNorm2d) for m in module.modules()) \
@@ -148,7 +148,7 @@ def extract(module: nn.Module, example: tuple[torch.Tensor, ...]) -> Network:
     net = Network(graph)
     for node in graph.graph.nodes:
         try:
-            site = _site(node, modules)
+            site = _site(node, modules, dtype)
         except OperatorError:   # a shape our operators cannot take (too large): torch keeps it
             site = None
         if site is not None:

@@ -94,14 +94,14 @@ def test_a_kernel_operator_refuses_tensors_it_would_overrun():
     assert torch.allclose(call([a, b]), a @ b, atol=1e-5)
     with pytest.raises(ValueError, match="inputs of shapes"):
         call([torch.randn(4, 8), b])
-    with pytest.raises(ValueError, match="contiguous float32"):
+    with pytest.raises(ValueError, match="contiguous fp32"):
         call([a.t(), b])
 
 
 @pytest.mark.parametrize("args, why", [
     (["--model", "resnet1000"], "unknown model"),
     (["--model", "resnet18", "--database", "."], "is a directory"),
-    (["--model", "resnet18", "--dtype", "bf16"], "--dtype bf16"),
+    (["--model", "resnet18", "--dtype", "bf16"], "dtype bf16 runs on cuda only"),
     (["--model", "resnet18", "--rounds", "0"], "--rounds"),
 ])
 def test_bad_input_is_one_line_before_any_work(capsys, tmp_path, args, why):
@@ -112,11 +112,13 @@ def test_bad_input_is_one_line_before_any_work(capsys, tmp_path, args, why):
 
 
 
-def test_tune_and_run_on_a_gpu(capsys, tmp_path, tiny):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_tune_and_run_on_a_gpu(capsys, tmp_path, tiny, dtype):
     pytest.importorskip("cupy")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device for torch")
-    result = _run(capsys, "tune-model", "--model", tiny, "--target", "cuda", "--database", str(tmp_path / "db.jsonl"),
-                  "--runs", str(tmp_path / "runs"), "--rounds", "1", "--budget", "4", "--json")
-    assert result["correct"] and result["target"] == "cuda" and result["measurements"] == 4
-    assert all(t["ours_ms"] is not None for t in result["layers"])
+    result = _run(capsys, "tune-model", "--model", tiny, "--target", "cuda", "--dtype", dtype,
+                  "--database", str(tmp_path / "db.jsonl"), "--runs", str(tmp_path / "runs"), "--rounds", "1",
+                  "--budget", "5", "--json")
+    assert result["correct"] and result["target"] == "cuda" and result["dtype"] == dtype
+    assert result["measurements"] == 5 and all(t["ours_ms"] is not None for t in result["layers"])
