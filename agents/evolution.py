@@ -131,8 +131,9 @@ def measured_seeds(search, k: int) -> list[Schedule]:
     op, t = search.op, search.target
     found = []
     for key, res in list(search.measurer.cache.items()):
-        kind, shape, schedule, target_kind, device, _ = key
-        if res.ok and kind == op.kind and tuple(shape) == op.shape and target_kind == t.kind and device == t.device:
+        kind, shape, schedule, target_kind, device, _, dtype = key
+        if res.ok and kind == op.kind and tuple(shape) == op.shape and target_kind == t.kind and device == t.device \
+                and dtype == op.dtype:
             found.append((res.time_ms, schedule))
     out = []
     for _, schedule in sorted(found, key=lambda x: x[0])[:k]:

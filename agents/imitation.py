@@ -21,11 +21,11 @@ from .rollout import ReplayDraw, rollout
 logger = logging.getLogger(__name__)
 
 
-def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: int):
+def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: int, dtype: str = "fp32"):
     """(observations, masks, actions) of each shape's expert schedule replayed as actions."""
     decisions = []
     for shape in shapes:
-        op = make_op(op_kind, shape)
+        op = make_op(op_kind, shape, dtype)
         table = ActionTable(op, target)
         try:
             replay = table.actions_for(expert_schedule(op, target))

@@ -27,7 +27,7 @@ from gymnasium import spaces
 
 from envs import features
 from envs.actions import ActionTable
-from kernels.ir.ops import Operator
+from kernels.ir.ops import BASE_KIND, Operator
 from kernels.target import Target
 
 FORMAT = "schedgym-policy"
@@ -111,12 +111,14 @@ def read(path: str | os.PathLike, op_kind: str, target_kind: str, n_actions: int
         raise PolicyError(f"policy {p} needs its spec {side}: {e}") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT or spec.get("version") != VERSION:
         raise PolicyError(f"{side} is not a version {VERSION} policy spec")
-    if (spec.get("op"), spec.get("target")) != (op_kind, target_kind):
+    if (spec.get("op"), spec.get("target")) not in ((op_kind, target_kind), (BASE_KIND.get(op_kind), target_kind)):
         raise PolicyError(f"policy {p} was trained for {spec.get('op')} on {spec.get('target')}, "
                           f"not {op_kind} on {target_kind}")
     if spec.get("actions") != n_actions or spec.get("observation_size") != features.SIZE:
         raise PolicyError(f"policy {p} has {spec.get('actions')} actions and observations of "
-                          f"{spec.get('observation_size')}; {op_kind} needs {n_actions} and {features.SIZE}")
+                          f"{spec.get('observation_size')}; {op_kind} on {target_kind} needs {n_actions} and "
+                          f"{features.SIZE} (retrain it: python -m experiments train --op {op_kind} "
+                          f"--target {target_kind})")
     try:
         with warnings.catch_warnings():  # torch's notes on odd pickles: the error below says it all
             warnings.simplefilter("ignore")

@@ -104,7 +104,14 @@ class PolicyDraw:
                  steps_left: int) -> int:
         if steps_left <= 1:   # the mask allows only done
             return table.done
-        a, _ = self.policy.predict(observation, action_masks=mask, deterministic=self.deterministic)
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # one small observation: a thread team costs more than it gives
+        try:
+            a, _ = self.policy.predict(observation, action_masks=mask, deterministic=self.deterministic)
+        finally:
+            torch.set_num_threads(threads)
         return int(a)
 
 

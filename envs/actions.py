@@ -24,6 +24,10 @@ that passes the GPU's rules (:func:`kernels.cuda.check_for_target`):
   in registers;
 - ``cache_read`` (a shared-memory stage) needs a bound loop, lies inside every block
   loop and fits in the block's shared memory; after it, nothing more is bound;
+- ``tensorize`` (one action, for tf32/bf16/fp16) takes the three innermost loops when
+  they form a tensor-core tile (:func:`kernels.ir.schedule.tensor_tile`); from then on
+  those loops never move, split or change kind, each thread is a warp (32 threads of
+  the block) and the register tile limit is per lane (32 times larger per warp);
 - ``done`` is allowed once the schedule is complete, and when the steps left are
   only enough to complete it, only the completing actions are (a bind, then a
   ``cache_write``, then ``done``).
@@ -37,11 +41,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.ir.lower import thread_loops
+from kernels.ir.dtypes import DTYPES
+from kernels.ir.lower import stage_elements, thread_loops
 from kernels.ir.ops import Operator
 from kernels.ir.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES, Bind, CacheRead,
-                              CacheWrite, Fuse, LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split,
-                              Step, Tile, Unroll, Vectorize, bound_axis, footprint)
+                              CacheWrite, DoubleBuffer, Fuse, LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split,
+                              Step, Tensorize, Tile, Unroll, Vectorize, WARP, bound_axis, footprint,
+                              tensor_tile)
 from kernels.target import Target, cpu_target
 
 MAX_LOOPS = 12
@@ -55,7 +61,7 @@ ANNOTATIONS = {"cpu": ("vectorize", "unroll", "parallel", "cache_write"),
 @dataclass(frozen=True)
 class Action:
     primitive: str           # split, tile, swap, fuse, vectorize, unroll, parallel, bind, cache_write,
-                             # cache_read, done
+                             # cache_read, tensorize, done
     slot: int = 0            # loop position, outermost = 0
     factor: int = 0          # index into FACTORS (split, tile)
     tensor: str = ""         # cache_read only
@@ -129,7 +135,7 @@ class ActionTable:
     """The fixed action list of one operator kind on one kind of target."""
 
     def __init__(self, op: Operator, target: Target | None = None):
-        self.kind = op.kind
+        self.kind, self.op = op.kind, op
         self.target = target or cpu_target()
         self.gpu = self.target.kind == "cuda"
         self.inputs = (op.lhs.tensor, op.rhs.tensor)
@@ -147,6 +153,9 @@ class ActionTable:
                 table += [Action("bind", s, axis=axis) for s in range(MAX_LOOPS)]
         for t in self.inputs:
             table += [Action("cache_read", s, tensor=t) for s in range(MAX_LOOPS)]
+        if self.gpu:
+            table.append(Action("tensorize"))
+            table += [Action("double_buffer", tensor=t) for t in self.inputs]
         table.append(Action("done"))
         self.actions = tuple(table)
         self.index = {a: i for i, a in enumerate(self.actions)}
@@ -171,6 +180,10 @@ class ActionTable:
         if a.primitive == "done":
             return None
         loops = nest.loops
+        if a.primitive == "tensorize":
+            return Tensorize(*(tensor_tile(self.op, nest) or ("?", "?", "?")))
+        if a.primitive == "double_buffer":
+            return DoubleBuffer(a.tensor)
         two = a.primitive in ("tile", "swap", "fuse")
         if a.slot + (1 if two else 0) >= len(loops):
             raise ScheduleError(f"{a.primitive} at loop slot {a.slot}: the nest has {len(loops)} loops")
@@ -188,6 +201,7 @@ class ActionTable:
             return CacheRead(a.tensor, l.name)
         if a.primitive == "bind":
             return Bind(l.name, a.axis)
+
         return {"vectorize": Vectorize, "unroll": Unroll, "parallel": Parallel,
                 "cache_write": CacheWrite}[a.primitive](l.name)
 
@@ -205,8 +219,11 @@ class ActionTable:
         first_reduce = min((i for i, l in enumerate(loops) if l.reduce), default=n)
         # an unrolled loop may only hold unrolled or vectorized loops: the first slot from
         # which every loop inward is one of those
+        tensorized = set(nest.tensorized)   # one instruction: they count as unrolled, and stay put
+        kept = {dict(nest.cache_reads)[t] for t in nest.double_buffered}   # loops that stay serial
         tile_from = n
-        while tile_from > 0 and loops[tile_from - 1].kind in ("unroll", "vectorize"):
+        while tile_from > 0 and (loops[tile_from - 1].kind in ("unroll", "vectorize")
+                                 or loops[tile_from - 1].name in tensorized):
             tile_from -= 1
         spatial_inside = [1] * (n + 1)  # product of spatial extents at positions >= i
         for i in range(n - 1, -1, -1):
@@ -222,19 +239,20 @@ class ActionTable:
                      for t, sizes in footprints.items()]
 
         for i, l in enumerate(loops):
-            serial = l.kind == "serial"
+            serial = l.kind == "serial" and l.name not in tensorized and l.name not in kept
             free = serial and i < info.first_anchor   # structural steps may touch it
             if free and n < MAX_LOOPS and f"{l.name}_o" not in info.names and f"{l.name}_i" not in info.names:
                 allowed[at["split"][i]] = factor_slots(l.extent) & (gpu_rules.split_factors(i) if gpu else True)
             if i + 1 < n:
                 m = loops[i + 1]
-                both_free = free and m.kind == "serial" and i + 1 < info.first_anchor
+                both_free = free and m.kind == "serial" and m.name not in tensorized and i + 1 < info.first_anchor
                 if both_free and n + 2 <= MAX_LOOPS and \
                         {f"{x}_{y}" for x in (l.name, m.name) for y in "oi"}.isdisjoint(info.names):
                     allowed[at["tile"][i]] = factor_slots(l.extent) & factor_slots(m.extent) & \
                         (gpu_rules.tile_factors(i) if gpu else True)
                 if i + 1 < info.first_anchor and m.kind != "vectorize" and l.kind != "parallel" and \
-                        (m.kind != "unroll" or l.kind == "unroll") and (not gpu or gpu_rules.swap(i)):
+                        (m.kind != "unroll" or l.kind == "unroll") and (not gpu or gpu_rules.swap(i)) and \
+                        (l.name in tensorized) == (m.name in tensorized):
                     allowed[at["swap"][i]] = True
                 if both_free and l.reduce == m.reduce and f"{l.name}_{m.name}" not in info.names:
                     allowed[at["fuse"][i]] = True
@@ -249,11 +267,15 @@ class ActionTable:
                         allowed[at["bind" + axis][i]] = gpu_rules.bind(i, axis)
                 else:
                     allowed[at["parallel"][i]] = i == 0 and not l.reduce and not has_parallel
-            if nest.cache_write is None:
+            if nest.cache_write is None and l.name not in tensorized:
                 allowed[at["cache_write"][i]] = first_reduce > i and 4 * spatial_inside[i + 1] <= MAX_LOCAL_BYTES \
                     and (not gpu or gpu_rules.cache_write(i, spatial_inside[i + 1]))
             for slots, fits in reads:
-                allowed[slots[i]] = fits[i]
+                allowed[slots[i]] = fits[i] and l.name not in tensorized
+        if gpu:
+            allowed[at["tensorize"][0]] = gpu_rules.tensorize()
+            for t in self.inputs:
+                allowed[at["double_buffer" + t][0]] = gpu_rules.double_buffer(t)
         if last is not None and self.actions[last].primitive == "swap":
             allowed[last] = False
         allowed[self.done] = not gpu or gpu_rules.complete
@@ -307,6 +329,10 @@ class ActionTable:
                 take(Action("cache_read", nest.index(step.loop), tensor=step.tensor))
             elif isinstance(step, Bind):
                 take(Action("bind", nest.index(step.loop), axis=step.thread_axis))
+            elif isinstance(step, Tensorize):
+                take(Action("tensorize"))
+            elif isinstance(step, DoubleBuffer):
+                take(Action("double_buffer", tensor=step.tensor))
             else:
                 prim = {Vectorize: "vectorize", Unroll: "unroll", Parallel: "parallel",
                         CacheWrite: "cache_write"}[type(step)]
@@ -341,8 +367,10 @@ class _GpuRules:
         self.table, self.info, self.first_reduce = table, info, first_reduce
         # spatial iterations inside the first reduction: they all end up in one thread's tile
         self.inner_tile = inner_tile
-        self.tile_floats = table.target.tile_bytes // 4   # one thread's accumulators
         loops, nest = info.loops, info.nest
+        # one thread's accumulators; a warp's in a tensorized nest
+        self.tile_floats = table.target.tile_bytes // 4 * (WARP if nest.tensorized else 1)
+        self.lanes = WARP if nest.tensorized else 1
         self.loops = loops
         self.bound = [i for i, l in enumerate(loops) if bound_axis(l)]
         self.axes = {bound_axis(loops[i]) for i in self.bound}
@@ -350,9 +378,17 @@ class _GpuRules:
         threads = [i for i in self.bound if i not in blocks]
         self.last_block = blocks[-1] if blocks else -1
         self.first_thread = threads[0] if threads else len(loops)
-        self.threads = math.prod(loops[i].extent for i in threads)
+        self.threads = math.prod(loops[i].extent for i in threads) * self.lanes
+        self.thread_x = next((loops[i].extent for i in threads if bound_axis(loops[i]) == "threadIdx.x"), 1)
         self.write_at = nest.index(nest.cache_write) if nest.cache_write else None
         self.complete = bool(self.bound) and self.write_at is not None
+        # shared bytes the stages take, twice if double-buffered
+        self.elem = DTYPES[info.op.dtype].bytes
+        self.shared = 0
+        for tensor, anchor in nest.cache_reads:
+            dims = footprint(info.op, nest, tensor, anchor, also=thread_loops(nest))
+            copies = 2 if tensor in nest.double_buffered else 1
+            self.shared += copies * self.elem * stage_elements(info.op, nest, dims) if dims else 0
         self.steps_to_complete = 1 + (not self.bound) + (self.write_at is None)
 
     def annotate(self, i: int) -> bool:
@@ -404,8 +440,33 @@ class _GpuRules:
             return False
         if axis.startswith("blockIdx"):
             return i < self.first_thread and l.extent <= t.max_grid["xyz".index(axis[-1])]
-        return (i > self.last_block and l.extent <= t.max_block["xyz".index(axis[-1])]
+        lanes = self.lanes if axis == "threadIdx.x" else 1
+        return (i > self.last_block and l.extent * lanes <= t.max_block["xyz".index(axis[-1])]
                 and self.threads * l.extent <= t.max_threads_per_block)
+
+    def double_buffer(self, tensor: str) -> bool:
+        """A staged input, its loop serial, twice or more and without a tail, room for a
+        second copy of the stage."""
+        nest, t = self.info.nest, self.table.target
+        anchor = dict(nest.cache_reads).get(tensor)
+        if anchor is None or tensor in nest.double_buffered or (t.arch and int(t.arch[3:]) < 80):
+            return False
+        loop = nest.loop(anchor)
+        if loop.kind != "serial" or loop.extent < 2 or any(anchor in e.vars() for e, _ in nest.guards):
+            return False
+        dims = footprint(self.info.op, nest, tensor, anchor, also=thread_loops(nest))
+        return dims is not None and self.shared + self.elem * stage_elements(self.info.op, nest, dims) \
+            <= t.shared_bytes_per_block
+
+    def tensorize(self) -> bool:
+        """The innermost loops form a tile, and the block's threads can become warps."""
+        t, nest = self.table.target, self.info.nest
+        if tensor_tile(self.info.op, nest) is None:
+            return False
+        if t.arch and int(t.arch[3:]) < 80:
+            return False
+        return (self.threads * WARP <= t.max_threads_per_block
+                and self.thread_x * WARP <= t.max_block[0])
 
     def cache_write(self, i: int, tile: int) -> bool:
         return (not self.bound or i >= self.bound[-1]) and tile <= self.tile_floats
@@ -418,9 +479,9 @@ class _GpuRules:
 
         def size(tensor: str, anchor: str) -> int | None:
             dims = footprint(op, nest, tensor, anchor, also=threads)
-            return None if dims is None else 4 * math.prod(d[2] for d in dims)
+            return None if dims is None else self.elem * stage_elements(op, nest, dims)
 
-        room -= sum(size(t, a) or 0 for t, a in nest.cache_reads)
+        room -= self.shared
         out = []
         for t in self.table.inputs:
             if t in cached:

@@ -114,7 +114,7 @@ class ScheduleEnv(gym.Env):
                  target: str = "cpu", max_steps: int = MAX_STEPS, reward: str = "measure",
                  measure_every_step: bool = False, cost_model: CostModel | None = None,
                  measurer: Measurer | None = None, log_path: str | None = None,
-                 update_cost_model: bool = False, render_mode: str | None = None):
+                 update_cost_model: bool = False, render_mode: str | None = None, dtype: str = "fp32"):
         if (shape is None) == (shapes is None):
             raise ValueError("give exactly one of shape= or shapes=")
         self.reward: Reward = make_reward(reward)
@@ -122,8 +122,8 @@ class ScheduleEnv(gym.Env):
             self.reward = make_reward("measure_every_step")
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
-        self.kind = op
-        self.shapes = [make_op(op, s).shape_str for s in ([shape] if shape is not None else list(shapes))]
+        self.kind, self.dtype = op, dtype
+        self.shapes = [make_op(op, s, dtype).shape_str for s in ([shape] if shape is not None else list(shapes))]
         if not self.shapes:
             raise ValueError("shapes= is empty")
         self.target = get_target(target)
@@ -133,7 +133,7 @@ class ScheduleEnv(gym.Env):
         self.measurer = measurer or Measurer(self.target, log=log_path)
         self.update_cost_model = update_cost_model
         self.render_mode = render_mode
-        self.table = ActionTable(make_op(op, self.shapes[0]), self.target)
+        self.table = ActionTable(make_op(op, self.shapes[0], dtype), self.target)
         self.action_space = spaces.Discrete(len(self.table))
         self.observation_space = spaces.Box(0.0, features.HIGH, (features.SIZE,), np.float32)
         self.schedule: Schedule | None = None
@@ -144,7 +144,7 @@ class ScheduleEnv(gym.Env):
         shape = (options or {}).get("shape")
         shape = make_op(self.kind, shape).shape_str if shape else \
             self.shapes[int(self.np_random.integers(len(self.shapes)))]
-        self.op = make_op(self.kind, shape)
+        self.op = make_op(self.kind, shape, self.dtype)
         self.schedule = Schedule(self.op)
         self.steps = 0
         self.last_action: int | None = None

@@ -29,6 +29,8 @@ from kernels.measure.library import library_name
 from kernels.measure import Measurer, MeasureResult
 from kernels.measure.comparison import Comparison, compare_with_library
 from kernels.measure.runner import check_fits_in_memory
+from kernels.codegen.rules import check_dtype
+from kernels.ir.dtypes import DTYPES
 from kernels.ir.ops import OPERATORS, Operator, make_op
 from kernels.codegen import render
 from kernels.ir.schedule import Schedule
@@ -45,6 +47,8 @@ class KernelChoice:
     op: str = field(help="operator", choices=list(OPERATORS))
     shape: str = field(help="extents, e.g. 1024x1024x1024 (matmul) or N,C,H,W,K,R,S[,stride[,pad]] (conv2d)")
     target: str = field("cpu", help="cpu, or cuda (an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
+    dtype: str = field("fp32", help="data type: fp32, tf32 (fp32 storage, tensor-core math), bf16 or fp16 "
+                                    "(fp32 accumulation); all but fp32 need --target cuda", choices=list(DTYPES))
     schedule: str = field("expert", help="naive, expert, a tuning log (its best record for this op "
                                          "and shape) or a best.json / kernel.json",
                           metavar="naive|expert|FILE")
@@ -77,11 +81,11 @@ def load_schedule(spec: str, op: Operator, target: Target) -> Schedule:
             raise ValueError(f"{path} is not JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} holds no schedule object")
-        if (data.get("op"), data.get("shape")) != (op.kind, op.shape_str):
-            raise ValueError(f"{path} holds a schedule for {data.get('op')} {data.get('shape')}, "
-                             f"not {op.kind} {op.shape_str}")
+        if (data.get("op"), data.get("shape"), data.get("dtype", "fp32")) != (op.kind, op.shape_str, op.dtype):
+            raise ValueError(f"{path} holds a schedule for {data.get('op')} {data.get('shape')} "
+                             f"{data.get('dtype', 'fp32')}, not {op.kind} {op.shape_str} {op.dtype}")
         return Schedule.from_json(data, op)
-    best = TuningLog(path, target).best(op.kind, op.shape_str, target.kind)
+    best = TuningLog(path, target).best(op.kind, op.shape_str, target.kind, op.dtype)
     if best is None:
         raise LookupError(f"{path} has no correct measurement of {op.kind} {op.shape_str} on {target.kind}")
     return Schedule.from_json({"steps": best.schedule}, op)
@@ -109,7 +113,8 @@ def _status(msg: str) -> None:
 
 
 def run(cfg: Config) -> dict:
-    op = make_op(cfg.op, cfg.shape)
+    op = make_op(cfg.op, cfg.shape, cfg.dtype)
+    check_dtype(op.dtype, cfg.target)
     check_fits_in_memory(op)
     target = get_target(cfg.target)
     schedule = load_schedule(cfg.schedule, op, target)
@@ -139,7 +144,7 @@ def run(cfg: Config) -> dict:
 
     ok, library_ms = final.ok, final.library_time_ms
     summary = {
-        "op": op.kind, "shape": op.shape_str, "target": target.kind, "hardware": target.device,
+        "op": op.kind, "shape": op.shape_str, "dtype": op.dtype, "target": target.kind, "hardware": target.device,
         "schedule": cfg.schedule, "time_ms": final.time_ms, "time_spread_ms": final.time_spread_ms,
         "gflops": op.flops / final.time_ms / 1e6 if ok else 0.0,
         "library": lib, "library_time_ms": library_ms, "library_spread_ms": final.library_spread_ms,
@@ -155,7 +160,7 @@ def run(cfg: Config) -> dict:
 
 
 def _print_table(s: dict, cfg: Config, op: Operator, target: Target) -> None:
-    print(f"{s['op']} {s['shape']} on {target.device} ({target.cores} cores, {target.compiler})")
+    print(f"{s['op']} {s['shape']} {s['dtype']} on {target.device} ({target.cores} cores, {target.compiler})")
     print(f"{'kernel':<12}{'time ms':>12}{'GFLOPS':>10}")
     for name, ms in (("naive", s["naive_time_ms"]), (cfg.schedule, s["time_ms"]),
                      (s["library"], s["library_time_ms"] or float("inf"))):

@@ -7,6 +7,8 @@ Suites:
   kernels-cpu   expert schedules vs numpy/torch and vs the naive loop nest
   kernels-cuda  expert (and naive) CUDA kernels vs cuBLAS/cuDNN on this machine's GPU (fp32,
                 TF32 off); without a GPU it stops with an error and writes nothing
+  tensor-cuda   expert CUDA kernels in tf32, bf16 and fp16 (tensor cores) vs cuBLAS/cuDNN in the
+                same dtype; without a GPU it stops with an error and writes nothing
   measure-cpu   cost of measuring one candidate: compile, check against the reference, time
   env-cpu       environment steps per second without measuring; where a random episode's time goes
   search-cpu    agents under one measurement budget: measurements to 90% of random search's best
@@ -43,8 +45,10 @@ from kernels.target import Target, get_target
 from . import bench
 from .config import field
 
-SUITES = ("kernels-cpu", "kernels-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu", "cluster-cpu",
-          "timing-cpu", "heldout-cpu")
+SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu",
+          "cluster-cpu", "timing-cpu", "heldout-cpu", "models-cpu", "models-cuda")
+MODEL_CASES = {"cpu": (("resnet18", 1), ("mobilenet_v2", 1)),
+               "cuda": (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1))}
 
 KERNELS_CPU = [
     ("matmul", "512x512x512"),
@@ -68,6 +72,7 @@ class Config:
     anneal_budget: int = field(256, help="measurements of the annealing reference (zeroshot-cpu)")
     cluster_rounds: int = field(2, help="interleaved rounds of local, Ray x1 and Ray x2 (cluster-cpu)")
     repeats: int = field(3, help="bench runs per cell, quiet and loaded (timing-cpu)")
+    model_budget: int = field(0, help="measurements per model (models-cpu, models-cuda; 0: 16 per task)")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -218,6 +223,47 @@ def _kernels_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
                                  f"| {r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
                 results.append({"op": kind, "shape": op.shape_str, "kernel": label,
                                 **{k: v for k, v in r.items() if k != "launch"}})
+    finally:
+        runner.close()
+    return lines, results
+
+
+TENSOR_CUDA = [(dtype, "matmul", shape) for dtype in ("bf16", "fp16", "tf32")
+               for shape in ("1024x1024x1024", "2048x2048x2048", "4096x4096x4096")] + [
+    ("bf16", "dense_bias_relu", "4096x4096x4096"), ("bf16", "conv2d", "1,64,56,56,64,3,3,1,1")]
+
+
+def _tensor_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+    lines = ["Each row's library runs in the row's dtype: cuBLAS (through torch) in bf16 or fp16 with fp32 "
+             "accumulation, or in fp32 with TF32 on; cuDNN likewise. Each kernel is compiled with NVRTC in "
+             "the measuring worker, checked against the reference on the stored inputs with the dtype's "
+             "tolerance (README, \"Data types\"), then timed alternately with the library (CUDA events) in "
+             f"{cfg.rounds} rounds; *kernel/library* is the median of the per-round ratios. *NVRTC s* is "
+             "the compile of one candidate, *check+time s* the check plus all timing rounds. *mma* says "
+             "whether the expert runs on tensor cores (`tensorize`).", "",
+             "| dtype | op | shape | mma | launch (grid, block) | time ms | TFLOP/s | library | library ms | "
+             "library TFLOP/s | kernel/library | NVRTC s | check+time s |",
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    results = []
+    builder, runner = Builder(), Runner(timeout_s=120, repeats=50, warmup=3, min_time_s=CUDA_MIN_TIME_S)
+    try:
+        for dtype, kind, shape in TENSOR_CUDA:
+            op = make_op(kind, shape, dtype)
+            schedule = expert_schedule(op, target)
+            mma = "yes" if schedule.nest.tensorized else "no"
+            print(f"{dtype} {kind} {op.shape_str} ...", file=sys.stderr, flush=True)
+            r = _cuda_rounds(runner, builder, op, schedule, target, cfg.rounds, f"{kind}_{dtype}")
+            grid, block = r["launch"]
+            launch = f"{grid}, {block}".replace(" ", "")
+            head = f"| {dtype} | {kind} | {op.shape_str} | {mma} | {launch} |"
+            if r["ok"]:
+                tf, lib_tf = op.flops / r["ms"] / 1e9, op.flops / r["lib_ms"] / 1e9
+                lines.append(f"{head} {r['ms']:.3f} | {tf:.0f} | {library_name(op, 'cuda')} | {r['lib_ms']:.3f} | "
+                             f"{lib_tf:.0f} | {r['ratio']:.2f} | {r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
+            else:
+                lines.append(f"{head} FAILED: {r['error']} | | | | | | {r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
+            results.append({"dtype": dtype, "op": kind, "shape": op.shape_str, "mma": mma,
+                            **{k: v for k, v in r.items() if k != "launch"}})
     finally:
         runner.close()
     return lines, results
@@ -406,6 +452,41 @@ def _zeroshot_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
                          f"`--agent anneal --budget {cfg.anneal_budget}` |")
             results.append({"op": kind, "shape": shape, "ppo_1": one["gflops"], "ppo_8": eight["gflops"],
                             "anneal": ref["gflops"]})
+    return lines, results
+
+
+def _models(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+    """tune-model on each model into a fresh database, then again on the same database."""
+    from . import tune_model
+
+    lines = ["`tune-model` with a fresh tuning database: the model's layers tuned under one budget, then the "
+             "model run with the tuned kernels (torch where torch's call is faster), checked against the original "
+             "and timed against torch eager in rounds of alternating blocks (median, and the spread over rounds). "
+             "*again* is a second `tune-model` on the same database: its measurements and wall time.", "",
+             "| model | batch | tasks | tuned kernels used | measurements | tune wall s | ours ms (spread) | "
+             "torch ms (spread) | speedup | again: measurements, wall s | command |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, batch in MODEL_CASES[target.kind]:
+            db = str(Path(tmp) / f"{model}-{batch}.jsonl")
+            budget = cfg.model_budget or None
+            mc = tune_model.Config(model=model, batch=batch, target=target.kind, budget=budget, database=db,
+                                   runs=tmp, rounds=cfg.rounds)
+            first = tune_model.run(mc)
+            t0 = time.perf_counter()
+            again = tune_model.run(mc)
+            again_s = time.perf_counter() - t0
+            flags = f" --batch {batch}" if batch != 1 else ""
+            flags += f" --target {target.kind}" if target.kind != "cpu" else ""
+            lines.append(f"| {model} | {batch} | {first['tasks']} | {first['layers_tuned']} | {first['measurements']} | "
+                         f"{first['tune_wall_s']:.0f} | {first['model_ms']:.2f} ({first['model_spread_ms']:.2f}) | "
+                         f"{first['torch_ms']:.2f} ({first['torch_spread_ms']:.2f}) | "
+                         f"{first['speedup_vs_torch']:.2f} | {again['measurements']}, {again_s:.0f} | "
+                         f"`python -m experiments tune-model --model {model}{flags} --budget {first['budget']}` |")
+            results.append({k: first.get(k) for k in ("model", "batch", "tasks", "layers_tuned", "measurements",
+                                                      "tune_wall_s", "model_ms", "torch_ms", "speedup_vs_torch")}
+                           | {"again_measurements": again["measurements"], "again_wall_s": again_s})
     return lines, results
 
 
@@ -602,13 +683,16 @@ def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
 
 TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "kernels-cuda": "CUDA kernels: expert schedules vs cuBLAS / cuDNN",
+          "tensor-cuda": "Tensor cores: expert tf32, bf16 and fp16 kernels vs cuBLAS / cuDNN in the same dtype",
           "measure-cpu": "CPU measurement cost per candidate",
           "env-cpu": "Environment throughput and episode time split",
           "search-cpu": "Search agents under one measurement budget",
           "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
           "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
-          "heldout-cpu": "The default search on held-out shapes of every operator"}
+          "heldout-cpu": "The default search on held-out shapes of every operator",
+          "models-cpu": "Whole models on the CPU: tune-model against torch",
+          "models-cuda": "Whole models on the GPU: tune-model against torch (fp32, TF32 off)"}
 
 
 def _machine(target: Target) -> str:
@@ -622,6 +706,10 @@ def run(cfg: Config) -> dict:
     target = get_target(cfg.suite.rsplit("-", 1)[1])   # no GPU: NoCudaDevice, before anything is written
     if cfg.suite == "kernels-cuda":
         lines, results = _kernels_cuda(cfg, target)
+    elif cfg.suite == "tensor-cuda":
+        lines, results = _tensor_cuda(cfg, target)
+    elif cfg.suite.startswith("models-"):
+        lines, results = _models(cfg, target)
     else:
         lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
                           "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,

@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "tune": "Tune one operator shape with at most --budget hardware measurements.",
     "train": "Train a MaskablePPO agent on an operator's shape family.",
     "compare": "Compare tuning runs: best GFLOPS against hardware measurements.",
+    "tune-model": "Tune a whole PyTorch model's layers under one budget and run it with the kernels.",
+    "apply": "Run a PyTorch model with the tuned kernels of a database (no tuning).",
     "bench": "Measure one schedule against the naive kernel and the vendor library.",
     "costmodel": "Train the learned cost model from tuning logs.",
     "benchmark": "Run a benchmark suite and write its section of BENCHMARKS.md.",

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kernels.ir.ops import Operator
+from kernels.ir.ops import BASE_KIND, Operator
 from kernels.target import Target
 
 ROOT = Path(__file__).resolve().parent / "pretrained"
 
 
 def policy_path(op_kind: str, target_kind: str) -> Path:
-    return ROOT / target_kind / f"{op_kind}-ppo.pt"
+    """The shipped policy's file; an epilogue variant uses its base operator's."""
+    return ROOT / target_kind / f"{BASE_KIND.get(op_kind, op_kind)}-ppo.pt"
 
 
 def cost_model_path(target_kind: str) -> Path:

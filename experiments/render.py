@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernels.codegen import render
-from kernels.codegen.rules import shared_bytes
+from kernels.codegen.rules import check_dtype, shared_bytes
 from kernels.ir.ops import make_op
 from kernels.target import NoCudaDevice, cuda_target, cuda_target_for_compile, get_target
 
@@ -41,11 +41,13 @@ def _target(kind: str):
 
 
 def run(cfg: Config) -> dict:
-    op = make_op(cfg.op, cfg.shape)
+    op = make_op(cfg.op, cfg.shape, cfg.dtype)
+    check_dtype(op.dtype, cfg.target)
     target = _target(cfg.target)
     schedule = load_schedule(cfg.schedule, op, target)
     kernel = render(schedule, target)
-    head = f"// {op.kind} {op.shape_str}, schedule {cfg.schedule}, for {target.device}\n"
+    dtype = "" if op.dtype == "fp32" else f" {op.dtype}"
+    head = f"// {op.kind} {op.shape_str}{dtype}, schedule {cfg.schedule}, for {target.device}\n"
     if kernel.is_cuda:   # the source says grid and block itself
         head += f"// shared memory per block: {shared_bytes(schedule) if schedule.steps else 0} bytes\n"
     if cfg.out:

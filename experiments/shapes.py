@@ -58,6 +58,8 @@ FAMILIES: dict[str, dict[str, dict[str, list[str]]]] = {
     },
 }
 
+FAMILIES["conv2d_bias_relu"] = FAMILIES["conv2d"]   # the same layers, with their bias and ReLU
+
 # Small shapes of every family for tests and smoke runs (seconds, not minutes).
 SMALL: dict[str, list[str]] = {
     "matmul": ["16x16x16", "24x40x8", "13x7x29", "1x17x5", "64x48x32"],
@@ -65,6 +67,7 @@ SMALL: dict[str, list[str]] = {
     "batch_matmul": ["2x16x16x8", "3x7x13x5", "1x24x8x16"],
     "conv2d": ["1,4,8,8,8,3,3,1,1", "2,3,7,9,5,3,3,2,1", "1,8,6,6,4,1,1,1,0"],
     "depthwise_conv2d": ["1,8,10,10,3,3,1,1", "2,3,9,7,3,3,2,1", "1,4,5,5,3,3,1,0"],
+    "conv2d_bias_relu": ["1,4,8,8,8,3,3,1,1", "2,3,7,9,5,3,3,2,1"],
 }
 
 

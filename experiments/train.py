@@ -14,8 +14,9 @@ agents/policy.py), cost_model.pt, tuning.jsonl, TensorBoard events (SB3's
 scalars under rollout/ and train/, ours under search/ with hardware measurements as
 the step). --resume RUN_DIR continues training from there without re-measuring.
 
-Example:
+Examples:
   python -m experiments train --op matmul --timesteps 4096
+  python -m experiments train --op matmul --target cuda --shapes gpu --timesteps 0   # imitation only
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from envs import MAX_STEPS
 from envs.reward import REWARDS
 from kernels.measure import cluster
 from kernels.measure import Measurer
+from kernels.codegen.rules import check_dtype
+from kernels.ir.dtypes import DTYPES
 from kernels.ir.ops import OPERATORS
 from kernels.target import get_target
 
@@ -43,9 +46,12 @@ from .shapes import family
 class Config:
     op: str | None = field(None, help="operator (required, unless --resume)", choices=list(OPERATORS))
     target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
+    dtype: str = field("fp32", help="data type: fp32, tf32 (fp32 storage, tensor-core math), bf16 or fp16 "
+                                    "(fp32 accumulation); all but fp32 need --target cuda", choices=list(DTYPES))
     shapes: str = field("default", help="shape family (its train split), or 'small' for quick runs")
     agent: str = field("ppo", help="the learning agent", choices=["ppo"])
-    timesteps: int = field(4096, help="environment steps to train for")
+    timesteps: int = field(4096, help="environment steps to train for (0: imitation of the experts only, "
+                                      "nothing measured)")
     reward: str = field("surrogate", help="reward mode of the environment (envs/reward.py)", choices=list(REWARDS))
     n_envs: int = field(0, help="vectorised environments (0: 2 on this machine; with --cluster, as many "
                                 "candidates as the cluster measures at once)")
@@ -112,8 +118,9 @@ def run(cfg: Config) -> dict:
         cfg = resumed_config(cfg, keep=("json", "timesteps", "cluster"))
     if cfg.op is None:
         raise ValueError("train needs --op (or --resume RUN_DIR)")
-    if cfg.timesteps < 1:
-        raise ValueError("--timesteps must be at least 1")
+    if cfg.timesteps < 0 or (cfg.timesteps == 0 and cfg.imitation_epochs < 1):
+        raise ValueError("--timesteps must be at least 1 (or 0, for imitation of the experts alone)")
+    check_dtype(cfg.dtype, cfg.target)
     target = get_target(cfg.target)
     shapes = family(cfg.op, "small" if cfg.shapes == "small" else "train",
                     "default" if cfg.shapes == "small" else cfg.shapes)
@@ -145,7 +152,7 @@ def run(cfg: Config) -> dict:
     envs = vec_env([lambda: ScheduleEnv(op=cfg.op, shapes=shapes, target=cfg.target,
                                         max_steps=cfg.max_steps, reward=cfg.reward,
                                         cost_model=env_cost_model, measurer=measurer,
-                                        update_cost_model=True)
+                                        update_cost_model=True, dtype=cfg.dtype)
                     for _ in range(n_envs)])
     envs.seed(cfg.seed)
     policy_file = run_dir / "policy.pt"
@@ -160,7 +167,7 @@ def run(cfg: Config) -> dict:
     progress = ProgressLog(run_dir, writer, append=bool(cfg.resume))
     print(f"run directory: {run_dir}", file=sys.stderr)
     agent.set_logger(configure(str(run_dir), ["tensorboard", "csv"]))
-    demos = expert_demonstrations(cfg.op, shapes, target, cfg.max_steps) \
+    demos = expert_demonstrations(cfg.op, shapes, target, cfg.max_steps, cfg.dtype) \
         if not cfg.resume and cfg.imitation_epochs > 0 else None
     if demos is not None and len(demos[2]):
         accuracy = imitate(agent, demos, cfg.imitation_epochs, cfg.seed)
@@ -168,8 +175,9 @@ def run(cfg: Config) -> dict:
         print(f"imitation: {len(demos[2])} expert actions from {len(shapes)} shapes, "
               f"greedy accuracy {accuracy:.2f}", file=sys.stderr)
     try:
-        agent.learn(total_timesteps=cfg.timesteps, callback=_callback(progress, measurer, cfg.timesteps),
-                    reset_num_timesteps=not cfg.resume)
+        if cfg.timesteps:
+            agent.learn(total_timesteps=cfg.timesteps, callback=_callback(progress, measurer, cfg.timesteps),
+                        reset_num_timesteps=not cfg.resume)
     finally:  # an interrupted run keeps what it learned
         policy.save(agent, policy_file, cfg.op, target.kind, hardware=target.device, shapes=shapes,
                     reward=cfg.reward, seed=cfg.seed, command=_command(cfg))

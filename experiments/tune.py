@@ -39,6 +39,8 @@ from kernels.experts import expert_schedule
 from kernels.measure.comparison import Comparison, compare_with_library
 from kernels.measure.library import library_name, library_time_ms
 from kernels.measure.runner import check_fits_in_memory
+from kernels.codegen.rules import check_dtype
+from kernels.ir.dtypes import DTYPES
 from kernels.ir.ops import OPERATORS, make_op
 from kernels.codegen import render
 from kernels.ir.schedule import Schedule
@@ -57,6 +59,8 @@ class Config:
     shape: str | None = field(None, help="extents, e.g. 1024x1024x1024 or N,C,H,W,K,R,S[,stride[,pad]] "
                                          "(required, unless --resume)")
     target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
+    dtype: str = field("fp32", help="data type: fp32, tf32 (fp32 storage, tensor-core math), bf16 or fp16 "
+                                    "(fp32 accumulation); all but fp32 need --target cuda", choices=list(DTYPES))
     agent: str = field("evolve", help="search agent: evolve (evolutionary search guided by the cost model, "
                                       "proposals from the policy where one exists), ppo (the policy's "
                                       "samples ranked by the cost model), or a baseline", choices=list(AGENTS))
@@ -168,7 +172,8 @@ def run(cfg: Config) -> dict:
         raise ValueError("--budget must be at least 1")
     if cfg.rounds < 1:
         raise ValueError("--rounds must be at least 1")
-    op = make_op(cfg.op, cfg.shape)
+    op = make_op(cfg.op, cfg.shape, cfg.dtype)
+    check_dtype(op.dtype, cfg.target)
     check_fits_in_memory(op)
     target = get_target(cfg.target)
     policy = _policy(cfg, op, target)
@@ -220,7 +225,7 @@ def run(cfg: Config) -> dict:
 
     library_ms = final.library_time_ms
     summary = {
-        "op": op.kind, "shape": op.shape_str, "target": target.kind, "hardware": target.device,
+        "op": op.kind, "shape": op.shape_str, "dtype": op.dtype, "target": target.kind, "hardware": target.device,
         "agent": cfg.agent, "budget": cfg.budget, "measurements": len(search.measured),
         "resumed_records": already,
         "time_ms": final.time_ms, "time_spread_ms": final.time_spread_ms, "search_time_ms": searched_ms,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 from .codegen.rules import check_for_target
+from .ir.dtypes import DTYPES
 from .ir.ops import Operator
 from .ir.schedule import MAX_LOCAL_BYTES, Schedule
 from .target import Target
@@ -51,7 +52,32 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
     return s
 
 
+def _pointwise(op: Operator, target: Target) -> Schedule | None:
+    """A 1x1 convolution (stride 1, no padding) is a matrix product of the weights
+    (K x C) with the image (C x H*W): fused ``y*x`` indexes linearly, so it is tiled
+    like matmul's columns. Parallel over the image's tiles where there are enough of
+    them and no tail, else over the output channels (the image's tiles then run in
+    serial, so a tail tile is shifted back inside, not clamped)."""
+    ext, p = op.extents, op.params
+    if op.kind == "depthwise_conv2d" or (p["R"], p["S"], p["stride"], p["pad"]) != (1, 1, 1, 0):
+        return None
+    hw, lanes = ext["y"] * ext["x"], target.vector_lanes
+    cols = _pick(hw, (2 * lanes, lanes)) if hw > 64 else hw
+    rows = min(ext["k"], 8 if lanes >= 16 else 6)
+    s = Schedule(op).fuse("y", "x").tile("k", "y_x", rows, cols)
+    if hw % cols == 0 and hw // cols >= 4 * target.cores:
+        s = s.reorder("n", "y_x_o", "k_o", "c", "ry", "rx", "k_i", "y_x_i")
+        s = s.cache_write("k_o").vectorize("y_x_i").unroll("k_i").fuse("n", "y_x_o")
+        return s.parallel("n_y_x_o")
+    s = s.reorder("n", "k_o", "y_x_o", "c", "ry", "rx", "k_i", "y_x_i")
+    s = s.cache_write("y_x_o").vectorize("y_x_i").unroll("k_i").fuse("n", "k_o")
+    return s.parallel("n_k_o")
+
+
 def _conv2d(op: Operator, target: Target) -> Schedule:
+    pointwise = _pointwise(op, target)
+    if pointwise is not None:
+        return pointwise
     ext = op.extents
     depthwise = op.kind == "depthwise_conv2d"
     xs = _pick(ext["x"], (target.vector_lanes, target.vector_lanes // 2, target.vector_lanes))
@@ -124,6 +150,56 @@ def _gpu_matmul(op: Operator, target: Target, batch: bool,
     return s.vectorize("j_i").unroll("i_i").unroll("k_i")
 
 
+# Tensor cores (tf32, bf16, fp16): a block of 2 x 4 warps computes a 128 x 128 tile, each
+# warp 64 x 32 as 4 x 4 instructions of 16 x 8 (64 accumulators per thread), over k
+# slices of 32 staged in shared memory, double-buffered (the next slice is copied
+# while this one is used) where the stages fit twice. Smaller products take 2 x 2 warps.
+MMA_TILES = ((2, 4, 4, 4), (2, 2, 2, 2))   # (warps y, warps x, 16-row tiles, 8-column tiles per warp)
+MMA_K_SLICE_BYTES = 64   # a stage's rows of A: 32 bf16/fp16 or 16 tf32 elements
+
+
+def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool) -> Schedule:
+    ext = op.extents
+    m, n, k = ext["i"], ext["j"], ext["k"]
+    mk = DTYPES[op.dtype].mma_k
+    for wy, wx, fm, fn in MMA_TILES:
+        if _ceil(m, 16 * fm * wy) * _ceil(n, 8 * fn * wx) >= max(target.sm_count, 1):
+            break
+    fm, fn = min(fm, _ceil(m, 16)), min(fn, _ceil(n, 8))
+    wy, wx = min(wy, _ceil(m, 16 * fm)), min(wx, _ceil(n, 8 * fn))
+    # instructions per k slice: the most that fit the slice and divide K (no tail: the stages
+    # can be double-buffered)
+    ks = next(f for f in range(MMA_K_SLICE_BYTES // (mk * DTYPES[op.dtype].bytes), 0, -1) if (k // mk) % f == 0)
+    # the instruction's tile innermost first: the environment's mask lets a warp's tile
+    # grow past one thread's registers only once the nest is tensorized
+    s = Schedule(op).split("i", 16).split("j", 8).split("k", mk)
+    s = s.reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i").tensorize("i_i", "j_i", "k_i")
+    s = s.split("i_o", fm).split("i_o_o", wy).split("j_o", fn).split("j_o_o", wx).split("k_o", ks)
+    order = ("i_o_o_o", "j_o_o_o", "i_o_o_i", "j_o_o_i", "k_o_o", "k_o_i", "i_o_i", "j_o_i")
+    s = s.reorder(*(("b",) + order if batch else order))
+    if batch:
+        s = s.bind("b", "blockIdx.z")
+    s = (s.bind("i_o_o_o", "blockIdx.y").bind("j_o_o_o", "blockIdx.x")
+         .bind("i_o_o_i", "threadIdx.y").bind("j_o_o_i", "threadIdx.x"))
+    s = s.cache_write("j_o_o_i").cache_read("A", "k_o_o").cache_read("B", "k_o_o")
+    s = s.unroll("j_o_i").unroll("i_o_i").unroll("k_o_i")
+    try:
+        doubled = s.double_buffer("A").double_buffer("B")
+        check_for_target(doubled, target)
+        return doubled
+    except ValueError:   # one slice of K, a tail, or no room for two
+        return s
+
+
+def _gpu_matmul_any(op: Operator, target: Target, batch: bool) -> Schedule:
+    """On tensor cores where the dtype has them, the product holds one instruction's tile
+    and K has no tail of the instruction's k."""
+    mk, ext = DTYPES[op.dtype].mma_k, op.extents
+    if mk and ext["k"] % mk == 0 and ext["i"] >= 16 and ext["j"] >= 8:
+        return _gpu_matmul_tensor_cores(op, target, batch)
+    return _gpu_matmul(op, target, batch)
+
+
 def _gpu_conv2d(op: Operator, target: Target,
                 tile: tuple[int, int, int, int, int, int] = CONV_TILE, stage: bool = True) -> Schedule:
     """Direct convolution (no im2col). ``tile`` = (channels per thread, pixels per thread,
@@ -165,11 +241,12 @@ _EXPERTS = {
     "cpu": {"matmul": functools.partial(_matmul, batch=False),
             "dense_bias_relu": functools.partial(_matmul, batch=False),
             "batch_matmul": functools.partial(_matmul, batch=True),
-            "conv2d": _conv2d, "depthwise_conv2d": _conv2d},
-    "cuda": {"matmul": functools.partial(_gpu_matmul, batch=False),
-             "dense_bias_relu": functools.partial(_gpu_matmul, batch=False),
-             "batch_matmul": functools.partial(_gpu_matmul, batch=True),
-             "conv2d": _gpu_conv2d, "depthwise_conv2d": _gpu_conv2d},
+            "conv2d": _conv2d, "depthwise_conv2d": _conv2d, "conv2d_bias_relu": _conv2d},
+    "cuda": {"matmul": functools.partial(_gpu_matmul_any, batch=False),
+             "dense_bias_relu": functools.partial(_gpu_matmul_any, batch=False),
+             "batch_matmul": functools.partial(_gpu_matmul_any, batch=True),
+             "conv2d": _gpu_conv2d, "depthwise_conv2d": _gpu_conv2d,
+             "conv2d_bias_relu": _gpu_conv2d},
 }
 
 

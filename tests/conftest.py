@@ -181,6 +181,8 @@ def interpret_lowered(fn, arrays: dict) -> dict:
                     run(s.body, env)
             elif isinstance(s, ir.Alloc):
                 bufs[s.buffer] = np.full(s.size, np.nan)
+            elif isinstance(s, ir.Let):          # defines a variable for the statements after it
+                env = {**env, s.var: min(s.value.evaluate(env), s.limit)}
             elif type(s).__name__ == "Sync":       # a GPU barrier: nothing to do serially
                 pass
             elif isinstance(s, ir.Store):

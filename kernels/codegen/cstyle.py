@@ -8,7 +8,7 @@ live here; each backend subclasses and overrides only what differs (tinygrad's
 from __future__ import annotations
 
 from ..ir.expr import Lin
-from ..ir.lower import Add, Alloc, For, Function, If, Load, Mul, Relu, Store, Zero
+from ..ir.lower import Add, Alloc, For, Function, If, Let, Load, Mul, Relu, Store, Zero
 from ..target import Target
 
 
@@ -48,6 +48,8 @@ class CStyleRenderer:
             return self.block(f"{pad}if ({self.conds(s.conds)}) {{", s.body, depth)
         if isinstance(s, Alloc):
             return [pad + self.local_decl.format(name=s.buffer, size=s.size)]
+        if isinstance(s, Let):
+            return [f"{pad}const int {s.var} = imin({self.expr(s.value)}, {s.limit});"]
         if isinstance(s, Store):
             return [f"{pad}{s.buffer}[{self.expr(s.index)}] {'+=' if s.accumulate else '='} {self.value(s.value)};"]
         raise TypeError(f"cannot render {s!r}")

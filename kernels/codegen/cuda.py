@@ -15,7 +15,13 @@ the nest with its bound loops fixed to its indices. On CUDA:
   threads of a block take the same path through every barrier;
 - ``vectorize`` moves four consecutive floats as one ``float4`` where the address
   is provably 16-byte aligned, otherwise it is a loop unrolled by nvcc; ``unroll``
-  is ``#pragma unroll`` over a constant trip count (a guarded tail inside).
+  is ``#pragma unroll`` over a constant trip count (a guarded tail inside);
+- bf16 and fp16 tensors (and their shared stages) hold ``unsigned short`` bits,
+  converted to float where they are read and back where the output is written (PTX
+  ``cvt``, so no CUDA header is needed); copies move the bits, 16 bytes at a time
+  where aligned;
+- a tensorized nest (:class:`kernels.ir.lower.Mma`) issues ``mma.sync`` through
+  inline PTX; each thread of the nest is a warp, its lane ``threadIdx.x % 32``.
 
 An unscheduled operator (no steps) runs with :func:`default_schedule`: one thread
 per output element.
@@ -26,8 +32,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..ir.dtypes import DTYPES
 from ..ir.expr import DivMod, Lin
-from ..ir.lower import Add, Alloc, For, Function, If, Load, Mul, Relu, Store, Sync, lower
+from ..ir.lower import (LANE, LANE_GROUP, LANE_PLACE, Add, Alloc, Commit, For, Function, If, Load, Mma, Mul, Relu,
+                        Store, Sync, lower)
+from ..ir.mma import INSTRUCTIONS
+from ..ir.schedule import WARP
 from ..ir.schedule import Schedule
 from ..target import Target
 from .cstyle import CStyleRenderer
@@ -51,6 +61,10 @@ def _bound_vars(stmts) -> list[tuple[str, str]]:
         if isinstance(s, (For, If)):
             out += _bound_vars(s.body)
     return out
+
+
+def _has_commit(stmts) -> bool:
+    return any(isinstance(s, Commit) or isinstance(s, (For, If)) and _has_commit(s.body) for s in stmts)
 
 
 def _loads(v) -> list[Load]:
@@ -91,24 +105,80 @@ class CUDARenderer(CStyleRenderer):
                 "#endif",
                 "")
     lanes = 4  # float4
+    # 16-bit dtypes: conversions through PTX (sm_80+), no header needed; pack2 joins two
+    # 16-bit elements into one 32-bit register, the first in the low half
+    dtype_helpers = (
+        "#ifndef SCHEDGYM_DTYPE_HELPERS",
+        "#define SCHEDGYM_DTYPE_HELPERS",
+        "static __device__ __forceinline__ float bf2f(unsigned short x) { return __uint_as_float(((unsigned)x) << 16); }",
+        "static __device__ __forceinline__ unsigned short f2bf(float x) "
+        "{ unsigned short r; asm(\"cvt.rn.bf16.f32 %0, %1;\" : \"=h\"(r) : \"f\"(x)); return r; }",
+        "static __device__ __forceinline__ float h2f(unsigned short x) "
+        "{ float r; asm(\"cvt.f32.f16 %0, %1;\" : \"=f\"(r) : \"h\"(x)); return r; }",
+        "static __device__ __forceinline__ unsigned short f2h(float x) "
+        "{ unsigned short r; asm(\"cvt.rn.f16.f32 %0, %1;\" : \"=h\"(r) : \"f\"(x)); return r; }",
+        "static __device__ __forceinline__ unsigned tf32(float x) "
+        "{ unsigned r; asm(\"cvt.rna.tf32.f32 %0, %1;\" : \"=r\"(r) : \"f\"(x)); return r; }",
+        "static __device__ __forceinline__ unsigned pack2(unsigned short lo, unsigned short hi) "
+        "{ return (unsigned)lo | ((unsigned)hi << 16); }",
+        "static __device__ __forceinline__ unsigned smem_u32(const void* p) "
+        "{ unsigned s; asm(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(p)); return s; }",
+        "#endif",
+    )
+    # cp.async (sm_80+): 16 bytes from global to shared memory without passing registers
+    async_helpers = (
+        "#ifndef SCHEDGYM_ASYNC_HELPERS",
+        "#define SCHEDGYM_ASYNC_HELPERS",
+        "static __device__ __forceinline__ void cp_async16(void* dst, const void* src) {",
+        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
+        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16;\" :: \"r\"(s), \"l\"(src) : \"memory\");",
+        "}",
+        "// 16 bytes, or 16 zero bytes where !full (nothing is read then)",
+        "static __device__ __forceinline__ void cp_async16z(void* dst, const void* src, bool full) {",
+        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
+        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\" :: \"r\"(s), \"l\"(src), \"r\"(full ? 16 : 0) "
+        ": \"memory\");",
+        "}",
+        "#endif",
+    )
+    to_float = {"bf16": "bf2f", "fp16": "h2f"}
+    from_float = {"bf16": "f2bf", "fp16": "f2h"}
 
-    def __init__(self, target: Target, launch: Launch):
+    def __init__(self, target: Target, launch: Launch, dtype: str = "fp32", tensorized: bool = False):
         super().__init__(target)
         self.launch = launch
+        self.dtype, self.tensorized = dtype, tensorized
+        self.ctype = DTYPES[dtype].c_type
         self.registers: set[str] = set()   # local buffers: indexed by constants, never by pointer
+        self.narrow: set[str] = set()      # buffers of 16-bit elements (bf16, fp16 bits)
+        self.asynchronous = False          # cp.async copies (double-buffered stages)
+        self.shared: set[str] = set()
 
     def render(self, fn: Function) -> str:
         self.registers = set(fn.local_buffers)
+        self.shared = set(fn.shared_buffers)
+        self.asynchronous = _has_commit(fn.body)
+        if DTYPES[self.dtype].bytes == 2:
+            self.narrow = {t.name for t in fn.params} | set(fn.shared_buffers)
         grid, block = self.launch
-        params = ", ".join(f"{'const ' if t.role == 'input' else ''}float* __restrict__ {t.name}"
+        params = ", ".join(f"{'const ' if t.role == 'input' else ''}{self.ctype}* __restrict__ {t.name}"
                            for t in fn.params)
         lines = list(self.preamble)
+        if self.dtype != "fp32":
+            lines[-1:-1] = self.dtype_helpers
+        if self.asynchronous:
+            lines[-1:-1] = self.async_helpers
         lines.append(f"// launch: grid ({', '.join(map(str, grid))}), block ({', '.join(map(str, block))})")
         lines.append(f'extern "C" __global__ void __launch_bounds__({math.prod(block)}) {fn.name}({params}) {{')
         # A bound loop's index is the same wherever the loop sits, so it is declared up
         # front: a block's cooperative copy outside a thread loop needs the thread index.
         for var, axis in _bound_vars(fn.body):
-            lines.append(f"{self.indent}const int {var} = (int){axis};")
+            warps = f" / {WARP}" if self.tensorized and axis == "threadIdx.x" else ""
+            lines.append(f"{self.indent}const int {var} = (int){axis}{warps};")
+        if self.tensorized:
+            lines.append(f"{self.indent}const int {LANE} = (int)threadIdx.x % {WARP}, "
+                         f"{LANE_GROUP} = {LANE} / 4, {LANE_PLACE} = {LANE} % 4, tc_r = {LANE} % 8, tc_m = {LANE} / 8;")
+            lines.append(f"{self.indent}unsigned tc_fence = 0;   // renewed at each barrier: see ldmatrix")
         for s in fn.body:
             lines += self.stmt(s, 1)
         lines.append("}")
@@ -130,15 +200,121 @@ class CUDARenderer(CStyleRenderer):
     def stmt(self, s, depth: int) -> list[str]:
         pad = self.indent * depth
         if isinstance(s, Sync):
+            if self.tensorized:
+                return [f'{pad}__syncthreads(); asm volatile("" : "+r"(tc_fence) :: "memory");']
             return [f"{pad}__syncthreads();"]
         if isinstance(s, Alloc) and s.scope == "shared":
-            return [pad + self.shared_decl.format(name=s.buffer, size=s.size)]
+            return [pad + self.shared_decl.replace("float", self.ctype).format(name=s.buffer, size=s.size)]
+        if isinstance(s, Mma):
+            return self.mma(s, depth)
+        if isinstance(s, Commit):
+            wait = " cp.async.wait_group 1;" if s.wait else ""
+            return [f'{pad}asm volatile("cp.async.commit_group;{wait}" ::: "memory");']
+        if isinstance(s, Store) and s.buffer in self.narrow:
+            if isinstance(s.value, Load) and s.value.buffer in self.narrow:   # a copy: the bits
+                v = self.raw(s.value)
+            else:
+                v = f"{self.from_float[self.dtype]}({self.value(s.value)})"
+            return [f"{pad}{s.buffer}[{self.expr(s.index)}] = {v};"]
         return super().stmt(s, depth)
+
+    def raw(self, load: Load) -> str:
+        """A 16-bit element's bits; zero bits (+0.0) outside the tensor."""
+        ref = self.ref(load)
+        return f"(({self.in_bounds(load)}) ? {ref} : (unsigned short)0)" if load.bounds else ref
 
     def value(self, v) -> str:
         if isinstance(v, _Lane):
             return f"{v.name}.{v.comp}"
+        if isinstance(v, Load) and v.buffer in self.narrow:
+            return f"{self.to_float[self.dtype]}({self.raw(v)})"
         return super().value(v)
+
+    def mma(self, s: Mma, depth: int) -> list[str]:
+        """One ``mma.sync``: the thread's A and B registers loaded (a fragment of 16-bit
+        elements in shared memory with ``ldmatrix`` where its rows allow), then the
+        instruction accumulating into four of its accumulators."""
+        pad, inner = self.indent * depth, self.indent * (depth + 1)
+        lines = [f"{pad}{{"]
+        na, nb = len(s.a), len(s.b)
+        for first, frag in ((0, s.a), (na, s.b)):
+            matrix = self.ldmatrix(frag, first, inner)
+            if matrix:
+                lines += matrix
+                continue
+            for i, reg in enumerate(frag, first):
+                if self.dtype == "tf32":
+                    r = f"tf32({self.value(reg[0])})"
+                elif self.paired(*reg):
+                    r = f"*(const unsigned*)&{self.ref(reg[0])}"
+                else:
+                    r = f"pack2({self.raw(reg[0])}, {self.raw(reg[1])})"
+                lines.append(f"{inner}const unsigned r{i} = {r};")
+        d = ", ".join(f"%{i}" for i in range(4))
+        a = ", ".join(f"%{4 + i}" for i in range(na))
+        b = ", ".join(f"%{4 + na + i}" for i in range(nb))
+        accs = ", ".join(f'"+f"({s.acc}[{self.expr(s.base + c)}])' for c in range(4))
+        ins = ", ".join(f'"r"(r{i})' for i in range(na + nb))
+        lines.append(f'{inner}asm volatile("{INSTRUCTIONS[s.dtype]} {{{d}}}, {{{a}}}, {{{b}}}, {{{d}}};" '
+                     f': {accs} : {ins});')
+        return lines + [f"{pad}}}"]
+
+    def ldmatrix(self, frag: tuple, first: int, pad: str) -> list[str]:
+        """``ldmatrix`` (``.trans`` for a B fragment, whose pairs run down a column) loading
+        registers ``r<first>...`` from a shared stage; [] where the fragment's 8 rows of 16
+        bytes are not each contiguous and aligned. The lanes give the rows' addresses: lane
+        l the row ``l % 8`` of matrix ``l / 8``. The instruction reads shared memory, so it
+        takes the fence token that each barrier renews: it is never moved above the barrier
+        that makes its data visible, yet loads of the same fragment may be merged."""
+        loads = [x for reg in frag for x in reg]
+        if any(x.bounds or x.clamps or x.buffer not in self.shared or x.buffer != loads[0].buffer for x in loads):
+            return []
+        e0 = frag[0][0].index
+        offsets = [reg[0].index - e0 for reg in frag]
+        if any(o.terms for o in offsets):
+            return []
+        if self.dtype == "tf32":   # one 32-bit element a register: an A fragment, rows of 4 along t
+            trans, row, along, align = False, e0.coef(LANE_GROUP), 1, 4
+        elif self.dtype in self.to_float:
+            step = frag[0][1].index - e0              # lo to hi: 1 along a row, a row's length down a column
+            if step.terms or any(hi.index - lo.index != step for lo, hi in frag):
+                return []
+            trans = step.const != 1
+            row = step.const if trans else e0.coef(LANE_GROUP)   # elements from one row start to the next
+            along, align = 2 * step.const, 8
+            if trans and e0.coef(LANE_GROUP) != 1:
+                return []
+        else:
+            return []
+        if e0.coef(LANE_PLACE) != along or row is None:
+            return []
+        start = e0.subst(LANE_GROUP, Lin()).subst(LANE_PLACE, Lin())
+        if any(c % align for _, c in start.terms) or start.const % align or row % align or \
+                any(o.const % align for o in offsets):
+            return []
+        n = len(frag)
+        pick = "0"
+        for j in range(n - 1, 0, -1):
+            pick = f"(tc_m{' & 1' if n == 2 else ''}) == {j} ? {offsets[j].const} : {pick}"
+        addr = f"{self.expr(start)} + tc_r*{row} + ({pick})"
+        outs = ", ".join(f"%{i}" for i in range(n))
+        regs = ", ".join(f'"=r"(r{first + i})' for i in range(n))
+        shape = f"x{n}{'.trans' if trans else ''}"
+        names = [f"r{first + i}" for i in range(n)]
+        lines = [f"{pad}unsigned {', '.join(names)};",
+                 f'{pad}asm("ldmatrix.sync.aligned.m8n8.{shape}.shared.b16 {{{outs}}}, [%{n}];" : {regs} : '
+                 f'"r"(smem_u32(&{frag[0][0].buffer}[{addr}])), "r"(tc_fence));']
+        if self.dtype == "tf32":   # fp32 bits in: rounded to tf32 as every other operand
+            lines += [f"{pad}{r} = tf32(__uint_as_float({r}));" for r in names]
+        return lines
+
+    def paired(self, lo: Load, hi: Load) -> bool:
+        """Two 16-bit elements that are one aligned 32-bit word: the low one at an even
+        offset (every coefficient even), the high one next to it, neither guarded."""
+        if lo.bounds or hi.bounds or lo.clamps or hi.clamps or lo.buffer != hi.buffer:
+            return False
+        e = lo.index
+        return hi.index == e + 1 and e.const % 2 == 0 and all(c % 2 == 0 for _, c in e.terms)
 
     # ------------------------------------------------------------ loops
     def for_loop(self, loop: For, depth: int) -> list[str]:
@@ -167,17 +343,75 @@ class CUDARenderer(CStyleRenderer):
     def aligned(self, buffer: str, index: Lin, var: str) -> bool:
         """``buffer[index]`` is four consecutive floats from a 16-byte boundary for each
         ``var`` that is a multiple of 4 (tensors and shared buffers are 16-byte aligned)."""
-        if buffer in self.registers or index.coef(var) != 1:
+        if buffer in self.registers or buffer in self.narrow or index.coef(var) != 1:
             return False
         return index.const % 4 == 0 and all(c % 4 == 0 for a, c in index.terms if a != var)
+
+    @staticmethod
+    def _chunk_aligned(e: Lin, var: str, n: int) -> bool:
+        """``e`` moves one element per step of ``var`` from a multiple of ``n``."""
+        return e.coef(var) == 1 and e.const % n == 0 and all(c % n == 0 for a, c in e.terms if a != var)
+
+    def chunk_guard(self, load: Load, var: str, n: int) -> str | None:
+        """The condition under which a whole chunk of ``n`` elements of ``load`` is inside its
+        tensor, where each bound holds for all of the chunk or none of it ("" for no
+        bounds); None where a bound cuts a chunk."""
+        conds = []
+        for e, lim in load.bounds:
+            if e.coef(var) != 0 and not (self._chunk_aligned(e, var, n) and lim % n == 0):
+                return None
+            e0 = self.expr(e.subst(var, Lin()))
+            conds.append(f"0 <= {e0} && {e0} < {lim}")
+        return " && ".join(conds)
+
+    def vector_copy(self, loop: For, depth: int) -> list[str] | None:
+        """A copy of 4 or 8 consecutive 16-bit elements as one 8- or 16-byte move (zeros for
+        a chunk outside the tensor), where both sides are aligned; None otherwise."""
+        (store,) = loop.body
+        load, var, n = store.value, loop.var, loop.extent
+        if not (isinstance(load, Load) and load.buffer in self.narrow and not load.clamps):
+            return None
+        if n not in (4, 8) or not all(self._chunk_aligned(e, var, n) for e in (store.index, load.index)):
+            return None
+        return self.chunk_copy(store, load, var, n * 2, depth)
+
+    def chunk_copy(self, store: Store, load: Load, var: str, nbytes: int, depth: int) -> list[str] | None:
+        """One aligned chunk of 8 or 16 bytes from ``load`` to ``store`` (``var`` at 0): a
+        ``cp.async`` where asked and 16 bytes, else a move through a register."""
+        n = nbytes // (2 if store.buffer in self.narrow else 4)
+        guard = self.chunk_guard(load, var, n)
+        if guard is None:
+            return None
+        pad = self.indent * depth
+        dst, src = (f"{b}[{self.expr(e.subst(var, Lin()))}]" for b, e in ((store.buffer, store.index),
+                                                                          (load.buffer, load.index)))
+        if store.copy_async and nbytes == 16:
+            if guard:
+                return [f"{pad}cp_async16z(&{dst}, ({guard}) ? &{src} : {load.buffer}, {guard});"]
+            return [f"{pad}cp_async16(&{dst}, &{src});"]
+        vec = "uint4" if nbytes == 16 else "uint2"
+        if guard:
+            zero = "make_uint4(0, 0, 0, 0)" if nbytes == 16 else "make_uint2(0, 0)"
+            return [f"{pad}*({vec}*)&{dst} = ({guard}) ? *(const {vec}*)&{src} : {zero};"]
+        return [f"{pad}*({vec}*)&{dst} = *(const {vec}*)&{src};"]
 
     def vectorized(self, loop: For, depth: int) -> list[str] | None:
         """Chunks of four iterations, moving aligned contiguous loads and stores as float4;
         None when nothing in the loop can be (the caller renders a plain loop)."""
-        if loop.bounds or loop.extent % self.lanes or len(loop.body) != 1 or not isinstance(loop.body[0], Store):
+        if loop.bounds or len(loop.body) != 1 or not isinstance(loop.body[0], Store):
+            return None
+        if loop.body[0].buffer in self.narrow:
+            return self.vector_copy(loop, depth)
+        if loop.extent % self.lanes:
             return None
         (store,) = loop.body
         var = loop.var
+        value = store.value
+        if store.copy_async and loop.extent == 4 and isinstance(value, Load) and not value.clamps and \
+                all(self._chunk_aligned(e, var, 4) for e in (store.index, value.index)):
+            copy = self.chunk_copy(store, value, var, 16, depth)   # a float4 stage's chunk, asynchronously
+            if copy:
+                return copy
         vec_loads = [l for l in _loads(store.value) if not l.bounds and not l.clamps
                      and self.aligned(l.buffer, l.index, var)]
         vec_store = not store.accumulate and self.aligned(store.buffer, store.index, var)
@@ -190,6 +424,9 @@ class CUDARenderer(CStyleRenderer):
         for l in vec_loads:
             lines.append(f"{inner}const float4 {names[id(l)]} = *(const float4*)&{self.ref(l)};")
         values = [self.value(_shift(store.value, var, k, names)) for k in range(self.lanes)]
+        if vec_store and store.copy_async and vec_loads and store.value is vec_loads[0]:   # a plain copy: cp.async
+            return lines[:2] + [f"{inner}cp_async16(&{store.buffer}[{self.expr(store.index)}], &{self.ref(store.value)});",
+                                f"{pad}}}"]
         if vec_store:
             lines.append(f"{inner}*(float4*)&{store.buffer}[{self.expr(store.index)}] = "
                          f"make_float4({', '.join(values)});")
@@ -208,4 +445,5 @@ def render_cuda(schedule: Schedule, target: Target, name: str) -> Kernel:
     check_for_target(schedule, target)
     fn = lower(schedule, name, gpu=True)
     launch = launch_config(schedule.nest)
-    return Kernel(name, CUDARenderer(target, launch).render(fn), schedule.op.tensors, launch=launch)
+    renderer = CUDARenderer(target, launch, schedule.op.dtype, bool(schedule.nest.tensorized))
+    return Kernel(name, renderer.render(fn), schedule.op.tensors, launch=launch, dtype=schedule.op.dtype)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from ..ir.ops import Tensor
 
+STORAGE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}   # numpy/torch names
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -17,6 +19,7 @@ class Kernel:
     source: str
     args: tuple[Tensor, ...]
     launch: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None  # None: a CPU kernel
+    dtype: str = "fp32"   # the operator's (kernels.ir.dtypes): its tensors' element type
 
     @property
     def is_cuda(self) -> bool:
@@ -28,7 +31,7 @@ class Kernel:
 
     def signature_json(self) -> dict:
         d = {"function": self.name,
-             "args": [{"name": t.name, "shape": list(t.shape), "dtype": "float32", "role": t.role}
+             "args": [{"name": t.name, "shape": list(t.shape), "dtype": STORAGE[self.dtype], "role": t.role}
                       for t in self.args]}
         if self.launch is not None:
             d["launch"] = {"grid": list(self.launch[0]), "block": list(self.launch[1])}

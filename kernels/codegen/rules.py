@@ -8,7 +8,10 @@ where the target is known, by :func:`check_for_target` (called by ``render``):
   bound loop (each thread accumulates its own outputs and writes each once);
 - block, grid, thread-tile and shared-memory sizes within the target's limits
   (fields of :class:`kernels.target.Target`);
-- a ``cache_read`` stage anchored inside every blockIdx loop, over a box.
+- a ``cache_read`` stage anchored inside every blockIdx loop, over a box;
+- dtypes other than fp32, and ``tensorize``, only on CUDA (sm_80 or newer); a
+  tensorized nest's threads are warps, so its block has 32 times the threads of its
+  threadIdx loops (``threadIdx.x`` runs over warps, the lane is the rest).
 
 An unscheduled operator runs on a GPU with :func:`default_schedule`: one thread per
 output element.
@@ -19,9 +22,11 @@ from __future__ import annotations
 import math
 from typing import NoReturn
 
-from ..ir.lower import thread_loops
+from ..ir.dtypes import DTYPES
+from ..ir.lower import stage_elements, thread_loops
 from ..ir.ops import Operator
-from ..ir.schedule import Bind, LoopNest, Parallel, Schedule, ScheduleError, bound_axis, footprint, tile_shape
+from ..ir.schedule import (WARP, Bind, DoubleBuffer, LoopNest, Parallel, Schedule, ScheduleError, Tensorize, bound_axis,
+                           footprint, tile_shape)
 from ..target import Target
 
 DEFAULT_THREADS = 256   # threads per block of the unscheduled kernel
@@ -34,10 +39,11 @@ def _fail(what: str, reason: str) -> NoReturn:
 
 
 def launch_config(nest: LoopNest) -> Launch:
-    """(grid, block): each axis is the extent of the loop bound to it, else 1."""
+    """(grid, block): each axis is the extent of the loop bound to it, else 1; a tensorized
+    nest's threads are warps: threadIdx.x is 32 times its loop's extent."""
     ext = {bound_axis(l): l.extent for l in nest.loops if bound_axis(l)}
     grid = tuple(ext.get(f"blockIdx.{a}", 1) for a in "xyz")
-    block = tuple(ext.get(f"threadIdx.{a}", 1) for a in "xyz")
+    block = tuple(ext.get(f"threadIdx.{a}", 1) * (WARP if nest.tensorized and a == "x" else 1) for a in "xyz")
     return grid, block  # type: ignore[return-value]
 
 
@@ -47,8 +53,15 @@ def shared_bytes(schedule: Schedule) -> int:
     total = 0
     for tensor, anchor in nest.cache_reads:
         dims = footprint(op, nest, tensor, anchor, also=thread_loops(nest))
-        total += 4 * math.prod(d[2] for d in dims) if dims else 0
+        copies = 2 if tensor in nest.double_buffered else 1
+        total += copies * DTYPES[op.dtype].bytes * stage_elements(op, nest, dims) if dims else 0
     return total
+
+
+def check_dtype(dtype: str, target_kind: str) -> None:
+    """Dtypes other than fp32 run on CUDA only (a clear error before anything is measured)."""
+    if dtype != "fp32" and target_kind != "cuda":
+        raise ScheduleError(f"dtype {dtype} runs on cuda only; on {target_kind} use fp32")
 
 
 def check_for_target(schedule: Schedule, target: Target) -> None:
@@ -56,10 +69,18 @@ def check_for_target(schedule: Schedule, target: Target) -> None:
     itself is target-agnostic: these are checked where the target is known)."""
     nest = schedule.nest
     bound = [l for l in nest.loops if bound_axis(l)]
+    dtype = schedule.op.dtype
+    check_dtype(dtype, target.kind)
     if target.kind != "cuda":
+        for t in nest.double_buffered:
+            _fail(str(DoubleBuffer(t)), f"asynchronous copies into shared memory need a cuda target, not {target.kind}")
         for l in bound:
             _fail(str(Bind(l.name, bound_axis(l))), f"binding to GPU axes needs a cuda target, not {target.kind}")
         return
+    if (dtype != "fp32" or nest.tensorized or nest.double_buffered) and target.arch and int(target.arch[3:]) < 80:
+        what = (str(Tensorize(*nest.tensorized)) if nest.tensorized else
+                str(DoubleBuffer(nest.double_buffered[0])) if nest.double_buffered else f"dtype {dtype}")
+        _fail(what, f"needs sm_80 or newer, not {target.arch}")
     for l in nest.loops:
         if l.kind == "parallel":
             _fail(str(Parallel(l.name)), "OpenMP loops are for CPUs; on cuda, bind loops to blockIdx/threadIdx")
@@ -73,7 +94,7 @@ def check_for_target(schedule: Schedule, target: Target) -> None:
     if inside:
         _fail(f"CacheWrite({nest.cache_write!r})", f"bound loop(s) {', '.join(inside)} lie inside it; "
                                                    "a thread's tile must not span other threads' outputs")
-    tile = 4 * math.prod(l.extent for l in tile_shape(nest))
+    tile = 4 * math.prod(l.extent for l in tile_shape(nest)) // (WARP if nest.tensorized else 1)
     if tile > target.tile_bytes:
         _fail(f"CacheWrite({nest.cache_write!r})", f"a thread's tile of {tile} bytes exceeds {target.tile_bytes} "
                                                    "(it would spill out of registers)")

@@ -57,7 +57,7 @@ class Lin:
         merged: dict[Atom, int] = dict(self.terms)
         for atom, coef in other.terms:
             merged[atom] = merged.get(atom, 0) + coef
-        return Lin(tuple((a, c) for a, c in merged.items() if c), self.const + other.const)
+        return _lin(merged, self.const + other.const)
 
     def __sub__(self, other: "Lin | int") -> "Lin":
         return self + (other * -1)
@@ -126,7 +126,23 @@ class Lin:
             for a, c in part.terms:
                 terms[a] = terms.get(a, 0) + c * coef
             const += part.const * coef
-        return Lin(tuple((a, c) for a, c in terms.items() if c), const)
+        return _lin(terms, const)
+
+    def rescale(self, name: str, factor: int, new: str) -> "Lin":
+        """The expression with ``factor * name`` replaced by ``new`` (inside div/mod too);
+        ValueError where a coefficient of ``name`` is not a multiple of ``factor``."""
+        if name not in self.vars():
+            return self
+        terms: dict[Atom, int] = {}
+        for atom, coef in self.terms:
+            if atom == name:
+                if coef % factor:
+                    raise ValueError(f"{name} appears with coefficient {coef}, not a multiple of {factor}")
+                atom, coef = new, coef // factor
+            elif isinstance(atom, DivMod) and name in atom.arg.vars():
+                atom = DivMod(atom.op, atom.arg.rescale(name, factor, new), atom.divisor)
+            terms[atom] = terms.get(atom, 0) + coef
+        return _lin(terms, self.const)
 
     def evaluate(self, env: dict[str, int]) -> int:
         """The value when each variable ``v`` is ``env[v]``."""
@@ -165,3 +181,17 @@ class Lin:
         if self.const or not parts:
             parts.append(str(self.const))
         return " + ".join(parts).replace("+ -", "- ")
+
+
+def _lin(terms: dict[Atom, int], const: int) -> Lin:
+    """The expression of merged ``terms``, with ``c*d*(e / d) + c*(e % d)`` folded back into
+    ``c*e``: a fused loop read in the order it was fused (a 1x1 convolution's ``y*W + x``)
+    indexes linearly again, so its accesses stay contiguous and vectorise."""
+    for atom in [a for a in terms if isinstance(a, DivMod) and a.op == "mod"]:
+        c, div = terms.get(atom, 0), DivMod("div", atom.arg, atom.divisor)
+        if c and terms.get(div) == c * atom.divisor:
+            del terms[atom], terms[div]
+            for a, k in atom.arg.terms:
+                terms[a] = terms.get(a, 0) + k * c
+            return _lin(terms, const + atom.arg.const * c)   # the arg may complete another pair
+    return Lin(tuple((a, c) for a, c in terms.items() if c), const)

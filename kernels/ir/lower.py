@@ -19,12 +19,15 @@ so it stays in registers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from . import mma
+from .dtypes import DTYPES
 from .expr import Lin
 from .ops import Access, Operator
-from .schedule import Loop, LoopNest, Schedule, bound_axis, compose, footprint, tile_shape
+from .schedule import WARP, Loop, LoopNest, Schedule, bound_axis, compose, footprint, tile_shape
 
 
 # ---------------------------------------------------------------- IR nodes
@@ -65,6 +68,7 @@ class Store:
     index: Lin
     value: object
     accumulate: bool = False   # += instead of =
+    copy_async: bool = False   # a copy into shared memory that may complete later (cp.async)
 
 
 @dataclass
@@ -90,10 +94,46 @@ class Alloc:
     scope: str = "local"        # local (stack / registers) | shared (a GPU block's shared memory)
 
 
+@dataclass
+class Let:
+    """``const int var = min(value, limit)``: the start of a tail tile shifted back inside."""
+    var: str
+    value: Lin
+    limit: int
+
+
 @dataclass(frozen=True)
 class Sync:
     """A barrier for the threads of a GPU block (``__syncthreads()``)."""
 
+
+@dataclass(frozen=True)
+class Mma:
+    """One tensor-core instruction of a warp: ``acc[base + 0..3] += A tile x B tile``.
+
+    ``a`` and ``b`` are the thread's registers, each a tuple of the loads it packs (two
+    16-bit elements, low half first, or one tf32), indexed through the lane variables
+    ``LANE_GROUP`` and ``LANE_PLACE`` (:mod:`kernels.ir.mma` says which lane holds what).
+    """
+
+    acc: str
+    base: Lin
+    a: tuple[tuple[Load, ...], ...]
+    b: tuple[tuple[Load, ...], ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Close the asynchronous copies issued so far into one group; with ``wait``, then wait
+    for all groups but the latest (the stage about to be used is complete)."""
+
+    wait: bool = False
+
+
+LANE = "tc_lane"         # a thread's lane in its warp (tensorized kernels)
+LANE_GROUP = "tc_g"      # lane // 4
+LANE_PLACE = "tc_t"      # lane % 4
 
 @dataclass
 class Function:
@@ -137,12 +177,29 @@ def _place_guards(nest_loops, guards, bound_vars: set[str]):
 
 # ---------------------------------------------------------------- lowering
 
+def stage_padding(op: Operator, nest: LoopNest, row: int) -> int:
+    """Elements after each row of a shared stage. A tensorized nest's warp reads 16 bytes
+    of each of 8 consecutive rows at once; rows of an even number of 16-byte units put
+    some of those reads into the same banks (2 to 8 ways), an odd number none: such
+    rows get 16 bytes more."""
+    elem = DTYPES[op.dtype].bytes
+    return 16 // elem if nest.tensorized and row * elem % 32 == 0 else 0
+
+
+def stage_elements(op: Operator, nest: LoopNest, dims) -> int:
+    """Elements of the shared buffer holding footprint ``dims`` (padding included)."""
+    return math.prod(d[2] for d in dims[:-1]) * (dims[-1][2] + stage_padding(op, nest, dims[-1][2]))
+
+
 def thread_loops(nest: LoopNest) -> tuple[Loop, ...]:
     """The loops bound to threadIdx axes, in nest order."""
     return tuple(l for l in nest.loops if (bound_axis(l) or "").startswith("threadIdx"))
 
 
-def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Function:
+def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tails: bool = True) -> Function:
+    """The schedule's loop IR. On a CPU, a register tile's tail is shifted back to end at
+    the extent (:func:`_tail_shifts`) where it can be, else computed whole with clamped
+    reads; ``shift_tails=False`` forces the latter."""
     op, nest = schedule.op, schedule.nest
     loops = nest.loops
     local: dict[str, int] = {}
@@ -157,18 +214,25 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
     # Spatial tails inside the cache_write tile are not guarded in the compute: the
     # tile is computed whole (in registers) and only its valid part is written back.
     # Reads that the dropped guards no longer keep inside a tensor are clamped.
-    guards, dropped = nest.guards, ()
+    guards, dropped, shifts = nest.guards, (), {}
     if nest.cache_write:
         tile = {l.name for l in tile_shape(nest)}
         private = tile | {l.name for l in threads}
         dropped = tuple(g for g in guards if g[0].vars() & private)
         guards = tuple(g for g in guards if g not in dropped)
+        if not gpu and shift_tails:
+            shifts = _tail_shifts(nest, dropped, tile)
+            dropped = tuple(g for g in dropped if g not in shifts.values())
     unguarded = set().union(*(e.vars() for e, _ in dropped))
 
     # where each input is read from: the tensor itself, or a packed local buffer
     packs: dict[str, list] = {l.name: [] for l in loops}
     reads: dict[str, Load] = {}
     pre, post = [], []
+    head_of: dict[str, list] = {l.name: [] for l in loops}   # at the end of a loop's head (prologues)
+    pre_copies: list = []
+    prologues: dict[str, list] = {}    # per anchor: the first slices of its double-buffered stages
+    prefetches: dict[str, list] = {}   # per anchor: the next slices, copied while this one is used
     synced: set[str] = set()        # anchors whose shared stage is refilled: barrier at body end
     for access in (op.lhs, op.rhs):
         cached = dict(nest.cache_reads).get(access.tensor)
@@ -181,7 +245,27 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
             shared[buf] = math.prod(d[2] for d in dims)
             reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
             pre.append(Alloc(buf, shared[buf], "shared"))  # hoisted: one allocation per block
-            packs[cached] += [_cooperative_copy(access.tensor, shape, buf, dims, nest, threads), Sync()]
+            elem = DTYPES[op.dtype].bytes
+            pad = stage_padding(op, nest, dims[-1][2])
+            if pad:
+                padded = tuple(d[2] for d in dims[:-1]) + (dims[-1][2] + pad,)
+                shared[buf] = math.prod(padded)
+                pre[-1] = Alloc(buf, shared[buf], "shared")
+                reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), padded))
+            copy = _cooperative_copy(access.tensor, shape, buf, dims, nest, threads,
+                                     lanes=WARP if nest.tensorized else 1, vector=16 // elem, pad=pad)
+            if access.tensor in nest.double_buffered:
+                size = shared[buf]
+                shared[buf] = 2 * size
+                pre[-1] = Alloc(buf, 2 * size, "shared")
+                stage = Lin.var(cached).mod(2) * size
+                reads[access.tensor] = Load(buf, reads[access.tensor].index + stage)
+                ahead = Lin.var(cached) + 1
+                prologues.setdefault(cached, []).append(_retarget(copy, cached, Lin(), Lin()))
+                prefetches.setdefault(cached, []).append(
+                    If(((ahead, nest.loop(cached).extent),), [_retarget(copy, cached, ahead, ahead.mod(2) * size)]))
+            else:
+                packs[cached] += [copy, Sync()]
             outer = nest.loops[:nest.index(cached) + 1]
             if math.prod(l.extent for l in outer if not bound_axis(l)) > 1:
                 synced.add(cached)
@@ -194,14 +278,29 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
         else:
             reads[access.tensor] = _direct_read(op, access, nest, unguarded)
 
+    # One group of asynchronous copies per anchor and iteration: a wait for all groups but
+    # the latest then waits for no copy of the next slice.
+    for anchor, copies in prologues.items():
+        at = nest.index(anchor)
+        (head_of[loops[at - 1].name] if at else pre_copies).extend(copies + [Commit()])
+        packs[anchor] += prefetches[anchor] + [Commit(wait=True), Sync()]
     product = Mul(reads[op.lhs.tensor], reads[op.rhs.tensor])
     bias = None
     if op.bias:
         bias = Load(op.bias.tensor, _flat(nest.access_exprs(op.bias), op.tensor(op.bias.tensor).shape))
 
-    head: dict[str, list] = {l.name: list(packs[l.name]) for l in loops}
+    head: dict[str, list] = {l.name: list(packs[l.name]) + head_of[l.name] for l in loops}
+    pre += pre_copies
     tail: dict[str, list] = {l.name: [] for l in loops}
-    if nest.cache_write:
+    if nest.tensorized:
+        compute, write_back, size = _tensorized(op, nest, reads, bias, out_idx)
+        acc = f"{out_t.name}_local"
+        local[acc] = size
+        head[nest.cache_write][:0] = [Alloc(acc, size), _fill(acc, size, "unroll")]
+        outside = tuple(g for g in dropped if not g[0].vars() & {l.name for l in tile_shape(nest)})
+        tail[nest.cache_write] += [If(outside, write_back)] if outside else write_back
+        loops = loops[:-3]
+    elif nest.cache_write:
         tile = tile_shape(nest)
         acc = f"{out_t.name}_local"
         local[acc] = math.prod(l.extent for l in tile)
@@ -226,7 +325,127 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False) -> Functi
     for anchor in synced:  # no thread may refill the stage while another still reads it
         tail[anchor].append(Sync())
     body = _build(loops, guards, head, tail, compute)
+    if shifts:
+        try:
+            body = [_shifted(s, shifts) for s in body]
+        except ValueError:     # a shifted loop is indexed with another stride: no shifting
+            return lower(schedule, name, gpu, shift_tails=False)
     return Function(name, op.tensors, pre + body + post, local, shared)
+
+
+def _retarget(stmt, var: str, value: Lin, offset: Lin):
+    """A copy of a stage's fill for iteration ``value`` of loop ``var``, written ``offset``
+    further into the buffer, asynchronously (the second buffer of a double-buffered stage)."""
+    if isinstance(stmt, For):
+        return For(stmt.var, stmt.extent, [_retarget(s, var, value, offset) for s in stmt.body], stmt.kind,
+                   tuple((e.subst(var, value), c) for e, c in stmt.bounds), tuple(e.subst(var, value) for e in stmt.starts))
+    if isinstance(stmt, If):
+        return If(tuple((e.subst(var, value), n) for e, n in stmt.conds),
+                  [_retarget(s, var, value, offset) for s in stmt.body])
+    return Store(stmt.buffer, stmt.index + offset, _at(stmt.value, {var: value}), stmt.accumulate, copy_async=True)
+
+
+def _at(load: Load, subst: dict[str, Lin]) -> Load:
+    """``load`` with loop variables replaced (index, bounds and clamps)."""
+    def sub(e: Lin) -> Lin:
+        for var, repl in subst.items():
+            e = e.subst(var, repl)
+        return e
+    return Load(load.buffer, sub(load.index), tuple((sub(e), n) for e, n in load.bounds),
+                tuple((sub(e), n, st) for e, n, st in load.clamps))
+
+
+def _lane_expr(coef: tuple[int, int, int]) -> Lin:
+    g, t, c = coef
+    return Lin.var(LANE_GROUP, g) + Lin.var(LANE_PLACE, t) + c if g or t else Lin.constant(c)
+
+
+def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load | None, out_idx: Lin):
+    """(the Mma statement, the write-back statements, the accumulator's size per thread) of a
+    tensorized nest: each thread of the warp holds 4 accumulators per 16 x 8 tile of its
+    warp's tile, and writes back the elements the instruction's layout gives it."""
+    m, n, k = nest.tensorized
+    tile = tile_shape(nest)
+    frags = tuple(l for l in tile if l.name not in (m, n))   # the warp's 16 x 8 tiles
+    base = _flat(tuple(Lin.var(l.name) for l in frags), tuple(l.extent for l in frags)) * 4
+    size = 4 * math.prod(l.extent for l in frags)
+    a_regs, b_regs = mma.fragments(DTYPES[op.dtype].mma_k)
+
+    def regs(load: Load, rows: str, cols: str, layout) -> tuple:
+        return tuple(tuple(_at(load, {rows: _lane_expr(r), cols: _lane_expr(c)}) for r, c in reg)
+                     for reg in layout)
+
+    compute = Mma(f"{op.output.name}_local", base, regs(reads[op.lhs.tensor], m, k, a_regs),
+                  regs(reads[op.rhs.tensor], k, n, b_regs), op.dtype)
+    # the write-back: every guard on the tile's loops, at each element
+    names = {l.name for l in tile}
+    bound = {l.name for l in nest.loops[:nest.index(nest.cache_write) + 1]}
+    guards = [(e, lim) for e, lim in nest.guards if e.vars() <= names | bound and e.vars() & names]
+    stores = []
+    for c, (row, col) in enumerate(mma.C):
+        subst = {m: _lane_expr(row), n: _lane_expr(col)}
+
+        def sub(e: Lin) -> Lin:
+            return e.subst(m, subst[m]).subst(n, subst[n])
+        value = Load(f"{op.output.name}_local", base + c)
+        if bias is not None:
+            value = Relu(Add(value, _at(bias, subst)))
+        store = Store(op.output.name, sub(out_idx), value)
+        conds = tuple((sub(e), lim) for e, lim in guards)
+        stores.append(If(conds, [store]) if conds else store)
+    body: list = stores
+    for l in reversed(frags):
+        body = [For(l.name, l.extent, body, "unroll")]
+    return compute, body, size
+
+
+def _tail_shifts(nest: LoopNest, dropped, tile: set[str]) -> dict[str, tuple]:
+    """Tail guards ``F*o + r < n`` of the register tile (``r`` over tile loops, below ``F``)
+    whose tile can instead start at ``min(F*o, n - F)``: the last tile then overlaps the one
+    before and ends at the extent, so neither its reads nor its write-back need a guard or
+    a clamp, and its vector accesses stay contiguous. It recomputes a few outputs of the
+    tile before, with the same sums, so it writes the same values; ``o`` must be a serial
+    loop (no two threads write one element) in no other guard. Returns ``{o: guard}``."""
+    kinds = {l.name: l.kind for l in nest.loops}
+    ext = nest.extents
+    out = {}
+    for g in dropped:
+        e, n = g
+        outer = [(a, c) for a, c in e.terms if isinstance(a, str) and a not in tile]
+        if len(outer) != 1 or e.coefs()[1] or e.const:
+            continue
+        (o, f), rest = outer[0], e.drop({outer[0][0]})
+        lo, hi = rest.range(ext)
+        if kinds.get(o) != "serial" or not (0 <= lo and hi < f <= n) or \
+                sum(o in e2.vars() for e2, _ in nest.guards) != 1:
+            continue
+        out[o] = g
+    return out
+
+
+def _shifted(stmt, shifts: dict[str, tuple]):
+    """``stmt`` with each shifted loop's body starting with its ``Let`` and reading it."""
+    if isinstance(stmt, For) and stmt.var in shifts:
+        (e, n) = shifts[stmt.var]
+        f = e.coef(stmt.var)
+        new = f"{stmt.var}_s"
+        body = [Let(new, Lin.var(stmt.var, f), n - f)] + [_rescaled(s, stmt.var, f, new) for s in stmt.body]
+        return replace(stmt, body=[_shifted(s, shifts) for s in body])
+    if isinstance(stmt, (For, If)):
+        return replace(stmt, body=[_shifted(s, shifts) for s in stmt.body])
+    return stmt
+
+
+def _rescaled(node, var: str, f: int, new: str):
+    """``node`` (a statement, value or expression) with ``f * var`` read as ``new``."""
+    if isinstance(node, Lin):
+        return node.rescale(var, f, new)
+    if isinstance(node, (list, tuple)):
+        return type(node)(_rescaled(x, var, f, new) for x in node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return replace(node, **{fl.name: _rescaled(getattr(node, fl.name), var, f, new)
+                                for fl in dataclasses.fields(node)})
+    return node
 
 
 def _names_to(nest: LoopNest, anchor: str) -> set[str]:
@@ -325,16 +544,20 @@ def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest) -> list:
     return [_fill(buf, math.prod(d[2] for d in dims)), stmt]
 
 
-def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, threads: tuple[Loop, ...]):
+def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, threads: tuple[Loop, ...],
+                      lanes: int = 1, vector: int = 4, pad: int = 0):
     """All threads of a block copy the footprint box of ``tensor`` into the shared ``buf``
     (zero outside the tensor): thread ``t`` takes chunks ``t, t + T, t + 2T, ...`` of
-    ``width`` consecutive elements of the box, so neighbouring threads read neighbouring
-    addresses (coalesced) and a renderer can move a chunk as one vector."""
+    ``width`` consecutive elements of the box (16 bytes: ``vector`` elements, where the
+    box's rows allow), so neighbouring threads read neighbouring addresses (coalesced)
+    and a renderer can move a chunk as one vector. ``lanes``: threads per thread loop
+    iteration (a warp's lanes in a tensorized nest), numbered fastest. ``pad``: elements
+    after each row of the buffer (the box's last dimension)."""
     exts = [d[2] for d in dims]
     size = math.prod(exts)
-    width = 4 if exts[-1] % 4 == 0 else 1
-    nthreads = math.prod(l.extent for l in threads)
-    tid, scale = Lin(), 1
+    width = next((w for w in (vector, 4) if exts[-1] % w == 0), 1)
+    nthreads = math.prod(l.extent for l in threads) * lanes
+    tid, scale = (Lin.var(LANE), lanes) if lanes > 1 else (Lin(), 1)
     for l in sorted(threads, key=lambda l: bound_axis(l)):  # threadIdx.x fastest, as CUDA numbers them
         tid, scale = tid + Lin.var(l.name, scale), scale * l.extent
     chunks = size // width
@@ -342,20 +565,22 @@ def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, thread
     c, w = f"{buf}_c", f"{buf}_w"
     q = tid + Lin.var(c, nthreads) if rounds > 1 else tid       # this thread's chunk
     lane = Lin.var(w) if width > 1 else Lin()
-    src = []
+    src, at = [], []
     for d, (base, _, ext) in enumerate(dims):
         stride = math.prod(exts[d + 1:]) // width if d < len(dims) - 1 else 1
         x = q.floordiv(stride)
         x = x.mod(ext // width if d == len(dims) - 1 else ext) if d else x
         x = x if ext > 1 else Lin()
-        src.append(base + (x * width + lane if d == len(dims) - 1 else x))
+        at.append(x * width + lane if d == len(dims) - 1 else x)
+        src.append(base + at[-1])
     ext_all = nest.extents
     bounds = []
     for (base, _, ext), e, n in zip(dims, src, shape):
         lo, hi = base.range(ext_all)
         if not (0 <= lo and hi + ext - 1 < n):
             bounds.append((e, n))
-    stmt = Store(buf, q * width + lane, Load(tensor, _flat(tuple(src), shape), tuple(bounds)))
+    dst = _flat(tuple(at), tuple(exts[:-1]) + (exts[-1] + pad,)) if pad else q * width + lane
+    stmt = Store(buf, dst, Load(tensor, _flat(tuple(src), shape), tuple(bounds)))
     if width > 1:
         stmt = For(w, width, [stmt], "vectorize")
     if chunks % nthreads:

@@ -10,8 +10,8 @@ the axes, so footprints, strides and bounds can be derived instead of hand-writt
 An input index that can fall outside its tensor (convolution padding) reads zero.
 
 Shape strings: ``matmul``/``dense_bias_relu`` ``MxNxK``; ``batch_matmul``
-``BxMxNxK``; ``conv2d`` ``N,C,H,W,K,R,S[,stride[,pad]]`` (NCHW input, OIHW
-weights); ``depthwise_conv2d`` ``N,C,H,W,R,S[,stride[,pad]]``. ``x`` and ``,``
+``BxMxNxK``; ``conv2d``/``conv2d_bias_relu`` ``N,C,H,W,K,R,S[,stride[,pad]]`` (NCHW
+input, OIHW weights, a bias per output channel); ``depthwise_conv2d`` ``N,C,H,W,R,S[,stride[,pad]]``. ``x`` and ``,``
 are interchangeable.
 """
 
@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from .dtypes import DEFAULT, DTYPES, decode, encode
 
 INPUT_RANGE = 1.0  # inputs are drawn uniformly from [-INPUT_RANGE, INPUT_RANGE]
 
@@ -83,6 +84,7 @@ class Operator:
     lhs: Access
     rhs: Access
     bias: Access | None = None  # epilogue max(out + bias, 0) when set
+    dtype: str = DEFAULT        # kernels.ir.dtypes: how tensors are stored and multiplied
     reference_fn: Callable[..., np.ndarray] = field(default=None, compare=False, repr=False)
 
     @property
@@ -131,14 +133,18 @@ class Operator:
                    zip((e.range(self.extents) for e in access.index), shape))
 
     def random_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {t.name: rng.uniform(-INPUT_RANGE, INPUT_RANGE, t.shape).astype(np.float32)
+        """Inputs as stored for ``dtype`` (bf16 as its bits, :mod:`kernels.ir.dtypes`)."""
+        return {t.name: encode(rng.uniform(-INPUT_RANGE, INPUT_RANGE, t.shape).astype(np.float32), self.dtype)
                 for t in self.inputs}
 
     def reference(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.reference_fn(**inputs).astype(np.float32)
+        """The exact result on the stored inputs (float64 math), as float32; a kernel's
+        own roundings (tf32 inputs, a bf16/fp16 output) are the tolerance's business."""
+        return self.reference_fn(**{n: decode(a, self.dtype) for n, a in inputs.items()}).astype(np.float32)
 
     def to_json(self) -> dict:
-        return {"op": self.kind, "shape": self.shape_str}
+        d = {"op": self.kind, "shape": self.shape_str}
+        return d if self.dtype == DEFAULT else {**d, "dtype": self.dtype}
 
 
 # ---------------------------------------------------------------- references
@@ -192,19 +198,26 @@ def _out_size(size, r, stride, pad, what):
     return out
 
 
-def _conv2d(n, c, h, w, k, r, s, stride=1, pad=0):
+def _conv2d(n, c, h, w, k, r, s, stride=1, pad=0, bias=False):
     oh, ow = _out_size(h, r, stride, pad, "height"), _out_size(w, s, stride, pad, "width")
+    tensors = [Tensor("I", (n, c, h, w), "input"), Tensor("W", (k, c, r, s), "input")]
+    if bias:
+        tensors.append(Tensor("bias", (k,), "input"))
+        ref = lambda I, W, bias: np.maximum(_conv2d_ref(I, W, stride, pad, 1)  # noqa: E731
+                                            + bias[None, :, None, None], 0)
+    else:
+        ref = lambda I, W: _conv2d_ref(I, W, stride, pad, 1)  # noqa: E731
     return dict(
         axes=(Axis("n", n), Axis("k", k), Axis("y", oh), Axis("x", ow),
               Axis("c", c, True), Axis("ry", r, True), Axis("rx", s, True)),
-        tensors=(Tensor("I", (n, c, h, w), "input"), Tensor("W", (k, c, r, s), "input"),
-                 Tensor("O", (n, k, oh, ow), "output")),
+        tensors=(*tensors, Tensor("O", (n, k, oh, ow), "output")),
         out=Access("O", (Affine.of("n"), Affine.of("k"), Affine.of("y"), Affine.of("x"))),
         lhs=Access("I", (Affine.of("n"), Affine.of("c"),
                          Affine.of(("y", stride), "ry", const=-pad),
                          Affine.of(("x", stride), "rx", const=-pad))),
         rhs=Access("W", (Affine.of("k"), Affine.of("c"), Affine.of("ry"), Affine.of("rx"))),
-        reference_fn=lambda I, W: _conv2d_ref(I, W, stride, pad, 1))
+        bias=Access("bias", (Affine.of("k"),)) if bias else None,
+        reference_fn=ref)
 
 
 def _depthwise_conv2d(n, c, h, w, r, s, stride=1, pad=0):
@@ -229,7 +242,12 @@ OPERATORS: dict[str, tuple[Callable[..., dict], tuple[str, ...], int]] = {
     "batch_matmul": (_batch_matmul, ("B", "M", "N", "K"), 0),
     "conv2d": (_conv2d, ("N", "C", "H", "W", "K", "R", "S", "stride", "pad"), 2),
     "depthwise_conv2d": (_depthwise_conv2d, ("N", "C", "H", "W", "R", "S", "stride", "pad"), 2),
+    "conv2d_bias_relu": (lambda *shape: _conv2d(*shape, bias=True),
+                         ("N", "C", "H", "W", "K", "R", "S", "stride", "pad"), 2),
 }
+# An epilogue variant schedules like the operator it extends: it shares that operator's
+# expert, shipped policy and one-hot column in the observation.
+BASE_KIND = {"conv2d_bias_relu": "conv2d"}
 OPTIONAL_DEFAULTS = (1, 0)  # stride, pad
 MAX_ELEMENTS = 2 ** 31 - 1   # per tensor: generated code indexes with int
 
@@ -266,11 +284,13 @@ def parse_shape(kind: str, shape: str | tuple[int, ...]) -> tuple[int, ...]:
     return values + OPTIONAL_DEFAULTS[len(OPTIONAL_DEFAULTS) - missing:] if missing else values
 
 
-def make_op(kind: str, shape: str | tuple[int, ...]) -> Operator:
-    """The operator ``kind`` at ``shape`` (a shape string or a tuple of ints)."""
+def make_op(kind: str, shape: str | tuple[int, ...], dtype: str = DEFAULT) -> Operator:
+    """The operator ``kind`` at ``shape`` (a shape string or a tuple of ints) in ``dtype``."""
     values = parse_shape(kind, shape)
+    if dtype not in DTYPES:
+        raise OperatorError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     builder = OPERATORS[kind][0]
-    op = Operator(kind=kind, shape=values, **builder(*values))
+    op = Operator(kind=kind, shape=values, dtype=dtype, **builder(*values))
     for t in op.tensors:
         if math.prod(t.shape) > MAX_ELEMENTS:
             raise OperatorError(f"{kind} {op.shape_str}: tensor {t.name} has {math.prod(t.shape):,} elements; "

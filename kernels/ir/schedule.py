@@ -32,6 +32,16 @@ TVM/Halide names:
 ``CacheRead``     copy the part of ``tensor`` read inside ``loop`` into a
                   contiguous local buffer (zero-filled where the index falls
                   outside the tensor, which removes padding checks).
+``DoubleBuffer``  (GPU) ``tensor``'s shared stage holds two slices: while the
+                  block computes on one, the next iteration of the stage's loop
+                  is copied into the other asynchronously (``cp.async``).
+``Tensorize``     (GPU, tf32/bf16/fp16) the three innermost loops, an (m, n, k)
+                  tile of 16 x 8 x ``mma_k`` (16; 8 for tf32), become one
+                  tensor-core instruction (``mma.sync.m16n8k*``) that a warp of 32
+                  threads executes together: each thread of the nest becomes a
+                  warp (:data:`WARP`). m's axis must index the output and the
+                  left operand only, n's the output and the right operand only,
+                  k must be a reduction over both operands, with no tail.
 ================  ==========================================================
 
 A step that cannot apply raises :class:`ScheduleError` naming the step and why.
@@ -47,12 +57,15 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import ClassVar
 
+from .dtypes import DTYPES
 from .expr import Lin
 from .ops import Access, Operator, make_op
 
 MAX_UNROLL = 64          # extent of one unrolled loop
 MAX_UNROLLED_BODY = 512  # product of the extents of all unrolled loops (code size)
 MAX_LOCAL_BYTES = 1 << 20  # per local buffer: they live on the stack
+WARP = 32                # threads that execute one tensor-core instruction together
+MMA_M, MMA_N = 16, 8     # the instruction's output tile (m16n8k16, m16n8k8)
 
 
 class ScheduleError(ValueError):
@@ -84,6 +97,8 @@ class LoopNest:
     guards: tuple[tuple[Lin, int], ...]      # each (e, n) means e < n (tails of splits)
     cache_write: str | None = None
     cache_reads: tuple[tuple[str, str], ...] = ()  # (tensor, loop)
+    tensorized: tuple[str, ...] = ()   # (m, n, k) loops run as one tensor-core instruction
+    double_buffered: tuple[str, ...] = ()  # tensors whose stage is filled one iteration ahead
     _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def access_exprs(self, access: Access) -> tuple[Lin, ...]:
@@ -400,10 +415,111 @@ class CacheRead(Step):
         return replace(nest, cache_reads=nest.cache_reads + ((self.tensor, self.loop),))
 
 
+@dataclass(frozen=True)
+class DoubleBuffer(Step):
+    """Two buffers for ``tensor``'s stage: the next slice is copied while this one is used.
+
+    The stage's loop must be serial, run at least twice and have no tail (the copy one
+    iteration ahead must stay inside the loop's range). CUDA only (a rule of the target).
+    """
+
+    tensor: str
+
+    def apply(self, op, nest):
+        anchor = dict(nest.cache_reads).get(self.tensor)
+        check(anchor is not None, self, f"{self.tensor!r} has no cache_read stage to double-buffer")
+        check(self.tensor not in nest.double_buffered, self, f"{self.tensor!r} is double-buffered already")
+        loop = nest.loop(anchor)
+        check(loop.kind == "serial" and loop.extent >= 2, self,
+              f"its stage's loop {anchor!r} must be serial and run at least twice")
+        check(all(anchor not in e.vars() for e, _ in nest.guards), self,
+              f"its stage's loop {anchor!r} has a tail; split by a divisor")
+        return replace(nest, double_buffered=nest.double_buffered + (self.tensor,))
+
+
+def tensor_axes(op: Operator) -> dict[str, str]:
+    """The op axes each role of a tensor-core tile can take, comma-joined: ``m`` indexes
+    the output and the left operand only, ``n`` the output and the right operand only,
+    ``k`` is a reduction over both (a matmul: i, j, k; a convolution: its batch and
+    pixels, its output channels, its input channels and window)."""
+    def used(access: Access) -> set[str]:
+        return {a for aff in access.index for a, c in aff.terms if c}
+    out, lhs, rhs = used(op.out), used(op.lhs), used(op.rhs)
+    roles = {"m": (out & lhs) - rhs, "n": (out & rhs) - lhs,
+             "k": {a.name for a in op.axes if a.reduce} & lhs & rhs}
+    return {r: ",".join(sorted(v)) for r, v in roles.items()}
+
+
+def tensor_tile(op: Operator, nest: LoopNest) -> tuple[str, str, str] | None:
+    """(m, n, k): the nest's three innermost loops as a tensor-core tile, where their
+    extents and axes fit one (:class:`Tensorize` says why not); None otherwise."""
+    mma_k = DTYPES[op.dtype].mma_k
+    if not mma_k or nest.tensorized or len(nest.loops) < 3:
+        return None
+    roles = {r: v.split(",") for r, v in tensor_axes(op).items()}
+    inner = nest.loops[-3:]
+    pick = {}
+    for role, extent in (("k", mma_k), ("m", MMA_M), ("n", MMA_N)):
+        pick[role] = next((l.name for l in inner if l.axis in roles[role] and l.extent == extent
+                           and l.reduce == (role == "k") and l.name not in pick.values()), None)
+    if None in pick.values() or any(l.kind != "serial" for l in inner) or {l.name for l in inner} & nest.anchors():
+        return None
+    if any(pick["k"] in e.vars() for e, _ in nest.guards):
+        return None
+    return pick["m"], pick["n"], pick["k"]
+
+
+@dataclass(frozen=True)
+class Tensorize(Step):
+    """The three innermost loops as one tensor-core tile (m16n8k16, or m16n8k8 for tf32).
+
+    Each named loop must be serial, untouched by tails where it reduces, and play its
+    role: ``m`` an output row axis read by the left operand only, ``n`` an output column
+    axis read by the right operand only, ``k`` a reduction over both. Target rules
+    (CUDA only, warps per block) are checked in :func:`kernels.codegen.rules.check_for_target`.
+    """
+
+    m: str
+    n: str
+    k: str
+
+    def apply(self, op, nest):
+        mma_k = DTYPES[op.dtype].mma_k
+        check(mma_k > 0, self, f"{op.dtype} has no tensor-core instruction (tf32, bf16 and fp16 do)")
+        check(not nest.tensorized, self, "the nest is tensorized already")
+        names = (self.m, self.n, self.k)
+        check(len(set(names)) == 3, self, "a loop is named twice")
+        loops = [self._unannotated(nest, name) for name in names]
+        inner = {l.name for l in nest.loops[-3:]}
+        check(set(names) == inner, self, f"the tile must be the three innermost loops "
+                                         f"({', '.join(l.name for l in nest.loops[-3:])})")
+        check(not set(names) & nest.anchors(), self, "a tensorized loop may not anchor a cache stage")
+        roles = tensor_axes(op)
+        for role, loop, extent in zip("mnk", loops, (MMA_M, MMA_N, mma_k)):
+            check(loop.axis in roles[role].split(","), self,
+                  f"loop {loop.name!r} (axis {loop.axis}) cannot be the tile's {role}: "
+                  f"{role} takes {roles[role] or 'no axis of ' + op.kind}")
+            check(loop.extent == extent, self, f"loop {loop.name!r} has extent {loop.extent}; "
+                                               f"the {op.dtype} instruction's {role} is {extent}")
+        for e, n in nest.guards:
+            check(self.k not in e.vars(), self, f"the reduction has a tail through {self.k!r} "
+                                                f"({e} < {n}); split it by a divisor")
+        return replace(nest, tensorized=names)
+
+
 def validate(op: Operator, nest: LoopNest, step: Step) -> None:
     """Invariants every nest must keep, whatever step produced it."""
     names = [l.name for l in nest.loops]
     check(len(set(names)) == len(names), step, "loop names collide")
+    if nest.tensorized:
+        check(set(nest.tensorized) == {l.name for l in nest.loops[-3:]}
+              and all(l.kind == "serial" for l in nest.loops[-3:]), step,
+              f"tensorized loops {', '.join(nest.tensorized)} must stay the three innermost, serial")
+        check(not set(nest.tensorized) & nest.anchors(), step, "a tensorized loop may not anchor a cache stage")
+    for tensor in nest.double_buffered:   # its stage's loop keeps running serially, twice or more
+        anchor = nest.loop(dict(nest.cache_reads)[tensor])
+        check(anchor.kind == "serial" and anchor.extent >= 2, step,
+              f"loop {anchor.name!r} holds the double-buffered stage of {tensor!r}: it must stay serial")
     for i, loop in enumerate(nest.loops):
         if loop.kind == "vectorize":
             check(i == len(nest.loops) - 1, step, f"vectorized loop {loop.name!r} must stay innermost")
@@ -411,7 +527,8 @@ def validate(op: Operator, nest: LoopNest, step: Step) -> None:
             check(i == 0, step, f"parallel loop {loop.name!r} must be the outermost loop")
     for i, loop in enumerate(nest.loops):
         if loop.kind == "unroll":
-            rolled = [l.name for l in nest.loops[i + 1:] if l.kind not in ("unroll", "vectorize")]
+            rolled = [l.name for l in nest.loops[i + 1:]   # a tensorized tile is one instruction
+                      if l.kind not in ("unroll", "vectorize") and l.name not in nest.tensorized]
             check(not rolled, step, f"unrolled loop {loop.name!r} would contain the rolled loop(s) "
                                     f"{', '.join(rolled)}; unroll from the innermost loop outwards")
     bound = [(i, bound_axis(l)) for i, l in enumerate(nest.loops) if bound_axis(l)]
@@ -492,6 +609,12 @@ class Schedule:
     def cache_read(self, tensor: str, loop: str) -> "Schedule":
         return self.apply(CacheRead(tensor, loop))
 
+    def tensorize(self, m: str, n: str, k: str) -> "Schedule":
+        return self.apply(Tensorize(m, n, k))
+
+    def double_buffer(self, tensor: str) -> "Schedule":
+        return self.apply(DoubleBuffer(tensor))
+
     # serialisation: steps only
     def steps_json(self) -> list[dict]:
         return [s.to_json() for s in self.steps]
@@ -510,7 +633,7 @@ class Schedule:
         if op is None:
             if "op" not in d or "shape" not in d:
                 raise ScheduleError("a schedule without an operator needs 'op' and 'shape'")
-            op = make_op(d["op"], d["shape"])
+            op = make_op(d["op"], d["shape"], d.get("dtype", "fp32"))
         sched = Schedule(op)
         for s in d.get("steps", []):
             sched = sched.apply(Step.from_json(s))

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..ir.dtypes import DEFAULT, DTYPES, decode, word_type
 from ..ir.ops import INPUT_RANGE, Operator
 
 
@@ -28,15 +29,21 @@ from ..ir.ops import INPUT_RANGE, Operator
 
 @dataclass(frozen=True)
 class Precision:
-    """The arithmetic a kernel computes in."""
+    """The arithmetic a kernel of one dtype computes in."""
 
-    unit_roundoff: float   # u: the largest relative error of one rounding (half of eps)
+    unit_roundoff: float        # u: the largest relative error of one accumulation step
+    input_roundoff: float = 0.0   # the kernel's own rounding of each input (tf32 on tensor cores)
+    output_roundoff: float = 0.0  # the rounding of the finished sum to the stored output (bf16, fp16)
 
 
-# Keyed by the dtype of inputs and outputs; bf16/fp16 would add their own entries (with
-# fp32 accumulation, their rounding of inputs and of the output would enter the formula).
+# Keyed by dtype (kernels.ir.dtypes). Tensor-core dtypes accumulate in fp32, but the
+# instruction's adder truncates rather than rounds (Fasi et al., "Numerical behavior of
+# NVIDIA tensor cores", 2021): twice fp32's unit roundoff.
 PRECISIONS: dict[str, Precision] = {
-    "float32": Precision(unit_roundoff=2.0 ** -24),
+    "fp32": Precision(unit_roundoff=2.0 ** -24),
+    "tf32": Precision(unit_roundoff=2.0 ** -23, input_roundoff=2.0 ** -11),
+    "bf16": Precision(unit_roundoff=2.0 ** -23, output_roundoff=2.0 ** -8),
+    "fp16": Precision(unit_roundoff=2.0 ** -23, output_roundoff=2.0 ** -11),
 }
 
 ATOL_SIGMAS = 8.0   # standard deviations of the rounding error a correct kernel may reach
@@ -73,8 +80,8 @@ def reduction_length(op: Operator) -> int:
     return math.prod(a.extent for a in op.axes if a.reduce)
 
 
-def tolerance(op: Operator, dtype: str = "float32") -> Tolerance:
-    """How far a correct kernel of ``op`` computing in ``dtype`` may be from the reference.
+def tolerance(op: Operator) -> Tolerance:
+    """How far a correct kernel of ``op`` (computing in ``op.dtype``) may be from the reference.
 
     Each output is a sum of K = :func:`reduction_length` products ``a*b`` of inputs drawn
     uniformly from [-r, r] (r = ``INPUT_RANGE``), computed in ``dtype`` in whatever order
@@ -98,59 +105,74 @@ def tolerance(op: Operator, dtype: str = "float32") -> Tolerance:
       and partial sums combined pairwise (vector lanes, split reductions), whose error
       bound grows with their depth, log2(K) * u. ``rtol = 4 * u * log2(2K)``: a few ulps
       (an ulp at 1 is 2u) times log2 of the reduction length.
+
+    The reference is computed from the stored inputs (already rounded to bf16 or fp16),
+    so only the kernel's own roundings add to this:
+
+    - a 16-bit output (u_out = 2**-8 for bf16, 2**-11 for fp16) is the sum rounded once:
+      ``rtol += 2 * u_out``;
+    - tf32 rounds each input to 10 mantissa bits inside the tensor core (u_in = 2**-11):
+      each product is off by up to 2 * u_in of itself, K of them a random walk of
+      sqrt(K) * 2 * u_in * sigma_p: ``atol += ATOL_SIGMAS * sqrt(K) * 2 * u_in * sigma_p``.
     """
-    u = PRECISIONS[dtype].unit_roundoff
+    p = PRECISIONS[op.dtype]
+    u = p.unit_roundoff
     k = reduction_length(op)
     sigma_p = INPUT_RANGE ** 2 / 3.0    # rms of a product of two U(-r, r) inputs
-    return Tolerance(atol=ATOL_SIGMAS * k * u * sigma_p, rtol=4.0 * u * math.log2(2 * k))
+    atol = ATOL_SIGMAS * sigma_p * (k * u + math.sqrt(k) * 2 * p.input_roundoff)
+    return Tolerance(atol=atol, rtol=4.0 * u * math.log2(2 * k) + 2 * p.output_roundoff)
 
 
 # ---------------------------------------------------------------- guard zones
 
-CANARY_BASE = 0x7FC00000   # a quiet NaN; a random payload in its low 22 bits makes it distinctive
 ALIGN_BYTES = 64           # the interior of a guarded buffer starts on a cache line
 
 
-def random_canary(rng: np.random.Generator) -> int:
-    """A quiet-NaN bit pattern with a random payload, never the NaN arithmetic produces
-    (0x7FC00000): a kernel cannot predict it, and one that reads a margin as data gets NaN."""
-    return CANARY_BASE | int(rng.integers(1, 1 << 22))
+def random_canary(rng: np.random.Generator, dtype: str = DEFAULT) -> int:
+    """A quiet-NaN bit pattern of ``dtype`` with a random payload, never the NaN arithmetic
+    produces: a kernel cannot predict it, and one that reads a margin as data gets NaN."""
+    d = DTYPES[dtype]
+    return d.quiet_nan | int(rng.integers(1, 1 << d.payload_bits))
 
 
-def margin_words(nbytes: int) -> int:
-    """fp32 words of canary on each side of a buffer of ``nbytes``: 64 bytes, or a page
+def margin_words(nbytes: int, word_bytes: int = 4) -> int:
+    """Words of canary on each side of a buffer of ``nbytes``: 64 bytes, or a page
     for buffers larger than a page (an off-by-one row of a big matrix is a long write)."""
-    return (4096 if nbytes > 4096 else 64) // 4
+    return (4096 if nbytes > 4096 else 64) // word_bytes
 
 
 @dataclass(frozen=True)
 class Guarded:
-    """A float32 array inside one allocation with canary-filled margins before and after
-    it. The kernel gets the interior (:attr:`array`); ``raw`` is the whole allocation as
-    uint32 words, on the host (numpy) or the device (CuPy)."""
+    """A tensor of ``dtype`` inside one allocation with canary-filled margins before and
+    after it. The kernel gets the interior (:attr:`array`, as stored: float32, float16, or
+    bf16 bits); ``raw`` is the whole allocation as unsigned words of the element's size,
+    on the host (numpy) or the device (CuPy)."""
 
     raw: Any
     margin: int             # words in each margin
     shape: tuple[int, ...]
     canary: int
+    dtype: str = DEFAULT
 
     @classmethod
-    def alloc(cls, xp: Any, shape: tuple[int, ...], canary: int, data: Any = None) -> "Guarded":
+    def alloc(cls, xp: Any, shape: tuple[int, ...], canary: int, data: Any = None,
+              dtype: str = DEFAULT) -> "Guarded":
         """A guarded buffer from array module ``xp`` (numpy or CuPy) holding ``data``, or NaN."""
         size = math.prod(shape)
-        margin = margin_words(4 * size)
+        wb = DTYPES[dtype].bytes
+        margin = margin_words(wb * size, wb)
         words = size + 2 * margin
         if xp is np:   # numpy aligns to 16 bytes; CuPy's allocations are 256-byte aligned
-            base = np.empty(words + ALIGN_BYTES // 4, np.uint32)
-            skip = (-base.ctypes.data % ALIGN_BYTES) // 4
+            base = np.empty(words + ALIGN_BYTES // wb, word_type(dtype))
+            skip = (-base.ctypes.data % ALIGN_BYTES) // wb
             raw = base[skip:skip + words]
         else:
-            raw = xp.empty(words, xp.uint32)
+            raw = xp.empty(words, word_type(dtype))
         raw[:margin] = canary
         raw[margin + size:] = canary
-        g = cls(raw, margin, tuple(shape), canary)
+        g = cls(raw, margin, tuple(shape), canary, dtype)
         if data is None:
-            g.array.fill(np.nan)
+            g.fill_nan()
         else:
             g.array[...] = data
         return g
@@ -160,9 +182,23 @@ class Guarded:
         """The interior, the tensor the kernel sees (a view into ``raw``)."""
         return self.interior(self.raw)
 
+    def fill_nan(self) -> None:
+        """Fill the interior with the dtype's plain quiet NaN."""
+        self.words(self.raw).fill(DTYPES[self.dtype].quiet_nan)
+
+    def words(self, raw: Any) -> Any:
+        """The interior of ``raw`` as unsigned words (what bit-for-bit comparisons use)."""
+        return raw[self.margin:len(raw) - self.margin].reshape(self.shape)
+
     def interior(self, raw: Any) -> Any:
-        """The tensor inside ``raw`` (this buffer's words, or a host copy of them)."""
-        return raw[self.margin:len(raw) - self.margin].view(np.float32).reshape(self.shape)
+        """The tensor inside ``raw`` (this buffer's words, or a host copy of them), as stored."""
+        view = {"fp32": np.float32, "tf32": np.float32, "fp16": np.float16}.get(self.dtype)
+        words = self.words(raw)
+        return words if view is None else words.view(view)
+
+    def values(self, raw: Any) -> np.ndarray:
+        """The float32 values inside ``raw``, a host copy of the words."""
+        return decode(self.interior(raw), self.dtype)
 
     def overrun(self, raw: np.ndarray) -> str | None:
         """Which margin of ``raw`` (a host copy of the words) a kernel wrote to, if any."""
@@ -190,15 +226,17 @@ def check_call(buffers: dict[str, Guarded], raws: dict[str, np.ndarray], out_nam
         side = g.overrun(raws[name])
         if side:
             return f"wrote out of bounds of {name} ({side}){on}"
-    out = buffers[out_name].interior(raws[out_name])
-    why = tol.violation(out, ref)
+    g = buffers[out_name]
+    why = tol.violation(g.values(raws[out_name]), ref)
     if why:
         return f"wrong result{on}: {why}"
     for name, a in inputs.items():
-        if not np.array_equal(buffers[name].interior(raws[name]).view(np.uint32), a.view(np.uint32)):
+        g_in = buffers[name]
+        if not np.array_equal(g_in.words(raws[name]), a.view(word_type(g_in.dtype))):
             return f"wrong result{on}: kernel wrote to input {name}"
     if first is not None:
-        differ = np.flatnonzero(out.view(np.uint32) != first.view(np.uint32))
+        out = g.words(raws[out_name])
+        differ = np.flatnonzero(out != first.view(out.dtype))
         if differ.size:
             where = [int(x) for x in np.unravel_index(int(differ[0]), out.shape)]
             return (f"nondeterministic output: {call} differs from the first call in "

@@ -232,10 +232,10 @@ class _RunnerActor:
         return ray.get_runtime_context().get_node_id(), target.to_json()
 
     def run(self, kind: str, shape: str, kernel: Kernel, filename: str, data: bytes, library: bool,
-            slow_cutoff_s: float | None) -> MeasureResult:
+            slow_cutoff_s: float | None, dtype: str = "fp32") -> MeasureResult:
         path = self.cache.get(filename) or self.cache.put(filename, data)
         self.runner.slow_cutoff_s = slow_cutoff_s
-        return self.runner.run(make_op(kind, shape), kernel, str(path), library)
+        return self.runner.run(make_op(kind, shape, dtype), kernel, str(path), library)
 
     def close(self) -> None:
         self.runner.close()
@@ -472,7 +472,7 @@ class RayRunner:
                     i = queue.pop(0)
                     kernel, path = jobs[i]
                     ref = actor.run.remote(op.kind, op.shape_str, kernel, Path(path).name,
-                                           self._artefact(path), library, cutoff)
+                                           self._artefact(path), library, cutoff, op.dtype)
                     inflight[ref] = (i, actor, time.perf_counter())
                 if not inflight:  # no runner left at all
                     for i in queue:

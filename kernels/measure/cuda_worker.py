@@ -11,9 +11,10 @@ each kernel's output. The check is the CPU worker's: the first launch, then one 
 sample drawn at random, run on a NaN-filled output and compared bit for bit with the
 first launch's output (our kernels reduce each element in one thread, in a fixed
 order, so a difference is a race or a kernel that keeps state between launches). The
-library is cuBLAS (through CuPy) for the matmul family and cuDNN (through torch) for
-convolutions, both with TF32 off, timed with the same events, alternating call by
-call with the kernel.
+library is cuBLAS for the matmul family (through CuPy in fp32, through torch in the
+other dtypes) and cuDNN (through torch) for convolutions, in the operator's dtype
+(TF32 off but for tf32), timed with the same events, alternating call by call with
+the kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from ..ir.ops import Operator, make_op
 from .check import Guarded, Tolerance, check_call, random_canary
-from .library import matmul_call
+from .library import matmul_call, torch_conv
 from .timing import Rejected, VerifiedCall, time_calls
 
 # CuPy adds -arch for the device it compiles on (sm_XX, or compute_XX where NVRTC is older)
@@ -36,6 +37,8 @@ NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 SAMPLE_S = 2e-3  # a timing sample launches back to back until it lasts about this long
 
 _data: dict[tuple, tuple[Operator, dict[str, np.ndarray], np.ndarray, dict[str, Guarded]]] = {}
+_host: dict[tuple, tuple[Operator, dict[str, np.ndarray], np.ndarray]] = {}
+HOST_OPERATORS = 32
 _rng = np.random.default_rng()   # OS entropy: the verified sample and the canary
 
 
@@ -49,16 +52,24 @@ def _cupy() -> Any:
 
 
 def _operator(req: dict) -> tuple[Operator, dict[str, np.ndarray], np.ndarray, dict[str, Guarded]]:
-    """Operator, host inputs, reference and guarded device inputs; one operator held at a time."""
+    """Operator, host inputs, reference and guarded device inputs. Device memory holds one
+    operator at a time; the host keeps the inputs and references of the last few, since
+    a search over several operators (a model's tasks) comes back to each in turn and a
+    convolution's reference takes seconds."""
     cp = _cupy()
-    key = (req["kind"], req["shape"], req["seed"])
+    key = (req["kind"], req["shape"], req.get("dtype", "fp32"), req["seed"])
     if key not in _data:
         _data.clear()  # frees the previous operator's device memory
-        op = make_op(req["kind"], req["shape"])
-        inputs = op.random_inputs(np.random.default_rng(req["seed"]))
-        canary = random_canary(_rng)
-        dev = {n: Guarded.alloc(cp, a.shape, canary, cp.asarray(a)) for n, a in inputs.items()}
-        _data[key] = (op, inputs, op.reference(inputs), dev)
+        if key not in _host:
+            op = make_op(req["kind"], req["shape"], req.get("dtype", "fp32"))
+            inputs = op.random_inputs(np.random.default_rng(req["seed"]))
+            _host[key] = (op, inputs, op.reference(inputs))
+            while len(_host) > HOST_OPERATORS:
+                _host.pop(next(iter(_host)))
+        op, inputs, ref = _host[key]
+        canary = random_canary(_rng, op.dtype)
+        dev = {n: Guarded.alloc(cp, a.shape, canary, cp.asarray(a), op.dtype) for n, a in inputs.items()}
+        _data[key] = (op, inputs, ref, dev)
     return _data[key]
 
 
@@ -72,23 +83,53 @@ def _compile_error(e: Exception) -> str:
     return "compile error: " + lines[0].strip()[:300]
 
 
+TORCH_DTYPES = {"tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _torch_tensor(a: Any, dtype: str) -> Any:
+    """A torch view of CuPy array ``a`` stored in ``dtype`` (bf16 bits reinterpreted)."""
+    import torch
+    if dtype == "bf16":   # as int16, a type every torch takes from CuPy
+        return torch.as_tensor(a.view(_cupy().int16), device="cuda").view(torch.bfloat16)
+    return torch.as_tensor(a, device="cuda")   # shares CuPy's memory
+
+
+def _torch_matmul(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
+    """cuBLAS through torch in the operator's dtype (CuPy has no bf16): what a user gets
+    from ``torch.matmul`` in bf16/fp16, or in fp32 with TF32 on."""
+    import torch
+    a, b = _torch_tensor(dev["A"], op.dtype), _torch_tensor(dev["B"], op.dtype)
+    out = torch.empty(op.output.shape, dtype=a.dtype, device="cuda")
+    if op.kind != "dense_bias_relu":
+        return lambda: torch.matmul(a, b, out=out)
+    bias = _torch_tensor(dev["bias"], op.dtype)
+
+    def dense():
+        torch.matmul(a, b, out=out)
+        out.add_(bias).relu_()
+    return dense
+
+
 def library_call(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
-    """cuBLAS (CuPy) for the matmul family, cuDNN (torch) for convolutions; fp32, TF32 off."""
+    """cuBLAS for the matmul family (CuPy in fp32 with TF32 off; torch in the other dtypes),
+    cuDNN (torch) for convolutions, in the operator's dtype (TF32 on only for tf32)."""
+    if op.dtype != "fp32" or "conv" in op.kind:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = op.dtype == "tf32"
+        torch.backends.cudnn.allow_tf32 = op.dtype == "tf32"
+        torch.set_grad_enabled(False)
+    if op.dtype != "fp32" and op.kind in ("matmul", "batch_matmul", "dense_bias_relu"):
+        return _torch_matmul(op, dev)
     call = matmul_call(op, dev, _cupy())
     if call is not None:
         return call
-    if op.kind in ("conv2d", "depthwise_conv2d"):
+    if "conv" in op.kind:
         import torch
 
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True  # the fastest cuDNN algorithm: a fair bar
         torch.set_grad_enabled(False)  # once, not per call: host overhead must not hide cuDNN's speed
-        x = torch.as_tensor(dev["I"], device="cuda")  # shares CuPy's memory
-        w = torch.as_tensor(dev["W"], device="cuda")
-        stride, pad = op.params["stride"], op.params["pad"]
-        groups = x.shape[1] if op.kind == "depthwise_conv2d" else 1
-        return lambda: torch.conv2d(x, w, None, stride, pad, 1, groups)
+        return torch_conv(op, {n: _torch_tensor(a, op.dtype) for n, a in dev.items()})  # CuPy's memory
     raise ValueError(f"no GPU library reference for {op.kind!r}")
 
 
@@ -133,7 +174,7 @@ def serve_cuda(req: dict, send: Any) -> None:
     out_name = op.output.name
     tol = Tolerance(req["atol"], req["rtol"])
     bufs = dict(dev)
-    bufs[out_name] = Guarded.alloc(cp, op.output.shape, next(iter(dev.values())).canary)
+    bufs[out_name] = Guarded.alloc(cp, op.output.shape, next(iter(dev.values())).canary, dtype=op.dtype)
     out = bufs[out_name].array
     args = tuple(bufs[name].array for name in req["args"])
     grid, block = (tuple(x) for x in req["launch"])
@@ -172,7 +213,7 @@ def serve_cuda(req: dict, send: Any) -> None:
         lib_times: list[float] = []
         # One sample (n launches) drawn at random runs on a NaN-filled output (the fill is
         # queued before the sample's start event) and is checked after its end event.
-        verified = VerifiedCall(int(_rng.integers(req["repeats"])), lambda: out.fill(cp.nan),
+        verified = VerifiedCall(int(_rng.integers(req["repeats"])), bufs[out_name].fill_nan,
                                 lambda call: check(call, first))
         kernel_clock = verified.clock(lambda fn: timer(fn, n))
 

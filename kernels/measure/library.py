@@ -38,21 +38,29 @@ def matmul_call(op: Operator, arrays: dict, xp=np) -> Callable[[], object] | Non
     return dense
 
 
+def torch_conv(op: Operator, tensors: dict) -> Callable[[], object]:
+    """A convolution operator through torch (cuDNN on a GPU) on torch tensors, bias and
+    ReLU included for ``conv2d_bias_relu``."""
+    import torch
+    stride, pad = op.params["stride"], op.params["pad"]
+    x, w, b = tensors["I"], tensors["W"], tensors.get("bias")
+    groups = x.shape[1] if op.kind == "depthwise_conv2d" else 1
+
+    def conv():
+        with torch.no_grad():
+            y = torch.conv2d(x, w, b, stride, pad, 1, groups)
+            return torch.relu_(y) if b is not None else y
+    return conv
+
+
 def library_call(op: Operator, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
     """A no-argument call computing ``op`` with numpy (matmul family) or torch (convolutions)."""
     call = matmul_call(op, inputs)
     if call is not None:
         return call
-    if op.kind in ("conv2d", "depthwise_conv2d"):
+    if "conv" in op.kind:
         import torch
-        stride, pad = op.params["stride"], op.params["pad"]
-        x, w = torch.from_numpy(inputs["I"]), torch.from_numpy(inputs["W"])
-        groups = x.shape[1] if op.kind == "depthwise_conv2d" else 1
-
-        def conv():
-            with torch.no_grad():
-                return torch.nn.functional.conv2d(x, w, stride=stride, padding=pad, groups=groups)
-        return conv
+        return torch_conv(op, {n: torch.from_numpy(a) for n, a in inputs.items()})
     raise ValueError(f"no library reference for {op.kind!r}")
 
 

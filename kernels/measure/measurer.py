@@ -66,7 +66,7 @@ class Measurer:
 
     def key(self, c: Candidate) -> MeasureKey:
         t = self.target
-        return measure_key(c.op.kind, c.op.shape, c.schedule, t.kind, t.device, t.compiler)
+        return measure_key(c.op.kind, c.op.shape, c.schedule, t.kind, t.device, t.compiler, c.op.dtype)
 
     def measure(self, items: Sequence[Schedule | Candidate]) -> list[MeasureResult]:
         """One result per schedule (rendered for this target here) or candidate (a kernel
@@ -75,7 +75,7 @@ class Measurer:
         if not cands:
             return []
         op = cands[0].op
-        if any((c.op.kind, c.op.shape) != (op.kind, op.shape) for c in cands):
+        if any((c.op.kind, c.op.shape, c.op.dtype) != (op.kind, op.shape, op.dtype) for c in cands):
             raise ValueError("one measure() call takes candidates of one operator")
         mkeys = [self.key(c) for c in cands]
         results: dict[MeasureKey, MeasureResult] = {}
@@ -117,7 +117,7 @@ class Measurer:
         return TuningRecord(op=c.op.kind, shape=c.op.shape_str, target=t.kind, hardware=t.device,
                             compiler=t.compiler, schedule=c.schedule,
                             time_ms=res.time_ms, times_ms=res.times_ms, gflops=res.gflops,
-                            correct=res.correct, error=res.error)
+                            correct=res.correct, error=res.error, dtype=c.op.dtype)
 
     def close(self) -> None:
         self.runner.close()

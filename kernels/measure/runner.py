@@ -24,7 +24,7 @@ from typing import Iterator
 
 from ..codegen.kernel import Kernel
 from ..ir.ops import Operator
-from .check import PRECISIONS, tolerance
+from .check import tolerance
 from .result import MeasureResult
 
 logger = logging.getLogger(__name__)
@@ -137,16 +137,14 @@ class Runner:
 
     Inputs are drawn from ``seed``; without one, a fresh seed per runner, so no kernel
     (and no search) can be tuned to one set of inputs. Outputs are checked against
-    :func:`kernels.measure.check.tolerance` for ``dtype``.
+    :func:`kernels.measure.check.tolerance` for the operator's dtype.
     """
 
     def __init__(self, timeout_s: float = 60.0, repeats: int = 10, warmup: int = 1,
-                 min_time_s: float = 1.0, seed: int | None = None, dtype: str = "float32",
+                 min_time_s: float = 1.0, seed: int | None = None,
                  omp_stacksize: str = "16M", startup_timeout_s: float = 120.0, realtime: bool | None = None):
-        if dtype not in PRECISIONS:
-            raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(PRECISIONS)}")
         self.timeout_s, self.repeats, self.warmup = timeout_s, max(1, repeats), warmup
-        self.min_time_s, self.dtype = min_time_s, dtype
+        self.min_time_s = min_time_s
         self.seed = secrets.randbits(32) if seed is None else seed
         # A search sets this to a multiple of its best time: a kernel whose check call is
         # slower is timed by that one call instead of several (tinygrad stops early too).
@@ -237,9 +235,9 @@ class Runner:
         except (RuntimeError, OSError) as e:
             logger.warning("%s", e)
             return MeasureResult.failure(str(e))
-        tol = tolerance(op, self.dtype)
+        tol = tolerance(op)
         req = dict(path=path, name=kernel.name, args=[t.name for t in kernel.args],
-                   kind=op.kind, shape=op.shape_str, seed=self.seed, atol=tol.atol, rtol=tol.rtol,
+                   kind=op.kind, shape=op.shape_str, dtype=op.dtype, seed=self.seed, atol=tol.atol, rtol=tol.rtol,
                    repeats=self.repeats, warmup=self.warmup, min_time_s=self.min_time_s,
                    slow_cutoff_s=None if library else self.slow_cutoff_s,
                    library=library)

@@ -26,8 +26,8 @@ from ..target import MAX_GFLOPS, Target
 
 logger = logging.getLogger(__name__)
 
-# Identifies one measurement: (op kind, shape, schedule key, target kind, hardware, compiler).
-MeasureKey = tuple[str, tuple[int, ...] | str, str, str, str, str]
+# Identifies one measurement: (op kind, shape, schedule key, target kind, hardware, compiler, dtype).
+MeasureKey = tuple[str, tuple[int, ...] | str, str, str, str, str, str]
 
 
 def schedule_key(schedule: Any) -> str:
@@ -45,9 +45,9 @@ def _norm_shape(kind: str, shape: str | tuple[int, ...]) -> tuple[int, ...] | st
 
 
 def measure_key(op: str, shape: str | tuple[int, ...], schedule: Any, target: str,
-                hardware: str, compiler: str) -> MeasureKey:
+                hardware: str, compiler: str, dtype: str = "fp32") -> MeasureKey:
     """The measurement-cache key; ``schedule`` is schedule data (not its key text)."""
-    return (op, _norm_shape(op, shape), schedule_key(schedule), target, hardware, compiler)
+    return (op, _norm_shape(op, shape), schedule_key(schedule), target, hardware, compiler, dtype)
 
 
 def _finite(x: float) -> float | None:
@@ -70,13 +70,14 @@ class TuningRecord:
     correct: bool = False
     error: str | None = None
     timestamp: float = field(default_factory=time.time)
+    dtype: str = "fp32"           # the operator's (logs from before dtypes hold fp32 records)
 
     REQUIRED = ("op", "shape", "target", "hardware", "compiler", "schedule", "time_ms", "correct")
 
     @property
     def key(self) -> MeasureKey:
         return measure_key(self.op, self.shape, self.schedule, self.target, self.hardware,
-                           self.compiler)
+                           self.compiler, self.dtype)
 
     def to_json(self) -> str:
         """One line of JSON; an infinite time is written as null (JSON has no inf)."""
@@ -105,7 +106,7 @@ class TuningRecord:
                                       for x in d.get("times_ms") or ()),
                        gflops=float(d.get("gflops") or 0.0), correct=bool(d["correct"]),
                        error=None if d.get("error") is None else str(d["error"]),
-                       timestamp=float(d.get("timestamp") or 0.0))
+                       timestamp=float(d.get("timestamp") or 0.0), dtype=str(d.get("dtype", "fp32")))
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad field: {e}") from None
 
@@ -203,13 +204,13 @@ class TuningLog:
         return list(self)
 
     def best(self, op: str, shape: str | tuple[int, ...],
-             target: Target | str | None = None) -> TuningRecord | None:
-        """Fastest correct record for ``op`` at ``shape``. A Target matches kind and
+             target: Target | str | None = None, dtype: str = "fp32") -> TuningRecord | None:
+        """Fastest correct record for ``op`` at ``shape`` in ``dtype``. A Target matches kind and
         hardware (times from other machines do not compare); a string matches the kind."""
         want = _norm_shape(op, shape)
         best: TuningRecord | None = None
         for r in self.records(target if isinstance(target, Target) else self.target):
-            if r.op != op or _norm_shape(r.op, r.shape) != want:
+            if r.op != op or r.dtype != dtype or _norm_shape(r.op, r.shape) != want:
                 continue
             if not r.correct or r.error is not None or not math.isfinite(r.time_ms):
                 continue

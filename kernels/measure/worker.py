@@ -85,9 +85,9 @@ def _serve(req: dict, data: dict, send: Any) -> None:
         from .cuda_worker import serve_cuda  # CuPy is imported by GPU workers only
         serve_cuda(req, send)
         return
-    key = (req["kind"], req["shape"], req["seed"])
+    key = (req["kind"], req["shape"], req.get("dtype", "fp32"), req["seed"])
     if key not in data:  # inputs and reference once per operator, not per kernel
-        op = make_op(req["kind"], req["shape"])
+        op = make_op(req["kind"], req["shape"], req.get("dtype", "fp32"))
         inputs = op.random_inputs(np.random.default_rng(req["seed"]))
         data[key] = (op, inputs, op.reference(inputs))
     op, inputs, ref = data[key]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,15 @@ def test_a_pt_that_needs_unpickling_is_refused_unrun(kind, saved, hostile):
         policy.load_policy(saved, make_op("matmul", "8x8x8"), cpu_target())
     assert "\n" not in str(e.value)
     assert not hostile.marker.exists()
+
+
+def test_the_shipped_cuda_policy_fits_the_cuda_table():
+    from kernels.target import cuda_target_for_compile
+
+    op = make_op("matmul", "512x512x512")
+    target = cuda_target_for_compile()
+    path = Path(__file__).resolve().parents[2] / "experiments" / "pretrained" / "cuda" / "matmul-ppo.pt"
+    spec, _ = policy.read(path, "matmul", "cuda", len(ActionTable(op, target)))
+    assert spec["actions"] == 342
+    with pytest.raises(policy.PolicyError, match=r"has 342 actions .* needs 279 .* \(retrain it"):
+        policy.read(path, "matmul", "cuda", 279)

@@ -17,7 +17,7 @@ from kernels.experts import expert_schedule
 from kernels.ir.ops import OPERATORS, make_op
 from kernels.codegen import render
 from kernels.ir.schedule import Schedule, ScheduleError, bound_axis
-from kernels.target import cuda_target_for_compile
+from kernels.target import cpu_target, cuda_target_for_compile
 from tests.kernels.codegen.test_cuda import describe, needs_nvcc, nvcc_compile, simulate_schedule
 
 TARGET = cuda_target_for_compile("sm_90")
@@ -30,7 +30,7 @@ def test_gpu_table_has_binds_and_no_parallel():
     prims = {a.primitive for a in gpu.actions}
     assert "bind" in prims and "parallel" not in prims
     assert "bind" not in {a.primitive for a in cpu.actions}
-    assert len(gpu) == len(cpu) - MAX_LOOPS + 6 * MAX_LOOPS
+    assert len(gpu) == len(cpu) - MAX_LOOPS + 6 * MAX_LOOPS + 3   # + tensorize, double_buffer A and B
     assert gpu.to_step(gpu.index[Action("bind", 0, axis="blockIdx.x")], Schedule(op).nest).thread_axis \
         == "blockIdx.x"
 
@@ -130,9 +130,10 @@ def test_env_rollouts_simulate_correctly():
     assert {"Bind", "CacheWrite", "CacheRead", "Unroll", "blockIdx", "threadIdx"} <= seen, seen
 
 
-def test_gpu_expert_matmul_replays_as_actions():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "tf32"])
+def test_gpu_expert_matmul_replays_as_actions(dtype):
     for shape in family("matmul", "train")[:3] + ["1024x1024x1024"]:
-        op = make_op("matmul", shape)
+        op = make_op("matmul", shape, dtype)
         table = ActionTable(op, TARGET)
         expert = expert_schedule(op, TARGET)
         s, last = Schedule(op), None
@@ -218,3 +219,140 @@ def test_bound_loops_show_as_parallel_levels():
     expected = [{"blockIdx": 1.0, "threadIdx": 2.0}[bound_axis(l).split(".")[0]] if bound_axis(l) else 0.0
                 for l in s.nest.loops]
     assert column.tolist() == expected and 1.0 in expected and 2.0 in expected
+
+
+# ---------------------------------------------------------------- tensor cores
+
+def _mma_prefix(op) -> Schedule:
+    """The instruction's tile innermost (16 x 8 x k), not yet tensorized."""
+    k = 8 if op.dtype == "tf32" else 16
+    return Schedule(op).split("i", 16).split("j", 8).split("k", k).reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i")
+
+
+def _offered(s: Schedule, table: ActionTable) -> bool:
+    return bool(table.mask(NestInfo(s.op, s.nest))[table.index[Action("tensorize")]])
+
+
+def test_tensorize_is_offered_only_where_it_applies():
+    assert "tensorize" not in {a.primitive for a in ActionTable(make_op("matmul", "64x64x64", "bf16")).actions}
+    for dtype in ("tf32", "bf16", "fp16"):
+        op = make_op("matmul", "64x64x64", dtype)
+        table = ActionTable(op, TARGET)
+        assert not _offered(Schedule(op), table)
+        s = _mma_prefix(op)
+        assert _offered(s, table)
+        assert not _offered(s.apply(table.to_step(table.index[Action("tensorize")], s.nest)), table)  # once
+    fp32 = make_op("matmul", "64x64x64")
+    assert not _offered(Schedule(fp32).split("i", 16).split("j", 8).split("k", 16)
+                        .reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i"), ActionTable(fp32, TARGET))
+    bf16 = make_op("matmul", "64x64x64", "bf16")
+    table = ActionTable(bf16, TARGET)
+    assert not _offered(Schedule(bf16).split("i", 16).split("j", 8).split("k", 8)     # k 8: tf32's, not bf16's
+                        .reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i"), table)
+    assert not _offered(Schedule(bf16).split("i", 8).split("j", 16).split("k", 16)    # m and n exchanged
+                        .reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i"), table)
+    assert not _offered(Schedule(make_op("matmul", "64x64x60", "bf16")).split("i", 16).split("j", 8).split("k", 16)
+                        .reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i"),            # a tail of k
+                        ActionTable(make_op("matmul", "64x64x60", "bf16"), TARGET))
+    conv = make_op("conv2d", "1,32,8,8,16,3,3,1,1", "bf16")      # implicit GEMM: x as m, k as n, c as k
+    s = Schedule(conv).split("x", 8).split("k", 8).split("c", 16)
+    assert not _offered(s, ActionTable(conv, TARGET))
+    assert not _offered(Schedule(make_op("depthwise_conv2d", "1,16,16,16,3,3", "bf16")),
+                        ActionTable(make_op("depthwise_conv2d", "1,16,16,16,3,3", "bf16"), TARGET))
+
+
+@pytest.mark.parametrize("split,message", [
+    (("i", 16, "j", 8, "k", 8), "loop 'k_i' has extent 8; the bf16 instruction's k is 16"),
+    (("i", 8, "j", 16, "k", 16), "loop 'i_i' has extent 8; the bf16 instruction's m is 16"),
+    (("j", 16, "i", 8, "k", 16), "loop 'i_i' has extent 8; the bf16 instruction's m is 16"),
+])
+def test_a_wrong_tile_is_refused_naming_why(split, message):
+    op = make_op("matmul", "64x64x64", "bf16")
+    a, fa, b, fb, c, fc = split
+    s = Schedule(op).split(a, fa).split(b, fb).split(c, fc).reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i")
+    with pytest.raises(ScheduleError, match=message):
+        s.tensorize("i_i", "j_i", "k_i")
+
+
+def test_tensorize_refusals():
+    op = make_op("matmul", "64x64x64", "bf16")
+    with pytest.raises(ScheduleError, match="fp32 has no tensor-core instruction"):
+        Schedule(make_op("matmul", "64x64x64")).split("i", 16).tensorize("i_i", "j", "k")
+    with pytest.raises(ScheduleError, match="the tile must be the three innermost loops"):
+        Schedule(op).split("i", 16).split("j", 8).split("k", 16).tensorize("i_i", "j_i", "k_i")
+    with pytest.raises(ScheduleError, match="cannot be the tile's m"):
+        _mma_prefix(op).tensorize("j_i", "i_i", "k_i")
+    with pytest.raises(ScheduleError, match="reduction has a tail"):
+        _mma_prefix(make_op("matmul", "64x64x40", "bf16")).tensorize("i_i", "j_i", "k_i")
+    with pytest.raises(ScheduleError, match="dtype bf16 runs on cuda only; on cpu use fp32"):
+        check_for_target(Schedule(op), cpu_target())
+
+
+def tensor_core_rollouts(kind: str, shape: str, dtype: str, n: int, seed: int = 3) -> list[Schedule]:
+    """Random masked rollouts from the instruction's tile, innermost, on: each takes the
+    tensorize action first, then whatever the mask allows (every allowed action is tried)."""
+    op = make_op(kind, shape, dtype)
+    table = ActionTable(op, TARGET)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = _mma_prefix(op)
+        s = s.apply(table.to_step(table.index[Action("tensorize")], s.nest))
+        last = None
+        for k in range(24):
+            mask = table.mask(NestInfo(op, s.nest), last, steps_left=24 - k)
+            for b in np.flatnonzero(mask):
+                if b != table.done:
+                    s.apply(table.to_step(int(b), s.nest))   # raises if the mask is wrong
+            if mask[table.done] and rng.random() < 0.1:
+                break
+            a = int(rng.choice(np.flatnonzero(mask)))
+            if a == table.done:
+                break
+            s, last = s.apply(table.to_step(a, s.nest)), a
+        check_for_target(s, TARGET)
+        assert s.nest.tensorized
+        out.append(s)
+    return out
+
+
+TC_CASES = [("matmul", "48x40x64", "bf16"), ("matmul", "33x17x32", "fp16"), ("matmul", "32x24x24", "tf32"),
+            ("dense_bias_relu", "32x16x32", "bf16"), ("batch_matmul", "2x16x16x32", "bf16")]
+
+
+@pytest.mark.parametrize("kind,shape,dtype", TC_CASES)
+def test_random_tensor_core_rollouts_simulate_correctly(kind, shape, dtype):
+    for s in tensor_core_rollouts(kind, shape, dtype, 3):
+        out, ref = simulate_schedule(s)
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_random_tensor_core_schedules_compile_with_nvcc(tmp_path, arch):
+    target = cuda_target_for_compile(arch)
+    sources = [render(s, target, name=f"tc_{dtype}_{n}_{i}").source
+               for n, (kind, shape, dtype) in enumerate(TC_CASES + [("matmul", "1024x1024x1024", "bf16")])
+               for i, s in enumerate(tensor_core_rollouts(kind, shape, dtype, 4, seed=n))]
+    for dtype in ("tf32", "bf16", "fp16"):
+        op = make_op("matmul", "4096x4096x4096", dtype)
+        sources.append(render(expert_schedule(op, target), target, name=f"expert_{dtype}").source)
+    nvcc_compile(sources, tmp_path, arch)
+
+
+@pytest.mark.parametrize("kind,shape,dtype", TC_CASES + [("matmul", "256x192x128", "bf16")])
+def test_gpu_random_tensor_core_schedules_match_reference(kind, shape, dtype, tmp_path):
+    """Random tensor-core kernels (ldmatrix, padded and double-buffered stages included)
+    are correct on the GPU."""
+    pytest.importorskip("cupy")
+    from kernels.measure import Builder, Candidate, Measurer, Runner
+    from kernels.target import NoCudaDevice, get_target
+    try:
+        target = get_target("cuda")
+    except NoCudaDevice as e:
+        pytest.skip(str(e))
+    with Measurer(target, Builder(cache_dir=tmp_path), Runner(timeout_s=60, repeats=2, min_time_s=0.0)) as m:
+        for s in tensor_core_rollouts(kind, shape, dtype, 6, seed=5):
+            kernel = render(s, target)
+            res = m.measure_one(Candidate(s.op, f"source:{kernel.digest}", kernel))
+            assert res.ok and res.correct, f"{res.error}\n{describe(s)}"

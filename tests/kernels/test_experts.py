@@ -29,11 +29,13 @@ SHAPES = {
                          "2,5,13,13,3,3,1,1",
                          "1,1,1,1,1,1",
                          "1,4,9,9,5,5,2,2"],
+    "conv2d_bias_relu": ["1,8,16,16,8,3,3,1,1", "2,3,13,11,7,3,3,2,1", "1,2,5,5,3,1,1"],
 }
 CASES = [(kind, shape) for kind in OPERATORS for shape in SHAPES[kind]]
 
 REGULAR = {"matmul": "64x64x64", "dense_bias_relu": "64x64x64", "batch_matmul": "4x64x64x64",
-           "conv2d": "1,16,16,16,16,3,3,1,1", "depthwise_conv2d": "1,16,16,16,3,3,1,1"}
+           "conv2d": "1,16,16,16,16,3,3,1,1", "depthwise_conv2d": "1,16,16,16,3,3,1,1",
+           "conv2d_bias_relu": "1,16,16,16,16,3,3,1,1"}
 
 VECTOR_CODE = re.compile(r"\*\(vec\d+\*\)&")   # a load or store through a vector type
 

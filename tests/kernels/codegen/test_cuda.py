@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from kernels.ir import lower as ir
+from kernels.ir.dtypes import decode
 from kernels.ir.printer import print_loop_nest
 from tests.conftest import eval_value, loop_range
 from kernels.codegen.rules import check_for_target, default_schedule, launch_config
@@ -38,6 +39,49 @@ NVCC = shutil.which("nvcc")
 
 class GpuFault(AssertionError):
     pass
+
+
+# The fragments of mma.sync as the PTX ISA documents them (per element i of a thread's
+# fragment, g = lane / 4, t = lane % 4), written out independently of kernels.ir.mma.
+def ptx_a(i: int, g: int, t: int, k: int) -> tuple[int, int]:
+    if k == 16:   # m16n8k16, a0..a7
+        return g + 8 * ((i // 2) % 2), 2 * t + i % 2 + 8 * (i // 4)
+    return g + 8 * (i % 2), t + 4 * (i // 2)       # m16n8k8 tf32, a0..a3
+
+
+def ptx_b(i: int, g: int, t: int, k: int) -> tuple[int, int]:
+    if k == 16:   # b0..b3
+        return 2 * t + i % 2 + 8 * (i // 2), g
+    return t + 4 * i, g                              # b0, b1
+
+
+def ptx_c(i: int, g: int, t: int) -> tuple[int, int]:
+    return g + 8 * (i // 2), 2 * t + i % 2         # c0..c3
+
+
+class MmaCall:
+    """A thread at an ``mma.sync``: its fragments, and where its accumulators are."""
+
+    def __init__(self, stmt, a, b, acc, base):
+        self.stmt, self.a, self.b, self.acc, self.base = stmt, a, b, acc, base
+
+
+def warp_mma(calls: list[MmaCall]) -> None:
+    """Execute one instruction for a warp of 32 threads, as the hardware would."""
+    k = 16 if len(calls[0].a) == 8 else 8
+    a, b = np.full((16, k), np.nan), np.full((k, 8), np.nan)
+    for lane, c in enumerate(calls):
+        g, t = lane // 4, lane % 4
+        for i, x in enumerate(c.a):
+            a[ptx_a(i, g, t, k)] = x
+        for i, x in enumerate(c.b):
+            b[ptx_b(i, g, t, k)] = x
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise GpuFault("an mma fragment element was read unset")
+    d = a @ b
+    for lane, c in enumerate(calls):
+        for i in range(4):
+            c.acc[c.base + i] += d[ptx_c(i, lane // 4, lane % 4)]
 
 
 def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -62,6 +106,11 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
         return out
 
     bound = bound_vars(fn.body)
+
+    def has_mma(stmts) -> bool:
+        return any(isinstance(x, ir.Mma) or isinstance(x, (ir.For, ir.If)) and has_mma(x.body) for x in stmts)
+
+    warps = has_mma(fn.body)   # a tensorized kernel: threadIdx.x counts lanes of warps
 
     def thread(env0: dict, tid: int, shared: dict, log: dict):
         local: dict[str, np.ndarray] = {}
@@ -95,7 +144,7 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
             for s in stmts:
                 if isinstance(s, ir.For):
                     if s.kind.startswith("bind:"):
-                        v = env0[s.kind[5:]]
+                        v = env[s.var]
                         assert v < s.extent
                         if v in loop_range(s, env):
                             yield from run(s.body, {**env, s.var: v})
@@ -119,10 +168,21 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                         writes[i] += 1
                 elif isinstance(s, ir.Sync):
                     yield s
+                elif isinstance(s, ir.Commit):   # asynchronous copies: done at once here
+                    pass
+                elif isinstance(s, ir.Mma):
+                    a = [value(x, env) for reg in s.a for x in reg]
+                    b = [value(x, env) for reg in s.b for x in reg]
+                    yield MmaCall(s, a, b, buffer(s.acc), s.base.evaluate(env))
                 else:
                     raise TypeError(s)
 
-        return run(fn.body, {var: env0[axis] for var, axis in bound.items()})  # indices known everywhere
+        env = {var: env0[axis] for var, axis in bound.items()}   # indices known everywhere
+        if warps:
+            lane = env0["threadIdx.x"] % 32
+            env.update({v: env0[a] // 32 for v, a in bound.items() if a == "threadIdx.x"})
+            env.update({ir.LANE: lane, ir.LANE_GROUP: lane // 4, ir.LANE_PLACE: lane % 4})
+        return run(fn.body, env)
 
     for block in itertools.product(range(gz), range(gy), range(gx)):
         shared: dict[str, np.ndarray] = {}
@@ -141,15 +201,20 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                     finished += 1
             if waiting and finished:
                 raise GpuFault(f"block {block}: {finished} threads ended while others wait at a barrier")
-            if len({id(s) for _, s in waiting}) > 1:
-                raise GpuFault(f"block {block}: threads wait at different barriers")
+            if len({id(s.stmt if isinstance(s, MmaCall) else s) for _, s in waiting}) > 1:
+                raise GpuFault(f"block {block}: threads wait at different barriers or instructions")
+            threads = [g for g, _ in waiting]
+            if waiting and isinstance(waiting[0][1], MmaCall):   # not a barrier: races stay visible
+                calls = [c for _, c in waiting]
+                for w in range(0, len(calls), 32):
+                    warp_mma(calls[w:w + 32])
+                continue
             for name, i, tid in log["r"]:
                 if log["w"].get((name, i), tid) != tid:
                     raise GpuFault(f"race: thread {tid} reads {name}[{i}] that thread {log['w'][(name, i)]} "
                                    "writes between the same barriers")
             log["w"].clear()
             log["r"].clear()
-            threads = [g for g, _ in waiting]
     if not (writes == 1).all():
         raise GpuFault(f"output elements written {sorted(set(writes.tolist()))} times, not once each")
     return glob[out_name]
@@ -162,7 +227,7 @@ def simulate_schedule(schedule: Schedule, seed: int = 0) -> tuple[np.ndarray, np
     check_for_target(schedule, TARGET)
     op = schedule.op
     inputs = op.random_inputs(np.random.default_rng(seed))
-    arrays = {**inputs, op.output.name: np.full(op.output.shape, np.nan)}
+    arrays = {**{n: decode(a, op.dtype) for n, a in inputs.items()}, op.output.name: np.full(op.output.shape, np.nan)}
     out = simulate(ir.lower(schedule, gpu=True), launch_config(schedule.nest), arrays)
     return out.reshape(op.output.shape), op.reference(inputs)
 
@@ -173,18 +238,18 @@ def describe(schedule: Schedule) -> str:
 
 # ---------------------------------------------------------------- nvcc
 
-def nvcc_compile(sources: list[str], tmp_path) -> None:
+def nvcc_compile(sources: list[str], tmp_path, arch: str = "sm_90") -> None:
     """Compile all sources as one translation unit (one nvcc start, ~2 s); on failure,
     find the kernel that fails and show its source."""
     src = tmp_path / "kernels.cu"
     src.write_text("\n".join(sources))
-    proc = subprocess.run([NVCC, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "k.o")],
+    proc = subprocess.run([NVCC, f"-arch={arch}", "-c", str(src), "-o", str(tmp_path / "k.o")],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode == 0:
         return
     for s in sources:
         src.write_text(s)
-        one = subprocess.run([NVCC, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "k.o")],
+        one = subprocess.run([NVCC, f"-arch={arch}", "-c", str(src), "-o", str(tmp_path / "k.o")],
                              capture_output=True, text=True, timeout=600)
         assert one.returncode == 0, f"{one.stderr[:3000]}\n{s}"
     pytest.fail(proc.stderr[:3000])
@@ -577,3 +642,56 @@ def test_gpu_check_failures(gpu_measurer, prologue, epilogue, error):
     else:
         assert not res.ok and not res.correct and re.match(error, res.error or ""), res.error
     assert _measure(gpu_measurer, expert_schedule(op, gpu_measurer.target)).ok
+
+
+# ---------------------------------------------------------------- tensor cores
+
+TENSOR_SHAPES = [("matmul", "32x16x32"), ("matmul", "40x24x48"), ("dense_bias_relu", "17x9x16"),
+                 ("batch_matmul", "2x16x8x32")]
+
+
+@pytest.mark.parametrize("dtype", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("kind,shape", TENSOR_SHAPES)
+def test_tensorized_experts_simulate_correctly(kind, shape, dtype):
+    """The mma fragments as the lowering loads them, executed with the PTX ISA's layout."""
+    s = expert_schedule(make_op(kind, shape, dtype), TARGET)
+    assert s.nest.tensorized, describe(s)
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
+def test_the_simulator_catches_a_wrong_fragment_layout(monkeypatch):
+    from kernels.ir import mma
+    swapped = (mma.A16[1], mma.A16[0]) + mma.A16[2:]     # rows g and g + 8 exchanged
+    monkeypatch.setattr(mma, "A16", swapped)
+    s = expert_schedule(make_op("matmul", "32x16x32", "bf16"), TARGET)
+    out, ref = simulate_schedule(s)
+    assert not np.allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+DTYPE_GPU_CASES = [("matmul", "512x512x512"), ("matmul", "100x72x48"), ("dense_bias_relu", "33x17x64"),
+                   ("batch_matmul", "2x64x40x32"), ("conv2d", "1,16,14,14,32,3,3,1,1"), ("matmul", "64x64x24")]
+
+
+@pytest.mark.parametrize("dtype", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("kind,shape", DTYPE_GPU_CASES)
+def test_gpu_dtype_experts_match_reference(gpu_measurer, kind, shape, dtype):
+    """Tensor cores where the expert tensorizes (the fragment layout on real hardware),
+    fp32 arithmetic on 16-bit storage elsewhere; each with the library in its dtype."""
+    s = expert_schedule(make_op(kind, shape, dtype), gpu_measurer.target)
+    res = _measure(gpu_measurer, s)
+    assert res.ok and res.correct, f"{res.error}\n{describe(s)}"
+
+
+def test_gpu_a_wrong_tensor_core_kernel_fails_its_dtype_check(gpu_measurer):
+    """One k-step of the instruction left out: every dtype's tolerance refuses it."""
+    from kernels.codegen.kernel import Kernel
+
+    for dtype in ("tf32", "bf16", "fp16"):
+        s = expert_schedule(make_op("matmul", "256x128x512", dtype), gpu_measurer.target)
+        good = render(s, gpu_measurer.target)
+        wrong = good.source.replace("for (int k_o_o = 0; k_o_o < ", "for (int k_o_o = 1; k_o_o < ", 1)
+        assert wrong != good.source
+        bad = Kernel(good.name, wrong, good.args, good.launch)
+        res = gpu_measurer.measure_one(Candidate(s.op, "source:wrong", bad))
+        assert not res.ok and res.error.startswith("wrong result"), (dtype, res.error)

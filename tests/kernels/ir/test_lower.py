@@ -267,3 +267,34 @@ def test_split_of_a_fused_loop(make, interpret, assert_correct, target):
     source = render(s, target).source
     assert not re.search(r"\(\w+\*\d+ \+ \w+ [/%] \d+\)", source), source   # ... and so is its C
     assert_correct(s)
+
+
+# ---------------------------------------------------------------- shifted tail tiles
+
+def _tiled(shape: str, parallel: bool = False) -> Schedule:
+    """A 4x16 register tile of matmul over i and j; the j tiles have a tail at 20 columns."""
+    s = (Schedule(make_op("matmul", shape)).tile("i", "j", 4, 16).reorder("i_o", "j_o", "k", "i_i", "j_i")
+         .cache_write("j_o").vectorize("j_i").unroll("i_i"))
+    return s.parallel("i_o") if parallel else s
+
+
+def test_a_tail_tile_is_shifted_back_and_reads_contiguously(interpret, target):
+    s = _tiled("8x20x5")
+    source = render(s, target).source
+    assert "const int j_o_s = imin(j_o*16, 4);" in source
+    reads = [line for line in source.splitlines() if "B[" in line]
+    assert reads and all("imin" not in line for line in reads) and any("*(vec16*)&B[" in line for line in reads)
+    assert_interpreted_exact(interpret, s)
+
+
+def test_a_tile_is_not_shifted_where_threads_would_share_its_outputs(target):
+    s = (Schedule(make_op("matmul", "8x20x5")).tile("i", "j", 4, 16).reorder("j_o", "i_o", "k", "i_i", "j_i")
+         .cache_write("i_o").vectorize("j_i").unroll("i_i").parallel("j_o"))
+    assert "_s = imin(" not in render(s, target).source         # j_o is parallel: clamped instead
+    fn_plain = lower(_tiled("8x20x5"), shift_tails=False)
+    assert not any(type(x).__name__ == "Let" for x in walk(fn_plain.body))
+
+
+def test_shifted_tiles_are_correct_compiled(assert_correct):
+    for shape in ("8x20x5", "7x33x9", "13x17x3"):
+        assert_correct(_tiled(shape))

@@ -89,7 +89,8 @@ def _every_primitive(op=MM) -> Schedule:
 def _round_trip_cases():
     cases = [("every-primitive", _every_primitive())]
     regular = {"matmul": "64x64x64", "dense_bias_relu": "13x7x5", "batch_matmul": "3x7x16x5",
-               "conv2d": "1,3,7,7,5,3,3,2,1", "depthwise_conv2d": "2,3,9,9,3,3,1,1"}
+               "conv2d": "1,3,7,7,5,3,3,2,1", "depthwise_conv2d": "2,3,9,9,3,3,1,1",
+               "conv2d_bias_relu": "1,3,7,7,5,3,3,1,1"}
     for kind in OPERATORS:
         cases.append((f"expert-{kind}", expert_schedule(make_op(kind, regular[kind]), cpu_target())))
     return cases

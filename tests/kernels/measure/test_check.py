@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from kernels.ir.dtypes import DTYPES, decode, encode
 from kernels.ir.ops import make_op
 from kernels.measure.check import (PRECISIONS, Guarded, Tolerance, check_call, random_canary,
                                    reduction_length, tolerance)
@@ -29,11 +30,54 @@ def test_tolerance_formula():
 
 
 def test_tolerance_is_keyed_by_dtype():
-    assert set(PRECISIONS) == {"float32"}
-    op = make_op("matmul", "8x8x8")
-    assert tolerance(op, "float32") == tolerance(op)
-    with pytest.raises(KeyError):
-        tolerance(op, "bfloat16")
+    assert set(PRECISIONS) == set(DTYPES) == {"fp32", "tf32", "bf16", "fp16"}
+    fp32, bf16 = tolerance(make_op("matmul", "8x8x1024")), tolerance(make_op("matmul", "8x8x1024", "bf16"))
+    assert bf16.rtol == pytest.approx(4 * 2 * U * 11 + 2 * 2.0 ** -8) and bf16.atol == pytest.approx(2 * fp32.atol)
+    tf32 = tolerance(make_op("matmul", "8x8x1024", "tf32"))
+    assert tf32.atol == pytest.approx(8 / 3 * (1024 * 2 * U + 32 * 2 * 2.0 ** -11))
+
+
+def tensor_core_sums(a: np.ndarray, b: np.ndarray, dtype: str, drop: int | None = None) -> np.ndarray:
+    """Row-wise sums of a*b as a tensor-core kernel computes them: inputs as stored (tf32
+    rounds them to 10 mantissa bits), each k-step of 16 (8 for tf32) products added to the
+    fp32 accumulator at once and truncated towards zero, the sum rounded to the stored
+    output; ``drop`` leaves out one k-step (a wrong kernel)."""
+    x, y = decode(a, dtype).astype(np.float64), decode(b, dtype).astype(np.float64)
+    if dtype == "tf32":   # cvt.rna.tf32.f32: to nearest, ties away, 13 low bits cleared
+        x, y = (((decode(v, dtype).view(np.uint32) + 0x1000) & ~np.uint32(0x1FFF)).view(np.float32)
+                .astype(np.float64) for v in (a, b))
+    step = DTYPES[dtype].mma_k
+    acc = np.zeros(a.shape[0], np.float64)
+    for s in range(0, a.shape[1], step):
+        if s // step == drop:
+            continue
+        acc = acc + (x[:, s:s + step] * y[:, s:s + step]).sum(axis=1)
+        f32 = acc.astype(np.float32)
+        over = np.abs(f32.astype(np.float64)) > np.abs(acc)          # rounded away from zero:
+        f32[over] = np.nextafter(f32[over], np.float32(0))           # truncate instead
+        acc = f32.astype(np.float64)
+    return encode(acc.astype(np.float32), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("k", [16, 256, 4096])
+def test_each_dtype_tolerance_passes_tensor_core_sums_and_fails_a_wrong_kernel(dtype, k):
+    op = make_op("matmul", f"64x1x{k}", dtype)
+    rng = np.random.default_rng(k)
+    inputs = op.random_inputs(rng)
+    a, b = inputs["A"], inputs["B"][:, 0][None, :].repeat(64, axis=0)
+    ref = op.reference(inputs)
+    canary = random_canary(rng, dtype)
+    bufs = {n: Guarded.alloc(np, op.tensor(n).shape, canary, inputs.get(n), dtype) for n in ("A", "B", "C")}
+    raws = {n: g.raw for n, g in bufs.items()}
+    tol = tolerance(op)
+    bufs["C"].array[...] = tensor_core_sums(a, b, dtype)[:, None]
+    assert check_call(bufs, raws, "C", ref, inputs, tol) is None
+    bufs["C"].array[...] = tensor_core_sums(a, b, dtype, drop=k // DTYPES[dtype].mma_k // 2)[:, None]
+    assert check_call(bufs, raws, "C", ref, inputs, tol).startswith("wrong result: max err")
+    bufs["C"].array[...] = tensor_core_sums(a, b, dtype)[:, None]
+    bufs["C"].raw[-1] ^= 1
+    assert check_call(bufs, raws, "C", ref, inputs, tol) == "wrote out of bounds of C (after the end)"
 
 
 def fp32_sums(a: np.ndarray, b: np.ndarray, order: str) -> np.ndarray:
