@@ -69,7 +69,7 @@ class Config:
                                        nargs="+", metavar="OP:SHAPE:N")
     shape_set: str | None = field(None, help="measure --per-shape schedules of every shape of this set "
                                              "(experiments/shapes.py) first", metavar="NAME")
-    per_shape: int = field(60, help="schedules per shape of --shape-set")
+    per_shape: int = field(100, help="schedules per shape of --shape-set")
     logs_out: str | None = field(None, help="directory for the logs --generate writes", metavar="DIR")
     max_steps: int = field(10, help="most steps of a generated schedule")
     timeout: float = field(10.0, help="seconds a generated kernel may run (check and timing) before it "
