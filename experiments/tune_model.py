@@ -125,8 +125,6 @@ def run(cfg: Config) -> dict:
               file=sys.stderr)
         bar = Progress(todo, f"tune-model {name}")
         scheduler.on_measure = lambda task: bar.update(1, task=f"{task.op.kind} {task.op.shape_str}")
-        for task in scheduler.tasks:
-            task.search.on_progress = lambda p, task=task: scheduler.on_measure(task)
 
         def chunk_done(task) -> None:
             print(f"  {task.op.kind} {task.op.shape_str} (x{task.weight}): {task.spent} measurements, "

@@ -77,15 +77,15 @@ class TaskScheduler:
     """Runs the search of each task for the measurements the scheduler gives it."""
 
     def __init__(self, tasks: list[tuple[Operator, int]], measurer: Measurer, model, policy_for: Callable,
-                 seed: int = 0, on_measure: Callable[[Task], None] | None = None):
+                 seed: int = 0):
         self.measurer, self.model, self.policy_for = measurer, model, policy_for
         self.rng = np.random.default_rng(seed)
-        self.on_measure = on_measure
+        self.on_measure: Callable[[Task], None] | None = None   # called after each measurement
         self.tasks: list[Task] = []
         for op, weight in tasks:
             search = Search(op, measurer.target, measurer, 0)
             task = Task(op, weight, search, known=adopt_known(search))
-            search.on_progress = lambda p, task=task: on_measure and on_measure(task)
+            search.on_progress = lambda p, task=task: self.on_measure and self.on_measure(task)
             self.tasks.append(task)
 
     @property
