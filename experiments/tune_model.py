@@ -124,14 +124,21 @@ def run(cfg: Config) -> dict:
         print(f"{scheduler.known} measurements of these tasks already in the database; {todo} to make",
               file=sys.stderr)
         bar = Progress(todo, f"tune-model {name}")
-        scheduler.on_measure = lambda task: bar.update(1, task=f"{task.op.kind} {task.op.shape_str}")
-        for task in scheduler.tasks:
-            task.search.on_progress = lambda p, task=task: scheduler.on_measure(task)
+        task_bar: list[Progress] = []     # the bar of the task being tuned
 
-        def chunk_done(task) -> None:
-            print(f"  {task.op.kind} {task.op.shape_str} (x{task.weight}): {task.spent} measurements, "
-                  f"best {task.best_ms:.3f} ms", file=sys.stderr)
-        made = scheduler.run(budget, on_chunk=chunk_done) if todo else 0
+        def chunk(task, n: int) -> None:
+            if task_bar:
+                task_bar.pop().close()
+            task_bar.append(Progress(task.spent + n, f"  {task.op.kind} {task.op.shape_str} (x{task.weight})",
+                                     initial=task.spent))
+
+        def measured(task) -> None:
+            bar.update(1)
+            task_bar[-1].update(1, best_ms=f"{task.best_ms:.3f}")
+        scheduler.on_chunk, scheduler.on_measure = chunk, measured
+        made = scheduler.run(budget) if todo else 0
+        for b in task_bar:
+            b.close()
         bar.close()
         tune_wall_s = time.perf_counter() - t0
         summary = report(cfg, name, module, example, measurer)

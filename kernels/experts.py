@@ -74,10 +74,33 @@ def _pointwise(op: Operator, target: Target) -> Schedule | None:
     return s.parallel("n_k_o")
 
 
+def _channels_vectorized(op: Operator, target: Target) -> Schedule | None:
+    """A convolution with a narrow output (7 to 28 columns: a vector along the row would be
+    mostly tail) or a stride (a vector along the row would gather) vectorises over output
+    channels instead: each input element is broadcast against a vector of weights, which
+    the weights' pack stores channel-last (the pack follows the loops, see
+    ``ir/lower._pack_order``); the output is written once per tile. The weights of one
+    channel block are packed once per block, the input's padded patch per slice of input
+    channels."""
+    ext, p, lanes = op.extents, op.params, target.vector_lanes
+    if op.kind == "depthwise_conv2d" or ext["k"] % lanes or (p["stride"] == 1 and ext["x"] >= 2 * lanes):
+        return None
+    s = Schedule(op).split("k", lanes).split("y", min(ext["y"], 2 if lanes >= 16 else 1))
+    s = s.split("x", min(ext["x"], 8)).split("c", min(ext["c"], 64))
+    s = s.reorder("n", "k_o", "y_o", "x_o", "c_o", "c_i", "ry", "rx", "y_i", "x_i", "k_i")
+    s = s.cache_write("x_o").vectorize("k_i").unroll("x_i").unroll("y_i").fuse("n", "k_o").parallel("n_k_o")
+    try:
+        s = s.cache_read("W", "n_k_o")       # the whole channel block's weights, once
+    except ValueError:
+        s = s.cache_read("W", "c_o")         # too large for a local buffer: per input slice
+    return s.cache_read("I", "c_o")
+
+
 def _conv2d(op: Operator, target: Target) -> Schedule:
-    pointwise = _pointwise(op, target)
-    if pointwise is not None:
-        return pointwise
+    for special in (_pointwise, _channels_vectorized):
+        s = special(op, target)
+        if s is not None:
+            return s
     ext = op.extents
     depthwise = op.kind == "depthwise_conv2d"
     xs = _pick(ext["x"], (target.vector_lanes, target.vector_lanes // 2, target.vector_lanes))

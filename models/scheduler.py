@@ -77,22 +77,23 @@ class TaskScheduler:
     """Runs the search of each task for the measurements the scheduler gives it."""
 
     def __init__(self, tasks: list[tuple[Operator, int]], measurer: Measurer, model, policy_for: Callable,
-                 seed: int = 0, on_measure: Callable[[Task], None] | None = None):
+                 seed: int = 0):
         self.measurer, self.model, self.policy_for = measurer, model, policy_for
         self.rng = np.random.default_rng(seed)
-        self.on_measure = on_measure
+        self.on_chunk: Callable[[Task, int], None] | None = None   # a task is given n measurements
+        self.on_measure: Callable[[Task], None] | None = None      # after each measurement
         self.tasks: list[Task] = []
         for op, weight in tasks:
             search = Search(op, measurer.target, measurer, 0)
             task = Task(op, weight, search, known=adopt_known(search))
-            search.on_progress = lambda p, task=task: on_measure and on_measure(task)
+            search.on_progress = lambda p, task=task: self.on_measure and self.on_measure(task)
             self.tasks.append(task)
 
     @property
     def known(self) -> int:
         return sum(t.known for t in self.tasks)
 
-    def run(self, budget: int, on_chunk: Callable[[Task], None] | None = None) -> int:
+    def run(self, budget: int) -> int:
         """Spend up to ``budget`` measurements in all (the database's included); returns
         how many were made now."""
         made = 0
@@ -103,20 +104,18 @@ class TaskScheduler:
             if task.known == 0:
                 n = self._give(task, 1)
                 made, left = made + n, left - n
-                if on_chunk:
-                    on_chunk(task)
         while left > 0:
             task = max(self.tasks, key=Task.gradient)
             if task.gradient() <= 0:
                 break
             n = self._give(task, min(CHUNK, left))
             made, left = made + n, left - n
-            if on_chunk:
-                on_chunk(task)
         return made
 
     def _give(self, task: Task, n: int) -> int:
         """Let ``task``'s search make ``n`` more measurements; returns how many it made."""
+        if self.on_chunk:
+            self.on_chunk(task, n)
         search = task.search
         before = len(search.measured)
         search.budget = before + n

@@ -272,9 +272,11 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
         elif cached:
             buf = f"{access.tensor}_local"
             dims = footprint(op, nest, access.tensor, cached)
+            order = _pack_order(dims, nest)
             local[buf] = math.prod(d[2] for d in dims)
-            reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
-            packs[cached] += [Alloc(buf, local[buf]), *_pack(access.tensor, shape, buf, dims, nest)]
+            reads[access.tensor] = Load(buf, _flat(tuple(dims[d][1] for d in order),
+                                                   tuple(dims[d][2] for d in order)))
+            packs[cached] += [Alloc(buf, local[buf]), *_pack(access.tensor, shape, buf, dims, nest, order)]
         else:
             reads[access.tensor] = _direct_read(op, access, nest, unguarded)
 
@@ -519,8 +521,21 @@ def _loops_over(loops, nest: LoopNest, stmt, bound: set[str], kinds: dict[str, s
     return rec(0)[0]
 
 
-def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest) -> list:
-    """Copy the footprint of ``tensor`` into ``buf``, zero outside the tensor.
+def _pack_order(dims, nest: LoopNest) -> list[int]:
+    """The packed buffer's dimensions, outermost first: ordered by the innermost loop that
+    indexes each (ties keep the tensor's order), so the loops inside the tile walk the
+    buffer contiguously. For a weight read along a vectorised output-channel loop, that
+    puts the channel last, transposing the tensor's layout in the pack."""
+    position = {l.name: i for i, l in enumerate(nest.loops)}
+
+    def innermost(d: int) -> int:
+        return max((position[v] for v in dims[d][1].vars() if v in position), default=-1)
+    return sorted(range(len(dims)), key=lambda d: (innermost(d), d))
+
+
+def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest, order: list[int]) -> list:
+    """Copy the footprint of ``tensor`` into ``buf`` (its dimensions in ``order``), zero
+    outside the tensor.
 
     Where the box can leave the tensor (padding, a tail), the buffer is zeroed first and
     each copy loop runs over the part inside the tensor only, so that no element is read
@@ -530,7 +545,7 @@ def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest) -> list:
     vars_ = [f"{buf}_{d}" for d in range(len(dims))]
     ext = {**nest.extents, **{v: d[2] for v, d in zip(vars_, dims)}}
     src = tuple(base + Lin.var(v) for (base, _, _), v in zip(dims, vars_))
-    stmt = Store(buf, _flat(tuple(Lin.var(v) for v in vars_), tuple(d[2] for d in dims)),
+    stmt = Store(buf, _flat(tuple(Lin.var(vars_[d]) for d in order), tuple(dims[d][2] for d in order)),
                  Load(tensor, _flat(src, shape)))
     clipped = False
     for v, (base, _, size), e, n in reversed(list(zip(vars_, dims, src, shape))):

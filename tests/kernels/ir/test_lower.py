@@ -298,3 +298,16 @@ def test_a_tile_is_not_shifted_where_threads_would_share_its_outputs(target):
 def test_shifted_tiles_are_correct_compiled(assert_correct):
     for shape in ("8x20x5", "7x33x9", "13x17x3"):
         assert_correct(_tiled(shape))
+
+
+# ---------------------------------------------------------------- packs follow the loops
+
+def test_a_pack_stores_its_dimensions_in_the_order_the_tile_reads_them(assert_correct, interpret, target):
+    """Vectorised over output channels, the weights' pack is channel-last: contiguous vectors."""
+    op = make_op("conv2d", "1,8,7,7,32,3,3,2,1")
+    s = (Schedule(op).split("k", 16).split("x", 4).reorder("n", "k_o", "y", "x_o", "c", "ry", "rx", "x_i", "k_i")
+         .cache_write("x_o").vectorize("k_i").unroll("x_i").cache_read("W", "k_o").cache_read("I", "y"))
+    source = render(s, target).source
+    assert re.search(r"\*\(vec\d+\*\)&W_local\[c\*144 \+ ry\*48 \+ rx\*16 \+ k_i\]", source)   # k innermost
+    assert_interpreted_exact(interpret, s)
+    assert_correct(s)
