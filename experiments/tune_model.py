@@ -165,7 +165,8 @@ def report(cfg: ModelChoice, name: str, module, example, measurer) -> dict:
         compiled = compile_model(module, example, measurer, dtype=cfg.dtype)
     except CompileError as e:
         print(f"error: {e}", file=sys.stderr)
-        return {**summary, "correct": False}
+        return {**summary, "correct": False, "tasks": None, "model_ms": None, "torch_ms": None,
+                "speedup_vs_torch": None}
     layers = compiled.layers
     fns = {"torch": lambda: module(*example), "tuned": lambda: compiled.module(*example)}
     if cfg.compile_baseline:
