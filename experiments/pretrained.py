@@ -35,6 +35,11 @@ def load_policy(path: str | None, op: Operator, target: Target):
     return policy.load_policy(path or policy_path(op.kind, target.kind), op, target)
 
 
+def shipped_policy(op: Operator, target: Target):
+    """The policy shipped for ``op`` on ``target``, or None where none is shipped."""
+    return load_policy(None, op, target) if policy_path(op.kind, target.kind).is_file() else None
+
+
 def load_cost_model(path: str | None, target: Target, seed: int = 0):
     """The given cost model, else the shipped one, else a fresh (untrained) one."""
     from agents.cost_model import LearnedCostModel

@@ -157,9 +157,7 @@ def _policy(cfg: Config, op, target):
     """The policy for evolve (optional: none shipped means random proposals) and ppo (required)."""
     if cfg.agent == "ppo" or (cfg.agent == "evolve" and cfg.policy):
         return pretrained.load_policy(cfg.policy, op, target)
-    if cfg.agent == "evolve" and not cfg.no_expert and pretrained.policy_path(op.kind, target.kind).is_file():
-        return pretrained.load_policy(None, op, target)
-    return None
+    return pretrained.shipped_policy(op, target) if cfg.agent == "evolve" and not cfg.no_expert else None
 
 
 def run(cfg: Config) -> dict:

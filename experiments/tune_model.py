@@ -93,9 +93,8 @@ def _policy_for(target):
     cache = {}
 
     def policy(op):
-        if op.kind not in cache:
-            path = pretrained.policy_path(op.kind, target.kind)
-            cache[op.kind] = pretrained.load_policy(None, op, target) if path.is_file() else None
+        if op.kind not in cache:    # loaded once per operator kind
+            cache[op.kind] = pretrained.shipped_policy(op, target)
         return cache[op.kind]
     return policy
 

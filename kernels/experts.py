@@ -152,6 +152,16 @@ def _matmul_tile(m: int, n: int, target: Target) -> tuple[int, int, int, int, in
     return MATMUL_TILES[-1]
 
 
+def _bind_grid(s: Schedule, batch: bool, block_rows: str, block_cols: str, thread_rows: str,
+               thread_cols: str) -> Schedule:
+    """A matmul's grid: the batch on blockIdx.z, block tiles on blockIdx.y/x, the threads
+    of a block on threadIdx.y/x."""
+    if batch:
+        s = s.bind("b", "blockIdx.z")
+    return (s.bind(block_rows, "blockIdx.y").bind(block_cols, "blockIdx.x")
+            .bind(thread_rows, "threadIdx.y").bind(thread_cols, "threadIdx.x"))
+
+
 def _gpu_matmul(op: Operator, target: Target, batch: bool,
                 tile: tuple[int, int, int, int, int] | None = None) -> Schedule:
     """``tile`` = (thread rows, thread cols, threads y, threads x, k slice); by default
@@ -164,11 +174,7 @@ def _gpu_matmul(op: Operator, target: Target, batch: bool,
     # inner tiles first, so every split factor is a small one (the environment's factors)
     s = Schedule(op).split("i", tm).split("i_o", ty).split("j", tn).split("j_o", tx).split("k", min(bk, k))
     order = ("i_o_o", "j_o_o", "i_o_i", "j_o_i", "k_o", "k_i", "i_i", "j_i")
-    s = s.reorder(*(("b",) + order if batch else order))
-    if batch:
-        s = s.bind("b", "blockIdx.z")
-    s = (s.bind("i_o_o", "blockIdx.y").bind("j_o_o", "blockIdx.x")
-         .bind("i_o_i", "threadIdx.y").bind("j_o_i", "threadIdx.x"))
+    s = _bind_grid(s.reorder(*(("b",) + order if batch else order)), batch, *order[:4])
     s = s.cache_write("j_o_i").cache_read("A", "k_o").cache_read("B", "k_o")
     return s.vectorize("j_i").unroll("i_i").unroll("k_i")
 
@@ -199,11 +205,7 @@ def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool) -> Sched
     s = s.reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i").tensorize("i_i", "j_i", "k_i")
     s = s.split("i_o", fm).split("i_o_o", wy).split("j_o", fn).split("j_o_o", wx).split("k_o", ks)
     order = ("i_o_o_o", "j_o_o_o", "i_o_o_i", "j_o_o_i", "k_o_o", "k_o_i", "i_o_i", "j_o_i")
-    s = s.reorder(*(("b",) + order if batch else order))
-    if batch:
-        s = s.bind("b", "blockIdx.z")
-    s = (s.bind("i_o_o_o", "blockIdx.y").bind("j_o_o_o", "blockIdx.x")
-         .bind("i_o_o_i", "threadIdx.y").bind("j_o_o_i", "threadIdx.x"))
+    s = _bind_grid(s.reorder(*(("b",) + order if batch else order)), batch, *order[:4])
     s = s.cache_write("j_o_o_i").cache_read("A", "k_o_o").cache_read("B", "k_o_o")
     s = s.unroll("j_o_i").unroll("i_o_i").unroll("k_o_i")
     try:

@@ -28,36 +28,35 @@ def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False), nn.BatchNorm2d(c_out)]
 
 
-class BasicBlock(nn.Module):
+class Residual(nn.Module):
+    """``relu(body(x) + shortcut(x))``; the shortcut is a strided 1x1 convolution where the
+    body changes the size or the channels."""
+
     expansion = 1
 
-    def __init__(self, c_in: int, width: int, stride: int):
+    def __init__(self, body: list[nn.Module], c_in: int, c_out: int, stride: int):
         super().__init__()
-        self.body = nn.Sequential(*_conv_bn(c_in, width, 3, stride), nn.ReLU(),
-                                  *_conv_bn(width, width, 3))
-        self.shortcut = (nn.Sequential(*_conv_bn(c_in, width, 1, stride))
-                         if stride != 1 or c_in != width else nn.Identity())
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        return self.relu(self.body(x) + self.shortcut(x))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, c_in: int, width: int, stride: int):
-        super().__init__()
-        c_out = width * 4
-        self.body = nn.Sequential(*_conv_bn(c_in, width, 1), nn.ReLU(),
-                                  *_conv_bn(width, width, 3, stride), nn.ReLU(),
-                                  *_conv_bn(width, c_out, 1))
+        self.body = nn.Sequential(*body)
         self.shortcut = (nn.Sequential(*_conv_bn(c_in, c_out, 1, stride))
                          if stride != 1 or c_in != c_out else nn.Identity())
         self.relu = nn.ReLU()
 
     def forward(self, x):
         return self.relu(self.body(x) + self.shortcut(x))
+
+
+class BasicBlock(Residual):
+    def __init__(self, c_in: int, width: int, stride: int):
+        super().__init__([*_conv_bn(c_in, width, 3, stride), nn.ReLU(), *_conv_bn(width, width, 3)],
+                         c_in, width, stride)
+
+
+class Bottleneck(Residual):
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int):
+        super().__init__([*_conv_bn(c_in, width, 1), nn.ReLU(), *_conv_bn(width, width, 3, stride), nn.ReLU(),
+                          *_conv_bn(width, width * 4, 1)], c_in, width * 4, stride)
 
 
 class ResNet(nn.Module):
