@@ -140,13 +140,13 @@ def run(cfg: Config) -> dict:
             b.close()
         bar.close()
         tune_wall_s = time.perf_counter() - t0
-        summary = report(cfg, name, module, example, measurer)
+        summary = report(cfg, name, module, example, measurer, net)
     summary.update(measurements=made, tune_wall_s=round(tune_wall_s, 1), budget=budget)
     _save(summary)
     return summary
 
 
-def report(cfg: ModelChoice, name: str, module, example, measurer) -> dict:
+def report(cfg: ModelChoice, name: str, module, example, measurer, network=None) -> dict:
     """Build the tuned model from the database, check it, time it against torch; print the
     per-task table; write the run directory. The summary (the JSON line)."""
     from models.compile import CompileError, compile_model
@@ -161,7 +161,7 @@ def report(cfg: ModelChoice, name: str, module, example, measurer) -> dict:
     summary = {"model": name, "batch": cfg.batch, "target": target.kind, "hardware": target.device,
                "dtype": cfg.dtype, "run_dir": str(run_dir)}
     try:
-        compiled = compile_model(module, example, measurer, dtype=cfg.dtype)
+        compiled = compile_model(module, example, measurer, dtype=cfg.dtype, network=network)
     except CompileError as e:
         print(f"error: {e}", file=sys.stderr)
         return {**summary, "correct": False, "tasks": None, "model_ms": None, "torch_ms": None,

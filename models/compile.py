@@ -78,13 +78,13 @@ def _compare(op: Operator, call: Callable, device: torch.device, rounds: int) ->
 
 
 def compile_model(module: nn.Module, example: tuple[torch.Tensor, ...], measurer: Measurer,
-                  dtype: str = DEFAULT, rounds: int = 3,
+                  dtype: str = DEFAULT, rounds: int = 3, network: Network | None = None,
                   on_layer: Callable[[Layer], None] | None = None) -> CompiledModel:
     """``module`` (already in ``dtype``'s storage type) with the fastest kernels ``measurer``'s
-    cache (the database) holds for its tasks in ``dtype``."""
+    cache (the database) holds for its tasks in ``dtype``; ``network`` is its trace, if made."""
     target: Target = measurer.target
     device = torch.device("cuda" if target.kind == "cuda" else "cpu")
-    net = extract(module, example, dtype)
+    net = network or extract(module, example, dtype)
     calls, layers = {}, []
     for op, weight in net.tasks():
         layer = Layer(op, weight, measurements=sum(1 for _ in database.records(measurer.cache, op, target)))
