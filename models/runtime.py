@@ -14,6 +14,7 @@ import statistics
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -23,6 +24,7 @@ from kernels.measure.timing import time_calls
 
 from .tasks import Network, Site
 
+_LIBRARY = torch.library.Library("schedgym", "FRAGMENT")   # our operators' namespace in torch.ops
 _REGISTERED: dict[str, Callable] = {}   # custom operators by name, each registered once a process
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,13 +48,18 @@ def _cuda_launcher(kernel: Kernel, path: str) -> Callable[[list[torch.Tensor]], 
         ptr = torch.cuda.current_stream().cuda_stream
         if ptr not in streams:
             streams[ptr] = cp.cuda.ExternalStream(ptr)
-        with streams[ptr]:
-            fn(grid, block, tuple(cp.asarray(t) for t in tensors))
+        # raw pointers as 64-bit scalars: wrapping each tensor as a CuPy array costs
+        # more than the launch of a small layer's kernel
+        fn(grid, block, tuple(np.uint64(t.data_ptr()) for t in tensors), stream=streams[ptr])
     return launch
 
 
 def kernel_operator(kernel: Kernel, path: str, op: Operator) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """``call([inputs...]) -> output``: the kernel as a torch custom operator."""
+    """``call([inputs...]) -> output``: the kernel as a torch custom operator.
+
+    Registered through ``torch.library.Library`` (a schema, an implementation for the CPU
+    and CUDA dispatch keys, a fake for tracing) rather than ``torch.library.custom_op``,
+    whose Python wrapper costs about 100 us a call: more than a small layer's kernel."""
     name = f"{op.kind}_{kernel.digest}"
     if name in _REGISTERED:
         return _REGISTERED[name]
@@ -74,10 +81,11 @@ def kernel_operator(kernel: Kernel, path: str, op: Operator) -> Callable[[list[t
         launch([*inputs, out])
         return out
 
-    call = torch.library.custom_op(f"schedgym::{name}", impl, mutates_args=(),
-                                   schema="(Tensor[] inputs) -> Tensor")
-    call.register_fake(lambda inputs: inputs[0].new_empty(out_shape))
-    _REGISTERED[name] = call
+    _LIBRARY.define(f"{name}(Tensor[] inputs) -> Tensor")
+    for key in ("CPU", "CUDA"):    # either way round is refused by impl in one clear line
+        _LIBRARY.impl(name, impl, key)
+    torch.library.register_fake(f"schedgym::{name}", lambda inputs: inputs[0].new_empty(out_shape), lib=_LIBRARY)
+    call = _REGISTERED[name] = getattr(torch.ops.schedgym, name).default
     return call
 
 
@@ -219,7 +227,7 @@ def time_alternating(fns: dict[str, Callable[[], object]], device: torch.device,
         return call
 
     calls = {k: timed(f) for k, f in fns.items()}
-    with torch.no_grad():
+    with torch.inference_mode():   # as a model is deployed
         for call in calls.values():
             call()
             call()

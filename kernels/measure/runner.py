@@ -127,6 +127,9 @@ class _Worker:
                     pass
 
 
+SLOW_GRACE_S = 5.0   # with a slow cutoff, what checking and timing may take beyond 100 cutoffs
+
+
 class Runner:
     """Checks and times built kernels one at a time in a replaceable worker process.
 
@@ -267,6 +270,8 @@ class Runner:
                     return MeasureResult.failure(msg["error"], build_s=build_s)
                 if event == "prepared":
                     limit = self.timeout_s
+                    if req["slow_cutoff_s"]:   # a kernel far slower than the best is not waited for
+                        limit = min(limit, SLOW_GRACE_S + 100 * req["slow_cutoff_s"])
                     deadline = time.monotonic() + limit
                 elif event == "checked":  # the first call's check, or a failed timed call's
                     if not msg["correct"]:

@@ -13,6 +13,7 @@ from kernels.measure.build import CacheDirError
 from kernels.ir.ops import make_op
 from kernels.target import cpu_target
 from kernels.measure.tuning_log import TuningLog
+from kernels.measure.runner import SLOW_GRACE_S
 
 OP = make_op("matmul", "8x8x8")
 
@@ -137,6 +138,17 @@ def test_slow_kernel_stops_after_three_calls(builder):
         r = Measurer(cpu_target(), builder=builder, runner=runner).measure_one(Candidate(OP, key(8), SLOW))
     assert r.ok and len(r.times_ms) == 3 and r.time_ms >= 100
     assert r.run_s < 2
+
+
+def test_a_hopeless_kernel_is_not_waited_for(builder):
+    """With a slow cutoff (a search's best so far), a kernel that runs far past it is given
+    up after SLOW_GRACE_S, not after the whole timeout."""
+    with Runner(timeout_s=30, min_time_s=0.05) as runner:
+        runner.slow_cutoff_s = 1e-3
+        t0 = time.monotonic()
+        r = Measurer(cpu_target(), builder=builder, runner=runner).measure_one(Candidate(OP, key(40), LOOP))
+        assert time.monotonic() - t0 < SLOW_GRACE_S + 5
+    assert not r.ok and r.error == f"timeout after {SLOW_GRACE_S + 0.1:g}s"
 
 
 def test_worker_sets_omp_stacksize(measurer):
