@@ -290,7 +290,7 @@ class Runner:
                                          library_times_ms=tuple(t * 1e3 for t in msg["library_times"]))
         except TimeoutError:
             self._drop_worker()
-            return MeasureResult.failure(f"timeout after {limit:g}s", correct=correct, build_s=build_s)
+            return MeasureResult.failure(f"timeout after {limit:.3g}s", correct=correct, build_s=build_s)
         except (BrokenPipeError, OSError):
             reason = w.death()
             self._drop_worker()

@@ -60,7 +60,7 @@ def test_tune_rebuild_check_and_reuse(capsys, tmp_path, tiny):
         ("conv2d", "2,8,4,4,8,1,1,1,0"), ("matmul", "2x10x128")}      # the 1x1 shortcut, subsampled
     assert sum(t["measurements"] for t in first["layers"]) == 6
     assert all(t["ours_ms"] is not None for t in first["layers"])    # each task got its first measurement
-    for key in ("model_ms", "torch_ms", "speedup_vs_torch", "tune_wall_s"):
+    for key in ("model_ms", "torch_ms", "speedup_vs_torch", "tune_wall_s", "folded_ms", "speedup_vs_folded"):
         assert first[key] > 0
     run_dir = tmp_path / "runs" / first["run_dir"].split("/")[-1]
     assert (run_dir / "time.png").stat().st_size > 0
