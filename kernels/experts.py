@@ -11,6 +11,7 @@ the SIMD width; shapes that do not divide get guarded tails.
 from __future__ import annotations
 
 import functools
+import math
 
 from .codegen.rules import check_for_target
 from .ir.dtypes import DTYPES
@@ -262,6 +263,81 @@ def _gpu_conv2d(op: Operator, target: Target,
     return s
 
 
+# Implicit GEMM on tensor cores: the instruction's k is 16 input channels (8 in tf32) at
+# one window position, its n 8 output channels, its m 16 outputs along one axis: pixels
+# of a row, or images at one pixel where rows are narrower and the batch is wide, or
+# else the image's pixels as one fused axis (whose input cannot be staged as a box).
+# A warp holds (m tiles, channel tiles) of instructions, a block (warps y, warps x) of
+# warps; per slice of input channels the block stages the input and weights it reads.
+CONV_MMA_TILES = ((2, 2, 4, 4), (2, 2, 2, 4), (2, 1, 2, 2), (1, 1, 1, 2))   # (warps y, warps x, m tiles, 8-channel tiles)
+
+
+def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
+    ext = op.extents
+    mk = DTYPES[op.dtype].mma_k
+    s = Schedule(op)
+    if ext["x"] >= 16:        # m: 16 pixels of a row; a warp's m tiles: rows
+        s, m, tiles, block = s.split("x", 16), "x", "y", ("n", "y_o_o", "x_o")
+    elif ext["n"] >= 16:      # m: 16 images; a warp's m tiles: pixels of a row
+        s, m, tiles, block = s.split("n", 16), "n", "x", ("n_o", "y", "x_o_o")
+    elif ext["y"] * ext["x"] >= 16:
+        s, m, tiles, block = s.fuse("y", "x").split("y_x", 16), "y_x", "y_x_o", ("n", "y_x_o_o_o")
+    else:
+        return None
+    tile_extent = next(l.extent for l in s.nest.loops if l.name == tiles)
+    m_tiles = math.prod(l.extent for l in s.nest.loops if not l.reduce and l.axis != "k" and l.name != f"{m}_i")
+    blocks = lambda wy, wx, fm, fn: _ceil(m_tiles, fm * wy) * _ceil(ext["k"], 8 * fn * wx)
+    for wy, wx, fm, fn in CONV_MMA_TILES:
+        if blocks(wy, wx, fm, fn) >= max(target.sm_count, 1):
+            break
+    fm, fn = min(fm, tile_extent), min(fn, _ceil(ext["k"], 8))
+    wy, wx = min(wy, _ceil(tile_extent, fm)), min(wx, _ceil(ext["k"], 8 * fn))
+    s = s.split("k", 8).split("c", mk).split(tiles, fm).split(f"{tiles}_o", wy).split("k_o", fn).split("k_o_o", wx)
+    staged = ("W",) if m == "y_x" else ("I", "W")
+    # the widest slice of channels whose stages fit shared memory, twice (double-buffered) if they can
+    for ks in range(MMA_K_SLICE_BYTES // (mk * DTYPES[op.dtype].bytes), 0, -1):
+        if (ext["c"] // mk) % ks:
+            continue
+        sliced = _conv_tensor_core_nest(s.split("c_o", ks), m, tiles, block, staged)
+        for candidate in (lambda: functools.reduce(Schedule.double_buffer, staged, sliced), lambda: sliced):
+            try:
+                out = candidate()
+                check_for_target(out, target)
+                return out
+            except ValueError:   # one slice of channels, or no room (for two)
+                continue
+    return None
+
+
+def _conv_tensor_core_nest(s: Schedule, m: str, tiles: str, block: tuple[str, ...],
+                           staged: tuple[str, ...]) -> Schedule:
+    s = s.reorder(*block, "k_o_o_o", f"{tiles}_o_i", "k_o_o_i", "c_o_o", "ry", "rx", "c_o_i",
+                  f"{tiles}_i", "k_o_i", f"{m}_i", "k_i", "c_i").tensorize(f"{m}_i", "k_i", "c_i")
+    s = s.fuse(*block[1:]) if len(block) == 3 else s
+    s = (s.bind(block[0], "blockIdx.z").bind("_".join(block[1:]), "blockIdx.y").bind("k_o_o_o", "blockIdx.x")
+         .bind(f"{tiles}_o_i", "threadIdx.y").bind("k_o_o_i", "threadIdx.x"))
+    s = s.cache_write("k_o_o_i").unroll("k_o_i").unroll(f"{tiles}_i").unroll("c_o_i")
+    return functools.reduce(lambda s, t: s.cache_read(t, "c_o_o"), staged, s)
+
+
+# Below this many outputs per channel a window larger than 1x1 runs faster as a direct
+# convolution on the CUDA cores (H200, bf16: ResNet-50's 3x3 layers at batch 1 direct,
+# at batch 16 on tensor cores).
+TENSOR_CORE_MIN_PIXELS = 8192
+
+
+def _gpu_conv2d_any(op: Operator, target: Target) -> Schedule:
+    """On tensor cores where the dtype has them, the channels fill the instruction and
+    the convolution is pointwise or has outputs enough."""
+    mk, ext = DTYPES[op.dtype].mma_k, op.extents
+    wide = ext["ry"] * ext["rx"] == 1 or ext["n"] * ext["y"] * ext["x"] >= TENSOR_CORE_MIN_PIXELS
+    if op.kind != "depthwise_conv2d" and mk and ext["c"] % mk == 0 and ext["k"] >= 8 and wide:
+        s = _gpu_conv2d_tensor_cores(op, target)
+        if s is not None:
+            return s
+    return _gpu_conv2d(op, target)
+
+
 _EXPERTS = {
     "cpu": {"matmul": functools.partial(_matmul, batch=False),
             "dense_bias_relu": functools.partial(_matmul, batch=False),
@@ -270,8 +346,8 @@ _EXPERTS = {
     "cuda": {"matmul": functools.partial(_gpu_matmul_any, batch=False),
              "dense_bias_relu": functools.partial(_gpu_matmul_any, batch=False),
              "batch_matmul": functools.partial(_gpu_matmul_any, batch=True),
-             "conv2d": _gpu_conv2d, "depthwise_conv2d": _gpu_conv2d,
-             "conv2d_bias_relu": _gpu_conv2d},
+             "conv2d": _gpu_conv2d_any, "depthwise_conv2d": _gpu_conv2d,
+             "conv2d_bias_relu": _gpu_conv2d_any},
 }
 
 

@@ -660,6 +660,22 @@ def test_tensorized_experts_simulate_correctly(kind, shape, dtype):
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
 
 
+# each form of the implicit GEMM: m along a row (x >= 16), along the batch, along fused pixels
+TENSOR_CONV_SHAPES = [("conv2d_bias_relu", "1,16,5,18,8,3,3,1,1"), ("conv2d", "16,32,3,3,16,3,3,2,1"),
+                      ("conv2d", "1,16,6,6,24,3,3,1,1"), ("conv2d", "2,32,5,7,8,1,1,1,0")]
+
+
+@pytest.mark.parametrize("dtype", ["tf32", "bf16"])
+@pytest.mark.parametrize("kind,shape", TENSOR_CONV_SHAPES)
+def test_tensorized_convolutions_simulate_correctly(kind, shape, dtype, monkeypatch):
+    from kernels import experts
+    monkeypatch.setattr(experts, "TENSOR_CORE_MIN_PIXELS", 0)    # small shapes take tensor cores too
+    s = expert_schedule(make_op(kind, shape, dtype), TARGET)
+    assert s.nest.tensorized, describe(s)
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
 def test_the_simulator_catches_a_wrong_fragment_layout(monkeypatch):
     from kernels.ir import mma
     swapped = (mma.A16[1], mma.A16[0]) + mma.A16[2:]     # rows g and g + 8 exchanged
@@ -670,7 +686,9 @@ def test_the_simulator_catches_a_wrong_fragment_layout(monkeypatch):
 
 
 DTYPE_GPU_CASES = [("matmul", "512x512x512"), ("matmul", "100x72x48"), ("dense_bias_relu", "33x17x64"),
-                   ("batch_matmul", "2x64x40x32"), ("conv2d", "1,16,14,14,32,3,3,1,1"), ("matmul", "64x64x24")]
+                   ("batch_matmul", "2x64x40x32"), ("conv2d", "1,16,14,14,32,3,3,1,1"), ("matmul", "64x64x24"),
+                   ("conv2d_bias_relu", "2,32,10,20,24,1,1,1,0"), ("conv2d", "16,32,7,7,16,1,1,1,0"),
+                   ("conv2d", "2,32,5,7,8,1,1,1,0")]
 
 
 @pytest.mark.parametrize("dtype", ["tf32", "bf16", "fp16"])
