@@ -9,6 +9,7 @@ Suites:
                 TF32 off); without a GPU it stops with an error and writes nothing
   tensor-cuda   expert CUDA kernels in tf32, bf16 and fp16 (tensor cores) vs cuBLAS/cuDNN in the
                 same dtype; without a GPU it stops with an error and writes nothing
+  resnet-conv-cuda  every convolution of ResNet-50 (batch 1 and 16) in bf16: expert vs cuDNN
   measure-cpu   cost of measuring one candidate: compile, check against the reference, time
   env-cpu       environment steps per second without measuring; where a random episode's time goes
   search-cpu    agents under one measurement budget: measurements to 90% of random search's best
@@ -45,7 +46,7 @@ from kernels.target import Target, get_target
 from . import bench
 from .config import field
 
-SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu",
+SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu",
           "cluster-cpu", "timing-cpu", "heldout-cpu", "models-cpu", "models-cuda")
 MODEL_CASES = {"cpu": (("resnet18", 1), ("mobilenet_v2", 1)),
                "cuda": (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1))}
@@ -233,7 +234,21 @@ TENSOR_CUDA = [(dtype, "matmul", shape) for dtype in ("bf16", "fp16", "tf32")
     ("bf16", "dense_bias_relu", "4096x4096x4096"), ("bf16", "conv2d", "1,64,56,56,64,3,3,1,1")]
 
 
-def _tensor_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+def _resnet_convs(dtype: str = "bf16") -> list[tuple[str, str, str]]:
+    """(dtype, op, shape) of every distinct convolution of ResNet-50 at batch 1 and 16."""
+    from models.tasks import extract
+    from models.zoo import load_model
+
+    cases = []
+    for batch in (1, 16):
+        _, module, example = load_model("resnet50", batch)
+        cases += [(dtype, op.kind, op.shape_str) for op, _ in extract(module, example, dtype).tasks()
+                  if "conv" in op.kind]
+    return cases
+
+
+def _tensor_cuda(cfg: Config, target: Target, cases: list[tuple[str, str, str]] = TENSOR_CUDA
+                 ) -> tuple[list[str], list[dict]]:
     lines = ["Each row's library runs in the row's dtype: cuBLAS (through torch) in bf16 or fp16 with fp32 "
              "accumulation, or in fp32 with TF32 on; cuDNN likewise. Each kernel is compiled with NVRTC in "
              "the measuring worker, checked against the reference on the stored inputs with the dtype's "
@@ -247,7 +262,7 @@ def _tensor_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
     results = []
     builder, runner = Builder(), Runner(timeout_s=120, repeats=50, warmup=3, min_time_s=CUDA_MIN_TIME_S)
     try:
-        for dtype, kind, shape in TENSOR_CUDA:
+        for dtype, kind, shape in cases:
             op = make_op(kind, shape, dtype)
             schedule = expert_schedule(op, target)
             mma = "yes" if schedule.nest.tensorized else "no"
@@ -688,6 +703,7 @@ def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
 TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "kernels-cuda": "CUDA kernels: expert schedules vs cuBLAS / cuDNN",
           "tensor-cuda": "Tensor cores: expert tf32, bf16 and fp16 kernels vs cuBLAS / cuDNN in the same dtype",
+          "resnet-conv-cuda": "ResNet-50's convolutions in bf16, batch 1 and 16: the expert vs cuDNN",
           "measure-cpu": "CPU measurement cost per candidate",
           "env-cpu": "Environment throughput and episode time split",
           "search-cpu": "Search agents under one measurement budget",
@@ -712,6 +728,8 @@ def run(cfg: Config) -> dict:
         lines, results = _kernels_cuda(cfg, target)
     elif cfg.suite == "tensor-cuda":
         lines, results = _tensor_cuda(cfg, target)
+    elif cfg.suite == "resnet-conv-cuda":
+        lines, results = _tensor_cuda(cfg, target, _resnet_convs())
     elif cfg.suite.startswith("models-"):
         lines, results = _models(cfg, target)
     else:
