@@ -12,12 +12,14 @@ the expert.
 Everything goes to runs/<op>-<target>-<agent>-<seed>-<time>/ (TensorBoard events,
 tuning.jsonl, progress.jsonl, summary.json, best_kernel.c or .cu). --resume RUN_DIR goes
 on from an interrupted run: measured schedules come back from its tuning log and
-are not measured again.
+are not measured again. With --cluster on GPUs, one runner per GPU: the search proposes
+the next batch while one is measured (README, "Measuring on several machines").
 
 Examples:
   python -m experiments tune --op matmul --shape 1024x1024x1024 --budget 64
   python -m experiments tune --op conv2d --shape 1,64,56,56,64,3,3,1,1 --agent anneal --budget 128
   python -m experiments tune --op matmul --shape 1024x1024x1024 --target cuda --budget 64
+  python -m experiments tune --op matmul --shape 1024x1024x1024 --target cuda --budget 256 --cluster local --gpus 2
   tensorboard --logdir runs
 """
 
