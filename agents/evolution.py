@@ -127,13 +127,14 @@ def crossover(a: Schedule, b: Schedule, target: Target, rng: np.random.Generator
 
 def measured_seeds(search, k: int) -> list[Schedule]:
     """The ``k`` fastest correct schedules the measurer already holds for this operator
-    (a resumed run's tuning log, or earlier measurements)."""
+    (a resumed run's tuning log, or earlier measurements); not those of a batch still in
+    flight, whose results land in the cache while a pipelined search proposes."""
     op, t = search.op, search.target
     found = []
     for key, res in list(search.measurer.cache.items()):
         kind, shape, schedule, target_kind, device, _, dtype = key
-        if res.ok and kind == op.kind and tuple(shape) == op.shape and target_kind == t.kind and device == t.device \
-                and dtype == op.dtype:
+        if res.ok and schedule not in search.pending and kind == op.kind and tuple(shape) == op.shape \
+                and target_kind == t.kind and device == t.device and dtype == op.dtype:
             found.append((res.time_ms, schedule))
     out = []
     for _, schedule in sorted(found, key=lambda x: x[0])[:k]:
@@ -173,38 +174,38 @@ def _rank(schedules: list[Schedule], model) -> list[Schedule]:
 
 
 def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[int], list[Schedule]],
-                  population: int = 64, generations: int = 4, batch: int = 8, explore: int = 2,
+                  population: int = 64, generations: int = 4, explore: int = 2,
                   local: int = 3, fresh: int = 8) -> None:
     """Measure, round after round, the predicted best of an evolving population.
 
     ``propose(n)`` draws ``n`` new schedules (policy samples or random rollouts): a whole
     population at the start, ``fresh`` more each round; the measured best join each round.
-    Of each batch, ``local`` are the predicted best mutants of the fastest kernel so far
-    (a local search around the incumbent, the expert's included), ``explore`` are random
-    members of the population, and the rest its predicted best.
+    Of each batch (``search.batch``), ``local`` are the predicted best mutants of the
+    fastest kernel so far (a local search around the incumbent, the expert's included),
+    ``explore`` are random members of the population, and the rest its predicted best.
     """
     pop = propose(population)
-    stale = 0
-    while search.left > 0 and stale < 20:
+
+    def pick(n: int) -> list[Schedule]:
+        nonlocal pop
         best = measured_seeds(search, population // 4)
         pop = evolve([*pop, *best], model, search.target, rng, generations, population)
-        n = min(batch, search.left)
         picks: dict[str, Schedule] = {}
 
         def take(schedules: list[Schedule], k: int) -> None:
             for s in schedules:
                 if len(picks) >= k:
                     return
-                if s.key() not in search.measured:
+                if not search.known(s.key()):
                     picks.setdefault(s.key(), s)
 
         if best:
             mutants = [m for m in (mutate(best[0], search.target, rng) for _ in range(4 * population)) if m]
             take(_rank(list({m.key(): m for m in mutants}.values()), model), min(local, n))
         take(pop, max(n - explore, 1))
-        rest = [s for s in pop if s.key() not in search.measured and s.key() not in picks]
+        rest = [s for s in pop if not search.known(s.key()) and s.key() not in picks]
         take([rest[i] for i in rng.permutation(len(rest))], n)
-        pairs = search.measure(list(picks.values()))
-        stale = 0 if pairs else stale + 1
-        model.update([(s, r.time_ms / 1e3) for s, r in pairs if r.ok])
         pop += propose(fresh)
+        return list(picks.values())
+
+    search.run(pick, lambda pairs: model.update([(s, r.time_ms / 1e3) for s, r in pairs if r.ok]), patience=20)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -62,15 +64,25 @@ class Progress:
 
 @dataclass
 class Search:
-    """Measures schedules for one operator and remembers the best correct one."""
+    """Measures schedules for one operator and remembers the best correct one.
+
+    Agents hand it batches: ``measure`` waits for one; ``run`` loops over what a proposal
+    function gives and, with ``pipeline``, proposes the next batch while the last one is
+    measured (``Measurer.submit``), so a cluster's devices never wait for the driver. A
+    pipelined batch is then proposed from what was learnt up to the batch before the one in
+    flight: a model-guided search makes other choices than unpipelined, but the same ones
+    whatever the number of devices and whichever kernel finishes first."""
 
     op: Operator
     target: Target
     measurer: Measurer
     budget: int
     on_progress: Callable[[Progress], None] | None = None
+    batch: int = 8              # candidates proposed and measured at once
+    pipeline: bool = False      # propose the next batch while this one is measured
     measured: dict[str, MeasureResult] = field(default_factory=dict)  # schedule key -> result
     schedules: dict[str, Schedule] = field(default_factory=dict)      # schedule key -> schedule
+    pending: dict[str, Schedule] = field(default_factory=dict)        # submitted, not yet collected
     best: Schedule | None = None
     best_result: MeasureResult | None = None
     history: list[Progress] = field(default_factory=list)
@@ -80,21 +92,49 @@ class Search:
 
     @property
     def left(self) -> int:
-        return self.budget - len(self.measured)
+        return self.budget - len(self.measured) - len(self.pending)
+
+    def known(self, key: str) -> bool:
+        """Measured, or being measured: no agent should propose it again."""
+        return key in self.measured or key in self.pending
 
     def measure(self, schedules: Sequence[Schedule]) -> list[tuple[Schedule, MeasureResult]]:
         """Measure the not-yet-measured ones among ``schedules`` (within the budget)."""
+        batch = self.submit(schedules)
+        return self.collect(batch) if batch else []
+
+    def submit(self, schedules: Sequence[Schedule]) -> tuple[list[Schedule], Future] | None:
+        """Start measuring the new ones among ``schedules`` (within the budget); None when
+        there are none. Without ``pipeline`` they are measured here and now."""
         todo: dict[str, Schedule] = {}
         for s in schedules:
             k = s.key()
-            if k not in self.measured and k not in todo and len(todo) < self.left:
+            if not self.known(k) and k not in todo and len(todo) < self.left:
                 todo[k] = s
         if not todo:
-            return []
+            return None
         batch = list(todo.values())
         if self.best_result is not None:
             self.measurer.runner.slow_cutoff_s = SLOW_FACTOR * self.best_result.time_ms / 1e3
-        results = self.measurer.measure(batch)
+        if self.pipeline:
+            future = self.measurer.submit(batch)
+        else:
+            future = Future()
+            try:
+                future.set_result(self.measurer.measure(batch))
+            except BaseException as e:
+                future.set_exception(e)
+        self.pending.update(todo)
+        return batch, future
+
+    def collect(self, submitted: tuple[list[Schedule], Future]) -> list[tuple[Schedule, MeasureResult]]:
+        """Wait for a submitted batch and take its results in, in submission order."""
+        batch, future = submitted
+        try:
+            results = future.result()
+        finally:
+            for s in batch:
+                self.pending.pop(s.key(), None)
         for s, r in zip(batch, results):
             self.measured[s.key()], self.schedules[s.key()] = r, s
             if r.ok and (self.best_result is None or r.time_ms < self.best_result.time_ms):
@@ -107,6 +147,29 @@ class Search:
                 self.on_progress(p)
         return list(zip(batch, results))
 
+    def run(self, propose: Callable[[int], Sequence[Schedule]],
+            learn: Callable[[list[tuple[Schedule, MeasureResult]]], None] | None = None,
+            patience: int = 50) -> None:
+        """Measure ``propose(n)``'s schedules (``n``: at most ``batch``) batch after batch
+        until the budget is spent or ``patience`` proposals in a row bring nothing new;
+        ``learn`` sees each batch's results, in order. With ``pipeline`` one more batch is
+        in flight: batch k+1 is proposed before batch k's results are in."""
+        depth = 2 if self.pipeline else 1
+        flight: deque = deque()
+        stale = 0
+        while True:
+            if self.left > 0 and stale < patience and len(flight) < depth:
+                submitted = self.submit(propose(min(self.batch, self.left)))
+                stale = 0 if submitted else stale + 1
+                if submitted:
+                    flight.append(submitted)
+                continue
+            if not flight:
+                return
+            pairs = self.collect(flight.popleft())
+            if learn is not None:
+                learn(pairs)
+
 
 # ---------------------------------------------------------------- agents
 
@@ -115,21 +178,18 @@ def _feedback(model, pairs) -> None:
         model.update([(s, r.time_ms / 1e3) for s, r in pairs if r.ok])
 
 
-def search_random(search: Search, rng: np.random.Generator, batch: int = 8, **_) -> None:
+def search_random(search: Search, rng: np.random.Generator, **_) -> None:
     table, explore = ActionTable(search.op, search.target), RandomDraw(rng, p_done=P_DONE)
-    stale = 0
-    while search.left > 0 and stale < 50:
-        cands = [rollout(search.op, table, explore).schedule for _ in range(min(batch, search.left))]
-        stale = 0 if search.measure(cands) else stale + 1
+    search.run(lambda n: [rollout(search.op, table, explore).schedule for _ in range(n)])
 
 
-def search_anneal(search: Search, rng: np.random.Generator, model, batch: int = 8, chains: int = 8,
+def search_anneal(search: Search, rng: np.random.Generator, model, chains: int = 8,
                   chain_steps: int = 20, temperature: float = 0.5, **_) -> None:
     """Simulated annealing on predicted log time; measure each round's predicted best."""
     table, explore = ActionTable(search.op, search.target), RandomDraw(rng, p_done=P_DONE)
     points = [rollout(search.op, table, explore) for _ in range(chains)]
-    stale = 0
-    while search.left > 0 and stale < 50:
+
+    def propose(n: int) -> list[Schedule]:
         scores = model.predict([p.schedule for p in points])
         seen: dict[str, Schedule] = {}
         for step in range(chain_steps):
@@ -140,14 +200,13 @@ def search_anneal(search: Search, rng: np.random.Generator, model, batch: int = 
                 if ns < scores[i] or rng.random() < math.exp((scores[i] - ns) / t):
                     points[i], scores[i] = p, ns
                 seen.setdefault(p.schedule.key(), p.schedule)
-        fresh = [s for k, s in seen.items() if k not in search.measured]
+        fresh = [s for k, s in seen.items() if not search.known(k)]
         # mostly exploit the model, keep a little exploration (AutoTVM's epsilon-greedy)
-        n_explore = max(1, batch // 8)
-        picks = [fresh[i] for i in model.rank(fresh, batch - n_explore)]
-        picks += [rollout(search.op, table, explore).schedule for _ in range(n_explore)]
-        pairs = search.measure(picks)
-        stale = 0 if pairs else stale + 1
-        _feedback(model, pairs)
+        n_explore = max(1, search.batch // 8)
+        picks = [fresh[i] for i in model.rank(fresh, search.batch - n_explore)]
+        return picks + [rollout(search.op, table, explore).schedule for _ in range(n_explore)]
+
+    search.run(propose, lambda pairs: _feedback(model, pairs))
 
 
 def _mutate(op: Operator, table: ActionTable, actions: list[int], draw: RandomDraw,
@@ -183,17 +242,16 @@ def search_beam(search: Search, rng: np.random.Generator, model, beam_width: int
         search_random(search, rng)
 
 
-def search_filtered(search: Search, rng: np.random.Generator, model, candidates: int = 64, batch: int = 8,
-                    **_) -> None:
+def search_filtered(search: Search, rng: np.random.Generator, model, candidates: int = 64, **_) -> None:
     """Cost-model filtering: of many random rollouts, measure only the predicted best."""
     table, explore = ActionTable(search.op, search.target), RandomDraw(rng, p_done=P_DONE)
-    stale = 0
-    while search.left > 0 and stale < 50:
+
+    def propose(n: int) -> list[Schedule]:
         cands = [rollout(search.op, table, explore).schedule for _ in range(candidates)]
-        cands = [c for c in cands if c.key() not in search.measured]
-        pairs = search.measure([cands[i] for i in model.rank(cands, min(batch, search.left))])
-        stale = 0 if pairs else stale + 1
-        _feedback(model, pairs)
+        cands = [c for c in cands if not search.known(c.key())]
+        return [cands[i] for i in model.rank(cands, n)]
+
+    search.run(propose, lambda pairs: _feedback(model, pairs))
 
 
 def search_policy(search: Search, rng: np.random.Generator, model, policy, samples: int = 64, **_) -> None:
@@ -204,16 +262,13 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
     table = ActionTable(search.op, search.target)
     search.measure([rollout(search.op, table, PolicyDraw(policy, deterministic=True)).schedule])
     sample = PolicyDraw(policy, deterministic=False)
-    stale = 0
-    while search.left > 0 and stale < 20:
+
+    def propose(n: int) -> list[Schedule]:
         cands = [rollout(search.op, table, sample).schedule for _ in range(samples)]
-        cands = [c for c in cands if c.key() not in search.measured]
-        if not cands:
-            stale += 1
-            continue
-        pairs = search.measure([cands[i] for i in model.rank(cands, min(8, search.left))])
-        stale = 0 if pairs else stale + 1
-        _feedback(model, pairs)
+        cands = [c for c in cands if not search.known(c.key())]
+        return [cands[i] for i in model.rank(cands, n)] if cands else []
+
+    search.run(propose, lambda pairs: _feedback(model, pairs), patience=20)
 
 
 def search_evolution(search: Search, rng: np.random.Generator, model, policy=None, **_) -> None:

@@ -62,6 +62,8 @@ class Config(KernelChoice):
     cluster: str | None = field(None, help="build and time on the Ray cluster at this address: auto, "
                                            "HEAD_IP:6379, or local (a throwaway one on this machine)",
                                 metavar="ADDRESS")
+    gpus: int | None = field(None, help="with --cluster local: start it with this many of this machine's GPUs "
+                                        "(default: all), one runner each", metavar="K")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -122,7 +124,7 @@ def run(cfg: Config) -> dict:
         raise ValueError("--rounds must be at least 1")
     lib = library_name(op, target.kind)
 
-    backend = cluster.join(cfg.cluster, target) if cfg.cluster else None
+    backend = cluster.join(cfg.cluster, target, cfg.gpus) if cfg.cluster or cfg.gpus else None
     with Measurer(target, backend and backend.builder, backend and backend.runner, cache=False) as m:
         kernel = render(schedule, target)
         naive_kernel = render(Schedule(op), target, name=kernel.name + "_naive")
@@ -155,6 +157,8 @@ def run(cfg: Config) -> dict:
         "correct": ok, "error": final.error,
         "build_s": built.build_s, "rounds": len(final.rounds),
     }
+    if backend:
+        summary["cluster"] = backend.summary()
     _print_table(summary, cfg, op, target)
     return summary
 

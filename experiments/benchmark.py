@@ -16,6 +16,10 @@ Suites:
   zeroshot-cpu  the shipped policy on held-out shapes (budget 1 and 8) vs annealing (budget 256)
   cluster-cpu   measurements per minute of a random search: local backend vs Ray with 1 and 2
                 runners on this machine, and the per-candidate costs on Ray (build, transfer, run)
+  cluster-cuda  GPU candidates per minute of a seeded random search on a local Ray cluster of 1, 2
+                and all of this machine's GPUs, and train's steps per second with 1 and all; each
+                configuration a command of its own (timed out, never taking the others down);
+                without a GPU it stops with an error and writes nothing
 
 Example:
   python -m experiments benchmark --suite kernels-cpu
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import resource
 import statistics
@@ -44,10 +49,10 @@ from kernels.ir.schedule import Schedule
 from kernels.target import Target, get_target
 
 from . import bench
-from .config import field
+from .config import field, jsonable
 
-SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu", "zeroshot-cpu",
-          "cluster-cpu", "timing-cpu", "heldout-cpu", "models-cpu", "models-cuda")
+SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
+          "zeroshot-cpu", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "models-cpu", "models-cuda")
 MODEL_CASES = {"cpu": (("resnet18", 1), ("mobilenet_v2", 1)),
                "cuda": (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1))}
 
@@ -69,9 +74,14 @@ class Config:
     out: str = field("BENCHMARKS.md", help="the markdown file whose section is rewritten")
     rounds: int = field(5, help="library/kernel timing rounds per row (kernels-cpu, kernels-cuda)")
     candidates: int = field(12, help="candidate kernels (measure-cpu) or episodes (env-cpu) to measure")
-    budget: int = field(64, help="measurements per agent (search-cpu) or per shape (heldout-cpu)")
+    budget: int = field(64, help="measurements per agent (search-cpu), per shape (heldout-cpu) or per tune "
+                                 "(cluster-cpu, cluster-cuda)")
     anneal_budget: int = field(256, help="measurements of the annealing reference (zeroshot-cpu)")
-    cluster_rounds: int = field(2, help="interleaved rounds of local, Ray x1 and Ray x2 (cluster-cpu)")
+    cluster_rounds: int = field(2, help="interleaved rounds of the configurations (cluster-cpu: local, Ray x1, "
+                                        "Ray x2; cluster-cuda: 1, 2 and all GPUs)")
+    train_timesteps: int = field(512, help="steps of each train run (cluster-cuda)")
+    config_timeout: int = field(1800, help="seconds one configuration's command may run before it is stopped "
+                                           "and marked failed (cluster-cuda)")
     repeats: int = field(3, help="bench runs per cell, quiet and loaded (timing-cpu)")
     model_budget: int = field(0, help="measurements per model (models-cpu, models-cuda; 0: 16 per task)")
     json: bool = field(False, help="print one JSON object as the last line")
@@ -686,6 +696,141 @@ def _cluster_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     return lines, results
 
 
+CLUSTER_CUDA_CASE = ("matmul", "1024x1024x1024")
+
+
+def _gpu_counts(n: int) -> list[int]:
+    """1, 2 and all of ``n`` GPUs (fewer where they coincide)."""
+    return sorted({k for k in (1, 2, n) if k <= n})
+
+
+def _command(args: list[str], root: Path, timeout_s: int) -> dict:
+    """``python -m experiments ARGS --json`` in a process of its own, with fresh build and
+    CuPy kernel caches (no configuration reuses another's compiles): its JSON, or why it
+    failed. A crash, a hang or an error costs that configuration only."""
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SCHEDGYM_CACHE": str(root / "cache"), "CUPY_CACHE_DIR": str(root / "cupy"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                                     os.environ.get("PYTHONPATH")) if p)}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "experiments", *args, "--runs", str(root / "runs"), "--json"],
+                              env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s", "command_wall_s": time.perf_counter() - t0}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {"error": why[:300], "command_wall_s": time.perf_counter() - t0}
+    try:
+        out = json.loads(lines[-1])
+    except ValueError:
+        return {"error": f"no JSON line: {lines[-1][:200]}", "command_wall_s": time.perf_counter() - t0}
+    return out | {"command_wall_s": time.perf_counter() - t0}
+
+
+def _cluster_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+    from kernels.target import cuda_devices
+
+    n = cuda_devices()
+    counts = _gpu_counts(n)
+    kind, shape = CLUSTER_CUDA_CASE
+    tune_args = ["tune", "--op", kind, "--shape", shape, "--target", "cuda", "--agent", "random",
+                 "--budget", str(cfg.budget), "--rounds", "1", "--cluster", "local"]
+    train_args = ["train", "--op", kind, "--target", "cuda", "--shapes", "gpu", "--timesteps",
+                  str(cfg.train_timesteps), "--n-steps", "64", "--batch-size", "64", "--imitation-epochs", "0",
+                  "--cluster", "local"]
+    configs = [("tune", k) for k in counts] + [("train", k) for k in sorted({1, n})]
+    Path("runs").mkdir(exist_ok=True)
+    raw = Path("runs") / f"benchmark-cluster-cuda-{datetime.datetime.now():%Y%m%d-%H%M%S}.jsonl"
+    print(f"cluster-cuda: {n} GPUs ({target.device}); {len(configs)} configurations x {cfg.cluster_rounds} "
+          f"rounds; every result is appended to {raw} as it comes", file=sys.stderr)
+    runs: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        done = 0
+        for rnd in range(cfg.cluster_rounds):
+            order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]  # interleaved, rotating
+            for command, k in order:
+                args = (tune_args if command == "tune" else train_args) + ["--gpus", str(k)]
+                out = _command(args, Path(tmp) / f"{command}-{k}-{rnd}", cfg.config_timeout)
+                out |= {"command": command, "gpus": k, "round": rnd}
+                runs[(command, k)].append(out)
+                with raw.open("a") as f:
+                    f.write(json.dumps(jsonable(out)) + "\n")
+                done += 1
+                figure = (out.get("error") or (f"{_per_min(out):.1f} candidates/min" if command == "tune"
+                                               else f"{out.get('steps_per_s') or 0:.2f} steps/s"))
+                print(f"[{done}/{len(configs) * cfg.cluster_rounds}] {command}, {k} GPU{'s' * (k > 1)}, "
+                      f"round {rnd + 1}: {figure}", file=sys.stderr)
+
+    def median(command: str, k: int, figure) -> float | None:
+        ok = [figure(r) for r in runs[(command, k)] if "error" not in r]
+        return statistics.median(ok) if ok else None
+
+    def rounds_of(command: str, k: int, figure, fmt: str) -> str:
+        return ", ".join(f"failed: {r['error']}".replace("|", "/") if "error" in r else fmt.format(figure(r))
+                         for r in runs[(command, k)])
+
+    one = median("tune", 1, _per_min)
+    lines = [f"`{' '.join(['python -m experiments', *tune_args])} --gpus K` (seed 0: the same candidates in every "
+             f"configuration), each command in a process of its own with empty build and kernel caches; "
+             f"{cfg.cluster_rounds} rounds, the configurations interleaved in rotating order. `--gpus K` starts a "
+             "local Ray cluster with K of this machine's GPUs, one runner each; the search proposes batches of "
+             "max(8, K) and the next while one is measured. *Per minute* counts measurements over the search's "
+             "wall time (Ray's start-up, the reference kernel, the naive kernel and the final comparison "
+             "excluded). *Of K x 1 GPU* is the rate against K times one GPU's (goal: 0.8 or more). *Reference* "
+             f"is the naive matmul every runner times at start-up (median ms per runner; slow ones marked).", "",
+             "| GPUs | candidates / min (median) | per round | of K x 1 GPU | reference ms per runner | command |",
+             "|---:|---:|---|---:|---|---|"]
+    results = []
+    for k in counts:
+        med = median("tune", k, _per_min)
+        ratio = med / (k * one) if med and one else None
+        cmd = " ".join(["python -m experiments", *tune_args, "--gpus", str(k)])
+        lines.append(f"| {k} | {_fmt(med, '{:.1f}')} | {rounds_of('tune', k, _per_min, '{:.1f}')} | "
+                     f"{_fmt(ratio, '{:.2f}')} | {_reference(runs[('tune', k)])} | `{cmd}` |")
+        results.append({"command": "tune", "gpus": k, "per_min": med, "of_k_times_one": ratio,
+                        "rounds": runs[("tune", k)]})
+    lines += ["", f"`train` on the same local cluster: `--n-envs 0` steps as many environments as there are "
+              f"GPUs; *steps / s* is PPO's environment steps over the learning wall time "
+              f"({cfg.train_timesteps} steps, no imitation, the surrogate reward: the final kernel of each "
+              "episode is measured).", "",
+              "| GPUs | steps / s (median) | per round | command |", "|---:|---:|---|---|"]
+
+    def steps(r: dict) -> float:
+        return r.get("steps_per_s") or 0.0
+
+    for k in sorted({1, n}):
+        cmd = " ".join(["python -m experiments", *train_args, "--gpus", str(k)])
+        med = median("train", k, steps)
+        lines.append(f"| {k} | {_fmt(med, '{:.2f}')} | {rounds_of('train', k, steps, '{:.2f}')} | `{cmd}` |")
+        results.append({"command": "train", "gpus": k, "steps_per_s": med, "rounds": runs[("train", k)]})
+    if n == 1:
+        lines += ["", "This machine has one GPU: no scaling figure."]
+    failed = sum("error" in r for rs in runs.values() for r in rs)
+    if failed:
+        lines += ["", f"{failed} of {len(configs) * cfg.cluster_rounds} commands failed (their rounds say why)."]
+    return lines, results
+
+
+def _per_min(r: dict) -> float:
+    return r["measurements"] / r["wall_s"] * 60 if r.get("wall_s") else 0.0
+
+
+def _fmt(x: float | None, fmt: str) -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _reference(rs: list[dict]) -> str:
+    """Each runner's median time of the reference kernel in the first run that has them."""
+    for r in rs:
+        runners = (r.get("cluster") or {}).get("runners")
+        if runners:
+            return ", ".join(f"{x['runner']}: {_fmt(x['median_ms'], '{:.4f}')}" + (" (slow)" if x["slow"] else "")
+                             for x in runners)
+    return "-"
+
+
 def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
     begin, end = f"<!-- suite:{suite} -->", f"<!-- /suite:{suite} -->"
     section = "\n".join([begin, f"## {title}", "", *lines, end])
@@ -709,6 +854,7 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "search-cpu": "Search agents under one measurement budget",
           "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
           "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate",
+          "cluster-cuda": "Measuring on several GPUs of one host: candidates per minute and train steps per second",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
           "heldout-cpu": "The default search on held-out shapes of every operator",
           "models-cpu": "Whole models on the CPU: tune-model against torch",
@@ -730,6 +876,8 @@ def run(cfg: Config) -> dict:
         lines, results = _tensor_cuda(cfg, target)
     elif cfg.suite == "resnet-conv-cuda":
         lines, results = _tensor_cuda(cfg, target, _resnet_convs())
+    elif cfg.suite == "cluster-cuda":
+        lines, results = _cluster_cuda(cfg, target)
     elif cfg.suite.startswith("models-"):
         lines, results = _models(cfg, target)
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -68,6 +69,8 @@ class Config:
     resume: str | None = field(None, help="continue the run in this directory", metavar="RUN_DIR")
     cluster: str | None = field(None, help="measure on the Ray cluster at this address: auto, HEAD_IP:6379, "
                                            "or local (a throwaway one on this machine)", metavar="ADDRESS")
+    gpus: int | None = field(None, help="with --cluster local: start it with this many of this machine's GPUs "
+                                        "(default: all), one runner each", metavar="K")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -115,7 +118,7 @@ def _command(cfg: Config) -> str:
 
 def run(cfg: Config) -> dict:
     if cfg.resume:
-        cfg = resumed_config(cfg, keep=("json", "timesteps", "cluster"))
+        cfg = resumed_config(cfg, keep=("json", "timesteps", "cluster", "gpus"))
     if cfg.op is None:
         raise ValueError("train needs --op (or --resume RUN_DIR)")
     if cfg.timesteps < 0 or (cfg.timesteps == 0 and cfg.imitation_epochs < 1):
@@ -136,7 +139,8 @@ def run(cfg: Config) -> dict:
     from envs.schedule_env import ScheduleEnv
 
     torch.set_num_threads(1)  # a small MLP: threads cost more than they give, and kernels need the cores
-    backend = cluster.join(cfg.cluster, target) if cfg.cluster else None  # fails fast, before a run dir
+    # fails fast, before a run dir
+    backend = cluster.join(cfg.cluster, target, cfg.gpus) if cfg.cluster or cfg.gpus else None
     n_envs = cfg.n_envs or (backend.parallelism if backend else 2)
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, cfg.op, target.kind, "ppo", cfg.seed)
     model_path = run_dir / "cost_model.pt"
@@ -174,11 +178,13 @@ def run(cfg: Config) -> dict:
         writer.add_scalar("train/imitation_accuracy", accuracy, 0)
         print(f"imitation: {len(demos[2])} expert actions from {len(shapes)} shapes, "
               f"greedy accuracy {accuracy:.2f}", file=sys.stderr)
+    t_learn, steps_before = time.perf_counter(), agent.num_timesteps
     try:
         if cfg.timesteps:
             agent.learn(total_timesteps=cfg.timesteps, callback=_callback(progress, measurer, cfg.timesteps),
                         reset_num_timesteps=not cfg.resume)
     finally:  # an interrupted run keeps what it learned
+        learn_s = time.perf_counter() - t_learn
         policy.save(agent, policy_file, cfg.op, target.kind, hardware=target.device, shapes=shapes,
                     reward=cfg.reward, seed=cfg.seed, command=_command(cfg))
         cost_model.save(str(model_path))
@@ -187,6 +193,9 @@ def run(cfg: Config) -> dict:
         writer.close()
     summary = {"op": cfg.op, "target": target.kind, "agent": "ppo", "timesteps": int(agent.num_timesteps),
                "measurements": measurer.measured, "n_envs": n_envs, "run_dir": str(run_dir),
-               "policy": str(policy_file)}
+               "policy": str(policy_file), "learn_wall_s": learn_s,
+               "steps_per_s": (agent.num_timesteps - steps_before) / learn_s if cfg.timesteps else None}
+    if backend:
+        summary["cluster"] = backend.summary()
     print(f"trained {summary['timesteps']} steps ({measurer.measured} measurements); policy: {policy_file}")
     return summary

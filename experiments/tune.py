@@ -12,12 +12,14 @@ the expert.
 Everything goes to runs/<op>-<target>-<agent>-<seed>-<time>/ (TensorBoard events,
 tuning.jsonl, progress.jsonl, summary.json, best_kernel.c or .cu). --resume RUN_DIR goes
 on from an interrupted run: measured schedules come back from its tuning log and
-are not measured again.
+are not measured again. With --cluster on GPUs, one runner per GPU: the search proposes
+the next batch while one is measured (README, "Measuring on several machines").
 
 Examples:
   python -m experiments tune --op matmul --shape 1024x1024x1024 --budget 64
   python -m experiments tune --op conv2d --shape 1,64,56,56,64,3,3,1,1 --agent anneal --budget 128
   python -m experiments tune --op matmul --shape 1024x1024x1024 --target cuda --budget 64
+  python -m experiments tune --op matmul --shape 1024x1024x1024 --target cuda --budget 256 --cluster local --gpus 2
   tensorboard --logdir runs
 """
 
@@ -79,6 +81,10 @@ class Config:
     export: str | None = field(None, help="write the best kernel's .c, .so and .json here", metavar="DIR")
     cluster: str | None = field(None, help="measure on the Ray cluster at this address: auto, HEAD_IP:6379, "
                                            "or local (a throwaway one on this machine)", metavar="ADDRESS")
+    gpus: int | None = field(None, help="with --cluster local: start it with this many of this machine's GPUs "
+                                        "(default: all), one runner each", metavar="K")
+    batch: int = field(0, help="candidates proposed and measured at once (0: 8, or the cluster's devices where "
+                               "more); a seeded search with the same batch measures the same records on any cluster")
     rounds: int = field(3, help="rounds of the final comparison with the library (alternating blocks)")
     json: bool = field(False, help="print one JSON object as the last line")
 
@@ -162,7 +168,8 @@ def _policy(cfg: Config, op, target):
 
 def run(cfg: Config) -> dict:
     if cfg.resume:
-        cfg = resumed_config(cfg, keep=("json", "export", "cluster", "budget", "rounds"), identity=("op", "shape"))
+        cfg = resumed_config(cfg, keep=("json", "export", "cluster", "gpus", "budget", "rounds"),
+                             identity=("op", "shape"))
     if cfg.op is None or cfg.shape is None:
         raise ValueError("tune needs --op and --shape (or --resume RUN_DIR)")
     cfg = replace(cfg, budget=DEFAULT_BUDGET if cfg.budget is None else cfg.budget)
@@ -182,7 +189,10 @@ def run(cfg: Config) -> dict:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    backend = cluster.join(cfg.cluster, target) if cfg.cluster else None  # fails fast, before a run dir
+    if cfg.batch < 0:
+        raise ValueError("--batch must be at least 1 (or 0: sized to the cluster)")
+    # fails fast, before a run dir
+    backend = cluster.join(cfg.cluster, target, cfg.gpus) if cfg.cluster or cfg.gpus else None
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, op.kind, target.kind, cfg.agent, cfg.seed)
     writer = SummaryWriter(str(run_dir))
     save_config(run_dir, cfg, writer)
@@ -206,7 +216,10 @@ def run(cfg: Config) -> dict:
                                             "search/fraction_of_library": library_ms_start / p.best_time_ms,
                                             "search/wall_time_s": p.wall_s})
 
-        search = Search(op, target, measurer, cfg.budget, on_progress=on_progress)
+        # a cluster of GPUs measures the next batch as soon as a device is free (Search says what that changes)
+        search = Search(op, target, measurer, cfg.budget, on_progress=on_progress,
+                        batch=cfg.batch or max(8, backend.parallelism if backend else 0),
+                        pipeline=bool(backend and backend.pipelined))
         rng = np.random.default_rng(cfg.seed)
         AGENTS[cfg.agent](search, rng, model=model, policy=policy)
         bar.close()
@@ -238,7 +251,10 @@ def run(cfg: Config) -> dict:
         "speedup_vs_naive": naive.time_ms / final.time_ms if naive.ok else None,
         "correct": True, "best_schedule": best.steps_json(),
         "wall_s": search.history[-1].wall_s if search.history else 0.0, "run_dir": str(run_dir),
+        "batch": search.batch, "pipelined": search.pipeline,
     }
+    if backend:
+        summary["cluster"] = backend.summary()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "best.json").write_text(json.dumps(best.to_json(), indent=2) + "\n")
     (run_dir / f"best_kernel.{'cu' if kernel.is_cuda else 'c'}").write_text(kernel.source)

@@ -133,6 +133,23 @@ def cuda_target(device_id: int = 0) -> Target:
                   sm_count=int(p["multiProcessorCount"]), **CUDA_LIMITS)
 
 
+def cuda_devices() -> int:
+    """How many CUDA GPUs this process sees (CUDA_VISIBLE_DEVICES applies); ``NoCudaDevice``
+    without CuPy, a driver or a GPU."""
+    try:
+        import cupy  # noqa: F401  (optional: only GPU machines have it)
+    except ImportError as e:
+        raise NoCudaDevice(f"no CUDA GPU: CuPy is not installed ({e})") from None
+    try:
+        from cupy.cuda import runtime
+        n = int(runtime.getDeviceCount())
+    except Exception as e:  # CUDARuntimeError without a driver or device
+        raise NoCudaDevice(f"no CUDA GPU: {type(e).__name__}: {e}") from None
+    if n < 1:
+        raise NoCudaDevice("no CUDA GPU: CUDA sees no device")
+    return n
+
+
 def get_target(kind: str) -> Target:
     if kind == "cpu":
         return cpu_target()

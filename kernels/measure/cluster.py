@@ -20,6 +20,9 @@ driver's, exactly as with the local backend.
 - **Failures.** A runner actor that dies mid-measurement (its process or its machine)
   costs that candidate one retry on another runner; a second loss records it as
   failed. The dead actor is replaced while its machine is alive.
+- **Slow devices.** At start-up every runner times the same reference kernel a few
+  times; a runner slower than the fastest by more than the timing spread is named in a
+  warning and in ``RayRunner.slow`` (its timings would rank kernels unfairly).
 
 Ray is imported here only, and only when a cluster is asked for (``--cluster``).
 """
@@ -31,6 +34,7 @@ import itertools
 import logging
 import os
 import socket
+import statistics
 import tempfile
 import threading
 import time
@@ -38,9 +42,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..codegen import render
 from ..codegen.kernel import Kernel
 from ..ir.ops import Operator, make_op
-from ..target import Target, cpu_target, cuda_target
+from ..ir.schedule import Schedule
+from ..target import NoCudaDevice, Target, cpu_target, cuda_devices, cuda_target
 from .build import Builder, ObjectCache, default_cache_dir
 from .result import BuildResult, MeasureResult
 from .runner import Runner
@@ -50,6 +56,9 @@ logger = logging.getLogger(__name__)
 CPU_HOST = "cpu_host"      # custom Ray resource: one unit per runner of C kernels on a machine
 PROBE_TIMEOUT_S = 7.0      # a cluster address that does not answer within this fails (the command, in 10 s)
 RETRIES = 1                # extra attempts of a candidate whose runner died
+# the kernel every runner times at start-up (its naive schedule: legal on every target)
+REFERENCE = {"cpu": ("matmul", "128x128x128"), "cuda": ("matmul", "512x512x512")}
+REFERENCE_ROUNDS = 5
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # kernels/, shipped to the workers
 
 
@@ -140,14 +149,18 @@ def _use_token(address: str, loopback: bool) -> None:
                            "to what `ray get-auth-token` prints on its head")
 
 
-def connect(address: str, *, num_cpus: int | None = None, cpu_hosts: int = 1) -> None:
+def connect(address: str, *, num_cpus: int | None = None, cpu_hosts: int = 1,
+            num_gpus: int | None = None) -> None:
     """Join the Ray cluster at ``address``: ``auto`` (the cluster this machine belongs to,
     or ``$RAY_ADDRESS``), ``HOST:PORT`` of its head, or ``local``: a throwaway cluster
     on this machine, bound to the loopback address, offering ``num_cpus`` CPUs for
-    compiles and ``cpu_hosts`` CPU runners. Keeps an existing connection.
+    compiles, ``cpu_hosts`` CPU runners and ``num_gpus`` of its GPUs (default: all; the
+    first K that CUDA_VISIBLE_DEVICES shows), one runner each. Keeps an existing connection.
 
     A loopback ``HOST`` is joined through the loopback address: Ray swaps it for the
     machine's LAN address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 when Ray is imported."""
+    if num_gpus is not None:
+        _check_gpus(address, num_gpus)
     wants_token = False
     loopback = address == "local"
     if address not in ("auto", "local"):
@@ -164,13 +177,28 @@ def connect(address: str, *, num_cpus: int | None = None, cpu_hosts: int = 1) ->
     common = dict(log_to_driver=False, runtime_env={"py_modules": [str(PACKAGE_DIR)]})
     try:
         if address == "local":
-            ray.init(address="local", num_cpus=num_cpus, resources={CPU_HOST: cpu_hosts},
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources={CPU_HOST: cpu_hosts},
                      include_dashboard=False, **common)
         else:
             ray.init(address=address, **common)
     except Exception as e:
         hint = "; start one with `ray start --head`, or use --cluster local" if address == "auto" else ""
         raise ClusterError(f"cannot join the Ray cluster at {address}: {type(e).__name__}: {e}{hint}") from None
+
+
+def _check_gpus(address: str, num_gpus: int) -> None:
+    """``--gpus K`` asks a local cluster for K of this machine's GPUs: there must be K."""
+    if address != "local":
+        raise ClusterError(f"--gpus {num_gpus} sets the GPUs of a cluster started here: use it with --cluster local "
+                           "(a running cluster's GPUs are those its machines offer)")
+    if num_gpus < 1:
+        raise ValueError(f"--gpus must be at least 1, not {num_gpus}")
+    try:
+        have = cuda_devices()
+    except NoCudaDevice as e:
+        raise ClusterError(f"--gpus {num_gpus} needs CUDA GPUs on this machine: {e}") from None
+    if num_gpus > have:
+        raise ClusterError(f"--gpus {num_gpus}: this machine shows {have} CUDA GPU{'s' * (have != 1)}")
 
 
 def disconnect() -> None:
@@ -225,11 +253,15 @@ class _RunnerActor:
         except OSError:
             self.cache = ObjectCache(Path(tempfile.mkdtemp(prefix="schedgym-artefacts-")))
 
-    def describe(self) -> tuple[str, dict]:
+    def describe(self) -> tuple[str, dict, str]:
+        """Its node, its target, and a name for people: the node's address and the GPU it
+        was given (CUDA_VISIBLE_DEVICES, set by Ray), or the process of a CPU runner."""
         import ray
 
         target = cuda_target() if self.kind == "cuda" else cpu_target()
-        return ray.get_runtime_context().get_node_id(), target.to_json()
+        ip = ray.util.get_node_ip_address()
+        where = f"GPU {','.join(map(str, ray.get_gpu_ids()))}" if self.kind == "cuda" else f"CPU, pid {os.getpid()}"
+        return ray.get_runtime_context().get_node_id(), target.to_json(), f"{ip} {where}"
 
     def run(self, kind: str, shape: str, kernel: Kernel, filename: str, data: bytes, library: bool,
             slow_cutoff_s: float | None, dtype: str = "fp32") -> MeasureResult:
@@ -343,7 +375,11 @@ class RayBuilder:
 
 class RayRunner:
     """``Runner`` over every matching device of the cluster: ``run_many`` keeps each
-    runner actor busy with one kernel at a time and yields results in order."""
+    runner actor busy with one kernel at a time and yields results in order. Several
+    ``run_many`` at once (batches a pipelined search submitted) share the devices: a
+    free one takes the next kernel of whichever asked first."""
+
+    concurrent = True                          # Measurer.submit may run batches side by side
 
     def __init__(self, target: Target, artefacts: dict[str, Any], **options: Any):
         self.target = target
@@ -358,6 +394,9 @@ class RayRunner:
         self.replaced = 0                      # runner actors started in place of dead ones
         self.dispatch_s = 0.0                  # wall time of runner calls beyond the actors' own run time
         self._node_of: dict[Any, str] = {}     # actor -> the node it runs on
+        self.name_of: dict[Any, str] = {}      # actor -> "node address GPU i" (for people)
+        self.reference: list[dict] = []        # per runner: the reference kernel's times (calibrate)
+        self.slow: list[str] = []              # names of runners slower than the spread allows
         self._start()
 
     @property
@@ -394,10 +433,11 @@ class RayRunner:
                 ray.kill(a)
             raise ClusterError(f"runner actors failed to start: {type(e).__name__}: {e}") from None
         wrong = []
-        for a, (node, tgt) in zip(actors, found):
+        for a, (node, tgt, name) in zip(actors, found):
             if _same_target(tgt, self.target):
                 self._live.append(a)
                 self._node_of[a] = node
+                self.name_of[a] = name
             else:
                 wrong.append(f"{tgt.get('device')} ({tgt.get('compiler')})")
                 ray.kill(a)
@@ -430,6 +470,7 @@ class RayRunner:
         except Exception:
             pass
         node = self._node_of.pop(actor, None)
+        name = self.name_of.pop(actor, "?")
         fresh = None
         if node is not None and _alive(node) and self.replaced < 4 * max(len(self._live), 1):
             fresh = self._new_actor(node if self.target.kind == "cpu" else None)
@@ -439,6 +480,7 @@ class RayRunner:
             if fresh is not None:
                 self.replaced += 1
                 self._node_of[fresh] = node
+                self.name_of[fresh] = f"{name} (restarted)"
                 self._live.append(fresh)
                 self._idle.append(fresh)
             self._cond.notify_all()
@@ -507,6 +549,49 @@ class RayRunner:
             for ref, (_, actor, _) in inflight.items():  # abandoned (the caller stopped): let them finish
                 threading.Thread(target=self._settle, args=(ref, actor), daemon=True).start()
 
+    def calibrate(self, op: Operator, kernel: Kernel, path: str, rounds: int = REFERENCE_ROUNDS) -> list[dict]:
+        """Every runner times ``kernel`` in ``rounds`` rounds, all runners at once in each
+        (before any measuring). Per runner: its name, median, spread (max - min over the
+        rounds) and whether it is slow: its median above the fastest runner's by more
+        than the spread of either. Identical devices agree within the spread; a slower
+        one (another model, a lower clock, a throttled or shared GPU) times every kernel
+        slow, which bends the search's ranking; it is named in a warning and in ``slow``."""
+        ray = _ray()
+        actors = list(self._live)
+        data = self._artefact(path)
+        times: dict[Any, list[float]] = {a: [] for a in actors}
+        errors: dict[Any, str] = {}
+        for _ in range(rounds):
+            refs = {a: a.run.remote(op.kind, op.shape_str, kernel, Path(path).name, data, False, None, op.dtype)
+                    for a in actors if a not in errors}
+            for a, ref in refs.items():
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    res = MeasureResult.failure(f"{type(e).__name__}")
+                if res.ok:
+                    times[a].append(res.time_ms)
+                else:
+                    errors[a] = res.error or "failed"
+        named = {self.name_of.get(a, "?"): t for a, t in times.items() if t and a not in errors}
+        self.slow = slow_runners(named)
+        self.reference = [{"runner": self.name_of.get(a, "?"),
+                           "median_ms": statistics.median(t) if t and a not in errors else None,
+                           "spread_ms": max(t) - min(t) if t and a not in errors else None,
+                           "times_ms": t, "slow": self.name_of.get(a, "?") in self.slow, "error": errors.get(a)}
+                          for a, t in times.items()]
+        for r in self.reference:
+            if r["error"]:
+                logger.warning("runner %s failed the reference kernel %s %s: %s", r["runner"], op.kind,
+                               op.shape_str, r["error"])
+        if self.slow:
+            fastest = min((r for r in self.reference if r["median_ms"] is not None), key=lambda r: r["median_ms"])
+            logger.warning("slow runner%s: %s (reference %s %s: %s ms against %.4f ms on %s, spread %.4f ms)",
+                           "s" * (len(self.slow) > 1), ", ".join(self.slow), op.kind, op.shape_str,
+                           ", ".join(f"{r['median_ms']:.4f}" for r in self.reference if r["slow"]),
+                           fastest["median_ms"], fastest["runner"], fastest["spread_ms"])
+        return self.reference
+
     def _settle(self, ref: Any, actor: Any) -> None:
         ray = _ray()
         try:
@@ -535,6 +620,16 @@ class RayRunner:
         self.close()
 
 
+def slow_runners(times: dict[str, list[float]]) -> list[str]:
+    """The runners (by name) whose median time of one kernel is above the fastest
+    runner's by more than the spread (max - min) of either's times."""
+    figures = {n: (statistics.median(t), max(t) - min(t)) for n, t in times.items() if t}
+    if len(figures) < 2:
+        return []
+    m0, s0 = min(figures.values())
+    return [n for n, (m, s) in figures.items() if m - m0 > max(s, s0)]
+
+
 # ---------------------------------------------------------------- the pair
 
 @dataclass
@@ -552,6 +647,30 @@ class RayBackend:
         if self.runner.target.kind == "cuda":
             return self.runner.devices
         return max(self.builder.workers, self.runner.devices)
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether a search should propose its next batch while this one is measured: on
+        GPUs (CUDA events time the device; the driver's work and NVRTC are on the host). A
+        CPU runner's host may be the driver's or a compile's, and timing wants it quiet."""
+        return self.runner.target.kind == "cuda"
+
+    def summary(self) -> dict:
+        """What a command's --json says of the cluster: its devices and each runner's time
+        of the reference kernel."""
+        kind, shape = REFERENCE[self.runner.target.kind]
+        return {"devices": self.runner.devices, "reference": f"{kind} {shape} naive",
+                "runners": self.runner.reference, "slow": self.runner.slow}
+
+    def calibrate(self, rounds: int = REFERENCE_ROUNDS) -> list[dict]:
+        """The reference kernel (``REFERENCE``, naive schedule) timed on every runner:
+        :meth:`RayRunner.calibrate`."""
+        op = make_op(*REFERENCE[self.runner.target.kind])
+        kernel = render(Schedule(op), self.runner.target, name=f"{op.kind}_reference")
+        built = self.builder.build([kernel])[0]
+        if not built.ok:
+            raise ClusterError(f"the reference kernel does not build: {built.error}")
+        return self.runner.calibrate(op, kernel, built.path, rounds)
 
 
 def backend(target: Target, build_timeout_s: float = 60.0, **runner_options: Any) -> RayBackend:
@@ -573,11 +692,20 @@ def backend(target: Target, build_timeout_s: float = 60.0, **runner_options: Any
         if not nodes:
             raise ClusterError(f"no node of the Ray cluster compiles for {target.device} ({target.compiler})")
     runner = RayRunner(target, artefacts, **runner_options)
-    return RayBackend(RayBuilder(target, nodes, artefacts, timeout_s=build_timeout_s,
+    pair = RayBackend(RayBuilder(target, nodes, artefacts, timeout_s=build_timeout_s,
                                  anywhere=bool(nodes) and len(nodes) == len(alive)), runner)
+    try:
+        pair.calibrate()
+    except BaseException:
+        runner.close()
+        raise
+    return pair
 
 
-def join(address: str, target: Target, **runner_options: Any) -> RayBackend:
-    """What ``--cluster ADDRESS`` does: :func:`connect`, then :func:`backend`."""
-    connect(address)
+def join(address: str, target: Target, gpus: int | None = None, **runner_options: Any) -> RayBackend:
+    """What ``--cluster ADDRESS [--gpus K]`` does: :func:`connect` (a local cluster with
+    ``gpus`` of this machine's GPUs), then :func:`backend`."""
+    if gpus is not None and target.kind != "cuda":
+        raise ValueError(f"--gpus is for --target cuda (this is --target {target.kind})")
+    connect(address, num_gpus=gpus)
     return backend(target, **runner_options)

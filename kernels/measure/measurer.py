@@ -2,7 +2,8 @@
 
 ``Measurer.measure`` renders and keys candidates itself, builds a whole batch first
 (compiles run in parallel), then runs it one kernel at a time, so timing never runs
-beside compiles. CUDA kernels are compiled by NVRTC inside the worker, on the GPU
+beside compiles. ``Measurer.submit`` measures a batch in the background, so a search
+can propose the next batch while a cluster's devices work on this one. CUDA kernels are compiled by NVRTC inside the worker, on the GPU
 they run on: the builder only stores their source, and the NVRTC time comes back as
 the result's ``build_s``.
 """
@@ -12,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..ir.schedule import Schedule
 from ..target import Target
@@ -50,6 +52,8 @@ class Measurer:
         self.build_s = 0.0        # seconds spent compiling, over all of them
         self.run_s = 0.0          # seconds spent checking and timing, over all of them
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None   # submit()'s, made on first use
+        self._in_order = _InOrder(self.log, self._lock)
         if cache and self.log is not None:
             self.preload(self.log)
 
@@ -71,7 +75,37 @@ class Measurer:
     def measure(self, items: Sequence[Schedule | Candidate]) -> list[MeasureResult]:
         """One result per schedule (rendered for this target here) or candidate (a kernel
         written some other way), in order; all of one operator."""
-        cands = [c if isinstance(c, Candidate) else Candidate.of(c, self.target) for c in items]
+        return self._measure(self._candidates(items), self._append)
+
+    def submit(self, items: Sequence[Schedule | Candidate]) -> Future:
+        """``measure(items)`` in the background: a future of its results. Batches submitted
+        one after another run side by side on a runner that has several devices (a Ray
+        cluster's: each device takes the next kernel of any batch), one after another on
+        the local Runner; their records reach the tuning log in submission order, as
+        ``measure`` would write them. Rendering happens here, in the caller's thread."""
+        cands = self._candidates(items)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(4 if getattr(self.runner, "concurrent", False) else 1,
+                                            thread_name_prefix="measure")
+        ticket = self._in_order.ticket()
+
+        def work() -> list[MeasureResult]:
+            try:
+                return self._measure(cands, lambda record: self._in_order.append(ticket, record))
+            finally:
+                self._in_order.done(ticket)
+
+        return self._pool.submit(work)
+
+    def _append(self, record: TuningRecord) -> None:
+        if self.log is not None:
+            with self._lock:
+                self.log.append(record)
+
+    def _candidates(self, items: Sequence[Schedule | Candidate]) -> list[Candidate]:
+        return [c if isinstance(c, Candidate) else Candidate.of(c, self.target) for c in items]
+
+    def _measure(self, cands: list[Candidate], append: Callable[[TuningRecord], None]) -> list[MeasureResult]:
         if not cands:
             return []
         op = cands[0].op
@@ -105,8 +139,7 @@ class Measurer:
                 self.run_s += res.run_s
                 if self.use_cache and not res.transient:
                     self.cache[mk] = res
-                if self.log is not None:
-                    self.log.append(self.record(c, res))
+            append(self.record(c, res))
         return [results[mk] for mk in mkeys]
 
     def measure_one(self, item: Schedule | Candidate) -> MeasureResult:
@@ -120,6 +153,8 @@ class Measurer:
                             correct=res.correct, error=res.error, dtype=c.op.dtype)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self.runner.close()
 
     def __enter__(self) -> "Measurer":
@@ -127,3 +162,39 @@ class Measurer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _InOrder:
+    """Appends submitted batches' records to a tuning log in submission order: a batch's
+    records wait while an earlier batch is still measuring, then go in behind it."""
+
+    def __init__(self, log: TuningLog | None, lock: threading.Lock):
+        self.log = log
+        self._lock = lock                      # the measurer's: one writer of the log at a time
+        self._issued = 0                       # tickets given out
+        self._head = 0                         # the batch whose records go straight in
+        self._waiting: dict[int, list[TuningRecord]] = {}
+        self._done: set[int] = set()
+
+    def ticket(self) -> int:
+        with self._lock:
+            self._issued += 1
+            return self._issued - 1
+
+    def append(self, ticket: int, record: TuningRecord) -> None:
+        with self._lock:
+            if ticket == self._head:
+                if self.log is not None:
+                    self.log.append(record)
+            else:
+                self._waiting.setdefault(ticket, []).append(record)
+
+    def done(self, ticket: int) -> None:
+        with self._lock:
+            self._done.add(ticket)
+            while self._head in self._done:
+                self._done.remove(self._head)
+                self._head += 1
+                for record in self._waiting.pop(self._head, []):
+                    if self.log is not None:
+                        self.log.append(record)

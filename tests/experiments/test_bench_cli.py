@@ -254,7 +254,8 @@ def test_cuda_without_a_gpu_is_one_clear_error(capsys, tmp_path, command):
     assert not any(tmp_path.iterdir())   # nothing half-written
 
 
-def test_the_cuda_kernel_suite_without_a_gpu_is_one_clear_error(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("suite", ["kernels-cuda", "cluster-cuda"])
+def test_a_cuda_suite_without_a_gpu_is_one_clear_error(capsys, tmp_path, monkeypatch, suite):
     from kernels import target as targets
 
     def no_gpu(device_id: int = 0):
@@ -262,7 +263,49 @@ def test_the_cuda_kernel_suite_without_a_gpu_is_one_clear_error(capsys, tmp_path
 
     monkeypatch.setattr(targets, "cuda_target", no_gpu)   # also where CuPy and a GPU are present
     out = tmp_path / "BENCHMARKS.md"
-    assert main(["benchmark", "--suite", "kernels-cuda", "--out", str(out)]) == 2
+    assert main(["benchmark", "--suite", suite, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no CUDA GPU"), err
     assert not out.exists()
+
+
+def test_a_cluster_cuda_configuration_that_fails_costs_only_itself(tmp_path):
+    """Each configuration is a command of its own: an error or a hang comes back as its reason."""
+    from experiments.benchmark import _command, _gpu_counts
+
+    assert _gpu_counts(1) == [1] and _gpu_counts(2) == [1, 2] and _gpu_counts(8) == [1, 2, 8]
+    bad = _command(["tune", "--op", "matmul", "--shape", "8x8x8", "--budget", "0"], tmp_path / "bad", 120)
+    assert bad["error"] == "error: --budget must be at least 1", bad
+    slow = _command(["tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "random", "--budget", "1"],
+                    tmp_path / "slow", 1)
+    assert slow["error"] == "timed out after 1 s"
+
+
+def test_the_cluster_cuda_section_keeps_every_configuration(tmp_path, monkeypatch):
+    """Rows for 1, 2 and all GPUs and for train, a failed round said in its row, every result in the raw log."""
+    import json as _json
+
+    from experiments import benchmark
+    from kernels import target as targets
+
+    def fake(args, root, timeout_s):
+        k = int(args[args.index("--gpus") + 1])
+        if args[0] == "train":
+            return {"steps_per_s": 10.0 * k}
+        if k == 2 and "1" in root.name.rsplit("-", 1)[1]:
+            return {"error": "timed out after 1800 s"}
+        runners = [{"runner": f"10.0.0.1 GPU {i}", "median_ms": 0.5, "slow": i == 3} for i in range(k)]
+        return {"measurements": 64, "wall_s": 64 / (k * 0.9), "cluster": {"runners": runners}}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(targets, "cuda_devices", lambda: 4)
+    monkeypatch.setattr(benchmark, "_command", fake)
+    cfg = benchmark.Config(suite="cluster-cuda", cluster_rounds=2)
+    lines, results = benchmark._cluster_cuda(cfg, targets.cuda_target_for_compile())
+    text = "\n".join(lines)
+    assert "| 1 | 54.0 | 54.0, 54.0 | 1.00 |" in text and "| 4 | 216.0 |" in text
+    assert "| 2 | 108.0 | 108.0, failed: timed out after 1800 s | 1.00 |" in text
+    assert "10.0.0.1 GPU 3: 0.5000 (slow)" in text and "| 4 | 40.00 | 40.00, 40.00 |" in text
+    assert "1 of 10 commands failed" in text
+    [raw] = (tmp_path / "runs").glob("benchmark-cluster-cuda-*.jsonl")
+    assert len([_json.loads(line) for line in raw.read_text().splitlines()]) == 10

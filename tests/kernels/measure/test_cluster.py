@@ -74,18 +74,24 @@ def test_ray_search_matches_the_local_backend(ray_cluster, tmp_path):
     assert _content(TuningLog(tmp_path / "ray.jsonl")) == _content(TuningLog(tmp_path / "local.jsonl"))
 
 
-SLEEPY = Kernel("sleepy", """
+def _sleepy(name: str, sleep: str) -> Kernel:
+    """A correct matmul 8x8x8 that first sleeps ``sleep`` (C: microseconds)."""
+    return Kernel(name, f"""
+#include <stdio.h>
 #include <unistd.h>
-void sleepy(float* restrict A, float* restrict B, float* restrict C) {
-    usleep(1500000);
+void {name}(float* restrict A, float* restrict B, float* restrict C) {{
+    usleep({sleep});
     for (int i = 0; i < 8; i++)
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < 8; j++) {{
             float acc = 0.0f;
             for (int k = 0; k < 8; k++) acc += A[i * 8 + k] * B[k * 8 + j];
             C[i * 8 + j] = acc;
-        }
-}
+        }}
+}}
 """, make_op("matmul", "8x8x8").tensors)
+
+
+SLEEPY = _sleepy("sleepy", "1500000")
 
 
 def test_a_runner_killed_mid_measurement_loses_no_record(ray_cluster, tmp_path):
@@ -260,3 +266,110 @@ def test_tune_on_the_cluster_exports_the_best_kernel(ray_cluster, tmp_path):
     assert out["correct"] and out["measurements"] == 3 and out["fraction_of_library"]
     assert 3 <= len(TuningLog(Path(out["run_dir"]) / "tuning.jsonl").read()) <= 4  # the naive kernel, 3 found
     assert (tmp_path / "k" / "kernel.so").stat().st_size > 0
+
+
+def test_batches_submitted_together_share_the_runners(ray_cluster, tmp_path):
+    """A second batch starts on the free runner while the first still measures, and its
+    record waits behind the first one's in the log."""
+    backend = cluster.backend(cpu_target(), **FAST)
+    op = make_op("matmul", "8x8x8")
+    busy, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            busy.append(len(backend.runner.busy()))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with Measurer(cpu_target(), backend.builder, backend.runner, log=tmp_path / "log.jsonl") as m:
+            first = m.submit([Candidate(op, "slow", _sleepy("slow", "600000"))])
+            second = m.submit([Candidate(op, "quick", _sleepy("quick", "100000"))])
+            assert second.result()[0].ok and not first.done()   # the quick one did not wait
+            assert first.result()[0].ok
+    finally:
+        stop.set()
+        watcher.join()
+    assert max(busy) == 2
+    assert [r.schedule for r in TuningLog(tmp_path / "log.jsonl")] == ["slow", "quick"]
+
+
+def test_slow_runners_are_those_beyond_the_spread():
+    assert cluster.slow_runners({"a": [1.0, 1.1, 1.05], "b": [1.08, 1.12, 1.02]}) == []
+    assert cluster.slow_runners({"a": [1.0, 1.1, 1.05], "b": [1.3, 1.31, 1.29], "c": [1.0]}) == ["b"]
+    assert cluster.slow_runners({"a": [1.0]}) == []
+
+
+def test_identical_runners_agree_and_a_slower_one_is_named(ray_cluster, tmp_path, caplog):
+    """Every runner times one kernel; both simulated runners agree within the spread until
+    one of them (its worker's parent process marked) sleeps 60 ms longer per call."""
+    marks = tmp_path / "slow"
+    marks.mkdir()
+    kernel = _sleepy("marked", f"""10000);
+    char path[512];
+    snprintf(path, sizeof path, "%s/%d", "{marks}", (int)getppid());
+    if (access(path, F_OK) == 0) usleep(60000""")
+    backend = cluster.backend(cpu_target(), **FAST)
+    runner = backend.runner
+    assert len(runner.reference) == 2 and all(r["median_ms"] for r in runner.reference)  # at start-up
+    [built] = Builder(cache_dir=tmp_path / "build").build([kernel])
+    op = make_op("matmul", "8x8x8")
+    even = runner.calibrate(op, kernel, built.path, rounds=5)
+    assert runner.slow == [] and not any(r["slow"] for r in even), even
+    slow_name = even[1]["runner"]
+    (marks / slow_name.rsplit("pid ", 1)[1]).touch()
+    with caplog.at_level("WARNING", logger="kernels.measure.cluster"):
+        uneven = runner.calibrate(op, kernel, built.path, rounds=3)
+    assert runner.slow == [slow_name] and [r["slow"] for r in uneven] == [False, True], uneven
+    assert uneven[1]["median_ms"] > uneven[0]["median_ms"] + 45
+    assert any("slow runner: " + slow_name in r.getMessage() for r in caplog.records)
+    assert backend.summary()["slow"] == [slow_name] and backend.summary()["devices"] == 2
+    runner.close()
+
+
+def test_gpus_need_a_local_cluster_and_the_gpus(monkeypatch):
+    """``--gpus K`` is checked before anything starts, each way it can be wrong in one line."""
+    with pytest.raises(cluster.ClusterError, match="use it with --cluster local"):
+        cluster.connect("auto", num_gpus=2)
+    with pytest.raises(ValueError, match="--gpus is for --target cuda"):
+        cluster.join("local", cpu_target(), gpus=2)
+    monkeypatch.setattr(cluster, "cuda_devices", lambda: 1)
+    with pytest.raises(cluster.ClusterError, match="--gpus 2: this machine shows 1 CUDA GPU$"):
+        cluster.connect("local", num_gpus=2)
+    monkeypatch.setattr(cluster, "cuda_devices", _no_gpu)
+    with pytest.raises(cluster.ClusterError, match="--gpus 2 needs CUDA GPUs on this machine: no CUDA GPU"):
+        cluster.connect("local", num_gpus=2)
+
+
+def _no_gpu() -> int:
+    from kernels.target import NoCudaDevice
+
+    raise NoCudaDevice("no CUDA GPU: simulated")
+
+
+def test_cli_gpus_without_a_gpu_is_one_error_line(tmp_path):
+    proc = cli("bench", "--op", "matmul", "--shape", "8x8x8", "--gpus", "2", "--cluster", "local", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: --gpus is for --target cuda (this is --target cpu)"
+
+
+def _gpus() -> int:
+    from kernels.target import NoCudaDevice, cuda_devices
+
+    try:
+        return cuda_devices()
+    except NoCudaDevice:
+        return 0
+
+
+@pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA GPU and CuPy")
+def test_tune_on_a_local_cluster_of_gpus(tmp_path):
+    """One runner per GPU asked for, each timing the reference kernel; a pipelined search."""
+    k = min(_gpus(), 2)
+    proc = cli("tune", "--op", "matmul", "--shape", "256x256x256", "--target", "cuda", "--agent", "random",
+               "--budget", "8", "--rounds", "1", "--cluster", "local", "--gpus", str(k), "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["measurements"] == 8 and out["pipelined"] and out["cluster"]["devices"] == k
+    assert len({r["runner"] for r in out["cluster"]["runners"]}) == k
