@@ -133,7 +133,7 @@ CUDA_LIMITS = dict(max_block=(1024, 1024, 64), max_grid=(2 ** 31 - 1, 65535, 655
 
 
 def cuda_target_for_compile(arch: str = "sm_90", device: str | None = None, sm_count: int = 132,
-                            l2_bytes: int = 50 << 20) -> Target:
+                            l2_bytes: int = 60 << 20) -> Target:
     """A CUDA target with the usual limits, for generating and nvcc-compiling code where no
     GPU is present (tests, CI, imitation, which measures nothing); by default an H200's
     description. Its device name says so, so it never shares a cache entry with a measured
