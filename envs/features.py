@@ -2,13 +2,18 @@
 
 Extents, strides and footprints enter as ``log2(1 + x)``, so one policy sees shapes
 of any size on the same scale; nothing names a concrete shape. Rows are loop
-slots (outermost first, zero-padded to ``MAX_LOOPS``), then the globals.
+slots (outermost first, zero-padded to ``MAX_LOOPS``), then the globals: the
+operator, the schedule's progress, and the target (cores, vector lanes, caches; a
+GPU's shared memory and registers), so one policy can serve machines it was not
+trained on.
 
 Columns are addressed by name: ``LOOP[name]`` and ``GLOBAL[name]`` are the slices the
 tables :data:`LOOP_FEATURES` and :data:`GLOBAL_FEATURES` give them. A new feature is
 one entry in a table, one value in :func:`featurize` and one row in the observation
 table of ``ScheduleEnv``'s docstring (a test holds the two tables together). It
-changes the vector's size, so policies and cost models saved before no longer load.
+changes the vector's size, so policies and cost models saved before no longer load:
+retrain the shipped ones (``experiments/pretrained``) and re-record the golden vectors
+of ``tests/envs/test_features.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ GLOBAL_FEATURES = (
     ("log_intensity", 1),            # FLOPs per byte of all tensors
     ("log_cores", 1),
     ("log_vector_lanes", 1),
+    ("log_cache_bytes", 3),          # L1d, L2, L3 data cache (a GPU: its L2, second column)
+    ("log_shared_bytes", 1),         # shared memory a GPU block may use (0 on a CPU)
+    ("log_registers", 2),            # a GPU's registers per block, per multiprocessor (0 on a CPU)
     ("step_fraction", 1),
     ("loop_fraction", 1),            # loops / MAX_LOOPS
     ("has", 4),                      # parallel, vectorize, cache_write, any cache_read
@@ -125,6 +133,9 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
         "log_intensity": _log(op.flops / total_bytes),
         "log_cores": _log(target.cores),
         "log_vector_lanes": _log(target.vector_lanes),
+        "log_cache_bytes": [_log(target.l1_bytes), _log(target.l2_bytes), _log(target.l3_bytes)],
+        "log_shared_bytes": _log(target.shared_bytes_per_block),
+        "log_registers": [_log(target.registers_per_block), _log(target.registers_per_sm)],
         "step_fraction": step_fraction,
         "loop_fraction": len(loops) / MAX_LOOPS,
         "has": [float(any(l.kind == "parallel" for l in loops) or any(axes_bound)),

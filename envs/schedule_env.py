@@ -12,22 +12,25 @@ from kernels.measure import Measurer
 from kernels.ir.ops import make_op
 from kernels.ir.printer import print_loop_nest
 from kernels.ir.schedule import Schedule, ScheduleError
-from kernels.target import get_target
+from kernels.target import Target, get_target
 
 from . import features
 from .actions import ActionTable, NestInfo
 from .cost import AnalyticalCostModel, CostModel
 from .reward import FAILED_SLOWDOWN, Reward, make_reward
 
-MAX_STEPS = 32  # the default episode length: actions per episode, the final done included
+# The default episode length: actions per episode, the final done included. The longest
+# expert replay (the GPU conv2d's: 34 steps, then done) fits, with one to spare.
+MAX_STEPS = 36
 
 
 class ScheduleEnv(gym.Env):
     """Schedule one tensor operator, one primitive per step.
 
-    **Options** (``gymnasium.make("schedgym/Schedule-v0", ...)``): ``op`` (kind),
+    **Options** (``gymnasium.make("schedgym/Schedule-v1", ...)``): ``op`` (kind),
     ``shape`` or ``shapes`` (a family sampled at each reset; ``reset(options={"shape":
-    ...})`` picks one), ``target`` ("cpu" or "cuda"), ``max_steps`` (``MAX_STEPS`` = 32),
+    ...})`` picks one), ``target`` ("cpu", "cuda", or a
+    :class:`kernels.target.Target`), ``max_steps`` (``MAX_STEPS`` = 36),
     ``reward`` ("measure", "surrogate" or "measure_every_step"; ``envs/reward.py``),
     ``measure_every_step`` (False; True is ``reward="measure_every_step"``), ``cost_model``
     (default: :class:`AnalyticalCostModel`), ``update_cost_model`` (feed every measured
@@ -35,29 +38,29 @@ class ScheduleEnv(gym.Env):
     measurement cache; append every measurement to a tuning log).
 
     **Actions**: ``Discrete(n)``, the same ``n`` for every shape of an op kind. A loop
-    slot is a position in the current nest (0 = outermost, at most ``MAX_LOOPS`` = 12);
+    slot is a position in the current nest (0 = outermost, at most ``MAX_LOOPS`` = 13);
     a factor slot indexes ``FACTORS`` = (2, 3, 4, 6, 8, 16, 32, 64), capped at the
     loop's extent. ``action_masks()`` gives the legal ones.
 
     ======================  =========  ==========================================
     action                  count      step
     ======================  =========  ==========================================
-    split(slot, factor)     12 x 8     ``Split(loop, factor)``
-    tile(slot, factor)      11 x 8     ``Tile(loop, next loop, factor, factor)``
-    swap(slot)              11         ``Reorder`` of the loop and the next inner one
-    fuse(slot)              11         ``Fuse(loop, next loop)``
-    vectorize(slot)         12         ``Vectorize``
-    unroll(slot)            12         ``Unroll``
-    parallel(slot)          12         ``Parallel`` (CPU only)
-    bind(axis, slot)        6 x 12     ``Bind`` to blockIdx.x/y/z, threadIdx.x/y/z
+    split(slot, factor)     13 x 8     ``Split(loop, factor)``
+    tile(slot, factor)      12 x 8     ``Tile(loop, next loop, factor, factor)``
+    swap(slot)              12         ``Reorder`` of the loop and the next inner one
+    fuse(slot)              12         ``Fuse(loop, next loop)``
+    vectorize(slot)         13         ``Vectorize``
+    unroll(slot)            13         ``Unroll``
+    parallel(slot)          13         ``Parallel`` (CPU only)
+    bind(axis, slot)        6 x 13     ``Bind`` to blockIdx.x/y/z, threadIdx.x/y/z
                                        (CUDA only)
-    cache_write(slot)       12         ``CacheWrite``
-    cache_read(lhs, slot)   12         ``CacheRead`` of the first operand
-    cache_read(rhs, slot)   12         ``CacheRead`` of the second operand
+    cache_write(slot)       13         ``CacheWrite``
+    cache_read(lhs, slot)   13         ``CacheRead`` of the first operand
+    cache_read(rhs, slot)   13         ``CacheRead`` of the second operand
     done                    1          end the episode; the schedule is measured
     ======================  =========  ==========================================
 
-    **Observation**: ``Box(0, 64, (SIZE,), float32)``: 12 loop-slot rows (zeros for
+    **Observation**: ``Box(0, 64, (SIZE,), float32)``: 13 loop-slot rows (zeros for
     empty slots), then globals. Sizes enter as ``log2(1 + x)``.
 
     ======================  =====  ==============================================
@@ -79,9 +82,14 @@ class ScheduleEnv(gym.Env):
     log_flops               1      total FLOPs
     log_intensity           1      FLOPs per byte of all tensors
     log_cores               1      target cores
-    log_vector_lanes        1      fp32 SIMD lanes
+    log_vector_lanes        1      fp32 SIMD lanes (a GPU: its warp)
+    log_cache_bytes         3      data cache bytes: L1d, L2, L3 (a GPU: its L2 in
+                                   the second column)
+    log_shared_bytes        1      shared memory a GPU block may use (0 on a CPU)
+    log_registers           2      GPU registers per block, per multiprocessor
+                                   (0 on a CPU)
     step_fraction           1      steps taken / max_steps
-    loop_fraction           1      loops / 12
+    loop_fraction           1      loops / 13
     has                     4      a parallel or bound loop; a vectorized loop; cache_write;
                                    any cache_read
     ======================  =====  ==============================================
@@ -105,13 +113,15 @@ class ScheduleEnv(gym.Env):
     ``shape``, ``schedule`` (steps as JSON), ``measurements`` (new hardware
     measurements this episode).
 
-    **Version history**: v0: initial version.
+    **Version history**: v0: initial version. v1: the target's caches and GPU registers
+    and shared memory in the globals; 13 loop slots (12 before), so more actions too;
+    episodes of 36 actions (32 before).
     """
 
     metadata = {"render_modes": ["ansi"]}
 
     def __init__(self, op: str = "matmul", shape: str | None = None, shapes: Sequence[str] | None = None,
-                 target: str = "cpu", max_steps: int = MAX_STEPS, reward: str = "measure",
+                 target: str | Target = "cpu", max_steps: int = MAX_STEPS, reward: str = "measure",
                  measure_every_step: bool = False, cost_model: CostModel | None = None,
                  measurer: Measurer | None = None, log_path: str | None = None,
                  update_cost_model: bool = False, render_mode: str | None = None, dtype: str = "fp32"):
@@ -126,7 +136,7 @@ class ScheduleEnv(gym.Env):
         self.shapes = [make_op(op, s, dtype).shape_str for s in ([shape] if shape is not None else list(shapes))]
         if not self.shapes:
             raise ValueError("shapes= is empty")
-        self.target = get_target(target)
+        self.target = target if isinstance(target, Target) else get_target(target)
         self.max_steps = max_steps
         self.cost_model = cost_model or AnalyticalCostModel(self.target)
         self.owns_measurer = measurer is None

@@ -17,6 +17,9 @@ the step). --resume RUN_DIR continues training from there without re-measuring.
 Examples:
   python -m experiments train --op matmul --timesteps 4096
   python -m experiments train --op matmul --target cuda --shapes gpu --timesteps 0   # imitation only
+
+Imitation alone (--timesteps 0) measures nothing: --target cuda then works without a
+GPU, for the description of an H200 (kernels.target.cuda_target_for_compile).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from kernels.measure import Measurer
 from kernels.codegen.rules import check_dtype
 from kernels.ir.dtypes import DTYPES
 from kernels.ir.ops import OPERATORS
-from kernels.target import get_target
+from kernels.target import NoCudaDevice, Target, cuda_target_for_compile, get_target
 
 from . import pretrained
 from .config import field
@@ -116,6 +119,20 @@ def _command(cfg: Config) -> str:
     return " ".join(parts)
 
 
+def _target(cfg: Config) -> Target:
+    """The machine to train for. Imitation alone measures nothing, so without a GPU a
+    CUDA policy learns from the description of one (an H200's, ``cuda_target_for_compile``)."""
+    try:
+        return get_target(cfg.target)
+    except NoCudaDevice as e:
+        if cfg.timesteps or cfg.resume:
+            raise
+        target = cuda_target_for_compile()
+        print(f"{e}; imitation measures nothing, so the policy is trained for {target.device} "
+              f"({target.sm_count} multiprocessors)", file=sys.stderr)
+        return target
+
+
 def run(cfg: Config) -> dict:
     if cfg.resume:
         cfg = resumed_config(cfg, keep=("json", "timesteps", "cluster", "gpus"))
@@ -124,7 +141,7 @@ def run(cfg: Config) -> dict:
     if cfg.timesteps < 0 or (cfg.timesteps == 0 and cfg.imitation_epochs < 1):
         raise ValueError("--timesteps must be at least 1 (or 0, for imitation of the experts alone)")
     check_dtype(cfg.dtype, cfg.target)
-    target = get_target(cfg.target)
+    target = _target(cfg)
     shapes = family(cfg.op, "small" if cfg.shapes == "small" else "train",
                     "default" if cfg.shapes == "small" else cfg.shapes)
 
@@ -153,7 +170,7 @@ def run(cfg: Config) -> dict:
     # (DummyVecEnv); on a cluster they step in threads, and their kernels are measured side
     # by side on its devices (agents/vec_env.py says why not envs in remote actors).
     vec_env, env_cost_model = (ThreadVecEnv, Serialized(cost_model)) if backend else (DummyVecEnv, cost_model)
-    envs = vec_env([lambda: ScheduleEnv(op=cfg.op, shapes=shapes, target=cfg.target,
+    envs = vec_env([lambda: ScheduleEnv(op=cfg.op, shapes=shapes, target=target,
                                         max_steps=cfg.max_steps, reward=cfg.reward,
                                         cost_model=env_cost_model, measurer=measurer,
                                         update_cost_model=True, dtype=cfg.dtype)

@@ -8,6 +8,7 @@ import platform
 import re
 import subprocess
 from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
 
 CC = os.environ.get("SCHEDGYM_CC", "gcc")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")  # GNU C: fp-contract=fast gives FMAs
@@ -30,6 +31,13 @@ class Target:
     max_block: tuple[int, ...] = ()  # threadIdx extents (x, y, z)
     max_grid: tuple[int, ...] = ()   # blockIdx extents (x, y, z)
     tile_bytes: int = 0              # a thread's accumulator tile: beyond registers it spills
+    # What the observation describes, so one policy can serve machines it was not trained on
+    # (0: unknown, or absent on this kind of device; records and logs never hold them)
+    l1_bytes: int = 0                # data cache per level, as one core sees it (CPU)
+    l2_bytes: int = 0                # (a GPU's L2 too)
+    l3_bytes: int = 0
+    registers_per_block: int = 0     # 32-bit registers (GPU)
+    registers_per_sm: int = 0
 
     @property
     def peak_gflops(self) -> float:
@@ -71,6 +79,29 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+CACHE_FALLBACK = (32 << 10, 1 << 20, 8 << 20)  # L1d, L2, L3 of a common x86 server core
+
+
+def _cpu_caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> tuple[int, int, int]:
+    """Bytes of the L1 data, L2 and L3 caches cpu0 sees, from sysfs. Where sysfs says
+    nothing (another OS, a sandbox), ``CACHE_FALLBACK``: the features then describe a
+    typical machine rather than none; a level sysfs lists no cache for stays 0."""
+    sizes: dict[int, int] = {}
+    for index in sorted(Path(root).glob("index[0-9]*")):
+        try:
+            level = int((index / "level").read_text())
+            kind = (index / "type").read_text().strip()
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if match and kind in ("Data", "Unified"):
+            sizes[level] = int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2]]
+    if not sizes:
+        return CACHE_FALLBACK
+    return sizes.get(1, 0), sizes.get(2, 0), sizes.get(3, 0)
+
+
 def _compiler_version() -> str:
     try:
         out = subprocess.run([CC, "--version"], capture_output=True, text=True, timeout=10)
@@ -84,7 +115,9 @@ def cpu_target() -> Target:
     flags = _cpu_flags()
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return Target("cpu", re.sub(r"\s+", " ", _cpu_model()), cores or 1, lanes, _compiler_version())
+    l1, l2, l3 = _cpu_caches()
+    return Target("cpu", re.sub(r"\s+", " ", _cpu_model()), cores or 1, lanes, _compiler_version(),
+                  l1_bytes=l1, l2_bytes=l2, l3_bytes=l3)
 
 
 MAX_GFLOPS = 1e7   # beyond any single device (tensor cores included): a bound for unknown hardware
@@ -99,13 +132,16 @@ CUDA_SHARED_BYTES = 48 << 10  # static __shared__ per block; more needs an opt-i
 CUDA_LIMITS = dict(max_block=(1024, 1024, 64), max_grid=(2 ** 31 - 1, 65535, 65535), tile_bytes=2048)
 
 
-def cuda_target_for_compile(arch: str = "sm_90", device: str | None = None, sm_count: int = 132) -> Target:
+def cuda_target_for_compile(arch: str = "sm_90", device: str | None = None, sm_count: int = 132,
+                            l2_bytes: int = 60 << 20) -> Target:
     """A CUDA target with the usual limits, for generating and nvcc-compiling code where no
-    GPU is present (tests, CI); its device name says so, so it never shares a cache entry
-    with a measured GPU."""
+    GPU is present (tests, CI, imitation, which measures nothing); by default an H200's
+    description. Its device name says so, so it never shares a cache entry with a measured
+    GPU."""
     return Target("cuda", device or f"compile-only {arch}", sm_count, 32, "nvcc", arch=arch,
                   max_threads_per_block=1024, shared_bytes_per_block=CUDA_SHARED_BYTES,
-                  sm_count=sm_count, **CUDA_LIMITS)
+                  sm_count=sm_count, l2_bytes=l2_bytes, registers_per_block=65536, registers_per_sm=65536,
+                  **CUDA_LIMITS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +166,9 @@ def cuda_target(device_id: int = 0) -> Target:
                   f"NVRTC {major}.{minor}", arch=f"sm_{p['major']}{p['minor']}",
                   max_threads_per_block=int(p["maxThreadsPerBlock"]),
                   shared_bytes_per_block=min(int(p["sharedMemPerBlock"]), CUDA_SHARED_BYTES),
-                  sm_count=int(p["multiProcessorCount"]), **CUDA_LIMITS)
+                  sm_count=int(p["multiProcessorCount"]), l2_bytes=int(p.get("l2CacheSize", 0)),
+                  registers_per_block=int(p.get("regsPerBlock", 0)),
+                  registers_per_sm=int(p.get("regsPerMultiprocessor", 0)), **CUDA_LIMITS)
 
 
 def cuda_devices() -> int:

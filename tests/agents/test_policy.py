@@ -51,16 +51,16 @@ def test_resumed_agent_keeps_weights_optimizer_and_hyperparameters(small_agent, 
         small_agent.policy.optimizer.state_dict()["param_groups"]
     assert (agent.n_steps, agent.batch_size, agent.num_timesteps) == (8, 8, small_agent.num_timesteps)
     spec = json.loads(saved.with_suffix(".json").read_text())
-    assert spec["command"] == "test" and spec["actions"] == 279 and spec["op"] == "matmul"
+    assert spec["command"] == "test" and spec["actions"] == 303 and spec["op"] == "matmul"
 
 
 def test_wrong_op_target_or_sizes_are_refused(saved):
     with pytest.raises(policy.PolicyError, match="trained for matmul on cpu, not conv2d"):
-        policy.read(saved, "conv2d", "cpu", 279)
-    with pytest.raises(policy.PolicyError, match="has 279 actions"):
+        policy.read(saved, "conv2d", "cpu", 303)
+    with pytest.raises(policy.PolicyError, match="has 303 actions"):
         policy.read(saved, "matmul", "cpu", 300)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        policy.read(saved.with_name("nope.pt"), "matmul", "cpu", 279)
+        policy.read(saved.with_name("nope.pt"), "matmul", "cpu", 303)
     spec = json.loads(saved.with_suffix(".json").read_text())
     spec["policy_kwargs"]["net_arch"] = [32]
     saved.with_suffix(".json").write_text(json.dumps(spec))
@@ -99,6 +99,6 @@ def test_the_shipped_cuda_policy_fits_the_cuda_table():
     target = cuda_target_for_compile()
     path = Path(__file__).resolve().parents[2] / "experiments" / "pretrained" / "cuda" / "matmul-ppo.pt"
     spec, _ = policy.read(path, "matmul", "cuda", len(ActionTable(op, target)))
-    assert spec["actions"] == 342
-    with pytest.raises(policy.PolicyError, match=r"has 342 actions .* needs 279 .* \(retrain it"):
-        policy.read(path, "matmul", "cuda", 279)
+    assert spec["actions"] == 371
+    with pytest.raises(policy.PolicyError, match=r"has 371 actions .* needs 303 .* \(retrain it"):
+        policy.read(path, "matmul", "cuda", 303)

@@ -15,10 +15,13 @@ from envs.features import (GLOBAL, GLOBAL_FEATURES, GLOBAL_WIDTH, LOOP, LOOP_FEA
 from envs.schedule_env import ScheduleEnv
 from kernels.ir.ops import make_op
 from kernels.ir.schedule import Schedule
-from kernels.target import cpu_target, cuda_target_for_compile
+from kernels.target import Target, cpu_target, cuda_target_for_compile
 
 GOLDEN = Path(__file__).parent / "data" / "features_golden.npz"
-TARGETS = {"cpu": cpu_target(), "cuda": cuda_target_for_compile("sm_90")}
+# the machines the vectors were recorded for: fixed, so the test does not depend on this one
+TARGETS = {"cpu": Target("cpu", "Intel Xeon, 2 cores, AVX-512", 2, 16, "gcc 12", l1_bytes=48 << 10,
+                         l2_bytes=1280 << 10, l3_bytes=48 << 20),
+           "cuda": cuda_target_for_compile("sm_90")}
 
 
 def _golden():
@@ -66,6 +69,20 @@ def test_named_columns_hold_their_feature():
     assert g[GLOBAL["op_kind"]].tolist() == [float(k == "matmul") for k in OP_KINDS]
     assert g[GLOBAL["step_fraction"]] == 0.25
     assert g[GLOBAL["has"]].tolist() == [0, 1, 1, 0]
+
+
+def test_the_target_is_described():
+    """Cores, lanes and caches (a GPU's limits) enter log-scaled; a CPU has no GPU columns."""
+    op = make_op("matmul", "16x32x8")
+    info = NestInfo(op, Schedule(op).nest)
+    cpu, gpu = TARGETS["cpu"], TARGETS["cuda"]
+    g = featurize(op, info, cpu, 0.0)[ROWS:]
+    assert g[GLOBAL["log_cache_bytes"]].tolist() == [np.float32(math.log2(1 + b)) for b in (48 << 10, 1280 << 10, 48 << 20)]
+    assert not g[GLOBAL["log_shared_bytes"]].any() and not g[GLOBAL["log_registers"]].any()
+    g = featurize(op, info, gpu, 0.0)[ROWS:]
+    assert g[GLOBAL["log_cores"]] == np.float32(math.log2(133))
+    assert g[GLOBAL["log_registers"]].tolist() == [np.float32(math.log2(65537))] * 2
+    assert g[GLOBAL["log_shared_bytes"]] == np.float32(math.log2(1 + (48 << 10)))
 
 
 def test_the_env_spec_sheet_lists_the_features():

@@ -78,3 +78,39 @@ def test_convert_policy_says_it_unpickles_and_needs_the_op(capsys, small_agent, 
     assert "trust" in capsys.readouterr().out
     small_agent.save(str(tmp_path / "old.zip"))
     assert "--op and --target" in refused(capsys, "convert-policy", str(tmp_path / "old.zip"))
+
+
+def test_every_shipped_policy_and_cost_model_loads():
+    """The shipped files fit the current observation and action tables (a change of
+    either means retraining them)."""
+    from agents.cost_model import LearnedCostModel
+    from experiments import pretrained
+    from experiments.shapes import family
+    from kernels.target import cuda_target_for_compile
+
+    targets = {"cpu": cpu_target(), "cuda": cuda_target_for_compile()}
+    policies = sorted(pretrained.ROOT.glob("*/*-ppo.pt"))
+    assert {p.stem for p in policies if p.parent.name == "cpu"} == \
+        {f"{k}-ppo" for k in ("matmul", "conv2d", "batch_matmul", "dense_bias_relu", "depthwise_conv2d")}
+    for path in policies:
+        kind, target = path.stem.removesuffix("-ppo"), targets[path.parent.name]
+        policy.load_policy(path, make_op(kind, family(kind, "small")[0]), target)
+    for path in pretrained.ROOT.glob("*/cost_model.pt"):
+        LearnedCostModel.load(path, targets[path.parent.name])
+
+
+def test_train_imitates_for_cuda_without_a_gpu(tmp_path):
+    """Imitation measures nothing: without a GPU it trains for an H200's description."""
+    from kernels.target import NoCudaDevice, cuda_target
+
+    try:
+        cuda_target()
+        pytest.skip("a GPU is here")
+    except NoCudaDevice:
+        pass
+    out = train.run(train.Config(op="matmul", target="cuda", shapes="small", timesteps=0, imitation_epochs=2,
+                                 runs=str(tmp_path)))
+    spec = json.loads(Path(out["policy"]).with_suffix(".json").read_text())
+    assert spec["target"] == "cuda" and spec["hardware"] == "compile-only sm_90" and spec["timesteps"] == 0
+    with pytest.raises(NoCudaDevice):
+        train.run(train.Config(op="matmul", target="cuda", shapes="small", timesteps=8, runs=str(tmp_path)))
