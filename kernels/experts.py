@@ -313,8 +313,9 @@ def _conv_tensor_core_nest(s: Schedule, m: str, tiles: str, block: tuple[str, ..
                            staged: tuple[str, ...]) -> Schedule:
     s = s.reorder(*block, "k_o_o_o", f"{tiles}_o_i", "k_o_o_i", "c_o_o", "ry", "rx", "c_o_i",
                   f"{tiles}_i", "k_o_i", f"{m}_i", "k_i", "c_i").tensorize(f"{m}_i", "k_i", "c_i")
-    s = s.fuse(*block[1:]) if len(block) == 3 else s
-    s = (s.bind(block[0], "blockIdx.z").bind("_".join(block[1:]), "blockIdx.y").bind("k_o_o_o", "blockIdx.x")
+    for i in range(1, len(block)):    # the block's m loops as one grid axis: the nest fits MAX_LOOPS
+        s = s.fuse("_".join(block[:i]), block[i])
+    s = (s.bind("_".join(block), "blockIdx.y").bind("k_o_o_o", "blockIdx.x")
          .bind(f"{tiles}_o_i", "threadIdx.y").bind("k_o_o_i", "threadIdx.x"))
     s = s.cache_write("k_o_o_i").unroll("k_o_i").unroll(f"{tiles}_i").unroll("c_o_i")
     return functools.reduce(lambda s, t: s.cache_read(t, "c_o_o"), staged, s)
