@@ -550,8 +550,8 @@ class RayRunner:
                 threading.Thread(target=self._settle, args=(ref, actor), daemon=True).start()
 
     def calibrate(self, op: Operator, kernel: Kernel, path: str, rounds: int = REFERENCE_ROUNDS) -> list[dict]:
-        """Every runner times ``kernel`` in ``rounds`` rounds, all runners at once in each
-        (before any measuring). Per runner: its name, median, spread (max - min over the
+        """Every runner times ``kernel`` in ``rounds`` rounds, all GPU runners at once in each
+        (before any measuring), CPU runners in turn. Per runner: its name, median, spread (max - min over the
         rounds) and whether it is slow: its median above the fastest runner's by more
         than the spread of either. Identical devices agree within the spread; a slower
         one (another model, a lower clock, a throttled or shared GPU) times every kernel
@@ -561,12 +561,17 @@ class RayRunner:
         data = self._artefact(path)
         times: dict[Any, list[float]] = {a: [] for a in actors}
         errors: dict[Any, str] = {}
+        def run(a: Any) -> Any:
+            return a.run.remote(op.kind, op.shape_str, kernel, Path(path).name, data, False, None, op.dtype)
+
         for _ in range(rounds):
-            refs = {a: a.run.remote(op.kind, op.shape_str, kernel, Path(path).name, data, False, None, op.dtype)
-                    for a in actors if a not in errors}
+            # GPUs all at once; CPU runners one after another, since several may share a
+            # host's cores (and real-time threads of two workers on them can stall each other)
+            together = self.target.kind == "cuda"
+            refs = {a: run(a) if together else None for a in actors if a not in errors}
             for a, ref in refs.items():
                 try:
-                    res = ray.get(ref)
+                    res = ray.get(ref if together else run(a))
                 except ray.exceptions.RayError as e:
                     res = MeasureResult.failure(f"{type(e).__name__}")
                 if res.ok:
