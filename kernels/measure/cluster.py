@@ -550,28 +550,31 @@ class RayRunner:
                 threading.Thread(target=self._settle, args=(ref, actor), daemon=True).start()
 
     def calibrate(self, op: Operator, kernel: Kernel, path: str, rounds: int = REFERENCE_ROUNDS) -> list[dict]:
-        """Every runner times ``kernel`` in ``rounds`` rounds, all GPU runners at once in each
-        (before any measuring), CPU runners in turn. Per runner: its name, median, spread (max - min over the
-        rounds) and whether it is slow: its median above the fastest runner's by more
-        than the spread of either. Identical devices agree within the spread; a slower
-        one (another model, a lower clock, a throttled or shared GPU) times every kernel
-        slow, which bends the search's ranking; it is named in a warning and in ``slow``."""
+        """Every runner times ``kernel`` in ``rounds`` rounds (before any measuring), all GPU
+        runners at once in each, CPU runners in turn. Per runner: its name, median, spread
+        (max - min over the rounds) and whether it is slow: its median above the fastest
+        runner's by more than the spread of either. Identical devices agree within the
+        spread; a slower one (another model, a lower clock, a throttled or shared GPU)
+        times every kernel slow, which bends the search's ranking; it is named in a
+        warning and in ``slow``."""
         ray = _ray()
         actors = list(self._live)
         data = self._artefact(path)
         times: dict[Any, list[float]] = {a: [] for a in actors}
         errors: dict[Any, str] = {}
+
         def run(a: Any) -> Any:
             return a.run.remote(op.kind, op.shape_str, kernel, Path(path).name, data, False, None, op.dtype)
 
+        # GPUs all at once; CPU runners one after another, since several may share a
+        # host's cores (and real-time threads of two workers on them can stall each other)
+        together = self.target.kind == "cuda"
         for _ in range(rounds):
-            # GPUs all at once; CPU runners one after another, since several may share a
-            # host's cores (and real-time threads of two workers on them can stall each other)
-            together = self.target.kind == "cuda"
-            refs = {a: run(a) if together else None for a in actors if a not in errors}
-            for a, ref in refs.items():
+            live = [a for a in actors if a not in errors]
+            refs = {a: run(a) for a in live} if together else {}
+            for a in live:
                 try:
-                    res = ray.get(ref if together else run(a))
+                    res = ray.get(refs[a] if together else run(a))
                 except ray.exceptions.RayError as e:
                     res = MeasureResult.failure(f"{type(e).__name__}")
                 if res.ok:
