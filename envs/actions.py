@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kernels.codegen.rules import shared_bytes
 from kernels.ir.dtypes import DTYPES
 from kernels.ir.lower import stage_elements, thread_loops
 from kernels.ir.ops import Operator
-from kernels.ir.schedule import (MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES, Bind, CacheRead,
+from kernels.ir.schedule import (MAX_BUFFERS, MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES, Bind, CacheRead,
                               CacheWrite, DoubleBuffer, Fuse, LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split,
                               Step, Tensorize, Tile, Unroll, Vectorize, WARP, bound_axis, footprint,
                               tensor_tile)
@@ -382,13 +383,8 @@ class _GpuRules:
         self.thread_x = next((loops[i].extent for i in threads if bound_axis(loops[i]) == "threadIdx.x"), 1)
         self.write_at = nest.index(nest.cache_write) if nest.cache_write else None
         self.complete = bool(self.bound) and self.write_at is not None
-        # shared bytes the stages take, twice if double-buffered
         self.elem = DTYPES[info.op.dtype].bytes
-        self.shared = 0
-        for tensor, anchor in nest.cache_reads:
-            dims = footprint(info.op, nest, tensor, anchor, also=thread_loops(nest))
-            copies = 2 if tensor in nest.double_buffered else 1
-            self.shared += copies * self.elem * stage_elements(info.op, nest, dims) if dims else 0
+        self.shared = shared_bytes(info.op, nest)   # what the stages take, every buffer
         self.steps_to_complete = 1 + (not self.bound) + (self.write_at is None)
 
     def annotate(self, i: int) -> bool:
@@ -445,18 +441,19 @@ class _GpuRules:
                 and self.threads * l.extent <= t.max_threads_per_block)
 
     def double_buffer(self, tensor: str) -> bool:
-        """A staged input, its loop serial, twice or more and without a tail, room for a
-        second copy of the stage."""
+        """A staged input, its loop serial, twice or more and without a tail, fewer than
+        MAX_BUFFERS buffers, and room in shared memory for one more (of every stage that
+        its loop pipelines)."""
         nest, t = self.info.nest, self.table.target
         anchor = dict(nest.cache_reads).get(tensor)
-        if anchor is None or tensor in nest.double_buffered or (t.arch and int(t.arch[3:]) < 80):
+        if anchor is None or nest.double_buffered.count(tensor) + 1 >= MAX_BUFFERS or \
+                (t.arch and int(t.arch[3:]) < 80):
             return False
         loop = nest.loop(anchor)
         if loop.kind != "serial" or loop.extent < 2 or any(anchor in e.vars() for e, _ in nest.guards):
             return False
-        dims = footprint(self.info.op, nest, tensor, anchor, also=thread_loops(nest))
-        return dims is not None and self.shared + self.elem * stage_elements(self.info.op, nest, dims) \
-            <= t.shared_bytes_per_block
+        deeper = replace(nest, double_buffered=nest.double_buffered + (tensor,))
+        return shared_bytes(self.info.op, deeper) <= t.shared_bytes_per_block
 
     def tensorize(self) -> bool:
         """The innermost loops form a tile, and the block's threads can become warps."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernels.codegen import render
-from kernels.codegen.rules import check_dtype, shared_bytes
+from kernels.codegen.rules import check_dtype
 from kernels.ir.ops import make_op
 from kernels.target import NoCudaDevice, cuda_target, cuda_target_for_compile, get_target
 
@@ -48,12 +48,10 @@ def run(cfg: Config) -> dict:
     kernel = render(schedule, target)
     dtype = "" if op.dtype == "fp32" else f" {op.dtype}"
     head = f"// {op.kind} {op.shape_str}{dtype}, schedule {cfg.schedule}, for {target.device}\n"
-    if kernel.is_cuda:   # the source says grid and block itself
-        head += f"// shared memory per block: {shared_bytes(schedule) if schedule.steps else 0} bytes\n"
     if cfg.out:
         Path(cfg.out).write_text(kernel.source)
         print(head.rstrip() + f"\n// written to {cfg.out}", file=sys.stderr)
     else:
         print(head + kernel.source, end="")
     return {"op": op.kind, "shape": op.shape_str, "target": target.kind, "function": kernel.name,
-            "launch": kernel.launch}
+            "launch": kernel.launch, "shared_bytes": kernel.shared_bytes}

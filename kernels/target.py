@@ -26,7 +26,7 @@ class Target:
     # GPU limits (unset on a CPU): what a kernel's launch, registers and shared memory may use
     arch: str = ""                   # e.g. "sm_90", for NVRTC/nvcc
     max_threads_per_block: int = 0
-    shared_bytes_per_block: int = 0  # static shared memory (48 KiB without opting in)
+    shared_bytes_per_block: int = 0  # shared memory a block may opt in to (dynamic)
     sm_count: int = 0
     max_block: tuple[int, ...] = ()  # threadIdx extents (x, y, z)
     max_grid: tuple[int, ...] = ()   # blockIdx extents (x, y, z)
@@ -127,7 +127,11 @@ class NoCudaDevice(OSError):
     """No usable CUDA GPU here (an OSError, so the command line reports it in one line)."""
 
 
-CUDA_SHARED_BYTES = 48 << 10  # static __shared__ per block; more needs an opt-in attribute
+CUDA_SHARED_BYTES = 48 << 10  # shared memory per block that needs no opt-in, on every GPU
+# What a block may opt in to (sharedMemPerBlockOptin), per architecture: A100, consumer
+# Ampere/Ada, Hopper. Kernels use dynamic shared memory, and launch with the attribute set.
+CUDA_SHARED_OPTIN = {"sm_80": 163 << 10, "sm_86": 99 << 10, "sm_87": 163 << 10, "sm_89": 99 << 10,
+                     "sm_90": 227 << 10}
 # Limits every CUDA device since compute capability 3.0 shares
 CUDA_LIMITS = dict(max_block=(1024, 1024, 64), max_grid=(2 ** 31 - 1, 65535, 65535), tile_bytes=2048)
 
@@ -139,7 +143,7 @@ def cuda_target_for_compile(arch: str = "sm_90", device: str | None = None, sm_c
     description. Its device name says so, so it never shares a cache entry with a measured
     GPU."""
     return Target("cuda", device or f"compile-only {arch}", sm_count, 32, "nvcc", arch=arch,
-                  max_threads_per_block=1024, shared_bytes_per_block=CUDA_SHARED_BYTES,
+                  max_threads_per_block=1024, shared_bytes_per_block=CUDA_SHARED_OPTIN.get(arch, CUDA_SHARED_BYTES),
                   sm_count=sm_count, l2_bytes=l2_bytes, registers_per_block=65536, registers_per_sm=65536,
                   **CUDA_LIMITS)
 
@@ -165,7 +169,7 @@ def cuda_target(device_id: int = 0) -> Target:
     return Target("cuda", name, int(p["multiProcessorCount"]), int(p["warpSize"]),
                   f"NVRTC {major}.{minor}", arch=f"sm_{p['major']}{p['minor']}",
                   max_threads_per_block=int(p["maxThreadsPerBlock"]),
-                  shared_bytes_per_block=min(int(p["sharedMemPerBlock"]), CUDA_SHARED_BYTES),
+                  shared_bytes_per_block=int(p.get("sharedMemPerBlockOptin", 0) or p["sharedMemPerBlock"]),
                   sm_count=int(p["multiProcessorCount"]), l2_bytes=int(p.get("l2CacheSize", 0)),
                   registers_per_block=int(p.get("regsPerBlock", 0)),
                   registers_per_sm=int(p.get("regsPerMultiprocessor", 0)), **CUDA_LIMITS)

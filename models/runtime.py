@@ -39,7 +39,7 @@ def _cpu_launcher(kernel: Kernel, path: str) -> Callable[[list[torch.Tensor]], N
 def _cuda_launcher(kernel: Kernel, path: str) -> Callable[[list[torch.Tensor]], None]:
     from kernels.measure.cuda_worker import _cupy, compile_kernel
     cp = _cupy()
-    fn = compile_kernel(kernel.source, kernel.name)
+    fn = compile_kernel(kernel.source, kernel.name, kernel.shared_bytes)
     grid, block = kernel.launch
 
     streams: dict[int, object] = {}   # CuPy's view of each torch stream, made once
@@ -50,7 +50,8 @@ def _cuda_launcher(kernel: Kernel, path: str) -> Callable[[list[torch.Tensor]], 
             streams[ptr] = cp.cuda.ExternalStream(ptr)
         # raw pointers as 64-bit scalars: wrapping each tensor as a CuPy array costs
         # more than the launch of a small layer's kernel
-        fn(grid, block, tuple(np.uint64(t.data_ptr()) for t in tensors), stream=streams[ptr])
+        fn(grid, block, tuple(np.uint64(t.data_ptr()) for t in tensors), stream=streams[ptr],
+           shared_mem=kernel.shared_bytes)
     return launch
 
 

@@ -6,10 +6,12 @@ the nest with its bound loops fixed to its indices. On CUDA:
 
 - the output is cached (``cache_write``) at or inside every bound loop: each thread
   accumulates its own outputs in registers and writes each one once;
-- a ``cache_read`` anchored inside every blockIdx loop stages, in ``__shared__``
-  memory, what the whole block reads below the anchor (all threadIdx loops count as
-  inside it); the block's threads fill it together, then ``__syncthreads()``, and
-  again before it is refilled;
+- a ``cache_read`` anchored inside every blockIdx loop stages, in shared memory,
+  what the whole block reads below the anchor (all threadIdx loops count as inside
+  it); the block's threads fill it together, then ``__syncthreads()``, and again
+  before it is refilled. All stages live in one dynamic ``extern __shared__`` array
+  (the kernel's ``shared_bytes``, given at launch), so a block may use what the GPU
+  lets it opt in to, beyond the 48 KiB of static arrays;
 - tails of non-divisible splits that concern a thread's tile or its thread index
   are not guarded in the compute (reads are clamped) but at the write-back, so all
   threads of a block take the same path through every barrier;
@@ -34,8 +36,8 @@ from dataclasses import dataclass
 
 from ..ir.dtypes import DTYPES
 from ..ir.expr import DivMod, Lin
-from ..ir.lower import (LANE, LANE_GROUP, LANE_PLACE, Add, Alloc, Commit, For, Function, If, Load, Mma, Mul, Relu,
-                        Store, Sync, lower)
+from ..ir.lower import (LANE, LANE_GROUP, LANE_PLACE, Add, Alloc, Commit, For, Fragment, Function, If, Load, Mma, Mul,
+                        Relu, Store, Sync, Wait, lower)
 from ..ir.mma import INSTRUCTIONS
 from ..ir.schedule import WARP
 from ..ir.schedule import Schedule
@@ -98,7 +100,7 @@ class CUDARenderer(CStyleRenderer):
     """CUDA C for NVRTC/nvcc: bound loops become block and thread indices."""
 
     local_decl = "float {name}[{size}];"
-    shared_decl = "__shared__ __align__(16) float {name}[{size}];"
+    shared_array = "schedgym_shared"   # the dynamic shared memory every stage is a part of
     preamble = ("#ifndef SCHEDGYM_CUDA_HELPERS",
                 "#define SCHEDGYM_CUDA_HELPERS",
                 "static __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }",
@@ -152,11 +154,16 @@ class CUDARenderer(CStyleRenderer):
         self.registers: set[str] = set()   # local buffers: indexed by constants, never by pointer
         self.narrow: set[str] = set()      # buffers of 16-bit elements (bf16, fp16 bits)
         self.asynchronous = False          # cp.async copies (double-buffered stages)
-        self.shared: set[str] = set()
+        self.shared: dict[str, int] = {}   # stage -> its byte offset in the shared array
+        self.shared_bytes = 0
 
     def render(self, fn: Function) -> str:
         self.registers = set(fn.local_buffers)
-        self.shared = set(fn.shared_buffers)
+        elem = DTYPES[self.dtype].bytes
+        self.shared, self.shared_bytes = {}, 0
+        for name, size in fn.shared_buffers.items():   # each stage 16-byte aligned
+            self.shared[name] = self.shared_bytes
+            self.shared_bytes += -(-size * elem // 16) * 16
         self.asynchronous = _has_commit(fn.body)
         if DTYPES[self.dtype].bytes == 2:
             self.narrow = {t.name for t in fn.params} | set(fn.shared_buffers)
@@ -168,8 +175,11 @@ class CUDARenderer(CStyleRenderer):
             lines[-1:-1] = self.dtype_helpers
         if self.asynchronous:
             lines[-1:-1] = self.async_helpers
-        lines.append(f"// launch: grid ({', '.join(map(str, grid))}), block ({', '.join(map(str, block))})")
+        lines.append(f"// launch: grid ({', '.join(map(str, grid))}), block ({', '.join(map(str, block))}), "
+                     f"shared memory {self.shared_bytes} bytes")
         lines.append(f'extern "C" __global__ void __launch_bounds__({math.prod(block)}) {fn.name}({params}) {{')
+        if self.shared:
+            lines.append(f"{self.indent}extern __shared__ __align__(16) unsigned char {self.shared_array}[];")
         # A bound loop's index is the same wherever the loop sits, so it is declared up
         # front: a block's cooperative copy outside a thread loop needs the thread index.
         for var, axis in _bound_vars(fn.body):
@@ -204,12 +214,17 @@ class CUDARenderer(CStyleRenderer):
                 return [f'{pad}__syncthreads(); asm volatile("" : "+r"(tc_fence) :: "memory");']
             return [f"{pad}__syncthreads();"]
         if isinstance(s, Alloc) and s.scope == "shared":
-            return [pad + self.shared_decl.replace("float", self.ctype).format(name=s.buffer, size=s.size)]
+            return [f"{pad}{self.ctype}* const {s.buffer} = ({self.ctype}*)({self.shared_array} + {self.shared[s.buffer]});"]
+        if isinstance(s, Alloc) and s.scope == "fragment":
+            return [f"{pad}unsigned {s.buffer}[{s.size}];"]
+        if isinstance(s, Fragment):
+            return self.fragment(s, depth)
         if isinstance(s, Mma):
             return self.mma(s, depth)
         if isinstance(s, Commit):
-            wait = " cp.async.wait_group 1;" if s.wait else ""
-            return [f'{pad}asm volatile("cp.async.commit_group;{wait}" ::: "memory");']
+            return [f'{pad}asm volatile("cp.async.commit_group;" ::: "memory");']
+        if isinstance(s, Wait):
+            return [f'{pad}asm volatile("cp.async.wait_group {s.pending};" ::: "memory");']
         if isinstance(s, Store) and s.buffer in self.narrow:
             if isinstance(s.value, Load) and s.value.buffer in self.narrow:   # a copy: the bits
                 v = self.raw(s.value)
@@ -230,19 +245,16 @@ class CUDARenderer(CStyleRenderer):
             return f"{self.to_float[self.dtype]}({self.raw(v)})"
         return super().value(v)
 
-    def mma(self, s: Mma, depth: int) -> list[str]:
-        """One ``mma.sync``: the thread's A and B registers loaded (a fragment of 16-bit
-        elements in shared memory with ``ldmatrix`` where its rows allow), then the
-        instruction accumulating into four of its accumulators."""
+    def fragment(self, s: Fragment, depth: int) -> list[str]:
+        """An operand's registers ``buffer[index + r]``: loaded by ``ldmatrix`` from a shared
+        stage where the fragment's rows allow, else element by element."""
         pad, inner = self.indent * depth, self.indent * (depth + 1)
         lines = [f"{pad}{{"]
-        na, nb = len(s.a), len(s.b)
-        for first, frag in ((0, s.a), (na, s.b)):
-            matrix = self.ldmatrix(frag, first, inner)
-            if matrix:
-                lines += matrix
-                continue
-            for i, reg in enumerate(frag, first):
+        matrix = self.ldmatrix(s.regs, inner)
+        if matrix:
+            lines += matrix
+        else:
+            for i, reg in enumerate(s.regs):
                 if self.dtype == "tf32":
                     r = f"tf32({self.value(reg[0])})"
                 elif self.paired(*reg):
@@ -250,18 +262,22 @@ class CUDARenderer(CStyleRenderer):
                 else:
                     r = f"pack2({self.raw(reg[0])}, {self.raw(reg[1])})"
                 lines.append(f"{inner}const unsigned r{i} = {r};")
-        d = ", ".join(f"%{i}" for i in range(4))
-        a = ", ".join(f"%{4 + i}" for i in range(na))
-        b = ", ".join(f"%{4 + na + i}" for i in range(nb))
-        accs = ", ".join(f'"+f"({s.acc}[{self.expr(s.base + c)}])' for c in range(4))
-        ins = ", ".join(f'"r"(r{i})' for i in range(na + nb))
-        lines.append(f'{inner}asm volatile("{INSTRUCTIONS[s.dtype]} {{{d}}}, {{{a}}}, {{{b}}}, {{{d}}};" '
-                     f': {accs} : {ins});')
+        lines += [f"{inner}{s.buffer}[{self.expr(s.index + i)}] = r{i};" for i in range(len(s.regs))]
         return lines + [f"{pad}}}"]
 
-    def ldmatrix(self, frag: tuple, first: int, pad: str) -> list[str]:
+    def mma(self, s: Mma, depth: int) -> list[str]:
+        """One ``mma.sync`` on the fragments' registers, accumulating into four of the
+        thread's accumulators."""
+        (a, ai), (b, bi) = s.a, s.b
+        regs = [f"{a}[{self.expr(ai + i)}]" for i in range(4)] + [f"{b}[{self.expr(bi + i)}]" for i in range(2)]
+        accs = ", ".join(f'"+f"({s.acc}[{self.expr(s.base + c)}])' for c in range(4))
+        ins = ", ".join(f'"r"({r})' for r in regs)
+        return [f'{self.indent * depth}asm volatile("{INSTRUCTIONS[s.dtype]} {{%0, %1, %2, %3}}, '
+                f'{{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};" : {accs} : {ins});']
+
+    def ldmatrix(self, frag: tuple, pad: str) -> list[str]:
         """``ldmatrix`` (``.trans`` for a B fragment, whose pairs run down a column) loading
-        registers ``r<first>...`` from a shared stage; [] where the fragment's 8 rows of 16
+        registers ``r0...`` from a shared stage; [] where the fragment's 8 rows of 16
         bytes are not each contiguous and aligned. The lanes give the rows' addresses: lane
         l the row ``l % 8`` of matrix ``l / 8``. The instruction reads shared memory, so it
         takes the fence token that each barrier renews: it is never moved above the barrier
@@ -298,9 +314,9 @@ class CUDARenderer(CStyleRenderer):
             pick = f"(tc_m{' & 1' if n == 2 else ''}) == {j} ? {offsets[j].const} : {pick}"
         addr = f"{self.expr(start)} + tc_r*{row} + ({pick})"
         outs = ", ".join(f"%{i}" for i in range(n))
-        regs = ", ".join(f'"=r"(r{first + i})' for i in range(n))
+        regs = ", ".join(f'"=r"(r{i})' for i in range(n))
         shape = f"x{n}{'.trans' if trans else ''}"
-        names = [f"r{first + i}" for i in range(n)]
+        names = [f"r{i}" for i in range(n)]
         lines = [f"{pad}unsigned {', '.join(names)};",
                  f'{pad}asm("ldmatrix.sync.aligned.m8n8.{shape}.shared.b16 {{{outs}}}, [%{n}];" : {regs} : '
                  f'"r"(smem_u32(&{frag[0][0].buffer}[{addr}])), "r"(tc_fence));']
@@ -446,4 +462,6 @@ def render_cuda(schedule: Schedule, target: Target, name: str) -> Kernel:
     fn = lower(schedule, name, gpu=True)
     launch = launch_config(schedule.nest)
     renderer = CUDARenderer(target, launch, schedule.op.dtype, bool(schedule.nest.tensorized))
-    return Kernel(name, renderer.render(fn), schedule.op.tensors, launch=launch, dtype=schedule.op.dtype)
+    source = renderer.render(fn)
+    return Kernel(name, source, schedule.op.tensors, launch=launch, dtype=schedule.op.dtype,
+                  shared_bytes=renderer.shared_bytes)

@@ -20,6 +20,7 @@ class Kernel:
     args: tuple[Tensor, ...]
     launch: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None  # None: a CPU kernel
     dtype: str = "fp32"   # the operator's (kernels.ir.dtypes): its tensors' element type
+    shared_bytes: int = 0  # a GPU kernel's dynamic shared memory per block, given at launch
 
     @property
     def is_cuda(self) -> bool:
@@ -34,5 +35,6 @@ class Kernel:
              "args": [{"name": t.name, "shape": list(t.shape), "dtype": STORAGE[self.dtype], "role": t.role}
                       for t in self.args]}
         if self.launch is not None:
-            d["launch"] = {"grid": list(self.launch[0]), "block": list(self.launch[1])}
+            d["launch"] = {"grid": list(self.launch[0]), "block": list(self.launch[1]),
+                           "shared_bytes": self.shared_bytes}
         return d

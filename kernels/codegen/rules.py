@@ -47,14 +47,14 @@ def launch_config(nest: LoopNest) -> Launch:
     return grid, block  # type: ignore[return-value]
 
 
-def shared_bytes(schedule: Schedule) -> int:
-    """Bytes of ``__shared__`` memory the schedule's cache_reads take per block."""
-    op, nest = schedule.op, schedule.nest
+def shared_bytes(op: Operator, nest: LoopNest) -> int:
+    """Bytes of shared memory the nest's stages take per block (each a multiple of 16
+    bytes, as the CUDA renderer lays them out), every buffer of a pipelined stage."""
     total = 0
     for tensor, anchor in nest.cache_reads:
         dims = footprint(op, nest, tensor, anchor, also=thread_loops(nest))
-        copies = 2 if tensor in nest.double_buffered else 1
-        total += copies * DTYPES[op.dtype].bytes * stage_elements(op, nest, dims) if dims else 0
+        if dims:
+            total += -(-nest.buffers(tensor) * DTYPES[op.dtype].bytes * stage_elements(op, nest, dims) // 16) * 16
     return total
 
 
@@ -117,7 +117,7 @@ def check_for_target(schedule: Schedule, target: Target) -> None:
                         f"{nest.loops[last_block].name!r}")
         if footprint(schedule.op, nest, tensor, at, also=threads) is None:
             _fail(step, "a thread loop or a loop inside is fused: the block's footprint is not a box")
-    used, room = shared_bytes(schedule), target.shared_bytes_per_block
+    used, room = shared_bytes(schedule.op, nest), target.shared_bytes_per_block
     if used > room:
         _fail("schedule", f"shared stages take {used} bytes per block (limit {room})")
 

@@ -92,6 +92,7 @@ class Alloc:
     buffer: str
     size: int
     scope: str = "local"        # local (stack / registers) | shared (a GPU block's shared memory)
+    #                             | fragment (a tensor-core operand's 32-bit registers)
 
 
 @dataclass
@@ -108,27 +109,41 @@ class Sync:
 
 
 @dataclass(frozen=True)
-class Mma:
-    """One tensor-core instruction of a warp: ``acc[base + 0..3] += A tile x B tile``.
+class Fragment:
+    """One operand of a tensor-core instruction loaded into a thread's 32-bit registers
+    ``buffer[index + r]``: register ``r`` holds the loads of ``regs[r]`` (two 16-bit
+    elements, low half first, or one tf32), indexed through the lane variables
+    ``LANE_GROUP`` and ``LANE_PLACE`` (:mod:`kernels.ir.mma` says which lane holds what)."""
 
-    ``a`` and ``b`` are the thread's registers, each a tuple of the loads it packs (two
-    16-bit elements, low half first, or one tf32), indexed through the lane variables
-    ``LANE_GROUP`` and ``LANE_PLACE`` (:mod:`kernels.ir.mma` says which lane holds what).
-    """
+    buffer: str
+    index: Lin
+    regs: tuple[tuple[Load, ...], ...]
+
+
+@dataclass(frozen=True)
+class Mma:
+    """One tensor-core instruction of a warp: ``acc[base + 0..3] += A tile x B tile``, its
+    operands the registers ``(buffer, index)`` that ``Fragment`` statements loaded (A's
+    four, B's two)."""
 
     acc: str
     base: Lin
-    a: tuple[tuple[Load, ...], ...]
-    b: tuple[tuple[Load, ...], ...]
+    a: tuple[str, Lin]
+    b: tuple[str, Lin]
     dtype: str
 
 
 @dataclass(frozen=True)
 class Commit:
-    """Close the asynchronous copies issued so far into one group; with ``wait``, then wait
-    for all groups but the latest (the stage about to be used is complete)."""
+    """Close the asynchronous copies issued so far into one group (possibly empty)."""
 
-    wait: bool = False
+
+@dataclass(frozen=True)
+class Wait:
+    """Wait until at most ``pending`` groups of this thread's asynchronous copies are in
+    flight (``cp.async.wait_group``): the older ones have landed."""
+
+    pending: int
 
 
 LANE = "tc_lane"         # a thread's lane in its warp (tensorized kernels)
@@ -254,21 +269,23 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
                 reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), padded))
             copy = _cooperative_copy(access.tensor, shape, buf, dims, nest, threads,
                                      lanes=WARP if nest.tensorized else 1, vector=16 // elem, pad=pad)
-            if access.tensor in nest.double_buffered:
-                size = shared[buf]
-                shared[buf] = 2 * size
-                pre[-1] = Alloc(buf, 2 * size, "shared")
-                stage = Lin.var(cached).mod(2) * size
-                reads[access.tensor] = Load(buf, reads[access.tensor].index + stage)
-                ahead = Lin.var(cached) + 1
-                prologues.setdefault(cached, []).append(_retarget(copy, cached, Lin(), Lin()))
+            depth = nest.buffers(access.tensor)
+            if depth > 1:   # slice s in buffer s % depth, copied depth - 1 iterations ahead
+                size, extent = shared[buf], nest.loop(cached).extent
+                shared[buf] = depth * size
+                pre[-1] = Alloc(buf, depth * size, "shared")
+                reads[access.tensor] = Load(buf, reads[access.tensor].index + Lin.var(cached).mod(depth) * size)
+                slices = prologues.setdefault(cached, [[] for _ in range(depth - 1)])
+                for s in range(min(depth - 1, extent)):
+                    slices[s].append(_retarget(copy, cached, Lin.constant(s), Lin.constant(s * size)))
+                ahead = Lin.var(cached) + (depth - 1)
                 prefetches.setdefault(cached, []).append(
-                    If(((ahead, nest.loop(cached).extent),), [_retarget(copy, cached, ahead, ahead.mod(2) * size)]))
+                    If(((ahead, extent),), [_retarget(copy, cached, ahead, ahead.mod(depth) * size)]))
             else:
                 packs[cached] += [copy, Sync()]
-            outer = nest.loops[:nest.index(cached) + 1]
-            if math.prod(l.extent for l in outer if not bound_axis(l)) > 1:
-                synced.add(cached)
+                outer = nest.loops[:nest.index(cached) + 1]
+                if math.prod(l.extent for l in outer if not bound_axis(l)) > 1:
+                    synced.add(cached)
         elif cached:
             buf = f"{access.tensor}_local"
             dims = footprint(op, nest, access.tensor, cached)
@@ -280,12 +297,16 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
         else:
             reads[access.tensor] = _direct_read(op, access, nest, unguarded)
 
-    # One group of asynchronous copies per anchor and iteration: a wait for all groups but
-    # the latest then waits for no copy of the next slice.
-    for anchor, copies in prologues.items():
+    # A pipeline of asynchronous copies, one group per slice: the first depth - 1 slices
+    # before the stage's loop; at the top of each iteration, a wait for all groups but the
+    # depth - 2 latest (this slice has arrived), a barrier (every thread's copies are
+    # visible, and every thread is done with the previous slice), then the copy of the
+    # slice depth - 1 ahead into the buffer that the previous slice leaves free.
+    for anchor, slices in prologues.items():
         at = nest.index(anchor)
-        (head_of[loops[at - 1].name] if at else pre_copies).extend(copies + [Commit()])
-        packs[anchor] += prefetches[anchor] + [Commit(wait=True), Sync()]
+        (head_of[loops[at - 1].name] if at else pre_copies).extend(
+            x for copies in slices for x in copies + [Commit()])
+        packs[anchor] += [Wait(len(slices) - 1), Sync(), *prefetches[anchor], Commit()]
     product = Mul(reads[op.lhs.tensor], reads[op.rhs.tensor])
     bias = None
     if op.bias:
@@ -295,10 +316,11 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
     pre += pre_copies
     tail: dict[str, list] = {l.name: [] for l in loops}
     if nest.tensorized:
-        compute, write_back, size = _tensorized(op, nest, reads, bias, out_idx)
+        compute, write_back, size, (host, loads) = _tensorized(op, nest, reads, bias, out_idx)
         acc = f"{out_t.name}_local"
         local[acc] = size
         head[nest.cache_write][:0] = [Alloc(acc, size), _fill(acc, size, "unroll")]
+        head[host] += loads
         outside = tuple(g for g in dropped if not g[0].vars() & {l.name for l in tile_shape(nest)})
         tail[nest.cache_write] += [If(outside, write_back)] if outside else write_back
         loops = loops[:-3]
@@ -363,9 +385,10 @@ def _lane_expr(coef: tuple[int, int, int]) -> Lin:
 
 
 def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load | None, out_idx: Lin):
-    """(the Mma statement, the write-back statements, the accumulator's size per thread) of a
-    tensorized nest: each thread of the warp holds 4 accumulators per 16 x 8 tile of its
-    warp's tile, and writes back the elements the instruction's layout gives it."""
+    """(the Mma statement, the write-back statements, the accumulator's size per thread,
+    (the loop whose head loads the fragments, those statements)) of a tensorized nest: each
+    thread of the warp holds 4 accumulators per 16 x 8 tile of its warp's tile, and writes
+    back the elements the instruction's layout gives it."""
     m, n, k = nest.tensorized
     tile = tile_shape(nest)
     frags = tuple(l for l in tile if l.name not in (m, n))   # the warp's 16 x 8 tiles
@@ -377,8 +400,27 @@ def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load
         return tuple(tuple(_at(load, {rows: _lane_expr(r), cols: _lane_expr(c)}) for r, c in reg)
                      for reg in layout)
 
-    compute = Mma(f"{op.output.name}_local", base, regs(reads[op.lhs.tensor], m, k, a_regs),
-                  regs(reads[op.rhs.tensor], k, n, b_regs), op.dtype)
+    # Each operand's fragments are loaded once for all the instructions that share them:
+    # those of the unrolled spatial loops directly around the instruction (the warp's tile
+    # at one k step), into registers indexed by the loops the fragment depends on.
+    inner = nest.loops[nest.index(nest.cache_write) + 1:-3]
+    anchors = nest.anchors()
+    at = len(inner)
+    while at and inner[at - 1].kind == "unroll" and not inner[at - 1].reduce and inner[at - 1].name not in anchors:
+        at -= 1
+    region, host = inner[at:], (inner[at - 1] if at else nest.loops[nest.index(nest.cache_write)]).name
+    loads, operands = [], []
+    for name, fragment in (("tc_a", regs(reads[op.lhs.tensor], m, k, a_regs)),
+                           ("tc_b", regs(reads[op.rhs.tensor], k, n, b_regs))):
+        used = set().union(*(_load_vars(x) for reg in fragment for x in reg))
+        over = tuple(l for l in region if l.name in used)
+        index = _flat(tuple(Lin.var(l.name) for l in over), tuple(l.extent for l in over)) * len(fragment)
+        fill: list = [Fragment(name, index, fragment)]
+        for l in reversed(over):
+            fill = [For(l.name, l.extent, fill, "unroll")]
+        loads += [Alloc(name, len(fragment) * math.prod(l.extent for l in over), "fragment"), *fill]
+        operands.append((name, index))
+    compute = Mma(f"{op.output.name}_local", base, operands[0], operands[1], op.dtype)
     # the write-back: every guard on the tile's loops, at each element
     names = {l.name for l in tile}
     bound = {l.name for l in nest.loops[:nest.index(nest.cache_write) + 1]}
@@ -398,7 +440,12 @@ def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load
     body: list = stores
     for l in reversed(frags):
         body = [For(l.name, l.extent, body, "unroll")]
-    return compute, body, size
+    return compute, body, size, (host, loads)
+
+
+def _load_vars(load: Load) -> set[str]:
+    """Loop variables a load's index, bounds or clamps use."""
+    return set().union(load.index.vars(), *(e.vars() for e, _ in load.bounds), *(e.vars() for e, *_ in load.clamps))
 
 
 def _tail_shifts(nest: LoopNest, dropped, tile: set[str]) -> dict[str, tuple]:

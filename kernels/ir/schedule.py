@@ -35,6 +35,8 @@ TVM/Halide names:
 ``DoubleBuffer``  (GPU) ``tensor``'s shared stage holds two slices: while the
                   block computes on one, the next iteration of the stage's loop
                   is copied into the other asynchronously (``cp.async``).
+                  Applied again, one slice more (up to :data:`MAX_BUFFERS`): a
+                  deeper pipeline, slices copied further ahead.
 ``Tensorize``     (GPU, tf32/bf16/fp16) the three innermost loops, an (m, n, k)
                   tile of 16 x 8 x ``mma_k`` (16; 8 for tf32), become one
                   tensor-core instruction (``mma.sync.m16n8k*``) that a warp of 32
@@ -98,7 +100,7 @@ class LoopNest:
     cache_write: str | None = None
     cache_reads: tuple[tuple[str, str], ...] = ()  # (tensor, loop)
     tensorized: tuple[str, ...] = ()   # (m, n, k) loops run as one tensor-core instruction
-    double_buffered: tuple[str, ...] = ()  # tensors whose stage is filled one iteration ahead
+    double_buffered: tuple[str, ...] = ()  # tensors whose stage is filled ahead, once per DoubleBuffer
     _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def access_exprs(self, access: Access) -> tuple[Lin, ...]:
@@ -119,6 +121,15 @@ class LoopNest:
 
     def has(self, name: str) -> bool:
         return any(loop.name == name for loop in self.loops)
+
+    def buffers(self, tensor: str) -> int:
+        """Slices that ``tensor``'s stage holds: 1, or for a stage filled asynchronously the
+        pipeline depth of its loop, which every such stage there shares (one group of copies
+        per iteration): one more than the most ``DoubleBuffer`` steps any of them took."""
+        if tensor not in self.double_buffered:
+            return 1
+        anchor = dict(self.cache_reads)[tensor]
+        return 1 + max(self.double_buffered.count(t) for t, at in self.cache_reads if at == anchor)
 
     @property
     def axis_map(self) -> dict[str, Lin]:
@@ -415,12 +426,17 @@ class CacheRead(Step):
         return replace(nest, cache_reads=nest.cache_reads + ((self.tensor, self.loop),))
 
 
+MAX_BUFFERS = 4   # slices of one stage in flight: beyond, shared memory runs out first
+
+
 @dataclass(frozen=True)
 class DoubleBuffer(Step):
-    """Two buffers for ``tensor``'s stage: the next slice is copied while this one is used.
+    """Two buffers for ``tensor``'s stage: the next slice is copied while this one is used;
+    applied again, one buffer more (a pipeline of up to :data:`MAX_BUFFERS` slices), which
+    hides a longer copy behind the compute at the cost of shared memory.
 
-    The stage's loop must be serial, run at least twice and have no tail (the copy one
-    iteration ahead must stay inside the loop's range). CUDA only (a rule of the target).
+    The stage's loop must be serial, run at least twice and have no tail (a copy ahead
+    must stay inside the loop's range). CUDA only (a rule of the target).
     """
 
     tensor: str
@@ -428,7 +444,8 @@ class DoubleBuffer(Step):
     def apply(self, op, nest):
         anchor = dict(nest.cache_reads).get(self.tensor)
         check(anchor is not None, self, f"{self.tensor!r} has no cache_read stage to double-buffer")
-        check(self.tensor not in nest.double_buffered, self, f"{self.tensor!r} is double-buffered already")
+        check(nest.double_buffered.count(self.tensor) + 1 < MAX_BUFFERS, self,
+              f"{self.tensor!r} has {MAX_BUFFERS} buffers already")
         loop = nest.loop(anchor)
         check(loop.kind == "serial" and loop.extent >= 2, self,
               f"its stage's loop {anchor!r} must be serial and run at least twice")
@@ -516,7 +533,7 @@ def validate(op: Operator, nest: LoopNest, step: Step) -> None:
               and all(l.kind == "serial" for l in nest.loops[-3:]), step,
               f"tensorized loops {', '.join(nest.tensorized)} must stay the three innermost, serial")
         check(not set(nest.tensorized) & nest.anchors(), step, "a tensorized loop may not anchor a cache stage")
-    for tensor in nest.double_buffered:   # its stage's loop keeps running serially, twice or more
+    for tensor in set(nest.double_buffered):   # its stage's loop keeps running serially, twice or more
         anchor = nest.loop(dict(nest.cache_reads)[tensor])
         check(anchor.kind == "serial" and anchor.extent >= 2, step,
               f"loop {anchor.name!r} holds the double-buffered stage of {tensor!r}: it must stay serial")

@@ -73,9 +73,14 @@ def _operator(req: dict) -> tuple[Operator, dict[str, np.ndarray], np.ndarray, d
     return _data[key]
 
 
-def compile_kernel(source: str, name: str) -> Any:
-    """The kernel compiled by NVRTC for this GPU (raises CuPy's CompileException)."""
-    return _cupy().RawModule(code=source, options=NVRTC_OPTIONS).get_function(name)
+def compile_kernel(source: str, name: str, shared_bytes: int = 0) -> Any:
+    """The kernel compiled by NVRTC for this GPU (raises CuPy's CompileException), allowed
+    ``shared_bytes`` of dynamic shared memory (beyond 48 KiB a block must opt in); launch
+    it with ``shared_mem=shared_bytes``."""
+    fn = _cupy().RawModule(code=source, options=NVRTC_OPTIONS).get_function(name)
+    if shared_bytes > 48 << 10:
+        fn.max_dynamic_shared_size_bytes = shared_bytes
+    return fn
 
 
 def _compile_error(e: Exception) -> str:
@@ -166,9 +171,12 @@ def serve_cuda(req: dict, send: Any) -> None:
     op, inputs, ref, dev = _operator(req)
     t0 = time.perf_counter()
     try:
-        fn = compile_kernel(Path(req["path"]).read_text(), req["name"])
+        fn = compile_kernel(Path(req["path"]).read_text(), req["name"], req.get("shared_bytes", 0))
     except cp.cuda.compiler.CompileException as e:
         send(event="error", error=_compile_error(e), build_s=time.perf_counter() - t0)
+        return
+    except cp.cuda.driver.CUDADriverError as e:   # more shared memory than the GPU grants
+        send(event="error", error=f"launch setup: {str(e)[:200]}", build_s=time.perf_counter() - t0)
         return
     build_s = time.perf_counter() - t0
     out_name = op.output.name
@@ -179,8 +187,10 @@ def serve_cuda(req: dict, send: Any) -> None:
     args = tuple(bufs[name].array for name in req["args"])
     grid, block = (tuple(x) for x in req["launch"])
 
+    shared_mem = req.get("shared_bytes", 0)
+
     def kernel() -> None:
-        fn(grid, block, args)
+        fn(grid, block, args, shared_mem=shared_mem)
 
     def check(call: str | None = None, first: np.ndarray | None = None) -> str | None:
         raws = {name: cp.asnumpy(g.raw) for name, g in bufs.items()}  # waits for the kernel

@@ -245,7 +245,7 @@ class Runner:
                    slow_cutoff_s=None if library else self.slow_cutoff_s,
                    library=library)
         if kernel.is_cuda:
-            req.update(backend="cuda", launch=kernel.launch)
+            req.update(backend="cuda", launch=kernel.launch, shared_bytes=kernel.shared_bytes)
         correct = False
         build_s = 0.0  # NVRTC, for CUDA kernels
         # Before "prepared", a CPU worker may compute a large reference (startup_timeout_s

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from agents.rollout import RandomDraw, rollout
 from envs.actions import MAX_LOOPS, Action, ActionTable, NestInfo
 from envs.features import featurize
+from envs.schedule_env import MAX_STEPS
 from experiments.shapes import family
 from kernels.codegen.rules import check_for_target
 from kernels.experts import expert_schedule
@@ -138,7 +139,7 @@ def test_gpu_expert_matmul_replays_as_actions(dtype):
         expert = expert_schedule(op, TARGET)
         s, last = Schedule(op), None
         for k, a in enumerate(table.actions_for(expert)):
-            assert table.mask(NestInfo(op, s.nest), last, steps_left=32 - k)[a], table.actions[a]
+            assert table.mask(NestInfo(op, s.nest), last, steps_left=MAX_STEPS - k)[a], table.actions[a]
             if a != table.done:
                 s, last = s.apply(table.to_step(a, s.nest)), a
         assert s.nest == expert.nest

@@ -10,6 +10,8 @@ need a GPU skip unless CuPy sees one.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import json
 import random
@@ -28,7 +30,7 @@ from kernels.experts import expert_schedule
 from kernels.ir.ops import OPERATORS, make_op
 from kernels.codegen import render
 from kernels.measure import Candidate
-from kernels.ir.schedule import Bind, Schedule, ScheduleError, bound_axis
+from kernels.ir.schedule import Bind, DoubleBuffer, Schedule, ScheduleError, bound_axis
 from kernels.target import NoCudaDevice, cuda_target_for_compile, get_target
 
 TARGET = cuda_target_for_compile("sm_90")
@@ -155,10 +157,14 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                     if all(e.evaluate(env) < n for e, n in s.conds):
                         yield from run(s.body, env)
                 elif isinstance(s, ir.Alloc):
-                    if s.scope == "shared":
+                    if s.scope == "fragment":
+                        local[s.buffer] = [None] * s.size   # unset: reading one fails
+                    elif s.scope == "shared":
                         shared.setdefault(s.buffer, np.full(s.size, np.nan))
                     else:
                         local[s.buffer] = np.full(s.size, np.nan)
+                elif isinstance(s, ir.Store) and s.copy_async:   # lands at a later Wait
+                    in_flight[-1].append((s.buffer, at(s.buffer, s.index, env, True), value(s.value, env)))
                 elif isinstance(s, ir.Store):
                     i = at(s.buffer, s.index, env, True)
                     x = value(s.value, env)
@@ -168,15 +174,27 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                         writes[i] += 1
                 elif isinstance(s, ir.Sync):
                     yield s
-                elif isinstance(s, ir.Commit):   # asynchronous copies: done at once here
-                    pass
+                elif isinstance(s, ir.Commit):
+                    in_flight.append([])
+                elif isinstance(s, ir.Wait):   # all but the latest groups land (uncommitted copies stay)
+                    while len(in_flight) > s.pending + 1:
+                        for name, i, x in in_flight.pop(0):
+                            buffer(name)[i] = x
+                            if log["w"].setdefault((name, i), tid) != tid:
+                                raise GpuFault(f"race: threads {log['w'][(name, i)]} and {tid} write {name}[{i}]")
+                elif isinstance(s, ir.Fragment):   # each register as the tuple of its elements
+                    i = s.index.evaluate(env)
+                    for r, reg in enumerate(s.regs):
+                        local[s.buffer][i + r] = tuple(value(x, env) for x in reg)
                 elif isinstance(s, ir.Mma):
-                    a = [value(x, env) for reg in s.a for x in reg]
-                    b = [value(x, env) for reg in s.b for x in reg]
+                    (a, ai), (b, bi) = ((name, i.evaluate(env)) for name, i in (s.a, s.b))
+                    a = [x for r in range(4) for x in local[a][ai + r]]
+                    b = [x for r in range(2) for x in local[b][bi + r]]
                     yield MmaCall(s, a, b, buffer(s.acc), s.base.evaluate(env))
                 else:
                     raise TypeError(s)
 
+        in_flight: list[list] = [[]]   # asynchronous copies: committed groups, then those issued since
         env = {var: env0[axis] for var, axis in bound.items()}   # indices known everywhere
         if warps:
             lane = env0["threadIdx.x"] % 32
@@ -439,7 +457,7 @@ def test_launch_and_source_header():
     assert k.launch == ((64, 32, 1), (16, 16, 1))  # 128x64 block tiles of 8x4 thread tiles
     assert 'extern "C" __global__ void __launch_bounds__(256) matmul_4096_4096_4096(' in k.source
     assert "__shared__" in k.source and "__syncthreads();" in k.source and "float4" in k.source
-    assert k.signature_json()["launch"] == {"grid": [64, 32, 1], "block": [16, 16, 1]}
+    assert k.signature_json()["launch"] == {"grid": [64, 32, 1], "block": [16, 16, 1], "shared_bytes": 49152}
     small = render(expert_schedule(make_op("matmul", "512x512x512"), TARGET), TARGET)
     assert small.launch == ((8, 8, 1), (16, 16, 1))  # 64x64 tiles: most multiprocessors get a block
 
@@ -576,13 +594,10 @@ def test_gpu_random_schedules_match_reference(gpu_measurer, kind):
 
 
 def test_gpu_failures_are_values(gpu_measurer):
-    from kernels.codegen.kernel import Kernel
-
     op = make_op("matmul", "64x64x64")
     good = render(expert_schedule(op, gpu_measurer.target), gpu_measurer.target)
-    bad_syntax = Kernel(good.name, good.source.replace("__syncthreads();", "__syncthreads()", 1),
-                        good.args, good.launch)
-    wild = Kernel(good.name, good.source.replace("C[i_o", "C[1 << 30 + i_o", 1), good.args, good.launch)
+    bad_syntax = dataclasses.replace(good, source=good.source.replace("__syncthreads();", "__syncthreads()", 1))
+    wild = dataclasses.replace(good, source=good.source.replace("C[i_o", "C[1 << 30 + i_o", 1))
     for k, why in ((bad_syntax, "compile error"), (wild, "")):
         res = gpu_measurer.measure_one(Candidate(op, f"source:{k.digest}", k))
         assert not res.ok and why in (res.error or ""), res
@@ -660,6 +675,40 @@ def test_tensorized_experts_simulate_correctly(kind, shape, dtype):
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
 
 
+@pytest.mark.parametrize("buffers", [2, 3, 4])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_pipelined_stages_simulate_correctly(buffers, dtype):
+    """A stage of 2-4 buffers over 6 slices: each slice is waited for before it is read
+    (the simulation lands asynchronous copies only at a wait) and never overwritten while
+    another thread reads it."""
+    from kernels import experts
+    op = make_op("matmul", "32x16x192", dtype)
+    if dtype == "fp32":   # the SIMT expert, its own pipeline taken off
+        s = Schedule(op)
+        for step in experts._gpu_matmul(op, TARGET, False, (2, 4, 4, 4, 32)).steps:
+            s = s if isinstance(step, DoubleBuffer) else s.apply(step)
+        s = experts._pipelined(s, ("A", "B"), TARGET, buffers)
+    else:
+        s = experts._gpu_matmul_tensor_cores(op, TARGET, False, ((1, 1, 2, 2),), 64, buffers)
+    assert max(s.nest.buffers(t) for t in "AB") == buffers, describe(s)
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
+def test_fragments_are_loaded_once_per_k_step():
+    """A warp's 2 x 4 instructions share 2 A and 4 B fragments per k step: 6 loads, not 16."""
+    op = make_op("matmul", "64x64x64", "bf16")
+    src = render(experts_tc(op, ((1, 1, 2, 4),)), TARGET).source
+    body = src[src.index("for (int k_o_i"):]
+    assert body.count("ldmatrix.sync") == 2, body    # one A and one B fill, each in an unrolled loop
+    assert "tc_a[" in body and "tc_b[" in body
+
+
+def experts_tc(op, tiles):
+    from kernels import experts
+    return experts._gpu_matmul_tensor_cores(op, TARGET, False, tiles)
+
+
 # each form of the implicit GEMM: m along a row (x >= 16), along the batch, along fused pixels
 TENSOR_CONV_SHAPES = [("conv2d_bias_relu", "1,16,5,18,8,3,3,1,1"), ("conv2d", "16,32,3,3,16,3,3,2,1"),
                       ("conv2d", "1,16,6,6,24,3,3,1,1"), ("conv2d", "2,32,5,7,8,1,1,1,0")]
@@ -703,13 +752,11 @@ def test_gpu_dtype_experts_match_reference(gpu_measurer, kind, shape, dtype):
 
 def test_gpu_a_wrong_tensor_core_kernel_fails_its_dtype_check(gpu_measurer):
     """One k-step of the instruction left out: every dtype's tolerance refuses it."""
-    from kernels.codegen.kernel import Kernel
-
     for dtype in ("tf32", "bf16", "fp16"):
         s = expert_schedule(make_op("matmul", "256x128x512", dtype), gpu_measurer.target)
         good = render(s, gpu_measurer.target)
         wrong = good.source.replace("for (int k_o_o = 0; k_o_o < ", "for (int k_o_o = 1; k_o_o < ", 1)
         assert wrong != good.source
-        bad = Kernel(good.name, wrong, good.args, good.launch)
+        bad = dataclasses.replace(good, source=wrong)
         res = gpu_measurer.measure_one(Candidate(s.op, "source:wrong", bad))
         assert not res.ok and res.error.startswith("wrong result"), (dtype, res.error)
