@@ -415,9 +415,18 @@ def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load
         used = set().union(*(_load_vars(x) for reg in fragment for x in reg))
         over = tuple(l for l in region if l.name in used)
         index = _flat(tuple(Lin.var(l.name) for l in over), tuple(l.extent for l in over)) * len(fragment)
-        fill: list = [Fragment(name, index, fragment)]
-        for l in reversed(over):
-            fill = [For(l.name, l.extent, fill, "unroll")]
+        extents = [l.extent for l in over]
+        if len(fragment) == 2 and over and extents[-1] % 2 == 0:
+            # two tiles of B side by side as one load of four registers (ldmatrix.x4)
+            last = over[-1].name
+            pair = [{last: Lin.var(last, 2) + h} for h in (0, 1)]
+            extents[-1] //= 2
+            fill: list = [Fragment(name, index.subst(last, pair[0][last]),
+                                   tuple(tuple(_at(x, sub) for x in reg) for sub in pair for reg in fragment))]
+        else:
+            fill = [Fragment(name, index, fragment)]
+        for l, extent in reversed(list(zip(over, extents))):
+            fill = [For(l.name, extent, fill, "unroll")]
         loads += [Alloc(name, len(fragment) * math.prod(l.extent for l in over), "fragment"), *fill]
         operands.append((name, index))
     compute = Mma(f"{op.output.name}_local", base, operands[0], operands[1], op.dtype)
