@@ -359,7 +359,7 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
 
 def _retarget(stmt, var: str, value: Lin, offset: Lin):
     """A copy of a stage's fill for iteration ``value`` of loop ``var``, written ``offset``
-    further into the buffer, asynchronously (the second buffer of a double-buffered stage)."""
+    further into the buffer, asynchronously (another buffer of a pipelined stage)."""
     if isinstance(stmt, For):
         return For(stmt.var, stmt.extent, [_retarget(s, var, value, offset) for s in stmt.body], stmt.kind,
                    tuple((e.subst(var, value), c) for e, c in stmt.bounds), tuple(e.subst(var, value) for e in stmt.starts))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .lower import Add, For, If, Load, Mul, Relu, Store, Sync, lower
+from .lower import Add, Commit, For, Fragment, If, Load, Mma, Mul, Relu, Store, Sync, Wait, lower
 from .schedule import Schedule
 
 
@@ -38,6 +38,16 @@ def _dump(stmts, depth: int, out: list[str]) -> None:
             out.append(f"{pad}{s.buffer}[{s.index}] {'+=' if s.accumulate else '='} {_fmt_value(s.value)}")
         elif isinstance(s, Sync):
             out.append(f"{pad}sync")
+        elif isinstance(s, Commit):
+            out.append(f"{pad}commit copies")
+        elif isinstance(s, Wait):
+            out.append(f"{pad}wait until {s.pending} commits pending")
+        elif isinstance(s, Fragment):
+            regs = ", ".join("(" + ", ".join(_fmt_value(x) for x in reg) + ")" for reg in s.regs)
+            out.append(f"{pad}{s.buffer}[{s.index} + 0..{len(s.regs) - 1}] = fragment {regs}")
+        elif isinstance(s, Mma):
+            (a, ai), (b, bi) = s.a, s.b
+            out.append(f"{pad}{s.acc}[{s.base} + 0..3] += mma({a}[{ai} + 0..3], {b}[{bi} + 0..1])")
 
 
 def print_loop_nest(schedule: Schedule, gpu: bool = False) -> str:
