@@ -2,7 +2,8 @@
 
 ``experiments/pretrained/<target>/<op>-ppo.pt`` and ``<op>-ppo.json`` are a policy:
 its weights and the spec it is rebuilt from (``agents/policy.py``), which also says
-what it was trained for and by which command; ``experiments/pretrained/<target>/cost_model.pt``
+what it was trained for and by which command (``<op>-<dtype>-ppo.pt``: one for a dtype
+other than fp32, whose schedules differ: tensor cores); ``experiments/pretrained/<target>/cost_model.pt``
 is a cost model pre-trained from tuning logs.
 """
 
@@ -16,9 +17,12 @@ from kernels.target import Target
 ROOT = Path(__file__).resolve().parent / "pretrained"
 
 
-def policy_path(op_kind: str, target_kind: str) -> Path:
-    """The shipped policy's file; an epilogue variant uses its base operator's."""
-    return ROOT / target_kind / f"{BASE_KIND.get(op_kind, op_kind)}-ppo.pt"
+def policy_path(op: Operator, target_kind: str) -> Path:
+    """The shipped policy's file: the dtype's own where one is shipped, else the fp32 one;
+    an epilogue variant uses its base operator's."""
+    base = BASE_KIND.get(op.kind, op.kind)
+    own = ROOT / target_kind / f"{base}-{op.dtype}-ppo.pt"
+    return own if op.dtype != "fp32" and own.is_file() else ROOT / target_kind / f"{base}-ppo.pt"
 
 
 def cost_model_path(target_kind: str) -> Path:
@@ -29,15 +33,15 @@ def load_policy(path: str | None, op: Operator, target: Target):
     """The given policy, else the one shipped for ``op`` on ``target``."""
     from agents import policy
 
-    if not path and not policy_path(op.kind, target.kind).is_file():
+    if not path and not policy_path(op, target.kind).is_file():
         raise FileNotFoundError(f"no policy shipped for {op.kind} on {target.kind}; train one with "
                                 f"`python -m experiments train --op {op.kind}` and pass --policy")
-    return policy.load_policy(path or policy_path(op.kind, target.kind), op, target)
+    return policy.load_policy(path or policy_path(op, target.kind), op, target)
 
 
 def shipped_policy(op: Operator, target: Target):
     """The policy shipped for ``op`` on ``target``, or None where none is shipped."""
-    return load_policy(None, op, target) if policy_path(op.kind, target.kind).is_file() else None
+    return load_policy(None, op, target) if policy_path(op, target.kind).is_file() else None
 
 
 def load_cost_model(path: str | None, target: Target, seed: int = 0):

@@ -93,10 +93,14 @@ def test_every_shipped_policy_and_cost_model_loads():
     assert {p.stem for p in policies if p.parent.name == "cpu"} == \
         {f"{k}-ppo" for k in ("matmul", "conv2d", "batch_matmul", "dense_bias_relu", "depthwise_conv2d")}
     for path in policies:
-        kind, target = path.stem.removesuffix("-ppo"), targets[path.parent.name]
-        policy.load_policy(path, make_op(kind, family(kind, "small")[0]), target)
+        kind, _, dtype = path.stem.removesuffix("-ppo").partition("-")
+        op = make_op(kind, family(kind, "small")[0], dtype or "fp32")
+        assert pretrained.policy_path(op, path.parent.name) == path   # each is the one its dtype finds
+        policy.load_policy(path, op, targets[path.parent.name])
     for path in pretrained.ROOT.glob("*/cost_model.pt"):
         LearnedCostModel.load(path, targets[path.parent.name])
+    # a dtype without a policy of its own takes the fp32 one
+    assert pretrained.policy_path(make_op("matmul", "64x64x64", "fp16"), "cuda").name == "matmul-ppo.pt"
 
 
 def test_train_imitates_for_cuda_without_a_gpu(tmp_path):
