@@ -49,6 +49,7 @@ from kernels.target import Target
 
 from .evolution import search_evolve
 from .rollout import PolicyDraw, RandomDraw, Rollout, allowed, rollout
+from .sketch import sketches
 
 P_DONE = 0.05  # random candidates stop with this probability per step, wherever done is allowed
 SLOW_FACTOR = 10  # kernels this much slower than the best so far are timed by one call
@@ -271,13 +272,19 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
     search.run(propose, lambda pairs: _feedback(model, pairs), patience=20)
 
 
+SKETCH_SHARE = 0.75   # of the evolutionary search's proposals without a policy: sketches; the rest random rollouts
+
+
 def search_evolution(search: Search, rng: np.random.Generator, model, policy=None, **_) -> None:
     """Ansor's evolutionary search (agents/evolution.py); a trained policy, where there is
-    one, is its proposal distribution (its greedy schedule measured first), random
-    rollouts otherwise."""
+    one, is its proposal distribution (its greedy schedule measured first). Without one,
+    on a CPU, sketches (agents/sketch.py) propose most of the population and random
+    rollouts the rest (all of it on other targets, or where an operator has no sketch)."""
     table = ActionTable(search.op, search.target)
+    sketched = 0.0
     if policy is None:
         draw = RandomDraw(rng, p_done=P_DONE)
+        sketched = SKETCH_SHARE if search.target.kind == "cpu" else 0.0
     else:
         import torch
 
@@ -286,7 +293,8 @@ def search_evolution(search: Search, rng: np.random.Generator, model, policy=Non
         draw = PolicyDraw(policy, deterministic=False)
 
     def propose(n: int) -> list[Schedule]:
-        return [rollout(search.op, table, draw).schedule for _ in range(n)]
+        drawn = sketches(search.op, search.target, rng, round(sketched * n))
+        return drawn + [rollout(search.op, table, draw).schedule for _ in range(n - len(drawn))]
 
     search_evolve(search, rng, model, propose)
 
