@@ -1,7 +1,8 @@
 """Evolutionary search guided by the cost model (Ansor's method), the default search.
 
 A population of schedules is seeded from the proposal distribution (a trained
-policy's samples, or random rollouts where no policy exists), the expert schedule
+policy's samples; where no policy is given, sketches on a CPU, ``agents/sketch.py``,
+mixed with random rollouts), the expert schedule
 and the best records already measured (a resumed run's tuning log). Each round it
 evolves for a few generations: parents are drawn from the predicted best, children
 are made by mutating one step's parameters (another split or tile factor, two loops
@@ -181,7 +182,7 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
                   local: int = 3, fresh: int = 8) -> None:
     """Measure, round after round, the predicted best of an evolving population.
 
-    ``propose(n)`` draws ``n`` new schedules (policy samples or random rollouts): a whole
+    ``propose(n)`` draws ``n`` new schedules (policy samples, or sketches and random rollouts): a whole
     population at the start, ``fresh`` more each round; the measured best join each round.
     Of each batch (``search.batch``), ``local`` are the predicted best mutants of the
     fastest kernel so far (a local search around the incumbent, the expert's included),

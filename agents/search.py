@@ -7,7 +7,9 @@ step, so curves of different agents compare directly. Agents:
 
 - ``evolve`` (tune's default): evolutionary search guided by the cost model
   (``agents/evolution.py``), its population proposed by a trained policy's rollouts
-  where there is one, random rollouts otherwise.
+  where there is one; otherwise sketches (``agents/sketch.py``: the structure of a fast
+  CPU kernel, derived from the operator's axes) mixed with random rollouts, or random
+  rollouts alone on a GPU.
 - ``random``: random masked rollouts of the environment's actions.
 - ``filtered``: random rollouts too, but only the cost model's predicted best of
   each batch are measured (and the model learns from them).
