@@ -1,7 +1,8 @@
 """Evolutionary search guided by the cost model (Ansor's method), the default search.
 
 A population of schedules is seeded from the proposal distribution (a trained
-policy's samples, or random rollouts where no policy exists), the expert schedule
+policy's samples; where no policy is given, sketches on a CPU, ``agents/sketch.py``,
+mixed with random rollouts), the expert schedule
 and the best records already measured (a resumed run's tuning log). Each round it
 evolves for a few generations: parents are drawn from the predicted best, children
 are made by mutating one step's parameters (another split or tile factor, two loops
@@ -46,10 +47,13 @@ def legal(op, steps: Sequence[Step], target: Target) -> Schedule | None:
     return s if len(s.nest.loops) <= MAX_LOOPS else None
 
 
-def _factor(extent: int, current: int, rng: np.random.Generator) -> int | None:
-    """Another factor for a loop of ``extent``: a listed one or a divisor, below the extent."""
-    options = sorted({f for f in FACTORS if f < extent} | {d for d in range(2, min(extent, 65)) if extent % d == 0})
-    options = [f for f in options if f != current]
+def _factor(extent: int, current: int, lanes: int, rng: np.random.Generator) -> int | None:
+    """Another factor for a loop of ``extent``, below it: a listed one, a multiple of the
+    vector lanes (up to four vectors: a vectorized loop's width) or any divisor (no tail;
+    large ones block a reduction or a parallel loop)."""
+    options = {f for f in FACTORS} | {m * lanes for m in range(1, 5)} | \
+              {d for d in range(2, extent // 2 + 1) if extent % d == 0}
+    options = sorted(f for f in options if f < extent and f != current)
     return int(rng.choice(options)) if options else None
 
 
@@ -63,7 +67,7 @@ def mutate(schedule: Schedule, target: Target, rng: np.random.Generator, tries: 
         i = int(rng.integers(len(steps)))
         before = Schedule(schedule.op, tuple(steps[:i])).nest
         names = [l.name for l in before.loops]
-        new = _mutate_step(steps[i], before, names, rng)
+        new = _mutate_step(steps[i], before, names, target.vector_lanes, rng)
         if new is _DROP:
             child = steps[:i] + steps[i + 1:]
         elif new is None:
@@ -81,18 +85,18 @@ def mutate(schedule: Schedule, target: Target, rng: np.random.Generator, tries: 
 _DROP = object()
 
 
-def _mutate_step(step: Step, nest, names: list[str], rng: np.random.Generator):
+def _mutate_step(step: Step, nest, names: list[str], lanes: int, rng: np.random.Generator):
     """A changed copy of ``step`` as it applies to ``nest`` (the nest before it), ``_DROP``
     to remove it, or None when this step has nothing to change."""
     extent = {l.name: l.extent for l in nest.loops}
     if isinstance(step, Split) and step.loop in extent:
-        f = _factor(extent[step.loop], step.factor, rng)
+        f = _factor(extent[step.loop], step.factor, lanes, rng)
         return None if f is None else dataclasses.replace(step, factor=f)
     if isinstance(step, Tile) and step.outer in extent and step.inner in extent:
         if rng.random() < 0.5:
-            f = _factor(extent[step.outer], step.outer_factor, rng)
+            f = _factor(extent[step.outer], step.outer_factor, lanes, rng)
             return None if f is None else dataclasses.replace(step, outer_factor=f)
-        f = _factor(extent[step.inner], step.inner_factor, rng)
+        f = _factor(extent[step.inner], step.inner_factor, lanes, rng)
         return None if f is None else dataclasses.replace(step, inner_factor=f)
     if isinstance(step, Reorder) and len(step.order) >= 2:
         order = list(step.order)
@@ -178,7 +182,7 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
                   local: int = 3, fresh: int = 8) -> None:
     """Measure, round after round, the predicted best of an evolving population.
 
-    ``propose(n)`` draws ``n`` new schedules (policy samples or random rollouts): a whole
+    ``propose(n)`` draws ``n`` new schedules (policy samples, or sketches and random rollouts): a whole
     population at the start, ``fresh`` more each round; the measured best join each round.
     Of each batch (``search.batch``), ``local`` are the predicted best mutants of the
     fastest kernel so far (a local search around the incumbent, the expert's included),

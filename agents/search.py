@@ -7,7 +7,9 @@ step, so curves of different agents compare directly. Agents:
 
 - ``evolve`` (tune's default): evolutionary search guided by the cost model
   (``agents/evolution.py``), its population proposed by a trained policy's rollouts
-  where there is one, random rollouts otherwise.
+  where there is one; otherwise sketches (``agents/sketch.py``: the structure of a fast
+  CPU kernel, derived from the operator's axes) mixed with random rollouts, or random
+  rollouts alone on a GPU.
 - ``random``: random masked rollouts of the environment's actions.
 - ``filtered``: random rollouts too, but only the cost model's predicted best of
   each batch are measured (and the model learns from them).
@@ -49,6 +51,7 @@ from kernels.target import Target
 
 from .evolution import search_evolve
 from .rollout import PolicyDraw, RandomDraw, Rollout, allowed, rollout
+from .sketch import sketches
 
 P_DONE = 0.05  # random candidates stop with this probability per step, wherever done is allowed
 SLOW_FACTOR = 10  # kernels this much slower than the best so far are timed by one call
@@ -271,13 +274,19 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
     search.run(propose, lambda pairs: _feedback(model, pairs), patience=20)
 
 
+SKETCH_SHARE = 0.75   # of the evolutionary search's proposals without a policy: sketches; the rest random rollouts
+
+
 def search_evolution(search: Search, rng: np.random.Generator, model, policy=None, **_) -> None:
     """Ansor's evolutionary search (agents/evolution.py); a trained policy, where there is
-    one, is its proposal distribution (its greedy schedule measured first), random
-    rollouts otherwise."""
+    one, is its proposal distribution (its greedy schedule measured first). Without one,
+    on a CPU, sketches (agents/sketch.py) propose most of the population and random
+    rollouts the rest (all of it on other targets, or where an operator has no sketch)."""
     table = ActionTable(search.op, search.target)
+    sketched = 0.0
     if policy is None:
         draw = RandomDraw(rng, p_done=P_DONE)
+        sketched = SKETCH_SHARE if search.target.kind == "cpu" else 0.0
     else:
         import torch
 
@@ -286,7 +295,8 @@ def search_evolution(search: Search, rng: np.random.Generator, model, policy=Non
         draw = PolicyDraw(policy, deterministic=False)
 
     def propose(n: int) -> list[Schedule]:
-        return [rollout(search.op, table, draw).schedule for _ in range(n)]
+        drawn = sketches(search.op, search.target, rng, round(sketched * n))
+        return drawn + [rollout(search.op, table, draw).schedule for _ in range(n - len(drawn))]
 
     search_evolve(search, rng, model, propose)
 

@@ -1,10 +1,11 @@
 """Tune one operator shape with at most --budget hardware measurements.
 
 Agents: evolve (default: Ansor's evolutionary search guided by the learned cost
-model; a shipped or given policy proposes its population, random rollouts where
-none exists), ppo (a trained policy's samples ranked by the cost model, zero-shot),
-and the baselines random, filtered (random candidates, the cost model's predicted
-best measured), anneal (simulated annealing guided by the cost model) and beam. The
+model; a shipped or given policy proposes its population; where none is, or with
+--no-expert, sketches of the operator (agents/sketch.py, CPU) and random rollouts),
+ppo (a trained policy's samples ranked by the cost model, zero-shot), and the
+baselines random, filtered (random candidates, the cost model's predicted best
+measured), anneal (simulated annealing guided by the cost model) and beam. The
 naive kernel, the expert schedule (unless --no-expert) and the library are timed as
 references outside the budget; the result is never slower than the naive kernel or
 the expert.
@@ -70,7 +71,8 @@ class Config:
                                           "(default: the shipped one, if any)", metavar="PATH")
     no_expert: bool = field(False, help="an ablation: the expert schedule is no candidate and no seed, and the "
                                         "shipped policy (which imitates it) proposes nothing unless --policy "
-                                        "names one; the expert is still timed in the final rounds, for the figure")
+                                        "names one (the search starts from sketches of the operator and random "
+                                        "rollouts); the expert is still timed in the final rounds, for the figure")
     cost_model: str | None = field(None, help="pre-trained cost model for ppo/anneal/beam "
                                               "(default: the shipped one)", metavar="PATH")
     budget: int | None = field(None, help="hardware measurements the search may make, in all "
@@ -160,7 +162,8 @@ def _ratio(slower: Comparison | None, faster: Comparison) -> float | None:
 
 
 def _policy(cfg: Config, op, target):
-    """The policy for evolve (optional: none shipped means random proposals) and ppo (required)."""
+    """The policy for evolve (optional: without one it proposes sketches and random rollouts) and ppo
+    (required)."""
     if cfg.agent == "ppo" or (cfg.agent == "evolve" and cfg.policy):
         return pretrained.load_policy(cfg.policy, op, target)
     return pretrained.shipped_policy(op, target) if cfg.agent == "evolve" and not cfg.no_expert else None

@@ -232,7 +232,7 @@ def test_export_of_a_cuda_kernel_writes_its_source_and_launch(tmp_path):
     export_kernel(str(tmp_path), kernel, "", schedule, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernel.cu", "kernel.json"]
     meta = json.loads((tmp_path / "kernel.json").read_text())
-    assert meta["function"] == kernel.name and set(meta["launch"]) == {"grid", "block"}
+    assert meta["function"] == kernel.name and set(meta["launch"]) == {"grid", "block", "shared_bytes"}
     assert "-arch=sm_90" in meta["compile"]
     assert (tmp_path / "kernel.cu").read_text() == kernel.source
 

@@ -1,0 +1,224 @@
+"""Sketches: the structure of a good CPU schedule from an operator's axes alone (Ansor's
+sketch generation), its parameters drawn at random.
+
+Random rollouts of the environment's actions are a poor proposal distribution: almost
+none of them holds a register tile, a packed panel and a parallel outer loop together,
+so a search that starts from them spends its budget assembling structure instead of
+tuning it. Every fast CPU kernel of a multiply-accumulate has the same shape, and it
+can be derived from which axes are spatial, which reduce, and which tensor each
+indexes (``kernels/ir/ops.py``), with no per-operator code:
+
+- one spatial axis is vectorized, innermost, a multiple of the target's vector lanes
+  wide; an axis qualifies where every input reads it with unit stride (an input that
+  reads it in an outer dimension is packed, so the pack lays it out contiguously);
+- a few other spatial axes form, with it, the register tile: the innermost loops,
+  unrolled, under a ``cache_write`` anchored just outside the reduction loops;
+- the reduction loops sit between the outer spatial tiles and the register tile
+  (the largest one optionally split, its outer part a cache block);
+- the outer spatial loops are fused from the outside until they give the cores
+  enough iterations, and run ``parallel``;
+- an input whose index skips an inner loop is optionally packed (``cache_read``) at an
+  outer loop: a panel reused by every iteration of the loops it skips.
+
+What is drawn: the vector axis and width, the register tile's axes and sizes, the
+order of the outer loops, how many are fused, the reduction split, the pack anchors.
+Each sketch is replayed and checked by the same rules as any candidate
+(``agents.evolution.legal``); the evolutionary search's mutations then tune its factors.
+CPU only: on a GPU, binds and shared stages need other rules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.ir.ops import Operator
+from kernels.ir.schedule import MAX_UNROLL, MAX_UNROLLED_BODY, Schedule, ScheduleError
+from kernels.target import Target
+
+REDUCE_BLOCKS = (16, 32, 64, 128, 256)   # the outer part of a split reduction: a cache block
+
+
+def vector_axes(op: Operator, lanes: int) -> dict[str, tuple[float, tuple[str, ...]]]:
+    """Spatial axes that can be vectorized: ``axis -> (weight, inputs to pack)``.
+
+    An axis qualifies when every input reads it with coefficient 0 or 1 (a stride along
+    the vector would gather); inputs that read it in an outer dimension must be packed
+    to read it contiguously. Axes at least a vector long weigh more, and more again where
+    the output's last dimension is the axis (its write-back is then contiguous too)."""
+    found = {}
+    for axis in (a for a in op.axes if not a.reduce and a.extent > 1):
+        packs, ok = [], True
+        for access in (op.lhs, op.rhs):
+            coefs = [dict(aff.terms).get(axis.name, 0) for aff in access.index]
+            if any(c not in (0, 1) for c in coefs):
+                ok = False
+            elif any(coefs[:-1]):
+                packs.append(access.tensor)
+        if not ok:
+            continue
+        weight = 1.0 if axis.extent >= lanes else 0.1
+        if dict(op.out.index[-1].terms).get(axis.name):
+            weight *= 2
+        found[axis.name] = (weight, tuple(packs))
+    return found
+
+
+def _axes(access) -> set[str]:
+    """The op axes ``access`` reads."""
+    return {a for aff in access.index for a, c in aff.terms if c}
+
+
+def _choice(rng: np.random.Generator, options, weights=None):
+    if weights is not None:
+        p = np.asarray(weights, float)
+        return options[int(rng.choice(len(options), p=p / p.sum()))]
+    return options[int(rng.integers(len(options)))]
+
+
+def _tile_factor(extent: int, most: int, rng: np.random.Generator) -> int:
+    """A register-tile size for an axis of ``extent``, at most ``most``: a divisor half the
+    time (no tail), any size otherwise."""
+    most = min(extent, most)
+    if most <= 1:
+        return 1
+    divisors = [d for d in range(2, most + 1) if extent % d == 0]
+    if divisors and rng.random() < 0.5:
+        return _choice(rng, divisors)
+    return int(rng.integers(2, most + 1))
+
+
+def sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule | None:
+    """One random sketch of ``op`` (see the module doc) as a legal schedule; None where
+    the operator has no spatial axis to vectorize or the drawn sketch breaks a rule."""
+    from .evolution import legal
+
+    try:
+        s = _sketch(op, target, rng)
+    except ScheduleError:
+        return None
+    return None if s is None else legal(op, s.steps, target)
+
+
+def _sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule | None:
+    lanes, ext = target.vector_lanes, op.extents
+    spatial = [a.name for a in op.axes if not a.reduce]
+    reduce = [a.name for a in op.axes if a.reduce]
+    candidates = vector_axes(op, lanes)
+    if not candidates:
+        return None
+    names = list(candidates)
+    vec = _choice(rng, names, [candidates[n][0] for n in names])
+    strided = candidates[vec][1]
+    panels = [acc for acc in (op.lhs, op.rhs) if vec in _axes(acc)]   # read with vectors: packed panels
+
+    # the register tile: vectors along the vector axis times a few rows of other spatial axes
+    accumulators = 24 if lanes >= 16 else 12      # of 32 (AVX-512) or 16 vector registers
+    widths = [m * lanes for m in (1, 2, 3, 4) if m * lanes <= ext[vec]] or [ext[vec]]
+    width = _choice(rng, widths, [4, 4, 1, 1][:len(widths)])
+    budget = max(1, int(rng.integers(accumulators // 3, accumulators + 1)) // max(1, width // lanes))
+    tile = {vec: width}
+    others = [str(a) for a in rng.permutation([a for a in spatial if a != vec and ext[a] > 1])]
+    for a in others[:int(rng.integers(1, 3))]:
+        f = _tile_factor(ext[a], budget, rng)
+        if f > 1:
+            tile[a], budget = f, budget // f
+
+    s = Schedule(op)
+    outer, inner = [], []        # spatial loops outside the reduction, and the register tile's
+    for a in spatial:
+        f = tile.get(a, 1)
+        if f == 1:
+            outer.append(a)
+        elif f >= ext[a]:
+            inner.append(a)                     # the whole axis in the tile
+        else:
+            s = s.split(a, f)
+            outer.append(f"{a}_o")
+            inner.append(f"{a}_i")
+    vec_loop = next(l for l in inner if l in (vec, f"{vec}_i"))
+    inner = [str(l) for l in rng.permutation([l for l in inner if l != vec_loop])] + [vec_loop]
+    extent = s.nest.extents
+    # the outer loops: trivial ones first; then, half the time, those a panel's input reads
+    # before those it skips (a pack outside these is reused by them), else the op's order or
+    # a shuffled one
+    trivial = [l for l in outer if extent[l] == 1]
+    rest = [l for l in outer if l not in trivial]
+    draw = rng.random()
+    if draw < 0.5 and panels:
+        reads = _axes(_choice(rng, panels))
+        rest.sort(key=lambda l: s.nest.loop(l).axis not in reads)
+    elif draw < 0.75:
+        rest = [str(l) for l in rng.permutation(rest)]
+    outer = trivial + rest
+
+    reduce_outer, reduce_inner = [], list(reduce)
+    big = max(reduce, key=lambda a: ext[a], default=None)
+    blocks = [b for b in REDUCE_BLOCKS if big is not None and b < ext[big]]
+    if blocks and rng.random() < 0.5:
+        s = s.split(big, _choice(rng, blocks))
+        reduce_outer, reduce_inner = [f"{big}_o"], [f"{big}_i" if a == big else a for a in reduce]
+    s = s.reorder(*outer, *reduce_outer, *reduce_inner, *inner)
+    extent = s.nest.extents
+
+    # fuse the outer loops from the outside until the cores get enough iterations; parallel
+    if outer:
+        enough = target.cores * _choice(rng, [1, 4, 16])
+        fused, size = outer[0], extent[outer[0]]
+        rest = outer[1:]
+        while rest and size < enough:
+            s = s.fuse(fused, rest[0])
+            fused, size = f"{fused}_{rest[0]}", size * extent[rest[0]]
+            rest = rest[1:]
+        outer = [fused, *rest]
+        if size > 1 and target.cores > 1:
+            s = s.parallel(fused)
+        s = s.cache_write(outer[-1])
+    s = s.vectorize(vec_loop)
+    body = 1
+    for loop in reversed(inner[:-1]):          # from the inside out: a register tile
+        if extent[loop] > MAX_UNROLL or body * extent[loop] > MAX_UNROLLED_BODY:
+            break
+        s, body = s.unroll(loop), body * extent[loop]
+
+    # packs: an input at an outer loop that holds, inside, an outer loop its index skips (the
+    # panel is reused across that loop's iterations), or at a reduction block (contiguous
+    # reads); mostly an input read with vectors; nearly always one read along the vector
+    # axis in an outer dimension (only packed are its vectors contiguous) or one whose reads
+    # can fall in padding (a pack writes the zeros once; read in place, every load is guarded)
+    for access in (op.lhs, op.rhs):
+        must = access.tensor in strided or op.needs_bounds_check(access)
+        if rng.random() >= (0.9 if must else 0.8 if access in panels else 0.4):
+            continue
+        reads = frozenset().union(*(e.vars() for e in s.nest.access_exprs(access)))
+        reuse = [a for i, a in enumerate(outer) if any(l not in reads for l in outer[i + 1:])]
+        for anchors in (reuse, reduce_outer, outer if must else []):   # the first kind where it fits
+            s, packed = _pack(s, access.tensor, anchors, rng)
+            if packed:
+                break
+    return s
+
+
+def _pack(s: Schedule, tensor: str, anchors: list[str], rng: np.random.Generator) -> tuple[Schedule, bool]:
+    """``s`` with ``tensor`` packed at one of ``anchors`` where its buffer fits, and whether
+    it was: mostly the outermost (the most reuse), else a random one (the next ones inward
+    tried in turn)."""
+    if anchors:
+        for anchor in anchors[0 if rng.random() < 0.7 else int(rng.integers(len(anchors))):]:
+            try:
+                return s.cache_read(tensor, anchor), True
+            except ScheduleError:
+                continue
+    return s, False
+
+
+def sketches(op: Operator, target: Target, rng: np.random.Generator, n: int, tries: int | None = None) -> list[Schedule]:
+    """Up to ``n`` distinct legal sketches of ``op`` (fewer when ``tries`` draws, default
+    ``10 * n``, do not find them)."""
+    found: dict[str, Schedule] = {}
+    for _ in range(tries if tries is not None else 10 * n):
+        if len(found) >= n:
+            break
+        s = sketch(op, target, rng)
+        if s is not None:
+            found.setdefault(s.key(), s)
+    return list(found.values())
