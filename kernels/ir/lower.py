@@ -589,6 +589,23 @@ def _pack_order(dims, nest: LoopNest) -> list[int]:
     return sorted(range(len(dims)), key=lambda d: (innermost(d), d))
 
 
+def _copy_order(dims, order: list[int], run: int = 16) -> list[int]:
+    """The pack's copy loops, outermost first: the buffer's order, so that writes walk it
+    contiguously, except for the tensor's last dimensions while their box is at most
+    ``run`` elements, which stay innermost in the tensor's order, so that reads come in
+    short contiguous runs too. A weight pack that moves the output channel last (OIHW to
+    ``[c][ry][rx][k]``) then copies a 3x3 window at a time for each channel: scattering
+    each read row over the buffer instead cost a 512-channel layer at 7x7 as much as its
+    arithmetic (L2 misses on the scattered stores)."""
+    inner, size = [], 1
+    for d in reversed(range(len(dims))):
+        if size * dims[d][2] > run:
+            break
+        inner.insert(0, d)
+        size *= dims[d][2]
+    return [d for d in order if d not in inner] + inner
+
+
 def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest, order: list[int]) -> list:
     """Copy the footprint of ``tensor`` into ``buf`` (its dimensions in ``order``), zero
     outside the tensor.
@@ -604,7 +621,8 @@ def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest, order: list[int]) 
     stmt = Store(buf, _flat(tuple(Lin.var(vars_[d]) for d in order), tuple(dims[d][2] for d in order)),
                  Load(tensor, _flat(src, shape)))
     clipped = False
-    for v, (base, _, size), e, n in reversed(list(zip(vars_, dims, src, shape))):
+    for d in reversed(_copy_order(dims, order)):
+        v, (base, _, size), e, n = vars_[d], dims[d], src[d], shape[d]
         lo, hi = e.range(ext)
         starts = (Lin() - base,) if lo < 0 else ()               # base + v >= 0
         bounds = ((Lin.constant(n) - base, 1),) if hi >= n else ()  # base + v < n
