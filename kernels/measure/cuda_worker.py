@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..ir.ops import Operator, make_op
+from ..target import CUDA_SHARED_BYTES
 from .check import Guarded, Tolerance, check_call, random_canary
 from .library import matmul_call, torch_conv
 from .timing import Rejected, VerifiedCall, time_calls
@@ -78,7 +79,7 @@ def compile_kernel(source: str, name: str, shared_bytes: int = 0) -> Any:
     ``shared_bytes`` of dynamic shared memory (beyond 48 KiB a block must opt in); launch
     it with ``shared_mem=shared_bytes``."""
     fn = _cupy().RawModule(code=source, options=NVRTC_OPTIONS).get_function(name)
-    if shared_bytes > 48 << 10:
+    if shared_bytes > CUDA_SHARED_BYTES:
         fn.max_dynamic_shared_size_bytes = shared_bytes
     return fn
 
