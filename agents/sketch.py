@@ -35,6 +35,8 @@ from kernels.ir.ops import Operator
 from kernels.ir.schedule import MAX_UNROLL, MAX_UNROLLED_BODY, Schedule, ScheduleError
 from kernels.target import Target
 
+from .evolution import legal
+
 REDUCE_BLOCKS = (16, 32, 64, 128, 256)   # the outer part of a split reduction: a cache block
 
 
@@ -63,11 +65,6 @@ def vector_axes(op: Operator, lanes: int) -> dict[str, tuple[float, tuple[str, .
     return found
 
 
-def _axes(access) -> set[str]:
-    """The op axes ``access`` reads."""
-    return {a for aff in access.index for a, c in aff.terms if c}
-
-
 def _choice(rng: np.random.Generator, options, weights=None):
     if weights is not None:
         p = np.asarray(weights, float)
@@ -90,8 +87,6 @@ def _tile_factor(extent: int, most: int, rng: np.random.Generator) -> int:
 def sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule | None:
     """One random sketch of ``op`` (see the module doc) as a legal schedule; None where
     the operator has no spatial axis to vectorize or the drawn sketch breaks a rule."""
-    from .evolution import legal
-
     try:
         s = _sketch(op, target, rng)
     except ScheduleError:
@@ -109,7 +104,7 @@ def _sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule 
     names = list(candidates)
     vec = _choice(rng, names, [candidates[n][0] for n in names])
     strided = candidates[vec][1]
-    panels = [acc for acc in (op.lhs, op.rhs) if vec in _axes(acc)]   # read with vectors: packed panels
+    panels = [acc for acc in (op.lhs, op.rhs) if vec in acc.axes]   # read with vectors: packed panels
 
     # the register tile: vectors along the vector axis times a few rows of other spatial axes
     accumulators = 24 if lanes >= 16 else 12      # of 32 (AVX-512) or 16 vector registers
@@ -145,7 +140,7 @@ def _sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule 
     rest = [l for l in outer if l not in trivial]
     draw = rng.random()
     if draw < 0.5 and panels:
-        reads = _axes(_choice(rng, panels))
+        reads = _choice(rng, panels).axes
         rest.sort(key=lambda l: s.nest.loop(l).axis not in reads)
     elif draw < 0.75:
         rest = [str(l) for l in rng.permutation(rest)]
@@ -211,7 +206,8 @@ def _pack(s: Schedule, tensor: str, anchors: list[str], rng: np.random.Generator
     return s, False
 
 
-def sketches(op: Operator, target: Target, rng: np.random.Generator, n: int, tries: int | None = None) -> list[Schedule]:
+def sketches(op: Operator, target: Target, rng: np.random.Generator, n: int,
+             tries: int | None = None) -> list[Schedule]:
     """Up to ``n`` distinct legal sketches of ``op`` (fewer when ``tries`` draws, default
     ``10 * n``, do not find them)."""
     found: dict[str, Schedule] = {}

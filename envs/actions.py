@@ -45,14 +45,13 @@ from kernels.codegen.rules import shared_bytes
 from kernels.ir.dtypes import DTYPES
 from kernels.ir.lower import stage_elements, thread_loops
 from kernels.ir.ops import Operator
-from kernels.ir.schedule import (MAX_BUFFERS, MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES, Bind, CacheRead,
-                              CacheWrite, DoubleBuffer, Fuse, LoopNest, Parallel, Reorder, Schedule, ScheduleError, Split,
-                              Step, Tensorize, Tile, Unroll, Vectorize, WARP, bound_axis, footprint,
-                              tensor_tile)
+from kernels.ir.schedule import (FACTORS, MAX_BUFFERS, MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES,
+                                 WARP, Bind, CacheRead, CacheWrite, DoubleBuffer, Fuse, LoopNest, Parallel, Reorder,
+                                 Schedule, ScheduleError, Split, Step, Tensorize, Tile, Unroll, Vectorize, bound_axis,
+                                 footprint, tensor_tile)
 from kernels.target import Target, cpu_target
 
 MAX_LOOPS = 13  # the GPU conv2d expert's nest: 13 loops
-FACTORS = (2, 3, 4, 6, 8, 16, 32, 64)
 
 STRUCTURAL = ("split", "tile", "swap", "fuse")
 ANNOTATIONS = {"cpu": ("vectorize", "unroll", "parallel", "cache_write"),

@@ -16,7 +16,7 @@ import math
 from .codegen.rules import check_for_target
 from .ir.dtypes import DTYPES
 from .ir.ops import Operator
-from .ir.schedule import MAX_LOCAL_BYTES, Schedule
+from .ir.schedule import FACTORS, MAX_LOCAL_BYTES, Schedule
 from .target import Target
 
 
@@ -75,9 +75,6 @@ def _pointwise(op: Operator, target: Target) -> Schedule | None:
     return s.parallel("n_k_o")
 
 
-_FACTORS = (2, 3, 4, 6, 8, 16, 32, 64)   # the split factors the environment's actions offer
-
-
 def _pixel_tile(x: int, lanes: int, vectors: int = 1) -> tuple[int, int]:
     """(rows, columns) of output pixels per register tile of ``vectors`` vectors of
     channels each: up to 16 accumulators of AVX-512's 32 registers (8 of AVX2's 16). A
@@ -88,7 +85,7 @@ def _pixel_tile(x: int, lanes: int, vectors: int = 1) -> tuple[int, int]:
     most = (16 if lanes >= 16 else 8) // vectors
     widths = (8, 4) if vectors == 1 else (4, 8, 7)
     cols = x if x <= most else next((c for c in widths if x % c == 0 and c <= most), min(8, most))
-    return max(f for f in (1, 2, 3, 4, 6, 8, 16) if f * cols <= most), cols
+    return max(f for f in (1, *FACTORS) if f * cols <= most), cols
 
 
 def _channels_vectorized(op: Operator, target: Target) -> Schedule | None:
@@ -114,7 +111,7 @@ def _channels_vectorized(op: Operator, target: Target) -> Schedule | None:
     rows = min(rows, ext["y"])
     s = Schedule(op).split("k", lanes * vectors)
     tiles, x = ("x_o", "x_i"), ext["x"]
-    if cols < x and cols not in _FACTORS and x % cols == 0 and x // cols in _FACTORS:
+    if cols < x and cols not in FACTORS and x % cols == 0 and x // cols in FACTORS:
         # a width the environment's splits cannot make (7 of 14): split off the number of
         # tiles instead, each tile taking every (x / cols)-th column, so the policies can
         # imitate it

@@ -71,6 +71,11 @@ class Access:
     tensor: str
     index: tuple[Affine, ...]
 
+    @property
+    def axes(self) -> set[str]:
+        """The op axes this access reads."""
+        return {a for aff in self.index for a, c in aff.terms if c}
+
 
 @dataclass(frozen=True)
 class Operator:

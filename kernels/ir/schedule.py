@@ -66,6 +66,9 @@ from .ops import Access, Operator, make_op
 MAX_UNROLL = 64          # extent of one unrolled loop
 MAX_UNROLLED_BODY = 512  # product of the extents of all unrolled loops (code size)
 MAX_LOCAL_BYTES = 1 << 20  # per local buffer: they live on the stack
+# The split and tile factors the environment's actions offer (envs/actions.py); the
+# experts keep to them, so that they replay as actions and the policies can imitate them.
+FACTORS = (2, 3, 4, 6, 8, 16, 32, 64)
 WARP = 32                # threads that execute one tensor-core instruction together
 MMA_M, MMA_N = 16, 8     # the instruction's output tile (m16n8k16, m16n8k8)
 
@@ -459,9 +462,7 @@ def tensor_axes(op: Operator) -> dict[str, str]:
     the output and the left operand only, ``n`` the output and the right operand only,
     ``k`` is a reduction over both (a matmul: i, j, k; a convolution: its batch and
     pixels, its output channels, its input channels and window)."""
-    def used(access: Access) -> set[str]:
-        return {a for aff in access.index for a, c in aff.terms if c}
-    out, lhs, rhs = used(op.out), used(op.lhs), used(op.rhs)
+    out, lhs, rhs = op.out.axes, op.lhs.axes, op.rhs.axes
     roles = {"m": (out & lhs) - rhs, "n": (out & rhs) - lhs,
              "k": {a.name for a in op.axes if a.reduce} & lhs & rhs}
     return {r: ",".join(sorted(v)) for r, v in roles.items()}
