@@ -697,16 +697,12 @@ def test_pipelined_stages_simulate_correctly(buffers, dtype):
 
 def test_fragments_are_loaded_once_per_k_step():
     """A warp's 2 x 4 instructions share 2 A and 4 B fragments per k step: 6 loads, not 16."""
+    from kernels import experts
     op = make_op("matmul", "64x64x64", "bf16")
-    src = render(experts_tc(op, ((1, 1, 2, 4),)), TARGET).source
+    src = render(experts._gpu_matmul_tensor_cores(op, TARGET, False, ((1, 1, 2, 4),)), TARGET).source
     body = src[src.index("for (int k_o_i"):]
     assert body.count("ldmatrix.sync") == 2, body    # one A and one B fill, each in an unrolled loop
     assert "tc_a[" in body and "tc_b[" in body
-
-
-def experts_tc(op, tiles):
-    from kernels import experts
-    return experts._gpu_matmul_tensor_cores(op, TARGET, False, tiles)
 
 
 # each form of the implicit GEMM: m along a row (x >= 16), along the batch, along fused pixels
