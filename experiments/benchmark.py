@@ -53,8 +53,9 @@ from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
           "zeroshot-cpu", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "models-cpu", "models-cuda")
-MODEL_CASES = {"cpu": (("resnet18", 1), ("mobilenet_v2", 1)),
-               "cuda": (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1))}
+MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
+               "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
+                             for model, batch in (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1)))}
 
 KERNELS_CPU = [
     ("matmul", "512x512x512"),
@@ -490,29 +491,37 @@ def _models(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
              "*folded* is our traced graph, batch norms folded into the convolutions, with torch's kernels: "
              "*speedup vs folded* is what the tuned kernels bring. "
              "*again* is a second `tune-model` on the same database: its measurements and wall time.", "",
-             "| model | batch | tasks | tuned kernels used | measurements | tune wall s | ours ms (spread) | "
+             "| model | batch | dtype | tasks | tuned kernels used | measurements | tune wall s | ours ms (spread) | "
              "torch ms (spread) | speedup | folded ms | speedup vs folded | again: measurements, wall s | command |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for model, batch in MODEL_CASES[target.kind]:
-            db = str(Path(tmp) / f"{model}-{batch}.jsonl")
+        for model, batch, dtype in MODEL_CASES[target.kind]:
+            db = str(Path(tmp) / f"{model}-{batch}-{dtype}.jsonl")
             budget = cfg.model_budget or None
-            mc = tune_model.Config(model=model, batch=batch, target=target.kind, budget=budget, database=db,
-                                   runs=tmp, rounds=cfg.rounds)
-            first = tune_model.run(mc)
-            t0 = time.perf_counter()
-            again = tune_model.run(mc)
-            again_s = time.perf_counter() - t0
+            mc = tune_model.Config(model=model, batch=batch, target=target.kind, dtype=dtype, budget=budget,
+                                   database=db, runs=tmp, rounds=cfg.rounds)
             flags = f" --batch {batch}" if batch != 1 else ""
             flags += f" --target {target.kind}" if target.kind != "cpu" else ""
-            lines.append(f"| {model} | {batch} | {first['tasks']} | {first['layers_tuned']} | {first['measurements']} | "
+            flags += f" --dtype {dtype}" if dtype != "fp32" else ""
+            try:   # one model's failure is its row's, not the whole suite's
+                first = tune_model.run(mc)
+                t0 = time.perf_counter()
+                again = tune_model.run(mc)
+                again_s = time.perf_counter() - t0
+            except Exception as e:
+                print(f"{model} {dtype}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                lines.append(f"| {model} | {batch} | {dtype} | failed: {type(e).__name__}: {str(e)[:200]} |"
+                             + " |" * 10 + f" `python -m experiments tune-model --model {model}{flags}` |")
+                results.append({"model": model, "batch": batch, "dtype": dtype, "error": f"{type(e).__name__}: {e}"})
+                continue
+            lines.append(f"| {model} | {batch} | {dtype} | {first['tasks']} | {first['layers_tuned']} | {first['measurements']} | "
                          f"{first['tune_wall_s']:.0f} | {first['model_ms']:.2f} ({first['model_spread_ms']:.2f}) | "
                          f"{first['torch_ms']:.2f} ({first['torch_spread_ms']:.2f}) | "
                          f"{first['speedup_vs_torch']:.2f} | {first['folded_ms']:.2f} | {first['speedup_vs_folded']:.2f} | "
                          f"{again['measurements']}, {again_s:.0f} | "
                          f"`python -m experiments tune-model --model {model}{flags} --budget {first['budget']}` |")
-            results.append({k: first.get(k) for k in ("model", "batch", "tasks", "layers_tuned", "measurements",
+            results.append({k: first.get(k) for k in ("model", "batch", "dtype", "tasks", "layers_tuned", "measurements",
                                                       "tune_wall_s", "model_ms", "torch_ms", "speedup_vs_torch",
                                                       "folded_ms", "speedup_vs_folded")}
                            | {"again_measurements": again["measurements"], "again_wall_s": again_s})
@@ -858,7 +867,7 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
           "heldout-cpu": "The default search on held-out shapes of every operator",
           "models-cpu": "Whole models on the CPU: tune-model against torch",
-          "models-cuda": "Whole models on the GPU: tune-model against torch (fp32, TF32 off)"}
+          "models-cuda": "Whole models on the GPU: tune-model against torch in fp32 (TF32 off) and bf16"}
 
 
 def _machine(target: Target) -> str:

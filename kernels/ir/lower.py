@@ -192,18 +192,25 @@ def _place_guards(nest_loops, guards, bound_vars: set[str]):
 
 # ---------------------------------------------------------------- lowering
 
-def stage_padding(op: Operator, nest: LoopNest, row: int) -> int:
-    """Elements after each row of a shared stage. A tensorized nest's warp reads 16 bytes
-    of each of 8 consecutive rows at once; rows of an even number of 16-byte units put
-    some of those reads into the same banks (2 to 8 ways), an odd number none: such
-    rows get 16 bytes more."""
-    elem = DTYPES[op.dtype].bytes
-    return 16 // elem if nest.tensorized and row * elem % 32 == 0 else 0
+def stage_padding(op: Operator, nest: LoopNest, dims) -> int:
+    """Elements after each row of a shared stage holding footprint ``dims``, against bank
+    conflicts in a tensorized nest. Where a row runs along the instruction's k (and for
+    16-bit types, whose B fragments are read transposed, everywhere) a warp reads 16 bytes
+    of each of 8 consecutive rows at once: rows of an even number of 16-byte units put
+    some of those reads into the same banks, an odd number none, so such rows get 16
+    bytes more. A 32-bit (tf32) row along m or n is read an element at a time, lane
+    (g, t) at row t, column g: rows of 8 or 24 words (mod 32) keep the 32 lanes apart."""
+    if not nest.tensorized:
+        return 0
+    elem, row = DTYPES[op.dtype].bytes, dims[-1][2]
+    if elem == 4 and dims[-1][1].coef(nest.tensorized[2]) == 0:
+        return min((want - row) % 32 for want in (8, 24))
+    return 16 // elem if row * elem % 32 == 0 else 0
 
 
 def stage_elements(op: Operator, nest: LoopNest, dims) -> int:
     """Elements of the shared buffer holding footprint ``dims`` (padding included)."""
-    return math.prod(d[2] for d in dims[:-1]) * (dims[-1][2] + stage_padding(op, nest, dims[-1][2]))
+    return math.prod(d[2] for d in dims[:-1]) * (dims[-1][2] + stage_padding(op, nest, dims))
 
 
 def thread_loops(nest: LoopNest) -> tuple[Loop, ...]:
@@ -261,7 +268,7 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
             reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
             pre.append(Alloc(buf, shared[buf], "shared"))  # hoisted: one allocation per block
             elem = DTYPES[op.dtype].bytes
-            pad = stage_padding(op, nest, dims[-1][2])
+            pad = stage_padding(op, nest, dims)
             if pad:
                 padded = tuple(d[2] for d in dims[:-1]) + (dims[-1][2] + pad,)
                 shared[buf] = math.prod(padded)

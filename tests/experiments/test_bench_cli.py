@@ -309,3 +309,27 @@ def test_the_cluster_cuda_section_keeps_every_configuration(tmp_path, monkeypatc
     assert "1 of 10 commands failed" in text
     [raw] = (tmp_path / "runs").glob("benchmark-cluster-cuda-*.jsonl")
     assert len([_json.loads(line) for line in raw.read_text().splitlines()]) == 10
+
+
+def test_a_model_that_fails_costs_only_its_row(monkeypatch):
+    """models-* suites: a model whose tune-model raises gets a failed row with its command;
+    the others keep theirs."""
+    from experiments import benchmark, tune_model
+    from kernels.target import get_target
+
+    def run(mc):
+        if mc.model == "broken":
+            raise RuntimeError("no kernel for this layer")
+        return {"tasks": 3, "layers_tuned": 2, "measurements": 0 if Path(mc.database).exists() else 8,
+                "tune_wall_s": 1.0, "model_ms": 1.0, "model_spread_ms": 0.1, "torch_ms": 2.0,
+                "torch_spread_ms": 0.1, "speedup_vs_torch": 2.0, "folded_ms": 1.5, "speedup_vs_folded": 1.5,
+                "budget": 8, "model": mc.model, "batch": mc.batch, "dtype": mc.dtype}
+
+    monkeypatch.setattr(tune_model, "run", run)
+    monkeypatch.setitem(benchmark.MODEL_CASES, "cpu", (("broken", 1, "fp32"), ("resnet18", 1, "fp32")))
+    lines, results = benchmark._models(benchmark.Config(suite="models-cpu"), get_target("cpu"))
+    rows = [line for line in lines if line.startswith("| broken") or line.startswith("| resnet18")]
+    assert "failed: RuntimeError: no kernel for this layer" in rows[0]
+    assert "`python -m experiments tune-model --model broken`" in rows[0]
+    assert rows[1].startswith("| resnet18 | 1 | fp32 | 3 | 2 | 8 |")
+    assert [r.get("error") for r in results] == ["RuntimeError: no kernel for this layer", None]
