@@ -1,8 +1,9 @@
 """The reward modes of :class:`~envs.schedule_env.ScheduleEnv`, one class each.
 
 Every mode telescopes, ``r_t = log(T_{t-1} / T_t)`` with ``T_0`` the measured time of
-the unscheduled kernel and the final ``T`` a measurement of the final kernel, so an
-episode's return is the log speedup of its final kernel whatever the mode; a mode
+the unscheduled kernel (of the expert's, in ``measure_vs_expert``) and the final ``T``
+a measurement of the final kernel, so an episode's return is the log speedup of its
+final kernel over ``T_0`` whatever the mode; a mode
 says what ``T_t`` is between steps (:meth:`Reward.estimate`) and what a final kernel
 that fails counts as (:meth:`Reward.reward_on_error`, after CompilerGym's ``Reward``).
 
@@ -30,6 +31,8 @@ class Episode(Protocol):
     def measure(self, schedule: Schedule) -> MeasureResult: ...
 
     def predict(self, schedule: Schedule) -> float: ...
+
+    def expert_seconds(self) -> float | None: ...
 
 
 class Reward:
@@ -71,6 +74,21 @@ class Measure(Reward):
     name = "measure"
 
 
+class MeasureVsExpert(Measure):
+    """Only measurements reward, against the expert schedule: ``T_0`` is the expert
+    kernel's time (measured once per shape), so the return is ``log(T_expert / T)``.
+    Returns of every shape centre on the teacher (an imitation policy's are about 0),
+    so the advantages measure beating it rather than how slow each shape's naive
+    kernel happens to be. Without an expert for the operator, ``T_0`` stays the
+    naive kernel's."""
+
+    name = "measure_vs_expert"
+
+    def reset(self, env: Episode) -> None:
+        super().reset(env)
+        self.t_prev = env.expert_seconds() or env.t_naive
+
+
 class Surrogate(Reward):
     """Between steps, ``T_0`` times the cost model's predicted ratio to the naive kernel."""
 
@@ -94,7 +112,7 @@ class MeasureEveryStep(Reward):
         return res.time_ms / 1e3 if res.ok else None
 
 
-REWARDS: dict[str, type[Reward]] = {cls.name: cls for cls in (Measure, Surrogate, MeasureEveryStep)}
+REWARDS: dict[str, type[Reward]] = {cls.name: cls for cls in (Measure, MeasureVsExpert, Surrogate, MeasureEveryStep)}
 
 
 def make_reward(name: str) -> Reward:

@@ -215,6 +215,18 @@ class ScheduleEnv(gym.Env):
         self.measurer.runner.slow_cutoff_s = FAILED_SLOWDOWN * self.t_naive if schedule.steps else None
         return self.measurer.measure_one(schedule)
 
+    def expert_seconds(self) -> float | None:
+        """Seconds of the expert schedule's kernel for this shape (measured once: the
+        measurer caches it), or None where the operator has none or it fails."""
+        from kernels.experts import expert_schedule
+
+        try:
+            expert = expert_schedule(self.op, self.target)
+        except ValueError:
+            return None
+        res = self.measure(expert)
+        return res.time_ms / 1e3 if res.ok else None
+
     def predict(self, schedule: Schedule) -> float:
         """The cost model's prediction for ``schedule`` (log seconds, up to a constant)."""
         return float(self.cost_model.predict([schedule])[0])

@@ -12,9 +12,9 @@ from envs.schedule_env import ScheduleEnv
 
 
 def test_modes_by_name():
-    assert set(REWARDS) == {"measure", "surrogate", "measure_every_step"}
+    assert set(REWARDS) == {"measure", "measure_vs_expert", "surrogate", "measure_every_step"}
     assert all(make_reward(name).name == name for name in REWARDS)
-    with pytest.raises(ValueError, match="unknown reward mode 'speed'; use one of measure, surrogate"):
+    with pytest.raises(ValueError, match="unknown reward mode 'speed'; use one of measure, measure_vs_expert, surrogate"):
         make_reward("speed")
 
 
@@ -51,3 +51,17 @@ def test_a_new_mode_is_one_class(fake_measurer_cls, monkeypatch):
             assert math.isclose(total, -math.log(FAILED_SLOWDOWN)) and "error" in info
         else:
             assert math.isclose(total, math.log(info["speedup"]))
+
+
+def test_measure_vs_expert_returns_the_log_speedup_over_the_expert(fake_measurer_cls):
+    """The return is log(T_expert / T): the unscheduled kernel, the final one here, scores
+    below zero by exactly how much slower than the expert's kernel it is."""
+    from kernels.experts import expert_schedule
+
+    measurer = fake_measurer_cls(naive_ms=40.0)
+    env = ScheduleEnv(op="matmul", shape="64x64x64", reward="measure_vs_expert", measurer=measurer)
+    env.reset(seed=0)
+    t_expert = measurer.time_ms(expert_schedule(env.op, env.target).key())
+    _, reward, terminated, _, info = env.step(env.table.done)
+    assert terminated and math.isclose(reward, math.log(t_expert / 40.0))
+    assert math.isclose(env.expert_seconds(), t_expert / 1e3)
