@@ -188,7 +188,7 @@ class CUDARenderer(CStyleRenderer):
         if self.tensorized:
             lines.append(f"{self.indent}const int {LANE} = (int)threadIdx.x % {WARP}, "
                          f"{LANE_GROUP} = {LANE} / 4, {LANE_PLACE} = {LANE} % 4, tc_r = {LANE} % 8, tc_m = {LANE} / 8;")
-            lines.append(f"{self.indent}unsigned tc_fence = 0;   // orders ldmatrix between barriers: see ldmatrix")
+            lines.append(f"{self.indent}unsigned tc_fence = 0;   // renewed at each barrier: see ldmatrix")
         for s in fn.body:
             lines += self.stmt(s, 1)
         lines.append("}")
@@ -280,10 +280,8 @@ class CUDARenderer(CStyleRenderer):
         registers ``r0...`` from a shared stage; [] where the fragment's 8 rows of 16
         bytes are not each contiguous and aligned. The lanes give the rows' addresses: lane
         l the row ``l % 8`` of matrix ``l / 8``. The instruction reads shared memory, so it
-        reads and renews the fence token that each barrier reads and renews: the compiler
-        never moves it above the barrier that makes its data visible, nor below the next
-        one, after which the stage may be refilled (fragments loaded a k step ahead sit
-        in registers across that barrier)."""
+        takes the fence token that each barrier renews: it is never moved above the barrier
+        that makes its data visible, yet loads of the same fragment may be merged."""
         loads = [x for reg in frag for x in reg]
         if any(x.bounds or x.clamps or x.buffer not in self.shared or x.buffer != loads[0].buffer for x in loads):
             return []
@@ -320,8 +318,8 @@ class CUDARenderer(CStyleRenderer):
         shape = f"x{n}{'.trans' if trans else ''}"
         names = [f"r{i}" for i in range(n)]
         lines = [f"{pad}unsigned {', '.join(names)};",
-                 f'{pad}asm("ldmatrix.sync.aligned.m8n8.{shape}.shared.b16 {{{outs}}}, [%{n + 1}];" : {regs}, '
-                 f'"+r"(tc_fence) : "r"(smem_u32(&{frag[0][0].buffer}[{addr}])));']
+                 f'{pad}asm("ldmatrix.sync.aligned.m8n8.{shape}.shared.b16 {{{outs}}}, [%{n}];" : {regs} : '
+                 f'"r"(smem_u32(&{frag[0][0].buffer}[{addr}])), "r"(tc_fence));']
         if self.dtype == "tf32":   # fp32 bits in: rounded to tf32 as every other operand
             lines += [f"{pad}{r} = tf32(__uint_as_float({r}));" for r in names]
         return lines

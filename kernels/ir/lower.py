@@ -330,7 +330,6 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
         head[host] += loads
         outside = tuple(g for g in dropped if not g[0].vars() & {l.name for l in tile_shape(nest)})
         tail[nest.cache_write] += [If(outside, write_back)] if outside else write_back
-        compute = _prefetch_fragments(nest, loops[:-3], guards, head, host, compute)
         loops = loops[:-3]
     elif nest.cache_write:
         tile = tile_shape(nest)
@@ -458,73 +457,6 @@ def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load
     for l in reversed(frags):
         body = [For(l.name, l.extent, body, "unroll")]
     return compute, body, size, (host, loads)
-
-
-def _prefetch_fragments(nest: LoopNest, loops, guards, head: dict[str, list], host: str, compute: Mma) -> Mma:
-    """Each k step's fragments loaded one step ahead, into the other of two register sets,
-    so that their ``ldmatrix`` latency hides behind this step's instructions; at a
-    pipelined slice's last step, the next slice's wait and barrier come before this step's
-    instructions (whose fragments are already in registers), so a warp does not stand
-    idle at the barrier. Taken where the fragments' host loop is an unrolled k loop of an
-    even number of steps directly inside the anchor of a pipeline and nothing else is at
-    that anchor; ``head`` is changed in place, and the instruction reading the register
-    set of its step returned."""
-    names = [l.name for l in loops]
-    at = names.index(host) if host in names else 0
-    if at < 2 or not nest.loop(host).reduce:
-        return compute
-    anchor, parent = names[at - 1], names[at - 2]
-    step, steps, slices = nest.loop(host), nest.loop(host).extent, nest.loop(anchor).extent
-    block = head[anchor]
-    placed = _place_guards(loops, guards, set())
-    if (step.kind != "unroll" or steps % 2 or any(any(placed[n]) for n in (anchor, host))
-            or len(block) < 3 or not isinstance(block[0], Wait) or not isinstance(block[1], Sync)
-            or not isinstance(block[-1], Commit) or any(isinstance(x, (Sync, Wait)) for x in block[2:-1])):
-        return compute
-    loads = head[host]
-
-    def fragments_only(x) -> bool:
-        return isinstance(x, Fragment) or isinstance(x, For) and all(fragments_only(y) for y in x.body)
-
-    if not all(isinstance(x, Alloc) and x.scope == "fragment" or fragments_only(x) for x in loads):
-        return compute
-    sizes = {x.buffer: x.size for x in loads if isinstance(x, Alloc)}
-    fills = [x for x in loads if not isinstance(x, Alloc)]
-    k, a = Lin.var(host), Lin.var(anchor)
-
-    def fill(at: dict[str, Lin], parity: Lin) -> list:
-        return [_in_set(_substituted(x, at), sizes, parity) for x in fills]
-
-    first = {anchor: Lin.constant(0), host: Lin.constant(0)}
-    head[parent] += [Alloc(b, 2 * n, "fragment") for b, n in sizes.items()] + \
-        [_substituted(x, {anchor: Lin.constant(0)}) for x in block] + fill(first, Lin.constant(0))
-    head[anchor] = []
-    head[host] = [If(((k + 1, steps),), fill({host: k + 1}, (k + 1).mod(2))),
-                  If(((Lin.constant(steps - 1) - k, 1), (a + 1, slices)),
-                     [_substituted(x, {anchor: a + 1}) for x in block]
-                     + fill({anchor: a + 1, host: Lin.constant(0)}, Lin.constant(0)))]
-    (ra, ia), (rb, ib) = compute.a, compute.b
-    return replace(compute, a=(ra, ia + k.mod(2) * sizes[ra]), b=(rb, ib + k.mod(2) * sizes[rb]))
-
-
-def _in_set(stmt, sizes: dict[str, int], parity: Lin):
-    """``stmt``'s fragment loads into register set ``parity`` of two."""
-    if isinstance(stmt, Fragment):
-        return replace(stmt, index=stmt.index + parity * sizes[stmt.buffer])
-    return replace(stmt, body=[_in_set(x, sizes, parity) for x in stmt.body])
-
-
-def _substituted(node, at: dict[str, Lin]):
-    """``node`` (a statement, value or expression) with loop variables replaced."""
-    if isinstance(node, Lin):
-        for var, value in at.items():
-            node = node.subst(var, value)
-        return node
-    if isinstance(node, (list, tuple)):
-        return type(node)(_substituted(x, at) for x in node)
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        return replace(node, **{f.name: _substituted(getattr(node, f.name), at) for f in dataclasses.fields(node)})
-    return node
 
 
 def _load_vars(load: Load) -> set[str]:

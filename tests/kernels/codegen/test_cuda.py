@@ -696,17 +696,13 @@ def test_pipelined_stages_simulate_correctly(buffers, dtype):
 
 
 def test_fragments_are_loaded_once_per_k_step():
-    """A warp's 2 x 4 instructions share 2 A and 4 B fragments per k step: 6 loads, not 16,
-    made one step ahead into the other of two register sets: in the k loop, one A and one B
-    fill for the next step of the slice and one of each for the next slice's first step
-    (exclusive guards), and the instructions read the set of their step."""
+    """A warp's 2 x 4 instructions share 2 A and 4 B fragments per k step: 6 loads, not 16."""
     from kernels import experts
     op = make_op("matmul", "64x64x64", "bf16")
     src = render(experts._gpu_matmul_tensor_cores(op, TARGET, False, ((1, 1, 2, 4),)), TARGET).source
     body = src[src.index("for (int k_o_i"):]
-    assert body.count("ldmatrix.sync") == 4, body    # each in an unrolled loop
-    assert "if (k_o_i + 1 < 2)" in body and "__syncthreads()" in body[body.index("if (k_o_i*-1 + 1 < 1"):]
-    assert "tc_a[i_o_i*4 + ((k_o_i) % 2)*8]" in body and "tc_b[j_o_i*2 + ((k_o_i) % 2)*8]" in body
+    assert body.count("ldmatrix.sync") == 2, body    # one A and one B fill, each in an unrolled loop
+    assert "tc_a[" in body and "tc_b[" in body
 
 
 # each form of the implicit GEMM: m along a row (x >= 16), along the batch, along fused pixels
