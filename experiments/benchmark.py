@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import resource
 import statistics
@@ -52,7 +53,7 @@ from . import bench
 from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
-          "zeroshot-cpu", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "models-cpu", "models-cuda")
+          "zeroshot-cpu", "ppo-cpu", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "models-cpu", "models-cuda")
 MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
                "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
                              for model, batch in (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1)))}
@@ -85,6 +86,8 @@ class Config:
                                            "and marked failed (cluster-cuda)")
     repeats: int = field(3, help="bench runs per cell, quiet and loaded (timing-cpu)")
     model_budget: int = field(0, help="measurements per model (models-cpu, models-cuda; 0: 16 per task)")
+    policy: str | None = field(None, help="a trained policy (its .pt, the .json beside it) that ppo-cpu compares "
+                                          "with the shipped one of its operator")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -481,6 +484,61 @@ def _zeroshot_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     return lines, results
 
 
+def _ppo_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
+    """A trained policy against the shipped one of its operator on the held-out shapes of
+    the operator's default family: their greedy kernels timed head to head with the
+    expert's, and a tune of 8 measurements with each."""
+    from agents.policy import load_policy
+    from agents.rollout import PolicyDraw, rollout
+    from envs.actions import ActionTable
+    from kernels.measure.comparison import compare_with_library
+
+    from . import tune
+    from .pretrained import policy_path
+    from .shapes import family
+
+    if not cfg.policy:
+        raise ValueError("--suite ppo-cpu needs --policy PATH: the trained policy to compare with the shipped one")
+    spec = Path(cfg.policy).with_suffix(".json")
+    if not spec.is_file():
+        raise ValueError(f"{spec} not found: a policy's .json must lie beside its .pt")
+    meta = json.loads(spec.read_text())
+    kind = meta.get("op")
+    target = get_target("cpu")
+    policies = {"shipped": str(policy_path(kind, "cpu")), "trained": cfg.policy}
+    lines = [f"`{policies['shipped']}` (*shipped*) against `{cfg.policy}` (*trained*) on the held-out shapes of "
+             f"the {kind} family. *greedy*: each policy's greedy schedule (what `tune --agent ppo --budget 1` "
+             f"builds), timed with the expert's in {cfg.rounds} alternating rounds (median ms; *same* where the "
+             "two policies build the same kernel); *budget 8*: `tune --agent ppo --budget 8 --policy P`, its best "
+             "kernel against the expert timed in that run's final rounds."
+             + (f" The trained policy: `{meta['command']}`." if meta.get("command") else ""), "",
+             "| shape | greedy: same kernel | shipped ms | trained ms | expert ms | trained / shipped | "
+             "budget 8: shipped of expert | trained of expert |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    results = []
+    builder, runner = Builder(), Runner()
+    with tempfile.TemporaryDirectory() as runs:
+        for shape in family(kind, "held_out"):
+            op = make_op(kind, shape)
+            table = ActionTable(op, target)
+            scheds = {name: rollout(op, table, PolicyDraw(load_policy(path, op, target), deterministic=True)).schedule
+                      for name, path in policies.items()}
+            scheds["expert"] = expert_schedule(op, target)
+            kernels = {name: render(s, target) for name, s in scheds.items()}
+            paths = dict(zip(kernels, (b.path for b in builder.build(list(kernels.values())))))
+            comps = dict(zip(kernels, compare_with_library(runner, op, [(k, paths[n]) for n, k in kernels.items()],
+                                                           target, rounds=cfg.rounds)))
+            ms = {n: c.time_ms if c.ok else math.inf for n, c in comps.items()}
+            same = scheds["shipped"].key() == scheds["trained"].key()
+            eight = {n: tune.run(tune.Config(op=kind, shape=shape, agent="ppo", budget=8, policy=p, runs=runs))
+                     for n, p in policies.items()}
+            lines.append(f"| {shape} | {'yes' if same else 'no'} | {ms['shipped']:.3f} | {ms['trained']:.3f} | "
+                         f"{ms['expert']:.3f} | {ms['shipped'] / ms['trained']:.2f} | "
+                         f"{eight['shipped']['fraction_of_expert']:.2f} | {eight['trained']['fraction_of_expert']:.2f} |")
+            results.append({"shape": shape, "same_greedy_kernel": same, **{f"{n}_ms": t for n, t in ms.items()},
+                            **{f"{n}_budget8_of_expert": r["fraction_of_expert"] for n, r in eight.items()}})
+    return lines, results
+
+
 def _models(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
     """tune-model on each model into a fresh database, then again on the same database."""
     from . import tune_model
@@ -862,6 +920,7 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "env-cpu": "Environment throughput and episode time split",
           "search-cpu": "Search agents under one measurement budget",
           "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
+          "ppo-cpu": "A trained policy against the shipped one: greedy kernels and 8 measurements on held-out shapes",
           "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate",
           "cluster-cuda": "Measuring on several GPUs of one host: candidates per minute and train steps per second",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
@@ -891,12 +950,13 @@ def run(cfg: Config) -> dict:
         lines, results = _models(cfg, target)
     else:
         lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
-                          "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,
+                          "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu, "ppo-cpu": _ppo_cpu,
                           "cluster-cpu": _cluster_cpu, "timing-cpu": _timing_cpu,
                           "heldout-cpu": _heldout_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
     machine = [f"{_machine(target)}; measured {stamp}. "
-               f"Suite command: `python -m experiments benchmark --suite {cfg.suite}`.", ""]
+               f"Suite command: `python -m experiments benchmark --suite {cfg.suite}"
+               f"{f' --policy {cfg.policy}' if cfg.suite == 'ppo-cpu' else ''}`.", ""]
     write_section(Path(cfg.out), cfg.suite, TITLES[cfg.suite], machine + lines)
     print(f"wrote section {cfg.suite} of {cfg.out}")
     return {"suite": cfg.suite, "results": results}

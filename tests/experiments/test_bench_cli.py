@@ -333,3 +333,15 @@ def test_a_model_that_fails_costs_only_its_row(monkeypatch):
     assert "`python -m experiments tune-model --model broken`" in rows[0]
     assert rows[1].startswith("| resnet18 | 1 | fp32 | 3 | 2 | 8 |")
     assert [r.get("error") for r in results] == ["RuntimeError: no kernel for this layer", None]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "error: --suite ppo-cpu needs --policy PATH"),
+    (["--policy", "nowhere/policy.pt"], "error: nowhere/policy.json not found"),
+])
+def test_ppo_cpu_without_a_policy_is_one_clear_error(capsys, tmp_path, args, message):
+    out = tmp_path / "BENCHMARKS.md"
+    assert main(["benchmark", "--suite", "ppo-cpu", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+    assert not out.exists()
