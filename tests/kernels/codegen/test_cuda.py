@@ -695,6 +695,26 @@ def test_pipelined_stages_simulate_correctly(buffers, dtype):
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
 
 
+@pytest.mark.parametrize("dtype", ["tf32", "bf16"])
+def test_stage_rows_keep_a_warps_fragment_reads_in_distinct_banks(dtype):
+    """A row along k is read 16 bytes from each of 8 rows (ldmatrix); a tf32 row along n
+    an element at a time, lane (g, t) at row t, column g. Either way the 32 lanes' words
+    fall in 32 distinct banks, as the padding of the stages' rows makes them."""
+    from kernels.ir.schedule import footprint
+    op = make_op("matmul", "256x256x256", dtype)
+    nest = expert_schedule(op, TARGET).nest
+    assert nest.tensorized
+    elem = 4 if dtype == "tf32" else 2
+    for tensor, anchor in nest.cache_reads:
+        dims = footprint(op, nest, tensor, anchor, also=ir.thread_loops(nest))
+        row = (dims[-1][2] + ir.stage_padding(op, nest, dims)) * elem // 4      # words
+        if tensor == "B" and dtype == "tf32":
+            words = [t * row + g for g in range(8) for t in range(4)]
+        else:                                                                   # 8 rows x 4 words
+            words = [r * row + w for r in range(8) for w in range(4)]
+        assert sorted(w % 32 for w in words) == list(range(32)), (tensor, row)
+
+
 def test_fragments_are_loaded_once_per_k_step():
     """A warp's 2 x 4 instructions share 2 A and 4 B fragments per k step: 6 loads, not 16."""
     from kernels import experts
