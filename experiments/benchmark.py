@@ -53,7 +53,8 @@ from . import bench
 from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
-          "zeroshot-cpu", "ppo-cpu", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "models-cpu", "models-cuda")
+          "zeroshot-cpu", "ppo-cpu", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "models-cpu",
+          "models-cuda")
 MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
                "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
                              for model, batch in (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1)))}
@@ -86,8 +87,8 @@ class Config:
                                            "and marked failed (cluster-cuda)")
     repeats: int = field(3, help="bench runs per cell, quiet and loaded (timing-cpu)")
     model_budget: int = field(0, help="measurements per model (models-cpu, models-cuda; 0: 16 per task)")
-    policy: str | None = field(None, help="a trained policy (its .pt, the .json beside it) that ppo-cpu compares "
-                                          "with the shipped one of its operator")
+    policy: list | None = field(None, help="trained policies (each a .pt, its .json beside it) that ppo-cpu "
+                                           "compares with the shipped one of their operator", nargs="+")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -485,9 +486,30 @@ def _zeroshot_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
 
 
 def _ppo_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
-    """A trained policy against the shipped one of its operator on the held-out shapes of
-    the operator's default family: their greedy kernels timed head to head with the
+    """Each trained policy against the shipped one of its operator on the held-out shapes
+    of the operator's default family: their greedy kernels timed head to head with the
     expert's, and a tune of 8 measurements with each."""
+    if not cfg.policy:
+        raise ValueError("--suite ppo-cpu needs --policy PATH...: trained policies to compare with the shipped ones")
+    metas = []
+    for path in cfg.policy:
+        spec = Path(path).with_suffix(".json")
+        if not spec.is_file():
+            raise ValueError(f"{spec} not found: a policy's .json must lie beside its .pt")
+        metas.append(json.loads(spec.read_text()))
+    lines, results = [f"Each trained policy against the shipped one of its operator on the held-out shapes of the "
+                      f"operator's family. *greedy*: each policy's greedy schedule (what `tune --agent ppo --budget 1` "
+                      f"builds), timed with the expert's in {cfg.rounds} alternating rounds (median ms; *same* where "
+                      "the two policies build the same kernel); *budget 8*: `tune --agent ppo --budget 8 --policy P`, "
+                      "its best kernel against the expert timed in that run's final rounds."], []
+    for path, meta in zip(cfg.policy, metas):
+        more, rows = _policy_against_shipped(path, meta, cfg.rounds)
+        lines += [""] + more
+        results += rows
+    return lines, results
+
+
+def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[str], list[dict]]:
     from agents.policy import load_policy
     from agents.rollout import PolicyDraw, rollout
     from envs.actions import ActionTable
@@ -497,47 +519,37 @@ def _ppo_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     from .pretrained import policy_path
     from .shapes import family
 
-    if not cfg.policy:
-        raise ValueError("--suite ppo-cpu needs --policy PATH: the trained policy to compare with the shipped one")
-    spec = Path(cfg.policy).with_suffix(".json")
-    if not spec.is_file():
-        raise ValueError(f"{spec} not found: a policy's .json must lie beside its .pt")
-    meta = json.loads(spec.read_text())
-    kind = meta.get("op")
-    target = get_target("cpu")
-    policies = {"shipped": str(policy_path(kind, "cpu")), "trained": cfg.policy}
-    lines = [f"`{policies['shipped']}` (*shipped*) against `{cfg.policy}` (*trained*) on the held-out shapes of "
-             f"the {kind} family. *greedy*: each policy's greedy schedule (what `tune --agent ppo --budget 1` "
-             f"builds), timed with the expert's in {cfg.rounds} alternating rounds (median ms; *same* where the "
-             "two policies build the same kernel); *budget 8*: `tune --agent ppo --budget 8 --policy P`, its best "
-             "kernel against the expert timed in that run's final rounds."
-             + (f" The trained policy: `{meta['command']}`." if meta.get("command") else ""), "",
-             "| shape | greedy: same kernel | shipped ms | trained ms | expert ms | trained / shipped | "
-             "budget 8: shipped of expert | trained of expert |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    kind, target = meta.get("op"), get_target("cpu")
+    policies = {"shipped": str(policy_path(kind, "cpu")), "trained": path}
+    lines = [f"{kind}: `{policies['shipped']}` (*shipped*) against `{path}` (*trained*"
+             + (f": `{meta['command']}`" if meta.get("command") else "") + ").", "",
+             "| op | shape | greedy: same kernel | shipped ms | trained ms | expert ms | trained / shipped | "
+             "budget 8: shipped of expert | trained of expert |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     results = []
     builder, runner = Builder(), Runner()
     with tempfile.TemporaryDirectory() as runs:
         for shape in family(kind, "held_out"):
             op = make_op(kind, shape)
             table = ActionTable(op, target)
-            scheds = {name: rollout(op, table, PolicyDraw(load_policy(path, op, target), deterministic=True)).schedule
-                      for name, path in policies.items()}
+            scheds = {name: rollout(op, table, PolicyDraw(load_policy(p, op, target), deterministic=True)).schedule
+                      for name, p in policies.items()}
             scheds["expert"] = expert_schedule(op, target)
             kernels = {name: render(s, target) for name, s in scheds.items()}
             paths = dict(zip(kernels, (b.path for b in builder.build(list(kernels.values())))))
             comps = dict(zip(kernels, compare_with_library(runner, op, [(k, paths[n]) for n, k in kernels.items()],
-                                                           target, rounds=cfg.rounds)))
+                                                           target, rounds=rounds)))
             ms = {n: c.time_ms if c.ok else math.inf for n, c in comps.items()}
             same = scheds["shipped"].key() == scheds["trained"].key()
             eight = {n: tune.run(tune.Config(op=kind, shape=shape, agent="ppo", budget=8, policy=p, runs=runs))
                      for n, p in policies.items()}
-            lines.append(f"| {shape} | {'yes' if same else 'no'} | {ms['shipped']:.3f} | {ms['trained']:.3f} | "
-                         f"{ms['expert']:.3f} | {ms['shipped'] / ms['trained']:.2f} | "
-                         f"{eight['shipped']['fraction_of_expert']:.2f} | {eight['trained']['fraction_of_expert']:.2f} |")
-            results.append({"shape": shape, "same_greedy_kernel": same, **{f"{n}_ms": t for n, t in ms.items()},
-                            **{f"{n}_budget8_of_expert": r["fraction_of_expert"] for n, r in eight.items()}})
+            of_expert = {n: r["fraction_of_expert"] for n, r in eight.items()}
+            lines.append(f"| {kind} | {shape} | {'yes' if same else 'no'} | {ms['shipped']:.3f} | "
+                         f"{ms['trained']:.3f} | {ms['expert']:.3f} | {ms['shipped'] / ms['trained']:.2f} | "
+                         f"{of_expert['shipped']:.2f} | {of_expert['trained']:.2f} |")
+            results.append({"op": kind, "shape": shape, "same_greedy_kernel": same,
+                            **{f"{n}_ms": t for n, t in ms.items()},
+                            **{f"{n}_budget8_of_expert": f for n, f in of_expert.items()}})
     return lines, results
-
 
 def _models(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
     """tune-model on each model into a fresh database, then again on the same database."""
@@ -573,15 +585,17 @@ def _models(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
                              + " |" * 10 + f" `python -m experiments tune-model --model {model}{flags}` |")
                 results.append({"model": model, "batch": batch, "dtype": dtype, "error": f"{type(e).__name__}: {e}"})
                 continue
-            lines.append(f"| {model} | {batch} | {dtype} | {first['tasks']} | {first['layers_tuned']} | {first['measurements']} | "
-                         f"{first['tune_wall_s']:.0f} | {first['model_ms']:.2f} ({first['model_spread_ms']:.2f}) | "
+            lines.append(f"| {model} | {batch} | {dtype} | {first['tasks']} | {first['layers_tuned']} | "
+                         f"{first['measurements']} | {first['tune_wall_s']:.0f} | "
+                         f"{first['model_ms']:.2f} ({first['model_spread_ms']:.2f}) | "
                          f"{first['torch_ms']:.2f} ({first['torch_spread_ms']:.2f}) | "
-                         f"{first['speedup_vs_torch']:.2f} | {first['folded_ms']:.2f} | {first['speedup_vs_folded']:.2f} | "
+                         f"{first['speedup_vs_torch']:.2f} | "
+                         f"{first['folded_ms']:.2f} | {first['speedup_vs_folded']:.2f} | "
                          f"{again['measurements']}, {again_s:.0f} | "
                          f"`python -m experiments tune-model --model {model}{flags} --budget {first['budget']}` |")
-            results.append({k: first.get(k) for k in ("model", "batch", "dtype", "tasks", "layers_tuned", "measurements",
-                                                      "tune_wall_s", "model_ms", "torch_ms", "speedup_vs_torch",
-                                                      "folded_ms", "speedup_vs_folded")}
+            results.append({k: first.get(k) for k in ("model", "batch", "dtype", "tasks", "layers_tuned",
+                                                      "measurements", "tune_wall_s", "model_ms", "torch_ms",
+                                                      "speedup_vs_torch", "folded_ms", "speedup_vs_folded")}
                            | {"again_measurements": again["measurements"], "again_wall_s": again_s})
     return lines, results
 
@@ -956,7 +970,7 @@ def run(cfg: Config) -> dict:
     stamp = datetime.date.today().isoformat()
     machine = [f"{_machine(target)}; measured {stamp}. "
                f"Suite command: `python -m experiments benchmark --suite {cfg.suite}"
-               f"{f' --policy {cfg.policy}' if cfg.suite == 'ppo-cpu' else ''}`.", ""]
+               f"{' --policy ' + ' '.join(cfg.policy) if cfg.suite == 'ppo-cpu' and cfg.policy else ''}`.", ""]
     write_section(Path(cfg.out), cfg.suite, TITLES[cfg.suite], machine + lines)
     print(f"wrote section {cfg.suite} of {cfg.out}")
     return {"suite": cfg.suite, "results": results}

@@ -336,7 +336,7 @@ def test_a_model_that_fails_costs_only_its_row(monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    ([], "error: --suite ppo-cpu needs --policy PATH"),
+    ([], "error: --suite ppo-cpu needs --policy PATH..."),
     (["--policy", "nowhere/policy.pt"], "error: nowhere/policy.json not found"),
 ])
 def test_ppo_cpu_without_a_policy_is_one_clear_error(capsys, tmp_path, args, message):
