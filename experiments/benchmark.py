@@ -520,7 +520,8 @@ def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[st
     from .shapes import family
 
     kind, target = meta.get("op"), get_target("cpu")
-    policies = {"shipped": str(policy_path(kind, "cpu")), "trained": path}
+    shapes = family(kind, "held_out")
+    policies = {"shipped": str(policy_path(make_op(kind, shapes[0]), "cpu")), "trained": path}
     lines = [f"{kind}: `{policies['shipped']}` (*shipped*) against `{path}` (*trained*"
              + (f": `{meta['command']}`" if meta.get("command") else "") + ").", "",
              "| op | shape | greedy: same kernel | shipped ms | trained ms | expert ms | trained / shipped | "
@@ -528,7 +529,7 @@ def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[st
     results = []
     builder, runner = Builder(), Runner()
     with tempfile.TemporaryDirectory() as runs:
-        for shape in family(kind, "held_out"):
+        for shape in shapes:
             op = make_op(kind, shape)
             table = ActionTable(op, target)
             scheds = {name: rollout(op, table, PolicyDraw(load_policy(p, op, target), deterministic=True)).schedule

@@ -106,6 +106,14 @@ SHAPE_SETS: dict[str, dict[str, list[str]]] = {
 }
 
 
+# "wide": each operator's default family with the ranking set's shapes added to its train
+# split (none of them is held out anywhere), for policies that must meet shapes unlike
+# the few of a default train split; the held-out split stays the default one.
+for _op, _shapes in SHAPE_SETS["ranking"].items():
+    FAMILIES[_op]["wide"] = {"train": FAMILIES[_op]["default"]["train"] + _shapes,
+                             "held_out": FAMILIES[_op]["default"]["held_out"]}
+
+
 def shape_set(name: str) -> list[tuple[str, str]]:
     """(op, shape) of every shape in the named set."""
     if name not in SHAPE_SETS:
