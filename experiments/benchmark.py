@@ -583,7 +583,7 @@ def _models(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
             except Exception as e:
                 print(f"{model} {dtype}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 lines.append(f"| {model} | {batch} | {dtype} | failed: {type(e).__name__}: {str(e)[:200]} |"
-                             + " |" * 10 + f" `python -m experiments tune-model --model {model}{flags}` |")
+                             + " |" * 9 + f" `python -m experiments tune-model --model {model}{flags}` |")
                 results.append({"model": model, "batch": batch, "dtype": dtype, "error": f"{type(e).__name__}: {e}"})
                 continue
             lines.append(f"| {model} | {batch} | {dtype} | {first['tasks']} | {first['layers_tuned']} | "

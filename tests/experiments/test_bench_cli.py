@@ -331,6 +331,8 @@ def test_a_model_that_fails_costs_only_its_row(monkeypatch):
     rows = [line for line in lines if line.startswith("| broken") or line.startswith("| resnet18")]
     assert "failed: RuntimeError: no kernel for this layer" in rows[0]
     assert "`python -m experiments tune-model --model broken`" in rows[0]
+    header = next(line for line in lines if line.startswith("| model"))
+    assert rows[0].count("|") == header.count("|")   # the failed row keeps the table's columns
     assert rows[1].startswith("| resnet18 | 1 | fp32 | 3 | 2 | 8 |")
     assert [r.get("error") for r in results] == ["RuntimeError: no kernel for this layer", None]
 
