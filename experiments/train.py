@@ -3,11 +3,12 @@
 Episodes build schedules for shapes sampled from the family's train split (the
 held-out split is never sampled). Before PPO, the policy imitates the expert
 schedules replayed as environment actions on the train shapes (--imitation-epochs;
-0 turns it off), so PPO starts from a sensible policy instead of from chance. With --reward surrogate (default) the learned
-cost model rewards each step and is updated online from the measured final
-kernels; with --reward measure only measurements reward, and with --reward measure_vs_expert
-only measurements against the expert kernel of the shape (returns log(T_expert / T)). Vectorised envs share one
-measurement cache and tuning log.
+0 turns it off), so PPO starts from a sensible policy instead of from chance. With
+--reward surrogate (default) the learned cost model rewards each step and is updated
+online from the measured final kernels; with --reward measure only measurements
+reward, and with --reward measure_vs_expert only measurements against the shape's
+expert kernel (returns log(T_expert / T)). Vectorised envs share one measurement
+cache and tuning log.
 
 Writes runs/<op>-<target>-ppo-<seed>-<time>/: policy.pt and policy.json (the weights,
 and the spec they are rebuilt from: what the policy was trained for and how;
