@@ -496,6 +496,24 @@ def test_random_gpu_schedules_simulate_correctly(kind):
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
 
 
+def test_the_rules_count_the_shared_memory_the_renderer_lays_out():
+    """``rules.shared_bytes`` (what legality and the action mask check, before lowering)
+    is the dynamic shared memory the rendered kernel is launched with, for expert
+    schedules of every dtype (padded and pipelined stages) and random ones."""
+    from kernels import experts
+    from kernels.codegen.rules import shared_bytes
+    schedules = [s for kind in KINDS for s in random_examples(kind, EXAMPLES)]
+    for dtype in ("fp32", "tf32", "bf16"):
+        for kind, shape in (("matmul", "256x256x256"), ("matmul", "96x40x48"), ("conv2d", "1,32,14,14,32,3,3,1,1"),
+                            ("conv2d", "4,32,8,8,16,1,1,1,0")):
+            schedules.append(expert_schedule(make_op(kind, shape, dtype), TARGET))
+    schedules.append(experts._gpu_matmul_tensor_cores(make_op("matmul", "128x128x256", "bf16"), TARGET, False,
+                                                      ((2, 2, 2, 4),), 64, 3))
+    assert any(s.nest.tensorized for s in schedules) and any(s.nest.buffers("A") > 1 for s in schedules)
+    for s in schedules:
+        assert shared_bytes(s.op, s.nest) == render(s, TARGET).shared_bytes, describe(s)
+
+
 def test_random_gpu_schedules_are_varied():
     seen: dict[str, int] = {}
     for kind in KINDS:
