@@ -42,8 +42,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from kernels.codegen.rules import shared_bytes
-from kernels.ir.dtypes import DTYPES
-from kernels.ir.lower import stage_elements, thread_loops
+from kernels.ir.lower import stage_bytes, stage_elements, thread_loops
 from kernels.ir.ops import Operator
 from kernels.ir.schedule import (FACTORS, MAX_BUFFERS, MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES,
                                  WARP, Bind, CacheRead, CacheWrite, DoubleBuffer, Fuse, LoopNest, Parallel, Reorder,
@@ -382,7 +381,6 @@ class _GpuRules:
         self.thread_x = next((loops[i].extent for i in threads if bound_axis(loops[i]) == "threadIdx.x"), 1)
         self.write_at = nest.index(nest.cache_write) if nest.cache_write else None
         self.complete = bool(self.bound) and self.write_at is not None
-        self.elem = DTYPES[info.op.dtype].bytes
         self.shared = shared_bytes(info.op, nest)   # what the stages take, every buffer
         self.steps_to_complete = 1 + (not self.bound) + (self.write_at is None)
 
@@ -475,7 +473,7 @@ class _GpuRules:
 
         def size(tensor: str, anchor: str) -> int | None:
             dims = footprint(op, nest, tensor, anchor, also=threads)
-            return None if dims is None else self.elem * stage_elements(op, nest, dims)
+            return None if dims is None else stage_bytes(stage_elements(op, nest, dims), op.dtype)
 
         room -= self.shared
         out = []

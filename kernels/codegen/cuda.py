@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from ..ir.dtypes import DTYPES
 from ..ir.expr import DivMod, Lin
 from ..ir.lower import (LANE, LANE_GROUP, LANE_PLACE, Add, Alloc, Commit, For, Fragment, Function, If, Load, Mma, Mul,
-                        Relu, Store, Sync, Wait, lower)
+                        Relu, Store, Sync, Wait, lower, stage_bytes)
 from ..ir.mma import INSTRUCTIONS
 from ..ir.schedule import WARP
 from ..ir.schedule import Schedule
@@ -159,11 +159,10 @@ class CUDARenderer(CStyleRenderer):
 
     def render(self, fn: Function) -> str:
         self.registers = set(fn.local_buffers)
-        elem = DTYPES[self.dtype].bytes
         self.shared, self.shared_bytes = {}, 0
-        for name, size in fn.shared_buffers.items():   # each stage 16-byte aligned
+        for name, size in fn.shared_buffers.items():
             self.shared[name] = self.shared_bytes
-            self.shared_bytes += -(-size * elem // 16) * 16
+            self.shared_bytes += stage_bytes(size, self.dtype)
         self.asynchronous = _has_commit(fn.body)
         if DTYPES[self.dtype].bytes == 2:
             self.narrow = {t.name for t in fn.params} | set(fn.shared_buffers)

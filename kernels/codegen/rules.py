@@ -22,8 +22,7 @@ from __future__ import annotations
 import math
 from typing import NoReturn
 
-from ..ir.dtypes import DTYPES
-from ..ir.lower import stage_elements, thread_loops
+from ..ir.lower import stage_bytes, stage_elements, thread_loops
 from ..ir.ops import Operator
 from ..ir.schedule import (WARP, Bind, DoubleBuffer, LoopNest, Parallel, Schedule, ScheduleError, Tensorize, bound_axis,
                            footprint, tile_shape)
@@ -54,7 +53,7 @@ def shared_bytes(op: Operator, nest: LoopNest) -> int:
     for tensor, anchor in nest.cache_reads:
         dims = footprint(op, nest, tensor, anchor, also=thread_loops(nest))
         if dims:
-            total += -(-nest.buffers(tensor) * DTYPES[op.dtype].bytes * stage_elements(op, nest, dims) // 16) * 16
+            total += stage_bytes(nest.buffers(tensor) * stage_elements(op, nest, dims), op.dtype)
     return total
 
 

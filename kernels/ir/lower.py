@@ -213,6 +213,12 @@ def stage_elements(op: Operator, nest: LoopNest, dims) -> int:
     return math.prod(d[2] for d in dims[:-1]) * (dims[-1][2] + stage_padding(op, nest, dims))
 
 
+def stage_bytes(elements: int, dtype: str) -> int:
+    """Bytes a shared buffer of ``elements`` takes in the block's shared memory: rounded up
+    to 16, so that the next stage starts aligned for 16-byte copies and ``ldmatrix``."""
+    return -(-elements * DTYPES[dtype].bytes // 16) * 16
+
+
 def thread_loops(nest: LoopNest) -> tuple[Loop, ...]:
     """The loops bound to threadIdx axes, in nest order."""
     return tuple(l for l in nest.loops if (bound_axis(l) or "").startswith("threadIdx"))
