@@ -315,11 +315,15 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
     # depth - 2 latest (this slice has arrived), a barrier (every thread's copies are
     # visible, and every thread is done with the previous slice), then the copy of the
     # slice depth - 1 ahead into the buffer that the previous slice leaves free.
+    # Where an outer loop runs the pipeline again, a barrier ends each run: its prologue must
+    # not overwrite the buffers of the last slices while another thread still reads them.
     for anchor, slices in prologues.items():
         at = nest.index(anchor)
         (head_of[loops[at - 1].name] if at else pre_copies).extend(
             x for copies in slices for x in copies + [Commit()])
         packs[anchor] += [Wait(len(slices) - 1), Sync(), *prefetches[anchor], Commit()]
+        if math.prod(l.extent for l in nest.loops[:at] if not bound_axis(l)) > 1:
+            synced.add(loops[at - 1].name)
     product = Mul(reads[op.lhs.tensor], reads[op.rhs.tensor])
     bias = None
     if op.bias:

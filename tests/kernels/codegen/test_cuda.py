@@ -713,6 +713,18 @@ def test_pipelined_stages_simulate_correctly(buffers, dtype):
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
 
 
+def test_a_pipeline_run_again_by_an_outer_loop_waits_for_its_readers():
+    """A 3-buffer stage of A over a loop of 2 slices, run again by the serial k_o: the next
+    run's prologue refills the buffers the last slices were read from, so a barrier must
+    end each run (without it thread 0 overwrote A_shared[1] while thread 1 read it)."""
+    op = make_op("matmul", "4x6x8")
+    s = Schedule(op).split("k", 2).bind("j", "threadIdx.x").cache_read("A", "k_i").cache_write("j")
+    s = s.double_buffer("A").double_buffer("A")
+    assert s.nest.buffers("A") == 3
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
 @pytest.mark.parametrize("dtype", ["tf32", "bf16"])
 def test_stage_rows_keep_a_warps_fragment_reads_in_distinct_banks(dtype):
     """A row along k is read 16 bytes from each of 8 rows (ldmatrix); a tf32 row along n
