@@ -1,58 +1,136 @@
-"""Behaviour cloning of the expert schedules, so PPO starts from a sensible policy.
+"""Behaviour cloning of teacher schedules, so PPO starts from a sensible policy.
 
-Each train shape's expert schedule (``kernels.experts``) is replayed as environment
-actions, with the observations and masks the environment would show; the policy is
-trained to pick those actions. From chance, a few thousand PPO steps found little.
+The teacher of a train shape is its expert schedule (``kernels.experts``) or, with a
+teacher search, the fastest kernel an evolutionary search measured on that shape where
+it beats the expert (expert iteration: the policy learns what the search found, then
+proposes for the next search). Each teacher is replayed as environment actions, with
+the observations and masks the environment would show; the policy is trained to pick
+those actions. From chance, a few thousand PPO steps found little.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+from typing import Callable
 
 import numpy as np
 
+from envs import MAX_STEPS
 from envs.actions import ActionTable
+from kernels.codegen import render
 from kernels.experts import expert_schedule
 from kernels.ir.ops import make_op
-from kernels.ir.schedule import ScheduleError
+from kernels.ir.schedule import Schedule, ScheduleError
+from kernels.measure.comparison import compare_with_library
 
 from .rollout import ReplayDraw, rollout
 
 logger = logging.getLogger(__name__)
 
+MARGIN = 1.03   # a searched kernel teaches only where it beats the expert by this much, timed alternately
 
-def expert_demonstrations(op_kind: str, shapes: list[str], target, max_steps: int, dtype: str = "fp32"):
-    """(observations, masks, actions) of each shape's expert schedule replayed as actions."""
+
+def replay(op, schedule: Schedule, target, max_steps: int, observe: bool = False):
+    """The rollout of ``schedule``'s env actions, or None where the actions cannot rebuild it
+    (a factor outside the action table, a step the mask refuses, too many actions)."""
+    table = ActionTable(op, target)
+    try:
+        actions = table.actions_for(schedule)
+    except ScheduleError:
+        return None
+    r = rollout(op, table, ReplayDraw(actions), max_steps, observe=observe)
+    same = r.schedule.nest == schedule.nest or render(r.schedule, target).source == render(schedule, target).source
+    return r if same else None
+
+
+def demonstrations(op_kind: str, teachers: dict[str, Schedule], target, max_steps: int, dtype: str = "fp32"):
+    """(observations, masks, actions) of each shape's teacher schedule replayed as actions."""
     decisions = []
-    for shape in shapes:
-        op = make_op(op_kind, shape, dtype)
-        table = ActionTable(op, target)
-        try:
-            replay = table.actions_for(expert_schedule(op, target))
-        except ScheduleError as e:
-            logger.warning("imitation: the expert schedule of %s %s has no action sequence (%s); skipped",
-                           op_kind, shape, e)
+    for shape, schedule in teachers.items():
+        r = replay(make_op(op_kind, shape, dtype), schedule, target, max_steps, observe=True)
+        if r is None:
+            logger.warning("imitation: the teacher of %s %s has no action sequence; skipped", op_kind, shape)
             continue
-        decisions += rollout(op, table, ReplayDraw(replay), max_steps, observe=True).decisions
+        decisions += r.decisions
     return (np.array([d.observation for d in decisions]), np.array([d.mask for d in decisions]),
             np.array([d.action for d in decisions]))
 
 
-def imitate(agent, demos, epochs: int, seed: int) -> float:
-    """Behaviour cloning of the demonstrations into ``agent.policy``; returns the final
-    greedy accuracy."""
+def experts(op_kind: str, shapes: list[str], target, dtype: str = "fp32") -> dict[str, Schedule]:
+    return {shape: expert_schedule(make_op(op_kind, shape, dtype), target) for shape in shapes}
+
+
+def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, policy, budget: int, seed: int,
+                    max_steps: int = MAX_STEPS, dtype: str = "fp32", rounds: int = 3, contenders: int = 3,
+                    on_progress: Callable | None = None) -> dict[str, tuple[Schedule, float]]:
+    """Each shape's teacher and its speedup over the expert: of the fastest kernels an
+    evolutionary search of ``budget`` measurements (proposals from ``policy``) found before
+    the expert, the ``contenders`` the env's actions rebuild are timed again beside the
+    expert in ``rounds`` alternating rounds, and the fastest teaches where it beats the
+    expert by ``MARGIN``; else the expert does. The re-timing matters: the fastest of many
+    noisy timings is timed too kindly."""
+    from .evolution import measured_seeds
+    from .search import AGENTS, Search
+
+    out = {}
+    for i, shape in enumerate(shapes):
+        op = make_op(op_kind, shape, dtype)
+        expert = expert_schedule(op, target)
+        measurer.measure([expert])
+        search = Search(op, target, measurer, budget, on_progress=on_progress)
+        AGENTS["evolve"](search, np.random.default_rng(seed + i), model=model, policy=policy)
+        faster = []
+        for s in measured_seeds(search, 4 * contenders):   # fastest first
+            if s.key() == expert.key() or len(faster) == contenders:
+                break
+            if replay(op, s, target, max_steps) is not None:
+                faster.append(s)
+        speedups = _speedups(op, faster, expert, target, measurer, rounds) if faster else []
+        best = int(np.argmax(speedups)) if speedups else None
+        out[shape] = (faster[best], speedups[best]) if best is not None and speedups[best] >= MARGIN \
+            else (expert, max(speedups, default=1.0))
+    return out
+
+
+def _speedups(op, schedules: list[Schedule], expert: Schedule, target, measurer, rounds: int) -> list[float]:
+    """The expert's time over each schedule's: the median of per-round ratios, all timed in
+    the same alternating rounds (0 for one that fails)."""
+    kernels = [render(s, target, name=f"{op.kind}_{i}") for i, s in enumerate(schedules)]
+    kernels.append(render(expert, target, name=f"{op.kind}_expert"))
+    built = measurer.builder.build(kernels)
+    ok = [(k, b.path) for k, b in zip(kernels, built) if b.ok]
+    if not built[-1].ok:
+        return [0.0] * len(schedules)
+    comps = iter(compare_with_library(measurer.runner, op, ok, target, rounds))
+    comps = [next(comps) if b.ok else None for b in built]
+    theirs = comps.pop()
+    return [statistics.median(e.time_ms / c.time_ms for c, e in zip(c.rounds, theirs.rounds))
+            if c is not None and c.ok and theirs.ok else 0.0 for c in comps]
+
+
+def imitate(agent, demos, epochs: int, seed: int, check_every: int = 50) -> float:
+    """Behaviour cloning of the demonstrations into ``agent.policy``, for at most ``epochs``
+    epochs: it stops once the greedy policy picks every demonstrated action (one wrong
+    decision sends the rest of a greedy rollout elsewhere). Returns the greedy accuracy."""
     import torch
 
     obs, masks, actions = (torch.as_tensor(x) for x in demos)
     policy = agent.policy
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
     torch.manual_seed(seed)
-    for _ in range(epochs):
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            dist = policy.get_distribution(obs, action_masks=masks.numpy())
+            return float((dist.get_actions(deterministic=True) == actions).float().mean())
+
+    for epoch in range(1, epochs + 1):
         _, log_prob, _ = policy.evaluate_actions(obs, actions, action_masks=masks)
         loss = -log_prob.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        dist = policy.get_distribution(obs, action_masks=masks.numpy())
-        return float((dist.get_actions(deterministic=True) == actions).float().mean())
+        if epoch % check_every == 0 and accuracy() == 1.0:
+            break
+    return accuracy()

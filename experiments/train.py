@@ -4,6 +4,10 @@ Episodes build schedules for shapes sampled from the family's train split (the
 held-out split is never sampled). Before PPO, the policy imitates the expert
 schedules replayed as environment actions on the train shapes (--imitation-epochs;
 0 turns it off), so PPO starts from a sensible policy instead of from chance. With
+--teacher-budget N an evolutionary search of N measurements then tunes each train
+shape, proposals drawn from that policy, and the policy imitates, shape by shape, the
+fastest kernel found where it beats the expert (expert iteration: what the search
+found becomes what the policy proposes). With
 --reward surrogate (default) the learned cost model rewards each step and is updated
 online from the measured final kernels; with --reward measure only measurements
 reward, and with --reward measure_vs_expert only measurements against the shape's
@@ -19,6 +23,7 @@ the step). --resume RUN_DIR continues training from there without re-measuring.
 Examples:
   python -m experiments train --op matmul --timesteps 4096
   python -m experiments train --op matmul --target cuda --shapes gpu --timesteps 0   # imitation only
+  python -m experiments train --op conv2d --timesteps 0 --teacher-budget 32   # imitate what a search found
 
 Imitation alone (--timesteps 0) measures nothing: --target cuda then works without a
 GPU, for the description of an H200 (kernels.target.cuda_target_for_compile).
@@ -66,7 +71,13 @@ class Config:
     learning_rate: float = field(3e-5, help="PPO learning rate (small: PPO fine-tunes the imitation policy)")
     ent_coef: float = field(0.0, help="PPO entropy bonus")
     max_steps: int = field(MAX_STEPS, help="actions per episode")
-    imitation_epochs: int = field(300, help="epochs of imitating expert replays before PPO (0: none)")
+    imitation_epochs: int = field(1500, help="at most this many epochs of imitating the experts' replays before "
+                                                  "PPO: it stops once the greedy policy picks every expert action "
+                                                  "(0: no imitation)")
+    teacher_budget: int = field(0, help="then a search of this many measurements on each train shape, and the "
+                                        "fastest kernel it found, where it beats the expert by 3%% timed "
+                                        "alternately, is imitated in the expert's place (0: the experts alone)",
+                                metavar="N")
     cost_model: str | None = field(None, help="pre-trained cost model (default: the shipped one)",
                                    metavar="PATH")
     seed: int = field(0, help="random seed")
@@ -127,12 +138,23 @@ def _target(cfg: Config) -> Target:
     try:
         return get_target(cfg.target)
     except NoCudaDevice as e:
-        if cfg.timesteps or cfg.resume:
+        if cfg.timesteps or cfg.resume or cfg.teacher_budget:
             raise
         target = cuda_target_for_compile()
         print(f"{e}; imitation measures nothing, so the policy is trained for {target.device} "
               f"({target.sm_count} multiprocessors)", file=sys.stderr)
         return target
+
+
+def _imitate(cfg: Config, agent, shapes: list[str], target: Target, teachers: dict, writer) -> None:
+    from agents.imitation import demonstrations, imitate
+
+    demos = demonstrations(cfg.op, teachers, target, cfg.max_steps, cfg.dtype)
+    if len(demos[2]):
+        accuracy = imitate(agent, demos, cfg.imitation_epochs, cfg.seed)
+        writer.add_scalar("train/imitation_accuracy", accuracy, 0)
+        print(f"imitation: {len(demos[2])} actions of {len(teachers)} teachers on {len(shapes)} shapes, "
+              f"greedy accuracy {accuracy:.2f}", file=sys.stderr)
 
 
 def run(cfg: Config) -> dict:
@@ -142,6 +164,8 @@ def run(cfg: Config) -> dict:
         raise ValueError("train needs --op (or --resume RUN_DIR)")
     if cfg.timesteps < 0 or (cfg.timesteps == 0 and cfg.imitation_epochs < 1):
         raise ValueError("--timesteps must be at least 1 (or 0, for imitation of the experts alone)")
+    if cfg.teacher_budget < 0 or (cfg.teacher_budget and cfg.imitation_epochs < 1):
+        raise ValueError("--teacher-budget must be at least 0, and needs --imitation-epochs of at least 1")
     check_dtype(cfg.dtype, cfg.target)
     target = _target(cfg)
     shapes = family(cfg.op, "small" if cfg.shapes == "small" else "train",
@@ -153,7 +177,7 @@ def run(cfg: Config) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from agents import policy
-    from agents.imitation import expert_demonstrations, imitate
+    from agents.imitation import MARGIN, experts, search_teachers
     from agents.vec_env import Serialized, ThreadVecEnv
     from envs.schedule_env import ScheduleEnv
 
@@ -190,13 +214,19 @@ def run(cfg: Config) -> dict:
     progress = ProgressLog(run_dir, writer, append=bool(cfg.resume))
     print(f"run directory: {run_dir}", file=sys.stderr)
     agent.set_logger(configure(str(run_dir), ["tensorboard", "csv"]))
-    demos = expert_demonstrations(cfg.op, shapes, target, cfg.max_steps, cfg.dtype) \
-        if not cfg.resume and cfg.imitation_epochs > 0 else None
-    if demos is not None and len(demos[2]):
-        accuracy = imitate(agent, demos, cfg.imitation_epochs, cfg.seed)
-        writer.add_scalar("train/imitation_accuracy", accuracy, 0)
-        print(f"imitation: {len(demos[2])} expert actions from {len(shapes)} shapes, "
-              f"greedy accuracy {accuracy:.2f}", file=sys.stderr)
+    teachers = None   # shape -> the teacher search's best over the expert, where one ran
+    if not cfg.resume and cfg.imitation_epochs > 0:
+        _imitate(cfg, agent, shapes, target, experts(cfg.op, shapes, target, cfg.dtype), writer)
+        if cfg.teacher_budget:
+            bar = Progress(cfg.teacher_budget * len(shapes), f"teacher search {cfg.op}")
+            found = search_teachers(cfg.op, shapes, target, measurer, cost_model, agent.policy, cfg.teacher_budget,
+                                    cfg.seed, cfg.max_steps, cfg.dtype, on_progress=lambda p: bar.update(1))
+            bar.close()
+            for shape, (_, speedup) in found.items():
+                print(f"teacher of {shape}: {'the search' if speedup >= MARGIN else 'the expert'}'s kernel "
+                      f"(the search's best: {speedup:.2f}x the expert's speed)", file=sys.stderr)
+            teachers = {shape: round(speedup, 3) for shape, (_, speedup) in found.items()}
+            _imitate(cfg, agent, shapes, target, {shape: s for shape, (s, _) in found.items()}, writer)
     t_learn, steps_before = time.perf_counter(), agent.num_timesteps
     try:
         if cfg.timesteps:
@@ -205,7 +235,8 @@ def run(cfg: Config) -> dict:
     finally:  # an interrupted run keeps what it learned
         learn_s = time.perf_counter() - t_learn
         policy.save(agent, policy_file, cfg.op, target.kind, hardware=target.device, shapes=shapes,
-                    reward=cfg.reward, seed=cfg.seed, command=_command(cfg))
+                    reward=cfg.reward, seed=cfg.seed, command=_command(cfg),
+                    **({"teachers": teachers} if teachers else {}))
         cost_model.save(str(model_path))
         envs.close()
         measurer.close()
@@ -213,7 +244,8 @@ def run(cfg: Config) -> dict:
     summary = {"op": cfg.op, "target": target.kind, "agent": "ppo", "timesteps": int(agent.num_timesteps),
                "measurements": measurer.measured, "n_envs": n_envs, "run_dir": str(run_dir),
                "policy": str(policy_file), "learn_wall_s": learn_s,
-               "steps_per_s": (agent.num_timesteps - steps_before) / learn_s if cfg.timesteps else None}
+               "steps_per_s": (agent.num_timesteps - steps_before) / learn_s if cfg.timesteps else None,
+               "teachers": teachers}
     if backend:
         summary["cluster"] = backend.summary()
     print(f"trained {summary['timesteps']} steps ({measurer.measured} measurements); policy: {policy_file}")

@@ -116,5 +116,6 @@ def test_train_imitates_for_cuda_without_a_gpu(tmp_path):
                                  runs=str(tmp_path)))
     spec = json.loads(Path(out["policy"]).with_suffix(".json").read_text())
     assert spec["target"] == "cuda" and spec["hardware"] == "compile-only sm_90" and spec["timesteps"] == 0
-    with pytest.raises(NoCudaDevice):
-        train.run(train.Config(op="matmul", target="cuda", shapes="small", timesteps=8, runs=str(tmp_path)))
+    for measuring in (dict(timesteps=8), dict(timesteps=0, teacher_budget=4)):
+        with pytest.raises(NoCudaDevice):
+            train.run(train.Config(op="matmul", target="cuda", shapes="small", runs=str(tmp_path), **measuring))
