@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -195,7 +196,8 @@ def test_nest_columns_of_an_expert_with_tails():
     from envs.actions import MAX_LOOPS, NestInfo
     from kernels.experts import expert_schedule
 
-    target, op = cpu_target(), make_op("matmul", "33x65x129")
+    # this project's CPU: the expert's parallel loop and the core fill follow the cores
+    target, op = dataclasses.replace(cpu_target(), cores=2, vector_lanes=16), make_op("matmul", "33x65x129")
     nest = expert_schedule(op, target).nest
     assert [(l.name, l.extent, l.kind) for l in nest.loops] == [
         ("j_o", 3, "parallel"), ("i_o", 5, "serial"), ("k", 129, "serial"), ("i_i", 8, "unroll"),

@@ -59,10 +59,10 @@ def test_a_searched_teacher_replays_and_beats_the_expert(tmp_path):
 
     target = cpu_target()
     with Measurer(target, builder=Builder(cache_dir=tmp_path), log=tmp_path / "log.jsonl") as measurer:
-        found = search_teachers("matmul", ["24x40x16", "48x16x32"], target, measurer,
-                                LearnedCostModel(target=target), None, budget=6, seed=0, rounds=1)
-        assert measurer.measured <= 2 * (6 + 1 + 3 + 1)   # the budget, the expert, the re-timed contenders
-    assert set(found) == {"24x40x16", "48x16x32"}
+        found = search_teachers("matmul", ["24x40x16"], target, measurer, LearnedCostModel(target=target), None,
+                                budget=4, seed=0, rounds=1)
+        assert measurer.measured <= 4 + 1   # the budget and the expert (contenders are re-timed, not logged)
+    assert set(found) == {"24x40x16"}
     for shape, (teacher, speedup) in found.items():
         op = make_op("matmul", shape)
         expert = experts("matmul", [shape], target)[shape]

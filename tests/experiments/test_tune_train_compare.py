@@ -76,7 +76,7 @@ def test_no_expert_ablation_measures_no_expert_but_reports_it(tmp_path):
 @pytest.mark.parametrize("agent", ["random", "anneal", "beam"])
 def test_tune_agents_with_a_tiny_budget(agent, tmp_path):
     out = last_json(cli("tune", "--op", "matmul", "--shape", "16x24x8", "--agent", agent, "--budget", "4",
-                        "--json", cwd=tmp_path))
+                        "--rounds", "1", "--json", cwd=tmp_path))
     for key in ("op", "shape", "target", "time_ms", "gflops", "library_gflops", "fraction_of_library",
                 "speedup_vs_naive", "correct", "agent", "budget", "measurements", "best_schedule"):
         assert key in out, key
@@ -89,7 +89,8 @@ def test_tune_agents_with_a_tiny_budget(agent, tmp_path):
 
 def test_tune_ppo_zero_shot_with_budget_one(trained, tmp_path):
     out = last_json(cli("tune", "--op", "matmul", "--shape", "20x36x12", "--agent", "ppo", "--policy",
-                        str(trained / "policy.pt"), "--budget", "1", "--json", "--export", "k", cwd=tmp_path))
+                        str(trained / "policy.pt"), "--budget", "1", "--rounds", "1", "--json", "--export", "k",
+                        cwd=tmp_path))
     assert out["measurements"] == 1 and out["correct"]
     assert {p.name for p in (tmp_path / "k").iterdir()} >= {"kernel.c", "kernel.so", "kernel.json"}
 
@@ -110,11 +111,12 @@ def test_saved_policy_gives_the_same_greedy_schedule(trained):
 
 
 def test_resume_measures_nothing_twice(tmp_path):
-    first = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--budget", "3", "--json",
-                          cwd=tmp_path))
+    first = last_json(cli("tune", "--op", "matmul", "--shape", "12x20x8", "--budget", "3", "--rounds", "1",
+                          "--json", cwd=tmp_path))
     run_dir = tmp_path / first["run_dir"]
     # no --op/--shape needed; a new --budget is honoured (it counts the run's measurements too)
-    second = last_json(cli("tune", "--resume", str(run_dir), "--budget", "6", "--json", cwd=tmp_path))
+    second = last_json(cli("tune", "--resume", str(run_dir), "--budget", "6", "--rounds", "1", "--json",
+                         cwd=tmp_path))
     assert second["measurements"] == 6 and second["resumed_records"] >= 3
     assert json.loads((run_dir / "config.json").read_text())["budget"] == 6
     keys = [json.dumps(json.loads(l)["schedule"], sort_keys=True)
@@ -124,7 +126,7 @@ def test_resume_measures_nothing_twice(tmp_path):
 
 def test_resume_refuses_another_shape_or_command(trained, tmp_path):
     run_dir = tmp_path / last_json(cli("tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "random",
-                                       "--budget", "1", "--json", cwd=tmp_path))["run_dir"]
+                                       "--budget", "1", "--rounds", "1", "--json", cwd=tmp_path))["run_dir"]
     assert "is not the run's" in one_error_line(cli("tune", "--resume", str(run_dir), "--shape", "9x9x9",
                                                     cwd=tmp_path))
     assert "is not a tune run" in one_error_line(cli("tune", "--resume", str(trained), cwd=tmp_path))
@@ -154,7 +156,7 @@ def test_piped_tune_prints_progress_and_honest_final_figures(tmp_path):
 
 def test_compare_writes_png_and_table(tmp_path):
     runs = [last_json(cli("tune", "--op", "matmul", "--shape", "16x16x16", "--agent", "random", "--budget", "3",
-                          "--seed", str(seed), "--json", cwd=tmp_path))["run_dir"] for seed in (0, 1)]
+                          "--seed", str(seed), "--rounds", "1", "--json", cwd=tmp_path))["run_dir"] for seed in (0, 1)]
     out = last_json(cli("compare", *runs, "--out", "cmp", "--json", cwd=tmp_path))
     assert (tmp_path / "cmp.png").stat().st_size > 1000
     table = (tmp_path / "cmp.md").read_text()
@@ -202,5 +204,5 @@ def test_compare_works_on_train_runs(trained, tmp_path):
 
 def test_compare_refuses_runs_without_a_common_curve(trained, tmp_path):
     tuned = last_json(cli("tune", "--op", "matmul", "--shape", "16x16x16", "--agent", "random", "--budget", "2",
-                          "--json", cwd=tmp_path))["run_dir"]
+                          "--rounds", "1", "--json", cwd=tmp_path))["run_dir"]
     assert "no common curve" in one_error_line(cli("compare", tuned, str(trained), cwd=tmp_path))
