@@ -58,6 +58,7 @@ def demonstrations(op_kind: str, teachers: dict[str, Schedule], target, max_step
 
 
 def experts(op_kind: str, shapes: list[str], target, dtype: str = "fp32") -> dict[str, Schedule]:
+    """Each shape's expert schedule: the default teachers."""
     return {shape: expert_schedule(make_op(op_kind, shape, dtype), target) for shape in shapes}
 
 

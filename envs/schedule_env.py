@@ -20,7 +20,8 @@ from .cost import AnalyticalCostModel, CostModel
 from .reward import FAILED_SLOWDOWN, Reward, make_reward
 
 # The default episode length: actions per episode, the final done included. The longest
-# expert replay (the GPU conv2d's: 34 steps, then done) fits, with one to spare.
+# expert replay (the CPU conv2d's of a 3x3 layer: 39 steps, then done) fits, with room for
+# teachers a search found (tests/agents/test_imitation.py replays every shipped one's).
 MAX_STEPS = 48
 
 

@@ -74,9 +74,9 @@ class Config:
     imitation_epochs: int = field(1500, help="at most this many epochs of imitating the experts' replays before "
                                                   "PPO: it stops once the greedy policy picks every expert action "
                                                   "(0: no imitation)")
-    teacher_budget: int = field(0, help="then a search of this many measurements on each train shape, and the "
-                                        "fastest kernel it found, where it beats the expert by 3%% timed "
-                                        "alternately, is imitated in the expert's place (0: the experts alone)",
+    teacher_budget: int = field(0, help="after imitating the experts, search each train shape with this many "
+                                        "measurements and imitate the fastest kernel found wherever it beats "
+                                        "the expert by 3%% timed alternately (0: the experts alone)",
                                 metavar="N")
     cost_model: str | None = field(None, help="pre-trained cost model (default: the shipped one)",
                                    metavar="PATH")
