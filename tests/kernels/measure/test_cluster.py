@@ -220,7 +220,7 @@ def test_a_loopback_address_joins_a_loopback_head_with_its_token(loopback_head, 
 
 def test_without_cluster_ray_is_not_imported(tmp_path):
     code = ("import sys; from experiments.cli import main; "
-            "rc = main(['tune', '--op', 'matmul', '--shape', '8x8x8', '--agent', 'random', '--budget', '1']); "
+            "rc = main(['tune', '--op', 'matmul', '--shape', '8x8x8', '--agent', 'random', '--budget', '1', '--rounds', '1']); "
             "assert rc == 0 and 'ray' not in sys.modules, sorted(m for m in sys.modules if 'ray' in m)")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDGYM_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -262,7 +262,7 @@ def test_tune_on_the_cluster_exports_the_best_kernel(ray_cluster, tmp_path):
     from experiments import tune
 
     out = tune.run(tune.Config(op="matmul", shape="16x24x8", agent="random", budget=3, runs=str(tmp_path / "runs"),
-                               export=str(tmp_path / "k"), cluster="local"))
+                               export=str(tmp_path / "k"), cluster="local", rounds=1))
     assert out["correct"] and out["measurements"] == 3 and out["fraction_of_library"]
     assert 3 <= len(TuningLog(Path(out["run_dir"]) / "tuning.jsonl").read()) <= 4  # the naive kernel, 3 found
     assert (tmp_path / "k" / "kernel.so").stat().st_size > 0
