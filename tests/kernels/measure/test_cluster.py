@@ -220,7 +220,8 @@ def test_a_loopback_address_joins_a_loopback_head_with_its_token(loopback_head, 
 
 def test_without_cluster_ray_is_not_imported(tmp_path):
     code = ("import sys; from experiments.cli import main; "
-            "rc = main(['tune', '--op', 'matmul', '--shape', '8x8x8', '--agent', 'random', '--budget', '1', '--rounds', '1']); "
+            "rc = main(['tune', '--op', 'matmul', '--shape', '8x8x8', '--agent', 'random', '--budget', '1', "
+            "'--rounds', '1']); "
             "assert rc == 0 and 'ray' not in sys.modules, sorted(m for m in sys.modules if 'ray' in m)")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDGYM_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
