@@ -68,3 +68,18 @@ def test_a_searched_teacher_replays_and_beats_the_expert(tmp_path):
         expert = experts("matmul", [shape], target)[shape]
         assert teacher.key() == expert.key() or speedup >= MARGIN
         assert replay(op, teacher, target, MAX_STEPS) is not None
+
+
+@pytest.mark.parametrize("kind", ["matmul", "dense_bias_relu", "batch_matmul", "conv2d", "depthwise_conv2d"])
+def test_the_many_family_draws_distinct_valid_shapes_none_held_out(kind):
+    """The same shapes on every machine (seeded), each a valid operator, none held out or
+    twice, and the default train split kept."""
+    from experiments.shapes import _drawn
+
+    train = family(kind, "train", "many")
+    assert len(train) == len(set(train)) == len(family(kind, "train")) + 60
+    assert train[:len(family(kind, "train"))] == family(kind, "train")
+    assert not set(train) & set(family(kind, "held_out"))
+    for shape in train:
+        make_op(kind, shape)
+    assert _drawn(kind, 5, 1, set()) == _drawn(kind, 5, 1, set())
