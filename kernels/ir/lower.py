@@ -219,6 +219,13 @@ def stage_bytes(elements: int, dtype: str) -> int:
     return -(-elements * DTYPES[dtype].bytes // 16) * 16
 
 
+def _runs_again(loops) -> bool:
+    """Whether what lies inside ``loops`` runs more than once in a thread block (a serial
+    loop among them has two iterations or more): a stage filled there is refilled, so no
+    thread may refill it while another still reads it."""
+    return math.prod(l.extent for l in loops if not bound_axis(l)) > 1
+
+
 def thread_loops(nest: LoopNest) -> tuple[Loop, ...]:
     """The loops bound to threadIdx axes, in nest order."""
     return tuple(l for l in nest.loops if (bound_axis(l) or "").startswith("threadIdx"))
@@ -296,8 +303,7 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
                     If(((ahead, extent),), [_retarget(copy, cached, ahead, ahead.mod(depth) * size)]))
             else:
                 packs[cached] += [copy, Sync()]
-                outer = nest.loops[:nest.index(cached) + 1]
-                if math.prod(l.extent for l in outer if not bound_axis(l)) > 1:
+                if _runs_again(nest.loops[:nest.index(cached) + 1]):
                     synced.add(cached)
         elif cached:
             buf = f"{access.tensor}_local"
@@ -322,7 +328,7 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
         (head_of[loops[at - 1].name] if at else pre_copies).extend(
             x for copies in slices for x in copies + [Commit()])
         packs[anchor] += [Wait(len(slices) - 1), Sync(), *prefetches[anchor], Commit()]
-        if math.prod(l.extent for l in nest.loops[:at] if not bound_axis(l)) > 1:
+        if _runs_again(nest.loops[:at]):
             synced.add(loops[at - 1].name)
     product = Mul(reads[op.lhs.tensor], reads[op.rhs.tensor])
     bias = None
