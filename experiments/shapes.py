@@ -106,14 +106,6 @@ SHAPE_SETS: dict[str, dict[str, list[str]]] = {
 }
 
 
-# "wide": each operator's default family with the ranking set's shapes added to its train
-# split (none of them is held out anywhere), for policies that must meet shapes unlike
-# the few of a default train split; the held-out split stays the default one.
-for _op, _shapes in SHAPE_SETS["ranking"].items():
-    FAMILIES[_op]["wide"] = {"train": FAMILIES[_op]["default"]["train"] + _shapes,
-                             "held_out": FAMILIES[_op]["default"]["held_out"]}
-
-
 def _drawn(op: str, n: int, seed: int, exclude: set[str]) -> list[str]:
     """``n`` distinct shapes of ``op`` drawn like the layers of common networks (seeded), none
     in ``exclude``: imitation's labels (the experts) cost nothing, so a policy can learn
@@ -145,15 +137,16 @@ def _drawn(op: str, n: int, seed: int, exclude: set[str]) -> list[str]:
     return out
 
 
-# "many": each operator's default train split and 60 shapes drawn like network layers
-# (`_drawn`), for imitation; the held-out split stays the default one. On conv2d the
-# greedy policy imitating it rebuilds the expert on 33 of 40 fresh drawn shapes (seed 2),
-# the one imitating the default split's 7 shapes on 13.
-for _op in SHAPE_SETS["ranking"]:
+# Families grown from each operator's default one, its held-out split kept: "wide" adds the
+# ranking set's shapes to the train split (none is held out anywhere), "many" 60 shapes
+# drawn like network layers (`_drawn`), for imitation. On conv2d the greedy policy
+# imitating "many" rebuilds the expert on 33 of 40 fresh drawn shapes (seed 2), the one
+# imitating the default split's 7 shapes on 13.
+for _op, _ranking in SHAPE_SETS["ranking"].items():
     _default = FAMILIES[_op]["default"]
     _known = {*_default["train"], *_default["held_out"]}
-    FAMILIES[_op]["many"] = {"train": _default["train"] + _drawn(_op, 60, 1, _known),
-                             "held_out": _default["held_out"]}
+    for _name, _extra in (("wide", _ranking), ("many", _drawn(_op, 60, 1, _known))):
+        FAMILIES[_op][_name] = {"train": _default["train"] + _extra, "held_out": _default["held_out"]}
 
 
 def shape_set(name: str) -> list[tuple[str, str]]:
