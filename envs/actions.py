@@ -207,7 +207,10 @@ class ActionTable:
     # ------------------------------------------------------------ legality
     def mask(self, info: NestInfo, last: int | None = None, steps_left: int | None = None) -> np.ndarray:
         """Legal actions on ``info``'s nest. ``last`` (the previous action), if a swap, is
-        masked too: taking it again would only undo it (and lets a policy loop).
+        masked too: taking it again would only undo it (and lets a policy loop); so is fusing
+        the two halves of one split, in either order, which gives back the split loop or
+        it traversed in another order (and, repeated with splits, doubled the length of the
+        loop names each time: a policy built a 134 MB schedule key that way).
         ``steps_left`` (this one included): with one left only ``done`` is allowed; on
         CUDA, with only enough left to complete the schedule, only the completing ones."""
         loops, n, nest = info.loops, len(info.loops), info.nest
@@ -253,7 +256,8 @@ class ActionTable:
                         (m.kind != "unroll" or l.kind == "unroll") and (not gpu or gpu_rules.swap(i)) and \
                         (l.name in tensorized) == (m.name in tensorized):
                     allowed[at["swap"][i]] = True
-                if both_free and l.reduce == m.reduce and f"{l.name}_{m.name}" not in info.names:
+                halves = {l.name[:-2] + "_o", l.name[:-2] + "_i"} == {l.name, m.name}   # one split's two halves
+                if both_free and l.reduce == m.reduce and not halves and f"{l.name}_{m.name}" not in info.names:
                     allowed[at["fuse"][i]] = True
             if serial:
                 keep = not gpu or gpu_rules.annotate(i)

@@ -117,7 +117,8 @@ class ScheduleEnv(gym.Env):
     **Version history**: v0: initial version. v1: the target's caches and GPU registers
     and shared memory in the globals; 13 loop slots (12 before), so more actions too;
     episodes of 36 actions (32 before). v2: episodes of 48 actions (the CPU conv2d expert of
-    a 3x3 layer takes 39 actions, then ``done``: with 36 its imitation was cut short).
+    a 3x3 layer takes 39 actions, then ``done``: with 36 its imitation was cut short); no
+    fuse of one split's two halves.
     """
 
     metadata = {"render_modes": ["ansi"]}
