@@ -23,7 +23,13 @@ the nest with its bound loops fixed to its indices. On CUDA:
   ``cvt``, so no CUDA header is needed); copies move the bits, 16 bytes at a time
   where aligned;
 - a tensorized nest (:class:`kernels.ir.lower.Mma`) issues ``mma.sync`` through
-  inline PTX; each thread of the nest is a warp, its lane ``threadIdx.x % 32``.
+  inline PTX; each thread of the nest is a warp, its lane ``threadIdx.x % 32``;
+- a warpgroup nest (:class:`kernels.ir.lower.Wgmma`, sm_90a) issues ``wgmma`` on
+  shared-memory descriptors: its stages are written through the 128-byte swizzle
+  (16-byte chunk ``c`` of 128-byte row ``r`` at chunk ``c ^ (r % 8)``, on the shared
+  address, from a 1024-byte aligned base) that the descriptors declare, and each
+  barrier first makes the copies visible to the tensor cores' reads
+  (``fence.proxy.async``).
 
 An unscheduled operator (no steps) runs with :func:`default_schedule`: one thread
 per output element.
@@ -37,14 +43,14 @@ from dataclasses import dataclass
 from ..ir.dtypes import DTYPES
 from ..ir.expr import DivMod, Lin
 from ..ir.lower import (LANE, LANE_GROUP, LANE_PLACE, Add, Alloc, Commit, For, Fragment, Function, If, Load, Mma, Mul,
-                        Relu, Store, Sync, Wait, lower, stage_bytes)
+                        Relu, Store, StorePair, Sync, Wait, Wgmma, WgmmaCommit, WgmmaFence, WgmmaWait, lower, stage_bytes)
 from ..ir.mma import INSTRUCTIONS
 from ..ir.schedule import WARP
 from ..ir.schedule import Schedule
 from ..target import Target
 from .cstyle import CStyleRenderer
 from .kernel import Kernel
-from .rules import Launch, check_for_target, default_schedule, launch_config
+from .rules import WGMMA_ALIGN, WGMMA_ARCH, Launch, check_for_target, default_schedule, launch_config
 
 
 @dataclass(frozen=True)
@@ -143,13 +149,36 @@ class CUDARenderer(CStyleRenderer):
         "}",
         "#endif",
     )
+    # wgmma (sm_90a): the 128-byte swizzle applied to a stage's shared address, copies into
+    # swizzled stages, and a shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor
+    # Format": start, leading and stride byte offsets in 16-byte units, 128-byte swizzle):
+    # 8-row groups 1024 bytes apart; ``block``: bytes between 64-column blocks of B
+    wgmma_helpers = (
+        "#ifndef SCHEDGYM_WGMMA_HELPERS",
+        "#define SCHEDGYM_WGMMA_HELPERS",
+        "static __device__ __forceinline__ unsigned swizzle128(const void* p) "
+        "{ unsigned s = smem_u32(p); return s ^ (((s >> 7) & 7) << 4); }",
+        "static __device__ __forceinline__ void cp_async16s(void* dst, const void* src) {",
+        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16;\" :: \"r\"(swizzle128(dst)), \"l\"(src) : \"memory\");",
+        "}",
+        "static __device__ __forceinline__ void cp_async16sz(void* dst, const void* src, bool full) {",
+        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\" :: \"r\"(swizzle128(dst)), \"l\"(src), "
+        "\"r\"(full ? 16 : 0) : \"memory\");",
+        "}",
+        "static __device__ __forceinline__ unsigned long long wgmma_desc(const void* p, unsigned block) {",
+        "  return (unsigned long long)((smem_u32(p) & 0x3FFFF) >> 4) | ((unsigned long long)(block >> 4) << 16)",
+        "       | (64ull << 32) | (1ull << 62);",
+        "}",
+        "#endif",
+    )
     to_float = {"bf16": "bf2f", "fp16": "h2f"}
     from_float = {"bf16": "f2bf", "fp16": "f2h"}
 
-    def __init__(self, target: Target, launch: Launch, dtype: str = "fp32", tensorized: bool = False):
+    def __init__(self, target: Target, launch: Launch, dtype: str = "fp32", tensorized: bool = False,
+                 warpgroup: bool = False):
         super().__init__(target)
         self.launch = launch
-        self.dtype, self.tensorized = dtype, tensorized
+        self.dtype, self.tensorized, self.warpgroup = dtype, tensorized, warpgroup
         self.ctype = DTYPES[dtype].c_type
         self.registers: set[str] = set()   # local buffers: indexed by constants, never by pointer
         self.narrow: set[str] = set()      # buffers of 16-bit elements (bf16, fp16 bits)
@@ -163,6 +192,8 @@ class CUDARenderer(CStyleRenderer):
         for name, size in fn.shared_buffers.items():
             self.shared[name] = self.shared_bytes
             self.shared_bytes += stage_bytes(size, self.dtype)
+        if self.warpgroup:   # room to start the stages at a 1024-byte boundary
+            self.shared_bytes += WGMMA_ALIGN
         self.asynchronous = _has_commit(fn.body)
         if DTYPES[self.dtype].bytes == 2:
             self.narrow = {t.name for t in fn.params} | set(fn.shared_buffers)
@@ -174,10 +205,18 @@ class CUDARenderer(CStyleRenderer):
             lines[-1:-1] = self.dtype_helpers
         if self.asynchronous:
             lines[-1:-1] = self.async_helpers
+        if self.warpgroup:
+            lines[:0] = [f"// {WGMMA_ARCH}: wgmma"]
+            lines[-1:-1] = self.wgmma_helpers
         lines.append(f"// launch: grid ({', '.join(map(str, grid))}), block ({', '.join(map(str, block))}), "
                      f"shared memory {self.shared_bytes} bytes")
         lines.append(f'extern "C" __global__ void __launch_bounds__({math.prod(block)}) {fn.name}({params}) {{')
-        if self.shared:
+        if self.shared and self.warpgroup:
+            raw = f"{self.shared_array}_raw"
+            lines.append(f"{self.indent}extern __shared__ __align__(16) unsigned char {raw}[];")
+            lines.append(f"{self.indent}unsigned char* const {self.shared_array} = "
+                         f"{raw} + ((0u - smem_u32({raw})) & {WGMMA_ALIGN - 1}u);")
+        elif self.shared:
             lines.append(f"{self.indent}extern __shared__ __align__(16) unsigned char {self.shared_array}[];")
         # A bound loop's index is the same wherever the loop sits, so it is declared up
         # front: a block's cooperative copy outside a thread loop needs the thread index.
@@ -209,6 +248,8 @@ class CUDARenderer(CStyleRenderer):
     def stmt(self, s, depth: int) -> list[str]:
         pad = self.indent * depth
         if isinstance(s, Sync):
+            if self.warpgroup:   # this thread's copies, visible to wgmma's reads after the barrier
+                return [f'{pad}asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); __syncthreads();']
             if self.tensorized:
                 return [f'{pad}__syncthreads(); asm volatile("" : "+r"(tc_fence) :: "memory");']
             return [f"{pad}__syncthreads();"]
@@ -220,10 +261,25 @@ class CUDARenderer(CStyleRenderer):
             return self.fragment(s, depth)
         if isinstance(s, Mma):
             return self.mma(s, depth)
+        if isinstance(s, Wgmma):
+            return self.wgmma(s, depth)
+        if isinstance(s, WgmmaFence):
+            return [f'{pad}asm volatile("wgmma.fence.sync.aligned;" ::: "memory");']
+        if isinstance(s, WgmmaCommit):
+            return [f'{pad}asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");']
+        if isinstance(s, WgmmaWait):
+            lines = [f'{pad}asm volatile("wgmma.wait_group.sync.aligned {s.pending};" ::: "memory");']
+            if s.size:   # each accumulator pinned after the wait (else ptxas serializes the wgmma)
+                lines += [f"{pad}#pragma unroll", f"{pad}for (int wg_r = 0; wg_r < {s.size}; ++wg_r) "
+                          f'asm volatile("" : "+f"({s.acc}[wg_r]) :: "memory");']
+            return lines
         if isinstance(s, Commit):
             return [f'{pad}asm volatile("cp.async.commit_group;" ::: "memory");']
         if isinstance(s, Wait):
             return [f'{pad}asm volatile("cp.async.wait_group {s.pending};" ::: "memory");']
+        if isinstance(s, StorePair):
+            lo, hi = (f"{self.from_float[self.dtype]}({self.value(v)})" for v in (s.lo, s.hi))
+            return [f"{pad}*(unsigned*)&{s.buffer}[{self.expr(s.index)}] = pack2({lo}, {hi});"]
         if isinstance(s, Store) and s.buffer in self.narrow:
             if isinstance(s.value, Load) and s.value.buffer in self.narrow:   # a copy: the bits
                 v = self.raw(s.value)
@@ -273,6 +329,21 @@ class CUDARenderer(CStyleRenderer):
         ins = ", ".join(f'"r"({r})' for r in regs)
         return [f'{self.indent * depth}asm volatile("{INSTRUCTIONS[s.dtype]} {{%0, %1, %2, %3}}, '
                 f'{{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};" : {accs} : {ins});']
+
+    def wgmma(self, s: Wgmma, depth: int) -> list[str]:
+        """One ``wgmma.m64nNk16`` of the warpgroup: A (K-major) and B (read transposed, its
+        rows along n) through descriptors of their swizzled stages, accumulating into the
+        thread's ``n / 2`` accumulators from ``base``."""
+        (a, ai), (b, bi) = s.a, s.b
+        n_acc = s.n // 2
+        ty = {"bf16": "bf16", "fp16": "f16"}[s.dtype]
+        outs = ", ".join(f"%{i}" for i in range(n_acc))
+        accs = ", ".join(f'"+f"({s.acc}[{self.expr(s.base + i)}])' for i in range(n_acc))
+        descs = (f'"l"(wgmma_desc(&{a}[{self.expr(ai)}], 16)), '
+                 f'"l"(wgmma_desc(&{b}[{self.expr(bi)}], {s.b_block}))')
+        return [f'{self.indent * depth}asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{n_acc + 2}, 0; '
+                f'wgmma.mma_async.sync.aligned.m64n{s.n}k16.f32.{ty}.{ty} {{{outs}}}, %{n_acc}, %{n_acc + 1}, '
+                f'p, 1, 1, 0, 1; }}" : {accs} : {descs}, "r"(1));']
 
     def ldmatrix(self, frag: tuple, pad: str) -> list[str]:
         """``ldmatrix`` (``.trans`` for a B fragment, whose pairs run down a column) loading
@@ -401,9 +472,10 @@ class CUDARenderer(CStyleRenderer):
         dst, src = (f"{b}[{self.expr(e.subst(var, Lin()))}]" for b, e in ((store.buffer, store.index),
                                                                           (load.buffer, load.index)))
         if store.copy_async and nbytes == 16:
+            copy = "cp_async16s" if self.warpgroup else "cp_async16"
             if guard:
-                return [f"{pad}cp_async16z(&{dst}, ({guard}) ? &{src} : {load.buffer}, {guard});"]
-            return [f"{pad}cp_async16(&{dst}, &{src});"]
+                return [f"{pad}{copy}z(&{dst}, ({guard}) ? &{src} : {load.buffer}, {guard});"]
+            return [f"{pad}{copy}(&{dst}, &{src});"]
         vec = "uint4" if nbytes == 16 else "uint2"
         if guard:
             zero = "make_uint4(0, 0, 0, 0)" if nbytes == 16 else "make_uint2(0, 0)"
@@ -460,7 +532,8 @@ def render_cuda(schedule: Schedule, target: Target, name: str) -> Kernel:
     check_for_target(schedule, target)
     fn = lower(schedule, name, gpu=True)
     launch = launch_config(schedule.nest)
-    renderer = CUDARenderer(target, launch, schedule.op.dtype, bool(schedule.nest.tensorized))
+    renderer = CUDARenderer(target, launch, schedule.op.dtype, bool(schedule.nest.tensorized),
+                            schedule.nest.warpgroup)
     source = renderer.render(fn)
     return Kernel(name, source, schedule.op.tensors, launch=launch, dtype=schedule.op.dtype,
                   shared_bytes=renderer.shared_bytes)

@@ -11,7 +11,9 @@ where the target is known, by :func:`check_for_target` (called by ``render``):
 - a ``cache_read`` stage anchored inside every blockIdx loop, over a box;
 - dtypes other than fp32, and ``tensorize``, only on CUDA (sm_80 or newer); a
   tensorized nest's threads are warps, so its block has 32 times the threads of its
-  threadIdx loops (``threadIdx.x`` runs over warps, the lane is the rest).
+  threadIdx loops (``threadIdx.x`` runs over warps, the lane is the rest);
+- ``warpgroup`` (wgmma) only on Hopper (sm_90, compiled as sm_90a), with 1 KiB more
+  shared memory to align its stages.
 
 An unscheduled operator runs on a GPU with :func:`default_schedule`: one thread per
 output element.
@@ -24,11 +26,13 @@ from typing import NoReturn
 
 from ..ir.lower import stage_bytes, stage_elements, thread_loops
 from ..ir.ops import Operator
-from ..ir.schedule import (WARP, Bind, DoubleBuffer, LoopNest, Parallel, Schedule, ScheduleError, Tensorize, bound_axis,
-                           footprint, tile_shape)
+from ..ir.schedule import (WARP, Bind, DoubleBuffer, LoopNest, Parallel, Schedule, ScheduleError, Tensorize, Warpgroup,
+                           bound_axis, footprint, tile_shape)
 from ..target import Target
 
 DEFAULT_THREADS = 256   # threads per block of the unscheduled kernel
+WGMMA_ARCH = "sm_90a"   # wgmma is Hopper's alone: code for it is compiled for this architecture
+WGMMA_ALIGN = 1024      # a swizzled stage starts at a multiple of this many bytes
 
 Launch = tuple[tuple[int, int, int], tuple[int, int, int]]
 
@@ -54,7 +58,7 @@ def shared_bytes(op: Operator, nest: LoopNest) -> int:
         dims = footprint(op, nest, tensor, anchor, also=thread_loops(nest))
         if dims:
             total += stage_bytes(nest.buffers(tensor) * stage_elements(op, nest, dims), op.dtype)
-    return total
+    return total + (WGMMA_ALIGN if nest.warpgroup and total else 0)
 
 
 def check_dtype(dtype: str, target_kind: str) -> None:
@@ -80,6 +84,8 @@ def check_for_target(schedule: Schedule, target: Target) -> None:
         what = (str(Tensorize(*nest.tensorized)) if nest.tensorized else
                 str(DoubleBuffer(nest.double_buffered[0])) if nest.double_buffered else f"dtype {dtype}")
         _fail(what, f"needs sm_80 or newer, not {target.arch}")
+    if nest.warpgroup and target.arch and target.arch != "sm_90":
+        _fail(str(Warpgroup()), f"wgmma runs on sm_90 (Hopper) only, not {target.arch}")
     for l in nest.loops:
         if l.kind == "parallel":
             _fail(str(Parallel(l.name)), "OpenMP loops are for CPUs; on cuda, bind loops to blockIdx/threadIdx")

@@ -27,7 +27,8 @@ from . import mma
 from .dtypes import DTYPES
 from .expr import Lin
 from .ops import Access, Operator
-from .schedule import WARP, Loop, LoopNest, Schedule, bound_axis, compose, footprint, tile_shape
+from .schedule import (WARP, WGMMA_ROW_BYTES, Loop, LoopNest, Schedule, Warpgroup, bound_axis, compose, footprint,
+                       tile_shape, warpgroup_tile)
 
 
 # ---------------------------------------------------------------- IR nodes
@@ -69,6 +70,16 @@ class Store:
     value: object
     accumulate: bool = False   # += instead of =
     copy_async: bool = False   # a copy into shared memory that may complete later (cp.async)
+
+
+@dataclass
+class StorePair:
+    """``buffer[index] = lo; buffer[index + 1] = hi`` for 16-bit outputs, ``index`` even: one
+    32-bit store (a tensor-core accumulator layout gives each thread such pairs)."""
+    buffer: str
+    index: Lin
+    lo: object
+    hi: object
 
 
 @dataclass
@@ -131,6 +142,43 @@ class Mma:
     a: tuple[str, Lin]
     b: tuple[str, Lin]
     dtype: str
+
+
+@dataclass(frozen=True)
+class Wgmma:
+    """One ``wgmma`` of a warpgroup: ``acc[base + 0 .. n / 2)`` += the 64 x 16 tile of A at
+    ``a`` times the 16 x n tile of B at ``b`` (element offsets in their shared stages,
+    laid out as :func:`lower` documents for warpgroup nests); ``b_block``: bytes from one
+    64-column block of B's stage to the next."""
+
+    acc: str
+    base: Lin
+    a: tuple[str, Lin]
+    b: tuple[str, Lin]
+    n: int
+    b_block: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class WgmmaFence:
+    """Before a warpgroup's first ``wgmma`` of a slice: its accumulators are ready."""
+
+
+@dataclass(frozen=True)
+class WgmmaCommit:
+    """Close the ``wgmma`` issued so far into one group."""
+
+
+@dataclass(frozen=True)
+class WgmmaWait:
+    """Wait until at most ``pending`` groups of this warpgroup's ``wgmma`` are in flight;
+    then the ``size`` accumulators of ``acc`` are final for whatever reads them next (the
+    compiler may not move those reads above the wait)."""
+
+    pending: int
+    acc: str = ""
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -200,7 +248,7 @@ def stage_padding(op: Operator, nest: LoopNest, dims) -> int:
     some of those reads into the same banks, an odd number none, so such rows get 16
     bytes more. A 32-bit (tf32) row along m or n is read an element at a time, lane
     (g, t) at row t, column g: rows of 8 or 24 words (mod 32) keep the 32 lanes apart."""
-    if not nest.tensorized:
+    if not nest.tensorized or nest.warpgroup:   # wgmma stages: swizzled, never padded
         return 0
     elem, row = DTYPES[op.dtype].bytes, dims[-1][2]
     if elem == 4 and dims[-1][1].coef(nest.tensorized[2]) == 0:
@@ -287,18 +335,26 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
                 shared[buf] = math.prod(padded)
                 pre[-1] = Alloc(buf, shared[buf], "shared")
                 reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), padded))
+            place = None
+            if nest.warpgroup and access is op.rhs:
+                place = _column_blocks(dims[-2][2], WGMMA_ROW_BYTES // elem)
+                rows, cols = dims[-2][1], dims[-1][1]
+                block = (WGMMA_ROW_BYTES // elem)
+                reads[access.tensor] = Load(buf, cols.floordiv(block) * (dims[-2][2] * block) + rows * block
+                                            + cols.mod(block))
             copy = _cooperative_copy(access.tensor, shape, buf, dims, nest, threads,
-                                     lanes=WARP if nest.tensorized else 1, vector=16 // elem, pad=pad)
+                                     lanes=WARP if nest.tensorized else 1, vector=16 // elem, pad=pad, place=place)
             depth = nest.buffers(access.tensor)
-            if depth > 1:   # slice s in buffer s % depth, copied depth - 1 iterations ahead
+            if depth > 1:   # slice s in buffer s % depth, copied ahead by all buffers but one
                 size, extent = shared[buf], nest.loop(cached).extent
                 shared[buf] = depth * size
                 pre[-1] = Alloc(buf, depth * size, "shared")
                 reads[access.tensor] = Load(buf, reads[access.tensor].index + Lin.var(cached).mod(depth) * size)
-                slices = prologues.setdefault(cached, [[] for _ in range(depth - 1)])
-                for s in range(min(depth - 1, extent)):
+                ahead_by = depth - 1 - _wgmma_in_flight(nest, depth)
+                slices = prologues.setdefault(cached, [[] for _ in range(ahead_by)])
+                for s in range(min(ahead_by, extent)):
                     slices[s].append(_retarget(copy, cached, Lin.constant(s), Lin.constant(s * size)))
-                ahead = Lin.var(cached) + (depth - 1)
+                ahead = Lin.var(cached) + ahead_by
                 prefetches.setdefault(cached, []).append(
                     If(((ahead, extent),), [_retarget(copy, cached, ahead, ahead.mod(depth) * size)]))
             else:
@@ -338,7 +394,18 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
     head: dict[str, list] = {l.name: list(packs[l.name]) + head_of[l.name] for l in loops}
     pre += pre_copies
     tail: dict[str, list] = {l.name: [] for l in loops}
-    if nest.tensorized:
+    if nest.warpgroup:
+        compute, write_back, size, folded = _warpgroup(op, nest, reads, bias, out_idx)
+        anchor = warpgroup_tile(op, nest, Warpgroup()).anchor
+        head[anchor].append(WgmmaFence())
+        tail[anchor] += [WgmmaCommit(), WgmmaWait(_wgmma_in_flight(nest, nest.buffers(op.lhs.tensor)))]
+        acc = f"{out_t.name}_local"
+        local[acc] = size
+        head[nest.cache_write][:0] = [Alloc(acc, size), _fill(acc, size, "unroll")]
+        outside = tuple(g for g in dropped if not g[0].vars() & {l.name for l in tile_shape(nest)})
+        tail[nest.cache_write] += [WgmmaWait(0, acc, size)] + ([If(outside, write_back)] if outside else write_back)
+        loops = loops[:-3 - folded]
+    elif nest.tensorized:
         compute, write_back, size, (host, loads) = _tensorized(op, nest, reads, bias, out_idx)
         acc = f"{out_t.name}_local"
         local[acc] = size
@@ -453,7 +520,54 @@ def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load
         loads += [Alloc(name, len(fragment) * math.prod(l.extent for l in over), "fragment"), *fill]
         operands.append((name, index))
     compute = Mma(f"{op.output.name}_local", base, operands[0], operands[1], op.dtype)
-    # the write-back: every guard on the tile's loops, at each element
+    return compute, _write_back(op, nest, frags, base, bias, out_idx), size, (host, loads)
+
+
+def _wgmma_in_flight(nest: LoopNest, depth: int) -> int:
+    """Slices of ``wgmma`` a warpgroup nest leaves running while it issues the next: one
+    where the pipeline has three buffers or more (its copies then run ``depth - 2`` slices
+    ahead, into the buffer that the ``wgmma`` two slices back has finished reading)."""
+    return int(nest.warpgroup and depth >= 3)
+
+
+def _column_blocks(rows: int, block: int):
+    """Where B's stage of a warpgroup nest puts element (k, column): blocks of ``block``
+    columns (128 bytes) one after the other, each ``rows`` rows of ``block`` elements, as
+    wgmma's transposed 128-byte-swizzled layout wants (the renderer swizzles the
+    addresses). Takes the box's indices, the last one in ``width``-element chunks that
+    never straddle a block, and the chunk's width."""
+    def place(at: list, width: int) -> Lin:
+        per = block // width
+        return at[-1].floordiv(per) * (rows * block) + at[-2] * block + at[-1].mod(per) * width
+    return place
+
+
+def _warpgroup(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load | None, out_idx: Lin):
+    """(the Wgmma statement, the write-back statements, the accumulator's size per thread,
+    how many loops around the instruction it folds in) of a warpgroup nest. A thread holds
+    the same accumulators as in a warp's ``mma`` tiles (wgmma's layout, each warp its 16
+    rows); the instruction reads the stages from the warpgroup's first row and column."""
+    m, n, k = nest.tensorized
+    wg = warpgroup_tile(op, nest, Warpgroup())
+    frags = tuple(l for l in tile_shape(nest) if l.name not in (m, n))
+    base = _flat(tuple(Lin.var(l.name) for l in frags), tuple(l.extent for l in frags)) * 4
+    size = 4 * math.prod(l.extent for l in frags)
+    first = {v: Lin() for v in (m, n, k) + wg.n_loops}
+    first[wg.warps] = Lin.var(wg.warps) - Lin.var(wg.warps).mod(4)
+    a, b = (_at(reads[t], first) for t in (op.lhs.tensor, op.rhs.tensor))
+    rows = footprint(op, nest, op.rhs.tensor, wg.anchor, also=thread_loops(nest))[-2][2]
+    # the instruction covers every tile of the thread (frags are the folded loops): from 0
+    compute = Wgmma(f"{op.output.name}_local", Lin(), (a.buffer, a.index), (b.buffer, b.index), wg.n,
+                    WGMMA_ROW_BYTES * rows, op.dtype)
+    return compute, _write_back(op, nest, frags, base, bias, out_idx), size, len(wg.n_loops)
+
+
+def _write_back(op: Operator, nest: LoopNest, frags, base: Lin, bias: Load | None, out_idx: Lin) -> list:
+    """A tensorized nest's write-back: each thread stores the accumulators of its 16 x 8
+    tiles (``frags``) where the instruction's layout puts them, under every guard on the
+    tile's loops."""
+    m, n, _ = nest.tensorized
+    tile = tile_shape(nest)
     names = {l.name for l in tile}
     bound = {l.name for l in nest.loops[:nest.index(nest.cache_write) + 1]}
     guards = [(e, lim) for e, lim in nest.guards if e.vars() <= names | bound and e.vars() & names]
@@ -468,11 +582,27 @@ def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load
             value = Relu(Add(value, _at(bias, subst)))
         store = Store(op.output.name, sub(out_idx), value)
         conds = tuple((sub(e), lim) for e, lim in guards)
+        if c % 2 and _pairs(stores[-1], store, conds, op):   # the element before, in the same word
+            lo = stores.pop()
+            lo = lo.body[0] if isinstance(lo, If) else lo
+            store = StorePair(store.buffer, lo.index, lo.value, store.value)
         stores.append(If(conds, [store]) if conds else store)
     body: list = stores
     for l in reversed(frags):
         body = [For(l.name, l.extent, body, "unroll")]
-    return compute, body, size, (host, loads)
+    return body
+
+
+def _pairs(prev, store: Store, conds, op: Operator) -> bool:
+    """Whether ``store`` writes the 16-bit element after ``prev``'s, under the same guards,
+    both in one aligned 32-bit word (the lower one at an even index whatever the loops)."""
+    if DTYPES[op.dtype].bytes != 2:
+        return False
+    prev_conds = prev.conds if isinstance(prev, If) else ()
+    lo = prev.body[0] if isinstance(prev, If) else prev
+    e = lo.index
+    return (isinstance(lo, Store) and prev_conds == conds and store.index == e + 1
+            and e.const % 2 == 0 and all(c % 2 == 0 for _, c in e.terms))
 
 
 def _load_vars(load: Load) -> set[str]:
@@ -657,14 +787,15 @@ def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest, order: list[int]) 
 
 
 def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, threads: tuple[Loop, ...],
-                      lanes: int = 1, vector: int = 4, pad: int = 0):
+                      lanes: int = 1, vector: int = 4, pad: int = 0, place=None):
     """All threads of a block copy the footprint box of ``tensor`` into the shared ``buf``
     (zero outside the tensor): thread ``t`` takes chunks ``t, t + T, t + 2T, ...`` of
     ``width`` consecutive elements of the box (16 bytes: ``vector`` elements, where the
     box's rows allow), so neighbouring threads read neighbouring addresses (coalesced)
     and a renderer can move a chunk as one vector. ``lanes``: threads per thread loop
     iteration (a warp's lanes in a tensorized nest), numbered fastest. ``pad``: elements
-    after each row of the buffer (the box's last dimension)."""
+    after each row of the buffer (the box's last dimension). ``place``: where a chunk goes
+    instead, from the box's indices (the last in chunks) and the chunk's width."""
     exts = [d[2] for d in dims]
     size = math.prod(exts)
     width = next((w for w in (vector, 4) if exts[-1] % w == 0), 1)
@@ -677,12 +808,13 @@ def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, thread
     c, w = f"{buf}_c", f"{buf}_w"
     q = tid + Lin.var(c, nthreads) if rounds > 1 else tid       # this thread's chunk
     lane = Lin.var(w) if width > 1 else Lin()
-    src, at = [], []
+    src, at, chunk = [], [], []
     for d, (base, _, ext) in enumerate(dims):
         stride = math.prod(exts[d + 1:]) // width if d < len(dims) - 1 else 1
         x = q.floordiv(stride)
         x = x.mod(ext // width if d == len(dims) - 1 else ext) if d else x
         x = x if ext > 1 else Lin()
+        chunk.append(x)
         at.append(x * width + lane if d == len(dims) - 1 else x)
         src.append(base + at[-1])
     ext_all = nest.extents
@@ -691,7 +823,10 @@ def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, thread
         lo, hi = base.range(ext_all)
         if not (0 <= lo and hi + ext - 1 < n):
             bounds.append((e, n))
-    dst = _flat(tuple(at), tuple(exts[:-1]) + (exts[-1] + pad,)) if pad else q * width + lane
+    if place:
+        dst = place(chunk, width) + lane
+    else:
+        dst = _flat(tuple(at), tuple(exts[:-1]) + (exts[-1] + pad,)) if pad else q * width + lane
     stmt = Store(buf, dst, Load(tensor, _flat(tuple(src), shape), tuple(bounds)))
     if width > 1:
         stmt = For(w, width, [stmt], "vectorize")

@@ -44,6 +44,11 @@ TVM/Halide names:
                   warp (:data:`WARP`). m's axis must index the output and the
                   left operand only, n's the output and the right operand only,
                   k must be a reduction over both operands, with no tail.
+``Warpgroup``     (GPU, Hopper, bf16/fp16) the tensorized tile issued by
+                  warpgroups (four consecutive warps) as one ``wgmma`` per k
+                  step of 64 rows by up to 256 columns, both operands read from
+                  shared stages through descriptors (:func:`warpgroup_tile`
+                  says what the nest must look like).
 ================  ==========================================================
 
 A step that cannot apply raises :class:`ScheduleError` naming the step and why.
@@ -104,6 +109,7 @@ class LoopNest:
     cache_reads: tuple[tuple[str, str], ...] = ()  # (tensor, loop)
     tensorized: tuple[str, ...] = ()   # (m, n, k) loops run as one tensor-core instruction
     double_buffered: tuple[str, ...] = ()  # tensors whose stage is filled ahead, once per DoubleBuffer
+    warpgroup: bool = False            # the tensorized tile is issued by warpgroups (wgmma)
     _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def access_exprs(self, access: Access) -> tuple[Lin, ...]:
@@ -525,6 +531,99 @@ class Tensorize(Step):
         return replace(nest, tensorized=names)
 
 
+WGMMA_ROW_BYTES = 128   # a stage row of either operand: one row of the 128-byte swizzle
+WGMMA_M, WGMMA_MAX_N = 64, 256
+
+
+@dataclass(frozen=True)
+class WarpgroupTile:
+    """Where a warpgroup's instruction lies in the nest (see :func:`warpgroup_tile`)."""
+
+    anchor: str                 # the loop whose iteration holds one k slice of both stages
+    n_loops: tuple[str, ...]    # spatial loops folded into the instruction (its 8-column tiles)
+    n: int                      # the instruction's n
+    warps: str                  # the threadIdx.y loop over m: four consecutive warps, 64 rows
+
+
+def warpgroup_tile(op: Operator, nest: LoopNest, step: Step) -> WarpgroupTile:
+    """The tensorized nest as ``wgmma.m64nNk16`` of warpgroups, or ScheduleError naming what
+    does not fit. A warpgroup is four consecutive warps of a block: here four consecutive
+    iterations of the threadIdx.y loop, each 16 rows further along m (so no loop is bound to
+    threadIdx.x). Its instruction covers those 64 rows and every column of the warp's tile:
+    the spatial loops between the k loops and the instruction run along n only. Both
+    operands come from pipelined shared stages of one loop (the instruction reads shared
+    memory through descriptors, and the stages are filled asynchronously): A's stage in
+    rows of 64 elements along k (128 bytes), B's in rows along n, 64-column blocks of it
+    read transposed (which wgmma does for 16-bit types only). Rows of A and B in memory
+    start at 16-byte boundaries (K and N multiples of 8) for the 16-byte copies."""
+    check(op.dtype in ("bf16", "fp16"), step,
+          f"wgmma reads B (rows along n) transposed, which it does for bf16 and fp16 only, not {op.dtype}")
+    check(bool(nest.tensorized), step, "the nest is not tensorized: tensorize first")
+    m, n, k = nest.tensorized
+    lhs, rhs = op.lhs.tensor, op.rhs.tensor
+    stages = dict(nest.cache_reads)
+    anchor = stages.get(lhs)
+    check(anchor is not None and stages.get(rhs) == anchor, step,
+          f"{lhs!r} and {rhs!r} need shared stages (cache_read) at one loop: wgmma reads both from shared memory")
+    check(nest.buffers(lhs) >= 2 and nest.buffers(rhs) >= 2, step,
+          f"double_buffer both stages: wgmma's operands arrive by asynchronous copies")
+    for t in (lhs, rhs):
+        check(op.tensor(t).shape[-1] % 8 == 0, step,
+              f"rows of {t!r} are {op.tensor(t).shape[-1]} elements: a multiple of 8 keeps 16-byte copies aligned")
+    threads = [l for l in nest.loops if (bound_axis(l) or "").startswith("threadIdx")]
+    check(not any(bound_axis(l) == "threadIdx.x" for l in threads), step,
+          "a loop is bound to threadIdx.x: a warpgroup is four consecutive warps along threadIdx.y")
+    warps = next((l for l in threads if bound_axis(l) == "threadIdx.y"), None)
+    check(warps is not None and warps.extent % 4 == 0, step,
+          "bind a loop over m to threadIdx.y with a multiple of 4 iterations (four warps, one warpgroup)")
+    inner = nest.inside(anchor)[:-3]
+    n_loops = tuple(l for l in inner if not l.reduce)
+    check(all(l.reduce for l in inner[:len(inner) - len(n_loops)]), step,
+          f"spatial loops inside {anchor!r} must lie inside its k loops, around the instruction")
+    check({l.name for l in tile_shape(nest)} - {m, n} == {l.name for l in n_loops}, step,
+          f"the thread's tile has spatial loops outside {anchor!r}: one instruction covers the whole tile")
+    check(all(l.kind == "unroll" for l in n_loops), step, "the loops folded into the instruction must be unrolled")
+    elem = DTYPES[op.dtype].bytes
+    a_dims = footprint(op, nest, lhs, anchor, also=tuple(threads))
+    b_dims = footprint(op, nest, rhs, anchor, also=tuple(threads))
+    check(a_dims is not None and b_dims is not None and len(a_dims) >= 2 and len(b_dims) >= 2, step,
+          "a stage's footprint is not a box")
+    rows, cols = a_dims[-2][1], a_dims[-1][1]
+    check(cols.coef(k) == 1 and a_dims[-1][2] * elem == WGMMA_ROW_BYTES, step,
+          f"{lhs!r}'s stage must hold rows of {WGMMA_ROW_BYTES // elem} elements along k, "
+          f"not {a_dims[-1][2]} (split the k loop of the stage)")
+    check(rows.coef(m) == 1 and rows.coef(warps.name) == 16 and all(
+          c % WGMMA_M == 0 for v, c in rows.coefs()[0].items() if v not in (m, warps.name)), step,
+          f"each warp of {warps.name!r} must take the next 16 rows of {lhs!r}'s stage (one row tile a warp)")
+    ks, cols = b_dims[-2][1], b_dims[-1][1]
+    check(ks.coef(k) == 1 and b_dims[-2][2] == a_dims[-1][2] and cols.coef(n) == 1, step,
+          f"{rhs!r}'s stage must hold the same k rows as {lhs!r}'s, along n")
+    stride = MMA_N
+    for l in sorted(n_loops, key=lambda l: cols.coef(l.name) or 0):
+        check(cols.coef(l.name) == stride, step, f"loop {l.name!r} must step to the next columns of the tile")
+        stride *= l.extent
+    check(stride <= WGMMA_MAX_N, step, f"the warp's tile is {stride} columns wide: wgmma takes at most {WGMMA_MAX_N}")
+    check(b_dims[-1][2] % (WGMMA_ROW_BYTES // elem) == 0 and all(
+          c % (WGMMA_ROW_BYTES // elem) == 0 for v, c in cols.coefs()[0].items()
+          if v != n and v not in {l.name for l in n_loops}), step,
+          f"{rhs!r}'s stage must be whole blocks of {WGMMA_ROW_BYTES // elem} columns, each warpgroup starting one")
+    check(all(d[2] == 1 for d in a_dims[:-2] + b_dims[:-2]), step, "a stage holds more than one matrix")
+    return WarpgroupTile(anchor, tuple(l.name for l in n_loops), stride, warps.name)
+
+
+@dataclass(frozen=True)
+class Warpgroup(Step):
+    """The tensorized tile issued by warpgroups: one ``wgmma`` per k step covers four warps'
+    16-row tiles and the whole width of their tile, reading both operands from shared
+    memory (Hopper, sm_90; :func:`warpgroup_tile` gives the conditions). The last step of a
+    schedule: nothing after it may change the loops it relies on."""
+
+    def apply(self, op, nest):
+        check(not nest.warpgroup, self, "the nest is issued by warpgroups already")
+        warpgroup_tile(op, nest, self)
+        return replace(nest, warpgroup=True)
+
+
 def validate(op: Operator, nest: LoopNest, step: Step) -> None:
     """Invariants every nest must keep, whatever step produced it."""
     names = [l.name for l in nest.loops]
@@ -534,6 +633,8 @@ def validate(op: Operator, nest: LoopNest, step: Step) -> None:
               and all(l.kind == "serial" for l in nest.loops[-3:]), step,
               f"tensorized loops {', '.join(nest.tensorized)} must stay the three innermost, serial")
         check(not set(nest.tensorized) & nest.anchors(), step, "a tensorized loop may not anchor a cache stage")
+    if nest.warpgroup:
+        warpgroup_tile(op, nest, step)
     for tensor in set(nest.double_buffered):   # its stage's loop keeps running serially, twice or more
         anchor = nest.loop(dict(nest.cache_reads)[tensor])
         check(anchor.kind == "serial" and anchor.extent >= 2, step,
@@ -632,6 +733,9 @@ class Schedule:
 
     def double_buffer(self, tensor: str) -> "Schedule":
         return self.apply(DoubleBuffer(tensor))
+
+    def warpgroup(self) -> "Schedule":
+        return self.apply(Warpgroup())
 
     # serialisation: steps only
     def steps_json(self) -> list[dict]:

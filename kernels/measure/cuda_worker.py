@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..ir.ops import Operator, make_op
+from ..codegen.rules import WGMMA_ARCH
 from ..target import CUDA_SHARED_BYTES
 from .check import Guarded, Tolerance, check_call, random_canary
 from .library import matmul_call, torch_conv
@@ -78,7 +79,11 @@ def compile_kernel(source: str, name: str, shared_bytes: int = 0) -> Any:
     """The kernel compiled by NVRTC for this GPU (raises CuPy's CompileException), allowed
     ``shared_bytes`` of dynamic shared memory (beyond 48 KiB a block must opt in); launch
     it with ``shared_mem=shared_bytes``."""
-    fn = _cupy().RawModule(code=source, options=NVRTC_OPTIONS).get_function(name)
+    cp = _cupy()
+    options = NVRTC_OPTIONS
+    if WGMMA_ARCH in source.split("\n", 1)[0]:   # wgmma: code for Hopper alone (sm_90a)
+        options += (f"-arch={WGMMA_ARCH}",)
+    fn = cp.RawModule(code=source, options=options).get_function(name)
     if shared_bytes > CUDA_SHARED_BYTES:
         fn.max_dynamic_shared_size_bytes = shared_bytes
     return fn
