@@ -28,6 +28,9 @@ that passes the GPU's rules (:func:`kernels.cuda.check_for_target`):
   they form a tensor-core tile (:func:`kernels.ir.schedule.tensor_tile`); from then on
   those loops never move, split or change kind, each thread is a warp (32 threads of
   the block) and the register tile limit is per lane (32 times larger per warp);
+- ``warpgroup`` (Hopper) once the tensorized nest is one that wgmma can issue
+  (:func:`kernels.ir.schedule.warpgroup_tile`); after it only ``double_buffer`` and
+  ``done`` remain;
 - ``done`` is allowed once the schedule is complete, and when the steps left are
   only enough to complete it, only the completing actions are (a bind, then a
   ``cache_write``, then ``done``).
@@ -46,8 +49,8 @@ from kernels.ir.lower import stage_bytes, stage_elements, thread_loops
 from kernels.ir.ops import Operator
 from kernels.ir.schedule import (FACTORS, MAX_BUFFERS, MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES,
                                  WARP, Bind, CacheRead, CacheWrite, DoubleBuffer, Fuse, LoopNest, Parallel, Reorder,
-                                 Schedule, ScheduleError, Split, Step, Tensorize, Tile, Unroll, Vectorize, bound_axis,
-                                 footprint, tensor_tile)
+                                 Schedule, ScheduleError, Split, Step, Tensorize, Tile, Unroll, Vectorize, Warpgroup,
+                                 bound_axis, footprint, tensor_tile, warpgroup_tile)
 from kernels.target import Target, cpu_target
 
 MAX_LOOPS = 13  # the GPU conv2d expert's nest: 13 loops
@@ -155,6 +158,7 @@ class ActionTable:
         if self.gpu:
             table.append(Action("tensorize"))
             table += [Action("double_buffer", tensor=t) for t in self.inputs]
+            table.append(Action("warpgroup"))
         table.append(Action("done"))
         self.actions = tuple(table)
         self.index = {a: i for i, a in enumerate(self.actions)}
@@ -183,6 +187,8 @@ class ActionTable:
             return Tensorize(*(tensor_tile(self.op, nest) or ("?", "?", "?")))
         if a.primitive == "double_buffer":
             return DoubleBuffer(a.tensor)
+        if a.primitive == "warpgroup":
+            return Warpgroup()
         two = a.primitive in ("tile", "swap", "fuse")
         if a.slot + (1 if two else 0) >= len(loops):
             raise ScheduleError(f"{a.primitive} at loop slot {a.slot}: the nest has {len(loops)} loops")
@@ -279,6 +285,9 @@ class ActionTable:
             allowed[at["tensorize"][0]] = gpu_rules.tensorize()
             for t in self.inputs:
                 allowed[at["double_buffer" + t][0]] = gpu_rules.double_buffer(t)
+            allowed[at["warpgroup"][0]] = gpu_rules.warpgroup()
+            if nest.warpgroup:   # the nest is final: only deeper pipelines, or done
+                allowed &= self.is_primitive["double_buffer"] | self.is_primitive["done"]
         if last is not None and self.actions[last].primitive == "swap":
             allowed[last] = False
         allowed[self.done] = not gpu or gpu_rules.complete
@@ -336,6 +345,8 @@ class ActionTable:
                 take(Action("tensorize"))
             elif isinstance(step, DoubleBuffer):
                 take(Action("double_buffer", tensor=step.tensor))
+            elif isinstance(step, Warpgroup):
+                take(Action("warpgroup"))
             else:
                 prim = {Vectorize: "vectorize", Unroll: "unroll", Parallel: "parallel",
                         CacheWrite: "cache_write"}[type(step)]
@@ -465,6 +476,18 @@ class _GpuRules:
             return False
         return (self.threads * WARP <= t.max_threads_per_block
                 and self.thread_x * WARP <= t.max_block[0])
+
+    def warpgroup(self) -> bool:
+        """A tensorized nest that wgmma can issue (:func:`kernels.ir.schedule.warpgroup_tile`)
+        on Hopper, its stages still fitting shared memory with the 1 KiB they are aligned by."""
+        t, nest = self.table.target, self.info.nest
+        if not nest.tensorized or nest.warpgroup or t.arch != "sm_90" or nest.cache_write is None:
+            return False
+        try:
+            warpgroup_tile(self.info.op, nest, Warpgroup())
+        except ScheduleError:
+            return False
+        return shared_bytes(self.info.op, replace(nest, warpgroup=True)) <= t.shared_bytes_per_block
 
     def cache_write(self, i: int, tile: int) -> bool:
         return (not self.bound or i >= self.bound[-1]) and tile <= self.tile_floats

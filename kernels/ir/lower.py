@@ -358,7 +358,11 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
                 prefetches.setdefault(cached, []).append(
                     If(((ahead, extent),), [_retarget(copy, cached, ahead, ahead.mod(depth) * size)]))
             else:
-                packs[cached] += [copy, Sync()]
+                if nest.warpgroup:   # wgmma reads swizzled stages: filled by the (swizzling) cp.async
+                    copy = _retarget(copy, cached, Lin.var(cached), Lin())
+                    packs[cached] += [copy, Commit(), Wait(0), Sync()]
+                else:
+                    packs[cached] += [copy, Sync()]
                 if _runs_again(nest.loops[:nest.index(cached) + 1]):
                     synced.add(cached)
         elif cached:

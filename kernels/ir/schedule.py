@@ -551,22 +551,21 @@ def warpgroup_tile(op: Operator, nest: LoopNest, step: Step) -> WarpgroupTile:
     iterations of the threadIdx.y loop, each 16 rows further along m (so no loop is bound to
     threadIdx.x). Its instruction covers those 64 rows and every column of the warp's tile:
     the spatial loops between the k loops and the instruction run along n only. Both
-    operands come from pipelined shared stages of one loop (the instruction reads shared
-    memory through descriptors, and the stages are filled asynchronously): A's stage in
+    operands come from shared stages of one loop (the instruction reads shared memory
+    through descriptors): A's stage in
     rows of 64 elements along k (128 bytes), B's in rows along n, 64-column blocks of it
     read transposed (which wgmma does for 16-bit types only). Rows of A and B in memory
     start at 16-byte boundaries (K and N multiples of 8) for the 16-byte copies."""
     check(op.dtype in ("bf16", "fp16"), step,
           f"wgmma reads B (rows along n) transposed, which it does for bf16 and fp16 only, not {op.dtype}")
     check(bool(nest.tensorized), step, "the nest is not tensorized: tensorize first")
+    check(nest.cache_write is not None, step, "the nest has no cache_write: the accumulators' tile comes first")
     m, n, k = nest.tensorized
     lhs, rhs = op.lhs.tensor, op.rhs.tensor
     stages = dict(nest.cache_reads)
     anchor = stages.get(lhs)
     check(anchor is not None and stages.get(rhs) == anchor, step,
           f"{lhs!r} and {rhs!r} need shared stages (cache_read) at one loop: wgmma reads both from shared memory")
-    check(nest.buffers(lhs) >= 2 and nest.buffers(rhs) >= 2, step,
-          f"double_buffer both stages: wgmma's operands arrive by asynchronous copies")
     for t in (lhs, rhs):
         check(op.tensor(t).shape[-1] % 8 == 0, step,
               f"rows of {t!r} are {op.tensor(t).shape[-1]} elements: a multiple of 8 keeps 16-byte copies aligned")

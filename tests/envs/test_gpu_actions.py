@@ -31,7 +31,7 @@ def test_gpu_table_has_binds_and_no_parallel():
     prims = {a.primitive for a in gpu.actions}
     assert "bind" in prims and "parallel" not in prims
     assert "bind" not in {a.primitive for a in cpu.actions}
-    assert len(gpu) == len(cpu) - MAX_LOOPS + 6 * MAX_LOOPS + 3   # + tensorize, double_buffer A and B
+    assert len(gpu) == len(cpu) - MAX_LOOPS + 6 * MAX_LOOPS + 4   # + tensorize, double_buffer A and B, warpgroup
     assert gpu.to_step(gpu.index[Action("bind", 0, axis="blockIdx.x")], Schedule(op).nest).thread_axis \
         == "blockIdx.x"
 
@@ -260,6 +260,32 @@ def test_tensorize_is_offered_only_where_it_applies():
     assert not _offered(s, ActionTable(conv, TARGET))
     assert not _offered(Schedule(make_op("depthwise_conv2d", "1,16,16,16,3,3", "bf16")),
                         ActionTable(make_op("depthwise_conv2d", "1,16,16,16,3,3", "bf16"), TARGET))
+
+
+def test_warpgroup_is_offered_only_where_wgmma_applies():
+    """On Hopper, at the end of the warpgroup expert's steps (not on sm_80, not for the mma
+    expert's nest whose warps run along threadIdx.x, not for tf32); after it only deeper
+    pipelines and done."""
+    from kernels import experts
+    from kernels.ir.schedule import Warpgroup
+
+    def offered(s: Schedule, target=TARGET) -> bool:
+        table = ActionTable(s.op, target)
+        return bool(table.mask(NestInfo(s.op, s.nest))[table.index[Action("warpgroup")]])
+    op = make_op("matmul", "256x256x256", "bf16")
+    wg = expert_schedule(op, TARGET)
+    assert isinstance(wg.steps[-1], Warpgroup)
+    before = Schedule(op, wg.steps[:-1])
+    assert offered(before) and not offered(wg)
+    assert not offered(before, cuda_target_for_compile("sm_80"))
+    assert not offered(experts._gpu_matmul_tensor_cores(op, TARGET, False))
+    fp16 = make_op("matmul", "256x256x256", "fp16")
+    assert offered(Schedule(fp16, before.steps))
+    tf32 = make_op("matmul", "256x256x256", "tf32")   # wgmma reads B transposed for 16-bit types only
+    assert not offered(Schedule(tf32, experts._gpu_matmul_tensor_cores(tf32, TARGET, False).steps))
+    table = ActionTable(op, TARGET)
+    after = {table.actions[a].primitive for a in np.flatnonzero(table.mask(NestInfo(op, wg.nest)))}
+    assert after <= {"double_buffer", "done"} and "done" in after
 
 
 @pytest.mark.parametrize("split,message", [

@@ -25,7 +25,7 @@ from kernels.ir import lower as ir
 from kernels.ir.dtypes import decode
 from kernels.ir.printer import print_loop_nest
 from tests.conftest import eval_value, loop_range
-from kernels.codegen.rules import check_for_target, default_schedule, launch_config
+from kernels.codegen.rules import WGMMA_ARCH, check_for_target, default_schedule, launch_config
 from kernels.experts import expert_schedule
 from kernels.ir.ops import OPERATORS, make_op
 from kernels.codegen import render
@@ -86,6 +86,24 @@ def warp_mma(calls: list[MmaCall]) -> None:
             c.acc[c.base + i] += d[ptx_c(i, lane // 4, lane % 4)]
 
 
+def wgmma_tiles(shared: dict, s: "ir.Wgmma", env: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The 64 x 16 tile of A and the 16 x n tile of B that a ``wgmma`` reads, as its
+    descriptors declare them (PTX ISA, "Shared Memory Matrix Layout", 128-byte swizzle):
+    A's rows 128 bytes apart, B read transposed, 64-column blocks ``b_block`` bytes apart,
+    its rows 128 bytes apart. The swizzle permutes the addresses of writes and reads alike,
+    so it is left out here."""
+    (a, ai), (b, bi) = wgmma_reads(s, env)
+    return shared[a][ai].copy(), shared[b][bi].copy()
+
+
+def wgmma_reads(s: "ir.Wgmma", env: dict) -> tuple[tuple[str, np.ndarray], tuple[str, np.ndarray]]:
+    """(buffer, indices) of the A and B tiles a ``wgmma`` reads (see :func:`wgmma_tiles`)."""
+    (a, ai), (b, bi) = ((name, i.evaluate(env)) for name, i in (s.a, s.b))
+    rows, cols = np.arange(64)[:, None], np.arange(16)[None, :]
+    ks, ns = np.arange(16)[:, None], np.arange(s.n)[None, :]
+    return (a, ai + rows * 64 + cols), (b, bi + (ns // 64) * (s.b_block // 2) + ks * 64 + ns % 64)
+
+
 def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarray:
     """Run GPU-lowered ``fn`` on every thread of ``launch``; returns the output (flat).
 
@@ -110,7 +128,8 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
     bound = bound_vars(fn.body)
 
     def has_mma(stmts) -> bool:
-        return any(isinstance(x, ir.Mma) or isinstance(x, (ir.For, ir.If)) and has_mma(x.body) for x in stmts)
+        return any(isinstance(x, (ir.Mma, ir.Wgmma)) or isinstance(x, (ir.For, ir.If)) and has_mma(x.body)
+                   for x in stmts)
 
     warps = has_mma(fn.body)   # a tensorized kernel: threadIdx.x counts lanes of warps
 
@@ -165,6 +184,37 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                         local[s.buffer] = np.full(s.size, np.nan)
                 elif isinstance(s, ir.Store) and s.copy_async:   # lands at a later Wait
                     in_flight[-1].append((s.buffer, at(s.buffer, s.index, env, True), value(s.value, env)))
+                    log["copying"].add(in_flight[-1][-1][:2])
+                elif isinstance(s, ir.StorePair):
+                    for h, v in enumerate((s.lo, s.hi)):
+                        i = at(s.buffer, s.index + h, env, True)
+                        buffer(s.buffer)[i] = value(v, env)
+                        writes[i] += s.buffer == out_name
+                elif isinstance(s, ir.Wgmma):   # reads shared memory until its wait: kept to compare then
+                    wgmma[-1].append((s, dict(env), wgmma_tiles(shared, s, env)))
+                elif isinstance(s, ir.WgmmaCommit):
+                    wgmma.append([])
+                elif isinstance(s, ir.WgmmaWait):   # the older groups complete: each thread takes its part
+                    while len(wgmma) > s.pending + 1:
+                        for w, w_env, tiles in wgmma.pop(0):
+                            a, b = wgmma_tiles(shared, w, w_env)
+                            if any((name, i) in log["copying"] for name, idx in wgmma_reads(w, w_env)
+                                   for i in idx.ravel().tolist()):   # it may land any time before its wait
+                                raise GpuFault("an asynchronous copy in flight overwrites what a running wgmma reads")
+                            if not (np.array_equal(a, tiles[0], equal_nan=True)
+                                    and np.array_equal(b, tiles[1], equal_nan=True)):
+                                raise GpuFault("shared memory that a wgmma reads changed before its wait")
+                            if np.isnan(a).any() or np.isnan(b).any():
+                                raise GpuFault("a wgmma read unset shared memory")
+                            d, acc = a @ b, buffer(w.acc)
+                            lane, warp = env0["threadIdx.x"] % 32, (tid // 32) % 4
+                            base = w.base.evaluate(w_env)
+                            for j in range(w.n // 8):
+                                for i in range(4):
+                                    acc[base + 4 * j + i] += d[16 * warp + lane // 4 + 8 * (i // 2),
+                                                               8 * j + 2 * (lane % 4) + i % 2]
+                elif isinstance(s, ir.WgmmaFence):
+                    pass
                 elif isinstance(s, ir.Store):
                     i = at(s.buffer, s.index, env, True)
                     x = value(s.value, env)
@@ -180,6 +230,7 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                     while len(in_flight) > s.pending + 1:
                         for name, i, x in in_flight.pop(0):
                             buffer(name)[i] = x
+                            log["copying"].discard((name, i))
                             if log["w"].setdefault((name, i), tid) != tid:
                                 raise GpuFault(f"race: threads {log['w'][(name, i)]} and {tid} write {name}[{i}]")
                 elif isinstance(s, ir.Fragment):   # each register as the tuple of its elements
@@ -195,6 +246,7 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
                     raise TypeError(s)
 
         in_flight: list[list] = [[]]   # asynchronous copies: committed groups, then those issued since
+        wgmma: list[list] = [[]]       # this thread's wgmma, likewise
         env = {var: env0[axis] for var, axis in bound.items()}   # indices known everywhere
         if warps:
             lane = env0["threadIdx.x"] % 32
@@ -204,7 +256,7 @@ def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarr
 
     for block in itertools.product(range(gz), range(gy), range(gx)):
         shared: dict[str, np.ndarray] = {}
-        log: dict = {"w": {}, "r": []}
+        log: dict = {"w": {}, "r": [], "copying": set()}   # copying: issued, not yet landed
         threads = []
         for tid, t in enumerate(itertools.product(range(bz), range(by), range(bx))):
             env0 = {"blockIdx.z": block[0], "blockIdx.y": block[1], "blockIdx.x": block[2],
@@ -259,15 +311,18 @@ def describe(schedule: Schedule) -> str:
 def nvcc_compile(sources: list[str], tmp_path, arch: str = "sm_90") -> None:
     """Compile all sources as one translation unit (one nvcc start, ~2 s); on failure,
     find the kernel that fails and show its source."""
+    if arch == "sm_90" and any(WGMMA_ARCH in s.split("\n", 1)[0] for s in sources):
+        arch = WGMMA_ARCH   # sm_90 and Hopper's own instructions (wgmma)
     src = tmp_path / "kernels.cu"
     src.write_text("\n".join(sources))
-    proc = subprocess.run([NVCC, f"-arch={arch}", "-c", str(src), "-o", str(tmp_path / "k.o")],
+    gencode = f"-gencode=arch=compute_{arch[3:]},code={arch}"   # SASS of that one architecture
+    proc = subprocess.run([NVCC, gencode, "-c", str(src), "-o", str(tmp_path / "k.o")],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode == 0:
         return
     for s in sources:
         src.write_text(s)
-        one = subprocess.run([NVCC, f"-arch={arch}", "-c", str(src), "-o", str(tmp_path / "k.o")],
+        one = subprocess.run([NVCC, gencode, "-c", str(src), "-o", str(tmp_path / "k.o")],
                              capture_output=True, text=True, timeout=600)
         assert one.returncode == 0, f"{one.stderr[:3000]}\n{s}"
     pytest.fail(proc.stderr[:3000])
@@ -731,8 +786,9 @@ def test_stage_rows_keep_a_warps_fragment_reads_in_distinct_banks(dtype):
     an element at a time, lane (g, t) at row t, column g. Either way the 32 lanes' words
     fall in 32 distinct banks, as the padding of the stages' rows makes them."""
     from kernels.ir.schedule import footprint
+    from kernels import experts
     op = make_op("matmul", "256x256x256", dtype)
-    nest = expert_schedule(op, TARGET).nest
+    nest = experts._gpu_matmul_tensor_cores(op, TARGET, False).nest   # mma (warpgroups swizzle instead)
     assert nest.tensorized
     elem = 4 if dtype == "tf32" else 2
     for tensor, anchor in nest.cache_reads:
@@ -806,3 +862,66 @@ def test_gpu_a_wrong_tensor_core_kernel_fails_its_dtype_check(gpu_measurer):
         bad = dataclasses.replace(good, source=wrong)
         res = gpu_measurer.measure_one(Candidate(s.op, "source:wrong", bad))
         assert not res.ok and res.error.startswith("wrong result"), (dtype, res.error)
+
+
+# ---------------------------------------------------------------- warpgroups (wgmma)
+
+WARPGROUP_SHAPES = [("matmul", "64x64x128"), ("matmul", "100x72x192"), ("batch_matmul", "2x64x64x64"),
+                    ("dense_bias_relu", "64x64x64")]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("kind,shape", WARPGROUP_SHAPES)
+def test_warpgroup_experts_simulate_correctly(kind, shape, dtype):
+    """The stages as the descriptors read them (the 64 x 16 and 16 x n tiles), each thread's
+    accumulators where wgmma puts them, each wgmma's reads unchanged until its wait; tails
+    of m and n (100 x 72) and a single slice (K = 64) included."""
+    s = expert_schedule(make_op(kind, shape, dtype), TARGET)
+    assert s.nest.warpgroup, describe(s)
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
+def test_the_simulator_catches_a_wgmma_left_running_over_a_refill():
+    """Two wgmma groups left in flight instead of one: the copy of the slice after next then
+    refills the buffer a running wgmma still reads."""
+    s = expert_schedule(make_op("matmul", "64x64x384", "bf16"), TARGET)
+    assert s.nest.warpgroup and s.nest.buffers("A") >= 3, describe(s)
+    fn = ir.lower(s, gpu=True)
+
+    def loosen(stmts):
+        for i, x in enumerate(stmts):
+            if isinstance(x, ir.WgmmaWait) and x.pending:
+                stmts[i] = ir.WgmmaWait(x.pending + 1)
+            if isinstance(x, (ir.For, ir.If)):
+                loosen(x.body)
+
+    loosen(fn.body)
+    op = s.op
+    inputs = {n: decode(a, op.dtype) for n, a in op.random_inputs(np.random.default_rng(0)).items()}
+    with pytest.raises(GpuFault, match="overwrites what a running wgmma reads|changed before its wait"):
+        simulate(fn, launch_config(s.nest), {**inputs, "C": np.full(op.output.shape, np.nan)})
+
+
+def test_warpgroup_refusals():
+    from kernels import experts
+    from kernels.ir.schedule import Warpgroup
+    op = make_op("matmul", "256x256x256", "bf16")
+    wg = expert_schedule(op, TARGET)
+    assert isinstance(wg.steps[-1], Warpgroup)
+    before = Schedule(op, wg.steps[:-1])
+    with pytest.raises(ScheduleError, match="bf16 and fp16 only, not tf32"):
+        Schedule(make_op("matmul", "256x256x256", "tf32"), experts._gpu_matmul_tensor_cores(
+            make_op("matmul", "256x256x256", "tf32"), TARGET, False).steps).warpgroup()
+    with pytest.raises(ScheduleError, match="bound to threadIdx.x"):
+        experts._gpu_matmul_tensor_cores(op, TARGET, False).warpgroup()
+    with pytest.raises(ScheduleError, match="the nest is not tensorized"):
+        Schedule(op).warpgroup()
+    with pytest.raises(ScheduleError, match="issued by warpgroups already"):
+        wg.warpgroup()
+    with pytest.raises(ScheduleError, match="must lie inside its k loops"):
+        wg.reorder("j_o_i", "k_o_i")   # nothing may move what the instruction relies on
+    with pytest.raises(ScheduleError, match="runs on sm_90"):
+        check_for_target(wg, cuda_target_for_compile("sm_80"))
+    assert not before.nest.warpgroup
+    check_for_target(wg, TARGET)
