@@ -270,7 +270,8 @@ def _tensor_cuda(cfg: Config, target: Target, cases: list[tuple[str, str, str]] 
              "tolerance (README, \"Data types\"), then timed alternately with the library (CUDA events) in "
              f"{cfg.rounds} rounds; *kernel/library* is the median of the per-round ratios. *NVRTC s* is "
              "the compile of one candidate, *check+time s* the check plus all timing rounds. *mma* says "
-             "whether the expert runs on tensor cores (`tensorize`).", "",
+             "how the expert runs on tensor cores: `mma.sync` of warps (`tensorize`), `wgmma` of warpgroups "
+             "(`tensorize` then `warpgroup`, Hopper), or not (no).", "",
              "| dtype | op | shape | mma | launch (grid, block) | time ms | TFLOP/s | library | library ms | "
              "library TFLOP/s | kernel/library | NVRTC s | check+time s |",
              "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -280,7 +281,7 @@ def _tensor_cuda(cfg: Config, target: Target, cases: list[tuple[str, str, str]] 
         for dtype, kind, shape in cases:
             op = make_op(kind, shape, dtype)
             schedule = expert_schedule(op, target)
-            mma = "yes" if schedule.nest.tensorized else "no"
+            mma = "wgmma" if schedule.nest.warpgroup else "mma" if schedule.nest.tensorized else "no"
             print(f"{dtype} {kind} {op.shape_str} ...", file=sys.stderr, flush=True)
             r = _cuda_rounds(runner, builder, op, schedule, target, cfg.rounds, f"{kind}_{dtype}")
             grid, block = r["launch"]
