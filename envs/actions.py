@@ -453,7 +453,7 @@ class _GpuRules:
                 and self.threads * l.extent <= t.max_threads_per_block)
 
     def double_buffer(self, tensor: str) -> bool:
-        """A staged input, its loop serial, twice or more and without a tail, fewer than
+        """A staged input, its loop serial and twice or more, fewer than
         MAX_BUFFERS buffers, and room in shared memory for one more (of every stage that
         its loop pipelines)."""
         nest, t = self.info.nest, self.table.target
@@ -462,7 +462,7 @@ class _GpuRules:
                 (t.arch and int(t.arch[3:]) < 80):
             return False
         loop = nest.loop(anchor)
-        if loop.kind != "serial" or loop.extent < 2 or any(anchor in e.vars() for e, _ in nest.guards):
+        if loop.kind != "serial" or loop.extent < 2:
             return False
         deeper = replace(nest, double_buffered=nest.double_buffered + (tensor,))
         return shared_bytes(self.info.op, deeper) <= t.shared_bytes_per_block

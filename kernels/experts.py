@@ -324,7 +324,7 @@ def _gpu_matmul_any(op: Operator, target: Target, batch: bool) -> Schedule:
     where the dtype has them, the product holds one instruction's tile and K has no tail
     of the instruction's k."""
     mk, ext = DTYPES[op.dtype].mma_k, op.extents
-    if target.arch == "sm_90" and op.dtype in ("bf16", "fp16") and ext["k"] % 64 == 0:
+    if target.arch == "sm_90" and op.dtype in ("bf16", "fp16") and ext["k"] % mk == 0:
         try:
             wg = _gpu_matmul_warpgroup(op, target, batch)
             check_for_target(wg, target)

@@ -444,8 +444,8 @@ class DoubleBuffer(Step):
     applied again, one buffer more (a pipeline of up to :data:`MAX_BUFFERS` slices), which
     hides a longer copy behind the compute at the cost of shared memory.
 
-    The stage's loop must be serial, run at least twice and have no tail (a copy ahead
-    must stay inside the loop's range). CUDA only (a rule of the target).
+    The stage's loop must be serial and run at least twice; a tail is fine (the copies of
+    a last, partial slice read zeros beyond the tensor). CUDA only (a rule of the target).
     """
 
     tensor: str
@@ -458,8 +458,6 @@ class DoubleBuffer(Step):
         loop = nest.loop(anchor)
         check(loop.kind == "serial" and loop.extent >= 2, self,
               f"its stage's loop {anchor!r} must be serial and run at least twice")
-        check(all(anchor not in e.vars() for e, _ in nest.guards), self,
-              f"its stage's loop {anchor!r} has a tail; split by a divisor")
         return replace(nest, double_buffered=nest.double_buffered + (self.tensor,))
 
 

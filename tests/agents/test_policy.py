@@ -99,6 +99,6 @@ def test_the_shipped_cuda_policy_fits_the_cuda_table():
     target = cuda_target_for_compile()
     path = Path(__file__).resolve().parents[2] / "experiments" / "pretrained" / "cuda" / "matmul-ppo.pt"
     spec, _ = policy.read(path, "matmul", "cuda", len(ActionTable(op, target)))
-    assert spec["actions"] == 371
-    with pytest.raises(policy.PolicyError, match=r"has 371 actions .* needs 303 .* \(retrain it"):
+    assert spec["actions"] == 372
+    with pytest.raises(policy.PolicyError, match=r"has 372 actions .* needs 303 .* \(retrain it"):
         policy.read(path, "matmul", "cuda", 303)

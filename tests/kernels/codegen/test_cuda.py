@@ -768,6 +768,26 @@ def test_pipelined_stages_simulate_correctly(buffers, dtype):
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
 
 
+@pytest.mark.parametrize("dtype,shape", [("fp32", "32x16x200"), ("bf16", "64x64x208")])
+def test_a_pipelined_stage_with_a_tail_simulates_correctly(dtype, shape):
+    """The stage's loop has a last, partial slice (K not a multiple of the slice): its copies
+    read zeros beyond the tensor, and the prefetches stop at the loop's end."""
+    from kernels import experts
+    op = make_op("matmul", shape, dtype)
+    if dtype == "fp32":
+        s = Schedule(op)
+        for step in experts._gpu_matmul(op, TARGET, False, (2, 4, 4, 4, 32)).steps:
+            s = s if isinstance(step, DoubleBuffer) else s.apply(step)
+        s = experts._pipelined(s, ("A", "B"), TARGET, 3)
+    else:
+        s = experts._gpu_matmul_warpgroup(op, TARGET, False, buffers=3)
+    anchor = dict(s.nest.cache_reads)["A"]
+    assert s.nest.buffers("A") == 3 and any(anchor in e.vars() or s.nest.inside(anchor)[0].name in e.vars()
+                                            for e, _ in s.nest.guards), describe(s)
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
 def test_a_pipeline_run_again_by_an_outer_loop_waits_for_its_readers():
     """A 3-buffer stage of A over a loop of 2 slices, run again by the serial k_o: the next
     run's prologue refills the buffers the last slices were read from, so a barrier must
