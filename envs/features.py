@@ -43,7 +43,7 @@ LOOP_FEATURES = (
     ("kind", len(KINDS)),            # one-hot serial / parallel / vectorize / unroll (GPU: see PARALLEL_LEVEL)
     ("axis", MAX_AXES),              # one-hot: which op axis the loop came from
     ("fused", 1),                    # the loop is a fused loop (indices through div/mod)
-    ("anchor", 3),                   # cache_write here; cache_read of lhs here; of rhs here
+    ("anchor", 3),                   # cache_write here; cache_read of lhs here; of rhs here (its buffers)
     ("log_stride", 3),               # |step| of output, lhs, rhs flat index per iteration
     ("log_footprint", 3),            # elements of output, lhs, rhs touched by this loop and those inside
 )
@@ -119,9 +119,10 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
         "kind": _one_hot(n, kind, len(KINDS), [PARALLEL_LEVEL[b.split(".")[0]] if b else 1.0 for b in axes_bound]),
         "axis": _one_hot(n, [axes.index(l.axis) for l in loops], MAX_AXES),
         "fused": [any(s[i] is None for s in strides) for i in range(n)],
+        # a stage's anchor shows its buffers (1, or 2-4 pipelined): each double_buffer is seen
         "anchor": np.column_stack([[nest.cache_write == l.name for l in loops],
-                                   [cache_reads.get(tensors[1]) == l.name for l in loops],
-                                   [cache_reads.get(tensors[2]) == l.name for l in loops]]),
+                                   [(cache_reads.get(tensors[1]) == l.name) * nest.buffers(tensors[1]) for l in loops],
+                                   [(cache_reads.get(tensors[2]) == l.name) * nest.buffers(tensors[2]) for l in loops]]),
         "log_stride": logs[:, 1:4],
         "log_footprint": logs[:, 4:7],
     }

@@ -76,6 +76,7 @@ class ScheduleEnv(gym.Env):
     axis                    7      one-hot: the op axis it came from
     fused                   1      indices go through div/mod (a fused loop)
     anchor                  3      cache_write here; cache_read of lhs; of rhs
+                                   (a stage's buffers: 1, or 2-4 where pipelined)
     log_stride              3      flat-index step per iteration: output, lhs, rhs
     log_footprint           3      elements of output, lhs, rhs this loop and those
                                    inside touch

@@ -149,6 +149,15 @@ for _op, _ranking in SHAPE_SETS["ranking"].items():
         FAMILIES[_op][_name] = {"train": _default["train"] + _extra, "held_out": _default["held_out"]}
 
 
+# The GPU's matmul family grown the same way ("gpu-many"): the CUDA policies imitating the
+# "gpu" split's 10 shapes rebuilt the expert on 0 (fp32) and 9 (bf16) of 40 fresh drawn shapes.
+_gpu = FAMILIES["matmul"]["gpu"]
+FAMILIES["matmul"]["gpu-many"] = {
+    "train": _gpu["train"] + _drawn("matmul", 60, 1, {*_gpu["train"], *_gpu["held_out"],
+                                                      *FAMILIES["matmul"]["default"]["held_out"]}),
+    "held_out": _gpu["held_out"]}
+
+
 def shape_set(name: str) -> list[tuple[str, str]]:
     """(op, shape) of every shape in the named set."""
     if name not in SHAPE_SETS:

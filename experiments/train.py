@@ -69,6 +69,7 @@ class Config:
     n_steps: int = field(256, help="PPO rollout length per environment")
     batch_size: int = field(128, help="PPO minibatch size")
     learning_rate: float = field(3e-5, help="PPO learning rate (small: PPO fine-tunes the imitation policy)")
+    width: int = field(64, help="units in each of the policy's and the value network's two hidden layers")
     ent_coef: float = field(0.0, help="PPO entropy bonus")
     max_steps: int = field(MAX_STEPS, help="actions per episode")
     imitation_epochs: int = field(1500, help="at most this many epochs of imitating the experts' replays before "
@@ -166,6 +167,8 @@ def run(cfg: Config) -> dict:
         raise ValueError("--timesteps must be at least 1 (or 0, for imitation of the experts alone)")
     if cfg.teacher_budget < 0 or (cfg.teacher_budget and cfg.imitation_epochs < 1):
         raise ValueError("--teacher-budget must be at least 0, and needs --imitation-epochs of at least 1")
+    if cfg.width < 1:
+        raise ValueError(f"--width must be at least 1, not {cfg.width}")
     check_dtype(cfg.dtype, cfg.target)
     target = _target(cfg)
     shapes = family(cfg.op, "small" if cfg.shapes == "small" else "train",
@@ -207,8 +210,10 @@ def run(cfg: Config) -> dict:
     if cfg.resume and saved.is_file():  # loaded before anything is written to the run directory
         agent = policy.load_agent(saved, envs, cfg.op, target.kind, seed=cfg.seed)
     else:
+        layers = [cfg.width, cfg.width]
         agent = policy.new_agent(envs, dict(n_steps=cfg.n_steps, batch_size=cfg.batch_size,
-                                            learning_rate=cfg.learning_rate, ent_coef=cfg.ent_coef), seed=cfg.seed)
+                                            learning_rate=cfg.learning_rate, ent_coef=cfg.ent_coef),
+                                 dict(net_arch=dict(pi=layers, vf=layers)), seed=cfg.seed)
     writer = SummaryWriter(str(run_dir))
     save_config(run_dir, cfg, writer)
     progress = ProgressLog(run_dir, writer, append=bool(cfg.resume))

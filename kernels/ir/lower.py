@@ -336,12 +336,9 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
                 pre[-1] = Alloc(buf, shared[buf], "shared")
                 reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), padded))
             place = None
-            if nest.warpgroup and access is op.rhs:
+            if nest.warpgroup and access is op.rhs:   # wgmma reads B in blocks of 128-byte rows
                 place = _column_blocks(dims[-2][2], WGMMA_ROW_BYTES // elem)
-                rows, cols = dims[-2][1], dims[-1][1]
-                block = (WGMMA_ROW_BYTES // elem)
-                reads[access.tensor] = Load(buf, cols.floordiv(block) * (dims[-2][2] * block) + rows * block
-                                            + cols.mod(block))
+                reads[access.tensor] = Load(buf, place([d[1] for d in dims], 1))
             copy = _cooperative_copy(access.tensor, shape, buf, dims, nest, threads,
                                      lanes=WARP if nest.tensorized else 1, vector=16 // elem, pad=pad, place=place)
             depth = nest.buffers(access.tensor)

@@ -550,10 +550,10 @@ def warpgroup_tile(op: Operator, nest: LoopNest, step: Step) -> WarpgroupTile:
     threadIdx.x). Its instruction covers those 64 rows and every column of the warp's tile:
     the spatial loops between the k loops and the instruction run along n only. Both
     operands come from shared stages of one loop (the instruction reads shared memory
-    through descriptors): A's stage in
-    rows of 64 elements along k (128 bytes), B's in rows along n, 64-column blocks of it
-    read transposed (which wgmma does for 16-bit types only). Rows of A and B in memory
-    start at 16-byte boundaries (K and N multiples of 8) for the 16-byte copies."""
+    through descriptors): A's stage in rows of 64 elements along k (128 bytes), B's in
+    rows along n, 64-column blocks of it read transposed (which wgmma does for 16-bit
+    types only). Rows of A and B in memory start at 16-byte boundaries (K and N multiples
+    of 8) for the 16-byte copies."""
     check(op.dtype in ("bf16", "fp16"), step,
           f"wgmma reads B (rows along n) transposed, which it does for bf16 and fp16 only, not {op.dtype}")
     check(bool(nest.tensorized), step, "the nest is not tensorized: tensorize first")

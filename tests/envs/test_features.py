@@ -72,6 +72,25 @@ def test_named_columns_hold_their_feature():
     assert g[GLOBAL["has"]].tolist() == [0, 1, 1, 0]
 
 
+def test_each_double_buffer_step_shows():
+    """A pipelined stage's anchor shows its buffers: each double_buffer changes the
+    observation (else a policy cannot tell how deep the pipeline already is, and its
+    greedy episodes stopped one double_buffer short of the expert's)."""
+    from kernels.experts import expert_schedule
+    from kernels.ir.schedule import DoubleBuffer
+    target = TARGETS["cuda"]
+    expert = expert_schedule(make_op("matmul", "512x512x512"), target)
+    assert any(isinstance(x, DoubleBuffer) for x in expert.steps)
+    seen = []
+    for k in range(len(expert.steps) + 1):
+        s = Schedule(expert.op, expert.steps[:k])
+        if k and isinstance(expert.steps[k - 1], DoubleBuffer):
+            seen.append(featurize(s.op, NestInfo(s.op, s.nest), target, 0.5).tobytes())
+    before = Schedule(expert.op, [x for x in expert.steps if not isinstance(x, DoubleBuffer)])
+    seen.append(featurize(before.op, NestInfo(before.op, before.nest), target, 0.5).tobytes())
+    assert len(set(seen)) == len(seen)
+
+
 def test_the_target_is_described():
     """Cores, lanes and caches (a GPU's limits) enter log-scaled; a CPU has no GPU columns."""
     op = make_op("matmul", "16x32x8")

@@ -15,7 +15,7 @@ from envs.actions import ActionTable
 from experiments import train, tune
 from experiments.cli import main
 from kernels.ir.ops import make_op
-from kernels.target import cpu_target
+from kernels.target import cpu_target, cuda_target_for_compile
 
 
 def refused(capsys, *argv: str) -> str:
@@ -113,9 +113,12 @@ def test_train_imitates_for_cuda_without_a_gpu(tmp_path):
     except NoCudaDevice:
         pass
     out = train.run(train.Config(op="matmul", target="cuda", shapes="small", timesteps=0, imitation_epochs=2,
-                                 runs=str(tmp_path)))
+                                 width=32, runs=str(tmp_path)))
     spec = json.loads(Path(out["policy"]).with_suffix(".json").read_text())
     assert spec["target"] == "cuda" and spec["hardware"] == "compile-only sm_90" and spec["timesteps"] == 0
+    assert spec["policy_kwargs"]["net_arch"] == {"pi": [32, 32], "vf": [32, 32]}   # --width
+    op = make_op("matmul", "16x16x16")
+    assert policy.load_policy(out["policy"], op, cuda_target_for_compile()) is not None
     for measuring in (dict(timesteps=8), dict(timesteps=0, teacher_budget=4)):
         with pytest.raises(NoCudaDevice):
             train.run(train.Config(op="matmul", target="cuda", shapes="small", runs=str(tmp_path), **measuring))
