@@ -23,7 +23,8 @@ that passes the GPU's rules (:func:`kernels.cuda.check_for_target`):
   most one thread's tile of outputs, so ``cache_write`` just outside it always fits
   in registers;
 - ``cache_read`` (a shared-memory stage) needs a bound loop, lies inside every block
-  loop and fits in the block's shared memory; after it, nothing more is bound;
+  loop and outside every unrolled one, and fits in the block's shared memory; after it,
+  nothing more is bound and no loop around it is unrolled;
 - ``tensorize`` (one action, for tf32/bf16/fp16) takes the three innermost loops when
   they form a tensor-core tile (:func:`kernels.ir.schedule.tensor_tile`); from then on
   those loops never move, split or change kind, each thread is a warp (32 threads of
@@ -237,6 +238,9 @@ class ActionTable:
         for i in range(n - 1, -1, -1):
             spatial_inside[i] = spatial_inside[i + 1] * (1 if loops[i].reduce else loops[i].extent)
         cached = {t for t, _ in nest.cache_reads}
+        # on CUDA a stage lies outside every unrolled loop (the target's rule)
+        first_unrolled = min((i for i, l in enumerate(loops) if l.kind == "unroll"), default=n)
+        last_stage = max((nest.index(a) for _, a in nest.cache_reads), default=-1)
         at = self.at
         gpu_rules = _GpuRules(self, info, first_reduce, spatial_inside[first_reduce]) if gpu else None
         if gpu:
@@ -270,7 +274,8 @@ class ActionTable:
                 allowed[at["vectorize"][i]] = keep and i == n - 1 and not l.reduce and \
                     (not gpu or l.extent <= MAX_UNROLL)
                 allowed[at["unroll"][i]] = (keep and i + 1 >= tile_from and l.extent <= MAX_UNROLL
-                                            and unrolled * l.extent <= MAX_UNROLLED_BODY)
+                                            and unrolled * l.extent <= MAX_UNROLLED_BODY
+                                            and (not gpu or i > last_stage))
                 if gpu:
                     for axis in THREAD_AXES:
                         allowed[at["bind" + axis][i]] = gpu_rules.bind(i, axis)
@@ -280,7 +285,7 @@ class ActionTable:
                 allowed[at["cache_write"][i]] = first_reduce > i and 4 * spatial_inside[i + 1] <= MAX_LOCAL_BYTES \
                     and (not gpu or gpu_rules.cache_write(i, spatial_inside[i + 1]))
             for slots, fits in reads:
-                allowed[slots[i]] = fits[i] and l.name not in tensorized
+                allowed[slots[i]] = fits[i] and l.name not in tensorized and (not gpu or i < first_unrolled)
         if gpu:
             allowed[at["tensorize"][0]] = gpu_rules.tensorize()
             for t in self.inputs:

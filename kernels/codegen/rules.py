@@ -8,7 +8,8 @@ where the target is known, by :func:`check_for_target` (called by ``render``):
   bound loop (each thread accumulates its own outputs and writes each once);
 - block, grid, thread-tile and shared-memory sizes within the target's limits
   (fields of :class:`kernels.target.Target`);
-- a ``cache_read`` stage anchored inside every blockIdx loop, over a box;
+- a ``cache_read`` stage anchored inside every blockIdx loop, over a box, and outside
+  every unrolled loop (its fill and barrier would be repeated in each unrolled copy);
 - dtypes other than fp32, and ``tensorize``, only on CUDA (sm_80 or newer); a
   tensorized nest's threads are warps, so its block has 32 times the threads of its
   threadIdx loops (``threadIdx.x`` runs over warps, the lane is the rest);
@@ -115,8 +116,12 @@ def check_for_target(schedule: Schedule, target: Target) -> None:
         _fail("schedule", f"{bx * by * bz} threads per block exceed the device's {limit}")
     last_block = max((nest.index(l.name) for l in bound if bound_axis(l).startswith("blockIdx")), default=-1)
     threads = thread_loops(nest)
+    first_unrolled = min((i for i, l in enumerate(nest.loops) if l.kind == "unroll"), default=len(nest.loops))
     for tensor, at in nest.cache_reads:
         step = f"CacheRead({tensor!r}, {at!r})"
+        if nest.index(at) >= first_unrolled:
+            _fail(step, f"the stage lies in unrolled loop {nest.loops[first_unrolled].name!r}: its fill and barrier "
+                        "would be repeated in every unrolled copy (code that takes NVRTC minutes)")
         if nest.index(at) < last_block:
             _fail(step, f"a shared stage belongs to one block: anchor it inside blockIdx loop "
                         f"{nest.loops[last_block].name!r}")

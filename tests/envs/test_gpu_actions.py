@@ -315,11 +315,11 @@ def test_tensorize_refusals():
         check_for_target(Schedule(op), cpu_target())
 
 
-def tensor_core_rollouts(kind: str, shape: str, dtype: str, n: int, seed: int = 3) -> list[Schedule]:
+def tensor_core_rollouts(kind: str, shape: str, dtype: str, n: int, seed: int = 3, target=TARGET) -> list[Schedule]:
     """Random masked rollouts from the instruction's tile, innermost, on: each takes the
     tensorize action first, then whatever the mask allows (every allowed action is tried)."""
     op = make_op(kind, shape, dtype)
-    table = ActionTable(op, TARGET)
+    table = ActionTable(op, target)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -337,7 +337,7 @@ def tensor_core_rollouts(kind: str, shape: str, dtype: str, n: int, seed: int = 
             if a == table.done:
                 break
             s, last = s.apply(table.to_step(a, s.nest)), a
-        check_for_target(s, TARGET)
+        check_for_target(s, target)
         assert s.nest.tensorized
         out.append(s)
     return out
@@ -360,7 +360,7 @@ def test_random_tensor_core_schedules_compile_with_nvcc(tmp_path, arch):
     target = cuda_target_for_compile(arch)
     sources = [render(s, target, name=f"tc_{dtype}_{n}_{i}").source
                for n, (kind, shape, dtype) in enumerate(TC_CASES + [("matmul", "1024x1024x1024", "bf16")])
-               for i, s in enumerate(tensor_core_rollouts(kind, shape, dtype, 4, seed=n))]
+               for i, s in enumerate(tensor_core_rollouts(kind, shape, dtype, 4, seed=n, target=target))]
     for dtype in ("tf32", "bf16", "fp16"):
         op = make_op("matmul", "4096x4096x4096", dtype)
         sources.append(render(expert_schedule(op, target), target, name=f"expert_{dtype}").source)

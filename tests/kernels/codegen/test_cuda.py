@@ -480,6 +480,9 @@ def test_illegal_binds_raise(build, message):
      .cache_read("B", "i"), "shared stages take"),
     (lambda s: s.split("i", 128).split("j", 8).reorder("i_o", "j_o", "i_i", "j_i").bind("i_o", "blockIdx.x")
      .cache_write("j_o"), "tile of"),
+    (lambda s: s.split("j", 32).split("k", 4).bind("i", "blockIdx.x").bind("j_o", "blockIdx.y")
+     .bind("j_i", "threadIdx.x").cache_write("j_i").unroll("k_i").unroll("k_o").cache_read("B", "k_i"),
+     "lies in unrolled loop 'k_o'"),
 ])
 def test_target_rules(build, message):
     try:
