@@ -486,7 +486,7 @@ class _GpuRules:
         """A tensorized nest that wgmma can issue (:func:`kernels.ir.schedule.warpgroup_tile`)
         on Hopper, its stages still fitting shared memory with the 1 KiB they are aligned by."""
         t, nest = self.table.target, self.info.nest
-        if not nest.tensorized or nest.warpgroup or t.arch != "sm_90" or nest.cache_write is None:
+        if not nest.tensorized or nest.warpgroup or t.arch != "sm_90":
             return False
         try:
             warpgroup_tile(self.info.op, nest, Warpgroup())

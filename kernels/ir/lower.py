@@ -27,8 +27,8 @@ from . import mma
 from .dtypes import DTYPES
 from .expr import Lin
 from .ops import Access, Operator
-from .schedule import (WARP, WGMMA_ROW_BYTES, Loop, LoopNest, Schedule, Warpgroup, bound_axis, compose, footprint,
-                       tile_shape, warpgroup_tile)
+from .schedule import (WARP, WGMMA_ROW_BYTES, Loop, LoopNest, Schedule, Warpgroup, WarpgroupTile, bound_axis, compose,
+                       footprint, tile_shape, warpgroup_tile)
 
 
 # ---------------------------------------------------------------- IR nodes
@@ -396,16 +396,16 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
     pre += pre_copies
     tail: dict[str, list] = {l.name: [] for l in loops}
     if nest.warpgroup:
-        compute, write_back, size, folded = _warpgroup(op, nest, reads, bias, out_idx)
-        anchor = warpgroup_tile(op, nest, Warpgroup()).anchor
-        head[anchor].append(WgmmaFence())
-        tail[anchor] += [WgmmaCommit(), WgmmaWait(_wgmma_in_flight(nest, nest.buffers(op.lhs.tensor)))]
+        wg = warpgroup_tile(op, nest, Warpgroup())
+        compute, write_back, size = _warpgroup(op, nest, wg, reads, bias, out_idx)
+        head[wg.anchor].append(WgmmaFence())
+        tail[wg.anchor] += [WgmmaCommit(), WgmmaWait(_wgmma_in_flight(nest, nest.buffers(op.lhs.tensor)))]
         acc = f"{out_t.name}_local"
         local[acc] = size
         head[nest.cache_write][:0] = [Alloc(acc, size), _fill(acc, size, "unroll")]
         outside = tuple(g for g in dropped if not g[0].vars() & {l.name for l in tile_shape(nest)})
         tail[nest.cache_write] += [WgmmaWait(0, acc, size)] + ([If(outside, write_back)] if outside else write_back)
-        loops = loops[:-3 - folded]
+        loops = loops[:-3 - len(wg.n_loops)]   # the instruction covers the thread's n tiles too
     elif nest.tensorized:
         compute, write_back, size, (host, loads) = _tensorized(op, nest, reads, bias, out_idx)
         acc = f"{out_t.name}_local"
@@ -543,13 +543,13 @@ def _column_blocks(rows: int, block: int):
     return place
 
 
-def _warpgroup(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load | None, out_idx: Lin):
-    """(the Wgmma statement, the write-back statements, the accumulator's size per thread,
-    how many loops around the instruction it folds in) of a warpgroup nest. A thread holds
-    the same accumulators as in a warp's ``mma`` tiles (wgmma's layout, each warp its 16
-    rows); the instruction reads the stages from the warpgroup's first row and column."""
+def _warpgroup(op: Operator, nest: LoopNest, wg: WarpgroupTile, reads: dict[str, Load], bias: Load | None,
+               out_idx: Lin):
+    """(the Wgmma statement, the write-back statements, the accumulator's size per thread)
+    of a warpgroup nest laid out as ``wg``. A thread holds the same accumulators as in a
+    warp's ``mma`` tiles (wgmma's layout, each warp its 16 rows); the instruction reads the
+    stages from the warpgroup's first row and column."""
     m, n, k = nest.tensorized
-    wg = warpgroup_tile(op, nest, Warpgroup())
     frags = tuple(l for l in tile_shape(nest) if l.name not in (m, n))
     base = _flat(tuple(Lin.var(l.name) for l in frags), tuple(l.extent for l in frags)) * 4
     size = 4 * math.prod(l.extent for l in frags)
@@ -560,7 +560,7 @@ def _warpgroup(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load 
     # the instruction covers every tile of the thread (frags are the folded loops): from 0
     compute = Wgmma(f"{op.output.name}_local", Lin(), (a.buffer, a.index), (b.buffer, b.index), wg.n,
                     WGMMA_ROW_BYTES * rows, op.dtype)
-    return compute, _write_back(op, nest, frags, base, bias, out_idx), size, len(wg.n_loops)
+    return compute, _write_back(op, nest, frags, base, bias, out_idx), size
 
 
 def _write_back(op: Operator, nest: LoopNest, frags, base: Lin, bias: Load | None, out_idx: Lin) -> list:
