@@ -21,7 +21,7 @@ driver's, exactly as with the local backend.
   costs that candidate one retry on another runner; a second loss records it as
   failed. The dead actor is replaced while its machine is alive.
 - **Slow devices.** At start-up every runner times the same reference kernel a few
-  times; a runner slower than the fastest by more than the timing spread is named in a
+  times; a runner slower than the fastest by more than the timing spread (and 3%) is named in a
   warning and in ``RayRunner.slow`` (its timings would rank kernels unfairly).
 
 Ray is imported here only, and only when a cluster is asked for (``--cluster``).
@@ -553,8 +553,8 @@ class RayRunner:
         """Every runner times ``kernel`` in ``rounds`` rounds (before any measuring), all GPU
         runners at once in each, CPU runners in turn. Per runner: its name, median, spread
         (max - min over the rounds) and whether it is slow: its median above the fastest
-        runner's by more than the spread of either. Identical devices agree within the
-        spread; a slower one (another model, a lower clock, a throttled or shared GPU)
+        runner's by more than the spread of either (and by more than ``SLOW_FLOOR``).
+        Identical devices agree within the spread; a slower one (another model, a lower clock, a throttled or shared GPU)
         times every kernel slow, which bends the search's ranking; it is named in a
         warning and in ``slow``."""
         ray = _ray()
@@ -628,14 +628,19 @@ class RayRunner:
         self.close()
 
 
+SLOW_FLOOR = 0.03   # a runner within 3% of the fastest is never called slow: a steady kernel's
+                    # spread can be far below the few per cent two identical devices differ by
+
+
 def slow_runners(times: dict[str, list[float]]) -> list[str]:
     """The runners (by name) whose median time of one kernel is above the fastest
-    runner's by more than the spread (max - min) of either's times."""
+    runner's by more than the spread (max - min) of either's times, and by more than
+    ``SLOW_FLOOR`` of the fastest median."""
     figures = {n: (statistics.median(t), max(t) - min(t)) for n, t in times.items() if t}
     if len(figures) < 2:
         return []
     m0, s0 = min(figures.values())
-    return [n for n, (m, s) in figures.items() if m - m0 > max(s, s0)]
+    return [n for n, (m, s) in figures.items() if m - m0 > max(s, s0, SLOW_FLOOR * m0)]
 
 
 # ---------------------------------------------------------------- the pair

@@ -300,6 +300,9 @@ def test_slow_runners_are_those_beyond_the_spread():
     assert cluster.slow_runners({"a": [1.0, 1.1, 1.05], "b": [1.08, 1.12, 1.02]}) == []
     assert cluster.slow_runners({"a": [1.0, 1.1, 1.05], "b": [1.3, 1.31, 1.29], "c": [1.0]}) == ["b"]
     assert cluster.slow_runners({"a": [1.0]}) == []
+    # steady timings: 0.2% apart is beyond the spread but within the floor, 5% is not
+    assert cluster.slow_runners({"a": [10.10, 10.099, 10.11], "b": [10.12, 10.121, 10.119]}) == []
+    assert cluster.slow_runners({"a": [10.10, 10.099, 10.11], "b": [10.6, 10.61, 10.59]}) == ["b"]
 
 
 def test_identical_runners_agree_and_a_slower_one_is_named(ray_cluster, tmp_path, caplog):
