@@ -1,8 +1,8 @@
 """Evolutionary search guided by the cost model (Ansor's method), the default search.
 
 A population of schedules is seeded from the proposal distribution (a trained
-policy's samples; where no policy is given, sketches on a CPU, ``agents/sketch.py``,
-mixed with random rollouts), the expert schedule
+policy's samples, on a CPU beside sketches, ``agents/sketch.py``; where no policy is
+given, sketches mixed with random rollouts), the expert schedule
 and the best records already measured (a resumed run's tuning log). Each round it
 evolves for a few generations: parents are drawn from the predicted best, children
 are made by mutating one step's parameters (another split or tile factor, two loops

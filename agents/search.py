@@ -275,18 +275,20 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
 
 
 SKETCH_SHARE = 0.75   # of the evolutionary search's proposals without a policy: sketches; the rest random rollouts
+POLICY_SKETCH_SHARE = 0.5   # with a policy (CPU): sketches beside its samples, structures it never proposes
 
 
 def search_evolution(search: Search, rng: np.random.Generator, model, policy=None, **_) -> None:
     """Ansor's evolutionary search (agents/evolution.py); a trained policy, where there is
-    one, is its proposal distribution (its greedy schedule measured first). Without one,
-    on a CPU, sketches (agents/sketch.py) propose most of the population and random
-    rollouts the rest (all of it on other targets, or where an operator has no sketch)."""
+    one, proposes (its greedy schedule measured first), on a CPU half of the population
+    beside sketches (agents/sketch.py), which bring structures it never learned. Without
+    one, on a CPU, sketches propose most of the population and random rollouts the rest
+    (all of it on other targets, or where an operator has no sketch)."""
     table = ActionTable(search.op, search.target)
-    sketched = 0.0
+    on_cpu = search.target.kind == "cpu"
+    sketched = (SKETCH_SHARE if policy is None else POLICY_SKETCH_SHARE) if on_cpu else 0.0
     if policy is None:
         draw = RandomDraw(rng, p_done=P_DONE)
-        sketched = SKETCH_SHARE if search.target.kind == "cpu" else 0.0
     else:
         import torch
 

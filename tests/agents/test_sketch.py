@@ -106,6 +106,23 @@ def test_the_evolutionary_search_without_a_policy_measures_sketches(target):
     assert len(vectorized) >= 8
 
 
+class _DoneAtOnce:
+    """A policy that ends every schedule at once: its samples are all the naive kernel."""
+
+    def predict(self, observation, action_masks, deterministic):
+        return np.flatnonzero(action_masks)[-1], None   # done, the table's last action
+
+
+def test_sketches_propose_beside_a_policy_on_a_cpu(target):
+    """A policy's samples alone would hold only what it learned (here: nothing); sketches
+    among them bring the structure of a fast kernel into the population."""
+    op = make_op("matmul", "64x64x64")
+    search = Search(op, target, _FakeMeasurer(target), budget=16)
+    AGENTS["evolve"](search, np.random.default_rng(0), model=_Indifferent(), policy=_DoneAtOnce())
+    vectorized = [s for s in search.schedules.values() if s.nest.loops[-1].kind == "vectorize"]
+    assert len(vectorized) >= 4
+
+
 def test_mutations_reach_vector_multiples_and_divisors():
     rng = np.random.default_rng(0)
     drawn = {_factor(1024, 8, 16, rng) for _ in range(2000)}
