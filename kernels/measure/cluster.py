@@ -554,9 +554,9 @@ class RayRunner:
         runners at once in each, CPU runners in turn. Per runner: its name, median, spread
         (max - min over the rounds) and whether it is slow: its median above the fastest
         runner's by more than the spread of either (and by more than ``SLOW_FLOOR``).
-        Identical devices agree within the spread; a slower one (another model, a lower clock, a throttled or shared GPU)
-        times every kernel slow, which bends the search's ranking; it is named in a
-        warning and in ``slow``."""
+        Identical devices agree within the spread; a slower one (another model, a lower
+        clock, a throttled or shared GPU) times every kernel slow, which bends the search's
+        ranking; it is named in a warning and in ``slow``."""
         ray = _ray()
         actors = list(self._live)
         data = self._artefact(path)
