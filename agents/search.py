@@ -117,8 +117,9 @@ class Search:
         if not todo:
             return None
         batch = list(todo.values())
-        if self.best_result is not None:
-            self.measurer.runner.slow_cutoff_s = SLOW_FACTOR * self.best_result.time_ms / 1e3
+        # this search's own cutoff: another operator's best (searches share a runner) says nothing here
+        self.measurer.runner.slow_cutoff_s = (SLOW_FACTOR * self.best_result.time_ms / 1e3
+                                              if self.best_result is not None else None)
         if self.pipeline:
             future = self.measurer.submit(batch)
         else:

@@ -90,6 +90,7 @@ def _serve(req: dict, data: dict, send: Any) -> None:
         op = make_op(req["kind"], req["shape"], req.get("dtype", "fp32"))
         inputs = op.random_inputs(np.random.default_rng(req["seed"]))
         data[key] = (op, inputs, op.reference(inputs))
+        time.sleep(SPIN_PAUSE_S)   # the reference's BLAS threads spin on, and would steal the kernel's cores
     op, inputs, ref = data[key]
     try:
         fn = getattr(ctypes.CDLL(req["path"]), req["name"])
@@ -148,7 +149,9 @@ def _serve(req: dict, data: dict, send: Any) -> None:
 
 
 LIBRARY_BLOCKS = 4      # alternating blocks of library calls and kernel calls
-SPIN_PAUSE_S = 0.15     # idle time between blocks
+SPIN_PAUSE_S = 0.15     # idle time between blocks, and after computing a reference: OpenBLAS's
+                        # threads spin for about 0.1 s after a call (measured: a kernel's first
+                        # calls after a new shape's reference took 17 ms instead of 0.013)
 
 
 def _time_against_library(fn, ptrs, lib, least: int, req: dict,

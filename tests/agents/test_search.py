@@ -133,3 +133,21 @@ def test_submitted_batches_share_the_devices(tmp_path):
         search = Search(OP, m.target, m, 4, batch=2, pipeline=True)
         AGENTS["random"](search, np.random.default_rng(0))
     assert runner.most_busy >= 3 and len(search.measured) == 4
+
+
+def test_a_search_starts_without_another_searchs_slow_cutoff():
+    """Searches of several operators share a runner (tune-model, teacher searches): the
+    cutoff a search left (ten times its best) must not time the next one's first kernels
+    by one cold call."""
+    from test_evolution import _FakeMeasurer
+    from kernels.ir.schedule import Schedule
+
+    target = cpu_target()
+    measurer = _FakeMeasurer(target)
+    cutoffs = []
+    measure = measurer.measure
+    measurer.measure = lambda schedules: cutoffs.append(measurer.runner.slow_cutoff_s) or measure(schedules)
+    measurer.runner.slow_cutoff_s = 1e-6   # what a search of a tiny operator left
+    search = Search(make_op("matmul", "64x64x64"), target, measurer, budget=2)
+    search.measure([Schedule(search.op)])
+    assert cutoffs == [None]
