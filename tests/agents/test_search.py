@@ -15,9 +15,12 @@ from agents.rollout import RandomDraw, rollout
 from agents.search import AGENTS, P_DONE, Search
 from envs.actions import ActionTable
 from kernels.ir.ops import make_op
+from kernels.ir.schedule import Schedule
 from kernels.measure import BuildResult, Measurer, MeasureResult
 from kernels.measure.tuning_log import TuningLog
 from kernels.target import cpu_target
+
+from test_evolution import _FakeMeasurer
 
 OP = make_op("matmul", "32x32x32")
 
@@ -139,9 +142,6 @@ def test_a_search_starts_without_another_searchs_slow_cutoff():
     """Searches of several operators share a runner (tune-model, teacher searches): the
     cutoff a search left (ten times its best) must not time the next one's first kernels
     by one cold call."""
-    from test_evolution import _FakeMeasurer
-    from kernels.ir.schedule import Schedule
-
     target = cpu_target()
     measurer = _FakeMeasurer(target)
     cutoffs = []
