@@ -16,7 +16,7 @@ import math
 from .codegen.rules import check_for_target
 from .ir.dtypes import DTYPES
 from .ir.ops import Operator
-from .ir.schedule import FACTORS, MAX_LOCAL_BYTES, Schedule, ScheduleError
+from .ir.schedule import FACTORS, MAX_LOCAL_BYTES, WGMMA_DTYPES, WGMMA_ROW_BYTES, Schedule, ScheduleError, b_k_major
 from .target import Target
 
 
@@ -285,19 +285,25 @@ def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool, tiles=MM
     return _pipelined(s, ("A", "B"), target, buffers)
 
 
-# Warpgroups (wgmma, Hopper, bf16/fp16): a block of 64-row warpgroups over a tile of
-# WGMMA_TILES (rows, columns), k slices of 64 elements (a 128-byte row) in a pipeline of 4.
+# Warpgroups (wgmma, Hopper, tf32/bf16/fp16): a block of 64-row warpgroups over a tile of
+# WGMMA_TILES (rows, columns), k slices of a 128-byte row (64 elements, 32 in tf32) in a
+# pipeline of 4.
 # Measured on an H200 (bf16, 4096): 128 x 256 (two warpgroups, each m64n256) 0.68 of
 # cuBLAS, 128 x 128 0.57, 64 x 128 0.53, 3 buffers instead of 4 0.60; at 1000 x 1000 x 512
 # and 256 x 3072 x 768, whose grids of large tiles leave multiprocessors idle, 64 x 128
 # ran at 1.4 and 2.3 of cuBLAS. The largest tile that gives every multiprocessor a block.
+# tf32, whose B stage is filled element by element (transposed), wants more threads per
+# element of B: at 4096 256 x 128 (four warpgroups, 512 threads) ran at 0.54 of cuBLAS,
+# 128 x 256 at 0.47, 128 x 128 at 0.40 (H200, 4 buffers; 3 buffers 0.46, 0.40, 0.41).
 WGMMA_TILES = ((128, 256), (128, 128), (64, 128))
+WGMMA_TILES_K_MAJOR = ((256, 128), (128, 128), (64, 128))
 
 
-def _gpu_matmul_warpgroup(op: Operator, target: Target, batch: bool, tiles=WGMMA_TILES,
+def _gpu_matmul_warpgroup(op: Operator, target: Target, batch: bool, tiles=None,
                           buffers: int = MMA_BUFFERS) -> Schedule:
     """The product on warpgroups; ScheduleError where the nest cannot be one (see
     :func:`kernels.ir.schedule.warpgroup_tile`)."""
+    tiles = tiles or (WGMMA_TILES_K_MAJOR if b_k_major(op.dtype) else WGMMA_TILES)
     m, n = op.extents["i"], op.extents["j"]
     for rows, cols in tiles:
         if _ceil(m, rows) * _ceil(n, cols) >= max(target.sm_count, 1):
@@ -306,9 +312,10 @@ def _gpu_matmul_warpgroup(op: Operator, target: Target, batch: bool, tiles=WGMMA
     warps, tiles_n = min(rows // 16, _ceil(m, 16) // 4 * 4), min(cols // 8, _ceil(n, 8) // 8 * 8)
     if not warps or not tiles_n:
         raise ScheduleError(f"{op.shape_str}: fewer than 64 rows or 64 columns for a warpgroup")
-    s = Schedule(op).split("i", 16).split("j", 8).split("k", 16)
+    mk = DTYPES[op.dtype].mma_k
+    s = Schedule(op).split("i", 16).split("j", 8).split("k", mk)
     s = s.reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i").tensorize("i_i", "j_i", "k_i")
-    s = s.split("i_o", warps).split("j_o", tiles_n).split("k_o", 64 // 16)
+    s = s.split("i_o", warps).split("j_o", tiles_n).split("k_o", WGMMA_ROW_BYTES // DTYPES[op.dtype].bytes // mk)
     order = ("i_o_o", "j_o_o", "i_o_i", "k_o_o", "k_o_i", "j_o_i")
     s = s.reorder(*(("b",) + order if batch else order))
     if batch:
@@ -324,7 +331,7 @@ def _gpu_matmul_any(op: Operator, target: Target, batch: bool) -> Schedule:
     where the dtype has them, the product holds one instruction's tile and K has no tail
     of the instruction's k."""
     mk, ext = DTYPES[op.dtype].mma_k, op.extents
-    if target.arch == "sm_90" and op.dtype in ("bf16", "fp16") and ext["k"] % mk == 0:
+    if target.arch == "sm_90" and op.dtype in WGMMA_DTYPES and ext["k"] % mk == 0:
         try:
             wg = _gpu_matmul_warpgroup(op, target, batch)
             check_for_target(wg, target)

@@ -45,8 +45,7 @@ from ..ir.expr import DivMod, Lin
 from ..ir.lower import (LANE, LANE_GROUP, LANE_PLACE, Add, Alloc, Commit, For, Fragment, Function, If, Load, Mma, Mul,
                         Relu, Store, StorePair, Sync, Wait, Wgmma, WgmmaCommit, WgmmaFence, WgmmaWait, lower, stage_bytes)
 from ..ir.mma import INSTRUCTIONS
-from ..ir.schedule import WARP
-from ..ir.schedule import Schedule
+from ..ir.schedule import WARP, Schedule, b_k_major
 from ..target import Target
 from .cstyle import CStyleRenderer
 from .kernel import Kernel
@@ -149,21 +148,27 @@ class CUDARenderer(CStyleRenderer):
         "}",
         "#endif",
     )
-    # wgmma (sm_90a): the 128-byte swizzle applied to a stage's shared address, copies into
-    # swizzled stages, and a shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor
+    # wgmma (sm_90a): the 128-byte swizzle of a shared address, copies to a (swizzled) shared
+    # address, and a shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor
     # Format": start, leading and stride byte offsets in 16-byte units, 128-byte swizzle):
     # 8-row groups 1024 bytes apart; ``block``: bytes between 64-column blocks of B
     wgmma_helpers = (
         "#ifndef SCHEDGYM_WGMMA_HELPERS",
         "#define SCHEDGYM_WGMMA_HELPERS",
-        "static __device__ __forceinline__ unsigned swizzle128(const void* p) "
-        "{ unsigned s = smem_u32(p); return s ^ (((s >> 7) & 7) << 4); }",
-        "static __device__ __forceinline__ void cp_async16s(void* dst, const void* src) {",
-        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16;\" :: \"r\"(swizzle128(dst)), \"l\"(src) : \"memory\");",
+        "static __device__ __forceinline__ unsigned swizzle128(unsigned s) { return s ^ (((s >> 7) & 7) << 4); }",
+        "static __device__ __forceinline__ void cp_async16s(unsigned dst, const void* src) {",
+        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16;\" :: \"r\"(dst), \"l\"(src) : \"memory\");",
         "}",
-        "static __device__ __forceinline__ void cp_async16sz(void* dst, const void* src, bool full) {",
-        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\" :: \"r\"(swizzle128(dst)), \"l\"(src), "
+        "static __device__ __forceinline__ void cp_async16sz(unsigned dst, const void* src, bool full) {",
+        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\" :: \"r\"(dst), \"l\"(src), "
         "\"r\"(full ? 16 : 0) : \"memory\");",
+        "}",
+        "static __device__ __forceinline__ void cp_async4s(unsigned dst, const void* src) {",
+        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 4;\" :: \"r\"(dst), \"l\"(src) : \"memory\");",
+        "}",
+        "static __device__ __forceinline__ void cp_async4sz(unsigned dst, const void* src, bool full) {",
+        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 4, %2;\" :: \"r\"(dst), \"l\"(src), "
+        "\"r\"(full ? 4 : 0) : \"memory\");",
         "}",
         "static __device__ __forceinline__ unsigned long long wgmma_desc(const void* p, unsigned block) {",
         "  return (unsigned long long)((smem_u32(p) & 0x3FFFF) >> 4) | ((unsigned long long)(block >> 4) << 16)",
@@ -216,6 +221,7 @@ class CUDARenderer(CStyleRenderer):
             lines.append(f"{self.indent}extern __shared__ __align__(16) unsigned char {raw}[];")
             lines.append(f"{self.indent}unsigned char* const {self.shared_array} = "
                          f"{raw} + ((0u - smem_u32({raw})) & {WGMMA_ALIGN - 1}u);")
+            lines.append(f"{self.indent}const unsigned {self.shared_array}_s = smem_u32({self.shared_array});")
         elif self.shared:
             lines.append(f"{self.indent}extern __shared__ __align__(16) unsigned char {self.shared_array}[];")
         # A bound loop's index is the same wherever the loop sits, so it is declared up
@@ -233,7 +239,9 @@ class CUDARenderer(CStyleRenderer):
         return "\n".join(lines) + "\n"
 
     def expr(self, e: Lin) -> str:
-        """Like ``str(e)``, but a division or modulo of a sum keeps its parentheses."""
+        """Like ``str(e)``, but a division or modulo of a sum keeps its parentheses, and
+        what a divisor divides is taken out of it (:meth:`Lin.taken_out`)."""
+        e = e.taken_out()
         parts = []
         for atom, coef in e.terms:
             if isinstance(atom, DivMod):
@@ -280,6 +288,8 @@ class CUDARenderer(CStyleRenderer):
         if isinstance(s, StorePair):
             lo, hi = (f"{self.from_float[self.dtype]}({self.value(v)})" for v in (s.lo, s.hi))
             return [f"{pad}*(unsigned*)&{s.buffer}[{self.expr(s.index)}] = pack2({lo}, {hi});"]
+        if isinstance(s, Store) and s.copy_async and self.warpgroup and isinstance(s.value, Load):
+            return self.element_copy(s, depth)
         if isinstance(s, Store) and s.buffer in self.narrow:
             if isinstance(s.value, Load) and s.value.buffer in self.narrow:   # a copy: the bits
                 v = self.raw(s.value)
@@ -287,6 +297,25 @@ class CUDARenderer(CStyleRenderer):
                 v = f"{self.from_float[self.dtype]}({self.value(s.value)})"
             return [f"{pad}{s.buffer}[{self.expr(s.index)}] = {v};"]
         return super().stmt(s, depth)
+
+    def element_copy(self, store: Store, depth: int) -> list[str]:
+        """One 32-bit element into a swizzled stage (a transposed B of tf32 wgmma): a 4-byte
+        ``cp.async``, zeros outside the tensor."""
+        if DTYPES[self.dtype].bytes != 4 or store.value.clamps:
+            raise ValueError(f"cannot copy {store.value.buffer!r} element by element into a swizzled stage")
+        load, dst = store.value, self.swizzled(store.buffer, store.index)
+        if not load.bounds:
+            return [f"{self.indent * depth}cp_async4s({dst}, &{self.ref(load)});"]
+        guard = self.in_bounds(load)
+        return [f"{self.indent * depth}cp_async4sz({dst}, ({guard}) ? &{self.ref(load)} : {load.buffer}, {guard});"]
+
+    def swizzled(self, buffer: str, index: Lin) -> str:
+        """The shared address of ``buffer[index]`` in a warpgroup kernel, 128-byte swizzled:
+        the swizzle of its offset from the 1024-byte aligned start of the stages (the same
+        bits as the address's), so that the compiler folds the constant parts."""
+        elem = 2 if buffer in self.narrow else 4
+        return (f"{self.shared_array}_s + swizzle128({self.shared[buffer]}u + "
+                f"(unsigned)({self.expr(index)})*{elem}u)")
 
     def raw(self, load: Load) -> str:
         """A 16-bit element's bits; zero bits (+0.0) outside the tensor."""
@@ -331,19 +360,21 @@ class CUDARenderer(CStyleRenderer):
                 f'{{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};" : {accs} : {ins});']
 
     def wgmma(self, s: Wgmma, depth: int) -> list[str]:
-        """One ``wgmma.m64nNk16`` of the warpgroup: A (K-major) and B (read transposed, its
-        rows along n) through descriptors of their swizzled stages, accumulating into the
-        thread's ``n / 2`` accumulators from ``base``."""
+        """One ``wgmma.m64nNk*`` of the warpgroup: A (K-major) and B (16-bit: read
+        transposed, its rows along n; tf32: K-major) through descriptors of their swizzled
+        stages, accumulating into the thread's ``n / 2`` accumulators from ``base``."""
         (a, ai), (b, bi) = s.a, s.b
         n_acc = s.n // 2
-        ty = {"bf16": "bf16", "fp16": "f16"}[s.dtype]
+        ty = {"tf32": "tf32", "bf16": "bf16", "fp16": "f16"}[s.dtype]
+        k_major = b_k_major(s.dtype)
         outs = ", ".join(f"%{i}" for i in range(n_acc))
         accs = ", ".join(f'"+f"({s.acc}[{self.expr(s.base + i)}])' for i in range(n_acc))
         descs = (f'"l"(wgmma_desc(&{a}[{self.expr(ai)}], 16)), '
-                 f'"l"(wgmma_desc(&{b}[{self.expr(bi)}], {s.b_block}))')
+                 f'"l"(wgmma_desc(&{b}[{self.expr(bi)}], {16 if k_major else s.b_block}))')
+        scales = "1, 1" if k_major else "1, 1, 0, 1"   # (and for 16-bit types: A as is, B transposed)
         return [f'{self.indent * depth}asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{n_acc + 2}, 0; '
-                f'wgmma.mma_async.sync.aligned.m64n{s.n}k16.f32.{ty}.{ty} {{{outs}}}, %{n_acc}, %{n_acc + 1}, '
-                f'p, 1, 1, 0, 1; }}" : {accs} : {descs}, "r"(1));']
+                f'wgmma.mma_async.sync.aligned.m64n{s.n}k{DTYPES[s.dtype].mma_k}.f32.{ty}.{ty} {{{outs}}}, '
+                f'%{n_acc}, %{n_acc + 1}, p, {scales}; }}" : {accs} : {descs}, "r"(1));']
 
     def ldmatrix(self, frag: tuple, pad: str) -> list[str]:
         """``ldmatrix`` (``.trans`` for a B fragment, whose pairs run down a column) loading
@@ -472,10 +503,12 @@ class CUDARenderer(CStyleRenderer):
         dst, src = (f"{b}[{self.expr(e.subst(var, Lin()))}]" for b, e in ((store.buffer, store.index),
                                                                           (load.buffer, load.index)))
         if store.copy_async and nbytes == 16:
-            copy = "cp_async16s" if self.warpgroup else "cp_async16"
+            copy, to = "cp_async16", f"&{dst}"
+            if self.warpgroup:
+                copy, to = "cp_async16s", self.swizzled(store.buffer, store.index.subst(var, Lin()))
             if guard:
-                return [f"{pad}{copy}z(&{dst}, ({guard}) ? &{src} : {load.buffer}, {guard});"]
-            return [f"{pad}{copy}(&{dst}, &{src});"]
+                return [f"{pad}{copy}z({to}, ({guard}) ? &{src} : {load.buffer}, {guard});"]
+            return [f"{pad}{copy}({to}, &{src});"]
         vec = "uint4" if nbytes == 16 else "uint2"
         if guard:
             zero = "make_uint4(0, 0, 0, 0)" if nbytes == 16 else "make_uint2(0, 0)"

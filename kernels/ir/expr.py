@@ -73,6 +73,34 @@ class Lin:
     def mod(self, d: int) -> "Lin":
         return Lin() if d == 1 else Lin(((DivMod("mod", self, d), 1),))
 
+    def taken_out(self) -> "Lin":
+        """The same value with what each divisor divides taken out of its division or
+        modulo: ``(t + 128*c) / 32`` is ``t / 32 + 4*c``, ``(t + 128*c) % 32`` is ``t % 32``,
+        so that a copy's address steps by a constant from one chunk to the next (a compiler
+        cannot split C's signed ``/`` of a sum). Only where the rest of the dividend stays
+        non-negative, so that C's truncating ``/`` and ``%`` still give the floor's values.
+        For rendering: the analyses see expressions as schedules build them."""
+        if all(isinstance(a, str) for a, _ in self.terms):
+            return self
+        out = Lin((), self.const)
+        for atom, coef in self.terms:
+            if isinstance(atom, str):
+                out += Lin.var(atom, coef)
+                continue
+            arg, d = atom.arg.taken_out(), atom.divisor
+            taken = {a: c for a, c in arg.terms if c % d == 0}
+            const = arg.const - arg.const % d if arg.const > 0 else 0
+            rest = Lin(tuple((a, c) for a, c in arg.terms if c % d), arg.const - const)
+            if not (taken or const) or not _non_negative(rest):
+                rest, taken, const = arg, {}, 0
+            whole = Lin(tuple((a, c // d) for a, c in taken.items()), const // d)
+            if atom.op == "div":
+                part = whole + (Lin(((DivMod("div", rest, d), 1),)) if rest.terms else rest.const // d)
+            else:
+                part = Lin(((DivMod("mod", rest, d), 1),)) if rest.terms else Lin.constant(rest.const % d)
+            out += part * coef
+        return out
+
     # ------------------------------------------------------------ queries
     def vars(self) -> frozenset[str]:
         out = self.__dict__.get("_vars")
@@ -181,6 +209,13 @@ class Lin:
         if self.const or not parts:
             parts.append(str(self.const))
         return " + ".join(parts).replace("+ -", "- ")
+
+
+def _non_negative(e: Lin) -> bool:
+    """Whether ``e`` is non-negative whatever its (non-negative) variables: a sum of
+    non-negative atoms with positive coefficients and a constant of at least 0."""
+    return e.const >= 0 and all(c > 0 and (isinstance(a, str) or a.op == "mod" or _non_negative(a.arg))
+                                for a, c in e.terms)
 
 
 def _lin(terms: dict[Atom, int], const: int) -> Lin:

@@ -27,8 +27,8 @@ from . import mma
 from .dtypes import DTYPES
 from .expr import Lin
 from .ops import Access, Operator
-from .schedule import (WARP, WGMMA_ROW_BYTES, Loop, LoopNest, Schedule, Warpgroup, WarpgroupTile, bound_axis, compose,
-                       footprint, tile_shape, warpgroup_tile)
+from .schedule import (WARP, WGMMA_ROW_BYTES, Loop, LoopNest, Schedule, Warpgroup, WarpgroupTile, b_k_major, bound_axis,
+                       compose, footprint, tile_shape, warpgroup_tile)
 
 
 # ---------------------------------------------------------------- IR nodes
@@ -146,10 +146,11 @@ class Mma:
 
 @dataclass(frozen=True)
 class Wgmma:
-    """One ``wgmma`` of a warpgroup: ``acc[base + 0 .. n / 2)`` += the 64 x 16 tile of A at
-    ``a`` times the 16 x n tile of B at ``b`` (element offsets in their shared stages,
-    laid out as :func:`lower` documents for warpgroup nests); ``b_block``: bytes from one
-    64-column block of B's stage to the next."""
+    """One ``wgmma`` of a warpgroup: ``acc[base + 0 .. n / 2)`` += the 64 x k tile of A at
+    ``a`` times the k x n tile of B at ``b`` (k: the dtype's ``mma_k``; element offsets in
+    their shared stages, laid out as :func:`lower` documents for warpgroup nests);
+    ``b_block``: bytes from one 64-column block of B's stage to the next (16-bit types,
+    whose B is read transposed; a tf32 B is K-major like A)."""
 
     acc: str
     base: Lin
@@ -335,12 +336,17 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
                 shared[buf] = math.prod(padded)
                 pre[-1] = Alloc(buf, shared[buf], "shared")
                 reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), padded))
-            place = None
-            if nest.warpgroup and access is op.rhs:   # wgmma reads B in blocks of 128-byte rows
+            place, vector = None, 16 // elem
+            patch = None
+            if nest.warpgroup and access is op.rhs and b_k_major(op.dtype):   # transposed: element copies
+                place, vector, patch = _k_major(dims[-2][2]), 1, K_MAJOR_PATCH
+            elif nest.warpgroup and access is op.rhs:   # wgmma reads B in blocks of 128-byte rows
                 place = _column_blocks(dims[-2][2], WGMMA_ROW_BYTES // elem)
+            if place:
                 reads[access.tensor] = Load(buf, place([d[1] for d in dims], 1))
             copy = _cooperative_copy(access.tensor, shape, buf, dims, nest, threads,
-                                     lanes=WARP if nest.tensorized else 1, vector=16 // elem, pad=pad, place=place)
+                                     lanes=WARP if nest.tensorized else 1, vector=vector, pad=pad, place=place,
+                                     patch=patch)
             depth = nest.buffers(access.tensor)
             if depth > 1:   # slice s in buffer s % depth, copied ahead by all buffers but one
                 size, extent = shared[buf], nest.loop(cached).extent
@@ -540,6 +546,22 @@ def _column_blocks(rows: int, block: int):
     def place(at: list, width: int) -> Lin:
         per = block // width
         return at[-1].floordiv(per) * (rows * block) + at[-2] * block + at[-1].mod(per) * width
+    return place
+
+
+# A warp's copy into a transposed stage: 4 k rows of 8 columns (32 contiguous bytes of
+# each row of B); in the stage those are 8 rows of one 16-byte unit each, in 8 distinct
+# units after the swizzle, so the 32 writes fall in 32 banks.
+K_MAJOR_PATCH = (4, 8)
+
+
+def _k_major(rows: int):
+    """Where a transposed B stage of a warpgroup nest (:func:`b_k_major`) puts element
+    (k, column) of its ``rows`` k rows: each column one row of ``rows`` elements along k,
+    wgmma's K-major 128-byte-swizzled layout (the renderer swizzles the addresses). Takes
+    the box's indices and the chunk's width (1: the copy moves single elements)."""
+    def place(at: list, width: int) -> Lin:
+        return at[-1] * rows + at[-2]
     return place
 
 
@@ -788,7 +810,7 @@ def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest, order: list[int]) 
 
 
 def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, threads: tuple[Loop, ...],
-                      lanes: int = 1, vector: int = 4, pad: int = 0, place=None):
+                      lanes: int = 1, vector: int = 4, pad: int = 0, place=None, patch: tuple[int, int] | None = None):
     """All threads of a block copy the footprint box of ``tensor`` into the shared ``buf``
     (zero outside the tensor): thread ``t`` takes chunks ``t, t + T, t + 2T, ...`` of
     ``width`` consecutive elements of the box (16 bytes: ``vector`` elements, where the
@@ -796,26 +818,49 @@ def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, thread
     and a renderer can move a chunk as one vector. ``lanes``: threads per thread loop
     iteration (a warp's lanes in a tensorized nest), numbered fastest. ``pad``: elements
     after each row of the buffer (the box's last dimension). ``place``: where a chunk goes
-    instead, from the box's indices (the last in chunks) and the chunk's width."""
+    instead, from the box's indices (the last in chunks) and the chunk's width. ``patch``
+    (rows, columns), as many elements as ``lanes``: each warp takes single elements of
+    such patches of the box's last two dimensions, row by row, warp ``w`` the patches
+    ``w, w + W, ...`` along the rows: a transposed stage's writes then spread over the
+    banks while each row's reads stay contiguous."""
     exts = [d[2] for d in dims]
     size = math.prod(exts)
     width = next((w for w in (vector, 4) if exts[-1] % w == 0), 1)
     nthreads = math.prod(l.extent for l in threads) * lanes
     tid, scale = (Lin.var(LANE), lanes) if lanes > 1 else (Lin(), 1)
+    warp = Lin()   # tid // lanes
     for l in sorted(threads, key=lambda l: bound_axis(l)):  # threadIdx.x fastest, as CUDA numbers them
-        tid, scale = tid + Lin.var(l.name, scale), scale * l.extent
+        tid, warp, scale = tid + Lin.var(l.name, scale), warp + Lin.var(l.name, scale // lanes), scale * l.extent
     chunks = size // width
     rounds = -(-chunks // nthreads)
     c, w = f"{buf}_c", f"{buf}_w"
     q = tid + Lin.var(c, nthreads) if rounds > 1 else tid       # this thread's chunk
     lane = Lin.var(w) if width > 1 else Lin()
-    src, at, chunk = [], [], []
-    for d, (base, _, ext) in enumerate(dims):
-        stride = math.prod(exts[d + 1:]) // width if d < len(dims) - 1 else 1
-        x = q.floordiv(stride)
-        x = x.mod(ext // width if d == len(dims) - 1 else ext) if d else x
-        x = x if ext > 1 else Lin()
-        chunk.append(x)
+    if patch:
+        rows, cols = patch
+        if rows * cols != lanes or exts[-2] % rows or exts[-1] % cols:
+            raise ValueError(f"patches of {rows} x {cols} do not tile a warp's copy of the box {exts}")
+        across, warps = exts[-1] // cols, nthreads // lanes   # patches along a row; warps
+        if rounds == 1:
+            band, col = warp.floordiv(across), warp.mod(across)
+        elif across % warps == 0:   # a warp's patches: along the rows, then the next band
+            band, col = Lin.var(c).floordiv(across // warps), warp + Lin.var(c).mod(across // warps) * warps
+        elif warps % across == 0:   # whole bands per round
+            band, col = warp.floordiv(across) + Lin.var(c, warps // across), warp.mod(across)
+        else:
+            at = warp + Lin.var(c, warps)
+            band, col = at.floordiv(across), at.mod(across)
+        chunk = [Lin()] * (len(dims) - 2) + [band * rows + Lin.var(LANE).floordiv(cols),
+                                             col * cols + Lin.var(LANE).mod(cols)]
+    else:
+        chunk = []
+        for d, ext in enumerate(exts):
+            stride = math.prod(exts[d + 1:]) // width if d < len(dims) - 1 else 1
+            x = q.floordiv(stride)
+            x = x.mod(ext // width if d == len(dims) - 1 else ext) if d else x
+            chunk.append(x if ext > 1 else Lin())
+    src, at = [], []
+    for d, ((base, _, ext), x) in enumerate(zip(dims, chunk)):
         at.append(x * width + lane if d == len(dims) - 1 else x)
         src.append(base + at[-1])
     ext_all = nest.extents
@@ -833,7 +878,7 @@ def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, thread
         stmt = For(w, width, [stmt], "vectorize")
     if chunks % nthreads:
         stmt = If(((q, chunks),), [stmt])
-    return For(c, rounds, [stmt]) if rounds > 1 else stmt
+    return For(c, rounds, [stmt], "unroll" if patch else "serial") if rounds > 1 else stmt
 
 
 def _epilogue(op: Operator) -> For:

@@ -44,7 +44,7 @@ TVM/Halide names:
                   warp (:data:`WARP`). m's axis must index the output and the
                   left operand only, n's the output and the right operand only,
                   k must be a reduction over both operands, with no tail.
-``Warpgroup``     (GPU, Hopper, bf16/fp16) the tensorized tile issued by
+``Warpgroup``     (GPU, Hopper, tf32/bf16/fp16) the tensorized tile issued by
                   warpgroups (four consecutive warps) as one ``wgmma`` per k
                   step of 64 rows by up to 256 columns, both operands read from
                   shared stages through descriptors (:func:`warpgroup_tile`
@@ -531,6 +531,13 @@ class Tensorize(Step):
 
 WGMMA_ROW_BYTES = 128   # a stage row of either operand: one row of the 128-byte swizzle
 WGMMA_M, WGMMA_MAX_N = 64, 256
+WGMMA_DTYPES = ("tf32", "bf16", "fp16")
+
+
+def b_k_major(dtype: str) -> bool:
+    """Whether a warpgroup nest keeps B's stage transposed, k contiguous: wgmma reads a
+    32-bit (tf32) B along k only, while B lies in memory along n."""
+    return DTYPES[dtype].bytes == 4
 
 
 @dataclass(frozen=True)
@@ -544,18 +551,18 @@ class WarpgroupTile:
 
 
 def warpgroup_tile(op: Operator, nest: LoopNest, step: Step) -> WarpgroupTile:
-    """The tensorized nest as ``wgmma.m64nNk16`` of warpgroups, or ScheduleError naming what
+    """The tensorized nest as ``wgmma.m64nNk*`` of warpgroups, or ScheduleError naming what
     does not fit. A warpgroup is four consecutive warps of a block: here four consecutive
     iterations of the threadIdx.y loop, each 16 rows further along m (so no loop is bound to
     threadIdx.x). Its instruction covers those 64 rows and every column of the warp's tile:
     the spatial loops between the k loops and the instruction run along n only. Both
     operands come from shared stages of one loop (the instruction reads shared memory
-    through descriptors): A's stage in rows of 64 elements along k (128 bytes), B's in
-    rows along n, 64-column blocks of it read transposed (which wgmma does for 16-bit
-    types only). Rows of A and B in memory start at 16-byte boundaries (K and N multiples
-    of 8) for the 16-byte copies."""
-    check(op.dtype in ("bf16", "fp16"), step,
-          f"wgmma reads B (rows along n) transposed, which it does for bf16 and fp16 only, not {op.dtype}")
+    through descriptors): A's stage in rows of 128 bytes along k. B's stage holds the same
+    k rows along n: for 16-bit types in 64-column blocks that wgmma reads transposed, for
+    tf32 (which wgmma reads along k only) transposed in shared memory, one row of 32
+    elements along k per column (:func:`b_k_major`). Rows of A, and of B where it is
+    copied in 16-byte chunks, start at 16-byte boundaries in memory for those copies."""
+    check(op.dtype in WGMMA_DTYPES, step, f"wgmma takes {', '.join(WGMMA_DTYPES)}, not {op.dtype}")
     check(bool(nest.tensorized), step, "the nest is not tensorized: tensorize first")
     check(nest.cache_write is not None, step, "the nest has no cache_write: the accumulators' tile comes first")
     m, n, k = nest.tensorized
@@ -564,9 +571,11 @@ def warpgroup_tile(op: Operator, nest: LoopNest, step: Step) -> WarpgroupTile:
     anchor = stages.get(lhs)
     check(anchor is not None and stages.get(rhs) == anchor, step,
           f"{lhs!r} and {rhs!r} need shared stages (cache_read) at one loop: wgmma reads both from shared memory")
-    for t in (lhs, rhs):
-        check(op.tensor(t).shape[-1] % 8 == 0, step,
-              f"rows of {t!r} are {op.tensor(t).shape[-1]} elements: a multiple of 8 keeps 16-byte copies aligned")
+    elem = DTYPES[op.dtype].bytes
+    for t in (lhs,) if b_k_major(op.dtype) else (lhs, rhs):
+        check(op.tensor(t).shape[-1] * elem % 16 == 0, step,
+              f"rows of {t!r} are {op.tensor(t).shape[-1]} elements: a multiple of {16 // elem} "
+              f"keeps 16-byte copies aligned")
     threads = [l for l in nest.loops if (bound_axis(l) or "").startswith("threadIdx")]
     check(not any(bound_axis(l) == "threadIdx.x" for l in threads), step,
           "a loop is bound to threadIdx.x: a warpgroup is four consecutive warps along threadIdx.y")
@@ -580,7 +589,6 @@ def warpgroup_tile(op: Operator, nest: LoopNest, step: Step) -> WarpgroupTile:
     check({l.name for l in tile_shape(nest)} - {m, n} == {l.name for l in n_loops}, step,
           f"the thread's tile has spatial loops outside {anchor!r}: one instruction covers the whole tile")
     check(all(l.kind == "unroll" for l in n_loops), step, "the loops folded into the instruction must be unrolled")
-    elem = DTYPES[op.dtype].bytes
     a_dims = footprint(op, nest, lhs, anchor, also=tuple(threads))
     b_dims = footprint(op, nest, rhs, anchor, also=tuple(threads))
     check(a_dims is not None and b_dims is not None and len(a_dims) >= 2 and len(b_dims) >= 2, step,
@@ -600,10 +608,11 @@ def warpgroup_tile(op: Operator, nest: LoopNest, step: Step) -> WarpgroupTile:
         check(cols.coef(l.name) == stride, step, f"loop {l.name!r} must step to the next columns of the tile")
         stride *= l.extent
     check(stride <= WGMMA_MAX_N, step, f"the warp's tile is {stride} columns wide: wgmma takes at most {WGMMA_MAX_N}")
-    check(b_dims[-1][2] % (WGMMA_ROW_BYTES // elem) == 0 and all(
-          c % (WGMMA_ROW_BYTES // elem) == 0 for v, c in cols.coefs()[0].items()
+    block = 8 if b_k_major(op.dtype) else WGMMA_ROW_BYTES // elem   # 8 rows of 128 bytes: a swizzle atom
+    check(b_dims[-1][2] % block == 0 and all(
+          c % block == 0 for v, c in cols.coefs()[0].items()
           if v != n and v not in {l.name for l in n_loops}), step,
-          f"{rhs!r}'s stage must be whole blocks of {WGMMA_ROW_BYTES // elem} columns, each warpgroup starting one")
+          f"{rhs!r}'s stage must be whole blocks of {block} columns, each warpgroup starting one")
     check(all(d[2] == 1 for d in a_dims[:-2] + b_dims[:-2]), step, "a stage holds more than one matrix")
     return WarpgroupTile(anchor, tuple(l.name for l in n_loops), stride, warps.name)
 

@@ -263,9 +263,9 @@ def test_tensorize_is_offered_only_where_it_applies():
 
 
 def test_warpgroup_is_offered_only_where_wgmma_applies():
-    """On Hopper, at the end of the warpgroup expert's steps (not on sm_80, not for the mma
-    expert's nest whose warps run along threadIdx.x, not for tf32); after it only deeper
-    pipelines and done."""
+    """On Hopper, at the end of the warpgroup expert's steps, in every dtype wgmma takes
+    (not on sm_80, not for the mma expert's nest whose warps run along threadIdx.x); after
+    it only deeper pipelines and done."""
     from kernels import experts
     from kernels.ir.schedule import Warpgroup
 
@@ -281,7 +281,10 @@ def test_warpgroup_is_offered_only_where_wgmma_applies():
     assert not offered(experts._gpu_matmul_tensor_cores(op, TARGET, False))
     fp16 = make_op("matmul", "256x256x256", "fp16")
     assert offered(Schedule(fp16, before.steps))
-    tf32 = make_op("matmul", "256x256x256", "tf32")   # wgmma reads B transposed for 16-bit types only
+    tf32 = make_op("matmul", "256x256x256", "tf32")   # B transposed in its stage
+    tf32_wg = expert_schedule(tf32, TARGET)
+    assert isinstance(tf32_wg.steps[-1], Warpgroup)
+    assert offered(Schedule(tf32, tf32_wg.steps[:-1]))
     assert not offered(Schedule(tf32, experts._gpu_matmul_tensor_cores(tf32, TARGET, False).steps))
     table = ActionTable(op, TARGET)
     after = {table.actions[a].primitive for a in np.flatnonzero(table.mask(NestInfo(op, wg.nest)))}

@@ -87,11 +87,12 @@ def warp_mma(calls: list[MmaCall]) -> None:
 
 
 def wgmma_tiles(shared: dict, s: "ir.Wgmma", env: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The 64 x 16 tile of A and the 16 x n tile of B that a ``wgmma`` reads, as its
-    descriptors declare them (PTX ISA, "Shared Memory Matrix Layout", 128-byte swizzle):
-    A's rows 128 bytes apart, B read transposed, 64-column blocks ``b_block`` bytes apart,
-    its rows 128 bytes apart. The swizzle permutes the addresses of writes and reads alike,
-    so it is left out here."""
+    """The 64 x k tile of A and the k x n tile of B that a ``wgmma`` reads (k = 16, 8 for
+    tf32), as its descriptors declare them (PTX ISA, "Shared Memory Matrix Layout",
+    128-byte swizzle): A's rows 128 bytes apart; a 16-bit B read transposed, 64-column
+    blocks ``b_block`` bytes apart, its rows 128 bytes apart; a tf32 B K-major like A, one
+    128-byte row per column. The swizzle permutes the addresses of writes and reads
+    alike, so it is left out here."""
     (a, ai), (b, bi) = wgmma_reads(s, env)
     return shared[a][ai].copy(), shared[b][bi].copy()
 
@@ -99,9 +100,12 @@ def wgmma_tiles(shared: dict, s: "ir.Wgmma", env: dict) -> tuple[np.ndarray, np.
 def wgmma_reads(s: "ir.Wgmma", env: dict) -> tuple[tuple[str, np.ndarray], tuple[str, np.ndarray]]:
     """(buffer, indices) of the A and B tiles a ``wgmma`` reads (see :func:`wgmma_tiles`)."""
     (a, ai), (b, bi) = ((name, i.evaluate(env)) for name, i in (s.a, s.b))
-    rows, cols = np.arange(64)[:, None], np.arange(16)[None, :]
-    ks, ns = np.arange(16)[:, None], np.arange(s.n)[None, :]
-    return (a, ai + rows * 64 + cols), (b, bi + (ns // 64) * (s.b_block // 2) + ks * 64 + ns % 64)
+    k, row = (8, 32) if s.dtype == "tf32" else (16, 64)   # the instruction's k; elements in 128 bytes
+    rows, cols = np.arange(64)[:, None], np.arange(k)[None, :]
+    ks, ns = np.arange(k)[:, None], np.arange(s.n)[None, :]
+    if s.dtype == "tf32":
+        return (a, ai + rows * row + cols), (b, bi + ns * row + ks)
+    return (a, ai + rows * row + cols), (b, bi + (ns // 64) * (s.b_block // 2) + ks * 64 + ns % 64)
 
 
 def simulate(fn: ir.Function, launch, arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -893,7 +897,7 @@ WARPGROUP_SHAPES = [("matmul", "64x64x128"), ("matmul", "100x72x192"), ("batch_m
                     ("dense_bias_relu", "64x64x64")]
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("kind,shape", WARPGROUP_SHAPES)
 def test_warpgroup_experts_simulate_correctly(kind, shape, dtype):
     """The stages as the descriptors read them (the 64 x 16 and 16 x n tiles), each thread's
@@ -933,9 +937,9 @@ def test_warpgroup_refusals():
     wg = expert_schedule(op, TARGET)
     assert isinstance(wg.steps[-1], Warpgroup)
     before = Schedule(op, wg.steps[:-1])
-    with pytest.raises(ScheduleError, match="bf16 and fp16 only, not tf32"):
-        Schedule(make_op("matmul", "256x256x256", "tf32"), experts._gpu_matmul_tensor_cores(
-            make_op("matmul", "256x256x256", "tf32"), TARGET, False).steps).warpgroup()
+    with pytest.raises(ScheduleError, match="wgmma takes tf32, bf16, fp16, not fp32"):
+        Schedule(make_op("matmul", "256x256x256", "fp32"), experts._gpu_matmul(
+            make_op("matmul", "256x256x256", "fp32"), TARGET, False).steps).warpgroup()
     with pytest.raises(ScheduleError, match="bound to threadIdx.x"):
         experts._gpu_matmul_tensor_cores(op, TARGET, False).warpgroup()
     with pytest.raises(ScheduleError, match="the nest is not tensorized"):
@@ -948,3 +952,31 @@ def test_warpgroup_refusals():
         check_for_target(wg, cuda_target_for_compile("sm_80"))
     assert not before.nest.warpgroup
     check_for_target(wg, TARGET)
+
+
+def test_a_transposed_tf32_stage_is_filled_without_bank_conflicts():
+    """wgmma reads a tf32 B along k: its stage holds B transposed, filled element by
+    element. A warp's 32 copies read 4 runs of 8 consecutive elements of B and, after the
+    128-byte swizzle, write 32 distinct banks."""
+    op = make_op("matmul", "512x512x512", "tf32")
+    s = expert_schedule(op, TARGET)
+    assert s.nest.warpgroup, describe(s)
+
+    def copies(stmts):
+        for x in stmts:
+            if isinstance(x, ir.Store) and x.buffer == "B_shared":
+                yield x
+            elif isinstance(x, (ir.For, ir.If)):
+                yield from copies(x.body)
+    store = next(copies(ir.lower(s, gpu=True).body))
+    env0 = {v: 0 for v in store.index.vars() | store.value.index.vars()}
+    lanes = [{**env0, ir.LANE: lane} for lane in range(32)]
+    reads = sorted(store.value.index.evaluate(e) for e in lanes)
+    runs = [reads[i:i + 8] for i in range(0, 32, 8)]
+    assert all(r == list(range(r[0], r[0] + 8)) for r in runs), reads
+    banks = set()
+    for e in lanes:
+        byte = store.index.evaluate(e) * 4
+        banks.add((byte ^ (((byte >> 7) & 7) << 4)) // 4 % 32)
+    assert len(banks) == 32
+    assert "cp_async4s(" in render(s, TARGET).source

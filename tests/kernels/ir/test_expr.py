@@ -1,4 +1,5 @@
-"""Index expressions: a fused loop read in the order it was fused folds back into one variable."""
+"""Index expressions: a fused loop read in the order it was fused folds back into one variable;
+what a divisor divides is taken out of it for rendering."""
 
 from __future__ import annotations
 
@@ -34,3 +35,32 @@ def test_a_fused_pointwise_convolution_reads_contiguously():
     s = Schedule(op).fuse("y", "x").reorder("n", "k", "c", "ry", "rx", "y_x").split("y_x", 16).vectorize("y_x_i")
     source = render(s, cpu_target()).source
     assert "/ 8" not in source and "% 8" not in source      # y = f / 8, x = f % 8 folded away
+
+
+def test_what_the_divisor_divides_is_taken_out_for_rendering():
+    """A copy's chunk ``t + T*c``: its position steps by a constant from round to round."""
+    t, c = Lin.var("t"), Lin.var("c")
+    assert str((t + c * 128).floordiv(32).taken_out()) == "c*4 + ((t) / 32)"
+    assert (t + c * 128).mod(32).taken_out() == t.mod(32)
+    assert (t + c * 128 + 40).floordiv(32).taken_out() == c * 4 + (t + 8).floordiv(32) + 1
+    assert (c * 64).mod(32).taken_out() == Lin() and (c * 64 + 70).floordiv(32).taken_out() == c * 2 + 2
+    nested = ((t + c * 64).floordiv(8) + c * 4).mod(4)
+    assert nested.taken_out() == t.floordiv(8).mod(4)
+
+
+def test_a_rest_that_could_be_negative_stays_inside():
+    """C's ``/`` truncates: taking ``32*c`` out of ``(t - 1 + 32*c) / 32`` would change the
+    rendered value at t = 0, so nothing is taken out."""
+    t, c = Lin.var("t"), Lin.var("c")
+    for e in (t - 1 + c * 32, c * 32 - t):
+        assert e.floordiv(32).taken_out() == e.floordiv(32) and e.mod(32).taken_out() == e.mod(32)
+
+
+def test_taking_out_keeps_values():
+    t, c = Lin.var("t"), Lin.var("c")
+    exprs = [t + c * 96 + 5, t * 3 + c * 8 + 16, (t + c * 64).floordiv(8) + c * 4]
+    for e, d in itertools.product(exprs, (4, 8, 32)):
+        for x in (e.floordiv(d) * 3 + e.mod(d), (e.mod(d) + c * d).floordiv(d)):
+            y = x.taken_out()
+            for tv, cv in itertools.product(range(40), range(5)):
+                assert y.evaluate({"t": tv, "c": cv}) == x.evaluate({"t": tv, "c": cv})
