@@ -55,7 +55,7 @@ def test_every_op_tunes_with_the_default_agent(kind, shape, tmp_path):
     out = last_json(cli("tune", "--op", kind, "--shape", shape, "--budget", "3", "--rounds", "1", "--json",
                         cwd=tmp_path))
     assert out["agent"] == "evolve" and out["correct"] and out["measurements"] <= 3
-    assert out["expert_gflops"] > 0 and out["fraction_of_expert"] > 0
+    assert out["expert_gflops"] > 0 and out["fraction_of_expert"] >= 1.0
     records = [json.loads(l) for l in (tmp_path / out["run_dir"] / "tuning.jsonl").read_text().splitlines()]
     assert [] in [r["schedule"] for r in records], "the naive kernel is always a candidate"
     assert len(records) >= 2, "and so is the expert schedule"
