@@ -152,8 +152,9 @@ LIBRARY_BLOCKS = 4      # alternating blocks of library calls and kernel calls
 SPIN_PAUSE_S = 0.15     # idle time between blocks, and after computing a reference: OpenBLAS's
                         # threads spin for about 0.1 s after a call (measured: a kernel's first
                         # calls after a new shape's reference took 17 ms instead of 0.013)
-BLOCK_WARMUP = 2        # untimed calls opening each block after a pause: the first call after
-                        # one took 150-196 us where the rest took 50 (batch_matmul 8x128x128x64)
+BLOCK_WARMUP_S = 0.005  # untimed calls opening each block after a pause (two at least): the first
+                        # call after one took 150-196 us where the rest took 50 (batch_matmul
+                        # 8x128x128x64), and the next ones stayed slower than back to back
 
 
 def _time_against_library(fn, ptrs, lib, least: int, check_s: float, req: dict,
@@ -162,20 +163,24 @@ def _time_against_library(fn, ptrs, lib, least: int, check_s: float, req: dict,
     (shared hosts) slows both alike. Blocks, not single calls: after a call, OpenBLAS
     and OpenMP worker threads keep spinning for a while and would steal the cores of
     whichever runs next; a pause between blocks lets them go to sleep. After the pause
-    the cores are cold (clocks, caches): a fast kernel's block opens with untimed calls,
-    and so does the library's."""
+    the cores are cold (clocks, caches): a fast kernel's block opens with untimed calls
+    for a few milliseconds, and so does the library's."""
     lib()
     times: list[float] = []
     lib_times: list[float] = []
     per_block = req["min_time_s"] / LIBRARY_BLOCKS
-    warm = BLOCK_WARMUP if check_s < per_block / 10 else 0
+    warm = check_s < per_block / 10
+
+    def warm_up(call) -> None:
+        start, calls = time.perf_counter(), 0
+        while warm and (calls < 2 or time.perf_counter() - start < BLOCK_WARMUP_S):
+            call()
+            calls += 1
     for _ in range(LIBRARY_BLOCKS):
         time.sleep(SPIN_PAUSE_S)
-        for _ in range(warm):
-            lib()
+        warm_up(lib)
         lib_times += time_calls(lib, least, req["repeats"], per_block)
         time.sleep(SPIN_PAUSE_S)
-        for _ in range(warm):
-            fn(*ptrs)
+        warm_up(lambda: fn(*ptrs))
         times += time_calls(lambda: fn(*ptrs), least, req["repeats"], per_block, clock)
     return times, lib_times
