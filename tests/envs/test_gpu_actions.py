@@ -367,6 +367,11 @@ def test_random_tensor_core_schedules_compile_with_nvcc(tmp_path, arch):
     for dtype in ("tf32", "bf16", "fp16"):
         op = make_op("matmul", "4096x4096x4096", dtype)
         sources.append(render(expert_schedule(op, target), target, name=f"expert_{dtype}").source)
+    # warpgroup experts on sm_90 with tails, a batch and a bias (tf32: B transposed into its stage)
+    for n, (kind, shape) in enumerate([("matmul", "100x72x192"), ("batch_matmul", "2x64x64x64"),
+                                       ("dense_bias_relu", "200x136x96")]):
+        op = make_op(kind, shape, "tf32")
+        sources.append(render(expert_schedule(op, target), target, name=f"expert_tf32_{n}").source)
     nvcc_compile(sources, tmp_path, arch)
 
 
