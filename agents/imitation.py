@@ -78,7 +78,6 @@ def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, po
     for i, shape in enumerate(shapes):
         op = make_op(op_kind, shape, dtype)
         expert = expert_schedule(op, target)
-        measurer.runner.slow_cutoff_s = None   # the last shape's search set it: no cutoff for this one's expert
         measurer.measure([expert])
         search = Search(op, target, measurer, budget, on_progress=on_progress)
         AGENTS["evolve"](search, np.random.default_rng(seed + i), model=model, policy=policy)

@@ -117,15 +117,14 @@ class Search:
         if not todo:
             return None
         batch = list(todo.values())
-        # this search's own cutoff: another operator's best (searches share a runner) says nothing here
-        self.measurer.runner.slow_cutoff_s = (SLOW_FACTOR * self.best_result.time_ms / 1e3
-                                              if self.best_result is not None else None)
+        # this search's own cutoff, with the batch: searches of other operators share the runner
+        cutoff = SLOW_FACTOR * self.best_result.time_ms / 1e3 if self.best_result is not None else None
         if self.pipeline:
-            future = self.measurer.submit(batch)
+            future = self.measurer.submit(batch, cutoff)
         else:
             future = Future()
             try:
-                future.set_result(self.measurer.measure(batch))
+                future.set_result(self.measurer.measure(batch, cutoff))
             except BaseException as e:
                 future.set_exception(e)
         self.pending.update(todo)

@@ -216,8 +216,7 @@ class ScheduleEnv(gym.Env):
     def measure(self, schedule: Schedule):
         """A measurement of ``schedule`` (a MeasureResult), through the env's measurer."""
         # a kernel much slower than the naive one is timed by its checking call alone
-        self.measurer.runner.slow_cutoff_s = FAILED_SLOWDOWN * self.t_naive if schedule.steps else None
-        return self.measurer.measure_one(schedule)
+        return self.measurer.measure_one(schedule, FAILED_SLOWDOWN * self.t_naive if schedule.steps else None)
 
     def expert_seconds(self) -> float | None:
         """Seconds of the expert schedule's kernel for this shape (measured once: the

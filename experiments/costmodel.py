@@ -159,10 +159,9 @@ def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: in
         with Measurer(tgt, runner=runner, log=path) as m:
             for i in range(0, len(scheds), batch):
                 part = scheds[i:i + batch]
-                res = m.measure(part)
+                res = m.measure(part, SLOW_FACTOR * best if math.isfinite(best) else None)
                 ok += sum(r.ok for r in res)
                 best = min([best] + [r.time_ms / 1e3 for r in res if r.ok])
-                runner.slow_cutoff_s = SLOW_FACTOR * best if math.isfinite(best) else None
                 _status(f"{kind} {op.shape_str}: {i + len(part)}/{len(scheds)} measured, {ok} correct "
                         f"({time.perf_counter() - t0:.0f}s)")
             summaries.append({"op": kind, "shape": op.shape_str, "log": str(path), "schedules": len(scheds),

@@ -266,8 +266,7 @@ class _RunnerActor:
     def run(self, kind: str, shape: str, kernel: Kernel, filename: str, data: bytes, library: bool,
             slow_cutoff_s: float | None, dtype: str = "fp32") -> MeasureResult:
         path = self.cache.get(filename) or self.cache.put(filename, data)
-        self.runner.slow_cutoff_s = slow_cutoff_s
-        return self.runner.run(make_op(kind, shape, dtype), kernel, str(path), library)
+        return self.runner.run(make_op(kind, shape, dtype), kernel, str(path), library, slow_cutoff_s)
 
     def close(self) -> None:
         self.runner.close()
@@ -384,7 +383,6 @@ class RayRunner:
     def __init__(self, target: Target, artefacts: dict[str, Any], **options: Any):
         self.target = target
         self.options = options                 # for each actor's local Runner
-        self.slow_cutoff_s: float | None = None
         self._artefacts = artefacts            # local path -> object ref of its bytes
         self._cond = threading.Condition()
         self._idle: list[Any] = []
@@ -491,15 +489,16 @@ class RayRunner:
             ref = self._artefacts[path] = _ray().put(Path(path).read_bytes())
         return ref
 
-    def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False) -> MeasureResult:
-        return next(iter(self.run_many(op, [(kernel, path)], library)))
+    def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False,
+            slow_cutoff_s: float | None = None) -> MeasureResult:
+        return next(iter(self.run_many(op, [(kernel, path)], library, slow_cutoff_s)))
 
-    def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]],
-                 library: bool = False) -> Iterator[MeasureResult]:
+    def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]], library: bool = False,
+                 slow_cutoff_s: float | None = None) -> Iterator[MeasureResult]:
         """Results in the order of ``jobs``, each yielded once it and those before it are in."""
         ray = _ray()
         lost_errors = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-        cutoff = None if library else self.slow_cutoff_s
+        cutoff = None if library else slow_cutoff_s
         queue = list(range(len(jobs)))
         tries = [0] * len(jobs)
         inflight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (job, actor, submitted at)

@@ -72,12 +72,15 @@ class Measurer:
         t = self.target
         return measure_key(c.op.kind, c.op.shape, c.schedule, t.kind, t.device, t.compiler, c.op.dtype)
 
-    def measure(self, items: Sequence[Schedule | Candidate]) -> list[MeasureResult]:
+    def measure(self, items: Sequence[Schedule | Candidate],
+                slow_cutoff_s: float | None = None) -> list[MeasureResult]:
         """One result per schedule (rendered for this target here) or candidate (a kernel
-        written some other way), in order; all of one operator."""
-        return self._measure(self._candidates(items), self._append)
+        written some other way), in order; all of one operator. A kernel whose check call
+        takes longer than ``slow_cutoff_s`` is timed by that call alone (a search passes a
+        multiple of its own best: each search its own, though they share the runner)."""
+        return self._measure(self._candidates(items), self._append, slow_cutoff_s)
 
-    def submit(self, items: Sequence[Schedule | Candidate]) -> Future:
+    def submit(self, items: Sequence[Schedule | Candidate], slow_cutoff_s: float | None = None) -> Future:
         """``measure(items)`` in the background: a future of its results. Batches submitted
         one after another run side by side on a runner that has several devices (a Ray
         cluster's: each device takes the next kernel of any batch), one after another on
@@ -91,7 +94,7 @@ class Measurer:
 
         def work() -> list[MeasureResult]:
             try:
-                return self._measure(cands, lambda record: self._in_order.append(ticket, record))
+                return self._measure(cands, lambda record: self._in_order.append(ticket, record), slow_cutoff_s)
             finally:
                 self._in_order.done(ticket)
 
@@ -105,7 +108,8 @@ class Measurer:
     def _candidates(self, items: Sequence[Schedule | Candidate]) -> list[Candidate]:
         return [c if isinstance(c, Candidate) else Candidate.of(c, self.target) for c in items]
 
-    def _measure(self, cands: list[Candidate], append: Callable[[TuningRecord], None]) -> list[MeasureResult]:
+    def _measure(self, cands: list[Candidate], append: Callable[[TuningRecord], None],
+                 slow_cutoff_s: float | None) -> list[MeasureResult]:
         if not cands:
             return []
         op = cands[0].op
@@ -123,7 +127,8 @@ class Measurer:
 
         builds = self.builder.build([c.kernel for c in todo.values()])   # all compiles first...
         runs = self.runner.run_many(op, [(c.kernel, b.path) for c, b in zip(todo.values(), builds)
-                                         if b.path is not None])         # ...then timing, alone
+                                         if b.path is not None],
+                                    slow_cutoff_s=slow_cutoff_s)         # ...then timing, alone
         for (mk, c), b in zip(todo.items(), builds):
             if b.path is None:
                 res = MeasureResult.failure(b.error or "build failed", build_s=b.build_s)
@@ -142,8 +147,8 @@ class Measurer:
             append(self.record(c, res))
         return [results[mk] for mk in mkeys]
 
-    def measure_one(self, item: Schedule | Candidate) -> MeasureResult:
-        return self.measure([item])[0]
+    def measure_one(self, item: Schedule | Candidate, slow_cutoff_s: float | None = None) -> MeasureResult:
+        return self.measure([item], slow_cutoff_s)[0]
 
     def record(self, c: Candidate, res: MeasureResult) -> TuningRecord:
         t = self.target

@@ -149,9 +149,6 @@ class Runner:
         self.timeout_s, self.repeats, self.warmup = timeout_s, max(1, repeats), warmup
         self.min_time_s = min_time_s
         self.seed = secrets.randbits(32) if seed is None else seed
-        # A search sets this to a multiple of its best time: a kernel whose check call is
-        # slower is timed by that one call instead of several (tinygrad stops early too).
-        self.slow_cutoff_s: float | None = None
         self.omp_stacksize = omp_stacksize
         self.startup_timeout_s = startup_timeout_s   # also bounds preparing inputs
         # time at real-time priority where allowed (WORKER_PROGRAM says why); SCHEDGYM_REALTIME=0 turns it off
@@ -212,27 +209,31 @@ class Runner:
         except Exception:
             pass
 
-    def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]],
-                 library: bool = False) -> Iterator[MeasureResult]:
+    def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]], library: bool = False,
+                 slow_cutoff_s: float | None = None) -> Iterator[MeasureResult]:
         """One result per (kernel, path), in order; here one at a time, lazily, so the
         caller records each before the next runs. A runner with several devices
         (:class:`kernels.cluster.RayRunner`) runs them side by side instead."""
         for kernel, path in jobs:
-            yield self.run(op, kernel, path, library)
+            yield self.run(op, kernel, path, library, slow_cutoff_s)
 
-    def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False) -> MeasureResult:
+    def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False,
+            slow_cutoff_s: float | None = None) -> MeasureResult:
         """Check ``kernel`` (built at ``path``) against the reference and time it; with
-        ``library``, time the vendor library too, in alternating blocks."""
+        ``library``, time the vendor library too, in alternating blocks. A kernel whose
+        check call takes longer than ``slow_cutoff_s`` (a search's multiple of its best) is
+        timed by that one call instead of several (tinygrad stops early too)."""
         self.runs += 1
         t0 = time.perf_counter()
         try:
-            result = self._run(op, kernel, path, library)
+            result = self._run(op, kernel, path, library, slow_cutoff_s)
         except BaseException:
             self._drop_worker()  # never leave a worker spinning on a kernel
             raise
         return replace(result, run_s=time.perf_counter() - t0 - result.build_s)
 
-    def _run(self, op: Operator, kernel: Kernel, path: str, library: bool) -> MeasureResult:
+    def _run(self, op: Operator, kernel: Kernel, path: str, library: bool,
+             slow_cutoff_s: float | None) -> MeasureResult:
         try:
             w = self._ensure_worker()
         except (RuntimeError, OSError) as e:
@@ -242,7 +243,7 @@ class Runner:
         req = dict(path=path, name=kernel.name, args=[t.name for t in kernel.args],
                    kind=op.kind, shape=op.shape_str, dtype=op.dtype, seed=self.seed, atol=tol.atol, rtol=tol.rtol,
                    repeats=self.repeats, warmup=self.warmup, min_time_s=self.min_time_s,
-                   slow_cutoff_s=None if library else self.slow_cutoff_s,
+                   slow_cutoff_s=None if library else slow_cutoff_s,
                    library=library)
         if kernel.is_cuda:
             req.update(backend="cuda", launch=kernel.launch, shared_bytes=kernel.shared_bytes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
@@ -24,9 +23,8 @@ class FakeMeasurer:
     """Every kernel takes 1 ms; nothing is compiled."""
 
     measured = 0
-    runner = types.SimpleNamespace(slow_cutoff_s=None)
 
-    def measure_one(self, schedule):
+    def measure_one(self, schedule, slow_cutoff_s=None):
         return MeasureResult(True, 1.0, (1.0,), 1.0, True, None)
 
 

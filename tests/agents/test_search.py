@@ -12,7 +12,7 @@ import pytest
 
 from agents.evolution import search_evolve
 from agents.rollout import RandomDraw, rollout
-from agents.search import AGENTS, P_DONE, Search
+from agents.search import AGENTS, P_DONE, SLOW_FACTOR, Search
 from envs.actions import ActionTable
 from kernels.ir.ops import make_op
 from kernels.ir.schedule import Schedule
@@ -39,7 +39,6 @@ class _Devices:
     concurrent = True
 
     def __init__(self, devices: int, delay_s: float = 0.0, seed: int = 0):
-        self.slow_cutoff_s = None
         self.free = threading.Semaphore(devices)
         self.delay_s, self.rng = delay_s, random.Random(seed)
         self.busy = self.most_busy = 0
@@ -60,7 +59,7 @@ class _Devices:
         t = 0.1 + digest % 1000 / 100
         return MeasureResult(True, t, (t,), op.flops / t / 1e6, True, None)
 
-    def run_many(self, op, jobs, library=False):
+    def run_many(self, op, jobs, library=False, slow_cutoff_s=None):
         """Every job at once (as many as there are devices), results in order."""
         results = [None] * len(jobs)
         threads = [threading.Thread(target=lambda i=i, k=k: results.__setitem__(i, self._one(op, k)))
@@ -138,16 +137,20 @@ def test_submitted_batches_share_the_devices(tmp_path):
     assert runner.most_busy >= 3 and len(search.measured) == 4
 
 
-def test_a_search_starts_without_another_searchs_slow_cutoff():
-    """Searches of several operators share a runner (tune-model, teacher searches): the
-    cutoff a search left (ten times its best) must not time the next one's first kernels
-    by one cold call."""
+def test_each_search_measures_with_its_own_slow_cutoff():
+    """Searches of several operators share a measurer and its runner (tune-model, teacher
+    searches): each batch carries its own search's cutoff (ten times its best), none before
+    a first result, whatever another search measured in between."""
     target = cpu_target()
     measurer = _FakeMeasurer(target)
     cutoffs = []
     measure = measurer.measure
-    measurer.measure = lambda schedules: cutoffs.append(measurer.runner.slow_cutoff_s) or measure(schedules)
-    measurer.runner.slow_cutoff_s = 1e-6   # what a search of a tiny operator left
-    search = Search(make_op("matmul", "64x64x64"), target, measurer, budget=2)
-    search.measure([Schedule(search.op)])
-    assert cutoffs == [None]
+    measurer.measure = lambda schedules, cutoff=None: cutoffs.append(cutoff) or measure(schedules)
+    tiny = Search(make_op("matmul", "8x8x8"), target, measurer, budget=2)
+    big = Search(make_op("matmul", "64x64x64"), target, measurer, budget=2)
+    tiny.measure([Schedule(tiny.op)])
+    big.measure([Schedule(big.op)])
+    best_ms = tiny.best_result.time_ms
+    tiny.measure([Schedule(tiny.op).split("i", 2)])
+    assert cutoffs[:2] == [None, None]
+    assert cutoffs[2] == pytest.approx(SLOW_FACTOR * best_ms / 1e3)

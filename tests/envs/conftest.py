@@ -7,7 +7,6 @@ minimum time, a private build cache); its cache makes repeated shapes free.
 
 from __future__ import annotations
 
-import types
 import zlib
 
 import pytest
@@ -73,14 +72,13 @@ class FakeMeasurer:
         self.measured = 0
         self.calls: list[str] = []
         self.closed = False
-        self.runner = types.SimpleNamespace(slow_cutoff_s=None)   # the env sets its cutoff here
 
     def time_ms(self, key: str) -> float:
         if key == "[]":
             return self.naive_ms
         return 0.5 + (zlib.crc32(key.encode()) % 1000) / 50.0
 
-    def measure_one(self, schedule) -> MeasureResult:
+    def measure_one(self, schedule, slow_cutoff_s=None) -> MeasureResult:
         Candidate.of(schedule, cpu_target())   # renders, as the real one does: illegal schedules raise
         op, key = schedule.op, schedule.key()
         self.measured += 1
