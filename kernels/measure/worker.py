@@ -171,11 +171,9 @@ def _time_against_library(fn, ptrs, lib, least: int, check_s: float, req: dict,
     per_block = req["min_time_s"] / LIBRARY_BLOCKS
     warm = check_s < per_block / 10
 
-    def warm_up(call) -> None:
-        start, calls = time.perf_counter(), 0
-        while warm and (calls < 2 or time.perf_counter() - start < BLOCK_WARMUP_S):
-            call()
-            calls += 1
+    def warm_up(call) -> None:   # timed like any block, the samples dropped
+        if warm:
+            time_calls(call, 2, sys.maxsize, BLOCK_WARMUP_S)
     for _ in range(LIBRARY_BLOCKS):
         time.sleep(SPIN_PAUSE_S)
         warm_up(lib)
