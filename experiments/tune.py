@@ -110,14 +110,15 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
                       expert: Schedule | None, rounds: int, expert_wins: bool = True):
     """The best kernel re-checked and re-timed against the library (and beside the expert
     schedule, in the same rounds): ``(schedule, kernel, built, its comparison, the
-    expert's or None, the search's time of it, re-measured?)``.
+    expert's or None, fraction of the expert or None, the search's time of it,
+    re-measured?)``.
 
     The tuning log is data, not truth: a best that fails its re-check is dropped and the
     next best takes its place. A final time that disagrees with the search's by more than
     the spread (a machine loaded in one of the two) is measured once more, and said. Where
-    the expert is faster in these rounds (the search timed its best too kindly), the
-    expert is the result, never slower than the expert, unless ``expert_wins`` is off
-    (the ablation, where the expert is timed only for the figure)."""
+    the expert is faster (the search timed its best too kindly), the expert is the
+    result, never slower than the expert, unless ``expert_wins`` is off (the ablation,
+    where the expert is timed only for the figure)."""
     extra = []
     if expert is not None:
         expert_kernel = render(expert, target, name=f"{op.kind}_expert")
@@ -137,15 +138,31 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
             remeasured = True
         if cmp.ok:
             expert_cmp = rest[0] if rest else None
-            # the same paired figure as the reported fraction_of_expert, so the two never disagree
-            if expert_wins and expert_cmp is not None and expert_cmp.ok and _ratio(expert_cmp, cmp) < 1:
-                print(f"the expert schedule is faster in the final rounds ({expert_cmp.time_ms:.3f} ms against "
-                      f"{cmp.time_ms:.3f}); it is the result", file=sys.stderr)
-                return expert, expert_kernel, expert_built, expert_cmp, expert_cmp, searched_ms, remeasured
-            return schedule, kernel, built, cmp, expert_cmp, searched_ms, remeasured
+            of_expert = None
+            if expert_cmp is not None and expert_cmp.ok:
+                of_expert = 1.0 if schedule.key() == expert.key() else (
+                    _paired_ratio(measurer, op, (kernel, built.path), extra[0]) or _ratio(expert_cmp, cmp))
+            if expert_wins and of_expert is not None and of_expert < 1:
+                print(f"the expert schedule is faster ({1 / of_expert:.3f} of the best's speed); it is the result",
+                      file=sys.stderr)
+                return expert, expert_kernel, expert_built, expert_cmp, expert_cmp, 1.0, searched_ms, remeasured
+            return schedule, kernel, built, cmp, expert_cmp, of_expert, searched_ms, remeasured
         print(f"warning: the best kernel of the search failed its final check ({cmp.error}); "
               "taking the next", file=sys.stderr)
     raise LookupError(f"no kernel passed the final check among {len(ranked)} correct measurements")
+
+
+def _paired_ratio(measurer: Measurer, op, best: tuple, expert: tuple) -> float | None:
+    """The expert's time over the best's, per pair of calls made in turn in one process
+    (median): on a CPU, where a shared host's speed changes between rounds taken a second
+    apart, the pairs see the same moment. None on a GPU (CUDA events time each launch on
+    its own; the rounds' ratio stands) or where the pairing failed."""
+    if best[0].is_cuda:
+        return None
+    r = measurer.runner.run(op, *best, rival=expert)
+    if not r.ok or not r.rival_times_ms:
+        return None
+    return statistics.median(e / k for k, e in zip(r.times_ms, r.rival_times_ms))
 
 
 def _expert(op, target) -> Schedule | None:
@@ -232,7 +249,7 @@ def run(cfg: Config) -> dict:
                            if sch is not None and r.ok], key=lambda x: x[0])
         if not ranked:
             raise LookupError(f"no correct kernel in {len(search.measured)} measurements")
-        best, kernel, built, final, expert_final, searched_ms, remeasured = _final_comparison(
+        best, kernel, built, final, expert_final, of_expert, searched_ms, remeasured = _final_comparison(
             op, target, measurer, ranked, expert, cfg.rounds, expert_wins=not cfg.no_expert)
         if cfg.export:
             export_kernel(cfg.export, kernel, built.path, best, target)
@@ -250,7 +267,7 @@ def run(cfg: Config) -> dict:
         "library_gflops": op.flops / library_ms / 1e6,
         "fraction_of_library": final.fraction_of_library, "rounds": len(final.rounds), "remeasured": remeasured,
         "expert_gflops": op.flops / expert_final.time_ms / 1e6 if expert_final and expert_final.ok else None,
-        "fraction_of_expert": _ratio(expert_final, final),
+        "fraction_of_expert": of_expert,
         "naive_time_ms": naive.time_ms,
         "speedup_vs_naive": naive.time_ms / final.time_ms if naive.ok else None,
         "correct": True, "best_schedule": best.steps_json(),
@@ -264,8 +281,8 @@ def run(cfg: Config) -> dict:
     (run_dir / f"best_kernel.{'cu' if kernel.is_cuda else 'c'}").write_text(kernel.source)
     print(f"{op.kind} {op.shape_str}: best {summary['gflops']:.1f} GFLOPS ({final.time_ms:.3f} ms, spread "
           f"{final.time_spread_ms:.3f}) after {summary['measurements']} measurements, "
-          f"{summary['speedup_vs_naive'] or 0:.1f}x naive, {final.fraction_of_library:.2f} of {summary['library']}"
-          + (f", {summary['fraction_of_expert']:.2f} of the expert" if summary["fraction_of_expert"] else "")
-          + f" (median of {len(final.rounds)} rounds of alternating blocks)")
+          f"{summary['speedup_vs_naive'] or 0:.1f}x naive, {final.fraction_of_library:.2f} of {summary['library']} "
+          f"(median of {len(final.rounds)} rounds of alternating blocks)"
+          + (f", {summary['fraction_of_expert']:.2f} of the expert" if summary["fraction_of_expert"] else ""))
     print(f"best schedule: {run_dir / 'best.json'}; log: {run_dir / 'tuning.jsonl'}")
     return summary

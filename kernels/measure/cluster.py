@@ -264,9 +264,11 @@ class _RunnerActor:
         return ray.get_runtime_context().get_node_id(), target.to_json(), f"{ip} {where}"
 
     def run(self, kind: str, shape: str, kernel: Kernel, filename: str, data: bytes, library: bool,
-            slow_cutoff_s: float | None, dtype: str = "fp32") -> MeasureResult:
+            slow_cutoff_s: float | None, dtype: str = "fp32", rival_kernel: Kernel | None = None,
+            rival_file: str = "", rival_data: bytes = b"") -> MeasureResult:
         path = self.cache.get(filename) or self.cache.put(filename, data)
-        return self.runner.run(make_op(kind, shape, dtype), kernel, str(path), library, slow_cutoff_s)
+        rival = rival_kernel and (rival_kernel, str(self.cache.get(rival_file) or self.cache.put(rival_file, rival_data)))
+        return self.runner.run(make_op(kind, shape, dtype), kernel, str(path), library, slow_cutoff_s, rival)
 
     def close(self) -> None:
         self.runner.close()
@@ -490,15 +492,18 @@ class RayRunner:
         return ref
 
     def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False,
-            slow_cutoff_s: float | None = None) -> MeasureResult:
-        return next(iter(self.run_many(op, [(kernel, path)], library, slow_cutoff_s)))
+            slow_cutoff_s: float | None = None, rival: tuple[Kernel, str] | None = None) -> MeasureResult:
+        return next(iter(self.run_many(op, [(kernel, path)], library, slow_cutoff_s, rival)))
 
     def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]], library: bool = False,
-                 slow_cutoff_s: float | None = None) -> Iterator[MeasureResult]:
-        """Results in the order of ``jobs``, each yielded once it and those before it are in."""
+                 slow_cutoff_s: float | None = None, rival: tuple[Kernel, str] | None = None
+                 ) -> Iterator[MeasureResult]:
+        """Results in the order of ``jobs``, each yielded once it and those before it are in;
+        ``rival`` as for :meth:`Runner.run`, beside every job."""
         ray = _ray()
         lost_errors = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         cutoff = None if library else slow_cutoff_s
+        shipped = (rival[0], Path(rival[1]).name, self._artefact(rival[1])) if rival else ()
         queue = list(range(len(jobs)))
         tries = [0] * len(jobs)
         inflight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (job, actor, submitted at)
@@ -513,7 +518,7 @@ class RayRunner:
                     i = queue.pop(0)
                     kernel, path = jobs[i]
                     ref = actor.run.remote(op.kind, op.shape_str, kernel, Path(path).name,
-                                           self._artefact(path), library, cutoff, op.dtype)
+                                           self._artefact(path), library, cutoff, op.dtype, *shipped)
                     inflight[ref] = (i, actor, time.perf_counter())
                 if not inflight:  # no runner left at all
                     for i in queue:

@@ -43,6 +43,7 @@ class MeasureResult:
     build_s: float = 0.0              # seconds spent compiling
     run_s: float = 0.0                # seconds spent running (check + timing)
     library_times_ms: tuple[float, ...] = ()  # the library, timed alternately with the kernel
+    rival_times_ms: tuple[float, ...] = ()    # a rival kernel, called in turn with this one
 
     @classmethod
     def failure(cls, error: str, correct: bool = False, build_s: float = 0.0,
@@ -86,7 +87,7 @@ class RunnerProtocol(Protocol):
     Ray cluster (several devices side by side)."""
 
     def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False,
-            slow_cutoff_s: float | None = None) -> MeasureResult: ...
+            slow_cutoff_s: float | None = None, rival: tuple[Kernel, str] | None = None) -> MeasureResult: ...
 
     def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]], library: bool = False,
                  slow_cutoff_s: float | None = None) -> Iterator[MeasureResult]: ...

@@ -218,22 +218,26 @@ class Runner:
             yield self.run(op, kernel, path, library, slow_cutoff_s)
 
     def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False,
-            slow_cutoff_s: float | None = None) -> MeasureResult:
+            slow_cutoff_s: float | None = None, rival: tuple[Kernel, str] | None = None) -> MeasureResult:
         """Check ``kernel`` (built at ``path``) against the reference and time it; with
         ``library``, time the vendor library too, in alternating blocks. A kernel whose
         check call takes longer than ``slow_cutoff_s`` (a search's multiple of its best) is
-        timed by that one call instead of several (tinygrad stops early too)."""
+        timed by that one call instead of several (tinygrad stops early too). A ``rival``
+        (another CPU kernel of the same operator, and its path) is checked too, then timed
+        call by call in turn with ``kernel`` (``rival_times_ms``)."""
+        if rival and kernel.is_cuda:
+            raise ValueError("a rival is timed beside CPU kernels only: CUDA events time each launch on its own")
         self.runs += 1
         t0 = time.perf_counter()
         try:
-            result = self._run(op, kernel, path, library, slow_cutoff_s)
+            result = self._run(op, kernel, path, library, slow_cutoff_s, rival)
         except BaseException:
             self._drop_worker()  # never leave a worker spinning on a kernel
             raise
         return replace(result, run_s=time.perf_counter() - t0 - result.build_s)
 
     def _run(self, op: Operator, kernel: Kernel, path: str, library: bool,
-             slow_cutoff_s: float | None) -> MeasureResult:
+             slow_cutoff_s: float | None, rival: tuple[Kernel, str] | None = None) -> MeasureResult:
         try:
             w = self._ensure_worker()
         except (RuntimeError, OSError) as e:
@@ -245,6 +249,8 @@ class Runner:
                    repeats=self.repeats, warmup=self.warmup, min_time_s=self.min_time_s,
                    slow_cutoff_s=None if library else slow_cutoff_s,
                    library=library)
+        if rival:
+            req["rival"] = dict(path=rival[1], name=rival[0].name)
         if kernel.is_cuda:
             req.update(backend="cuda", launch=kernel.launch, shared_bytes=kernel.shared_bytes)
         correct = False
@@ -288,7 +294,8 @@ class Runner:
                     median = statistics.median(times)
                     gflops = op.flops / max(median / 1e3, 1e-12) / 1e9
                     return MeasureResult(True, median, times, gflops, True, None, build_s=build_s,
-                                         library_times_ms=tuple(t * 1e3 for t in msg["library_times"]))
+                                         library_times_ms=tuple(t * 1e3 for t in msg["library_times"]),
+                                         rival_times_ms=tuple(t * 1e3 for t in msg.get("rival_times", ())))
         except TimeoutError:
             self._drop_worker()
             return MeasureResult.failure(f"timeout after {limit:.3g}s", correct=correct, build_s=build_s)

@@ -92,34 +92,31 @@ def _serve(req: dict, data: dict, send: Any) -> None:
         data[key] = (op, inputs, op.reference(inputs))
         time.sleep(SPIN_PAUSE_S)   # the reference's BLAS threads spin on, and would steal the kernel's cores
     op, inputs, ref = data[key]
+    tol = Tolerance(req["atol"], req["rtol"])
+    canary = random_canary(_rng)
     try:
-        fn = getattr(ctypes.CDLL(req["path"]), req["name"])
+        kernel = _Loaded(op, inputs, ref, tol, canary, req["path"], req["name"], req["args"])
+        rival = req.get("rival") and _Loaded(op, inputs, ref, tol, canary, **req["rival"], args=req["args"],
+                                             blame="the rival kernel is wrong: ")
     except (OSError, AttributeError) as e:
         send(event="error", error=f"load error: {e}")
         return
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * len(req["args"])
-    out_name = op.output.name
-    tol = Tolerance(req["atol"], req["rtol"])
-    # Fresh copies each time (a kernel that scribbles on its inputs must not spoil the
-    # next), each between canary margins; the output starts as NaN.
-    canary = random_canary(_rng)
-    bufs = {name: Guarded.alloc(np, op.tensor(name).shape, canary, inputs.get(name))
-            for name in req["args"]}
-    raws = {name: g.raw for name, g in bufs.items()}   # host memory: checked in place
-    out = bufs[out_name].array
-    ptrs = [bufs[name].array.ctypes.data for name in req["args"]]
     send(event="prepared")
 
     t0 = time.perf_counter()
-    fn(*ptrs)
+    kernel.call()
     check_s = time.perf_counter() - t0
-    error = check_call(bufs, raws, out_name, ref, inputs, tol)
+    error = kernel.check()
     if error:
         send(event="checked", correct=False, error=error)
         return
-    first = out.copy()   # what every later call must reproduce, bit for bit
     send(event="checked", correct=True, error=None)
+    if rival:
+        rival.call()
+        error = rival.check()
+        if error:   # the rival's fault, not the kernel's
+            send(event="error", error=error)
+            return
     if req.get("slow_cutoff_s") and check_s > req["slow_cutoff_s"]:
         send(event="timed", times=[check_s], library_times=[])  # hopeless: the check call is its time
         return
@@ -127,25 +124,67 @@ def _serve(req: dict, data: dict, send: Any) -> None:
     # The check call already warmed caches; a slow kernel gets no further warm-up.
     if check_s < req["min_time_s"] / 10:
         for _ in range(req["warmup"]):
-            fn(*ptrs)
+            kernel.call()
     # at least 3 calls, but a call slower than the whole budget is not repeated much
     least = min(3 if check_s < req["min_time_s"] else 1, req["repeats"])
     most = req["repeats"] * (LIBRARY_BLOCKS if req.get("library") else 1)
-    verified = VerifiedCall(int(_rng.integers(most)), lambda: out.fill(np.nan),
-                            lambda call: check_call(bufs, raws, out_name, ref, inputs, tol, call, first))
+    if rival:
+        most = max(most, PAIRS)
+    verified = kernel.verified(most)
+    rival_times: list[float] = []
     try:
         if req.get("library"):
-            times, lib_times = _time_against_library(fn, ptrs, library_call(op, inputs), least, check_s, req,
+            times, lib_times = _time_against_library(kernel.call, library_call(op, inputs), least, check_s, req,
                                                      verified.clock())
-        else:
-            times = time_calls(lambda: fn(*ptrs), least, req["repeats"], req["min_time_s"],
-                               verified.clock())
+        elif rival:
+            rival_verified = rival.verified(most)
+            times, rival_times = _time_pairs(kernel.call, rival.call, least, most, req["min_time_s"],
+                                             verified.clock(), rival_verified.clock())
+            rival_verified.finish(rival.call)
             lib_times = []
-        verified.finish(lambda: fn(*ptrs))
+        else:
+            times = time_calls(kernel.call, least, req["repeats"], req["min_time_s"], verified.clock())
+            lib_times = []
+        verified.finish(kernel.call)
     except Rejected as e:
         send(event="checked", correct=False, error=str(e))
         return
-    send(event="timed", times=times, library_times=lib_times)
+    send(event="timed", times=times, library_times=lib_times, rival_times=rival_times)
+
+
+class _Loaded:
+    """A built kernel loaded into this process with fresh copies of the inputs (a kernel
+    that scribbles on its inputs must not spoil the next), each between canary margins,
+    and an output that starts as NaN. ``blame`` opens each error it reports."""
+
+    def __init__(self, op: Operator, inputs: dict, ref: np.ndarray, tol: Tolerance, canary: float,
+                 path: str, name: str, args: list[str], blame: str = ""):
+        fn = getattr(ctypes.CDLL(path), name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * len(args)
+        self.inputs, self.ref, self.tol, self.out_name = inputs, ref, tol, op.output.name
+        self.bufs = {a: Guarded.alloc(np, op.tensor(a).shape, canary, inputs.get(a)) for a in args}
+        self.raws = {a: g.raw for a, g in self.bufs.items()}   # host memory: checked in place
+        ptrs = [self.bufs[a].array.ctypes.data for a in args]
+        self.call = lambda: fn(*ptrs)
+        self.first: np.ndarray | None = None
+        self.blame = blame
+
+    def check(self) -> str | None:
+        """Why the output of the call just made is wrong, or None; the first correct
+        output is what every later call must reproduce, bit for bit."""
+        error = check_call(self.bufs, self.raws, self.out_name, self.ref, self.inputs, self.tol)
+        if error is None:
+            self.first = self.bufs[self.out_name].array.copy()
+        return error and self.blame + error
+
+    def verified(self, most: int) -> VerifiedCall:
+        """One of the next ``most`` timed calls, drawn at random, checked."""
+        out = self.bufs[self.out_name].array
+        def verify(call: str) -> str | None:
+            error = check_call(self.bufs, self.raws, self.out_name, self.ref, self.inputs, self.tol, call, self.first)
+            return error and self.blame + error
+        return VerifiedCall(int(_rng.integers(most)), lambda: out.fill(np.nan), verify)
 
 
 LIBRARY_BLOCKS = 4      # alternating blocks of library calls and kernel calls
@@ -157,7 +196,7 @@ BLOCK_WARMUP_S = 0.005  # untimed calls opening each block after a pause (two at
                         # 8x128x128x64), and the next ones stayed slower than back to back
 
 
-def _time_against_library(fn, ptrs, lib, least: int, check_s: float, req: dict,
+def _time_against_library(call, lib, least: int, check_s: float, req: dict,
                           clock: Callable[[Callable[[], object]], float]) -> tuple[list[float], list[float]]:
     """Kernel and library timed in alternating blocks, so a machine whose speed drifts
     (shared hosts) slows both alike. Blocks, not single calls: after a call, OpenBLAS
@@ -179,6 +218,25 @@ def _time_against_library(fn, ptrs, lib, least: int, check_s: float, req: dict,
         warm_up(lib)
         lib_times += time_calls(lib, least, req["repeats"], per_block)
         time.sleep(SPIN_PAUSE_S)
-        warm_up(lambda: fn(*ptrs))
-        times += time_calls(lambda: fn(*ptrs), least, req["repeats"], per_block, clock)
+        warm_up(call)
+        times += time_calls(call, least, req["repeats"], per_block, clock)
     return times, lib_times
+
+
+PAIRS = 1000   # at most this many pairs of calls (a kernel, then its rival) within the time budget
+
+
+def _time_pairs(call, rival, least: int, most: int, budget_s: float, clock, rival_clock) -> tuple[list[float], list[float]]:
+    """A kernel and its rival called in turn, a call each per pair, so that both see the
+    same moment of the machine: on a shared host, whose speed changes from one tens of
+    milliseconds to the next, the ratio within each pair holds where times taken apart
+    do not (the paired ratios of two equal kernels stayed within 1-3% of 1 where blocks
+    timed a second apart differed by up to 35%)."""
+    times: list[float] = []
+    rival_times: list[float] = []
+    while len(times) < most:
+        times.append(clock(call))
+        rival_times.append(rival_clock(rival))
+        if len(times) >= least and sum(times) + sum(rival_times) >= budget_s:
+            break
+    return times, rival_times

@@ -265,8 +265,23 @@ def test_tune_on_the_cluster_exports_the_best_kernel(ray_cluster, tmp_path):
     out = tune.run(tune.Config(op="matmul", shape="16x24x8", agent="random", budget=3, runs=str(tmp_path / "runs"),
                                export=str(tmp_path / "k"), cluster="local", rounds=1))
     assert out["correct"] and out["measurements"] == 3 and out["fraction_of_library"]
+    assert out["fraction_of_expert"] >= 1.0
     assert 3 <= len(TuningLog(Path(out["run_dir"]) / "tuning.jsonl").read()) <= 4  # the naive kernel, 3 found
     assert (tmp_path / "k" / "kernel.so").stat().st_size > 0
+
+
+def test_a_rival_travels_with_its_kernel_to_a_runner(ray_cluster, tmp_path):
+    """A kernel timed in turn with a rival on a Ray runner: both objects shipped, both timed."""
+    from kernels.codegen import render
+    from kernels.experts import expert_schedule
+    from kernels.ir.schedule import Schedule
+
+    target, op = cpu_target(), make_op("matmul", "16x24x20")
+    backend = cluster.backend(target, **FAST)
+    naive, expert = render(Schedule(op), target, name="naive"), render(expert_schedule(op, target), target, name="expert")
+    built = Builder(cache_dir=tmp_path / "build").build([naive, expert])
+    r = backend.runner.run(op, naive, built[0].path, rival=(expert, built[1].path))
+    assert r.ok and len(r.rival_times_ms) == len(r.times_ms) >= 1
 
 
 def test_batches_submitted_together_share_the_runners(ray_cluster, tmp_path):

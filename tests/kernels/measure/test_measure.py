@@ -362,3 +362,30 @@ def test_verified_call_is_not_timed_with_its_fill():
         v.finish(lambda: events.append("extra"))
     assert events == ["start", "call", "stop", "fill", "extra"]
 
+
+
+SLOWER = kernel("usleep(2000);" + MATMUL, name="g")
+
+
+def _built(builder, k: Kernel) -> str:
+    built = builder.build([k])[0]
+    assert built.ok, built.error
+    return built.path
+
+
+def test_a_rival_is_timed_call_by_call_beside_the_kernel(builder, runner):
+    """Pairs of calls in turn: as many rival samples as the kernel's, and the ratio within
+    each pair shows which of the two is faster."""
+    r = runner.run(OP, GOOD, _built(builder, GOOD), rival=(SLOWER, _built(builder, SLOWER)))
+    assert r.ok and len(r.rival_times_ms) == len(r.times_ms) >= 3
+    assert statistics.median(s / k for k, s in zip(r.times_ms, r.rival_times_ms)) > 10
+
+
+@pytest.mark.parametrize("rival, what", [(kernel("for (int i = 0; i < 64; i++) C[i] = 0.0f;", name="z"),
+                                          "the rival kernel is wrong: wrong result"),
+                                         (kernel("static int calls; if (calls++) return;" + MATMUL, name="i"),
+                                          "the rival kernel is wrong: wrong result on timed call")])
+def test_a_wrong_rival_fails_the_run(builder, runner, rival, what):
+    """The rival is checked like the kernel: on its first call, and on a timed call drawn at random."""
+    r = runner.run(OP, GOOD, _built(builder, GOOD), rival=(rival, _built(builder, rival)))
+    assert not r.ok and what in r.error, r.error
