@@ -114,8 +114,8 @@ def _serve(req: dict, data: dict, send: Any) -> None:
     if rival:
         rival.call()
         error = rival.check()
-        if error:   # the rival's fault, not the kernel's
-            send(event="error", error=error)
+        if error:   # the rival's fault, not the kernel's; it may have written anywhere: a fresh worker next
+            send(event="error", error=error, fatal=True)
             return
     if req.get("slow_cutoff_s") and check_s > req["slow_cutoff_s"]:
         send(event="timed", times=[check_s], library_times=[])  # hopeless: the check call is its time
