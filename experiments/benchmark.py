@@ -445,8 +445,8 @@ HELDOUT_CASES = [("matmul", "1024x1024x1024"), ("matmul", "768x768x768"), ("matm
 def _heldout_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     lines = [f"`tune` with its default search (`evolve`) and a budget of {cfg.budget} measurements on shapes "
              "that no training saw, every operator. *of lib* comes from the final rounds (library and best "
-             "kernel alternating in blocks), *of expert* from the best and the expert schedule called in turn, "
-             "a call each, in one process (the median of the per-pair ratios); *to 90%* is the measurements "
+             "kernel alternating in blocks), *of expert* from the best and the expert schedule timed in turn, "
+             "a block of about 1 ms each, in one process (the median of the per-pair ratios); *to 90%* is the measurements "
              "the search needed to reach 90% of its final best (the references, naive and expert, are "
              "measured outside the budget and count as found at 0).", "",
              "| op | shape | GFLOPS | of lib | of expert | to 90% | tune wall s | command |",

@@ -38,6 +38,7 @@ from agents.search import AGENTS, Search
 from agents.search import Progress as SearchProgress
 from kernels.measure import cluster
 from kernels.measure import Measurer
+from kernels.measure.result import Rival
 from kernels.experts import expert_schedule
 from kernels.measure.comparison import Comparison, compare_with_library
 from kernels.measure.library import library_name, library_time_ms
@@ -92,6 +93,7 @@ class Config:
 
 
 DEFAULT_BUDGET = 64
+FINAL_PAIRS = 1000   # pairs of calls (best, expert) at most in the final figure of the expert
 
 
 def _library_ms(op, measurer: Measurer) -> float:
@@ -152,14 +154,26 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
     raise LookupError(f"no kernel passed the final check among {len(ranked)} correct measurements")
 
 
+def _pair_with_expert(measurer: Measurer, op, expert: Schedule, target) -> None:
+    """Every kernel the search measures (the references too) timed in turn with the
+    expert and recorded in units of the expert's time (``Measurer.pair_with``): that time
+    is the faster of two runs of it, since a fresh worker's first kernels run cold (the
+    expert of matmul 127x255x65 at 22 us, then 15)."""
+    kernel = render(expert, target, name=f"{op.kind}_anchor")
+    built = measurer.builder.build([kernel])[0]
+    runs = [measurer.runner.run(op, kernel, built.path) for _ in range(2)] if built.ok else []
+    if runs and all(r.ok for r in runs):
+        measurer.pair_with(Rival(kernel, built.path), min(r.time_ms for r in runs))
+
+
 def _paired_ratio(measurer: Measurer, op, best: tuple, expert: tuple) -> float | None:
-    """The expert's time over the best's, per pair of calls made in turn in one process
+    """The expert's time over the best's, per pair of blocks timed in turn in one process
     (median): on a CPU, where a shared host's speed changes between rounds taken a second
-    apart, the pairs see the same moment. None on a GPU (CUDA events time each launch on
+    apart, each pair sees one moment. None on a GPU (CUDA events time each launch on
     its own; the rounds' ratio stands) or where the pairing failed."""
     if best[0].is_cuda:
         return None
-    r = measurer.runner.run(op, *best, rival=expert)
+    r = measurer.runner.run(op, *best, rival=Rival(*expert, pairs=FINAL_PAIRS))
     if not r.ok or not r.rival_times_ms:
         return None
     return statistics.median(e / k for k, e in zip(r.times_ms, r.rival_times_ms))
@@ -225,6 +239,8 @@ def run(cfg: Config) -> dict:
         already = len(measurer.cache)
         # references, outside the budget: the result is never slower than either
         reference = None if cfg.no_expert else expert
+        if reference is not None and target.kind == "cpu":
+            _pair_with_expert(measurer, op, reference, target)
         naive, expert_result = measurer.measure([Schedule(op), reference or Schedule(op)])
         # for the curve; the final figure times the library against the best kernel, in blocks
         library_ms_start = _library_ms(op, measurer)

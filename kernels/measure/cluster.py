@@ -48,7 +48,7 @@ from ..ir.ops import Operator, make_op
 from ..ir.schedule import Schedule
 from ..target import NoCudaDevice, Target, cpu_target, cuda_devices, cuda_target
 from .build import Builder, ObjectCache, default_cache_dir
-from .result import BuildResult, MeasureResult
+from .result import BuildResult, MeasureResult, Rival
 from .runner import Runner
 
 logger = logging.getLogger(__name__)
@@ -265,9 +265,10 @@ class _RunnerActor:
 
     def run(self, kind: str, shape: str, kernel: Kernel, filename: str, data: bytes, library: bool,
             slow_cutoff_s: float | None, dtype: str = "fp32", rival_kernel: Kernel | None = None,
-            rival_file: str = "", rival_data: bytes = b"") -> MeasureResult:
+            rival_file: str = "", rival_data: bytes = b"", pairs: int = 0) -> MeasureResult:
         path = self.cache.get(filename) or self.cache.put(filename, data)
-        rival = rival_kernel and (rival_kernel, str(self.cache.get(rival_file) or self.cache.put(rival_file, rival_data)))
+        rival = rival_kernel and Rival(rival_kernel, str(self.cache.get(rival_file) or self.cache.put(rival_file, rival_data)),
+                                       pairs)
         return self.runner.run(make_op(kind, shape, dtype), kernel, str(path), library, slow_cutoff_s, rival)
 
     def close(self) -> None:
@@ -492,18 +493,17 @@ class RayRunner:
         return ref
 
     def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False,
-            slow_cutoff_s: float | None = None, rival: tuple[Kernel, str] | None = None) -> MeasureResult:
+            slow_cutoff_s: float | None = None, rival: Rival | None = None) -> MeasureResult:
         return next(iter(self.run_many(op, [(kernel, path)], library, slow_cutoff_s, rival)))
 
     def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]], library: bool = False,
-                 slow_cutoff_s: float | None = None, rival: tuple[Kernel, str] | None = None
-                 ) -> Iterator[MeasureResult]:
+                 slow_cutoff_s: float | None = None, rival: Rival | None = None) -> Iterator[MeasureResult]:
         """Results in the order of ``jobs``, each yielded once it and those before it are in;
         ``rival`` as for :meth:`Runner.run`, beside every job."""
         ray = _ray()
         lost_errors = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         cutoff = None if library else slow_cutoff_s
-        shipped = (rival[0], Path(rival[1]).name, self._artefact(rival[1])) if rival else ()
+        shipped = (rival.kernel, Path(rival.path).name, self._artefact(rival.path), rival.pairs) if rival else ()
         queue = list(range(len(jobs)))
         tries = [0] * len(jobs)
         inflight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (job, actor, submitted at)

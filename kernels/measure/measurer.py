@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 from ..ir.schedule import Schedule
 from ..target import Target
 from .build import Builder
-from .result import BuilderProtocol, Candidate, MeasureResult, RunnerProtocol
+from .result import BuilderProtocol, Candidate, MeasureResult, Rival, RunnerProtocol
 from .runner import Runner
 from .tuning_log import MeasureKey, TuningLog, TuningRecord, measure_key
 
@@ -54,8 +55,19 @@ class Measurer:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None   # submit()'s, made on first use
         self._in_order = _InOrder(self.log, self._lock)
+        self.anchor: tuple[Rival, float] | None = None   # pair_with's
         if cache and self.log is not None:
             self.preload(self.log)
+
+    def pair_with(self, rival: Rival | None, time_ms: float = 0.0) -> None:
+        """Time every CPU kernel from now on in turn with ``rival``, whose own time is
+        ``time_ms``, and record its times in those units: its times over the median of the
+        rival's beside them, times ``time_ms``. A shared machine's speed changes from one
+        stretch of milliseconds to the next: single measurements of one kernel spread by
+        10-34% here, while its ratio to a copy of itself timed in turn held within 0.2%, so
+        a search ranks its candidates by what they are rather than by when they ran. None:
+        plain times again."""
+        self.anchor = (rival, time_ms) if rival else None
 
     def preload(self, log: TuningLog) -> int:
         """Fill the cache from ``log``; returns how many records were taken (impossible
@@ -126,14 +138,15 @@ class Measurer:
                     todo[mk] = c
 
         builds = self.builder.build([c.kernel for c in todo.values()])   # all compiles first...
+        rival = self.anchor[0] if self.anchor and self.target.kind == "cpu" else None
         runs = self.runner.run_many(op, [(c.kernel, b.path) for c, b in zip(todo.values(), builds)
                                          if b.path is not None],
-                                    slow_cutoff_s=slow_cutoff_s)         # ...then timing, alone
+                                    slow_cutoff_s=slow_cutoff_s, rival=rival)   # ...then timing, alone
         for (mk, c), b in zip(todo.items(), builds):
             if b.path is None:
                 res = MeasureResult.failure(b.error or "build failed", build_s=b.build_s)
             else:
-                res = next(runs)
+                res = self._in_anchor_units(op, next(runs))
                 res = replace(res, build_s=b.build_s + res.build_s)  # + NVRTC in the worker (CUDA)
             if not res.ok:
                 logger.debug("%s %s: %s", op.kind, op.shape_str, res.error)
@@ -146,6 +159,16 @@ class Measurer:
                     self.cache[mk] = res
             append(self.record(c, res))
         return [results[mk] for mk in mkeys]
+
+    def _in_anchor_units(self, op, res: MeasureResult) -> MeasureResult:
+        if not (self.anchor and res.ok and res.rival_times_ms):   # unpaired, or timed by its check call
+            return res
+        # scaled by the rival's median beside them: a ratio of medians, which a single call
+        # caught by a spike (2-3x, on either side of a pair) does not move as it moves that pair's ratio
+        scale = self.anchor[1] / statistics.median(res.rival_times_ms)
+        times = tuple(k * scale for k in res.times_ms)
+        time_ms = statistics.median(times)
+        return replace(res, time_ms=time_ms, times_ms=times, gflops=op.flops / time_ms / 1e6)
 
     def measure_one(self, item: Schedule | Candidate, slow_cutoff_s: float | None = None) -> MeasureResult:
         return self.measure([item], slow_cutoff_s)[0]

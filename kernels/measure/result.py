@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, NamedTuple, Protocol
 
 from ..codegen import render
 from ..codegen.kernel import Kernel
@@ -13,6 +13,17 @@ from ..ir.ops import Operator
 from ..ir.schedule import Schedule
 from ..target import Target
 from .tuning_log import TuningRecord
+
+
+class Rival(NamedTuple):
+    """A CPU kernel timed in turn with the one measured, a short block of calls each, in
+    the same worker (both checked, a random call of each verified): each pair sees one
+    moment of a shared machine whose speed changes from one stretch of milliseconds to
+    the next."""
+
+    kernel: Kernel
+    path: str
+    pairs: int = 0    # pairs of blocks at most, within the runner's time budget; 0: its repeats
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,7 @@ class MeasureResult:
     build_s: float = 0.0              # seconds spent compiling
     run_s: float = 0.0                # seconds spent running (check + timing)
     library_times_ms: tuple[float, ...] = ()  # the library, timed alternately with the kernel
-    rival_times_ms: tuple[float, ...] = ()    # a rival kernel, called in turn with this one
+    rival_times_ms: tuple[float, ...] = ()    # a Rival's block medians, each paired with times_ms' at its index
 
     @classmethod
     def failure(cls, error: str, correct: bool = False, build_s: float = 0.0,
@@ -87,9 +98,9 @@ class RunnerProtocol(Protocol):
     Ray cluster (several devices side by side)."""
 
     def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False,
-            slow_cutoff_s: float | None = None, rival: tuple[Kernel, str] | None = None) -> MeasureResult: ...
+            slow_cutoff_s: float | None = None, rival: Rival | None = None) -> MeasureResult: ...
 
     def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]], library: bool = False,
-                 slow_cutoff_s: float | None = None) -> Iterator[MeasureResult]: ...
+                 slow_cutoff_s: float | None = None, rival: Rival | None = None) -> Iterator[MeasureResult]: ...
 
     def close(self) -> None: ...

@@ -25,7 +25,7 @@ from typing import Iterator
 from ..codegen.kernel import Kernel
 from ..ir.ops import Operator
 from .check import tolerance
-from .result import MeasureResult
+from .result import MeasureResult, Rival
 
 logger = logging.getLogger(__name__)
 
@@ -210,21 +210,20 @@ class Runner:
             pass
 
     def run_many(self, op: Operator, jobs: list[tuple[Kernel, str]], library: bool = False,
-                 slow_cutoff_s: float | None = None) -> Iterator[MeasureResult]:
+                 slow_cutoff_s: float | None = None, rival: Rival | None = None) -> Iterator[MeasureResult]:
         """One result per (kernel, path), in order; here one at a time, lazily, so the
         caller records each before the next runs. A runner with several devices
         (:class:`kernels.cluster.RayRunner`) runs them side by side instead."""
         for kernel, path in jobs:
-            yield self.run(op, kernel, path, library, slow_cutoff_s)
+            yield self.run(op, kernel, path, library, slow_cutoff_s, rival)
 
     def run(self, op: Operator, kernel: Kernel, path: str, library: bool = False,
-            slow_cutoff_s: float | None = None, rival: tuple[Kernel, str] | None = None) -> MeasureResult:
+            slow_cutoff_s: float | None = None, rival: Rival | None = None) -> MeasureResult:
         """Check ``kernel`` (built at ``path``) against the reference and time it; with
         ``library``, time the vendor library too, in alternating blocks. A kernel whose
         check call takes longer than ``slow_cutoff_s`` (a search's multiple of its best) is
         timed by that one call instead of several (tinygrad stops early too). A ``rival``
-        (another CPU kernel of the same operator, and its path) is checked too, then timed
-        call by call in turn with ``kernel`` (``rival_times_ms``)."""
+        is checked too, then timed in turn with ``kernel`` (``rival_times_ms``)."""
         if rival and kernel.is_cuda:
             raise ValueError("a rival is timed beside CPU kernels only: CUDA events time each launch on its own")
         self.runs += 1
@@ -237,7 +236,7 @@ class Runner:
         return replace(result, run_s=time.perf_counter() - t0 - result.build_s)
 
     def _run(self, op: Operator, kernel: Kernel, path: str, library: bool,
-             slow_cutoff_s: float | None, rival: tuple[Kernel, str] | None = None) -> MeasureResult:
+             slow_cutoff_s: float | None, rival: Rival | None = None) -> MeasureResult:
         try:
             w = self._ensure_worker()
         except (RuntimeError, OSError) as e:
@@ -250,7 +249,8 @@ class Runner:
                    slow_cutoff_s=None if library else slow_cutoff_s,
                    library=library)
         if rival:
-            req["rival"] = dict(path=rival[1], name=rival[0].name)
+            req["rival"] = dict(path=rival.path, name=rival.kernel.name)
+            req["pairs"] = rival.pairs or self.repeats
         if kernel.is_cuda:
             req.update(backend="cuda", launch=kernel.launch, shared_bytes=kernel.shared_bytes)
         correct = False

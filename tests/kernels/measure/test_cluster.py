@@ -275,12 +275,13 @@ def test_a_rival_travels_with_its_kernel_to_a_runner(ray_cluster, tmp_path):
     from kernels.codegen import render
     from kernels.experts import expert_schedule
     from kernels.ir.schedule import Schedule
+    from kernels.measure.result import Rival
 
     target, op = cpu_target(), make_op("matmul", "16x24x20")
     backend = cluster.backend(target, **FAST)
     naive, expert = render(Schedule(op), target, name="naive"), render(expert_schedule(op, target), target, name="expert")
     built = Builder(cache_dir=tmp_path / "build").build([naive, expert])
-    r = backend.runner.run(op, naive, built[0].path, rival=(expert, built[1].path))
+    r = backend.runner.run(op, naive, built[0].path, rival=Rival(expert, built[1].path))
     assert r.ok and len(r.rival_times_ms) == len(r.times_ms) >= 1
 
 

@@ -13,6 +13,7 @@ from kernels.measure.build import CacheDirError
 from kernels.ir.ops import make_op
 from kernels.target import cpu_target
 from kernels.measure.tuning_log import TuningLog
+from kernels.measure.result import Rival
 from kernels.measure.runner import SLOW_GRACE_S
 
 OP = make_op("matmul", "8x8x8")
@@ -376,7 +377,7 @@ def _built(builder, k: Kernel) -> str:
 def test_a_rival_is_timed_call_by_call_beside_the_kernel(builder, runner):
     """Pairs of calls in turn: as many rival samples as the kernel's, and the ratio within
     each pair shows which of the two is faster."""
-    r = runner.run(OP, GOOD, _built(builder, GOOD), rival=(SLOWER, _built(builder, SLOWER)))
+    r = runner.run(OP, GOOD, _built(builder, GOOD), rival=Rival(SLOWER, _built(builder, SLOWER)))
     assert r.ok and len(r.rival_times_ms) == len(r.times_ms) >= 3
     assert statistics.median(s / k for k, s in zip(r.times_ms, r.rival_times_ms)) > 10
 
@@ -387,5 +388,18 @@ def test_a_rival_is_timed_call_by_call_beside_the_kernel(builder, runner):
                                           "the rival kernel is wrong: wrong result on timed call")])
 def test_a_wrong_rival_fails_the_run(builder, runner, rival, what):
     """The rival is checked like the kernel: on its first call, and on a timed call drawn at random."""
-    r = runner.run(OP, GOOD, _built(builder, GOOD), rival=(rival, _built(builder, rival)))
+    r = runner.run(OP, GOOD, _built(builder, GOOD), rival=Rival(rival, _built(builder, rival)))
     assert not r.ok and what in r.error, r.error
+
+
+def test_a_measurer_paired_with_a_rival_records_times_in_its_units(builder, runner, tmp_path):
+    """Paired with a copy of the kernel said to take 5 ms, the kernel takes about 5 ms:
+    its time is its calls' over the rival's beside them, in the rival's units."""
+    twin = kernel(MATMUL, name="twin")
+    m = Measurer(cpu_target(), builder=builder, runner=runner, log=tmp_path / "log.jsonl")
+    m.pair_with(Rival(twin, _built(builder, twin)), 5.0)
+    r = m.measure_one(Candidate(OP, key(50), GOOD))
+    assert r.ok and 3.5 < r.time_ms < 7 and r.time_ms == statistics.median(r.times_ms)
+    assert TuningLog(tmp_path / "log.jsonl").read()[0].time_ms == r.time_ms
+    m.pair_with(None)
+    assert m.measure_one(Candidate(OP, key(51), GOOD)).time_ms < 1   # plain times again
