@@ -93,7 +93,7 @@ class Config:
 
 
 DEFAULT_BUDGET = 64
-FINAL_PAIRS = 1000   # pairs of calls (best, expert) at most in the final figure of the expert
+FINAL_PAIRS = 1000   # pairs of blocks (best, expert) at most in the final figure of the expert
 
 
 def _library_ms(op, measurer: Measurer) -> float:
@@ -118,10 +118,10 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
     The tuning log is data, not truth: a best that fails its re-check is dropped and the
     next best takes its place. A final time that disagrees with the search's by more than
     the spread (a machine loaded in one of the two) is measured once more, and said, where
-    the search timed kernels alone (not paired with the expert). Where
-    the expert is faster (the search timed its best too kindly), the expert is the
-    result, never slower than the expert, unless ``expert_wins`` is off (the ablation,
-    where the expert is timed only for the figure)."""
+    the search timed kernels alone (not paired with the expert). Where the expert is
+    faster (the search timed its best too kindly), the expert is the result, never slower
+    than the expert, unless ``expert_wins`` is off (the ablation, where the expert is timed
+    only for the figure)."""
     extra = []
     if expert is not None:
         expert_kernel = render(expert, target, name=f"{op.kind}_expert")
