@@ -59,7 +59,7 @@ class _Devices:
         t = 0.1 + digest % 1000 / 100
         return MeasureResult(True, t, (t,), op.flops / t / 1e6, True, None)
 
-    def run_many(self, op, jobs, library=False, slow_cutoff_s=None):
+    def run_many(self, op, jobs, library=False, slow_cutoff_s=None, rival=None):
         """Every job at once (as many as there are devices), results in order."""
         results = [None] * len(jobs)
         threads = [threading.Thread(target=lambda i=i, k=k: results.__setitem__(i, self._one(op, k)))
