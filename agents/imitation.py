@@ -22,7 +22,7 @@ from kernels.codegen import render
 from kernels.experts import expert_schedule
 from kernels.ir.ops import make_op
 from kernels.ir.schedule import Schedule, ScheduleError
-from kernels.measure.comparison import compare_with_library
+from kernels.measure.comparison import compare_with_library, paired_ratio
 
 from .rollout import ReplayDraw, rollout
 
@@ -95,14 +95,18 @@ def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, po
 
 
 def _speedups(op, schedules: list[Schedule], expert: Schedule, target, measurer, rounds: int) -> list[float]:
-    """The expert's time over each schedule's: the median of per-round ratios, all timed in
-    the same alternating rounds (0 for one that fails)."""
+    """The expert's time over each schedule's (0 for one that fails): on a CPU each timed
+    in turn with the expert (``paired_ratio``), on a GPU the median of per-round ratios,
+    all timed in the same alternating rounds."""
     kernels = [render(s, target, name=f"{op.kind}_{i}") for i, s in enumerate(schedules)]
     kernels.append(render(expert, target, name=f"{op.kind}_expert"))
     built = measurer.builder.build(kernels)
     ok = [(k, b.path) for k, b in zip(kernels, built) if b.ok]
     if not built[-1].ok:
         return [0.0] * len(schedules)
+    if target.kind == "cpu":
+        return [(paired_ratio(measurer.runner, op, (k, b.path), ok[-1]) or 0.0) if b.ok else 0.0
+                for k, b in zip(kernels[:-1], built[:-1])]
     comps = iter(compare_with_library(measurer.runner, op, ok, target, rounds))
     comps = [next(comps) if b.ok else None for b in built]
     theirs = comps.pop()

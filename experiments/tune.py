@@ -40,7 +40,7 @@ from kernels.measure import cluster
 from kernels.measure import Measurer
 from kernels.measure.result import Rival
 from kernels.experts import expert_schedule
-from kernels.measure.comparison import Comparison, compare_with_library
+from kernels.measure.comparison import Comparison, compare_with_library, paired_ratio
 from kernels.measure.library import library_name, library_time_ms
 from kernels.measure.runner import check_fits_in_memory
 from kernels.codegen.rules import check_dtype
@@ -93,7 +93,6 @@ class Config:
 
 
 DEFAULT_BUDGET = 64
-FINAL_PAIRS = 1000   # pairs of blocks (best, expert) at most in the final figure of the expert
 
 
 def _library_ms(op, measurer: Measurer) -> float:
@@ -144,8 +143,11 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
             expert_cmp = rest[0] if rest else None
             of_expert = None
             if expert_cmp is not None and expert_cmp.ok:
+                # on a CPU the two timed in turn, which rounds a second apart cannot match on a
+                # shared host; on a GPU (CUDA events time each launch on its own) the rounds
                 of_expert = 1.0 if schedule.key() == expert.key() else (
-                    _paired_ratio(measurer, op, (kernel, built.path), extra[0]) or _ratio(expert_cmp, cmp))
+                    (None if kernel.is_cuda else paired_ratio(measurer.runner, op, (kernel, built.path), extra[0]))
+                    or _ratio(expert_cmp, cmp))
             if expert_wins and of_expert is not None and of_expert < 1:
                 print(f"the expert schedule is faster ({1 / of_expert:.3f} of the best's speed); it is the result",
                       file=sys.stderr)
@@ -166,19 +168,6 @@ def _pair_with_expert(measurer: Measurer, op, expert: Schedule, target) -> None:
     runs = [measurer.runner.run(op, kernel, built.path) for _ in range(2)] if built.ok else []
     if runs and all(r.ok for r in runs):
         measurer.pair_with(Rival(kernel, built.path), min(r.time_ms for r in runs))
-
-
-def _paired_ratio(measurer: Measurer, op, best: tuple, expert: tuple) -> float | None:
-    """The expert's time over the best's, per pair of blocks timed in turn in one process
-    (median): on a CPU, where a shared host's speed changes between rounds taken a second
-    apart, each pair sees one moment. None on a GPU (CUDA events time each launch on
-    its own; the rounds' ratio stands) or where the pairing failed."""
-    if best[0].is_cuda:
-        return None
-    r = measurer.runner.run(op, *best, rival=Rival(*expert, pairs=FINAL_PAIRS))
-    if not r.ok or not r.rival_times_ms:
-        return None
-    return statistics.median(e / k for k, e in zip(r.times_ms, r.rival_times_ms))
 
 
 def _expert(op, target) -> Schedule | None:

@@ -3,7 +3,9 @@
 Each round times the kernel and the library in alternating blocks in one worker
 (``Runner.run(..., library=True)``), so a machine whose speed drifts slows both
 alike; the figures are medians over rounds, reported with their spread (max - min of
-the rounds' medians), so a reader sees how far to trust them.
+the rounds' medians), so a reader sees how far to trust them. Two CPU kernels are
+compared by :func:`paired_ratio`: timed in turn in one worker, which rounds a second
+apart cannot match on a shared host.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 from ..codegen.kernel import Kernel
 from ..ir.ops import Operator
 from ..target import Target
-from .result import MeasureResult, RunnerProtocol
+from .result import MeasureResult, Rival, RunnerProtocol
+
+PAIRS = 1000   # pairs of blocks at most (within the runner's time budget) in a paired_ratio
 
 
 @dataclass(frozen=True)
@@ -84,3 +88,14 @@ def compare_with_library(runner: RunnerProtocol, op: Operator, kernels: list[tup
                 raise ImpossibleTiming(f"{kernel.name} timed at {gflops:.0f} GFLOPS, above this machine's "
                                        f"peak of {target.peak_gflops:.0f}: the timing is wrong")
     return [Comparison(tuple(r)) for r in results]
+
+
+def paired_ratio(runner: RunnerProtocol, op: Operator, kernel: tuple[Kernel, str], rival: tuple[Kernel, str],
+                 pairs: int = PAIRS) -> float | None:
+    """The rival's time over the kernel's (both CPU kernels, with their built paths): the
+    median over pairs of short blocks timed in turn in one worker (``Runner.run``'s
+    ``rival``); None where either failed."""
+    r = runner.run(op, *kernel, rival=Rival(*rival, pairs))
+    if not r.ok or not r.rival_times_ms:
+        return None
+    return statistics.median(e / k for k, e in zip(r.times_ms, r.rival_times_ms))
