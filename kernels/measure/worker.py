@@ -242,11 +242,11 @@ def _time_pairs(kernel: tuple, rival: tuple, least: int, most: int, budget_s: fl
     goes first alternates): each ``(call, calls a block, clock)``; the median of each
     block, per pair. Both see the same moment of the machine: on a shared host, whose
     speed changes from one stretch of milliseconds to the next, the ratio within a pair
-    holds where times taken apart do not (a kernel and its own copy: within 0.5-3% of 1,
-    where single measurements of it spread by 10-34%). Blocks, not single calls: each
-    kernel then runs with its own data in the caches, as when it is timed alone; called
-    by turns a call each, with separate copies of the inputs, one kernel ran at 0.75 of
-    another that was 4% faster than it, timed either alone or by turns on shared inputs."""
+    holds where times taken apart do not (a kernel and its own copy: 0.999-1.002 of each
+    other, where single measurements of one spread by 10-34%). Blocks, not single calls:
+    each kernel then runs with its own data in the caches, as when it is timed alone;
+    called by turns a call each, with separate copies of the inputs, one kernel took
+    0.71-0.78 of another's time where, timed alone, it took 1.05 of it."""
     times: list[float] = []
     rival_times: list[float] = []
     t0 = time.perf_counter()
