@@ -163,7 +163,7 @@ def _pair_with_expert(measurer: Measurer, op, expert: Schedule, target) -> None:
     expert and recorded in units of the expert's time (``Measurer.pair_with``): that time
     is the faster of two runs of it, since a fresh worker's first kernels run cold (the
     expert of matmul 127x255x65 at 22 us, then 15)."""
-    kernel = render(expert, target, name=f"{op.kind}_anchor")
+    kernel = render(expert, target, name=f"{op.kind}_expert")   # the final rounds' source: built once
     built = measurer.builder.build([kernel])[0]
     runs = [measurer.runner.run(op, kernel, built.path) for _ in range(2)] if built.ok else []
     if runs and all(r.ok for r in runs):
