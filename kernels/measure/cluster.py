@@ -266,10 +266,13 @@ class _RunnerActor:
     def run(self, kind: str, shape: str, kernel: Kernel, filename: str, data: bytes, library: bool,
             slow_cutoff_s: float | None, dtype: str = "fp32", rival_kernel: Kernel | None = None,
             rival_file: str = "", rival_data: bytes = b"", pairs: int = 0) -> MeasureResult:
-        path = self.cache.get(filename) or self.cache.put(filename, data)
-        rival = rival_kernel and Rival(rival_kernel, str(self.cache.get(rival_file) or self.cache.put(rival_file, rival_data)),
-                                       pairs)
-        return self.runner.run(make_op(kind, shape, dtype), kernel, str(path), library, slow_cutoff_s, rival)
+        rival = rival_kernel and Rival(rival_kernel, self._stored(rival_file, rival_data), pairs)
+        return self.runner.run(make_op(kind, shape, dtype), kernel, self._stored(filename, data), library,
+                               slow_cutoff_s, rival)
+
+    def _stored(self, filename: str, data: bytes) -> str:
+        """The path of a shipped object in this node's cache, stored there on first use."""
+        return str(self.cache.get(filename) or self.cache.put(filename, data))
 
     def close(self) -> None:
         self.runner.close()
