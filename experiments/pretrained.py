@@ -4,25 +4,38 @@
 its weights and the spec it is rebuilt from (``agents/policy.py``), which also says
 what it was trained for and by which command (``<op>-<dtype>-ppo.pt``: one for a dtype
 other than fp32, whose schedules differ: tensor cores); ``experiments/pretrained/<target>/cost_model.pt``
-is a cost model pre-trained from tuning logs.
+is a cost model pre-trained from tuning logs. The observation does not name the dtype:
+a policy serves every dtype whose tensor-core instruction and element size match those
+it was trained for (bf16's serves fp16).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from kernels.ir.dtypes import DTYPES
 from kernels.ir.ops import BASE_KIND, Operator
 from kernels.target import Target
 
 ROOT = Path(__file__).resolve().parent / "pretrained"
 
 
+def _schedules_alike(a: str, b: str) -> bool:
+    """Whether dtypes ``a`` and ``b`` build the same schedules: the same tensor-core
+    instruction (or none) on elements of the same size, so the same legal actions."""
+    return (DTYPES[a].mma_k, DTYPES[a].bytes) == (DTYPES[b].mma_k, DTYPES[b].bytes)
+
+
 def policy_path(op: Operator, target_kind: str) -> Path:
-    """The shipped policy's file: the dtype's own where one is shipped, else the fp32 one;
-    an epilogue variant uses its base operator's."""
+    """The shipped policy's file: the dtype's own where one is shipped, else that of a
+    dtype whose schedules are alike (fp16 takes bf16's), else the fp32 one; an epilogue
+    variant uses its base operator's."""
     base = BASE_KIND.get(op.kind, op.kind)
-    own = ROOT / target_kind / f"{base}-{op.dtype}-ppo.pt"
-    return own if op.dtype != "fp32" and own.is_file() else ROOT / target_kind / f"{base}-ppo.pt"
+    for dtype in sorted(DTYPES, key=lambda d: d != op.dtype):   # its own first
+        path = ROOT / target_kind / f"{base}-{dtype}-ppo.pt"
+        if dtype != "fp32" and _schedules_alike(dtype, op.dtype) and path.is_file():
+            return path
+    return ROOT / target_kind / f"{base}-ppo.pt"
 
 
 def cost_model_path(target_kind: str) -> Path:

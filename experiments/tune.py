@@ -208,6 +208,7 @@ def run(cfg: Config) -> dict:
     check_fits_in_memory(op)
     target = get_target(cfg.target)
     policy = _policy(cfg, op, target)
+    policy_file = (cfg.policy or str(pretrained.policy_path(op, target.kind))) if policy is not None else None
     model = None
     if cfg.agent in ("evolve", "ppo", "filtered", "anneal", "beam"):
         model = pretrained.load_cost_model(cfg.cost_model, target, seed=cfg.seed)
@@ -224,6 +225,8 @@ def run(cfg: Config) -> dict:
     save_config(run_dir, cfg, writer)
     progress = ProgressLog(run_dir, writer)
     print(f"run directory: {run_dir}", file=sys.stderr)
+    if policy_file:
+        print(f"proposals from the policy {policy_file}", file=sys.stderr)
 
     with Measurer(target, backend and backend.builder, backend and backend.runner,
                   log=run_dir / "tuning.jsonl") as measurer:
@@ -265,7 +268,7 @@ def run(cfg: Config) -> dict:
     library_ms = final.library_time_ms
     summary = {
         "op": op.kind, "shape": op.shape_str, "dtype": op.dtype, "target": target.kind, "hardware": target.device,
-        "agent": cfg.agent, "budget": cfg.budget, "measurements": len(search.measured),
+        "agent": cfg.agent, "policy": policy_file, "budget": cfg.budget, "measurements": len(search.measured),
         "resumed_records": already,
         "time_ms": final.time_ms, "time_spread_ms": final.time_spread_ms, "search_time_ms": searched_ms,
         "gflops": op.flops / final.time_ms / 1e6,

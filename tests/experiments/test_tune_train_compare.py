@@ -55,6 +55,7 @@ def test_every_op_tunes_with_the_default_agent(kind, shape, tmp_path):
     out = last_json(cli("tune", "--op", kind, "--shape", shape, "--budget", "3", "--rounds", "1", "--json",
                         cwd=tmp_path))
     assert out["agent"] == "evolve" and out["correct"] and out["measurements"] <= 3
+    assert out["policy"].endswith(f"pretrained/cpu/{kind}-ppo.pt"), "the shipped policy proposes"
     assert out["expert_gflops"] > 0 and out["fraction_of_expert"] >= 1.0
     records = [json.loads(l) for l in (tmp_path / out["run_dir"] / "tuning.jsonl").read_text().splitlines()]
     assert [] in [r["schedule"] for r in records], "the naive kernel is always a candidate"
@@ -71,6 +72,7 @@ def test_no_expert_ablation_measures_no_expert_but_reports_it(tmp_path):
     expert = expert_schedule(make_op("matmul", "16x24x8"), cpu_target()).steps_json()
     assert expert not in [r["schedule"] for r in records]
     assert out["fraction_of_expert"] > 0 and out["measurements"] <= 3
+    assert out["policy"] is None, "the shipped policy imitates the expert: the ablation proposes without it"
 
 
 @pytest.mark.parametrize("agent", ["random", "anneal", "beam"])
@@ -91,7 +93,7 @@ def test_tune_ppo_zero_shot_with_budget_one(trained, tmp_path):
     out = last_json(cli("tune", "--op", "matmul", "--shape", "20x36x12", "--agent", "ppo", "--policy",
                         str(trained / "policy.pt"), "--budget", "1", "--rounds", "1", "--json", "--export", "k",
                         cwd=tmp_path))
-    assert out["measurements"] == 1 and out["correct"]
+    assert out["measurements"] == 1 and out["correct"] and out["policy"] == str(trained / "policy.pt")
     assert {p.name for p in (tmp_path / "k").iterdir()} >= {"kernel.c", "kernel.so", "kernel.json"}
 
 
