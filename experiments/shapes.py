@@ -106,10 +106,10 @@ SHAPE_SETS: dict[str, dict[str, list[str]]] = {
 }
 
 
-def _drawn(op: str, n: int, seed: int, exclude: set[str]) -> list[str]:
+def _drawn(op: str, n: int, seed: int, exclude: set[str], batches: tuple[int, ...] = (1,)) -> list[str]:
     """``n`` distinct shapes of ``op`` drawn like the layers of common networks (seeded), none
-    in ``exclude``: imitation's labels (the experts) cost nothing, so a policy can learn
-    from many more shapes than PPO could measure."""
+    in ``exclude``; a convolution's batch drawn from ``batches``: imitation's labels (the
+    experts) cost nothing, so a policy can learn from many more shapes than PPO could measure."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -131,7 +131,8 @@ def _drawn(op: str, n: int, seed: int, exclude: set[str]) -> list[str]:
         else:   # conv2d
             r, hw = pick(1, 3), pick(7, 14, 28, 56)
             c, k = pick(16, 32, 64, 96, 128, 192, 256, 384, 512), pick(16, 32, 64, 96, 128, 192, 256, 384, 512, 1024)
-            s = f"1,{c},{hw},{hw},{k},{r},{r},{pick(1, 1, 2) if r == 3 else 1},{r // 2}"
+            s = f"{c},{hw},{hw},{k},{r},{r},{pick(1, 1, 2) if r == 3 else 1},{r // 2}"
+            s = f"{pick(*batches) if len(batches) > 1 else batches[0]},{s}"
         if s not in exclude and s not in out:
             out.append(s)
     return out
@@ -179,3 +180,10 @@ def family(op: str, split: str = "train", name: str = "default") -> list[str]:
     if split not in fams[name]:
         raise ValueError(f"unknown split {split!r}; use train, held_out or small")
     return list(fams[name][split])
+
+# The GPU's conv2d family: "many" and 30 layers drawn at batch 2, 4 and 8 (never ResNet-50's
+# batch of 16, which the benchmarks hold out), where 3x3 layers have outputs enough for the
+# tensor-core expert (kernels.experts.TENSOR_CORE_MIN_PIXELS).
+_many = FAMILIES["conv2d"]["many"]
+FAMILIES["conv2d"]["gpu-many"] = _grown(_many, _drawn("conv2d", 30, 3, {*_many["train"], *_many["held_out"]},
+                                                       batches=(2, 4, 8)))

@@ -390,16 +390,26 @@ CONV_MMA_TILES = ((2, 2, 4, 4), (2, 2, 2, 4), (2, 1, 2, 2), (1, 1, 1, 2))   # (w
 CONV_MMA_BUFFERS = 2
 
 
+def _split(s: Schedule, loop: str, factor: int) -> tuple[Schedule, str, str | None]:
+    """(``s`` with ``loop`` split by ``factor``, the outer loop, the inner one); a factor of
+    1 leaves the loop whole and names no inner loop (the environment splits by 2 and more)."""
+    return (s, loop, None) if factor == 1 else (s.split(loop, factor), f"{loop}_o", f"{loop}_i")
+
+
 def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
+    """Built in the order the environment's actions can rebuild it (its policies imitate
+    it): the instruction's tile innermost and tensorized first, so a warp's tile may grow
+    past one thread's registers, and the block's m loops fused into one grid axis before the
+    channels are tiled, so the nest never holds more than the action table's loops."""
     ext = op.extents
     mk = DTYPES[op.dtype].mma_k
     s = Schedule(op)
     if ext["x"] >= 16:        # m: 16 pixels of a row; a warp's m tiles: rows
-        s, m, tiles, block = s.split("x", 16), "x", "y", ("n", "y_o_o", "x_o")
+        s, m, tiles, around = s.split("x", 16), "x", "y", ("n", "x_o")
     elif ext["n"] >= 16:      # m: 16 images; a warp's m tiles: pixels of a row
-        s, m, tiles, block = s.split("n", 16), "n", "x", ("n_o", "y", "x_o_o")
+        s, m, tiles, around = s.split("n", 16), "n", "x", ("n_o", "y")
     elif ext["y"] * ext["x"] >= 16:
-        s, m, tiles, block = s.fuse("y", "x").split("y_x", 16), "y_x", "y_x_o", ("n", "y_x_o_o_o")
+        s, m, tiles, around = s.fuse("y", "x").split("y_x", 16), "y_x", "y_x_o", ("n",)
     else:
         return None
     tile_extent = next(l.extent for l in s.nest.loops if l.name == tiles)
@@ -410,13 +420,29 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
             break
     fm, fn = min(fm, tile_extent), min(fn, _ceil(ext["k"], 8))
     wy, wx = min(wy, _ceil(tile_extent, fm)), min(wx, _ceil(ext["k"], 8 * fn))
-    s = s.split("k", 8).split("c", mk).split(tiles, fm).split(f"{tiles}_o", wy).split("k_o", fn).split("k_o_o", wx)
+    # each loop moved while it is still whole: the fewest swaps for the environment to replay
+    spatial = lambda s, skip: [l.name for l in s.nest.loops if not l.reduce and l.name not in skip]
+    s = s.reorder(*around, tiles, *spatial(s, (*around, tiles)))
+    mma = (f"{m}_i", "k_i", "c_i")
+    s = s.split("k", 8).split("c", mk)
+    s = s.reorder(*(l.name for l in s.nest.loops if l.name not in mma), *mma).tensorize(*mma)
+    s, tiles_o, tiles_i = _split(s, tiles, fm)
+    s, block_m, warps_m = _split(s, tiles_o, wy)
+    block = (*around, block_m)
+    for i in range(1, len(block)):
+        s = s.fuse("_".join(block[:i]), block[i])
+    s, k_o, k_tiles = _split(s, "k_o", fn)
+    s = s.reorder(*(n for n in ("_".join(block), k_o, warps_m, "c_o", "ry", "rx", tiles_i, k_tiles) if n), *mma)
+    s, k_block, warps_k = _split(s, k_o, wx)
     staged = ("W",) if m == "y_x" else ("I", "W")
+    loops = dict(block="_".join(block), k_block=k_block, warps_m=warps_m, warps_k=warps_k,
+                 tiles_i=tiles_i, k_tiles=k_tiles)
     # the widest slice of channels whose stages fit shared memory, twice (double-buffered) if they can
     for ks in range(MMA_K_SLICE_BYTES // (mk * DTYPES[op.dtype].bytes), 0, -1):
         if (ext["c"] // mk) % ks:
             continue
-        sliced = _pipelined(_conv_tensor_core_nest(s.split("c_o", ks), m, tiles, block, staged), staged, target,
+        sliced, c_slices, c_steps = _split(s, "c_o", ks)
+        sliced = _pipelined(_conv_tensor_core_nest(sliced, loops, c_slices, c_steps, staged), staged, target,
                             CONV_MMA_BUFFERS)
         try:
             check_for_target(sliced, target)
@@ -426,16 +452,26 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     return None
 
 
-def _conv_tensor_core_nest(s: Schedule, m: str, tiles: str, block: tuple[str, ...],
+def _conv_tensor_core_nest(s: Schedule, loops: dict[str, str | None], c_slices: str, c_steps: str | None,
                            staged: tuple[str, ...]) -> Schedule:
-    s = s.reorder(*block, "k_o_o_o", f"{tiles}_o_i", "k_o_o_i", "c_o_o", "ry", "rx", "c_o_i",
-                  f"{tiles}_i", "k_o_i", f"{m}_i", "k_i", "c_i").tensorize(f"{m}_i", "k_i", "c_i")
-    for i in range(1, len(block)):    # the block's m loops as one grid axis: the nest fits MAX_LOOPS
-        s = s.fuse("_".join(block[:i]), block[i])
-    s = (s.bind("_".join(block), "blockIdx.y").bind("k_o_o_o", "blockIdx.x")
-         .bind(f"{tiles}_o_i", "threadIdx.y").bind("k_o_o_i", "threadIdx.x"))
-    s = s.cache_write("k_o_o_i").unroll("k_o_i").unroll(f"{tiles}_i").unroll("c_o_i")
-    return functools.reduce(lambda s, t: s.cache_read(t, "c_o_o"), staged, s)
+    """Grid, warps, accumulators and stages around the tensorized tile: the block's m loop
+    on blockIdx.y, its output channels on blockIdx.x, warps over m and channels on
+    threadIdx.y/x, per slice of input channels a stage of each tensor in ``staged``."""
+    def present(*names):
+        return [n for n in names if n]
+
+    L = loops
+    inner = s.nest.loops[-3:]
+    s = s.reorder(*present(L["block"], L["k_block"], L["warps_k"], L["warps_m"], c_slices, "ry", "rx", c_steps,
+                           L["tiles_i"], L["k_tiles"]), *(l.name for l in inner))
+    s = s.bind(L["block"], "blockIdx.y").bind(L["k_block"], "blockIdx.x")
+    for loop, axis in ((L["warps_m"], "threadIdx.y"), (L["warps_k"], "threadIdx.x")):
+        if loop:
+            s = s.bind(loop, axis)
+    s = s.cache_write(present(L["k_block"], L["warps_k"], L["warps_m"])[-1])
+    for loop in present(L["k_tiles"], L["tiles_i"], c_steps):
+        s = s.unroll(loop)
+    return functools.reduce(lambda s, t: s.cache_read(t, c_slices), staged, s)
 
 
 # Below this many outputs per channel a window larger than 1x1 runs faster as a direct

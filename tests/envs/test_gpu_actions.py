@@ -131,10 +131,20 @@ def test_env_rollouts_simulate_correctly():
     assert {"Bind", "CacheWrite", "CacheRead", "Unroll", "blockIdx", "threadIdx"} <= seen, seen
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "tf32"])
-def test_gpu_expert_matmul_replays_as_actions(dtype):
-    for shape in family("matmul", "train")[:3] + ["1024x1024x1024"]:
-        op = make_op("matmul", shape, dtype)
+# the tensor-core convolution's m along a row (x >= 16), along images (batch >= 16) or along
+# fused pixels, with warps and slices that take no split (a factor of 1)
+CONV_TC_SHAPES = ["1,16,4,16,16,1,1,1,0", "16,32,3,3,8,1,1,1,0", "1,16,5,5,8,1,1,1,0", "16,64,56,56,64,3,3,1,1",
+                  "1,384,7,7,1024,1,1,1,0", "16,256,14,14,1024,1,1,1,0"]
+
+
+@pytest.mark.parametrize("kind,dtype", [("matmul", "fp32"), ("matmul", "bf16"), ("matmul", "tf32"),
+                                        ("conv2d", "bf16"), ("conv2d", "tf32")])
+def test_gpu_expert_replays_as_actions(kind, dtype):
+    """Imitation learns the experts from these actions: every one allowed by the mask, within
+    an episode, rebuilding the expert's nest and source."""
+    shapes = family("matmul", "train")[:3] + ["1024x1024x1024"] if kind == "matmul" else CONV_TC_SHAPES
+    for shape in shapes:
+        op = make_op(kind, shape, dtype)
         table = ActionTable(op, TARGET)
         expert = expert_schedule(op, TARGET)
         s, last = Schedule(op), None
@@ -142,8 +152,19 @@ def test_gpu_expert_matmul_replays_as_actions(dtype):
             assert table.mask(NestInfo(op, s.nest), last, steps_left=MAX_STEPS - k)[a], table.actions[a]
             if a != table.done:
                 s, last = s.apply(table.to_step(a, s.nest)), a
-        assert s.nest == expert.nest
+        assert s.nest == expert.nest and k < MAX_STEPS
         assert render(s, TARGET).source == render(expert, TARGET).source
+        assert kind == "matmul" or expert.nest.tensorized, shape
+
+
+@pytest.mark.parametrize("shape", CONV_TC_SHAPES[:3] + ["1,16,4,16,16,3,3,1,1"])
+def test_tensor_core_conv_expert_simulates_correctly(shape):
+    from kernels.experts import _gpu_conv2d_tensor_cores   # the expert takes it from 8192 outputs a channel
+
+    s = _gpu_conv2d_tensor_cores(make_op("conv2d", shape, "bf16"), TARGET)
+    assert s.nest.tensorized
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
 
 
 @needs_nvcc
