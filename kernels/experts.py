@@ -382,8 +382,10 @@ def _gpu_conv2d(op: Operator, target: Target,
 
 # Implicit GEMM on tensor cores: the instruction's k is 16 input channels (8 in tf32) at
 # one window position, its n 8 output channels, its m 16 outputs along one axis: pixels
-# of a row, or images at one pixel where rows are narrower and the batch is wide, or
-# else the image's pixels as one fused axis (whose input cannot be staged as a box).
+# of a row, or where rows are narrower the image's pixels as one fused axis (contiguous in
+# NCHW; its input cannot be staged as a box, so it is read in place), or else images at
+# one pixel. H200, bf16, ResNet-50's pointwise layers at 14x14 and 7x7, batch 16: fused
+# pixels 1.6-3.2x faster than 16 images a plane apart (what a tune found first).
 # A warp holds (m tiles, channel tiles) of instructions, a block (warps y, warps x) of
 # warps; per slice of input channels the block stages the input and weights it reads.
 CONV_MMA_TILES = ((2, 2, 4, 4), (2, 2, 2, 4), (2, 1, 2, 2), (1, 1, 1, 2))   # (warps y, warps x, m tiles, 8-channel tiles)
@@ -406,10 +408,10 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     s = Schedule(op)
     if ext["x"] >= 16:        # m: 16 pixels of a row; a warp's m tiles: rows
         s, m, tiles, around = s.split("x", 16), "x", "y", ("n", "x_o")
+    elif ext["y"] * ext["x"] >= 16:   # m: 16 pixels of the image, read in place (not staged)
+        s, m, tiles, around = s.fuse("y", "x").split("y_x", 16), "y_x", "y_x_o", ("n",)
     elif ext["n"] >= 16:      # m: 16 images; a warp's m tiles: pixels of a row
         s, m, tiles, around = s.split("n", 16), "n", "x", ("n_o", "y")
-    elif ext["y"] * ext["x"] >= 16:
-        s, m, tiles, around = s.fuse("y", "x").split("y_x", 16), "y_x", "y_x_o", ("n",)
     else:
         return None
     tile_extent = next(l.extent for l in s.nest.loops if l.name == tiles)
