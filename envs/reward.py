@@ -32,7 +32,7 @@ class Episode(Protocol):
 
     def predict(self, schedule: Schedule) -> float: ...
 
-    def expert_seconds(self) -> float | None: ...
+    def expert_seconds(self, paired: bool = False) -> float | None: ...
 
 
 class Reward:
@@ -79,14 +79,16 @@ class MeasureVsExpert(Measure):
     kernel's time (measured once per shape), so the return is ``log(T_expert / T)``.
     Returns of every shape centre on the teacher (an imitation policy's are about 0),
     so the advantages measure beating it rather than how slow each shape's naive
-    kernel happens to be. Without an expert for the operator, ``T_0`` stays the
-    naive kernel's."""
+    kernel happens to be. On a CPU each final kernel is timed in turn with the expert's
+    (``paired``): on a shared machine two kernels timed apart differ by more than a policy
+    gains on its teacher. Without an expert for the operator, ``T_0`` stays the naive
+    kernel's."""
 
     name = "measure_vs_expert"
 
     def reset(self, env: Episode) -> None:
         super().reset(env)
-        self.t_prev = env.expert_seconds() or env.t_naive
+        self.t_prev = env.expert_seconds(paired=True) or env.t_naive
 
 
 class Surrogate(Reward):

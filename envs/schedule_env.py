@@ -218,15 +218,21 @@ class ScheduleEnv(gym.Env):
         # a kernel much slower than the naive one is timed by its checking call alone
         return self.measurer.measure_one(schedule, FAILED_SLOWDOWN * self.t_naive if schedule.steps else None)
 
-    def expert_seconds(self) -> float | None:
+    def expert_seconds(self, paired: bool = False) -> float | None:
         """Seconds of the expert schedule's kernel for this shape (measured once: the
-        measurer caches it), or None where the operator has none or it fails."""
+        measurer caches it), or None where the operator has none or it fails. ``paired``:
+        on a CPU, every later kernel of this shape is also timed in turn with the expert's
+        and recorded in units of its time (``Measurer.pair_with``), so that a kernel's
+        time against the expert's is a ratio of two kernels timed side by side, not of two
+        moments of a shared machine."""
         from kernels.experts import expert_schedule
 
         try:
             expert = expert_schedule(self.op, self.target)
         except ValueError:
             return None
+        if paired and self.target.kind == "cpu" and not self.measurer.paired(self.op):
+            self.measurer.pair_with_schedule(self.op, expert)
         res = self.measure(expert)
         return res.time_ms / 1e3 if res.ok else None
 

@@ -38,7 +38,6 @@ from agents.search import AGENTS, Search
 from agents.search import Progress as SearchProgress
 from kernels.measure import cluster
 from kernels.measure import Measurer
-from kernels.measure.result import Rival
 from kernels.experts import expert_schedule
 from kernels.measure.comparison import Comparison, compare_with_library, paired_ratio
 from kernels.measure.library import library_name, library_time_ms
@@ -134,7 +133,7 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
         cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds)
         remeasured = False
         # a paired search's times are in the expert's units, not comparable with the rounds'
-        if cmp.ok and measurer.anchor is None and not cmp.agrees_with(searched_ms):
+        if cmp.ok and not measurer.paired(op) and not cmp.agrees_with(searched_ms):
             print(f"the final timing ({cmp.time_ms:.3f} ms) disagrees with the search's ({searched_ms:.3f} ms) "
                   f"by more than its spread; measuring again", file=sys.stderr)
             cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds)
@@ -156,18 +155,6 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
         print(f"warning: the best kernel of the search failed its final check ({cmp.error}); "
               "taking the next", file=sys.stderr)
     raise LookupError(f"no kernel passed the final check among {len(ranked)} correct measurements")
-
-
-def _pair_with_expert(measurer: Measurer, op, expert: Schedule, target) -> None:
-    """Every kernel the search measures (the references too) timed in turn with the
-    expert and recorded in units of the expert's time (``Measurer.pair_with``): that time
-    is the faster of two runs of it, since a fresh worker's first kernels run cold (the
-    expert of matmul 127x255x65 at 22 us, then 15)."""
-    kernel = render(expert, target, name=f"{op.kind}_expert")   # the final rounds' source: built once
-    built = measurer.builder.build([kernel])[0]
-    runs = [measurer.runner.run(op, kernel, built.path) for _ in range(2)] if built.ok else []
-    if runs and all(r.ok for r in runs):
-        measurer.pair_with(Rival(kernel, built.path), min(r.time_ms for r in runs))
 
 
 def _expert(op, target) -> Schedule | None:
@@ -234,7 +221,9 @@ def run(cfg: Config) -> dict:
         # references, outside the budget: the result is never slower than either
         reference = None if cfg.no_expert else expert
         if reference is not None and target.kind == "cpu":
-            _pair_with_expert(measurer, op, reference, target)
+            # every kernel the search measures (the references too) timed in turn with the expert,
+            # in units of its time; its name is that of the final rounds' expert: built once
+            measurer.pair_with_schedule(op, reference, name=f"{op.kind}_expert")
         naive, expert_result = measurer.measure([Schedule(op), reference or Schedule(op)])
         # for the curve; the final figure times the library against the best kernel, in blocks
         library_ms_start = _library_ms(op, measurer)

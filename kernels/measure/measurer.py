@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Callable, Sequence
 
+from ..codegen import render
+from ..ir.ops import Operator
 from ..ir.schedule import Schedule
 from ..target import Target
 from .build import Builder
@@ -55,19 +57,39 @@ class Measurer:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None   # submit()'s, made on first use
         self._in_order = _InOrder(self.log, self._lock)
-        self.anchor: tuple[Rival, float] | None = None   # pair_with's
+        self.anchors: dict[tuple, tuple[Rival, float]] = {}   # pair_with's, by operator
         if cache and self.log is not None:
             self.preload(self.log)
 
-    def pair_with(self, rival: Rival | None, time_ms: float = 0.0) -> None:
-        """Time every CPU kernel from now on in turn with ``rival``, whose own time is
-        ``time_ms``, and record its times in those units: its times over the median of the
-        rival's beside them, times ``time_ms``. A shared machine's speed changes from one
+    def pair_with(self, op: Operator, rival: Rival | None, time_ms: float = 0.0) -> None:
+        """Time every CPU kernel of ``op`` from now on in turn with ``rival``, whose own time
+        is ``time_ms``, and record its times in those units: its times over the median of
+        the rival's beside them, times ``time_ms``. A shared machine's speed changes from one
         stretch of milliseconds to the next: single measurements of one kernel spread by
         10-34% here, while its ratio to a copy of itself timed in turn held within 0.2%, so
         a search ranks its candidates by what they are rather than by when they ran. None:
         plain times again."""
-        self.anchor = (rival, time_ms) if rival else None
+        with self._lock:
+            if rival:
+                self.anchors[_identity(op)] = (rival, time_ms)
+            else:
+                self.anchors.pop(_identity(op), None)
+
+    def pair_with_schedule(self, op: Operator, schedule: Schedule, name: str | None = None) -> float | None:
+        """:meth:`pair_with` the kernel of ``schedule`` (named ``name``), its time the faster
+        of two runs of it, since a fresh worker's first kernels run cold (an expert of 22 us,
+        then 15). That time; None where it failed to build or run (nothing is paired)."""
+        kernel = render(schedule, self.target, name=name)
+        built = self.builder.build([kernel])[0]
+        runs = [self.runner.run(op, kernel, built.path) for _ in range(2)] if built.ok else []
+        if not runs or not all(r.ok for r in runs):
+            return None
+        time_ms = min(r.time_ms for r in runs)
+        self.pair_with(op, Rival(kernel, built.path), time_ms)
+        return time_ms
+
+    def paired(self, op: Operator) -> bool:
+        return _identity(op) in self.anchors
 
     def preload(self, log: TuningLog) -> int:
         """Fill the cache from ``log``; returns how many records were taken (impossible
@@ -138,7 +160,8 @@ class Measurer:
                     todo[mk] = c
 
         builds = self.builder.build([c.kernel for c in todo.values()])   # all compiles first...
-        rival = self.anchor[0] if self.anchor and self.target.kind == "cpu" else None
+        anchor = self.anchors.get(_identity(op)) if self.target.kind == "cpu" else None
+        rival = anchor[0] if anchor else None
         runs = self.runner.run_many(op, [(c.kernel, b.path) for c, b in zip(todo.values(), builds)
                                          if b.path is not None],
                                     slow_cutoff_s=slow_cutoff_s, rival=rival)   # ...then timing, alone
@@ -146,7 +169,7 @@ class Measurer:
             if b.path is None:
                 res = MeasureResult.failure(b.error or "build failed", build_s=b.build_s)
             else:
-                res = self._in_anchor_units(op, next(runs))
+                res = self._in_anchor_units(op, next(runs), anchor)
                 res = replace(res, build_s=b.build_s + res.build_s)  # + NVRTC in the worker (CUDA)
             if not res.ok:
                 logger.debug("%s %s: %s", op.kind, op.shape_str, res.error)
@@ -160,12 +183,13 @@ class Measurer:
             append(self.record(c, res))
         return [results[mk] for mk in mkeys]
 
-    def _in_anchor_units(self, op, res: MeasureResult) -> MeasureResult:
-        if not (self.anchor and res.ok and res.rival_times_ms):   # unpaired, or timed by its check call
+    @staticmethod
+    def _in_anchor_units(op, res: MeasureResult, anchor: tuple[Rival, float] | None) -> MeasureResult:
+        if not (anchor and res.ok and res.rival_times_ms):   # unpaired, or timed by its check call
             return res
         # scaled by the rival's median beside them: a ratio of medians, which a single call
         # caught by a spike (2-3x, on either side of a pair) does not move as it moves that pair's ratio
-        scale = self.anchor[1] / statistics.median(res.rival_times_ms)
+        scale = anchor[1] / statistics.median(res.rival_times_ms)
         times = tuple(k * scale for k in res.times_ms)
         time_ms = statistics.median(times)
         return replace(res, time_ms=time_ms, times_ms=times, gflops=op.flops / time_ms / 1e6)
@@ -226,3 +250,7 @@ class _InOrder:
                 for record in self._waiting.pop(self._head, []):
                     if self.log is not None:
                         self.log.append(record)
+
+
+def _identity(op: Operator) -> tuple:
+    return op.kind, op.shape, op.dtype

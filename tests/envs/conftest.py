@@ -72,6 +72,14 @@ class FakeMeasurer:
         self.measured = 0
         self.calls: list[str] = []
         self.closed = False
+        self.paired_with: dict[str, str] = {}   # shape -> schedule key
+
+    def pair_with_schedule(self, op, schedule, name=None) -> float:
+        self.paired_with[op.shape_str] = schedule.key()
+        return self.time_ms(schedule.key())
+
+    def paired(self, op) -> bool:
+        return op.shape_str in self.paired_with
 
     def time_ms(self, key: str) -> float:
         if key == "[]":

@@ -65,3 +65,15 @@ def test_measure_vs_expert_returns_the_log_speedup_over_the_expert(fake_measurer
     _, reward, terminated, _, info = env.step(env.table.done)
     assert terminated and math.isclose(reward, math.log(t_expert / 40.0))
     assert math.isclose(env.expert_seconds(), t_expert / 1e3)
+    assert measurer.paired_with == {env.op.shape_str: expert_schedule(env.op, env.target).key()}
+
+
+def test_measure_vs_expert_times_each_kernel_beside_the_expert(isolated_measurer):
+    """On a CPU the final kernels are timed in turn with the expert's, in its units."""
+    from kernels.ir.schedule import Schedule
+
+    env = ScheduleEnv(op="matmul", shape="32x32x24", reward="measure_vs_expert", measurer=isolated_measurer)
+    env.reset(seed=0)
+    assert isolated_measurer.paired(env.op)
+    res = env.measure(Schedule(env.op).split("i", 4))
+    assert res.ok and len(res.rival_times_ms) == len(res.times_ms) >= 1

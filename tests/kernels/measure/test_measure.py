@@ -397,9 +397,9 @@ def test_a_measurer_paired_with_a_rival_records_times_in_its_units(builder, runn
     its time is its calls' over the rival's beside them, in the rival's units."""
     twin = kernel(MATMUL, name="twin")
     m = Measurer(cpu_target(), builder=builder, runner=runner, log=tmp_path / "log.jsonl")
-    m.pair_with(Rival(twin, _built(builder, twin)), 5.0)
+    m.pair_with(OP, Rival(twin, _built(builder, twin)), 5.0)
     r = m.measure_one(Candidate(OP, key(50), GOOD))
     assert r.ok and 3.5 < r.time_ms < 7 and r.time_ms == statistics.median(r.times_ms)
     assert TuningLog(tmp_path / "log.jsonl").read()[0].time_ms == r.time_ms
-    m.pair_with(None)
+    m.pair_with(OP, None)
     assert m.measure_one(Candidate(OP, key(51), GOOD)).time_ms < 1   # plain times again
