@@ -139,3 +139,40 @@ def imitate(agent, demos, epochs: int, seed: int, check_every: int = 50) -> floa
         if epoch % check_every == 0 and accuracy() == 1.0:
             break
     return accuracy()
+
+
+def kl_penalty(coef: float):
+    """A PPO callback that charges each step's reward ``coef * (log pi(a|s) - log pi_0(a|s))``,
+    ``pi_0`` a frozen copy of the policy as PPO starts (after imitation: the teacher's
+    choices; on a resumed run, the policy as resumed), then recomputes the rollout's
+    advantages. The sum is a sampled KL divergence from ``pi_0`` (RLHF's per-token
+    penalty): PPO leaves the imitation only where the measured reward pays for it, so a
+    few noisy episodes on the train shapes do not move choices it never saw rewarded."""
+    import copy
+
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.utils import obs_as_tensor
+
+    class KLPenalty(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.reference = copy.deepcopy(self.model.policy)
+            self.reference.set_training_mode(False)
+
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            buf, device = self.model.rollout_buffer, self.model.device
+            with torch.no_grad():
+                _, ref_log_probs, _ = self.reference.evaluate_actions(
+                    torch.as_tensor(buf.observations.reshape(-1, *buf.obs_shape), device=device),
+                    torch.as_tensor(buf.actions.reshape(-1), device=device),
+                    action_masks=torch.as_tensor(buf.action_masks.reshape(-1, buf.mask_dims), device=device))
+                last_values = self.model.policy.predict_values(obs_as_tensor(self.model._last_obs, device))
+            kl = buf.log_probs - ref_log_probs.cpu().numpy().reshape(buf.log_probs.shape)
+            buf.rewards -= coef * kl
+            self.logger.record("train/kl_to_start", float(kl.mean()))
+            buf.compute_returns_and_advantage(last_values=last_values, dones=self.model._last_episode_starts)
+
+    return KLPenalty()

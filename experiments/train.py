@@ -71,6 +71,9 @@ class Config:
     learning_rate: float = field(3e-5, help="PPO learning rate (small: PPO fine-tunes the imitation policy)")
     width: int = field(64, help="units in each of the policy's and the value network's two hidden layers")
     ent_coef: float = field(0.0, help="PPO entropy bonus")
+    kl_coef: float = field(0.0, help="PPO: charge each step's reward this times log pi(a|s) - log pi_0(a|s), "
+                                     "pi_0 the policy PPO starts from (the imitation): a KL penalty that keeps "
+                                     "PPO near the teacher's choices where the reward does not pay for leaving them")
     max_steps: int = field(MAX_STEPS, help="actions per episode")
     imitation_epochs: int = field(1500, help="at most this many epochs of imitating the experts' replays before "
                                                   "PPO: it stops once the greedy policy picks every expert action "
@@ -165,6 +168,8 @@ def run(cfg: Config) -> dict:
         raise ValueError("train needs --op (or --resume RUN_DIR)")
     if cfg.timesteps < 0 or (cfg.timesteps == 0 and cfg.imitation_epochs < 1):
         raise ValueError("--timesteps must be at least 1 (or 0, for imitation of the experts alone)")
+    if cfg.kl_coef < 0:
+        raise ValueError(f"--kl-coef must be at least 0, not {cfg.kl_coef}")
     if cfg.teacher_budget < 0 or (cfg.teacher_budget and cfg.imitation_epochs < 1):
         raise ValueError("--teacher-budget must be at least 0, and needs --imitation-epochs of at least 1")
     if cfg.width < 1:
@@ -180,7 +185,8 @@ def run(cfg: Config) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from agents import policy
-    from agents.imitation import MARGIN, experts, search_teachers
+    from agents.imitation import MARGIN, experts, kl_penalty, search_teachers
+    from stable_baselines3.common.callbacks import CallbackList
     from agents.vec_env import Serialized, ThreadVecEnv
     from envs.schedule_env import ScheduleEnv
 
@@ -235,7 +241,9 @@ def run(cfg: Config) -> dict:
     t_learn, steps_before = time.perf_counter(), agent.num_timesteps
     try:
         if cfg.timesteps:
-            agent.learn(total_timesteps=cfg.timesteps, callback=_callback(progress, measurer, cfg.timesteps),
+            callbacks = [_callback(progress, measurer, cfg.timesteps)]
+            callbacks += [kl_penalty(cfg.kl_coef)] if cfg.kl_coef else []
+            agent.learn(total_timesteps=cfg.timesteps, callback=CallbackList(callbacks),
                         reset_num_timesteps=not cfg.resume)
     finally:  # an interrupted run keeps what it learned
         learn_s = time.perf_counter() - t_learn

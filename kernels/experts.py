@@ -187,6 +187,12 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _split(s: Schedule, loop: str, factor: int) -> tuple[Schedule, str, str | None]:
+    """(``s`` with ``loop`` split by ``factor``, the outer loop, the inner one); a factor of
+    1 leaves the loop whole and names no inner loop (the environment splits by 2 and more)."""
+    return (s, loop, None) if factor == 1 else (s.split(loop, factor), f"{loop}_o", f"{loop}_i")
+
+
 # Tiles measured on an H100 (fp32, TF32 off): a 128x64 block tile of 8x4 register
 # tiles with k slices of 32 ran at 38-40 TFLOP/s at 1024-4096 (128x128 of 8x8 in slices
 # of 8: 15-24); smaller products take 64x64 tiles so that most multiprocessors get work.
@@ -277,11 +283,23 @@ def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool, tiles=MM
     # grow past one thread's registers only once the nest is tensorized
     s = Schedule(op).split("i", 16).split("j", 8).split("k", mk)
     s = s.reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i").tensorize("i_i", "j_i", "k_i")
-    s = s.split("i_o", fm).split("i_o_o", wy).split("j_o", fn).split("j_o_o", wx).split("k_o", ks)
-    order = ("i_o_o_o", "j_o_o_o", "i_o_o_i", "j_o_o_i", "k_o_o", "k_o_i", "i_o_i", "j_o_i")
-    s = _bind_grid(s.reorder(*(("b",) + order if batch else order)), batch, *order[:4])
-    s = s.cache_write("j_o_o_i").cache_read("A", "k_o_o").cache_read("B", "k_o_o")
-    s = s.unroll("j_o_i").unroll("i_o_i").unroll("k_o_i")
+    # a factor of 1 splits nothing (the environment, whose policies imitate this, cannot)
+    s, i_rest, i_tiles = _split(s, "i_o", fm)
+    s, i_block, i_warps = _split(s, i_rest, wy)
+    s, j_rest, j_tiles = _split(s, "j_o", fn)
+    s, j_block, j_warps = _split(s, j_rest, wx)
+    s, k_slices, k_steps = _split(s, "k_o", ks)
+    order = [n for n in ("b" if batch else None, i_block, j_block, i_warps, j_warps, k_slices, k_steps, i_tiles,
+                         j_tiles) if n]
+    s = s.reorder(*order)
+    for loop, axis in (("b" if batch else None, "blockIdx.z"), (i_block, "blockIdx.y"), (j_block, "blockIdx.x"),
+                       (i_warps, "threadIdx.y"), (j_warps, "threadIdx.x")):
+        if loop:
+            s = s.bind(loop, axis)
+    s = s.cache_write(j_warps or i_warps or j_block).cache_read("A", k_slices).cache_read("B", k_slices)
+    for loop in (j_tiles, i_tiles, k_steps):
+        if loop:
+            s = s.unroll(loop)
     return _pipelined(s, ("A", "B"), target, buffers)
 
 
@@ -390,12 +408,6 @@ def _gpu_conv2d(op: Operator, target: Target,
 # warps; per slice of input channels the block stages the input and weights it reads.
 CONV_MMA_TILES = ((2, 2, 4, 4), (2, 2, 2, 4), (2, 1, 2, 2), (1, 1, 1, 2))   # (warps y, warps x, m tiles, 8-channel tiles)
 CONV_MMA_BUFFERS = 2
-
-
-def _split(s: Schedule, loop: str, factor: int) -> tuple[Schedule, str, str | None]:
-    """(``s`` with ``loop`` split by ``factor``, the outer loop, the inner one); a factor of
-    1 leaves the loop whole and names no inner loop (the environment splits by 2 and more)."""
-    return (s, loop, None) if factor == 1 else (s.split(loop, factor), f"{loop}_o", f"{loop}_i")
 
 
 def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:

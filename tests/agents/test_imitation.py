@@ -22,7 +22,7 @@ SHIPPED = sorted(ROOT.glob("*/*-ppo.json"))
 @pytest.mark.parametrize("spec", SHIPPED, ids=lambda p: f"{p.parent.name}-{p.stem}")
 def test_every_expert_of_a_shipped_policy_replays_within_an_episode(spec):
     meta = json.loads(spec.read_text())
-    kind, dtype = meta["op"], "bf16" if "-bf16-" in spec.name else "fp16" if "-fp16-" in spec.name else "fp32"
+    kind, dtype = meta["op"], spec.stem.removesuffix("-ppo").partition("-")[2] or "fp32"
     target = cpu_target() if meta["target"] == "cpu" else cuda_target_for_compile()
     for shape in meta["shapes"] + family(kind, "held_out"):
         schedule = experts(kind, [shape], target, dtype)[shape]
@@ -83,3 +83,44 @@ def test_the_many_family_draws_distinct_valid_shapes_none_held_out(kind):
     for shape in train:
         make_op(kind, shape)
     assert _drawn(kind, 5, 1, set()) == _drawn(kind, 5, 1, set())
+
+
+def test_kl_penalty_charges_each_step_its_divergence_from_the_start(tmp_path):
+    """Each step's reward loses coef * (log pi - log pi_0) of its action, pi_0 the policy as
+    PPO started, and the advantages are recomputed from the charged rewards."""
+    import torch
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.imitation import kl_penalty
+    from agents.policy import new_agent
+    from envs.schedule_env import ScheduleEnv
+    from kernels.measure import Measurer
+
+    measurer = Measurer(cpu_target(), log=tmp_path / "log.jsonl")
+    env = DummyVecEnv([lambda: ScheduleEnv(op="matmul", shape="16x16x16", max_steps=4, reward="surrogate",
+                                           measurer=measurer)])
+    agent = new_agent(env, dict(n_steps=16, batch_size=16), seed=0)
+    _, callback = agent._setup_learn(16, kl_penalty(0.5))
+    callback.on_training_start(locals(), globals())
+    with torch.no_grad():   # PPO has moved away from where it started
+        for p in agent.policy.action_net.parameters():
+            p.add_(torch.randn_like(p))
+    buf, charged = agent.rollout_buffer, {}
+    compute = buf.compute_returns_and_advantage
+
+    def spy(**kw):
+        charged.setdefault("before", (buf.rewards.copy(), buf.advantages.copy()))
+        compute(**kw)
+    buf.compute_returns_and_advantage = spy
+    agent.collect_rollouts(env, callback, buf, n_rollout_steps=16)
+    measurer.close()
+    ref = callback.reference
+    with torch.no_grad():
+        _, ref_log_probs, _ = ref.evaluate_actions(torch.as_tensor(buf.observations.reshape(16, -1)),
+                                                   torch.as_tensor(buf.actions.reshape(-1)),
+                                                   action_masks=torch.as_tensor(buf.action_masks.reshape(16, -1)))
+    kl = buf.log_probs - ref_log_probs.numpy().reshape(buf.log_probs.shape)
+    rewards, advantages = charged["before"]
+    assert kl.mean() > 0.01
+    np.testing.assert_allclose(buf.rewards, rewards - 0.5 * kl, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(buf.advantages, advantages)

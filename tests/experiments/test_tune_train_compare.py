@@ -177,6 +177,8 @@ def test_bad_input_gives_one_line(trained, tmp_path):
     assert "not a run directory" in one_error_line(
         cli("tune", "--op", "matmul", "--shape", "8x8x8", "--resume", str(tmp_path), cwd=tmp_path))
     assert "no progress" in one_error_line(cli("compare", str(tmp_path), cwd=tmp_path))
+    assert "--kl-coef must be at least 0" in one_error_line(
+        cli("train", "--op", "matmul", "--kl-coef", "-1", cwd=tmp_path))
 
 
 def test_train_resumes_without_measuring_again(trained, tmp_path):
