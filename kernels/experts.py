@@ -209,14 +209,15 @@ def _matmul_tile(m: int, n: int, target: Target) -> tuple[int, int, int, int, in
     return MATMUL_TILES[-1]
 
 
-def _bind_grid(s: Schedule, batch: bool, block_rows: str, block_cols: str, thread_rows: str,
-               thread_cols: str) -> Schedule:
+def _bind_grid(s: Schedule, batch: bool, block_rows: str, block_cols: str, thread_rows: str | None,
+               thread_cols: str | None) -> Schedule:
     """A matmul's grid: the batch on blockIdx.z, block tiles on blockIdx.y/x, the threads
-    of a block on threadIdx.y/x."""
-    if batch:
-        s = s.bind("b", "blockIdx.z")
-    return (s.bind(block_rows, "blockIdx.y").bind(block_cols, "blockIdx.x")
-            .bind(thread_rows, "threadIdx.y").bind(thread_cols, "threadIdx.x"))
+    of a block on threadIdx.y/x (None: no such loop, one thread along that axis)."""
+    for loop, axis in (("b" if batch else None, "blockIdx.z"), (block_rows, "blockIdx.y"),
+                       (block_cols, "blockIdx.x"), (thread_rows, "threadIdx.y"), (thread_cols, "threadIdx.x")):
+        if loop:
+            s = s.bind(loop, axis)
+    return s
 
 
 def _gpu_matmul(op: Operator, target: Target, batch: bool,
@@ -291,11 +292,7 @@ def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool, tiles=MM
     s, k_slices, k_steps = _split(s, "k_o", ks)
     order = [n for n in ("b" if batch else None, i_block, j_block, i_warps, j_warps, k_slices, k_steps, i_tiles,
                          j_tiles) if n]
-    s = s.reorder(*order)
-    for loop, axis in (("b" if batch else None, "blockIdx.z"), (i_block, "blockIdx.y"), (j_block, "blockIdx.x"),
-                       (i_warps, "threadIdx.y"), (j_warps, "threadIdx.x")):
-        if loop:
-            s = s.bind(loop, axis)
+    s = _bind_grid(s.reorder(*order), batch, i_block, j_block, i_warps, j_warps)
     s = s.cache_write(j_warps or i_warps or j_block).cache_read("A", k_slices).cache_read("B", k_slices)
     for loop in (j_tiles, i_tiles, k_steps):
         if loop:
@@ -435,8 +432,8 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     fm, fn = min(fm, tile_extent), min(fn, _ceil(ext["k"], 8))
     wy, wx = min(wy, _ceil(tile_extent, fm)), min(wx, _ceil(ext["k"], 8 * fn))
     # each loop moved while it is still whole: the fewest swaps for the environment to replay
-    spatial = lambda s, skip: [l.name for l in s.nest.loops if not l.reduce and l.name not in skip]
-    s = s.reorder(*around, tiles, *spatial(s, (*around, tiles)))
+    s = s.reorder(*around, tiles, *(l.name for l in s.nest.loops
+                                    if not l.reduce and l.name not in (*around, tiles)))
     mma = (f"{m}_i", "k_i", "c_i")
     s = s.split("k", 8).split("c", mk)
     s = s.reorder(*(l.name for l in s.nest.loops if l.name not in mma), *mma).tensorize(*mma)
