@@ -3,13 +3,16 @@
 The teacher of a train shape is its expert schedule (``kernels.experts``) or, with a
 teacher search, the fastest kernel an evolutionary search measured on that shape where
 it beats the expert (expert iteration: the policy learns what the search found, then
-proposes for the next search). Each teacher is replayed as environment actions, with
+proposes for the next search). Of the kernels about that fast, the one whose actions stray
+least from the expert's teaches: a greedy rollout on a new shape combines the decisions of
+many teachers, and a decision that one teacher changed without gain is noise there. Each teacher is replayed as environment actions, with
 the observations and masks the environment would show; the policy is trained to pick
 those actions. From chance, a few thousand PPO steps found little.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import statistics
 from typing import Callable
@@ -29,6 +32,7 @@ from .rollout import ReplayDraw, rollout
 logger = logging.getLogger(__name__)
 
 MARGIN = 1.03   # a searched kernel teaches only where it beats the expert by this much, timed alternately
+NEAR_BEST = 0.97   # of the kernels within this fraction of the best speedup, the nearest to the expert teaches
 
 
 def replay(op, schedule: Schedule, target, max_steps: int, observe: bool = False):
@@ -63,14 +67,16 @@ def experts(op_kind: str, shapes: list[str], target, dtype: str = "fp32") -> dic
 
 
 def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, policy, budget: int, seed: int,
-                    max_steps: int = MAX_STEPS, dtype: str = "fp32", rounds: int = 3, contenders: int = 3,
+                    max_steps: int = MAX_STEPS, dtype: str = "fp32", rounds: int = 3, contenders: int = 4,
                     on_progress: Callable | None = None) -> dict[str, tuple[Schedule, float]]:
-    """Each shape's teacher and its speedup over the expert: of the fastest kernels an
-    evolutionary search of ``budget`` measurements (proposals from ``policy``) found before
-    the expert, the ``contenders`` the env's actions rebuild are timed again beside the
-    expert in ``rounds`` alternating rounds, and the fastest teaches where it beats the
-    expert by ``MARGIN``; else the expert does. The re-timing matters: the fastest of many
-    noisy timings is timed too kindly."""
+    """Each shape's teacher and its speedup over the expert. An evolutionary search of
+    ``budget`` measurements (proposals from ``policy``) runs; of the kernels it timed faster
+    than the expert that the env's actions rebuild, ``contenders`` (the fastest half, the
+    rest those whose actions stray least from the expert's) are timed again beside the
+    expert in ``rounds`` alternating rounds. Where one beats the expert by ``MARGIN``, the
+    nearest to the expert of those within ``NEAR_BEST`` of the best speedup teaches; else
+    the expert does. The re-timing matters: the fastest of many noisy timings is timed too
+    kindly."""
     from .evolution import measured_seeds
     from .search import AGENTS, Search
 
@@ -81,17 +87,43 @@ def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, po
         measurer.measure([expert])
         search = Search(op, target, measurer, budget, on_progress=on_progress)
         AGENTS["evolve"](search, np.random.default_rng(seed + i), model=model, policy=policy)
-        faster = []
-        for s in measured_seeds(search, 4 * contenders):   # fastest first
-            if s.key() == expert.key() or len(faster) == contenders:
+        table = ActionTable(op, target)
+        expert_actions = _actions(table, expert)
+        faster = []   # (schedule, distance from the expert), fastest first
+        for s in measured_seeds(search, 8 * contenders):
+            if s.key() == expert.key():
                 break
             if replay(op, s, target, max_steps) is not None:
-                faster.append(s)
-        speedups = _speedups(op, faster, expert, target, measurer, rounds) if faster else []
-        best = int(np.argmax(speedups)) if speedups else None
-        out[shape] = (faster[best], speedups[best]) if best is not None and speedups[best] >= MARGIN \
-            else (expert, max(speedups, default=1.0))
+                faster.append((s, _distance(_actions(table, s), expert_actions)))
+        half = contenders // 2
+        picked = faster[:half] + sorted(faster[half:], key=lambda f: f[1])[:contenders - half]
+        speedups = _speedups(op, [s for s, _ in picked], expert, target, measurer, rounds) if picked else []
+        best = teacher_index([d for _, d in picked], speedups)
+        out[shape] = (picked[best][0], speedups[best]) if best is not None else (expert, max(speedups, default=1.0))
     return out
+
+
+def teacher_index(distances: list[int], speedups: list[float]) -> int | None:
+    """Which contender teaches: of those within ``NEAR_BEST`` of the best speedup (and past
+    ``MARGIN``), the nearest to the expert, the faster of equals; None where none beats the
+    expert by ``MARGIN``."""
+    top = max(speedups, default=0.0)
+    near = [(d, -x, j) for j, (d, x) in enumerate(zip(distances, speedups)) if x >= max(MARGIN, NEAR_BEST * top)]
+    return min(near)[2] if near else None
+
+
+def _actions(table: ActionTable, schedule: Schedule) -> list[int]:
+    try:
+        return table.actions_for(schedule)
+    except ScheduleError:   # no action sequence: as far from every other as it is long
+        return []
+
+
+def _distance(actions: list[int], others: list[int]) -> int:
+    """Actions of either sequence outside their longest common run of matches: how far a
+    teacher's decisions stray from the expert's."""
+    same = sum(b.size for b in difflib.SequenceMatcher(a=actions, b=others, autojunk=False).get_matching_blocks())
+    return len(actions) + len(others) - 2 * same
 
 
 def _speedups(op, schedules: list[Schedule], expert: Schedule, target, measurer, rounds: int) -> list[float]:

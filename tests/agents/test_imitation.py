@@ -70,6 +70,20 @@ def test_a_searched_teacher_replays_and_beats_the_expert(tmp_path):
         assert replay(op, teacher, target, MAX_STEPS) is not None
 
 
+def test_the_teacher_is_the_nearest_to_the_expert_of_the_nearly_fastest():
+    """A kernel 1% slower than the best but two decisions from the expert teaches before one
+    ten decisions away; none beyond the margin: the expert teaches."""
+    from agents.imitation import _distance, teacher_index
+
+    assert _distance([1, 2, 3, 4], [1, 2, 3, 4]) == 0
+    assert _distance([1, 2, 5, 4], [1, 2, 3, 4]) == 2
+    assert teacher_index([10, 2, 1], [1.30, 1.29, 1.10]) == 1
+    assert teacher_index([10, 2], [1.30, 1.20]) == 0
+    assert teacher_index([3, 3], [1.20, 1.25]) == 1
+    assert teacher_index([1, 2], [1.01, 0.90]) is None
+    assert teacher_index([], []) is None
+
+
 @pytest.mark.parametrize("kind", ["matmul", "dense_bias_relu", "batch_matmul", "conv2d", "depthwise_conv2d"])
 def test_the_many_family_draws_distinct_valid_shapes_none_held_out(kind):
     """The same shapes on every machine (seeded), each a valid operator, none held out or
