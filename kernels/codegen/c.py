@@ -5,6 +5,8 @@ The C renderer turns ``vectorize`` into GCC vector-extension code (an unaligned
 the loop body allows it: one multiply-accumulate whose accesses are contiguous or
 invariant in the loop, no tail, an extent that is a multiple of the width. That
 keeps a register tile in registers, which gcc's auto-vectorizer alone does not.
+Where a ragged tile's reads are clamped along the loop, the loop is rendered twice:
+vector code for the tiles where no clamp bites, the scalar loop for the last one.
 Other vectorized loops fall back to ``#pragma omp simd``. ``unroll`` is done
 here, explicitly: one ``{ const int v = c; ... }`` block per iteration. No element
 is read under a condition (``guarded``; see ``CRenderer.value``).
@@ -12,6 +14,9 @@ is read under a condition (``guarded``; see ``CRenderer.value``).
 
 from __future__ import annotations
 
+import dataclasses
+
+from ..ir.expr import Lin
 from ..ir.lower import For, Load, Mul, Store, lower
 from ..ir.schedule import Schedule
 from ..target import Target
@@ -53,7 +58,7 @@ class CRenderer(CStyleRenderer):
     def for_loop(self, loop: For, depth: int) -> list[str]:
         width = self.vector_width(loop) if loop.kind == "vectorize" else None
         if not width:
-            return super().for_loop(loop, depth)
+            return (self.versioned(loop, depth) if loop.kind == "vectorize" else None) or super().for_loop(loop, depth)
         pad = self.indent * depth
         (store,) = loop.body
         op = "+=" if store.accumulate else "="
@@ -64,6 +69,40 @@ class CRenderer(CStyleRenderer):
             return [f"{pad}{{ const int {loop.var} = {c}; {line} }}" for c in range(0, loop.extent, width)]
         return [f"{pad}for (int {loop.var} = 0; {loop.var} < {loop.extent}; {loop.var} += {width}) {{",
                 pad + self.indent + line, pad + "}"]
+
+    def versioned(self, loop: For, depth: int) -> list[str] | None:
+        """A vectorized loop whose reads are clamped along it (a ragged tile of a parallel
+        loop reads its last column again rather than past the edge) as two versions: vector
+        code under the condition that no clamp bites anywhere in the loop (every tile but
+        the last), the scalar fallback otherwise. Without it, every tile of such a kernel
+        ran scalar, 20-30x slower than the kernel with B packed. None where a version
+        without the clamps would not vectorize either."""
+        if loop.bounds or loop.starts or len(loop.body) != 1:
+            return None
+        (s,) = loop.body
+        if not (isinstance(s, Store) and isinstance(s.value, Mul)
+                and all(isinstance(x, Load) for x in (s.value.a, s.value.b))):
+            return None
+        clamps = {c for x in (s.value.a, s.value.b) for c in x.clamps if loop.var in c[0].vars()}
+        if not clamps or any((e.coef(loop.var) or -1) < 0 for e, *_ in clamps):
+            return None   # the largest value of each clamped expression: at the loop's last iteration
+        fast = dataclasses.replace(loop, body=[dataclasses.replace(
+            s, value=Mul(*(_unclamped(x, loop.var) for x in (s.value.a, s.value.b))))])
+        if not self.vector_width(fast):
+            return None
+        last = Lin.constant(loop.extent - 1)
+        whole = tuple((e.subst(loop.var, last), n) for e, n, _ in sorted(clamps, key=str))
+        ragged = [loop]
+        if len({(e, n) for e, n, _ in clamps}) == 1 and next(iter(clamps))[0].coef(loop.var) == 1:
+            # before the clamp bites the reads are contiguous, after it they read the edge
+            e, n, _ = next(iter(clamps))
+            edge = Lin.constant(n) - e.subst(loop.var, Lin.constant(0))
+            at_edge = dataclasses.replace(s, value=Mul(*(_unclamped(x, loop.var, edge=True) for x in (s.value.a, s.value.b))))
+            ragged = [dataclasses.replace(fast, bounds=((edge, 1),)),
+                      dataclasses.replace(loop, starts=(edge,), body=[at_edge])]
+        pad, scalar = self.indent * depth, super().for_loop
+        return ([f"{pad}if ({self.conds(whole)}) {{", *self.for_loop(fast, depth + 1), f"{pad}}} else {{",
+                 *(line for part in ragged for line in scalar(part, depth + 1)), f"{pad}}}"])
 
     def value(self, v) -> str:
         """A guarded read is never a conditional load (``ok ? A[i] : 0``): gcc 12.2 turns
@@ -93,6 +132,16 @@ class CRenderer(CStyleRenderer):
     def vector_value(self, load: Load, var: str, width: int) -> str:
         ref = self.ref(load)
         return ref if load.index.coef(var) == 0 else f"*(vec{width}*)&{ref}"
+
+
+def _unclamped(load: Load, var: str, edge: bool = False) -> Load:
+    """``load`` with its clamps along ``var`` taken as not biting (their offsets added as they
+    are) or, with ``edge``, as biting (each offset its last row's)."""
+    along = [c for c in load.clamps if var in c[0].vars()]
+    index = load.index
+    for e, n, stride in along:
+        index = index + (Lin.constant((n - 1) * stride) if edge else e * stride)
+    return dataclasses.replace(load, index=index, clamps=tuple(c for c in load.clamps if c not in along))
 
 
 def render_c(schedule: Schedule, target: Target, name: str) -> Kernel:

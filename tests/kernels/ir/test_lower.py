@@ -295,6 +295,22 @@ def test_a_tile_is_not_shifted_where_threads_would_share_its_outputs(target):
     assert not any(type(x).__name__ == "Let" for x in walk(fn_plain.body))
 
 
+def _parallel_ragged(shape: str) -> Schedule:
+    return (Schedule(make_op("matmul", shape)).tile("i", "j", 4, 16).reorder("j_o", "i_o", "k", "i_i", "j_i")
+            .cache_write("i_o").vectorize("j_i").unroll("i_i").parallel("j_o"))
+
+
+def test_a_clamped_vector_loop_runs_vector_code_on_its_full_tiles(assert_correct, target):
+    """Where a parallel ragged tile clamps its reads, the full tiles still get vector code
+    and the ragged one reads contiguously up to the edge, then the edge's value."""
+    source = render(_parallel_ragged("8x20x5"), target).source
+    assert "if (j_o*16 + 15 < 20) {" in source and "*(vec16*)&B[" in source
+    assert "for (int j_i = 0; j_i < imin(16, (j_o*-16 + 20)); ++j_i)" in source
+    assert "for (int j_i = imax(0, j_o*-16 + 20); j_i < 16; ++j_i)" in source and "+ 19]" in source
+    for shape in ("8x20x5", "7x33x9", "13x17x3", "4x16x3"):
+        assert_correct(_parallel_ragged(shape))
+
+
 def test_shifted_tiles_are_correct_compiled(assert_correct):
     for shape in ("8x20x5", "7x33x9", "13x17x3"):
         assert_correct(_tiled(shape))
