@@ -5,9 +5,10 @@ teacher search, the fastest kernel an evolutionary search measured on that shape
 it beats the expert (expert iteration: the policy learns what the search found, then
 proposes for the next search). Of the kernels about that fast, the one whose actions stray
 least from the expert's teaches: a greedy rollout on a new shape combines the decisions of
-many teachers, and a decision that one teacher changed without gain is noise there. Each teacher is replayed as environment actions, with
-the observations and masks the environment would show; the policy is trained to pick
-those actions. From chance, a few thousand PPO steps found little.
+many teachers, and a decision that one teacher changed without gain is noise there. Each
+teacher is replayed as environment actions, with the observations and masks the
+environment would show; the policy is trained to pick those actions. From chance, a few
+thousand PPO steps found little.
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def _actions(table: ActionTable, schedule: Schedule) -> list[int]:
 
 
 def _distance(actions: list[int], others: list[int]) -> int:
-    """Actions of either sequence outside their longest common run of matches: how far a
-    teacher's decisions stray from the expert's."""
+    """Actions of either sequence outside the matches ``difflib`` finds between the two: how
+    far a teacher's decisions stray from the expert's."""
     same = sum(b.size for b in difflib.SequenceMatcher(a=actions, b=others, autojunk=False).get_matching_blocks())
     return len(actions) + len(others) - 2 * same
 
