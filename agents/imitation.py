@@ -88,14 +88,14 @@ def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, po
         measurer.measure([expert])
         search = Search(op, target, measurer, budget, on_progress=on_progress)
         AGENTS["evolve"](search, np.random.default_rng(seed + i), model=model, policy=policy)
-        table = ActionTable(op, target)
-        expert_actions = _actions(table, expert)
+        rebuilt = replay(op, expert, target, max_steps)
+        expert_actions = rebuilt.actions if rebuilt else []
         faster = []   # (schedule, distance from the expert), fastest first
         for s in measured_seeds(search, 8 * contenders):
             if s.key() == expert.key():
                 break
-            if replay(op, s, target, max_steps) is not None:
-                faster.append((s, _distance(_actions(table, s), expert_actions)))
+            if (r := replay(op, s, target, max_steps)) is not None:
+                faster.append((s, _distance(r.actions, expert_actions)))
         half = contenders // 2
         picked = faster[:half] + sorted(faster[half:], key=lambda f: f[1])[:contenders - half]
         speedups = _speedups(op, [s for s, _ in picked], expert, target, measurer, rounds) if picked else []
@@ -111,13 +111,6 @@ def teacher_index(distances: list[int], speedups: list[float]) -> int | None:
     top = max(speedups, default=0.0)
     near = [(d, -x, j) for j, (d, x) in enumerate(zip(distances, speedups)) if x >= max(MARGIN, NEAR_BEST * top)]
     return min(near)[2] if near else None
-
-
-def _actions(table: ActionTable, schedule: Schedule) -> list[int]:
-    try:
-        return table.actions_for(schedule)
-    except ScheduleError:   # no action sequence: as far from every other as it is long
-        return []
 
 
 def _distance(actions: list[int], others: list[int]) -> int:

@@ -6,7 +6,7 @@ the loop body allows it: one multiply-accumulate whose accesses are contiguous o
 invariant in the loop, no tail, an extent that is a multiple of the width. That
 keeps a register tile in registers, which gcc's auto-vectorizer alone does not.
 Where a ragged tile's reads are clamped along the loop, the loop is rendered twice:
-vector code for the tiles where no clamp bites, the scalar loop for the last one.
+vector code for the tiles where no clamp bites, scalar loops for the last one.
 Other vectorized loops fall back to ``#pragma omp simd``. ``unroll`` is done
 here, explicitly: one ``{ const int v = c; ... }`` block per iteration. No element
 is read under a condition (``guarded``; see ``CRenderer.value``).
@@ -56,9 +56,11 @@ class CRenderer(CStyleRenderer):
         return []
 
     def for_loop(self, loop: For, depth: int) -> list[str]:
-        width = self.vector_width(loop) if loop.kind == "vectorize" else None
+        if loop.kind != "vectorize":
+            return super().for_loop(loop, depth)
+        width = self.vector_width(loop)
         if not width:
-            return (self.versioned(loop, depth) if loop.kind == "vectorize" else None) or super().for_loop(loop, depth)
+            return self.versioned(loop, depth) or super().for_loop(loop, depth)
         pad = self.indent * depth
         (store,) = loop.body
         op = "+=" if store.accumulate else "="
