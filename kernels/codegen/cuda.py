@@ -146,6 +146,16 @@ class CUDARenderer(CStyleRenderer):
         "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\" :: \"r\"(s), \"l\"(src), \"r\"(full ? 16 : 0) "
         ": \"memory\");",
         "}",
+        "// 8 bytes (through L1: .cg moves 16 only), or 8 zero bytes where !full",
+        "static __device__ __forceinline__ void cp_async8(void* dst, const void* src) {",
+        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
+        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 8;\" :: \"r\"(s), \"l\"(src) : \"memory\");",
+        "}",
+        "static __device__ __forceinline__ void cp_async8z(void* dst, const void* src, bool full) {",
+        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
+        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 8, %2;\" :: \"r\"(s), \"l\"(src), \"r\"(full ? 8 : 0) "
+        ": \"memory\");",
+        "}",
         "#endif",
     )
     # wgmma (sm_90a): the 128-byte swizzle of a shared address, copies to a (swizzled) shared
@@ -494,7 +504,8 @@ class CUDARenderer(CStyleRenderer):
 
     def chunk_copy(self, store: Store, load: Load, var: str, nbytes: int, depth: int) -> list[str] | None:
         """One aligned chunk of 8 or 16 bytes from ``load`` to ``store`` (``var`` at 0): a
-        ``cp.async`` where asked and 16 bytes, else a move through a register."""
+        ``cp.async`` where asked (16 bytes into a swizzled stage), else a move through a
+        register."""
         n = nbytes // (2 if store.buffer in self.narrow else 4)
         guard = self.chunk_guard(load, var, n)
         if guard is None:
@@ -502,8 +513,8 @@ class CUDARenderer(CStyleRenderer):
         pad = self.indent * depth
         dst, src = (f"{b}[{self.expr(e.subst(var, Lin()))}]" for b, e in ((store.buffer, store.index),
                                                                           (load.buffer, load.index)))
-        if store.copy_async and nbytes == 16:
-            copy, to = "cp_async16", f"&{dst}"
+        if store.copy_async and (nbytes == 16 or not self.warpgroup):
+            copy, to = f"cp_async{nbytes}", f"&{dst}"
             if self.warpgroup:
                 copy, to = "cp_async16s", self.swizzled(store.buffer, store.index.subst(var, Lin()))
             if guard:
@@ -527,9 +538,10 @@ class CUDARenderer(CStyleRenderer):
         (store,) = loop.body
         var = loop.var
         value = store.value
-        if store.copy_async and loop.extent == 4 and isinstance(value, Load) and not value.clamps and \
+        if loop.extent == 4 and isinstance(value, Load) and value.buffer not in self.registers and \
+                store.buffer not in self.registers and not value.clamps and \
                 all(self._chunk_aligned(e, var, 4) for e in (store.index, value.index)):
-            copy = self.chunk_copy(store, value, var, 16, depth)   # a float4 stage's chunk, asynchronously
+            copy = self.chunk_copy(store, value, var, 16, depth)   # a float4 chunk, zeros outside the tensor
             if copy:
                 return copy
         vec_loads = [l for l in _loads(store.value) if not l.bounds and not l.clamps

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import NoReturn
 
-from ..ir.lower import stage_bytes, stage_elements, thread_loops
+from ..ir.lower import stage_bytes, stage_elements, stage_footprint, thread_loops
 from ..ir.ops import Operator
 from ..ir.schedule import (WARP, Bind, DoubleBuffer, LoopNest, Parallel, Schedule, ScheduleError, Tensorize, Warpgroup,
                            bound_axis, footprint, tile_shape)
@@ -56,7 +56,7 @@ def shared_bytes(op: Operator, nest: LoopNest) -> int:
     bytes, as the CUDA renderer lays them out), every buffer of a pipelined stage."""
     total = 0
     for tensor, anchor in nest.cache_reads:
-        dims = footprint(op, nest, tensor, anchor, also=thread_loops(nest))
+        dims = stage_footprint(op, nest, tensor, anchor)
         if dims:
             total += stage_bytes(nest.buffers(tensor) * stage_elements(op, nest, dims), op.dtype)
     return total + (WGMMA_ALIGN if nest.warpgroup and total else 0)
