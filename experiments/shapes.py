@@ -182,7 +182,7 @@ def family(op: str, split: str = "train", name: str = "default") -> list[str]:
     return list(fams[name][split])
 
 # The GPU's conv2d family: "many" and 30 layers drawn at batch 2, 4 and 8 (never ResNet-50's
-# batch of 16, which the benchmarks hold out), where 3x3 layers have outputs enough for the
+# batch of 16, which the benchmarks hold out): more 3x3 layers with outputs enough for the
 # tensor-core expert (kernels.experts.TENSOR_CORE_MIN_PIXELS).
 _many = FAMILIES["conv2d"]["many"]
 FAMILIES["conv2d"]["gpu-many"] = _grown(_many, _drawn("conv2d", 30, 3, {*_many["train"], *_many["held_out"]},

@@ -486,9 +486,11 @@ def _conv_tensor_core_nest(s: Schedule, loops: dict[str, str | None], c_slices: 
 
 
 # Below this many outputs per channel a window larger than 1x1 runs faster as a direct
-# convolution on the CUDA cores (H200, bf16: ResNet-50's 3x3 layers at batch 1 direct,
-# at batch 16 on tensor cores).
-TENSOR_CORE_MIN_PIXELS = 8192
+# convolution on the CUDA cores: the implicit GEMM's 16-pixel m tiles then leave much of
+# each instruction and of the GPU idle (H200, bf16, with stages filled in 16-byte chunks:
+# ResNet-50's 3x3 layers on tensor cores 1.2-4x faster than direct from 196 outputs a
+# channel, the 7x7 layer at batch 1, 49 outputs, 0.74x).
+TENSOR_CORE_MIN_PIXELS = 128
 
 
 def _gpu_conv2d_any(op: Operator, target: Target) -> Schedule:
