@@ -807,27 +807,44 @@ def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest, order: list[int]) 
     """Copy the footprint of ``tensor`` into ``buf`` (its dimensions in ``order``), zero
     outside the tensor.
 
-    Where the box can leave the tensor (padding, a tail), the buffer is zeroed first and
-    each copy loop runs over the part inside the tensor only, so that no element is read
-    under a condition: contiguous copies, and nothing for gcc to turn into masked loads
-    (see ``CRenderer.value``).
+    Where the box can leave the tensor (padding, a tail), each copy loop runs over the
+    part inside the tensor only, so that no element is read under a condition: contiguous
+    copies, and nothing for gcc to turn into masked loads (see ``CRenderer.value``). The
+    rest is zeroed a face at a time (the slabs outside the tensor across each dimension)
+    where that takes fewer stores than zeroing the whole buffer first.
     """
     vars_ = [f"{buf}_{d}" for d in range(len(dims))]
     ext = {**nest.extents, **{v: d[2] for v, d in zip(vars_, dims)}}
     src = tuple(base + Lin.var(v) for (base, _, _), v in zip(dims, vars_))
     stmt = Store(buf, _flat(tuple(Lin.var(vars_[d]) for d in order), tuple(dims[d][2] for d in order)),
                  Load(tensor, _flat(src, shape)))
-    clipped = False
+    index = stmt.index
+    faces = []   # the parts of the box outside the tensor, each a slab across one dimension
     for d in reversed(_copy_order(dims, order)):
         v, (base, _, size), e, n = vars_[d], dims[d], src[d], shape[d]
         lo, hi = e.range(ext)
         starts = (Lin() - base,) if lo < 0 else ()               # base + v >= 0
         bounds = ((Lin.constant(n) - base, 1),) if hi >= n else ()  # base + v < n
-        clipped = clipped or bool(starts or bounds)
+        if starts:
+            faces.append((d, dict(bounds=((Lin() - base, 1),))))      # v < -base
+        if bounds:
+            faces.append((d, dict(starts=(Lin.constant(n) - base,))))  # v >= n - base
         stmt = For(v, size, [stmt], bounds=bounds, starts=starts)
-    if not clipped:
+    if not faces:
         return [stmt]
-    return [_fill(buf, math.prod(d[2] for d in dims)), stmt]
+    size, row = math.prod(d[2] for d in dims), dims[order[-1]][2]
+    # stores, counting a contiguous run of 16 as one: a face across the buffer's rows is a
+    # run of one or two elements in each row, which loses to zeroing the whole buffer
+    across = sum(size // row for d, _ in faces if d == order[-1])
+    if 16 * across + sum(size // dims[d][2] for d, _ in faces if d != order[-1]) >= size:
+        return [_fill(buf, size), stmt]
+    zeros = []
+    for face, limits in faces:
+        z = Store(buf, index, Zero())
+        for d in reversed(order):
+            z = For(vars_[d], dims[d][2], [z], **(limits if d == face else {}))
+        zeros.append(z)
+    return [*zeros, stmt]
 
 
 def _merged(dims, shape):

@@ -84,6 +84,23 @@ def test_a_pack_zeroes_its_buffer_and_copies_the_inside_only():
     assert [str(e) for e in loops["I_local_3"].starts] == ["1"]     # so is column -1
     assert [(str(e), c) for e, c in loops["I_local_3"].bounds] == [("7", 1)]   # and column 6
     assert not loops["I_local_1"].starts and not loops["I_local_1"].bounds
+    # its faces outside the tensor cut every row (a column each side): zeroing all of it
+    # first takes fewer stores
+    assert "I_local_z" in loops
+
+
+def test_a_pack_with_a_ragged_tile_zeroes_only_what_lies_past_the_tensor():
+    """B packed per 32-column tile of a 40-column matmul: only the last tile's 24 columns
+    past the edge are zeroed (each row's run of them), not the whole pack of every tile."""
+    op = make_op("matmul", "16x40x8")
+    s = Schedule(op).tile("i", "j", 8, 32).reorder("j_o", "i_o", "k", "i_i", "j_i").cache_read("B", "j_o")
+    fn = lower(s)
+    stores = list(_walk(fn.body))
+    *zeros, copy = [x for x in stores if isinstance(x, Store) and x.buffer == "B_local"]
+    assert len(zeros) == 1 and copy.value.buffer == "B"
+    assert not any(isinstance(x, For) and x.var == "B_local_z" for x in stores)
+    face = [x for x in stores if isinstance(x, For) and x.var.startswith("B_local_") and zeros[0] in list(_walk(x.body))]
+    assert [bool(x.starts) for x in face] == [False, True]     # every k row, from the edge on
 
 
 def _walk(stmts):
