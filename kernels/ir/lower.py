@@ -832,12 +832,12 @@ def _pack(tensor: str, shape, buf: str, dims, nest: LoopNest, order: list[int]) 
         stmt = For(v, size, [stmt], bounds=bounds, starts=starts)
     if not faces:
         return [stmt]
-    size, row = math.prod(d[2] for d in dims), dims[order[-1]][2]
-    # stores, counting a contiguous run of 16 as one: a face across the buffer's rows is a
-    # run of one or two elements in each row, which loses to zeroing the whole buffer
-    across = sum(size // row for d, _ in faces if d == order[-1])
-    if 16 * across + sum(size // dims[d][2] for d, _ in faces if d != order[-1]) >= size:
-        return [_fill(buf, size), stmt]
+    total, row = math.prod(d[2] for d in dims), dims[order[-1]][2]
+    # in elements, a store of a contiguous run counting as 16: a face across the buffer's
+    # rows is a run of one or two elements in each row, which loses to zeroing it all
+    across = sum(total // row for d, _ in faces if d == order[-1])
+    if 16 * across + sum(total // dims[d][2] for d, _ in faces if d != order[-1]) >= total:
+        return [_fill(buf, total), stmt]
     zeros = []
     for face, limits in faces:
         z = Store(buf, index, Zero())
