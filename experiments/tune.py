@@ -164,6 +164,19 @@ def _expert(op, target) -> Schedule | None:
         return None
 
 
+def _measurements_to_90pct(history, final_ms: float, expert, of_expert: float | None, naive) -> int | None:
+    """Measurements the search took to come within 90% of the speed of the kernel it returned, 0
+    where a reference (naive, expert) already was; None if never. The target is the returned
+    kernel's re-measured figure in the search's units (the expert's search time over the final
+    ratio to it), not the search's fastest sample: that maximum of noisy timings is biased up,
+    and counting to 90% of a lucky sample counts how long until the next lucky one."""
+    final = expert.time_ms / of_expert if expert is not None and expert.ok and of_expert else final_ms
+    target = final / 0.9
+    if any(r is not None and r.ok and r.time_ms <= target for r in (naive, expert)):
+        return 0
+    return next((p.measurements for p in history if p.best_time_ms <= target), None)
+
+
 def _ratio(slower: Comparison | None, faster: Comparison) -> float | None:
     """Median over rounds of ``slower``'s time / ``faster``'s (timed in the same rounds)."""
     if slower is None or not slower.ok:
@@ -267,6 +280,8 @@ def run(cfg: Config) -> dict:
         "fraction_of_library": final.fraction_of_library, "rounds": len(final.rounds), "remeasured": remeasured,
         "expert_gflops": op.flops / expert_final.time_ms / 1e6 if expert_final and expert_final.ok else None,
         "fraction_of_expert": of_expert,
+        "measurements_to_90pct": _measurements_to_90pct(
+            search.history, final.time_ms, expert_result if reference is not None else None, of_expert, naive),
         "naive_time_ms": naive.time_ms,
         "speedup_vs_naive": naive.time_ms / final.time_ms if naive.ok else None,
         "correct": True, "best_schedule": best.steps_json(),

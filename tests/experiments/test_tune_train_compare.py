@@ -62,6 +62,22 @@ def test_every_op_tunes_with_the_default_agent(kind, shape, tmp_path):
     assert len(records) >= 2, "and so is the expert schedule"
 
 
+def test_measurements_to_90pct_counts_to_the_returned_kernels_remeasured_speed():
+    """Not to the search's fastest sample: a lucky timing of a kernel no faster than the
+    expert must not make the count wait for the next lucky one."""
+    from agents.search import Progress
+    from experiments.tune import _measurements_to_90pct
+    from kernels.measure.result import MeasureResult
+    def timed(ms):
+        return MeasureResult(ok=True, time_ms=ms, times_ms=(ms,), gflops=1 / ms, correct=True, error=None)
+    history = [Progress(i, 0.0, ms, 0.0) for i, ms in enumerate([1.3, 0.95, 0.8, 0.7], start=1)]
+    expert, naive = timed(1.0), timed(9.0)
+    assert _measurements_to_90pct(history, 0.7, expert, 1.05, naive) == 0, "the expert is within 90% of 1.05x it"
+    assert _measurements_to_90pct(history, 0.7, expert, 1.25, naive) == 3, "0.8 ms is within 90% of 1 / 1.25"
+    assert _measurements_to_90pct(history, 0.5, None, None, naive) is None, "unpaired: the final time itself"
+    assert _measurements_to_90pct(history, 0.65, None, None, naive) == 4
+
+
 def test_no_expert_ablation_measures_no_expert_but_reports_it(tmp_path):
     out = last_json(cli("tune", "--op", "matmul", "--shape", "16x24x8", "--budget", "3", "--rounds", "1",
                         "--no-expert", "--json", cwd=tmp_path))
