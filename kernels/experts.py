@@ -398,13 +398,30 @@ def _gpu_conv2d(op: Operator, target: Target,
 # Implicit GEMM on tensor cores: the instruction's k is 16 input channels (8 in tf32) at
 # one window position, its n 8 output channels, its m 16 outputs along one axis: pixels
 # of a row, or where rows are narrower the image's pixels as one fused axis (contiguous in
-# NCHW; its input cannot be staged as a box, so it is read in place), or else images at
+# NCHW; its stage holds the rows that a block's run of pixels spans), or else images at
 # one pixel. H200, bf16, ResNet-50's pointwise layers at 14x14 and 7x7, batch 16: fused
 # pixels 1.6-3.2x faster than 16 images a plane apart (what a tune found first).
 # A warp holds (m tiles, channel tiles) of instructions, a block (warps y, warps x) of
 # warps; per slice of input channels the block stages the input and weights it reads.
 CONV_MMA_TILES = ((2, 2, 4, 4), (2, 2, 2, 4), (2, 1, 2, 2), (1, 1, 1, 2))   # (warps y, warps x, m tiles, 8-channel tiles)
 CONV_MMA_BUFFERS = 2
+# Fused pixels are staged (the rows a block's run spans, halo and all, filled an element at
+# a time: rows of 7 or 14 elements allow no wider chunk) for a window larger than 1x1 on
+# outputs at least this wide; otherwise read in place, through the caches. H200, bf16,
+# ResNet-50: the 3x3 layers at 14x14 outputs ran 1.5-2.3x faster staged (batch 1 and 16),
+# those at 7x7 (batch 16; batch 1 runs direct) 1.6-3.1x slower, the pointwise layers
+# 1.2-6x slower. The search may take either: the stage is an action like any other.
+FUSED_STAGE_MIN_WIDTH = 8
+
+
+def _conv_m_axis(ext: dict[str, int]) -> str | None:
+    """The implicit GEMM's m: pixels of a row (``x``), the image's pixels fused (``y_x``), or
+    images (``n``); None where none has 16."""
+    if ext["x"] >= 16:
+        return "x"
+    if ext["y"] * ext["x"] >= 16:
+        return "y_x"
+    return "n" if ext["n"] >= 16 else None
 
 
 def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
@@ -414,13 +431,13 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     channels are tiled, so the nest never holds more than the action table's loops."""
     ext = op.extents
     mk = DTYPES[op.dtype].mma_k
-    s = Schedule(op)
-    if ext["x"] >= 16:        # m: 16 pixels of a row; a warp's m tiles: rows
-        s, m, tiles, around = s.split("x", 16), "x", "y", ("n", "x_o")
-    elif ext["y"] * ext["x"] >= 16:   # m: 16 pixels of the image, read in place (not staged)
-        s, m, tiles, around = s.fuse("y", "x").split("y_x", 16), "y_x", "y_x_o", ("n",)
-    elif ext["n"] >= 16:      # m: 16 images; a warp's m tiles: pixels of a row
-        s, m, tiles, around = s.split("n", 16), "n", "x", ("n_o", "y")
+    s, m = Schedule(op), _conv_m_axis(ext)
+    if m == "x":       # m: 16 pixels of a row; a warp's m tiles: rows
+        s, tiles, around = s.split("x", 16), "y", ("n", "x_o")
+    elif m == "y_x":   # m: 16 pixels of the image
+        s, tiles, around = s.fuse("y", "x").split("y_x", 16), "y_x_o", ("n",)
+    elif m == "n":     # m: 16 images; a warp's m tiles: pixels of a row
+        s, tiles, around = s.split("n", 16), "x", ("n_o", "y")
     else:
         return None
     tile_extent = next(l.extent for l in s.nest.loops if l.name == tiles)
@@ -445,7 +462,8 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     s, k_o, k_tiles = _split(s, "k_o", fn)
     s = s.reorder(*(n for n in ("_".join(block), k_o, warps_m, "c_o", "ry", "rx", tiles_i, k_tiles) if n), *mma)
     s, k_block, warps_k = _split(s, k_o, wx)
-    staged = ("W",) if m == "y_x" else ("I", "W")
+    in_place = m == "y_x" and (ext["ry"] * ext["rx"] == 1 or ext["x"] < FUSED_STAGE_MIN_WIDTH)
+    staged = ("W",) if in_place else ("I", "W")
     loops = dict(block="_".join(block), k_block=k_block, warps_m=warps_m, warps_k=warps_k,
                  tiles_i=tiles_i, k_tiles=k_tiles)
     # the widest slice of channels whose stages fit shared memory, twice (double-buffered) if they can

@@ -182,22 +182,53 @@ def tile_shape(nest: LoopNest) -> tuple[Loop, ...]:
 def footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str, also: tuple[Loop, ...] = ()):
     """Per tensor dimension: (base expression over outer loops, inner expression, extent).
 
-    The part of ``tensor`` that the loops inside ``anchor`` read; None when an
-    index is not affine in those loops (a fused loop inside). Loops in ``also`` count
-    as inside too: on a GPU, the threadIdx loops, since a block's shared stage holds
-    what all its threads read.
+    The part of ``tensor`` that the loops inside ``anchor`` read, as a box: the buffer's
+    index is the inner expression, from 0 to extent - 1. Loops in ``also`` count as inside
+    too: on a GPU, the threadIdx loops, since a block's shared stage holds what all its
+    threads read. Through a fused loop (``(o + t) / W``, ``(o + t) % W``: outer part o,
+    inner t) the box bounds what any outer part gives; None only where an inner loop lies
+    under two divisions or moduli.
     """
     access = next(a for a in op.accesses if a.tensor == tensor)
     inner = {l.name: l.extent for l in nest.inside(anchor)}
     inner.update({l.name: l.extent for l in also})
     dims = []
     for e in nest.access_exprs(access):
-        if any(e.coef(v) is None for v in inner):
+        dim = _box_dim(e, inner)
+        if dim is None:
             return None
-        inner_part = Lin(tuple((a, c) for a, c in e.terms if a in inner))
-        lo, hi = inner_part.range(inner)
-        dims.append((e.drop(set(inner)), inner_part, hi - lo + 1))
+        dims.append(dim)
     return dims
+
+
+def _box_dim(e: Lin, inner: dict[str, int]) -> tuple[Lin, Lin, int] | None:
+    """(base, inner expression, extent) of one index expression (see :func:`footprint`)."""
+    base, part, lo, hi = Lin.constant(e.const), Lin(), 0, 0
+    for atom, c in e.terms:
+        term = Lin(((atom, c),))
+        if isinstance(atom, str) or not atom.arg.vars() & inner.keys():
+            if isinstance(atom, str) and atom in inner:
+                part, (a, b) = part + term, (0, inner[atom] - 1)
+            else:
+                base += term
+                continue
+        else:
+            arg, d = atom.arg, atom.divisor
+            outer = Lin(tuple((x, k) for x, k in arg.terms if not (isinstance(x, str) and x in inner)), arg.const)
+            if outer.vars() & inner.keys():   # an inner loop under two divisions or moduli
+                return None
+            if not outer.terms:                # the whole argument runs inside: exact
+                part, (a, b) = part + term, Lin(((atom, 1),)).range(inner)
+            elif atom.op == "mod":
+                part, (a, b) = part + term, (0, d - 1)
+            else:   # (o + t) / d = o / d + (o % d + t) / d, and o % d is a multiple of gcd(o, d)
+                in_lo, in_hi = (arg - outer).range(inner)
+                rest = d - math.gcd(d, outer.const, *(k for _, k in outer.terms))
+                whole = Lin(((outer.floordiv(d).terms[0][0], c),))
+                base += whole
+                part, (a, b) = part + term - whole, (in_lo // d, (rest + in_hi) // d)
+        lo, hi = lo + min(c * a, c * b), hi + max(c * a, c * b)
+    return base + lo, part - lo, hi - lo + 1
 
 
 # ---------------------------------------------------------------- steps

@@ -855,6 +855,19 @@ def test_tensorized_convolutions_simulate_correctly(kind, shape, dtype, monkeypa
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
 
 
+@pytest.mark.parametrize("dtype", ["tf32", "bf16"])
+@pytest.mark.parametrize("shape", ["2,16,10,12,24,3,3,1,1", "3,16,20,18,8,3,3,2,1"])
+def test_fused_pixels_of_a_window_stage_the_rows_their_run_spans(shape, dtype, monkeypatch):
+    """m along fused pixels: the block's stage of the input is the box of rows that any
+    run of its pixels spans (halo and tail included), read through ``/`` and ``%``."""
+    from kernels import experts
+    monkeypatch.setattr(experts, "TENSOR_CORE_MIN_PIXELS", 0)
+    s = expert_schedule(make_op("conv2d", shape, dtype), TARGET)
+    assert any(str(x) == "Fuse('y', 'x')" for x in s.steps) and "I" in dict(s.nest.cache_reads), describe(s)
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
 @pytest.mark.parametrize("shape,chunk", [("2,16,4,24,8,3,3,1,1", 16), ("2,16,5,40,8,3,3,2,1", 16),
                                          ("2,16,4,28,8,3,3,1,1", 8)])
 def test_a_windowed_convolution_fills_its_stages_in_whole_chunks(shape, chunk, monkeypatch):

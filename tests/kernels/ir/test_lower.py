@@ -18,7 +18,7 @@ from kernels.ir.lower import For, If, Load, Store, Zero, lower
 from kernels.ir.printer import print_loop_nest
 from kernels.ir.ops import make_op
 from kernels.codegen import render
-from kernels.ir.schedule import Schedule
+from kernels.ir.schedule import Schedule, footprint
 
 LOOP_LINE = re.compile(r"^(\s*)for (\w+) in 0\.\.(.+?):(?:  # (\S+))?$")
 
@@ -267,6 +267,31 @@ def test_split_of_a_fused_loop(make, interpret, assert_correct, target):
     assert_interpreted_exact(interpret, s)          # the IR is right ...
     source = render(s, target).source
     assert not re.search(r"\(\w+\*\d+ \+ \w+ [/%] \d+\)", source), source   # ... and so is its C
+    assert_correct(s)
+
+
+PACKED_THROUGH_FUSED = [
+    ("outer-part-in-the-box", lambda s: s.fuse("i", "j").split("i_j", 4).reorder("i_j_o", "k", "i_j_i")
+     .cache_read("A", "k").cache_read("B", "k")),
+    ("whole-fused-loop-inside", lambda s: s.fuse("i", "j").reorder("k", "i_j").cache_read("A", "k")),
+    ("convolution-rows-of-a-run-of-pixels", None),
+]
+
+
+@pytest.mark.parametrize("make", [c[1] for c in PACKED_THROUGH_FUSED], ids=[c[0] for c in PACKED_THROUGH_FUSED])
+def test_a_pack_through_a_fused_loop_holds_the_box_its_run_spans(make, interpret, assert_correct):
+    """``(o + t) / W`` for an outer part o and an inner run t spans at most
+    ``(W - gcd(o, W) + t_max) / W + 1`` values from ``o / W``: the pack holds those rows
+    whichever run a block takes, including a run that crosses the tensor's end."""
+    if make is None:   # 7 x 5 pixels in runs of 8 (the last one ragged), a 3 x 3 window
+        op = make_op("conv2d", "1,2,7,5,3,3,3,1,1")
+        s = Schedule(op).fuse("y", "x").split("y_x", 8).reorder("n", "y_x_o", "k", "c", "ry", "rx", "y_x_i")
+        s = s.cache_read("I", "c")
+        dims = footprint(op, s.nest, "I", "c")
+        assert [d[2] for d in dims] == [1, 1, 5, 7], "rows spanned by 8 pixels from any run start, + halo"
+    else:
+        s = make(Schedule(make_op("matmul", "5x7x3")))
+    assert_interpreted_exact(interpret, s)
     assert_correct(s)
 
 

@@ -240,8 +240,9 @@ ILLEGAL = [
     ("cache-read-twice", _sched(CacheRead("A", "i")), CacheRead("A", "j"), "'A' is already cached"),
     ("cache-read-too-large", _sched(op=BIG), CacheRead("B", "i"),
      f"cache_read buffer for 'B' at 'i' is 4194304 bytes (limit {MAX_LOCAL_BYTES})"),
-    ("cache-read-through-fused-loop", _sched(Fuse("i", "j"), Split("k", 2), Reorder(("k_o", "i_j"))),
-     CacheRead("A", "k_o"), "indexed through a fused loop inside 'k_o'"),
+    ("cache-read-through-twice-fused-loop", _sched(Fuse("b", "i"), Fuse("b_i", "j"), Reorder(("k", "b_i_j")),
+                                                   op=make_op("batch_matmul", "2x4x6x8")),
+     CacheRead("A", "k"), "indexed through a fused loop inside 'k'"),
 ]
 
 
