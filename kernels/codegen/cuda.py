@@ -156,6 +156,16 @@ class CUDARenderer(CStyleRenderer):
         "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 8, %2;\" :: \"r\"(s), \"l\"(src), \"r\"(full ? 8 : 0) "
         ": \"memory\");",
         "}",
+        "// 4 bytes (two 16-bit elements of rows with no wider aligned chunk), or 4 zero bytes where !full",
+        "static __device__ __forceinline__ void cp_async4(void* dst, const void* src) {",
+        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
+        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 4;\" :: \"r\"(s), \"l\"(src) : \"memory\");",
+        "}",
+        "static __device__ __forceinline__ void cp_async4z(void* dst, const void* src, bool full) {",
+        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
+        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 4, %2;\" :: \"r\"(s), \"l\"(src), \"r\"(full ? 4 : 0) "
+        ": \"memory\");",
+        "}",
         "#endif",
     )
     # wgmma (sm_90a): the 128-byte swizzle of a shared address, copies to a (swizzled) shared
@@ -492,18 +502,18 @@ class CUDARenderer(CStyleRenderer):
         return " && ".join(conds)
 
     def vector_copy(self, loop: For, depth: int) -> list[str] | None:
-        """A copy of 4 or 8 consecutive 16-bit elements as one 8- or 16-byte move (zeros for
-        a chunk outside the tensor), where both sides are aligned; None otherwise."""
+        """A copy of 2, 4 or 8 consecutive 16-bit elements as one 4-, 8- or 16-byte move (zeros
+        for a chunk outside the tensor), where both sides are aligned; None otherwise."""
         (store,) = loop.body
         load, var, n = store.value, loop.var, loop.extent
         if not (isinstance(load, Load) and load.buffer in self.narrow and not load.clamps):
             return None
-        if n not in (4, 8) or not all(self._chunk_aligned(e, var, n) for e in (store.index, load.index)):
+        if n not in (2, 4, 8) or not all(self._chunk_aligned(e, var, n) for e in (store.index, load.index)):
             return None
         return self.chunk_copy(store, load, var, n * 2, depth)
 
     def chunk_copy(self, store: Store, load: Load, var: str, nbytes: int, depth: int) -> list[str] | None:
-        """One aligned chunk of 8 or 16 bytes from ``load`` to ``store`` (``var`` at 0): a
+        """One aligned chunk of 4, 8 or 16 bytes from ``load`` to ``store`` (``var`` at 0): a
         ``cp.async`` where asked (16 bytes into a swizzled stage), else a move through a
         register."""
         n = nbytes // (2 if store.buffer in self.narrow else 4)
@@ -520,9 +530,9 @@ class CUDARenderer(CStyleRenderer):
             if guard:
                 return [f"{pad}{copy}z({to}, ({guard}) ? &{src} : {load.buffer}, {guard});"]
             return [f"{pad}{copy}({to}, &{src});"]
-        vec = "uint4" if nbytes == 16 else "uint2"
+        vec = {16: "uint4", 8: "uint2", 4: "unsigned"}[nbytes]
         if guard:
-            zero = "make_uint4(0, 0, 0, 0)" if nbytes == 16 else "make_uint2(0, 0)"
+            zero = {16: "make_uint4(0, 0, 0, 0)", 8: "make_uint2(0, 0)", 4: "0u"}[nbytes]
             return [f"{pad}*({vec}*)&{dst} = ({guard}) ? *(const {vec}*)&{src} : {zero};"]
         return [f"{pad}*({vec}*)&{dst} = *(const {vec}*)&{src};"]
 

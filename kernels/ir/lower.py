@@ -260,7 +260,7 @@ def stage_padding(op: Operator, nest: LoopNest, dims) -> int:
 def stage_footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str):
     """The box a block's shared stage of ``tensor`` at ``anchor`` holds: the footprint of
     all its threads (None where that is no box), its last dimension widened at both ends
-    to whole chunks of 16 bytes (else 8) where the tensor's rows allow. A window's halo (a
+    to whole chunks of 16 bytes (else 8 or 4) where the tensor's rows allow. A window's halo (a
     convolution's input at ``x - 1 .. x + 16``) otherwise starts each row at any element,
     and the copy moves the stage an element at a time: those copies took two thirds of a
     3x3 layer's time on tensor cores."""
@@ -269,9 +269,9 @@ def stage_footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str):
         return dims
     base, inner, ext = dims[-1]
     elem, row = DTYPES[op.dtype].bytes, op.tensor(tensor).shape[-1]
-    # 16 bytes, else 8 (rows of 28 bf16 elements): the renderer moves chunks of 4 elements or more
-    chunk = next((c for c in (16 // elem, 8 // elem) if c >= 4 and row % c == 0
-                  and all(k % c == 0 for _, k in base.terms)), None)
+    # 16 bytes; 16-bit elements else 8 (rows of 28) or 4 (a pair: rows of 14)
+    chunk = next((c // elem for c in ((16, 8, 4) if elem == 2 else (16,)) if row % (c // elem) == 0
+                  and all(k % (c // elem) == 0 for _, k in base.terms)), None)
     if chunk is None or ext < chunk:
         return dims
     shift = base.const % chunk
@@ -878,7 +878,8 @@ def _cooperative_copy(tensor: str, shape, buf: str, dims, nest: LoopNest, thread
         dims, shape = _merged(dims, shape)
     exts = [d[2] for d in dims]
     size = math.prod(exts)
-    width = next((w for w in (vector, 4) if exts[-1] % w == 0 and (w == 4 or shape[-1] % w == 0)), 1)
+    widths = (vector, 4, 2) if vector == 8 else (vector, 4)   # 16-bit elements also move in pairs
+    width = next((w for w in widths if exts[-1] % w == 0 and (w == 4 or shape[-1] % w == 0)), 1)
     nthreads = math.prod(l.extent for l in threads) * lanes
     tid, scale = (Lin.var(LANE), lanes) if lanes > 1 else (Lin(), 1)
     warp = Lin()   # tid // lanes

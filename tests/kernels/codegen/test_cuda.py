@@ -869,11 +869,11 @@ def test_fused_pixels_of_a_window_stage_the_rows_their_run_spans(shape, dtype, m
 
 
 @pytest.mark.parametrize("shape,chunk", [("2,16,4,24,8,3,3,1,1", 16), ("2,16,5,40,8,3,3,2,1", 16),
-                                         ("2,16,4,28,8,3,3,1,1", 8)])
+                                         ("2,16,4,28,8,3,3,1,1", 8), ("2,16,6,14,8,3,3,1,1", 4)])
 def test_a_windowed_convolution_fills_its_stages_in_whole_chunks(shape, chunk, monkeypatch):
     """The input's stage is widened to whole chunks of each row, 16 bytes or, where rows
-    are not a multiple of 16 bytes (28 bf16 elements), 8 (its halo starts a row at any
-    element); the weights' slice with its whole window is one contiguous run: neither
+    are not a multiple of 16 bytes, 8 (28 bf16 elements) or 4 (14, fused pixels: the rows
+    a run spans; its halo starts a row at any element); the weights' slice with its whole window is one contiguous run: neither
     fill moves single elements (``cp.async`` where double-buffered, else a vector move)."""
     from kernels import experts
     monkeypatch.setattr(experts, "TENSOR_CORE_MIN_PIXELS", 0)
@@ -884,9 +884,10 @@ def test_a_windowed_convolution_fills_its_stages_in_whole_chunks(shape, chunk, m
     tight = footprint(s.op, s.nest, "I", anchor, also=ir.thread_loops(s.nest))
     assert box[-1][2] % (chunk // 2) == 0 and box[-1][2] > tight[-1][2] and box[-1][0].const % (chunk // 2) == 0
     src = render(s, TARGET).source
-    moves = {8: r"cp_async8|\*\(uint2\*\)", 16: r"cp_async16|\*\(uint4\*\)"}
+    moves = {4: r"cp_async4|\*\(unsigned\*\)", 8: r"cp_async8|\*\(uint2\*\)", 16: r"cp_async16|\*\(uint4\*\)"}
     for stage, size in (("I_shared", chunk), ("W_shared", 16)):
-        fills = [line for line in src.split("\n") if re.match(rf"\s*(cp_async\w*\(&|\*\(uint\d\*\)&)?{stage}\[", line)]
+        fills = [line for line in src.split("\n")
+                 if re.match(rf"\s*(cp_async\w*\(&|\*\((uint\d|unsigned)\*\)&)?{stage}\[", line)]
         assert fills and all(re.match(rf"\s*({moves[size]})", line) for line in fills), (stage, fills[:2])
     out, ref = simulate_schedule(s)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
