@@ -101,6 +101,23 @@ def _shift(v, var: str, lane: int, vectors: dict[int, str]):
     return v
 
 
+def _cp_async_helpers() -> tuple[str, ...]:
+    """``cp_asyncN`` (sm_80+): N = 16, 8 or 4 bytes from global to shared memory without
+    passing registers; ``cp_asyncNz``: N zero bytes where ``!full`` (nothing is read then).
+    16 bytes bypass L1 (``.cg``), which moves 16 only: 8 and 4 go through it (``.ca``)."""
+    to_shared = ('  unsigned s; asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" '
+                 ': "=r"(s) : "l"(dst));')
+    lines = ["#ifndef SCHEDGYM_ASYNC_HELPERS", "#define SCHEDGYM_ASYNC_HELPERS"]
+    for n in (16, 8, 4):
+        copy = f"cp.async.{'cg' if n == 16 else 'ca'}.shared.global [%0], [%1], {n}"
+        lines += [f"static __device__ __forceinline__ void cp_async{n}(void* dst, const void* src) {{", to_shared,
+                  f'  asm volatile("{copy};" :: "r"(s), "l"(src) : "memory");', "}",
+                  f"static __device__ __forceinline__ void cp_async{n}z(void* dst, const void* src, bool full) {{",
+                  to_shared, f'  asm volatile("{copy}, %2;" :: "r"(s), "l"(src), "r"(full ? {n} : 0) : "memory");',
+                  "}"]
+    return (*lines, "#endif")
+
+
 class CUDARenderer(CStyleRenderer):
     """CUDA C for NVRTC/nvcc: bound loops become block and thread indices."""
 
@@ -132,42 +149,7 @@ class CUDARenderer(CStyleRenderer):
         "{ unsigned s; asm(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(p)); return s; }",
         "#endif",
     )
-    # cp.async (sm_80+): 16 bytes from global to shared memory without passing registers
-    async_helpers = (
-        "#ifndef SCHEDGYM_ASYNC_HELPERS",
-        "#define SCHEDGYM_ASYNC_HELPERS",
-        "static __device__ __forceinline__ void cp_async16(void* dst, const void* src) {",
-        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
-        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16;\" :: \"r\"(s), \"l\"(src) : \"memory\");",
-        "}",
-        "// 16 bytes, or 16 zero bytes where !full (nothing is read then)",
-        "static __device__ __forceinline__ void cp_async16z(void* dst, const void* src, bool full) {",
-        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
-        "  asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16, %2;\" :: \"r\"(s), \"l\"(src), \"r\"(full ? 16 : 0) "
-        ": \"memory\");",
-        "}",
-        "// 8 bytes (through L1: .cg moves 16 only), or 8 zero bytes where !full",
-        "static __device__ __forceinline__ void cp_async8(void* dst, const void* src) {",
-        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
-        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 8;\" :: \"r\"(s), \"l\"(src) : \"memory\");",
-        "}",
-        "static __device__ __forceinline__ void cp_async8z(void* dst, const void* src, bool full) {",
-        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
-        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 8, %2;\" :: \"r\"(s), \"l\"(src), \"r\"(full ? 8 : 0) "
-        ": \"memory\");",
-        "}",
-        "// 4 bytes (two 16-bit elements of rows with no wider aligned chunk), or 4 zero bytes where !full",
-        "static __device__ __forceinline__ void cp_async4(void* dst, const void* src) {",
-        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
-        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 4;\" :: \"r\"(s), \"l\"(src) : \"memory\");",
-        "}",
-        "static __device__ __forceinline__ void cp_async4z(void* dst, const void* src, bool full) {",
-        "  unsigned s; asm volatile(\"{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\" : \"=r\"(s) : \"l\"(dst));",
-        "  asm volatile(\"cp.async.ca.shared.global [%0], [%1], 4, %2;\" :: \"r\"(s), \"l\"(src), \"r\"(full ? 4 : 0) "
-        ": \"memory\");",
-        "}",
-        "#endif",
-    )
+    async_helpers = _cp_async_helpers()
     # wgmma (sm_90a): the 128-byte swizzle of a shared address, copies to a (swizzled) shared
     # address, and a shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor
     # Format": start, leading and stride byte offsets in 16-byte units, 128-byte swizzle):

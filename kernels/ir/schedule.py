@@ -206,12 +206,11 @@ def _box_dim(e: Lin, inner: dict[str, int]) -> tuple[Lin, Lin, int] | None:
     base, part, lo, hi = Lin.constant(e.const), Lin(), 0, 0
     for atom, c in e.terms:
         term = Lin(((atom, c),))
-        if isinstance(atom, str) or not atom.arg.vars() & inner.keys():
-            if isinstance(atom, str) and atom in inner:
-                part, (a, b) = part + term, (0, inner[atom] - 1)
-            else:
-                base += term
-                continue
+        if isinstance(atom, str) and atom in inner:
+            part, (a, b) = part + term, (0, inner[atom] - 1)
+        elif isinstance(atom, str) or not atom.arg.vars() & inner.keys():
+            base += term
+            continue
         else:
             arg, d = atom.arg, atom.divisor
             outer = Lin(tuple((x, k) for x, k in arg.terms if not (isinstance(x, str) and x in inner)), arg.const)
@@ -224,7 +223,7 @@ def _box_dim(e: Lin, inner: dict[str, int]) -> tuple[Lin, Lin, int] | None:
             else:   # (o + t) / d = o / d + (o % d + t) / d, and o % d is a multiple of gcd(o, d)
                 in_lo, in_hi = (arg - outer).range(inner)
                 rest = d - math.gcd(d, outer.const, *(k for _, k in outer.terms))
-                whole = Lin(((outer.floordiv(d).terms[0][0], c),))
+                whole = outer.floordiv(d) * c
                 base += whole
                 part, (a, b) = part + term - whole, (in_lo // d, (rest + in_hi) // d)
         lo, hi = lo + min(c * a, c * b), hi + max(c * a, c * b)
