@@ -409,13 +409,20 @@ CONV_MMA_BUFFERS = 2
 # warps on the H200's 132 (one wave) ran ResNet-50's batch-16 layers at 7x7 outputs 1.05x
 # (3x3) and 1.95x (3x3, stride 2) faster than the next tiles' 512 blocks of 2 warps.
 CONV_MMA_MIN_FILL = 0.9
-# Fused pixels are staged (the rows a block's run spans, halo and all: rows of 14 bf16
-# elements filled in pairs, of 7 an element at a time) for a window larger than 1x1 on
-# outputs at least this wide; otherwise read in place, through the caches. H200, bf16,
-# ResNet-50: the 3x3 layers at 14x14 outputs ran 1.5-2.3x faster staged (batch 1 and 16),
-# those at 7x7 (batch 16; batch 1 runs direct) 1.6-3.1x slower, the pointwise layers
-# 1.2-6x slower. The search may take either: the stage is an action like any other.
+# Fused pixels are staged where the input's rows are at least this wide (its stage: the
+# rows a block's run spans, halo and all, filled in chunks of 16, 8 or 4 bytes, or an
+# element at a time in rows of 7 bf16 elements; without a window, the run itself of the
+# flattened image); otherwise read in place, through the caches. H200, bf16, ResNet-50,
+# staged against in place: the 3x3 layers at 14x14 outputs 1.5-2.3x faster (batch 1 and
+# 16) and the strided one from 14x14 inputs 1.3x; the pointwise layers at 14x14 1.5-1.9x
+# (one 0.98x); at 7x7 inputs the 3x3 layer 0.9x and the pointwise ones 0.6-0.9x (one
+# 1.08x). The search may take either: the stage is an action like any other.
 FUSED_STAGE_MIN_WIDTH = 8
+
+
+def _fused_input_staged(op: Operator) -> bool:
+    """Whether a block whose m runs along fused pixels stages its input."""
+    return op.tensor("I").shape[-1] >= FUSED_STAGE_MIN_WIDTH
 
 
 def _conv_m_axis(ext: dict[str, int]) -> str | None:
@@ -466,7 +473,7 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     s, k_o, k_tiles = _split(s, "k_o", fn)
     s = s.reorder(*(n for n in ("_".join(block), k_o, warps_m, "c_o", "ry", "rx", tiles_i, k_tiles) if n), *mma)
     s, k_block, warps_k = _split(s, k_o, wx)
-    in_place = m == "y_x" and (ext["ry"] * ext["rx"] == 1 or ext["x"] < FUSED_STAGE_MIN_WIDTH)
+    in_place = m == "y_x" and not _fused_input_staged(op)
     staged = ("W",) if in_place else ("I", "W")
     loops = dict(block="_".join(block), k_block=k_block, warps_m=warps_m, warps_k=warps_k,
                  tiles_i=tiles_i, k_tiles=k_tiles)

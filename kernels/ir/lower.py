@@ -28,7 +28,7 @@ from .dtypes import DTYPES
 from .expr import Lin
 from .ops import Access, Operator
 from .schedule import (WARP, WGMMA_ROW_BYTES, Loop, LoopNest, Schedule, Warpgroup, WarpgroupTile, b_k_major, bound_axis,
-                       compose, footprint, tile_shape, warpgroup_tile)
+                       compose, footprint, footprint_shape, tile_shape, warpgroup_tile)
 
 
 # ---------------------------------------------------------------- IR nodes
@@ -268,7 +268,7 @@ def stage_footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str):
     if not dims or nest.warpgroup:   # wgmma stages: rows along k, laid out for the instruction
         return dims
     base, inner, ext = dims[-1]
-    elem, row = DTYPES[op.dtype].bytes, op.tensor(tensor).shape[-1]
+    elem, row = DTYPES[op.dtype].bytes, footprint_shape(op, tensor, dims)[-1]
     # 16 bytes; 16-bit elements else 8 (rows of 28) or 4 (a pair: rows of 14)
     chunk = next((c // elem for c in ((16, 8, 4) if elem == 2 else (16,)) if row % (c // elem) == 0
                   and all(k % (c // elem) == 0 for _, k in base.terms)), None)
@@ -341,12 +341,12 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
     synced: set[str] = set()        # anchors whose shared stage is refilled: barrier at body end
     for access in (op.lhs, op.rhs):
         cached = dict(nest.cache_reads).get(access.tensor)
-        shape = op.tensor(access.tensor).shape
         if cached and gpu:
             buf = f"{access.tensor}_shared"
             dims = stage_footprint(op, nest, access.tensor, cached)
             if dims is None:
                 raise ValueError(f"the block's footprint of {access.tensor!r} at {cached!r} is not a box")
+            shape = footprint_shape(op, access.tensor, dims)
             shared[buf] = math.prod(d[2] for d in dims)
             reads[access.tensor] = Load(buf, _flat(tuple(d[1] for d in dims), tuple(d[2] for d in dims)))
             pre.append(Alloc(buf, shared[buf], "shared"))  # hoisted: one allocation per block
@@ -392,6 +392,7 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
         elif cached:
             buf = f"{access.tensor}_local"
             dims = footprint(op, nest, access.tensor, cached)
+            shape = footprint_shape(op, access.tensor, dims)
             order = _pack_order(dims, nest)
             local[buf] = math.prod(d[2] for d in dims)
             reads[access.tensor] = Load(buf, _flat(tuple(dims[d][1] for d in order),

@@ -187,18 +187,44 @@ def footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str, also: tupl
     too: on a GPU, the threadIdx loops, since a block's shared stage holds what all its
     threads read. Through a fused loop (``(o + t) / W``, ``(o + t) % W``: outer part o,
     inner t) the box bounds what any outer part gives; None only where an inner loop lies
-    under two divisions or moduli.
+    under two divisions or moduli. Where the last two dimensions are read as ``E / W`` and
+    ``E % W`` with W the tensor's row (pixels fused and read without a window, stride or
+    padding), they are one run ``E`` of the tensor's last two dimensions flattened: a box
+    one dimension shorter, over the shape :func:`footprint_shape` gives.
     """
     access = next(a for a in op.accesses if a.tensor == tensor)
     inner = {l.name: l.extent for l in nest.inside(anchor)}
     inner.update({l.name: l.extent for l in also})
     dims = []
-    for e in nest.access_exprs(access):
+    for e in _unfused(nest.access_exprs(access), op.tensor(tensor).shape[-1], nest.extents):
         dim = _box_dim(e, inner)
         if dim is None:
             return None
         dims.append(dim)
     return dims
+
+
+def footprint_shape(op: Operator, tensor: str, dims) -> tuple[int, ...]:
+    """The shape of ``tensor`` as its footprint ``dims`` index it: the last two dimensions
+    flattened into one where the footprint is one dimension shorter (see :func:`footprint`)."""
+    shape = op.tensor(tensor).shape
+    return shape if len(dims) == len(shape) else (*shape[:-2], shape[-2] * shape[-1])
+
+
+def _unfused(exprs: tuple[Lin, ...], row: int, extents: dict[str, int]) -> tuple[Lin, ...]:
+    """``exprs`` with a last pair ``(E / row, E % row)`` (beside terms that are always 0:
+    loops of one iteration) replaced by ``E``, the pair's offset in the flattened rows."""
+    def fused(e: Lin, kind: str) -> Lin | None:
+        atoms = [(a, c) for a, c in e.terms if not isinstance(a, str)]
+        if len(atoms) != 1 or atoms[0][1] != 1 or atoms[0][0].op != kind or atoms[0][0].divisor != row:
+            return None
+        if e.const or any(extents.get(v) != 1 for v, _ in e.terms if isinstance(v, str)):
+            return None
+        return atoms[0][0].arg
+    if len(exprs) < 2:
+        return exprs
+    run = fused(exprs[-2], "div")
+    return (*exprs[:-2], run) if run is not None and run == fused(exprs[-1], "mod") else exprs
 
 
 def _box_dim(e: Lin, inner: dict[str, int]) -> tuple[Lin, Lin, int] | None:

@@ -868,6 +868,22 @@ def test_fused_pixels_of_a_window_stage_the_rows_their_run_spans(shape, dtype, m
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
 
 
+
+@pytest.mark.parametrize("dtype", ["tf32", "bf16"])
+@pytest.mark.parametrize("shape,run", [("2,32,4,8,8,1,1,1,0", 32), ("2,32,5,7,8,1,1,1,0", 35)])
+def test_fused_pixels_of_a_pointwise_layer_stage_one_run_per_channel(shape, run, dtype, monkeypatch):
+    """Without a window the input's stage is the block's run of fused pixels in each
+    channel, a row of the flattened image (the last run stops at the image's end)."""
+    from kernels import experts
+    monkeypatch.setattr(experts, "_fused_input_staged", lambda op: True)
+    s = expert_schedule(make_op("conv2d", shape, dtype), TARGET)
+    anchor = dict(s.nest.cache_reads).get("I")
+    assert s.nest.tensorized and anchor, describe(s)
+    dims = footprint(s.op, s.nest, "I", anchor, also=ir.thread_loops(s.nest))
+    assert len(dims) == 3 and dims[-1][2] <= run, dims
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
 @pytest.mark.parametrize("shape,chunk", [("2,16,4,24,8,3,3,1,1", 16), ("2,16,5,40,8,3,3,2,1", 16),
                                          ("2,16,4,28,8,3,3,1,1", 8), ("2,16,6,14,8,3,3,1,1", 4)])
 def test_a_windowed_convolution_fills_its_stages_in_whole_chunks(shape, chunk, monkeypatch):

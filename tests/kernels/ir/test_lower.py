@@ -18,7 +18,7 @@ from kernels.ir.lower import For, If, Load, Store, Zero, lower
 from kernels.ir.printer import print_loop_nest
 from kernels.ir.ops import make_op
 from kernels.codegen import render
-from kernels.ir.schedule import Schedule, footprint
+from kernels.ir.schedule import Schedule, footprint, footprint_shape
 
 LOOP_LINE = re.compile(r"^(\s*)for (\w+) in 0\.\.(.+?):(?:  # (\S+))?$")
 
@@ -291,6 +291,19 @@ def test_a_pack_through_a_fused_loop_holds_the_box_its_run_spans(make, interpret
         assert [d[2] for d in dims] == [1, 1, 5, 7], "rows spanned by 8 pixels from any run start, + halo"
     else:
         s = make(Schedule(make_op("matmul", "5x7x3")))
+    assert_interpreted_exact(interpret, s)
+    assert_correct(s)
+
+
+def test_a_pointwise_convolution_packs_its_run_of_fused_pixels_as_one_row(interpret, assert_correct):
+    """Fused pixels read without a window, stride or padding index the input as ``E / W``
+    and ``E % W``: the pack holds the run E of the flattened image (8 pixels), not the rows
+    it spans, and the ragged last run stops at the image's end."""
+    op = make_op("conv2d", "2,3,5,7,4,1,1,1,0")
+    s = Schedule(op).fuse("y", "x").split("y_x", 8).reorder("n", "y_x_o", "k", "c", "ry", "rx", "y_x_i")
+    s = s.cache_read("I", "c")
+    dims = footprint(op, s.nest, "I", "c")
+    assert [d[2] for d in dims] == [1, 1, 8] and footprint_shape(op, "I", dims) == (2, 3, 35)
     assert_interpreted_exact(interpret, s)
     assert_correct(s)
 
