@@ -425,10 +425,16 @@ def _fused_input_staged(op: Operator) -> bool:
     return op.tensor("I").shape[-1] >= FUSED_STAGE_MIN_WIDTH
 
 
-def _conv_m_axis(ext: dict[str, int]) -> str | None:
+def _conv_m_axis(op: Operator) -> str | None:
     """The implicit GEMM's m: pixels of a row (``x``), the image's pixels fused (``y_x``), or
-    images (``n``); None where none has 16."""
-    if ext["x"] >= 16:
+    images (``n``); None where none has 16. A pointwise layer (1x1, stride 1, no padding)
+    takes the fused pixels whatever its rows: they are one run of the flattened image,
+    staged whole in 16-byte chunks with no row's tail (H200, bf16, ResNet-50's pointwise
+    layers at 28x28 and 56x56: batch 16 1.3-2.5x faster than m along rows of 28 or 56,
+    batch 1 1.0-1.6x)."""
+    ext, p = op.extents, op.params
+    pointwise = ext["ry"] * ext["rx"] == 1 and p["stride"] == 1 and p["pad"] == 0
+    if ext["x"] >= 16 and not (pointwise and ext["y"] > 1):
         return "x"
     if ext["y"] * ext["x"] >= 16:
         return "y_x"
@@ -442,7 +448,7 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     channels are tiled, so the nest never holds more than the action table's loops."""
     ext = op.extents
     mk = DTYPES[op.dtype].mma_k
-    s, m = Schedule(op), _conv_m_axis(ext)
+    s, m = Schedule(op), _conv_m_axis(op)
     if m == "x":       # m: 16 pixels of a row; a warp's m tiles: rows
         s, tiles, around = s.split("x", 16), "y", ("n", "x_o")
     elif m == "y_x":   # m: 16 pixels of the image

@@ -870,15 +870,14 @@ def test_fused_pixels_of_a_window_stage_the_rows_their_run_spans(shape, dtype, m
 
 
 @pytest.mark.parametrize("dtype", ["tf32", "bf16"])
-@pytest.mark.parametrize("shape,run", [("2,32,4,8,8,1,1,1,0", 32), ("2,32,5,7,8,1,1,1,0", 35)])
-def test_fused_pixels_of_a_pointwise_layer_stage_one_run_per_channel(shape, run, dtype, monkeypatch):
-    """Without a window the input's stage is the block's run of fused pixels in each
-    channel, a row of the flattened image (the last run stops at the image's end)."""
-    from kernels import experts
-    monkeypatch.setattr(experts, "_fused_input_staged", lambda op: True)
+@pytest.mark.parametrize("shape,run", [("2,32,4,8,8,1,1,1,0", 32), ("2,32,3,20,8,1,1,1,0", 60)])
+def test_a_pointwise_layer_stages_one_run_of_fused_pixels_per_channel(shape, run, dtype):
+    """Without a window the expert's m runs along the fused pixels, rows of 16 or more
+    too, and the input's stage is the block's run in each channel, a row of the flattened
+    image (the last run stops at the image's end)."""
     s = expert_schedule(make_op("conv2d", shape, dtype), TARGET)
     anchor = dict(s.nest.cache_reads).get("I")
-    assert s.nest.tensorized and anchor, describe(s)
+    assert s.nest.tensorized and anchor and any(str(x) == "Fuse('y', 'x')" for x in s.steps), describe(s)
     dims = footprint(s.op, s.nest, "I", anchor, also=ir.thread_loops(s.nest))
     assert len(dims) == 3 and dims[-1][2] <= run, dims
     out, ref = simulate_schedule(s)
