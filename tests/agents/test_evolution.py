@@ -7,14 +7,14 @@ import zlib
 import numpy as np
 import pytest
 
-from agents.evolution import crossover, legal, measured_seeds, mutate
+from agents.evolution import _reshaped, crossover, legal, measured_seeds, mutate
 from agents.rollout import RandomDraw, rollout
 from agents.search import AGENTS, P_DONE, Search
 from envs.actions import ActionTable
 from kernels.codegen import render
 from kernels.codegen.rules import check_for_target
 from kernels.ir.ops import make_op
-from kernels.ir.schedule import Split, Unroll
+from kernels.ir.schedule import Schedule, Split, Tile, Unroll
 from kernels.measure import MeasureResult
 from kernels.measure.tuning_log import measure_key
 from kernels.target import cpu_target, cuda_target_for_compile
@@ -43,6 +43,20 @@ def test_mutation_and_crossover_keep_schedules_legal(kind, target):
         assert legal(op, child.steps, t) is not None
         check_for_target(child, t)
         render(child, t)
+
+
+def test_a_reshaped_register_tile_keeps_its_size():
+    """Moving a factor between two tile factors changes the tile's shape, not its number
+    of elements: 8 x 32 becomes 16 x 16, 4 x 64 or another of the same product."""
+    op = make_op("matmul", "64x64x64")
+    parent = Schedule(op).tile("i", "j", 8, 32).reorder("i_o", "j_o", "k", "i_i", "j_i")
+    rng, shapes = np.random.default_rng(0), set()
+    for _ in range(40):
+        steps = _reshaped(list(parent.steps), rng)
+        if steps is not None:
+            tile = next(s for s in steps if isinstance(s, Tile))
+            shapes.add((tile.outer_factor, tile.inner_factor))
+    assert shapes and all(a * b == 8 * 32 for a, b in shapes) and (16, 16) in shapes, shapes
 
 
 def test_an_illegal_child_is_dropped():
