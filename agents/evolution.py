@@ -59,8 +59,9 @@ def _factor(extent: int, current: int, lanes: int, rng: np.random.Generator) -> 
 
 
 def mutate(schedule: Schedule, target: Target, rng: np.random.Generator, tries: int = 8) -> Schedule | None:
-    """One step of ``schedule`` changed (or one annotation added or dropped); None when no
-    legal child came out of ``tries`` attempts."""
+    """One step of ``schedule`` changed, or two of its factors moved (``_reshaped``), and
+    at times one annotation added or dropped; None when no legal child came out of
+    ``tries`` attempts."""
     steps = list(schedule.steps)
     if not steps:
         return None
