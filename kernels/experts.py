@@ -53,14 +53,21 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
     return s
 
 
+def _is_pointwise(op: Operator) -> bool:
+    """A 1x1 convolution with stride 1 and no padding: its fused pixels index the image
+    linearly (``y*W + x``), one run of the flattened image."""
+    p = op.params
+    return (p["R"], p["S"], p["stride"], p["pad"]) == (1, 1, 1, 0)
+
+
 def _pointwise(op: Operator, target: Target) -> Schedule | None:
     """A 1x1 convolution (stride 1, no padding) is a matrix product of the weights
     (K x C) with the image (C x H*W): fused ``y*x`` indexes linearly, so it is tiled
     like matmul's columns. Parallel over the image's tiles where there are enough of
     them and no tail, else over the output channels (the image's tiles then run in
     serial, so a tail tile is shifted back inside, not clamped)."""
-    ext, p = op.extents, op.params
-    if op.kind == "depthwise_conv2d" or (p["R"], p["S"], p["stride"], p["pad"]) != (1, 1, 1, 0):
+    ext = op.extents
+    if op.kind == "depthwise_conv2d" or not _is_pointwise(op):
         return None
     hw, lanes = ext["y"] * ext["x"], target.vector_lanes
     cols = _pick(hw, (2 * lanes, lanes)) if hw > 64 else hw
@@ -420,11 +427,6 @@ CONV_MMA_MIN_FILL = 0.9
 FUSED_STAGE_MIN_WIDTH = 8
 
 
-def _fused_input_staged(op: Operator) -> bool:
-    """Whether a block whose m runs along fused pixels stages its input."""
-    return op.tensor("I").shape[-1] >= FUSED_STAGE_MIN_WIDTH
-
-
 def _conv_m_axis(op: Operator) -> str | None:
     """The implicit GEMM's m: pixels of a row (``x``), the image's pixels fused (``y_x``), or
     images (``n``); None where none has 16. A pointwise layer (1x1, stride 1, no padding)
@@ -432,9 +434,8 @@ def _conv_m_axis(op: Operator) -> str | None:
     staged whole in 16-byte chunks with no row's tail (H200, bf16, ResNet-50's pointwise
     layers at 28x28 and 56x56: batch 16 1.3-2.5x faster than m along rows of 28 or 56,
     batch 1 1.0-1.6x)."""
-    ext, p = op.extents, op.params
-    pointwise = ext["ry"] * ext["rx"] == 1 and p["stride"] == 1 and p["pad"] == 0
-    if ext["x"] >= 16 and not (pointwise and ext["y"] > 1):
+    ext = op.extents
+    if ext["x"] >= 16 and not (_is_pointwise(op) and ext["y"] > 1):
         return "x"
     if ext["y"] * ext["x"] >= 16:
         return "y_x"
@@ -479,7 +480,7 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     s, k_o, k_tiles = _split(s, "k_o", fn)
     s = s.reorder(*(n for n in ("_".join(block), k_o, warps_m, "c_o", "ry", "rx", tiles_i, k_tiles) if n), *mma)
     s, k_block, warps_k = _split(s, k_o, wx)
-    in_place = m == "y_x" and not _fused_input_staged(op)
+    in_place = m == "y_x" and op.tensor("I").shape[-1] < FUSED_STAGE_MIN_WIDTH
     staged = ("W",) if in_place else ("I", "W")
     loops = dict(block="_".join(block), k_block=k_block, warps_m=warps_m, warps_k=warps_k,
                  tiles_i=tiles_i, k_tiles=k_tiles)

@@ -196,7 +196,7 @@ def footprint(op: Operator, nest: LoopNest, tensor: str, anchor: str, also: tupl
     inner = {l.name: l.extent for l in nest.inside(anchor)}
     inner.update({l.name: l.extent for l in also})
     dims = []
-    for e in _unfused(nest.access_exprs(access), op.tensor(tensor).shape[-1], nest.extents):
+    for e in _unfused(nest.access_exprs(access), op.tensor(tensor).shape[-1], nest):
         dim = _box_dim(e, inner)
         if dim is None:
             return None
@@ -211,16 +211,14 @@ def footprint_shape(op: Operator, tensor: str, dims) -> tuple[int, ...]:
     return shape if len(dims) == len(shape) else (*shape[:-2], shape[-2] * shape[-1])
 
 
-def _unfused(exprs: tuple[Lin, ...], row: int, extents: dict[str, int]) -> tuple[Lin, ...]:
+def _unfused(exprs: tuple[Lin, ...], row: int, nest: LoopNest) -> tuple[Lin, ...]:
     """``exprs`` with a last pair ``(E / row, E % row)`` (beside terms that are always 0:
     loops of one iteration) replaced by ``E``, the pair's offset in the flattened rows."""
     def fused(e: Lin, kind: str) -> Lin | None:
         atoms = [(a, c) for a, c in e.terms if not isinstance(a, str)]
         if len(atoms) != 1 or atoms[0][1] != 1 or atoms[0][0].op != kind or atoms[0][0].divisor != row:
             return None
-        if e.const or any(extents.get(v) != 1 for v, _ in e.terms if isinstance(v, str)):
-            return None
-        return atoms[0][0].arg
+        return atoms[0][0].arg if (e - Lin(((atoms[0][0], 1),))).range(nest.extents) == (0, 0) else None
     if len(exprs) < 2:
         return exprs
     run = fused(exprs[-2], "div")
