@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import statistics
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -69,8 +69,9 @@ def experts(op_kind: str, shapes: list[str], target, dtype: str = "fp32") -> dic
 
 def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, policy, budget: int, seed: int,
                     max_steps: int = MAX_STEPS, dtype: str = "fp32", rounds: int = 3, contenders: int = 4,
-                    on_progress: Callable | None = None) -> dict[str, tuple[Schedule, float]]:
-    """Each shape's teacher and its speedup over the expert. An evolutionary search of
+                    on_progress: Callable | None = None) -> Iterator[tuple[str, Schedule, float]]:
+    """Each shape's teacher and its speedup over the expert, shape by shape (an interrupted
+    run keeps the teachers found so far). An evolutionary search of
     ``budget`` measurements (proposals from ``policy``) runs; of the kernels it timed faster
     than the expert that the env's actions rebuild, ``contenders`` (the fastest half, the
     rest those whose actions stray least from the expert's) are timed again beside the
@@ -81,7 +82,6 @@ def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, po
     from .evolution import measured_seeds
     from .search import AGENTS, Search
 
-    out = {}
     for i, shape in enumerate(shapes):
         op = make_op(op_kind, shape, dtype)
         expert = expert_schedule(op, target)
@@ -100,8 +100,7 @@ def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, po
         picked = faster[:half] + sorted(faster[half:], key=lambda f: f[1])[:contenders - half]
         speedups = _speedups(op, [s for s, _ in picked], expert, target, measurer, rounds) if picked else []
         best = teacher_index([d for _, d in picked], speedups)
-        out[shape] = (picked[best][0], speedups[best]) if best is not None else (expert, max(speedups, default=1.0))
-    return out
+        yield (shape, picked[best][0], speedups[best]) if best is not None else (shape, expert, max(speedups, default=1.0))
 
 
 def teacher_index(distances: list[int], speedups: list[float]) -> int | None:

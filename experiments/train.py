@@ -161,6 +161,30 @@ def _imitate(cfg: Config, agent, shapes: list[str], target: Target, teachers: di
               f"greedy accuracy {accuracy:.2f}", file=sys.stderr)
 
 
+def _search_teachers(cfg: Config, shapes: list[str], target: Target, measurer, cost_model, agent,
+                     taught: dict) -> dict[str, float]:
+    """Replaces ``taught``'s experts by the kernels the teacher searches found, shape by shape;
+    returns each searched shape's best speedup over its expert. Interrupted (Ctrl-C), it
+    keeps the teachers found so far, and the shapes not yet searched keep their experts."""
+    from agents.imitation import MARGIN, search_teachers
+
+    speedups = {}
+    bar = Progress(cfg.teacher_budget * len(shapes), f"teacher search {cfg.op}")
+    try:
+        for shape, teacher, speedup in search_teachers(cfg.op, shapes, target, measurer, cost_model, agent.policy,
+                                                       cfg.teacher_budget, cfg.seed, cfg.max_steps, cfg.dtype,
+                                                       on_progress=lambda p: bar.update(1)):
+            taught[shape], speedups[shape] = teacher, round(speedup, 3)
+            print(f"teacher of {shape}: {'the search' if speedup >= MARGIN else 'the expert'}'s kernel "
+                  f"(the search's best: {speedup:.2f}x the expert's speed)", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"teacher search interrupted after {len(speedups)} of {len(shapes)} shapes; "
+              "the others keep their experts as teachers", file=sys.stderr)
+    finally:
+        bar.close()
+    return speedups
+
+
 def run(cfg: Config) -> dict:
     if cfg.resume:
         cfg = resumed_config(cfg, keep=("json", "timesteps", "cluster", "gpus"))
@@ -185,7 +209,7 @@ def run(cfg: Config) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from agents import policy
-    from agents.imitation import MARGIN, experts, kl_penalty, search_teachers
+    from agents.imitation import experts, kl_penalty
     from stable_baselines3.common.callbacks import CallbackList
     from agents.vec_env import Serialized, ThreadVecEnv
     from envs.schedule_env import ScheduleEnv
@@ -227,17 +251,11 @@ def run(cfg: Config) -> dict:
     agent.set_logger(configure(str(run_dir), ["tensorboard", "csv"]))
     teachers = None   # shape -> the teacher search's best over the expert, where one ran
     if not cfg.resume and cfg.imitation_epochs > 0:
-        _imitate(cfg, agent, shapes, target, experts(cfg.op, shapes, target, cfg.dtype), writer)
+        taught = experts(cfg.op, shapes, target, cfg.dtype)
+        _imitate(cfg, agent, shapes, target, taught, writer)
         if cfg.teacher_budget:
-            bar = Progress(cfg.teacher_budget * len(shapes), f"teacher search {cfg.op}")
-            found = search_teachers(cfg.op, shapes, target, measurer, cost_model, agent.policy, cfg.teacher_budget,
-                                    cfg.seed, cfg.max_steps, cfg.dtype, on_progress=lambda p: bar.update(1))
-            bar.close()
-            for shape, (_, speedup) in found.items():
-                print(f"teacher of {shape}: {'the search' if speedup >= MARGIN else 'the expert'}'s kernel "
-                      f"(the search's best: {speedup:.2f}x the expert's speed)", file=sys.stderr)
-            teachers = {shape: round(speedup, 3) for shape, (_, speedup) in found.items()}
-            _imitate(cfg, agent, shapes, target, {shape: s for shape, (s, _) in found.items()}, writer)
+            teachers = _search_teachers(cfg, shapes, target, measurer, cost_model, agent, taught)
+            _imitate(cfg, agent, shapes, target, taught, writer)
     t_learn, steps_before = time.perf_counter(), agent.num_timesteps
     try:
         if cfg.timesteps:

@@ -59,8 +59,8 @@ def test_a_searched_teacher_replays_and_beats_the_expert(tmp_path):
 
     target = cpu_target()
     with Measurer(target, builder=Builder(cache_dir=tmp_path), log=tmp_path / "log.jsonl") as measurer:
-        found = search_teachers("matmul", ["24x40x16"], target, measurer, LearnedCostModel(target=target), None,
-                                budget=4, seed=0, rounds=1)
+        found = {shape: (teacher, speedup) for shape, teacher, speedup in search_teachers(
+            "matmul", ["24x40x16"], target, measurer, LearnedCostModel(target=target), None, budget=4, seed=0, rounds=1)}
         assert measurer.measured <= 4 + 1   # the budget and the expert (contenders are re-timed, not logged)
     assert set(found) == {"24x40x16"}
     for shape, (teacher, speedup) in found.items():
@@ -138,3 +138,27 @@ def test_kl_penalty_charges_each_step_its_divergence_from_the_start(tmp_path):
     assert kl.mean() > 0.01
     np.testing.assert_allclose(buf.rewards, rewards - 0.5 * kl, rtol=1e-5, atol=1e-6)
     assert not np.allclose(buf.advantages, advantages)
+
+
+def test_an_interrupted_teacher_search_keeps_the_teachers_it_found(monkeypatch, capsys):
+    """Ctrl-C during the teacher searches: the shapes searched keep their teachers, the
+    others their experts, and training goes on to imitate them (nothing measured is lost)."""
+    import agents.imitation
+    from experiments import train
+
+    target = cpu_target()
+    shapes = ["24x40x16", "16x16x16", "32x8x8"]
+    taught = experts("matmul", shapes, target)
+    found = Schedule(make_op("matmul", shapes[0])).split("j", 8)
+
+    def interrupted(*args, **kwargs):
+        yield shapes[0], found, 1.2
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agents.imitation, "search_teachers", interrupted)
+    cfg = train.Config(op="matmul", teacher_budget=4)
+    speedups = train._search_teachers(cfg, shapes, target, None, None, type("Agent", (), {"policy": None}), taught)
+    assert speedups == {shapes[0]: 1.2}
+    assert taught[shapes[0]] is found
+    assert taught[shapes[1]].key() == experts("matmul", [shapes[1]], target)[shapes[1]].key()
+    assert "interrupted after 1 of 3 shapes" in capsys.readouterr().err
