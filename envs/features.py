@@ -12,8 +12,10 @@ tables :data:`LOOP_FEATURES` and :data:`GLOBAL_FEATURES` give them. A new featur
 one entry in a table, one value in :func:`featurize` and one row in the observation
 table of ``ScheduleEnv``'s docstring (a test holds the two tables together). It
 changes the vector's size, so policies and cost models saved before no longer load:
-retrain the shipped ones (``experiments/pretrained``) and re-record the golden vectors
-of ``tests/envs/test_features.py``.
+retrain the shipped ones (``experiments/pretrained``), or, for a feature appended to
+the globals, widen them: zero weights for its columns in each net's first layer, so
+they decide as before (``log_axis_divisor`` was added so), and re-record the golden vectors of
+``tests/envs/test_features.py``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ GLOBAL_FEATURES = (
     ("step_fraction", 1),
     ("loop_fraction", 1),            # loops / MAX_LOOPS
     ("has", 4),                      # parallel, vectorize, cache_write, any cache_read
+    ("log_axis_divisor", MAX_AXES),  # per op axis: log2 of the largest power of two (to 64) dividing its extent
 )
 
 
@@ -142,9 +145,16 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
         "has": [float(any(l.kind == "parallel" for l in loops) or any(axes_bound)),
                 float(any(l.kind == "vectorize" for l in loops)),
                 float(nest.cache_write is not None), float(bool(nest.cache_reads))],
+        "log_axis_divisor": [_pow2_divisor(a.extent) for a in op.axes] + [0.0] * (MAX_AXES - len(op.axes)),
     }
     _put(obs[ROWS:], GLOBAL, global_columns)
     return obs
+
+
+def _pow2_divisor(extent: int) -> float:
+    """log2 of the largest power of two, up to 64, that divides ``extent``: whether a tile
+    or an instruction's shape divides an axis, which log extents do not show."""
+    return float(min((extent & -extent).bit_length() - 1, 6))
 
 
 def _put(block: np.ndarray, columns: dict[str, slice], values: dict) -> None:

@@ -94,6 +94,9 @@ class ScheduleEnv(gym.Env):
     loop_fraction           1      loops / 13
     has                     4      a parallel or bound loop; a vectorized loop; cache_write;
                                    any cache_read
+    log_axis_divisor        7      per op axis: log2 of the largest power of two, up to
+                                   64, that divides its extent (whether a tile or an
+                                   instruction's shape divides it)
     ======================  =====  ==============================================
 
     **Reward** (one class per mode in ``envs/reward.py``) telescopes,
