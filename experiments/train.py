@@ -161,7 +161,7 @@ def _imitate(cfg: Config, agent, shapes: list[str], target: Target, teachers: di
               f"greedy accuracy {accuracy:.2f}", file=sys.stderr)
 
 
-def _search_teachers(cfg: Config, shapes: list[str], target: Target, measurer, cost_model, agent,
+def _search_teachers(cfg: Config, shapes: list[str], target: Target, measurer, cost_model, proposals,
                      taught: dict) -> dict[str, float]:
     """Replaces ``taught``'s experts by the kernels the teacher searches found, shape by shape;
     returns each searched shape's best speedup over its expert. Interrupted (Ctrl-C), it
@@ -171,7 +171,7 @@ def _search_teachers(cfg: Config, shapes: list[str], target: Target, measurer, c
     speedups = {}
     bar = Progress(cfg.teacher_budget * len(shapes), f"teacher search {cfg.op}")
     try:
-        for shape, teacher, speedup in search_teachers(cfg.op, shapes, target, measurer, cost_model, agent.policy,
+        for shape, teacher, speedup in search_teachers(cfg.op, shapes, target, measurer, cost_model, proposals,
                                                        cfg.teacher_budget, cfg.seed, cfg.max_steps, cfg.dtype,
                                                        on_progress=lambda p: bar.update(1)):
             taught[shape], speedups[shape] = teacher, round(speedup, 3)
@@ -254,7 +254,7 @@ def run(cfg: Config) -> dict:
         taught = experts(cfg.op, shapes, target, cfg.dtype)
         _imitate(cfg, agent, shapes, target, taught, writer)
         if cfg.teacher_budget:
-            teachers = _search_teachers(cfg, shapes, target, measurer, cost_model, agent, taught)
+            teachers = _search_teachers(cfg, shapes, target, measurer, cost_model, agent.policy, taught)
             _imitate(cfg, agent, shapes, target, taught, writer)
     t_learn, steps_before = time.perf_counter(), agent.num_timesteps
     try:

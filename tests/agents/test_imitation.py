@@ -157,7 +157,7 @@ def test_an_interrupted_teacher_search_keeps_the_teachers_it_found(monkeypatch, 
 
     monkeypatch.setattr(agents.imitation, "search_teachers", interrupted)
     cfg = train.Config(op="matmul", teacher_budget=4)
-    speedups = train._search_teachers(cfg, shapes, target, None, None, type("Agent", (), {"policy": None}), taught)
+    speedups = train._search_teachers(cfg, shapes, target, None, None, None, taught)
     assert speedups == {shapes[0]: 1.2}
     assert taught[shapes[0]] is found
     assert taught[shapes[1]].key() == experts("matmul", [shapes[1]], target)[shapes[1]].key()
