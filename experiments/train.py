@@ -16,7 +16,8 @@ cache and tuning log.
 
 Writes runs/<op>-<target>-ppo-<seed>-<time>/: policy.pt and policy.json (the weights,
 and the spec they are rebuilt from: what the policy was trained for and how;
-agents/policy.py), cost_model.pt, tuning.jsonl, TensorBoard events (SB3's
+agents/policy.py), cost_model.pt, tuning.jsonl, teachers.jsonl (with --teacher-budget:
+each searched shape's teacher schedule and its speedup over the expert), TensorBoard events (SB3's
 scalars under rollout/ and train/, ours under search/ with hardware measurements as
 the step). --resume RUN_DIR continues training from there without re-measuring.
 
@@ -31,6 +32,7 @@ GPU, for the description of an H200 (kernels.target.cuda_target_for_compile).
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -162,10 +164,12 @@ def _imitate(cfg: Config, agent, shapes: list[str], target: Target, teachers: di
 
 
 def _search_teachers(cfg: Config, shapes: list[str], target: Target, measurer, cost_model, proposals,
-                     taught: dict) -> dict[str, float]:
+                     taught: dict, record: Path) -> dict[str, float]:
     """Replaces ``taught``'s experts by the kernels the teacher searches found, shape by shape;
-    returns each searched shape's best speedup over its expert. Interrupted (Ctrl-C), it
-    keeps the teachers found so far, and the shapes not yet searched keep their experts."""
+    returns each searched shape's best speedup over its expert, and appends each teacher's
+    schedule to ``record`` (so what the searches found can be read and imitated again).
+    Interrupted (Ctrl-C), it keeps the teachers found so far, and the shapes not yet
+    searched keep their experts."""
     from agents.imitation import MARGIN, search_teachers
 
     speedups = {}
@@ -175,6 +179,8 @@ def _search_teachers(cfg: Config, shapes: list[str], target: Target, measurer, c
                                                        cfg.teacher_budget, cfg.seed, cfg.max_steps, cfg.dtype,
                                                        on_progress=lambda p: bar.update(1)):
             taught[shape], speedups[shape] = teacher, round(speedup, 3)
+            with record.open("a") as f:
+                f.write(json.dumps({"shape": shape, "speedup": speedups[shape], "schedule": teacher.to_json()}) + "\n")
             print(f"teacher of {shape}: {'the search' if speedup >= MARGIN else 'the expert'}'s kernel "
                   f"(the search's best: {speedup:.2f}x the expert's speed)", file=sys.stderr)
     except KeyboardInterrupt:
@@ -254,7 +260,8 @@ def run(cfg: Config) -> dict:
         taught = experts(cfg.op, shapes, target, cfg.dtype)
         _imitate(cfg, agent, shapes, target, taught, writer)
         if cfg.teacher_budget:
-            teachers = _search_teachers(cfg, shapes, target, measurer, cost_model, agent.policy, taught)
+            teachers = _search_teachers(cfg, shapes, target, measurer, cost_model, agent.policy, taught,
+                                        run_dir / "teachers.jsonl")
             _imitate(cfg, agent, shapes, target, taught, writer)
     t_learn, steps_before = time.perf_counter(), agent.num_timesteps
     try:

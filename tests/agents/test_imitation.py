@@ -140,9 +140,10 @@ def test_kl_penalty_charges_each_step_its_divergence_from_the_start(tmp_path):
     assert not np.allclose(buf.advantages, advantages)
 
 
-def test_an_interrupted_teacher_search_keeps_the_teachers_it_found(monkeypatch, capsys):
-    """Ctrl-C during the teacher searches: the shapes searched keep their teachers, the
-    others their experts, and training goes on to imitate them (nothing measured is lost)."""
+def test_an_interrupted_teacher_search_keeps_the_teachers_it_found(monkeypatch, capsys, tmp_path):
+    """Ctrl-C during the teacher searches: the shapes searched keep their teachers (also in
+    the run's record), the others their experts, and training goes on to imitate them
+    (nothing measured is lost)."""
     import agents.imitation
     from experiments import train
 
@@ -157,8 +158,13 @@ def test_an_interrupted_teacher_search_keeps_the_teachers_it_found(monkeypatch, 
 
     monkeypatch.setattr(agents.imitation, "search_teachers", interrupted)
     cfg = train.Config(op="matmul", teacher_budget=4)
-    speedups = train._search_teachers(cfg, shapes, target, None, None, None, taught)
+    record = tmp_path / "teachers.jsonl"
+    speedups = train._search_teachers(cfg, shapes, target, None, None, None, taught, record)
     assert speedups == {shapes[0]: 1.2}
     assert taught[shapes[0]] is found
+    (line,) = record.read_text().splitlines()
+    saved = json.loads(line)
+    assert (saved["shape"], saved["speedup"]) == (shapes[0], 1.2)
+    assert Schedule.from_json(saved["schedule"]).key() == found.key()
     assert taught[shapes[1]].key() == experts("matmul", [shapes[1]], target)[shapes[1]].key()
     assert "interrupted after 1 of 3 shapes" in capsys.readouterr().err
