@@ -92,6 +92,7 @@ class Config:
 
 
 DEFAULT_BUDGET = 64
+CONTENDERS = 4   # the search's fastest kernels timed again beside the expert before the final rounds
 
 
 def _library_ms(op, measurer: Measurer) -> float:
@@ -113,8 +114,9 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
     expert's or None, fraction of the expert or None, the search's time of it,
     re-measured?)``.
 
-    The tuning log is data, not truth: a best that fails its re-check is dropped and the
-    next best takes its place. A final time that disagrees with the search's by more than
+    On a CPU the search's fastest few are first timed again in turn with the expert and
+    the fastest of them goes first (``_retimed``). The tuning log is data, not truth: a best
+    that fails its re-check is dropped and the next best takes its place. A final time that disagrees with the search's by more than
     the spread (a machine loaded in one of the two) is measured once more, and said, where
     the search timed kernels alone (not paired with the expert). Where the expert is
     faster (the search timed its best too kindly), the expert is the result, never slower
@@ -125,6 +127,8 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
         expert_kernel = render(expert, target, name=f"{op.kind}_expert")
         expert_built = measurer.builder.build([expert_kernel])[0]
         extra = [(expert_kernel, expert_built.path)] if expert_built.ok else []
+        if extra and not expert_kernel.is_cuda:
+            ranked = _retimed(op, target, measurer, ranked, expert, extra[0])
     for searched_ms, schedule in ranked:
         kernel = render(schedule, target)
         built = measurer.builder.build([kernel])[0]
@@ -155,6 +159,33 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
         print(f"warning: the best kernel of the search failed its final check ({cmp.error}); "
               "taking the next", file=sys.stderr)
     raise LookupError(f"no kernel passed the final check among {len(ranked)} correct measurements")
+
+
+def _retimed(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]], expert: Schedule,
+             expert_pair) -> list[tuple[float, Schedule]]:
+    """``ranked`` with its first ``CONTENDERS`` distinct schedules re-ordered by a fresh timing
+    in turn with the expert (CPU), fastest first; one that fails goes last. The fastest of
+    many noisy timings was timed too kindly (the winner's curse): a contender a little
+    slower in the search is often the faster kernel."""
+    head, keys = [], set()
+    for ms, schedule in ranked:
+        if len(head) == CONTENDERS:
+            break
+        if schedule.key() not in keys:
+            keys.add(schedule.key())
+            head.append((ms, schedule))
+    if len(head) < 2:
+        return ranked
+    speedups = []
+    for ms, schedule in head:
+        if schedule.key() == expert.key():
+            speedups.append(1.0)
+            continue
+        kernel = render(schedule, target)
+        built = measurer.builder.build([kernel])[0]
+        speedups.append((built.ok and paired_ratio(measurer.runner, op, (kernel, built.path), expert_pair)) or 0.0)
+    order = sorted(range(len(head)), key=lambda i: (-speedups[i], head[i][0]))
+    return [head[i] for i in order] + [(ms, s) for ms, s in ranked if s.key() not in keys]
 
 
 def _expert(op, target) -> Schedule | None:

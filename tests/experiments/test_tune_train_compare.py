@@ -78,6 +78,26 @@ def test_measurements_to_90pct_counts_to_the_returned_kernels_remeasured_speed()
     assert _measurements_to_90pct(history, 0.65, None, None, naive) == 4
 
 
+def test_the_final_comparison_times_the_searchs_fastest_again_beside_the_expert(tmp_path):
+    """A lucky timing does not make a slow kernel the result: the search's fastest few are
+    timed again in turn with the expert, and the fastest of them goes to the final rounds
+    (here the naive kernel, timed 1000x too kindly, and a split of it lose to the expert,
+    even where the expert would not win the final rounds by right, as in the ablation)."""
+    from experiments.tune import _final_comparison
+    from kernels.experts import expert_schedule
+    from kernels.ir.ops import make_op
+    from kernels.ir.schedule import Schedule
+    from kernels.measure import Measurer
+    from kernels.target import cpu_target
+
+    op, target = make_op("matmul", "64x64x64"), cpu_target()
+    expert = expert_schedule(op, target)
+    with Measurer(target, log=tmp_path / "log.jsonl") as measurer:
+        ranked = [(1e-6, Schedule(op)), (1.0, Schedule(op).split("j", 8)), (2.0, expert)]
+        best, *_, of_expert, _, _ = _final_comparison(op, target, measurer, ranked, expert, 1, expert_wins=False)
+    assert best.key() == expert.key() and of_expert == 1.0
+
+
 def test_no_expert_ablation_measures_no_expert_but_reports_it(tmp_path):
     out = last_json(cli("tune", "--op", "matmul", "--shape", "16x24x8", "--budget", "3", "--rounds", "1",
                         "--no-expert", "--json", cwd=tmp_path))
