@@ -115,10 +115,11 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
     re-measured?)``.
 
     On a CPU the search's fastest few are first timed again in turn with the expert and
-    the fastest of them goes first (``_retimed``). The tuning log is data, not truth: a best
-    that fails its re-check is dropped and the next best takes its place. A final time that disagrees with the search's by more than
-    the spread (a machine loaded in one of the two) is measured once more, and said, where
-    the search timed kernels alone (not paired with the expert). Where the expert is
+    the fastest of them goes first (``_retimed``). The tuning log is data, not truth: a
+    best that fails its re-check is dropped and the next best takes its place. A final
+    time that disagrees with the search's by more than the spread (a machine loaded in
+    one of the two) is measured once more, and said, where the search timed kernels alone
+    (not paired with the expert). Where the expert is
     faster (the search timed its best too kindly), the expert is the result, never slower
     than the expert, unless ``expert_wins`` is off (the ablation, where the expert is timed
     only for the figure)."""
