@@ -1,7 +1,8 @@
 """Run a benchmark suite and write its section of BENCHMARKS.md.
 
-Each suite replaces only its own section (between ``<!-- suite:NAME -->`` markers),
-names the machine, and gives the command behind every row.
+Each suite writes only its own section (between ``<!-- suite:NAME -->`` markers): the
+new run on top, naming the machine and the command behind every row, and what the
+section held before below it ("The run before"), so no figure measured earlier is lost.
 
 Suites:
   kernels-cpu   expert schedules vs numpy/torch and vs the naive loop nest
@@ -918,16 +919,20 @@ def _reference(rs: list[dict]) -> str:
 
 
 def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
+    """The suite's section with this run on top; what the section held before stays below
+    it, under "The run before" (a benchmark never deletes figures measured earlier)."""
     begin, end = f"<!-- suite:{suite} -->", f"<!-- /suite:{suite} -->"
-    section = "\n".join([begin, f"## {title}", "", *lines, end])
     text = path.read_text() if path.exists() else (
         "# Benchmarks\n\nEvery figure below was measured by the command beside it; each section "
         "names the machine and the command that rewrites it.\n")
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
+        before, tail = rest.split(end, 1)
+        before = before.strip("\n").split("\n", 1)[1].strip("\n") if "\n" in before.strip("\n") else ""
+        earlier = ["", "### The run before", "", before] if before else []
+        text = head + "\n".join([begin, f"## {title}", "", *lines, *earlier, end]) + tail
     else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n" + "\n".join([begin, f"## {title}", "", *lines, end]) + "\n"
     path.write_text(text)
 
 

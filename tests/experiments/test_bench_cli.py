@@ -269,6 +269,24 @@ def test_a_cuda_suite_without_a_gpu_is_one_clear_error(capsys, tmp_path, monkeyp
     assert not out.exists()
 
 
+def test_a_suite_keeps_what_its_section_held_before(tmp_path):
+    """A rerun puts its rows on top and keeps the earlier run's below them; the other
+    sections, and the text around them, stay as they were."""
+    from experiments.benchmark import write_section
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nintro\n")
+    write_section(out, "timing-cpu", "Timing", ["first run: 1.00"])
+    write_section(out, "heldout-cpu", "Held out", ["other: 2.00"])
+    write_section(out, "timing-cpu", "Timing", ["second run: 1.10"])
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    assert text.count("<!-- suite:timing-cpu -->") == 1 and text.count("## Timing") == 1
+    section = text.split("<!-- suite:timing-cpu -->")[1].split("<!-- /suite:timing-cpu -->")[0]
+    assert section.index("second run: 1.10") < section.index("### The run before") < section.index("first run: 1.00")
+    assert "other: 2.00" in text.split("<!-- /suite:timing-cpu -->")[1]
+
+
 def test_a_cluster_cuda_configuration_that_fails_costs_only_itself(tmp_path):
     """Each configuration is a command of its own: an error or a hang comes back as its reason."""
     from experiments.benchmark import _command, _gpu_counts
