@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import statistics
 from typing import Callable, Iterator
 
 import numpy as np
@@ -26,7 +25,7 @@ from kernels.codegen import render
 from kernels.experts import expert_schedule
 from kernels.ir.ops import make_op
 from kernels.ir.schedule import Schedule, ScheduleError
-from kernels.measure.comparison import compare_with_library, paired_ratio
+from kernels.measure.comparison import speedups_over
 
 from .rollout import ReplayDraw, rollout
 
@@ -98,7 +97,7 @@ def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, po
                 faster.append((s, _distance(r.actions, expert_actions)))
         half = contenders // 2
         picked = faster[:half] + sorted(faster[half:], key=lambda f: f[1])[:contenders - half]
-        speedups = _speedups(op, [s for s, _ in picked], expert, target, measurer, rounds) if picked else []
+        speedups = speedups_over(op, [s for s, _ in picked], expert, target, measurer, rounds) if picked else []
         best = teacher_index([d for _, d in picked], speedups)
         yield (shape, picked[best][0], speedups[best]) if best is not None else (shape, expert, max(speedups, default=1.0))
 
@@ -117,26 +116,6 @@ def _distance(actions: list[int], others: list[int]) -> int:
     far a teacher's decisions stray from the expert's."""
     same = sum(b.size for b in difflib.SequenceMatcher(a=actions, b=others, autojunk=False).get_matching_blocks())
     return len(actions) + len(others) - 2 * same
-
-
-def _speedups(op, schedules: list[Schedule], expert: Schedule, target, measurer, rounds: int) -> list[float]:
-    """The expert's time over each schedule's (0 for one that fails): on a CPU each timed
-    in turn with the expert (``paired_ratio``), on a GPU the median of per-round ratios,
-    all timed in the same alternating rounds."""
-    kernels = [render(s, target, name=f"{op.kind}_{i}") for i, s in enumerate(schedules)]
-    kernels.append(render(expert, target, name=f"{op.kind}_expert"))
-    built = measurer.builder.build(kernels)
-    ok = [(k, b.path) for k, b in zip(kernels, built) if b.ok]
-    if not built[-1].ok:
-        return [0.0] * len(schedules)
-    if target.kind == "cpu":
-        return [(paired_ratio(measurer.runner, op, (k, b.path), ok[-1]) or 0.0) if b.ok else 0.0
-                for k, b in zip(kernels[:-1], built[:-1])]
-    comps = iter(compare_with_library(measurer.runner, op, ok, target, rounds))
-    comps = [next(comps) if b.ok else None for b in built]
-    theirs = comps.pop()
-    return [statistics.median(e.time_ms / c.time_ms for c, e in zip(c.rounds, theirs.rounds))
-            if c is not None and c.ok and theirs.ok else 0.0 for c in comps]
 
 
 def imitate(agent, demos, epochs: int, seed: int, check_every: int = 50) -> float:

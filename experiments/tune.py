@@ -39,7 +39,7 @@ from agents.search import Progress as SearchProgress
 from kernels.measure import cluster
 from kernels.measure import Measurer
 from kernels.experts import expert_schedule
-from kernels.measure.comparison import Comparison, compare_with_library, paired_ratio
+from kernels.measure.comparison import Comparison, compare_with_library, paired_ratio, speedups_over
 from kernels.measure.library import library_name, library_time_ms
 from kernels.measure.runner import check_fits_in_memory
 from kernels.codegen.rules import check_dtype
@@ -129,7 +129,7 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
         expert_built = measurer.builder.build([expert_kernel])[0]
         extra = [(expert_kernel, expert_built.path)] if expert_built.ok else []
         if extra and not expert_kernel.is_cuda:
-            ranked = _retimed(op, target, measurer, ranked, expert, extra[0])
+            ranked = _retimed(op, target, measurer, ranked, expert)
     for searched_ms, schedule in ranked:
         kernel = render(schedule, target)
         built = measurer.builder.build([kernel])[0]
@@ -162,8 +162,8 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
     raise LookupError(f"no kernel passed the final check among {len(ranked)} correct measurements")
 
 
-def _retimed(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]], expert: Schedule,
-             expert_pair) -> list[tuple[float, Schedule]]:
+def _retimed(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]],
+             expert: Schedule) -> list[tuple[float, Schedule]]:
     """``ranked`` with its first ``CONTENDERS`` distinct schedules re-ordered by a fresh timing
     in turn with the expert (CPU), fastest first; one that fails goes last. The fastest of
     many noisy timings was timed too kindly (the winner's curse): a contender a little
@@ -177,14 +177,9 @@ def _retimed(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]
             head.append((ms, schedule))
     if len(head) < 2:
         return ranked
-    speedups = []
-    for ms, schedule in head:
-        if schedule.key() == expert.key():
-            speedups.append(1.0)
-            continue
-        kernel = render(schedule, target)
-        built = measurer.builder.build([kernel])[0]
-        speedups.append((built.ok and paired_ratio(measurer.runner, op, (kernel, built.path), expert_pair)) or 0.0)
+    others = [s for _, s in head if s.key() != expert.key()]
+    timed = dict(zip((s.key() for s in others), speedups_over(op, others, expert, target, measurer, rounds=1)))
+    speedups = [timed.get(s.key(), 1.0) for _, s in head]
     order = sorted(range(len(head)), key=lambda i: (-speedups[i], head[i][0]))
     return [head[i] for i in order] + [(ms, s) for ms, s in ranked if s.key() not in keys]
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from ..codegen import render
 from ..codegen.kernel import Kernel
 from ..ir.ops import Operator
+from ..ir.schedule import Schedule
 from ..target import Target
 from .result import MeasureResult, Rival, RunnerProtocol
 
@@ -99,3 +101,24 @@ def paired_ratio(runner: RunnerProtocol, op: Operator, kernel: tuple[Kernel, str
     if not r.ok or not r.rival_times_ms:
         return None
     return statistics.median(e / k for k, e in zip(r.times_ms, r.rival_times_ms))
+
+
+def speedups_over(op: Operator, schedules: list[Schedule], reference: Schedule, target: Target, measurer,
+                  rounds: int) -> list[float]:
+    """The reference's time over each schedule's (0 for one that fails), with ``measurer``'s
+    builder and runner: on a CPU each timed in turn with the reference (``paired_ratio``),
+    on a GPU the median of per-round ratios, all timed in the same alternating rounds."""
+    kernels = [render(s, target, name=f"{op.kind}_{i}") for i, s in enumerate(schedules)]
+    kernels.append(render(reference, target, name=f"{op.kind}_expert"))
+    built = measurer.builder.build(kernels)
+    ok = [(k, b.path) for k, b in zip(kernels, built) if b.ok]
+    if not built[-1].ok:
+        return [0.0] * len(schedules)
+    if target.kind == "cpu":
+        return [(paired_ratio(measurer.runner, op, (k, b.path), ok[-1]) or 0.0) if b.ok else 0.0
+                for k, b in zip(kernels[:-1], built[:-1])]
+    comps = iter(compare_with_library(measurer.runner, op, ok, target, rounds))
+    comps = [next(comps) if b.ok else None for b in built]
+    theirs = comps.pop()
+    return [statistics.median(e.time_ms / c.time_ms for c, e in zip(c.rounds, theirs.rounds))
+            if c is not None and c.ok and theirs.ok else 0.0 for c in comps]
