@@ -925,15 +925,15 @@ def write_section(path: Path, suite: str, title: str, lines: list[str]) -> None:
     text = path.read_text() if path.exists() else (
         "# Benchmarks\n\nEvery figure below was measured by the command beside it; each section "
         "names the machine and the command that rewrites it.\n")
+    earlier = []
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         before, tail = rest.split(end, 1)
-        before = before.strip("\n").split("\n", 1)[1].strip("\n") if "\n" in before.strip("\n") else ""
+        before = before.strip("\n").partition("\n")[2].strip("\n")   # less its title
         earlier = ["", "### The run before", "", before] if before else []
-        text = head + "\n".join([begin, f"## {title}", "", *lines, *earlier, end]) + tail
     else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join([begin, f"## {title}", "", *lines, end]) + "\n"
-    path.write_text(text)
+        head, tail = text.rstrip("\n") + "\n\n", "\n"
+    path.write_text(head + "\n".join([begin, f"## {title}", "", *lines, *earlier, end]) + tail)
 
 
 TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
