@@ -68,7 +68,8 @@ def experts(op_kind: str, shapes: list[str], target, dtype: str = "fp32") -> dic
 
 def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, policy, budget: int, seed: int,
                     max_steps: int = MAX_STEPS, dtype: str = "fp32", rounds: int = 3, contenders: int = 4,
-                    on_progress: Callable | None = None) -> Iterator[tuple[str, Schedule, float]]:
+                    on_progress: Callable | None = None, skip: frozenset[str] = frozenset()
+                    ) -> Iterator[tuple[str, Schedule, float]]:
     """Each shape's teacher and its speedup over the expert, shape by shape (an interrupted
     run keeps the teachers found so far). An evolutionary search of
     ``budget`` measurements (proposals from ``policy``) runs; of the kernels it timed faster
@@ -77,11 +78,14 @@ def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, po
     expert in ``rounds`` alternating rounds. Where one beats the expert by ``MARGIN``, the
     nearest to the expert of those within ``NEAR_BEST`` of the best speedup teaches; else
     the expert does. The re-timing matters: the fastest of many noisy timings is timed too
-    kindly."""
+    kindly. Shapes in ``skip`` (searched by an earlier, interrupted run) are passed over;
+    the others draw the seeds they would have drawn."""
     from .evolution import measured_seeds
     from .search import AGENTS, Search
 
     for i, shape in enumerate(shapes):
+        if shape in skip:
+            continue
         op = make_op(op_kind, shape, dtype)
         expert = expert_schedule(op, target)
         measurer.measure([expert])

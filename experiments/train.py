@@ -19,7 +19,8 @@ and the spec they are rebuilt from: what the policy was trained for and how;
 agents/policy.py), cost_model.pt, tuning.jsonl, teachers.jsonl (with --teacher-budget:
 each searched shape's teacher schedule and its speedup over the expert), TensorBoard events (SB3's
 scalars under rollout/ and train/, ours under search/ with hardware measurements as
-the step). --resume RUN_DIR continues training from there without re-measuring.
+the step). --resume RUN_DIR continues training from there without re-measuring; a
+teacher search that was interrupted goes on with the shapes it had not searched.
 
 Examples:
   python -m experiments train --op matmul --timesteps 4096
@@ -164,31 +165,60 @@ def _imitate(cfg: Config, agent, shapes: list[str], target: Target, teachers: di
 
 
 def _search_teachers(cfg: Config, shapes: list[str], target: Target, measurer, cost_model, proposals,
-                     taught: dict, record: Path) -> dict[str, float]:
-    """Replaces ``taught``'s experts by the kernels the teacher searches found, shape by shape;
-    returns each searched shape's best speedup over its expert, and appends each teacher's
-    schedule to ``record`` (so what the searches found can be read and imitated again).
-    Interrupted (Ctrl-C), it keeps the teachers found so far, and the shapes not yet
-    searched keep their experts."""
+                     taught: dict, record: Path, searched: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Replaces ``taught``'s experts by the kernels the teacher searches found, shape by shape
+    (all but the ``searched`` ones, whose teachers an interrupted run recorded); returns
+    each shape's best speedup over its expert, and appends each teacher's schedule to
+    ``record`` (so what the searches found can be read and imitated again, and a resumed
+    run goes on where this one stopped). Interrupted (Ctrl-C), it keeps the teachers found
+    so far, and the shapes not yet searched keep their experts."""
     from agents.imitation import MARGIN, search_teachers
 
     speedups = {}
-    bar = Progress(cfg.teacher_budget * len(shapes), f"teacher search {cfg.op}")
+    left = len([s for s in shapes if s not in searched])
+    bar = Progress(cfg.teacher_budget * left, f"teacher search {cfg.op}")
     try:
         for shape, teacher, speedup in search_teachers(cfg.op, shapes, target, measurer, cost_model, proposals,
                                                        cfg.teacher_budget, cfg.seed, cfg.max_steps, cfg.dtype,
-                                                       on_progress=lambda p: bar.update(1)):
+                                                       on_progress=lambda p: bar.update(1), skip=searched):
             taught[shape], speedups[shape] = teacher, round(speedup, 3)
             with record.open("a") as f:
                 f.write(json.dumps({"shape": shape, "speedup": speedups[shape], "schedule": teacher.to_json()}) + "\n")
             print(f"teacher of {shape}: {'the search' if speedup >= MARGIN else 'the expert'}'s kernel "
                   f"(the search's best: {speedup:.2f}x the expert's speed)", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"teacher search interrupted after {len(speedups)} of {len(shapes)} shapes; "
-              "the others keep their experts as teachers", file=sys.stderr)
+        print(f"teacher search interrupted after {len(speedups)} of {left} shapes; the others keep their "
+              "experts as teachers (--resume RUN_DIR searches them)", file=sys.stderr)
     finally:
         bar.close()
     return speedups
+
+
+def _recorded_teachers(record: Path, cfg: Config, shapes: list[str]) -> tuple[dict, dict[str, float]]:
+    """The teachers (schedules, speedups) that an earlier run of this directory recorded in
+    ``record``, for the train shapes. A record is data: each line is checked to be a
+    schedule of the run's operator and dtype; a last line cut short by an interruption is
+    passed over."""
+    from kernels.ir.ops import make_op
+    from kernels.ir.schedule import Schedule, ScheduleError
+
+    schedules, speedups = {}, {}
+    lines = record.read_text().splitlines() if record.is_file() else []
+    for n, line in enumerate(lines, 1):
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue
+            raise ValueError(f"{record}:{n} is not JSON") from None
+        try:
+            shape, speedup = d["shape"], float(d["speedup"])
+            schedule = Schedule.from_json(d["schedule"], make_op(cfg.op, shape, cfg.dtype))
+        except (KeyError, TypeError, ValueError, ScheduleError) as e:
+            raise ValueError(f"{record}:{n} is no teacher of {cfg.op} ({cfg.dtype}): {e}") from None
+        if shape in shapes:
+            schedules[shape], speedups[shape] = schedule, speedup
+    return schedules, speedups
 
 
 def run(cfg: Config) -> dict:
@@ -243,25 +273,33 @@ def run(cfg: Config) -> dict:
     envs.seed(cfg.seed)
     policy_file = run_dir / "policy.pt"
     saved = policy_file if policy_file.is_file() else policy_file.with_suffix(".zip")  # an old run's: refused
-    if cfg.resume and saved.is_file():  # loaded before anything is written to the run directory
+    loaded = bool(cfg.resume) and saved.is_file()
+    if loaded:  # loaded before anything is written to the run directory
         agent = policy.load_agent(saved, envs, cfg.op, target.kind, seed=cfg.seed)
     else:
         layers = [cfg.width, cfg.width]
         agent = policy.new_agent(envs, dict(n_steps=cfg.n_steps, batch_size=cfg.batch_size,
                                             learning_rate=cfg.learning_rate, ent_coef=cfg.ent_coef),
                                  dict(net_arch=dict(pi=layers, vf=layers)), seed=cfg.seed)
+    record = run_dir / "teachers.jsonl"   # read before anything is written, like the policy
+    found, speedups = _recorded_teachers(record, cfg, shapes) if cfg.resume else ({}, {})
+    teachers = speedups or None   # shape -> the teacher search's best over the expert, where one ran
     writer = SummaryWriter(str(run_dir))
     save_config(run_dir, cfg, writer)
     progress = ProgressLog(run_dir, writer, append=bool(cfg.resume))
     print(f"run directory: {run_dir}", file=sys.stderr)
     agent.set_logger(configure(str(run_dir), ["tensorboard", "csv"]))
-    teachers = None   # shape -> the teacher search's best over the expert, where one ran
-    if not cfg.resume and cfg.imitation_epochs > 0:
-        taught = experts(cfg.op, shapes, target, cfg.dtype)
-        _imitate(cfg, agent, shapes, target, taught, writer)
-        if cfg.teacher_budget:
-            teachers = _search_teachers(cfg, shapes, target, measurer, cost_model, agent.policy, taught,
-                                        run_dir / "teachers.jsonl")
+    unsearched = bool(cfg.teacher_budget) and len(found) < len(shapes)
+    if cfg.imitation_epochs > 0 and (not loaded or unsearched):
+        taught = {**experts(cfg.op, shapes, target, cfg.dtype), **found}
+        if loaded:   # the saved policy imitated the teachers found so far
+            print(f"teacher search resumed: {len(found)} of {len(shapes)} shapes searched before",
+                  file=sys.stderr)
+        else:
+            _imitate(cfg, agent, shapes, target, taught, writer)
+        if unsearched:
+            teachers = {**speedups, **_search_teachers(cfg, shapes, target, measurer, cost_model, agent.policy,
+                                                       taught, record, frozenset(found))}
             _imitate(cfg, agent, shapes, target, taught, writer)
     t_learn, steps_before = time.perf_counter(), agent.num_timesteps
     try:

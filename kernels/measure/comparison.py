@@ -75,16 +75,16 @@ class ImpossibleTiming(ValueError):
 
 
 def compare_with_library(runner: RunnerProtocol, op: Operator, kernels: list[tuple[Kernel, str]],
-                         target: Target, rounds: int = 3) -> list[Comparison]:
+                         target: Target, rounds: int = 3, library: bool = True) -> list[Comparison]:
     """One Comparison per (kernel, built path): ``rounds`` rounds, each timing every kernel
-    in turn against the library, so figures of the kernels compare within one run too. A
-    kernel that fails stops being timed."""
+    in turn against the library (or, without ``library``, the kernels alone), so figures of
+    the kernels compare within one run too. A kernel that fails stops being timed."""
     results: list[list[MeasureResult]] = [[] for _ in kernels]
     for _ in range(rounds):
         for (kernel, path), done in zip(kernels, results):
             if done and not done[-1].ok:
                 continue
-            done.append(runner.run(op, kernel, path, library=True))
+            done.append(runner.run(op, kernel, path, library=library))
             gflops = op.flops / done[-1].time_ms / 1e6
             if done[-1].ok and gflops > target.peak_gflops:
                 raise ImpossibleTiming(f"{kernel.name} timed at {gflops:.0f} GFLOPS, above this machine's "
@@ -107,7 +107,8 @@ def speedups_over(op: Operator, schedules: list[Schedule], reference: Schedule, 
                   rounds: int) -> list[float]:
     """The reference's time over each schedule's (0 for one that fails), with ``measurer``'s
     builder and runner: on a CPU each timed in turn with the reference (``paired_ratio``),
-    on a GPU the median of per-round ratios, all timed in the same alternating rounds."""
+    on a GPU the median of per-round ratios, all timed in the same alternating rounds (no
+    library: a ratio of two kernels needs none, and it would double the time)."""
     kernels = [render(s, target, name=f"{op.kind}_{i}") for i, s in enumerate(schedules)]
     kernels.append(render(reference, target, name=f"{op.kind}_expert"))
     built = measurer.builder.build(kernels)
@@ -117,7 +118,7 @@ def speedups_over(op: Operator, schedules: list[Schedule], reference: Schedule, 
     if target.kind == "cpu":
         return [(paired_ratio(measurer.runner, op, (k, b.path), ok[-1]) or 0.0) if b.ok else 0.0
                 for k, b in zip(kernels[:-1], built[:-1])]
-    comps = iter(compare_with_library(measurer.runner, op, ok, target, rounds))
+    comps = iter(compare_with_library(measurer.runner, op, ok, target, rounds, library=False))
     comps = [next(comps) if b.ok else None for b in built]
     theirs = comps.pop()
     return [statistics.median(e.time_ms / c.time_ms for c, e in zip(c.rounds, theirs.rounds))

@@ -4,6 +4,7 @@ an episode, and the greedy policy of a finished imitation rebuilds its teachers.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,50 @@ def test_an_interrupted_teacher_search_keeps_the_teachers_it_found(monkeypatch, 
     assert Schedule.from_json(saved["schedule"]).key() == found.key()
     assert taught[shapes[1]].key() == experts("matmul", [shapes[1]], target)[shapes[1]].key()
     assert "interrupted after 1 of 3 shapes" in capsys.readouterr().err
+
+
+def test_a_resumed_run_searches_only_the_shapes_its_interrupted_search_left(monkeypatch, tmp_path):
+    """`train --resume` after Ctrl-C in the teacher searches: the shapes searched before keep
+    their recorded teachers and are not searched again; the others are, and the policy then
+    imitates all of them."""
+    import agents.imitation
+    from experiments import train
+
+    shapes = family("matmul", "small")
+    asked = []
+
+    def searches(stop_after):
+        def search(op_kind, wanted, *args, skip=frozenset(), **kwargs):
+            asked.append(set(wanted) - skip)
+            for i, shape in enumerate(s for s in wanted if s not in skip):
+                if i == stop_after:
+                    raise KeyboardInterrupt
+                yield shape, Schedule(make_op(op_kind, shape)).split("j", 4), 1.1 + i / 100
+        return search
+
+    monkeypatch.setattr(agents.imitation, "search_teachers", searches(1))
+    common = dict(timesteps=0, imitation_epochs=50, runs=str(tmp_path))
+    first = train.run(train.Config(op="matmul", shapes="small", teacher_budget=2, **common))
+    assert list(first["teachers"]) == shapes[:1]
+    monkeypatch.setattr(agents.imitation, "search_teachers", searches(99))
+    again = train.run(train.Config(resume=first["run_dir"], **common))
+    assert asked == [set(shapes), set(shapes[1:])]
+    run = Path(first["run_dir"])
+    record = [json.loads(line) for line in (run / "teachers.jsonl").read_text().splitlines()]
+    assert sorted(r["shape"] for r in record) == sorted(shapes)
+    assert set(again["teachers"]) == set(shapes) and again["teachers"][shapes[0]] == 1.1
+    spec = json.loads((run / "policy.json").read_text())
+    assert set(spec["teachers"]) == set(shapes)
+
+
+def test_a_teacher_record_of_another_operator_is_refused(tmp_path):
+    from experiments import train
+
+    record = tmp_path / "teachers.jsonl"
+    other = Schedule(make_op("conv2d", "1,8,8,8,8,3,3,1,1"))
+    record.write_text(json.dumps({"shape": "1,8,8,8,8,3,3,1,1", "speedup": 1.2, "schedule": other.to_json()}) + "\n"
+                      + '{"shape": "16x16x16", "spee')   # the last line cut short: passed over
+    with pytest.raises(ValueError, match="teachers.jsonl:1 is no teacher of matmul"):
+        train._recorded_teachers(record, train.Config(op="matmul"), ["16x16x16"])
+    record.write_text('{"shape": "16x16x16", "spee')
+    assert train._recorded_teachers(record, train.Config(op="matmul"), ["16x16x16"]) == ({}, {})
