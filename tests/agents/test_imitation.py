@@ -216,3 +216,13 @@ def test_a_teacher_record_of_another_operator_is_refused(tmp_path):
         train._recorded_teachers(record, train.Config(op="matmul"), ["16x16x16"])
     record.write_text('{"shape": "16x16x16", "spee')
     assert train._recorded_teachers(record, train.Config(op="matmul"), ["16x16x16"]) == ({}, {})
+
+
+def test_a_gpu_schedule_whose_replay_is_cut_short_has_no_replay():
+    """Cut short before anything is bound, a CUDA replay renders no kernel: replay says the
+    schedule cannot be rebuilt (a teacher search passes it over) instead of raising."""
+    op = make_op("matmul", "256x384x128", "bf16")
+    target = cuda_target_for_compile()
+    expert = experts("matmul", [op.shape_str], target, "bf16")[op.shape_str]
+    assert replay(op, expert, target, MAX_STEPS) is not None
+    assert replay(op, expert, target, 10) is None
