@@ -26,6 +26,8 @@ Examples:
   python -m experiments train --op matmul --timesteps 4096
   python -m experiments train --op matmul --target cuda --shapes gpu --timesteps 0   # imitation only
   python -m experiments train --op conv2d --timesteps 0 --teacher-budget 32   # imitate what a search found
+  python -m experiments train --op matmul --target cuda --dtype bf16 --shapes gpu-many --timesteps 0 \
+      --teachers RUN_DIR/teachers.jsonl   # imitate the teachers a GPU machine's searches found, here
 
 Imitation alone (--timesteps 0) measures nothing: --target cuda then works without a
 GPU, for the description of an H200 (kernels.target.cuda_target_for_compile).
@@ -85,6 +87,10 @@ class Config:
                                         "measurements and imitate the fastest kernel found wherever it beats "
                                         "the expert by 3%% timed alternately (0: the experts alone)",
                                 metavar="N")
+    teachers: str | None = field(None, help="imitate the teachers recorded in this file (a run's teachers.jsonl, "
+                                            "e.g. of a teacher search on a GPU machine) in place of their shapes' "
+                                            "experts; with --teacher-budget only the other shapes are searched",
+                                 metavar="FILE")
     cost_model: str | None = field(None, help="pre-trained cost model (default: the shipped one)",
                                    metavar="PATH")
     seed: int = field(0, help="random seed")
@@ -254,6 +260,10 @@ def run(cfg: Config) -> dict:
     # fails fast, before a run dir
     backend = cluster.join(cfg.cluster, target, cfg.gpus) if cfg.cluster or cfg.gpus else None
     n_envs = cfg.n_envs or (backend.parallelism if backend else 2)
+    recorded = Path(cfg.resume) / "teachers.jsonl" if cfg.resume else cfg.teachers and Path(cfg.teachers)
+    if recorded and not cfg.resume and not recorded.is_file():
+        raise ValueError(f"--teachers {cfg.teachers}: no such file")
+    found, speedups = _recorded_teachers(recorded, cfg, shapes) if recorded else ({}, {})
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, cfg.op, target.kind, "ppo", cfg.seed)
     model_path = run_dir / "cost_model.pt"
     cost_model = pretrained.load_cost_model(str(model_path) if model_path.is_file() else cfg.cost_model,
@@ -281,9 +291,11 @@ def run(cfg: Config) -> dict:
         agent = policy.new_agent(envs, dict(n_steps=cfg.n_steps, batch_size=cfg.batch_size,
                                             learning_rate=cfg.learning_rate, ent_coef=cfg.ent_coef),
                                  dict(net_arch=dict(pi=layers, vf=layers)), seed=cfg.seed)
-    record = run_dir / "teachers.jsonl"   # read before anything is written, like the policy
-    found, speedups = _recorded_teachers(record, cfg, shapes) if cfg.resume else ({}, {})
     teachers = speedups or None   # shape -> the teacher search's best over the expert, where one ran
+    record = run_dir / "teachers.jsonl"
+    if cfg.teachers and not cfg.resume:   # the run's record holds every teacher it imitates
+        record.write_text("".join(json.dumps({"shape": shape, "speedup": speedups[shape], "schedule": t.to_json()})
+                                  + "\n" for shape, t in found.items()))
     writer = SummaryWriter(str(run_dir))
     save_config(run_dir, cfg, writer)
     progress = ProgressLog(run_dir, writer, append=bool(cfg.resume))

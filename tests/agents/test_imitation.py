@@ -226,3 +226,30 @@ def test_a_gpu_schedule_whose_replay_is_cut_short_has_no_replay():
     expert = experts("matmul", [op.shape_str], target, "bf16")[op.shape_str]
     assert replay(op, expert, target, MAX_STEPS) is not None
     assert replay(op, expert, target, 10) is None
+
+
+def test_recorded_teachers_are_imitated_on_a_machine_without_the_gpu(tmp_path):
+    """`train --teachers FILE --target cuda --timesteps 0`: the learning half of expert
+    iteration runs anywhere; the greedy policy rebuilds a recorded teacher, not its expert."""
+    from agents.policy import load_policy
+    from agents.rollout import PolicyDraw, random_schedules, rollout
+    from envs.actions import ActionTable
+    from experiments import train
+
+    target = cuda_target_for_compile()
+    shapes = family("matmul", "small")
+    op = make_op("matmul", shapes[0], "bf16")
+    expert = experts("matmul", [shapes[0]], target, "bf16")[shapes[0]]
+    teacher = next(s for s in random_schedules(op, 20, np.random.default_rng(0), target=target)
+                   if s.key() != expert.key() and replay(op, s, target, MAX_STEPS) is not None)
+    record = tmp_path / "found.jsonl"
+    record.write_text(json.dumps({"shape": shapes[0], "speedup": 1.3, "schedule": teacher.to_json()}) + "\n")
+    out = train.run(train.Config(op="matmul", target="cuda", dtype="bf16", shapes="small", timesteps=0,
+                                 teachers=str(record), runs=str(tmp_path)))
+    assert out["teachers"] == {shapes[0]: 1.3}
+    assert len((Path(out["run_dir"]) / "teachers.jsonl").read_text().splitlines()) == 1
+    greedy = rollout(op, ActionTable(op, target), PolicyDraw(load_policy(out["policy"], op, target), deterministic=True))
+    assert greedy.schedule.key() == teacher.key() != expert.key()
+    with pytest.raises(ValueError, match="no such file"):
+        train.run(train.Config(op="matmul", shapes="small", timesteps=0, teachers=str(tmp_path / "none.jsonl"),
+                               runs=str(tmp_path)))
