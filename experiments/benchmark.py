@@ -54,8 +54,8 @@ from . import bench
 from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
-          "zeroshot-cpu", "ppo-cpu", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "models-cpu",
-          "models-cuda")
+          "zeroshot-cpu", "ppo-cpu", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "heldout-cuda",
+          "models-cpu", "models-cuda")
 MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
                "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
                              for model, batch in (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1)))}
@@ -88,6 +88,8 @@ class Config:
                                            "and marked failed (cluster-cuda)")
     repeats: int = field(3, help="bench runs per cell, quiet and loaded (timing-cpu)")
     model_budget: int = field(0, help="measurements per model (models-cpu, models-cuda; 0: 16 per task)")
+    dtype: str = field("fp32", help="data type of heldout-cuda's tunes (fp16 takes bf16's shapes); each its own "
+                                    "section", choices=["fp32", "tf32", "bf16", "fp16"])
     policy: list | None = field(None, help="trained policies (each a .pt, its .json beside it) that ppo-cpu "
                                            "compares with the shipped one of their operator", nargs="+")
     json: bool = field(False, help="print one JSON object as the last line")
@@ -397,11 +399,12 @@ SEARCH_CASES = [("matmul", "1024x1024x1024"), ("conv2d", "1,64,56,56,64,3,3,1,1"
 SEARCH_AGENTS = ("random", "filtered", "anneal", "beam", "ppo")
 
 
-def _tune(kind: str, shape: str, agent: str, budget: int, runs: str) -> dict:
+def _tune(kind: str, shape: str, agent: str, budget: int, runs: str, target: str = "cpu", dtype: str = "fp32") -> dict:
     from . import tune
     from .runs import read_progress
 
-    summary = tune.run(tune.Config(op=kind, shape=shape, agent=agent, budget=budget, runs=runs))
+    summary = tune.run(tune.Config(op=kind, shape=shape, agent=agent, budget=budget, runs=runs, target=target,
+                                   dtype=dtype))
     summary["progress"] = read_progress(Path(summary["run_dir"]))
     return summary
 
@@ -465,6 +468,47 @@ def _heldout_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
                          f"`python -m experiments tune --op {kind} --shape {shape} --budget {cfg.budget}` |")
             results.append({k: r[k] for k in ("op", "shape", "gflops", "fraction_of_library", "fraction_of_expert",
                                               "wall_s", "measurements")} | {"to_90": reach})
+    return lines, results
+
+
+_CUDA_TENSOR_CASES = [("matmul", "1024x1024x1024"), ("matmul", "256x3072x768"), ("matmul", "3000x1000x2000")]
+HELDOUT_CUDA_CASES = {   # shapes of no train split, by dtype (tune --dtype); their sections below
+    "fp32": [("matmul", "768x768x768"), ("matmul", "3000x1000x2000"), ("matmul", "256x3072x768"),
+             ("conv2d", "1,128,28,28,128,3,3,1,1"), ("conv2d", "1,64,56,56,64,3,3,1,1")],
+    "tf32": _CUDA_TENSOR_CASES,
+    "bf16": _CUDA_TENSOR_CASES + [("conv2d", "1,256,14,14,1024,1,1,1,0"), ("conv2d", "16,256,14,14,1024,1,1,1,0"),
+                                  ("conv2d", "16,64,56,56,64,3,3,1,1")]}
+HELDOUT_CUDA_CASES["fp16"] = HELDOUT_CUDA_CASES["bf16"]
+
+
+def _heldout_cuda(cfg: Config) -> tuple[list[str], list[dict]]:
+    """heldout-cpu's figures on the GPU, for one dtype: a tune whose run fails costs its row."""
+    library = "cuBLAS/cuDNN" + {"fp32": " in fp32, TF32 off", "tf32": " with TF32 on"}.get(cfg.dtype, f" in {cfg.dtype}")
+    lines = [f"`tune --target cuda --dtype {cfg.dtype}` with its default search (`evolve`) and a budget of "
+             f"{cfg.budget} measurements on shapes that no training saw. *of lib* is {library}'s time over the best "
+             "kernel's, *of expert* the expert schedule's, all three timed in the same final rounds of alternating "
+             "blocks (± the spread of the kernel's rounds); *to 90%* as in the CPU's section.", "",
+             "| op | shape | best ms | lib ms | of lib | expert TFLOP/s | of expert | to 90% | tune wall s | command |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    results = []
+    with tempfile.TemporaryDirectory() as runs:
+        for kind, shape in HELDOUT_CUDA_CASES[cfg.dtype]:
+            dtype = "" if cfg.dtype == "fp32" else f" --dtype {cfg.dtype}"
+            cmd = f"`python -m experiments tune --op {kind} --shape {shape} --target cuda{dtype} --budget {cfg.budget}`"
+            try:
+                r = _tune(kind, shape, "evolve", cfg.budget, runs, "cuda", cfg.dtype)
+            except Exception as e:   # noqa: BLE001 - one shape's failure is its row's figure
+                lines.append(f"| {kind} | {shape} | failed: {type(e).__name__}: {str(e)[:200]} | | | | | | | {cmd} |")
+                results.append({"op": kind, "shape": shape, "error": str(e)})
+                continue
+            reach, expert, of_expert = r["measurements_to_90pct"], r["expert_gflops"], r["fraction_of_expert"]
+            by_expert = f"{expert / 1000:.1f} | {of_expert:.2f}" if expert and of_expert else "- | -"
+            lines.append(f"| {kind} | {shape} | {r['time_ms']:.4f} ± {r['time_spread_ms']:.4f} | "
+                         f"{r['library_time_ms']:.4f} | **{r['fraction_of_library']:.2f}** | {by_expert} | "
+                         f"{reach if reach is not None else '-'} | {r['wall_s']:.0f} | {cmd} |")
+            results.append({k: r[k] for k in ("op", "shape", "dtype", "time_ms", "library_time_ms",
+                                              "fraction_of_library", "fraction_of_expert", "wall_s",
+                                              "measurements")} | {"to_90": reach})
     return lines, results
 
 
@@ -949,6 +993,9 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "cluster-cuda": "Measuring on several GPUs of one host: candidates per minute and train steps per second",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
           "heldout-cpu": "The default search on held-out shapes of every operator",
+          "heldout-cuda": "The default search on the GPU: held-out matmul and conv2d shapes, fp32 (TF32 off)",
+          **{f"heldout-cuda-{d}": f"The default search on the GPU in {d}: held-out matmul and conv2d shapes"
+             for d in ("tf32", "bf16", "fp16")},
           "models-cpu": "Whole models on the CPU: tune-model against torch",
           "models-cuda": "Whole models on the GPU: tune-model against torch in fp32 (TF32 off) and bf16"}
 
@@ -970,6 +1017,8 @@ def run(cfg: Config) -> dict:
         lines, results = _tensor_cuda(cfg, target, _resnet_convs())
     elif cfg.suite == "cluster-cuda":
         lines, results = _cluster_cuda(cfg, target)
+    elif cfg.suite == "heldout-cuda":
+        lines, results = _heldout_cuda(cfg)
     elif cfg.suite.startswith("models-"):
         lines, results = _models(cfg, target)
     else:
@@ -978,9 +1027,14 @@ def run(cfg: Config) -> dict:
                           "cluster-cpu": _cluster_cpu, "timing-cpu": _timing_cpu,
                           "heldout-cpu": _heldout_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
+    section, options = cfg.suite, ""
+    if cfg.suite == "ppo-cpu" and cfg.policy:
+        options = " --policy " + " ".join(cfg.policy)
+    elif cfg.suite == "heldout-cuda":
+        if cfg.dtype != "fp32":   # a section for each dtype
+            section, options = f"heldout-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}"
     machine = [f"{_machine(target)}; measured {stamp}. "
-               f"Suite command: `python -m experiments benchmark --suite {cfg.suite}"
-               f"{' --policy ' + ' '.join(cfg.policy) if cfg.suite == 'ppo-cpu' and cfg.policy else ''}`.", ""]
-    write_section(Path(cfg.out), cfg.suite, TITLES[cfg.suite], machine + lines)
-    print(f"wrote section {cfg.suite} of {cfg.out}")
+               f"Suite command: `python -m experiments benchmark --suite {cfg.suite}{options}`.", ""]
+    write_section(Path(cfg.out), section, TITLES[section], machine + lines)
+    print(f"wrote section {section} of {cfg.out}")
     return {"suite": cfg.suite, "results": results}

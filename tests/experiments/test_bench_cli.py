@@ -254,7 +254,7 @@ def test_cuda_without_a_gpu_is_one_clear_error(capsys, tmp_path, command):
     assert not any(tmp_path.iterdir())   # nothing half-written
 
 
-@pytest.mark.parametrize("suite", ["kernels-cuda", "cluster-cuda"])
+@pytest.mark.parametrize("suite", ["kernels-cuda", "cluster-cuda", "heldout-cuda"])
 def test_a_cuda_suite_without_a_gpu_is_one_clear_error(capsys, tmp_path, monkeypatch, suite):
     from kernels import target as targets
 
@@ -365,3 +365,31 @@ def test_ppo_cpu_without_a_policy_is_one_clear_error(capsys, tmp_path, args, mes
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message), err
     assert not out.exists()
+
+
+def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row(tmp_path, monkeypatch):
+    from experiments import benchmark
+    from kernels import target as targets
+
+    def tune(kind, shape, agent, budget, runs, target, dtype):
+        assert (agent, budget, target) == ("evolve", 64, "cuda")
+        if kind == "conv2d" and shape.startswith("16,256"):
+            raise RuntimeError("ran out of memory")
+        return {"op": kind, "shape": shape, "dtype": dtype, "time_ms": 0.5, "time_spread_ms": 0.01,
+                "library_time_ms": 0.6, "fraction_of_library": 1.2, "expert_gflops": 4000.0,
+                "fraction_of_expert": 1.1, "measurements_to_90pct": 3, "wall_s": 42.0, "measurements": 64}
+
+    monkeypatch.setattr(benchmark, "_tune", tune)
+    monkeypatch.setattr(benchmark, "get_target", lambda kind: targets.cuda_target_for_compile())
+    out = tmp_path / "BENCHMARKS.md"
+    result = benchmark.run(benchmark.Config(suite="heldout-cuda", dtype="bf16", out=str(out)))
+    text = out.read_text()
+    section = text.split("<!-- suite:heldout-cuda-bf16 -->")[1].split("<!-- /suite:heldout-cuda-bf16 -->")[0]
+    assert "Suite command: `python -m experiments benchmark --suite heldout-cuda --dtype bf16`" in section
+    assert ("| matmul | 1024x1024x1024 | 0.5000 ± 0.0100 | 0.6000 | **1.20** | 4.0 | 1.10 | 3 | 42 | "
+            "`python -m experiments tune --op matmul --shape 1024x1024x1024 --target cuda --dtype bf16 --budget 64` |"
+            ) in section
+    assert "| conv2d | 16,256,14,14,1024,1,1,1,0 | failed: RuntimeError: ran out of memory |" in section
+    assert len(result["results"]) == len(benchmark.HELDOUT_CUDA_CASES["bf16"])
+    benchmark.run(benchmark.Config(suite="heldout-cuda", out=str(out)))
+    assert "<!-- suite:heldout-cuda -->" in out.read_text() and "--target cuda --budget 64`" in out.read_text()
