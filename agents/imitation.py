@@ -83,31 +83,45 @@ def search_teachers(op_kind: str, shapes: list[str], target, measurer, model, po
     nearest to the expert of those within ``NEAR_BEST`` of the best speedup teaches; else
     the expert does. The re-timing matters: the fastest of many noisy timings is timed too
     kindly. Shapes in ``skip`` (searched by an earlier, interrupted run) are passed over;
-    the others draw the seeds they would have drawn."""
-    from .evolution import measured_seeds
-    from .search import AGENTS, Search
-
+    the others draw the seeds they would have drawn. A shape whose search fails (logged)
+    keeps its expert."""
     for i, shape in enumerate(shapes):
         if shape in skip:
             continue
         op = make_op(op_kind, shape, dtype)
-        expert = expert_schedule(op, target)
-        measurer.measure([expert])
-        search = Search(op, target, measurer, budget, on_progress=on_progress)
-        AGENTS["evolve"](search, np.random.default_rng(seed + i), model=model, policy=policy)
-        rebuilt = replay(op, expert, target, max_steps)
-        expert_actions = rebuilt.actions if rebuilt else []
-        faster = []   # (schedule, distance from the expert), fastest first
-        for s in measured_seeds(search, 8 * contenders):
-            if s.key() == expert.key():
-                break
-            if (r := replay(op, s, target, max_steps)) is not None:
-                faster.append((s, _distance(r.actions, expert_actions)))
-        half = contenders // 2
-        picked = faster[:half] + sorted(faster[half:], key=lambda f: f[1])[:contenders - half]
-        speedups = speedups_over(op, [s for s, _ in picked], expert, target, measurer, rounds) if picked else []
-        best = teacher_index([d for _, d in picked], speedups)
-        yield (shape, picked[best][0], speedups[best]) if best is not None else (shape, expert, max(speedups, default=1.0))
+        try:
+            teacher, speedup = _search_teacher(op, target, measurer, model, policy, budget, seed + i, max_steps,
+                                               rounds, contenders, on_progress)
+        except Exception as e:   # noqa: BLE001 - one shape's failure must not end a run of hours
+            logger.warning("teacher search of %s %s failed (%s: %s); its expert teaches", op_kind, shape,
+                           type(e).__name__, e)
+            teacher, speedup = expert_schedule(op, target), 1.0
+        yield shape, teacher, speedup
+
+
+def _search_teacher(op, target, measurer, model, policy, budget: int, seed: int, max_steps: int, rounds: int,
+                    contenders: int, on_progress: Callable | None) -> tuple[Schedule, float]:
+    """One shape's teacher and its speedup (``search_teachers``)."""
+    from .evolution import measured_seeds
+    from .search import AGENTS, Search
+
+    expert = expert_schedule(op, target)
+    measurer.measure([expert])
+    search = Search(op, target, measurer, budget, on_progress=on_progress)
+    AGENTS["evolve"](search, np.random.default_rng(seed), model=model, policy=policy)
+    rebuilt = replay(op, expert, target, max_steps)
+    expert_actions = rebuilt.actions if rebuilt else []
+    faster = []   # (schedule, distance from the expert), fastest first
+    for s in measured_seeds(search, 8 * contenders):
+        if s.key() == expert.key():
+            break
+        if (r := replay(op, s, target, max_steps)) is not None:
+            faster.append((s, _distance(r.actions, expert_actions)))
+    half = contenders // 2
+    picked = faster[:half] + sorted(faster[half:], key=lambda f: f[1])[:contenders - half]
+    speedups = speedups_over(op, [s for s, _ in picked], expert, target, measurer, rounds) if picked else []
+    best = teacher_index([d for _, d in picked], speedups)
+    return (picked[best][0], speedups[best]) if best is not None else (expert, max(speedups, default=1.0))
 
 
 def teacher_index(distances: list[int], speedups: list[float]) -> int | None:

@@ -253,3 +253,25 @@ def test_recorded_teachers_are_imitated_on_a_machine_without_the_gpu(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         train.run(train.Config(op="matmul", shapes="small", timesteps=0, teachers=str(tmp_path / "none.jsonl"),
                                runs=str(tmp_path)))
+
+
+def test_a_shape_whose_search_fails_keeps_its_expert_and_the_others_go_on(monkeypatch, caplog):
+    """A long teacher search outlives one shape's failure: that shape's expert teaches (the
+    failure logged), and the next shape is searched."""
+    import agents.imitation
+    from agents.imitation import search_teachers
+
+    target = cpu_target()
+    found = Schedule(make_op("matmul", "16x16x16")).split("j", 8)
+
+    def search(op, *args):
+        if op.shape_str == "24x40x16":
+            raise RuntimeError("a bug in one shape's search")
+        return found, 1.2
+
+    monkeypatch.setattr(agents.imitation, "_search_teacher", search)
+    out = list(search_teachers("matmul", ["24x40x16", "16x16x16"], target, None, None, None, budget=4, seed=0))
+    assert out[0][0] == "24x40x16" and out[0][2] == 1.0
+    assert out[0][1].key() == experts("matmul", ["24x40x16"], target)["24x40x16"].key()
+    assert out[1] == ("16x16x16", found, 1.2)
+    assert "teacher search of matmul 24x40x16 failed (RuntimeError: a bug in one shape's search)" in caplog.text
