@@ -491,24 +491,25 @@ def _heldout_cuda(cfg: Config) -> tuple[list[str], list[dict]]:
              "| op | shape | best ms | lib ms | of lib | expert TFLOP/s | of expert | to 90% | tune wall s | command |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     results = []
-    with tempfile.TemporaryDirectory() as runs:
-        for kind, shape in HELDOUT_CUDA_CASES[cfg.dtype]:
-            dtype = "" if cfg.dtype == "fp32" else f" --dtype {cfg.dtype}"
-            cmd = f"`python -m experiments tune --op {kind} --shape {shape} --target cuda{dtype} --budget {cfg.budget}`"
-            try:
-                r = _tune(kind, shape, "evolve", cfg.budget, runs, "cuda", cfg.dtype)
-            except Exception as e:   # noqa: BLE001 - one shape's failure is its row's figure
-                lines.append(f"| {kind} | {shape} | failed: {type(e).__name__}: {str(e)[:200]} | | | | | | | {cmd} |")
-                results.append({"op": kind, "shape": shape, "error": str(e)})
-                continue
-            reach, expert, of_expert = r["measurements_to_90pct"], r["expert_gflops"], r["fraction_of_expert"]
-            by_expert = f"{expert / 1000:.1f} | {of_expert:.2f}" if expert and of_expert else "- | -"
-            lines.append(f"| {kind} | {shape} | {r['time_ms']:.4f} ± {r['time_spread_ms']:.4f} | "
-                         f"{r['library_time_ms']:.4f} | **{r['fraction_of_library']:.2f}** | {by_expert} | "
-                         f"{reach if reach is not None else '-'} | {r['wall_s']:.0f} | {cmd} |")
-            results.append({k: r[k] for k in ("op", "shape", "dtype", "time_ms", "library_time_ms",
-                                              "fraction_of_library", "fraction_of_expert", "wall_s",
-                                              "measurements")} | {"to_90": reach})
+    runs = Path("runs") / f"benchmark-heldout-cuda-{cfg.dtype}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    lines[0] += f" Each tune's run directory (log, best kernel, `summary.json`) is kept under `{runs}`."
+    for kind, shape in HELDOUT_CUDA_CASES[cfg.dtype]:
+        dtype = "" if cfg.dtype == "fp32" else f" --dtype {cfg.dtype}"
+        cmd = f"`python -m experiments tune --op {kind} --shape {shape} --target cuda{dtype} --budget {cfg.budget}`"
+        try:
+            r = _tune(kind, shape, "evolve", cfg.budget, str(runs), "cuda", cfg.dtype)
+        except Exception as e:   # noqa: BLE001 - one shape's failure is its row's figure
+            lines.append(f"| {kind} | {shape} | failed: {type(e).__name__}: {str(e)[:200]} | | | | | | | {cmd} |")
+            results.append({"op": kind, "shape": shape, "error": str(e)})
+            continue
+        reach, expert, of_expert = r["measurements_to_90pct"], r["expert_gflops"], r["fraction_of_expert"]
+        by_expert = f"{expert / 1000:.1f} | {of_expert:.2f}" if expert and of_expert else "- | -"
+        lines.append(f"| {kind} | {shape} | {r['time_ms']:.4f} ± {r['time_spread_ms']:.4f} | "
+                     f"{r['library_time_ms']:.4f} | **{r['fraction_of_library']:.2f}** | {by_expert} | "
+                     f"{reach if reach is not None else '-'} | {r['wall_s']:.0f} | {cmd} |")
+        results.append({k: r[k] for k in ("op", "shape", "dtype", "time_ms", "library_time_ms",
+                                          "fraction_of_library", "fraction_of_expert", "wall_s",
+                                          "measurements")} | {"to_90": reach})
     return lines, results
 
 

@@ -379,6 +379,7 @@ def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row
                 "library_time_ms": 0.6, "fraction_of_library": 1.2, "expert_gflops": 4000.0,
                 "fraction_of_expert": 1.1, "measurements_to_90pct": 3, "wall_s": 42.0, "measurements": 64}
 
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(benchmark, "_tune", tune)
     monkeypatch.setattr(benchmark, "get_target", lambda kind: targets.cuda_target_for_compile())
     out = tmp_path / "BENCHMARKS.md"
@@ -390,6 +391,7 @@ def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row
             "`python -m experiments tune --op matmul --shape 1024x1024x1024 --target cuda --dtype bf16 --budget 64` |"
             ) in section
     assert "| conv2d | 16,256,14,14,1024,1,1,1,0 | failed: RuntimeError: ran out of memory |" in section
+    assert "kept under `runs/benchmark-heldout-cuda-bf16-" in section
     assert len(result["results"]) == len(benchmark.HELDOUT_CUDA_CASES["bf16"])
     benchmark.run(benchmark.Config(suite="heldout-cuda", out=str(out)))
     assert "<!-- suite:heldout-cuda -->" in out.read_text() and "--target cuda --budget 64`" in out.read_text()
