@@ -201,10 +201,10 @@ def _search_teachers(cfg: Config, shapes: list[str], target: Target, measurer, c
 
 
 def _recorded_teachers(record: Path, cfg: Config, shapes: list[str]) -> tuple[dict, dict[str, float]]:
-    """The teachers (schedules, speedups) that an earlier run of this directory recorded in
-    ``record``, for the train shapes. A record is data: each line is checked to be a
-    schedule of the run's operator and dtype; a last line cut short by an interruption is
-    passed over."""
+    """The teachers (schedules, speedups) recorded in ``record`` (a run's teachers.jsonl: a
+    resumed run's own, or ``--teachers``), for the train shapes. A record is data: each line
+    is checked to be a schedule of the run's operator and dtype; a last line cut short by an
+    interruption is passed over."""
     from kernels.ir.ops import make_op
     from kernels.ir.schedule import Schedule, ScheduleError
 
