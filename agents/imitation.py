@@ -140,10 +140,12 @@ def _distance(actions: list[int], others: list[int]) -> int:
     return len(actions) + len(others) - 2 * same
 
 
-def imitate(agent, demos, epochs: int, seed: int, check_every: int = 50) -> float:
+def imitate(agent, demos, epochs: int, seed: int, check_every: int = 50,
+            on_check: Callable[[int, float], None] | None = None) -> float:
     """Behaviour cloning of the demonstrations into ``agent.policy``, for at most ``epochs``
     epochs: it stops once the greedy policy picks every demonstrated action (one wrong
-    decision sends the rest of a greedy rollout elsewhere). Returns the greedy accuracy."""
+    decision sends the rest of a greedy rollout elsewhere). Returns the greedy accuracy;
+    ``on_check(epochs done, accuracy)`` hears of each check (progress on long imitations)."""
     import torch
 
     obs, masks, actions = (torch.as_tensor(x) for x in demos)
@@ -162,8 +164,12 @@ def imitate(agent, demos, epochs: int, seed: int, check_every: int = 50) -> floa
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if epoch % check_every == 0 and accuracy() == 1.0:
-            break
+        if epoch % check_every == 0:
+            done = accuracy()
+            if on_check:
+                on_check(epoch, done)
+            if done == 1.0:
+                break
     return accuracy()
 
 

@@ -164,7 +164,12 @@ def _imitate(cfg: Config, agent, shapes: list[str], target: Target, teachers: di
 
     demos = demonstrations(cfg.op, teachers, target, cfg.max_steps, cfg.dtype)
     if len(demos[2]):
-        accuracy = imitate(agent, demos, cfg.imitation_epochs, cfg.seed)
+        bar = Progress(cfg.imitation_epochs, f"imitation of {len(teachers)} teachers", unit="epochs")
+        try:
+            accuracy = imitate(agent, demos, cfg.imitation_epochs, cfg.seed,
+                               on_check=lambda epoch, acc: bar.update(epoch - bar.n, greedy_accuracy=f"{acc:.2f}"))
+        finally:
+            bar.close()
         writer.add_scalar("train/imitation_accuracy", accuracy, 0)
         print(f"imitation: {len(demos[2])} actions of {len(teachers)} teachers on {len(shapes)} shapes, "
               f"greedy accuracy {accuracy:.2f}", file=sys.stderr)

@@ -48,7 +48,10 @@ def test_imitation_stops_once_greedy_rebuilds_every_teacher(tmp_path):
     shapes = ["64x64x64", "128x64x32"]
     demos = demonstrations("matmul", experts("matmul", shapes, cpu_target()), cpu_target(), MAX_STEPS)
     assert len(demos[2]) and np.all(demos[1][np.arange(len(demos[2])), demos[2]])   # each action allowed
-    assert imitate(agent, demos, epochs=3000, seed=0) == 1.0
+    checks = []
+    assert imitate(agent, demos, epochs=3000, seed=0, on_check=lambda *c: checks.append(c)) == 1.0
+    assert checks[-1][1] == 1.0 and checks[-1][0] < 3000   # it stopped at the first perfect check
+    assert [e for e, _ in checks] == list(range(50, checks[-1][0] + 1, 50))
 
 
 def test_a_searched_teacher_replays_and_beats_the_expert(tmp_path):
