@@ -73,8 +73,8 @@ class Config:
                                         "shipped policy (which imitates it) proposes nothing unless --policy "
                                         "names one (the search starts from sketches of the operator and random "
                                         "rollouts); the expert is still timed in the final rounds, for the figure")
-    cost_model: str | None = field(None, help="pre-trained cost model for ppo/anneal/beam "
-                                              "(default: the shipped one)", metavar="PATH")
+    cost_model: str | None = field(None, help="pre-trained cost model of the guided searches (every agent but "
+                                              "random; default: the shipped one)", metavar="PATH")
     budget: int | None = field(None, help="hardware measurements the search may make, in all "
                                           "(default: 64, or the resumed run's)")
     seed: int = field(0, help="random seed")
