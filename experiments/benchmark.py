@@ -493,8 +493,8 @@ def _heldout_cuda(cfg: Config) -> tuple[list[str], list[dict]]:
     results = []
     runs = Path("runs") / f"benchmark-heldout-cuda-{cfg.dtype}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     lines[0] += f" Each tune's run directory (log, best kernel, `summary.json`) is kept under `{runs}`."
+    dtype = "" if cfg.dtype == "fp32" else f" --dtype {cfg.dtype}"
     for kind, shape in HELDOUT_CUDA_CASES[cfg.dtype]:
-        dtype = "" if cfg.dtype == "fp32" else f" --dtype {cfg.dtype}"
         cmd = f"`python -m experiments tune --op {kind} --shape {shape} --target cuda{dtype} --budget {cfg.budget}`"
         try:
             r = _tune(kind, shape, "evolve", cfg.budget, str(runs), "cuda", cfg.dtype)
@@ -1031,9 +1031,8 @@ def run(cfg: Config) -> dict:
     section, options = cfg.suite, ""
     if cfg.suite == "ppo-cpu" and cfg.policy:
         options = " --policy " + " ".join(cfg.policy)
-    elif cfg.suite == "heldout-cuda":
-        if cfg.dtype != "fp32":   # a section for each dtype
-            section, options = f"heldout-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}"
+    elif cfg.suite == "heldout-cuda" and cfg.dtype != "fp32":   # a section for each dtype
+        section, options = f"heldout-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}"
     machine = [f"{_machine(target)}; measured {stamp}. "
                f"Suite command: `python -m experiments benchmark --suite {cfg.suite}{options}`.", ""]
     write_section(Path(cfg.out), section, TITLES[section], machine + lines)

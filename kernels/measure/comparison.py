@@ -108,7 +108,7 @@ def speedups_over(op: Operator, schedules: list[Schedule], reference: Schedule, 
     """The reference's time over each schedule's (0 for one that fails), with ``measurer``'s
     builder and runner: on a CPU each timed in turn with the reference (``paired_ratio``),
     on a GPU the median of per-round ratios, all timed in the same alternating rounds (no
-    library: a ratio of two kernels needs none, and it would double the time)."""
+    library: a ratio of two kernels needs none)."""
     kernels = [render(s, target, name=f"{op.kind}_{i}") for i, s in enumerate(schedules)]
     kernels.append(render(reference, target, name=f"{op.kind}_expert"))
     built = measurer.builder.build(kernels)
