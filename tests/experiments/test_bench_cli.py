@@ -395,3 +395,27 @@ def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row
     assert len(result["results"]) == len(benchmark.HELDOUT_CUDA_CASES["bf16"])
     benchmark.run(benchmark.Config(suite="heldout-cuda", out=str(out)))
     assert "<!-- suite:heldout-cuda -->" in out.read_text() and "--target cuda --budget 64`" in out.read_text()
+
+
+def test_heldout_cpu_repeats_each_shape_and_counts_the_runs_above_the_expert(tmp_path, monkeypatch):
+    from experiments import benchmark
+    from kernels.measure import peak
+
+    def tune(kind, shape, agent, budget, runs, seed=0):
+        assert (agent, budget) == ("evolve", 64) and runs.startswith("runs/benchmark-heldout-cpu-")
+        of_expert = {0: 1.10, 1: 1.01, 2: 1.05}[seed] if kind == "matmul" else 1.0
+        return {"gflops": 100.0 + seed, "fraction_of_library": 1.2, "fraction_of_expert": of_expert,
+                "measurements_to_90pct": None if (kind, seed) == ("conv2d", 2) else 3 + seed, "wall_s": 10.0,
+                "measurements": 64, "run_dir": f"{runs}/{kind}-{seed}"}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "_tune", tune)
+    monkeypatch.setattr(peak, "fma_peak_gflops", lambda target: 200.0)
+    monkeypatch.setattr(benchmark, "HELDOUT_CASES", [("matmul", "64x64x64"), ("conv2d", "1,8,8,8,8,3,3,1,1")])
+    lines, results = benchmark._heldout_cpu(benchmark.Config(suite="heldout-cpu"))
+    text = "\n".join(lines)
+    assert ("| matmul | 64x64x64 | 101.0 | 0.51 | 1.20 [1.20-1.20] | 1.05 [1.01-1.10] | 2 of 3 | 5 | 10 | "
+            "`python -m experiments tune --op matmul --shape 64x64x64 --budget 64 --seed S` |") in text
+    assert "| 1.00 [1.00-1.00] | 0 of 3 | - |" in text   # a run that never reached 90% shows
+    assert "more than 3% in the median run: 1 of 2 shapes" in text and "never reached in some run" in text
+    assert results[0] == {"peak_gflops": 200.0} and [r["seed"] for r in results[1]["runs"]] == [0, 1, 2]
