@@ -195,8 +195,10 @@ def _search_teachers(cfg: Config, shapes: list[str], target: Target, measurer, c
             taught[shape], speedups[shape] = teacher, round(speedup, 3)
             with record.open("a") as f:
                 f.write(json.dumps({"shape": shape, "speedup": speedups[shape], "schedule": teacher.to_json()}) + "\n")
-            print(f"teacher of {shape}: {'the search' if speedup >= MARGIN else 'the expert'}'s kernel "
-                  f"(the search's best: {speedup:.2f}x the expert's speed)", file=sys.stderr)
+            best = (f"the search's best: {speedup:.2f}x the expert's speed" if speedup > 0 else
+                    "no contender passed its build, check and run when timed again beside the expert")
+            print(f"teacher of {shape}: {'the search' if speedup >= MARGIN else 'the expert'}'s kernel ({best})",
+                  file=sys.stderr)
     except KeyboardInterrupt:
         print(f"teacher search interrupted after {len(speedups)} of {left} shapes; the others keep their "
               "experts as teachers (--resume RUN_DIR searches them)", file=sys.stderr)
