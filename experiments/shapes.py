@@ -163,8 +163,8 @@ FAMILIES["matmul"]["gpu-many"] = _grown(_gpu, _drawn("matmul", 60, 1, _gpu_known
 # kernels are compared there (BENCHMARKS).
 GPU_MATMUL_DRAWN = _drawn("matmul", 40, 2, {*_gpu_known, *FAMILIES["matmul"]["gpu-many"]["train"]})
 # "gpu-more": 180 drawn (gpu-many's 60 first). Imitation costs no measurement, and with 190
-# shapes the fp32 and tf32 policies rebuild the expert on all 44 of GPU_MATMUL_DRAWN and the
-# held-out shapes, where imitating gpu-many's 70 they did on 43 and 35.
+# shapes the fp32 and tf32 policies rebuild the expert on all 40 of GPU_MATMUL_DRAWN and the 4
+# held out, where imitating gpu-many's 70 they did on 43 and 35 of those 44.
 FAMILIES["matmul"]["gpu-more"] = _grown(_gpu, _drawn("matmul", 180, 1, _gpu_known | set(GPU_MATMUL_DRAWN)))
 
 
