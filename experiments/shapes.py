@@ -160,12 +160,12 @@ _gpu = FAMILIES["matmul"]["gpu"]
 _gpu_known = {*_gpu["train"], *_gpu["held_out"], *FAMILIES["matmul"]["default"]["held_out"]}
 FAMILIES["matmul"]["gpu-many"] = _grown(_gpu, _drawn("matmul", 60, 1, _gpu_known))
 # 40 more drawn like them (seed 2) that no GPU family trains on: the GPU policies' greedy
-# kernels are compared there (BENCHMARKS).
-GPU_MATMUL_DRAWN = _drawn("matmul", 40, 2, {*_gpu_known, *FAMILIES["matmul"]["gpu-many"]["train"]})
+# kernels are compared there (BENCHMARKS); conv2d's below.
+GPU_DRAWN = {"matmul": _drawn("matmul", 40, 2, {*_gpu_known, *FAMILIES["matmul"]["gpu-many"]["train"]})}
 # "gpu-more": 180 drawn (gpu-many's 60 first). Imitation costs no measurement, and with 190
-# shapes the fp32 and tf32 policies rebuild the expert on all 40 of GPU_MATMUL_DRAWN and the 4
-# held out, where imitating gpu-many's 70 they did on 43 and 35 of those 44.
-FAMILIES["matmul"]["gpu-more"] = _grown(_gpu, _drawn("matmul", 180, 1, _gpu_known | set(GPU_MATMUL_DRAWN)))
+# shapes the fp32 and tf32 policies rebuild the expert on all 40 of GPU_DRAWN and the 4 held
+# out, where imitating gpu-many's 70 they did on 43 and 35 of those 44.
+FAMILIES["matmul"]["gpu-more"] = _grown(_gpu, _drawn("matmul", 180, 1, _gpu_known | set(GPU_DRAWN["matmul"])))
 
 
 def shape_set(name: str) -> list[tuple[str, str]]:
@@ -194,3 +194,10 @@ def family(op: str, split: str = "train", name: str = "default") -> list[str]:
 _many = FAMILIES["conv2d"]["many"]
 FAMILIES["conv2d"]["gpu-many"] = _grown(_many, _drawn("conv2d", 30, 3, {*_many["train"], *_many["held_out"]},
                                                        batches=(2, 4, 8)))
+_conv_known = {*FAMILIES["conv2d"]["gpu-many"]["train"], *_many["held_out"]}
+GPU_DRAWN["conv2d"] = _drawn("conv2d", 40, 2, _conv_known)
+# "gpu-more": 100 layers more, at batch 1 to 8. Imitating it (197 shapes), the fp32, bf16 and
+# tf32 conv2d policies rebuild the expert on all 40 of GPU_DRAWN and the 4 held out, where
+# imitating gpu-many they did on 41, 38 and 40 of those 44.
+FAMILIES["conv2d"]["gpu-more"] = _grown(FAMILIES["conv2d"]["gpu-many"], _drawn(
+    "conv2d", 100, 4, _conv_known | set(GPU_DRAWN["conv2d"]), batches=(1, 1, 2, 4, 8)))

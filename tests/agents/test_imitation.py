@@ -103,16 +103,19 @@ def test_the_many_family_draws_distinct_valid_shapes_none_held_out(kind):
     assert _drawn(kind, 5, 1, set()) == _drawn(kind, 5, 1, set())
 
 
-def test_the_gpu_matmul_families_grow_the_gpu_split_and_never_train_on_the_compared_shapes():
+def test_the_gpu_families_grow_and_never_train_on_the_compared_shapes():
     """gpu-more holds gpu-many whole; neither trains on a held-out shape or on one of the
     drawn shapes the GPU policies' greedy kernels are compared on."""
-    from experiments.shapes import GPU_MATMUL_DRAWN
+    from experiments.shapes import GPU_DRAWN
 
-    many, more = family("matmul", "train", "gpu-many"), family("matmul", "train", "gpu-more")
-    assert len(more) == len(set(more)) == 190 and more[:len(many)] == many
-    assert more[:10] == family("matmul", "train", "gpu") and len(GPU_MATMUL_DRAWN) == len(set(GPU_MATMUL_DRAWN)) == 40
-    held = {*family("matmul", "held_out", "gpu"), *family("matmul", "held_out")}
-    assert not set(more) & (held | set(GPU_MATMUL_DRAWN))
+    for kind, extra in (("matmul", 120), ("conv2d", 100)):
+        many, more = family(kind, "train", "gpu-many"), family(kind, "train", "gpu-more")
+        assert len(more) == len(set(more)) == len(many) + extra and more[:len(many)] == many
+        assert len(GPU_DRAWN[kind]) == len(set(GPU_DRAWN[kind])) == 40
+        assert not set(more) & {*family(kind, "held_out", "gpu-many"), *family(kind, "held_out"), *GPU_DRAWN[kind]}
+        for shape in more[len(many):]:
+            make_op(kind, shape)
+    assert family("matmul", "train", "gpu-more")[:10] == family("matmul", "train", "gpu")
 
 
 def test_kl_penalty_charges_each_step_its_divergence_from_the_start(tmp_path):
