@@ -15,6 +15,9 @@ Suites:
   env-cpu       environment steps per second without measuring; where a random episode's time goes
   search-cpu    agents under one measurement budget: measurements to 90% of random search's best
   zeroshot-cpu  the shipped policy on held-out shapes (budget 1 and 8) vs annealing (budget 256)
+  ppo-cpu       trained policies (--policy) against the shipped ones: greedy kernels, budget 8
+  ppo-cuda      trained GPU policies (--policy, --dtype) against the shipped ones: greedy kernels
+                where they differ, on shapes no GPU family trains on
   cluster-cpu   measurements per minute of a random search: local backend vs Ray with 1 and 2
                 runners on this machine, and the per-candidate costs on Ray (build, transfer, run)
   cluster-cuda  GPU candidates per minute of a seeded random search on a local Ray cluster of 1, 2
@@ -54,8 +57,8 @@ from . import bench
 from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
-          "zeroshot-cpu", "ppo-cpu", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "heldout-cuda",
-          "models-cpu", "models-cuda")
+          "zeroshot-cpu", "ppo-cpu", "ppo-cuda", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu",
+          "heldout-cuda", "models-cpu", "models-cuda")
 MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
                "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
                              for model, batch in (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1)))}
@@ -89,10 +92,11 @@ class Config:
     repeats: int = field(3, help="runs per cell: bench runs, quiet and loaded (timing-cpu); tunes of each "
                                       "shape, seeds 0, 1, ... (heldout-cpu)")
     model_budget: int = field(0, help="measurements per model (models-cpu, models-cuda; 0: 16 per task)")
-    dtype: str = field("fp32", help="data type of heldout-cuda's tunes (fp16 takes bf16's shapes); each its own "
-                                    "section", choices=["fp32", "tf32", "bf16", "fp16"])
+    dtype: str = field("fp32", help="data type of heldout-cuda's tunes (fp16 takes bf16's shapes) and of "
+                                    "ppo-cuda's policies; each its own section",
+                       choices=["fp32", "tf32", "bf16", "fp16"])
     policy: list | None = field(None, help="trained policies (each a .pt, its .json beside it) that ppo-cpu "
-                                           "compares with the shipped one of their operator", nargs="+")
+                                           "and ppo-cuda compare with the shipped one of their operator", nargs="+")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -575,18 +579,28 @@ def _zeroshot_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     return lines, results
 
 
-def _ppo_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
-    """Each trained policy against the shipped one of its operator on the held-out shapes
-    of the operator's default family: their greedy kernels timed head to head with the
-    expert's, and a tune of 8 measurements with each."""
+def _ppo(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+    """Each trained policy against the shipped one of its operator on shapes no training
+    saw: on the CPU the held-out shapes of the operator's default family, their greedy
+    kernels timed head to head with the expert's and a tune of 8 measurements with each;
+    on the GPU (``--dtype`` names the policies' dtype) every shape no GPU family trains on,
+    the greedy kernels timed where the two policies' differ."""
     if not cfg.policy:
-        raise ValueError("--suite ppo-cpu needs --policy PATH...: trained policies to compare with the shipped ones")
+        raise ValueError(f"--suite {cfg.suite} needs --policy PATH...: trained policies to compare with the "
+                         "shipped ones")
     metas = []
     for path in cfg.policy:
         spec = Path(path).with_suffix(".json")
         if not spec.is_file():
             raise ValueError(f"{spec} not found: a policy's .json must lie beside its .pt")
         metas.append(json.loads(spec.read_text()))
+    if target.kind == "cuda":
+        lines, results = [], []
+        for path, meta in zip(cfg.policy, metas):
+            more, rows = _greedy_against_shipped_cuda(path, meta, cfg, target)
+            lines += more + [""]
+            results += rows
+        return lines, results
     lines, results = [f"Each trained policy against the shipped one of its operator on the held-out shapes of the "
                       f"operator's family. *greedy*: each policy's greedy schedule (what `tune --agent ppo --budget 1` "
                       f"builds), timed with the expert's in {cfg.rounds} alternating rounds (median ms; *same* where "
@@ -641,6 +655,77 @@ def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[st
                             **{f"{n}_ms": t for n, t in ms.items()},
                             **{f"{n}_budget8_of_expert": f for n, f in of_expert.items()}})
     return lines, results
+
+def _greedy_against_shipped_cuda(path: str, meta: dict, cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+    """A trained GPU policy's greedy kernels against the shipped policy's (of ``cfg.dtype``)
+    on the held-out split and GPU_DRAWN's shapes: where the two differ, both timed against
+    the expert in the same alternating rounds (a policy that rebuilds the shipped one's
+    kernel everywhere changes nothing, and costs no GPU time)."""
+    from agents.policy import load_policy
+    from agents.rollout import PolicyDraw, rollout
+    from envs.actions import ActionTable
+    from kernels.measure.comparison import speedups_over
+
+    from .pretrained import policy_path
+    from .shapes import GPU_DRAWN, family
+
+    kind = meta.get("op")
+    if kind not in GPU_DRAWN:
+        raise ValueError(f"{path}: a policy for {kind!r}; --suite ppo-cuda compares {' and '.join(GPU_DRAWN)} policies")
+    held_out = family(kind, "held_out", "gpu-more")
+    shapes = [*held_out, *GPU_DRAWN[kind]]
+    shipped = str(policy_path(make_op(kind, shapes[0], cfg.dtype), "cuda"))
+    policies = {"shipped": shipped, "trained": path}
+    lines = [f"{kind} in {cfg.dtype}: `{shipped}` (*shipped*) against `{path}` (*trained*"
+             + (f": `{meta['command']}`" if meta.get("command") else "") + f"), greedy, on the {len(held_out)} "
+             f"held-out shapes and the {len(GPU_DRAWN[kind])} of `shapes.GPU_DRAWN`. Where their kernels differ, "
+             f"both are timed with the expert's in {cfg.rounds} alternating rounds (*of expert*: the median "
+             "per-round ratio of the expert's time to the kernel's; 0: failed).", "",
+             "| shape | split | shipped is expert | trained is expert | shipped of expert | trained of expert | "
+             "trained / shipped |", "|---|---|---|---|---:|---:|---:|"]
+    results, measurer = [], Measurer(target)
+    try:
+        for shape in shapes:
+            op = make_op(kind, shape, cfg.dtype)
+            table = ActionTable(op, target)
+            scheds = {name: rollout(op, table, PolicyDraw(load_policy(p, op, target), deterministic=True)).schedule
+                      for name, p in policies.items()}
+            expert = expert_schedule(op, target)
+            kernel = {name: _same_kernel_key(s, target) for name, s in {**scheds, "expert": expert}.items()}
+            row = {"op": kind, "shape": shape, "split": "held_out" if shape in held_out else "drawn",
+                   **{f"{n}_is_expert": kernel[n] == kernel["expert"] for n in policies}}
+            if kernel["shipped"] != kernel["trained"]:
+                print(f"{kind} {shape}: timing the two greedy kernels ...", file=sys.stderr, flush=True)
+                of_shipped, of_trained = speedups_over(op, [scheds["shipped"], scheds["trained"]], expert, target,
+                                                       measurer, cfg.rounds)
+                row |= {"shipped_of_expert": of_shipped, "trained_of_expert": of_trained}
+                ratio = f"{of_trained / of_shipped:.2f}" if of_shipped else "-"
+                lines.append(f"| {shape} | {row['split']} | {'yes' if row['shipped_is_expert'] else 'no'} | "
+                             f"{'yes' if row['trained_is_expert'] else 'no'} | {of_shipped:.2f} | {of_trained:.2f} | "
+                             f"{ratio} |")
+            results.append(row)
+    finally:
+        measurer.runner.close()
+    timed = [r for r in results if "trained_of_expert" in r]
+    ratios = [r["trained_of_expert"] / r["shipped_of_expert"] for r in timed
+              if r["shipped_of_expert"] and r["trained_of_expert"]]
+    geomean = math.exp(statistics.fmean(map(math.log, ratios))) if ratios else None
+    worse_held_out = [r["shape"] for r in timed if r["split"] == "held_out"
+                      and r["trained_of_expert"] < r["shipped_of_expert"]]
+    experts = {n: sum(r[f"{n}_is_expert"] for r in results) for n in policies}
+    lines += ["", f"The greedy kernels differ on {len(timed)} of {len(results)} shapes"
+              + (f"; trained / shipped geomean {geomean:.2f} there, range {min(ratios):.2f}-{max(ratios):.2f}"
+                 if ratios else "")
+              + f". The expert's kernel: shipped on {experts['shipped']}, trained on {experts['trained']}."
+              + (f" Trained slower on held-out {', '.join(worse_held_out)}." if worse_held_out else "")]
+    return lines, results
+
+
+def _same_kernel_key(schedule: Schedule, target: Target) -> tuple:
+    """What makes two schedules one kernel: the generated source and the launch."""
+    k = render(schedule, target, name="k")
+    return k.source, k.launch, k.shared_bytes
+
 
 def _models(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
     """tune-model on each model into a fresh database, then again on the same database."""
@@ -1030,6 +1115,8 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "search-cpu": "Search agents under one measurement budget",
           "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
           "ppo-cpu": "A trained policy against the shipped one: greedy kernels and 8 measurements on held-out shapes",
+          **{f"ppo-cuda-{d}": f"A trained GPU policy against the shipped one in {d}: greedy kernels on shapes no "
+             "GPU family trains on" for d in ("fp32", "tf32", "bf16", "fp16")},
           "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate",
           "cluster-cuda": "Measuring on several GPUs of one host: candidates per minute and train steps per second",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
@@ -1060,17 +1147,21 @@ def run(cfg: Config) -> dict:
         lines, results = _cluster_cuda(cfg, target)
     elif cfg.suite == "heldout-cuda":
         lines, results = _heldout_cuda(cfg)
+    elif cfg.suite.startswith("ppo-"):
+        lines, results = _ppo(cfg, target)
     elif cfg.suite.startswith("models-"):
         lines, results = _models(cfg, target)
     else:
         lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
-                          "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu, "ppo-cpu": _ppo_cpu,
+                          "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,
                           "cluster-cpu": _cluster_cpu, "timing-cpu": _timing_cpu,
                           "heldout-cpu": _heldout_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
     section, options = cfg.suite, ""
-    if cfg.suite == "ppo-cpu" and cfg.policy:
+    if cfg.suite.startswith("ppo-") and cfg.policy:
         options = " --policy " + " ".join(cfg.policy)
+        if cfg.suite == "ppo-cuda":   # a section for each dtype
+            section, options = f"ppo-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}{options}"
     elif cfg.suite == "heldout-cuda" and cfg.dtype != "fp32":   # a section for each dtype
         section, options = f"heldout-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}"
     machine = [f"{_machine(target)}; measured {stamp}. "

@@ -367,6 +367,28 @@ def test_ppo_cpu_without_a_policy_is_one_clear_error(capsys, tmp_path, args, mes
     assert not out.exists()
 
 
+def test_ppo_cuda_times_nothing_where_the_policies_build_the_same_kernels(tmp_path, monkeypatch):
+    """The shipped GPU policy against itself: every greedy kernel alike, none timed, and
+    the section (one per dtype) counts where each builds the expert's."""
+    from experiments import benchmark
+    from kernels import target as targets
+    from kernels.measure import comparison
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("kernels alike were timed")
+
+    monkeypatch.setattr(comparison, "speedups_over", no_timing)
+    monkeypatch.setattr(benchmark, "get_target", lambda kind: targets.cuda_target_for_compile())
+    out, shipped = tmp_path / "BENCHMARKS.md", "experiments/pretrained/cuda/matmul-ppo.pt"
+    result = benchmark.run(benchmark.Config(suite="ppo-cuda", out=str(out), policy=[shipped]))
+    section = out.read_text().split("<!-- suite:ppo-cuda-fp32 -->")[1]
+    assert f"`python -m experiments benchmark --suite ppo-cuda --dtype fp32 --policy {shipped}`" in section
+    assert "The greedy kernels differ on 0 of 44 shapes." in section
+    rows = result["results"]
+    assert len(rows) == 44 and sum(r["split"] == "held_out" for r in rows) == 4
+    assert all(r["trained_is_expert"] == r["shipped_is_expert"] for r in rows)
+
+
 def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row(tmp_path, monkeypatch):
     from experiments import benchmark
     from kernels import target as targets
