@@ -198,6 +198,6 @@ _conv_known = {*FAMILIES["conv2d"]["gpu-many"]["train"], *_many["held_out"]}
 GPU_DRAWN["conv2d"] = _drawn("conv2d", 40, 2, _conv_known)
 # "gpu-more": 100 layers more, at batch 1 to 8. Imitating it (197 shapes), the fp32, bf16 and
 # tf32 conv2d policies rebuild the expert on all 40 of GPU_DRAWN and the 4 held out, where
-# imitating gpu-many they did on 41, 38 and 40 of those 44.
+# imitating gpu-many they did on 41, 38 and 40 of those 44; the fp32 and tf32 ones ship.
 FAMILIES["conv2d"]["gpu-more"] = _grown(FAMILIES["conv2d"]["gpu-many"], _drawn(
     "conv2d", 100, 4, _conv_known | set(GPU_DRAWN["conv2d"]), batches=(1, 1, 2, 4, 8)))
