@@ -656,6 +656,9 @@ def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[st
                             **{f"{n}_budget8_of_expert": f for n, f in of_expert.items()}})
     return lines, results
 
+NOISE = 0.97   # two kernels' ratio within 3% of 1: the same speed, as far as a few rounds on a GPU can tell
+
+
 def _greedy_against_shipped_cuda(path: str, meta: dict, cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
     """A trained GPU policy's greedy kernels against the shipped policy's (of ``cfg.dtype``)
     on the held-out split and GPU_DRAWN's shapes: where the two differ, both timed against
@@ -710,14 +713,15 @@ def _greedy_against_shipped_cuda(path: str, meta: dict, cfg: Config, target: Tar
     ratios = [r["trained_of_expert"] / r["shipped_of_expert"] for r in timed
               if r["shipped_of_expert"] and r["trained_of_expert"]]
     geomean = math.exp(statistics.fmean(map(math.log, ratios))) if ratios else None
-    worse_held_out = [r["shape"] for r in timed if r["split"] == "held_out"
-                      and r["trained_of_expert"] < r["shipped_of_expert"]]
+    worse_held_out = [r["shape"] for r in timed if r["split"] == "held_out"   # beyond the rounds' noise
+                      and r["trained_of_expert"] < NOISE * r["shipped_of_expert"]]
     experts = {n: sum(r[f"{n}_is_expert"] for r in results) for n in policies}
     lines += ["", f"The greedy kernels differ on {len(timed)} of {len(results)} shapes"
               + (f"; trained / shipped geomean {geomean:.2f} there, range {min(ratios):.2f}-{max(ratios):.2f}"
                  if ratios else "")
               + f". The expert's kernel: shipped on {experts['shipped']}, trained on {experts['trained']}."
-              + (f" Trained slower on held-out {', '.join(worse_held_out)}." if worse_held_out else "")]
+              + (f" Trained slower by more than {1 - NOISE:.0%} on held-out {', '.join(worse_held_out)}."
+                 if worse_held_out else "")]
     return lines, results
 
 

@@ -389,6 +389,31 @@ def test_ppo_cuda_times_nothing_where_the_policies_build_the_same_kernels(tmp_pa
     assert all(r["trained_is_expert"] == r["shipped_is_expert"] for r in rows)
 
 
+def test_ppo_cuda_times_differing_kernels_and_flags_a_held_out_loss_beyond_noise(tmp_path, monkeypatch):
+    from experiments import benchmark
+    from experiments.shapes import family
+    from kernels import target as targets
+    from kernels.measure import comparison
+
+    held_out = family("matmul", "held_out", "gpu-more")
+    timed = []
+
+    def speedups_over(op, schedules, reference, target, measurer, rounds):
+        timed.append(op.shape_str)
+        slower = {held_out[0]: 0.9, held_out[1]: 0.98}.get(op.shape_str, 1.1)   # trained / shipped
+        return [1.0, slower]
+
+    monkeypatch.setattr(comparison, "speedups_over", speedups_over)
+    monkeypatch.setattr(benchmark, "_same_kernel_key", lambda schedule, target: object())   # every kernel differs
+    lines, rows = benchmark._greedy_against_shipped_cuda(
+        "experiments/pretrained/cuda/matmul-ppo.pt", {"op": "matmul"},
+        benchmark.Config(suite="ppo-cuda", policy=["p"]), targets.cuda_target_for_compile())
+    assert len(timed) == len(rows) == 44
+    assert f"| {held_out[0]} | held_out | no | no | 1.00 | 0.90 | 0.90 |" in lines
+    # 0.98 is within the rounds' noise; 0.90 is not
+    assert lines[-1].endswith(f"Trained slower by more than 3% on held-out {held_out[0]}.")
+
+
 def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row(tmp_path, monkeypatch):
     from experiments import benchmark
     from kernels import target as targets

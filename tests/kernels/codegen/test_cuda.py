@@ -521,11 +521,12 @@ def test_launch_and_source_header():
     assert 'extern "C" __global__ void __launch_bounds__(256) matmul_4096_4096_4096(' in k.source
     assert "__shared__" in k.source and "__syncthreads();" in k.source and "float4" in k.source
     assert k.signature_json()["launch"] == {"grid": [64, 32, 1], "block": [16, 16, 1], "shared_bytes": 49152}
-    # smaller products take smaller tiles, so that most multiprocessors get a block
-    middle = render(expert_schedule(make_op("matmul", "512x1024x512"), TARGET), TARGET)
-    assert middle.launch == ((16, 8, 1), (16, 16, 1))  # 64x64 tiles
-    small = render(expert_schedule(make_op("matmul", "512x512x512"), TARGET), TARGET)
-    assert small.launch == ((16, 16, 1), (16, 16, 1))  # 32x32 tiles
+    # smaller products take smaller tiles, so that the multiprocessors get enough blocks
+    launches = {shape: render(expert_schedule(make_op("matmul", shape), TARGET), TARGET).launch
+                for shape in ("1024x1024x1024", "512x1024x512", "128x128x128")}
+    assert launches == {"1024x1024x1024": ((16, 16, 1), (16, 8, 1)),   # 64x64 tiles of 8x4 thread tiles
+                        "512x1024x512": ((32, 16, 1), (8, 8, 1)),      # 32x32 of 4x4
+                        "128x128x128": ((4, 4, 1), (16, 16, 1))}       # 32x32 of 2x2
 
 
 def test_cpu_kernels_are_unchanged_by_the_gpu_fields(target):
