@@ -656,6 +656,7 @@ def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[st
                             **{f"{n}_budget8_of_expert": f for n, f in of_expert.items()}})
     return lines, results
 
+
 NOISE = 0.97   # two kernels' ratio within 3% of 1: the same speed, as far as a few rounds on a GPU can tell
 
 

@@ -202,15 +202,15 @@ def _split(s: Schedule, loop: str, factor: int) -> tuple[Schedule, str, str | No
 
 # Tiles measured on an H100 (fp32, TF32 off): a 128x64 block tile of 8x4 register
 # tiles with k slices of 32 ran at 38-40 TFLOP/s at 1024-4096 (128x128 of 8x8 in slices
-# of 8: 15-24). Smaller products need smaller tiles so that the multiprocessors get work:
-# on an H200 (fp32, 2026-12-04; 57 products of gpu-more's train split and drawn like it,
-# each tile timed against 128x64) 64x64 tiles of 8x4 register tiles (128 threads) ran at
-# 0.98-1.03x of 128x64 on large products and up to 1.74x on those of 36-64 128x64 blocks,
-# 64x64 tiles of 4x4 (256 threads) never faster than them there; below that 32x32 tiles, of 4x4
-# (64 threads) or 2x2 (256). A tile is taken once it gives at least MATMUL_WAVES times as
-# many blocks as multiprocessors: with these, the expert's tile ran at a geometric mean of
-# 0.98 of the best of seven (0.94 with the 128x64 / 64x64-of-4x4 / 32x32 tiles before) on
-# those 57, and 0.98 (0.97) on 40 others drawn for checking.
+# of 8: 15-24). Smaller products need smaller tiles so that the multiprocessors get work.
+# On an H200 (fp32, 2026-12-04: seven tiles, each timed against 128x64 on 101 products,
+# BENCHMARKS "CUDA kernels") 64x64 tiles of 8x4 register tiles (128 threads) ran at
+# 0.98-1.03x of 128x64 on large products and up to 1.74x where 128x64 gives 36-64 blocks;
+# 64x64 tiles of 4x4 (256 threads) were never faster than them there; below those, 32x32
+# tiles of 4x4 (64 threads) or 2x2 (256). A tile is taken once it gives at least
+# MATMUL_WAVES times as many blocks as multiprocessors: the expert's tile then ran at a
+# geometric mean of 0.98 of the best of the seven (0.94 with the tiles and rule before) on
+# the 57 products the thresholds were chosen on, and 0.98 (0.97) on 40 others.
 MATMUL_TILES = ((8, 4, 16, 16, 32), (8, 4, 8, 16, 32), (4, 4, 8, 8, 32), (2, 2, 16, 16, 32))
 MATMUL_WAVES = (3.0, 1.5, 0.75)   # blocks per multiprocessor each tile but the last needs
 CONV_TILE = (2, 2, 8, 2, 32, 8)   # H100, 64 channels at 56x56: about cuDNN's speed
