@@ -11,6 +11,7 @@ Suites:
   tensor-cuda   expert CUDA kernels in tf32, bf16 and fp16 (tensor cores) vs cuBLAS/cuDNN in the
                 same dtype; without a GPU it stops with an error and writes nothing
   resnet-conv-cuda  every convolution of ResNet-50 (batch 1 and 16) in bf16: expert vs cuDNN
+  tiles-cuda    the fp32 matmul expert's block tile against every candidate tile, product by product
   measure-cpu   cost of measuring one candidate: compile, check against the reference, time
   env-cpu       environment steps per second without measuring; where a random episode's time goes
   search-cpu    agents under one measurement budget: measurements to 90% of random search's best
@@ -58,7 +59,7 @@ from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
           "zeroshot-cpu", "ppo-cpu", "ppo-cuda", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu",
-          "heldout-cuda", "models-cpu", "models-cuda")
+          "heldout-cuda", "models-cpu", "models-cuda", "tiles-cuda")
 MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
                "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
                              for model, batch in (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1)))}
@@ -255,6 +256,86 @@ def _kernels_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
 TENSOR_CUDA = [(dtype, "matmul", shape) for dtype in ("bf16", "fp16", "tf32")
                for shape in ("1024x1024x1024", "2048x2048x2048", "4096x4096x4096")] + [
     ("bf16", "dense_bias_relu", "4096x4096x4096"), ("bf16", "conv2d", "1,64,56,56,64,3,3,1,1")]
+
+
+# fp32 matmul tiles tiles-cuda times (thread rows, thread cols, threads y, threads x, k slice):
+# the expert's (kernels.experts.MATMUL_TILES, chosen by waves) and others it could take
+TILE_CANDIDATES = ((8, 4, 16, 16, 32), (8, 4, 8, 16, 32), (4, 4, 8, 8, 32), (2, 2, 16, 16, 32),
+                   (4, 4, 16, 16, 16), (8, 4, 16, 8, 32), (8, 4, 8, 8, 32), (8, 8, 16, 16, 16), (16, 8, 16, 16, 8))
+
+
+def _tile_shapes() -> list[tuple[str, str]]:
+    """(split, shape) of the products tiles-cuda times: the 4 held out, the 40 of GPU_DRAWN,
+    30 of gpu-more's train split, 16 of 512-2048 rows and columns (seeded, where the tile
+    choice is closest) and 2048 and 4096."""
+    import random
+
+    from .shapes import FAMILIES, GPU_DRAWN
+
+    fam = FAMILIES["matmul"]["gpu-more"]
+    rng, sizes, ks = random.Random(7), (512, 640, 768, 896, 1024, 1152, 1280, 1536, 2048), (256, 512, 1024, 2048)
+    known = {*fam["train"], *fam["held_out"], *GPU_DRAWN["matmul"]}
+    middle: list[str] = []
+    while len(middle) < 16:
+        shape = f"{rng.choice(sizes)}x{rng.choice(sizes)}x{rng.choice(ks)}"
+        if shape not in known and shape not in middle:
+            middle.append(shape)
+    return ([("held_out", s) for s in fam["held_out"]] + [("drawn", s) for s in GPU_DRAWN["matmul"]]
+            + [("train", s) for s in random.Random(0).sample(fam["train"], 30)] + [("middle", s) for s in middle]
+            + [("large", s) for s in ("2048x2048x2048", "4096x4096x4096")])
+
+
+def _tiles_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+    """Every TILE_CANDIDATES tile of the fp32 matmul expert timed against the expert's own
+    choice, product by product: how close the choice by waves comes to the best tile."""
+    from kernels.experts import _gpu_matmul
+    from kernels.measure.comparison import speedups_over
+
+    names = [f"{tm * ty}x{tn * tx}/{ty * tx}" for tm, tn, ty, tx, _ in TILE_CANDIDATES]
+    lines = ["fp32, TF32 off. The expert (`kernels/experts.py`) takes the first of its tiles that gives enough "
+             "blocks per multiprocessor (`MATMUL_WAVES`); here each candidate tile (block rows x columns / "
+             "threads; `TILE_CANDIDATES`, each with the expert's other steps: `_gpu_matmul(op, target, False, "
+             f"tile)`) is checked, then timed with the expert's kernel in {cfg.rounds} alternating rounds: each "
+             "cell is the median per-round ratio of the expert's time to the tile's (0: failed or not legal). "
+             "*expert of best*: the expert's speed over the best tile's.", "",
+             "| split | shape | expert's tile | best tile | expert of best | " + " | ".join(names) + " |",
+             "|---|---|---|---|---:|" + "---:|" * len(names)]
+    results, measurer = [], Measurer(target)
+    try:
+        for split, shape in _tile_shapes():
+            op = make_op("matmul", shape)
+            print(f"matmul {shape}: {len(names)} tiles ...", file=sys.stderr, flush=True)
+            expert = expert_schedule(op, target)
+            keys, kernels = [], {}   # each tile's kernel (None: the tile does not apply); clamped alike, one
+            for tile in TILE_CANDIDATES:
+                try:
+                    sched = _gpu_matmul(op, target, False, tile)
+                except ValueError:
+                    keys.append(None)
+                    continue
+                keys.append(_same_kernel_key(sched, target))
+                kernels.setdefault(keys[-1], sched)
+            timed = dict(zip(kernels, speedups_over(op, list(kernels.values()), expert, target, measurer,
+                                                    cfg.rounds)))
+            ratios = [timed[k] if k is not None else 0.0 for k in keys]
+            mine = _same_kernel_key(expert, target)
+            own = keys.index(mine) if mine in keys else None
+            best = max(range(len(ratios)), key=ratios.__getitem__)
+            of_best = 1 / ratios[best] if ratios[best] else 0.0
+            lines.append(f"| {split} | {shape} | {names[own] if own is not None else '-'} | {names[best]} | "
+                         f"{of_best:.2f} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+            results.append({"split": split, "shape": shape, "expert_tile": None if own is None else names[own],
+                            "best_tile": names[best], "expert_of_best": of_best, "tiles": dict(zip(names, ratios))})
+    finally:
+        measurer.runner.close()
+    summary = []
+    for split in dict.fromkeys(r["split"] for r in results):
+        rows = [r["expert_of_best"] for r in results if r["split"] == split and r["expert_of_best"] > 0]
+        if rows:
+            summary.append(f"{split} {math.exp(statistics.fmean(map(math.log, rows))):.2f} (lowest {min(rows):.2f}, "
+                           f"{len(rows)} products)")
+    lines += ["", "The expert's tile against the best, geometric mean by split: " + "; ".join(summary) + "."]
+    return lines, results
 
 
 def _resnet_convs(dtype: str = "bf16") -> list[tuple[str, str, str]]:
@@ -1115,6 +1196,7 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "kernels-cuda": "CUDA kernels: expert schedules vs cuBLAS / cuDNN",
           "tensor-cuda": "Tensor cores: expert tf32, bf16 and fp16 kernels vs cuBLAS / cuDNN in the same dtype",
           "resnet-conv-cuda": "ResNet-50's convolutions in bf16, batch 1 and 16: the expert vs cuDNN",
+          "tiles-cuda": "The fp32 GPU matmul expert's block tile against the others, product by product",
           "measure-cpu": "CPU measurement cost per candidate",
           "env-cpu": "Environment throughput and episode time split",
           "search-cpu": "Search agents under one measurement budget",
@@ -1148,6 +1230,8 @@ def run(cfg: Config) -> dict:
         lines, results = _tensor_cuda(cfg, target)
     elif cfg.suite == "resnet-conv-cuda":
         lines, results = _tensor_cuda(cfg, target, _resnet_convs())
+    elif cfg.suite == "tiles-cuda":
+        lines, results = _tiles_cuda(cfg, target)
     elif cfg.suite == "cluster-cuda":
         lines, results = _cluster_cuda(cfg, target)
     elif cfg.suite == "heldout-cuda":

@@ -414,6 +414,29 @@ def test_ppo_cuda_times_differing_kernels_and_flags_a_held_out_loss_beyond_noise
     assert lines[-1].endswith(f"Trained slower by more than 3% on held-out {held_out[0]}.")
 
 
+def test_tiles_cuda_times_each_distinct_tile_kernel_once_against_the_expert(monkeypatch):
+    from experiments import benchmark
+    from kernels import target as targets
+    from kernels.measure import comparison
+
+    calls = []
+
+    def speedups_over(op, schedules, reference, target, measurer, rounds):
+        calls.append((op.shape_str, len(schedules)))
+        return [1.0 + 0.1 * i for i in range(len(schedules))]   # the later a tile, the faster
+
+    monkeypatch.setattr(comparison, "speedups_over", speedups_over)
+    monkeypatch.setattr(benchmark, "_tile_shapes", lambda: [("large", "4096x4096x4096"), ("drawn", "64x64x64")])
+    lines, rows = benchmark._tiles_cuda(benchmark.Config(suite="tiles-cuda"), targets.cuda_target_for_compile())
+    n = len(benchmark.TILE_CANDIDATES)
+    assert calls[0] == ("4096x4096x4096", n)   # every tile a kernel of its own at 4096
+    assert calls[1][1] < n                       # at 64x64x64 the tiles clamp to fewer kernels
+    big = rows[0]
+    assert big["expert_tile"] == "128x64/256" and big["best_tile"] == "256x128/256"
+    assert big["expert_of_best"] == pytest.approx(1 / (1.0 + 0.1 * (n - 1)))
+    assert lines[-1].startswith("The expert's tile against the best, geometric mean by split: large ")
+
+
 def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row(tmp_path, monkeypatch):
     from experiments import benchmark
     from kernels import target as targets
