@@ -389,7 +389,7 @@ def test_ppo_cuda_times_nothing_where_the_policies_build_the_same_kernels(tmp_pa
     assert all(r["trained_is_expert"] == r["shipped_is_expert"] for r in rows)
 
 
-def test_ppo_cuda_times_differing_kernels_and_flags_a_held_out_loss_beyond_noise(tmp_path, monkeypatch):
+def test_ppo_cuda_times_differing_kernels_and_flags_a_held_out_loss_beyond_noise(monkeypatch):
     from experiments import benchmark
     from experiments.shapes import family
     from kernels import target as targets
