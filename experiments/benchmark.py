@@ -25,6 +25,11 @@ Suites:
                 and all of this machine's GPUs, and train's steps per second with 1 and all; each
                 configuration a command of its own (timed out, never taking the others down);
                 without a GPU it stops with an error and writes nothing
+  timing-cpu    the experts timed quiet and beside a busy process
+  heldout-cpu   the default search (tune, --budget) on held-out shapes of every operator, --repeats
+                runs a shape, against the library, the expert and the CPU's measured FMA peak
+  heldout-cuda  the same on the GPU for held-out matmul and conv2d shapes in one --dtype
+  models-cpu, models-cuda  tune-model on built-in models, fresh and again on the same database
 
 Example:
   python -m experiments benchmark --suite kernels-cpu
