@@ -762,6 +762,8 @@ def _greedy_against_shipped_cuda(path: str, meta: dict, cfg: Config, target: Tar
     kind = meta.get("op")
     if kind not in GPU_DRAWN:
         raise ValueError(f"{path}: a policy for {kind!r}; --suite ppo-cuda compares {' and '.join(GPU_DRAWN)} policies")
+    if meta.get("dtype", cfg.dtype) != cfg.dtype:   # policies saved before the field lack it
+        raise ValueError(f"{path} was trained for {meta['dtype']}: compare it with --dtype {meta['dtype']}")
     held_out = family(kind, "held_out", "gpu-more")
     shapes = [*held_out, *GPU_DRAWN[kind]]
     shipped = str(policy_path(make_op(kind, shapes[0], cfg.dtype), "cuda"))

@@ -329,7 +329,7 @@ def run(cfg: Config) -> dict:
                         reset_num_timesteps=not cfg.resume)
     finally:  # an interrupted run keeps what it learned
         learn_s = time.perf_counter() - t_learn
-        policy.save(agent, policy_file, cfg.op, target.kind, hardware=target.device, shapes=shapes,
+        policy.save(agent, policy_file, cfg.op, target.kind, hardware=target.device, dtype=cfg.dtype, shapes=shapes,
                     reward=cfg.reward, seed=cfg.seed, command=_command(cfg),
                     **({"teachers": teachers} if teachers else {}))
         cost_model.save(str(model_path))

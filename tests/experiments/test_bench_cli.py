@@ -414,6 +414,24 @@ def test_ppo_cuda_times_differing_kernels_and_flags_a_held_out_loss_beyond_noise
     assert lines[-1].endswith(f"Trained slower by more than 3% on held-out {held_out[0]}.")
 
 
+def test_ppo_cuda_refuses_a_policy_of_another_dtype(capsys, tmp_path, monkeypatch):
+    import shutil
+
+    from experiments import benchmark
+    from kernels import target as targets
+
+    monkeypatch.setattr(benchmark, "get_target", lambda kind: targets.cuda_target_for_compile())
+    shipped = Path("experiments/pretrained/cuda/matmul-bf16-ppo.pt")
+    shutil.copy(shipped, tmp_path / "p.pt")
+    spec = json.loads(shipped.with_suffix(".json").read_text()) | {"dtype": "bf16"}
+    (tmp_path / "p.json").write_text(json.dumps(spec))
+    out = tmp_path / "BENCHMARKS.md"
+    assert main(["benchmark", "--suite", "ppo-cuda", "--out", str(out), "--policy", str(tmp_path / "p.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'p.pt'} was trained for bf16: compare it with --dtype bf16"]
+    assert not out.exists()
+
+
 def test_tiles_cuda_times_each_distinct_tile_kernel_once_against_the_expert(monkeypatch):
     from experiments import benchmark
     from kernels import target as targets
