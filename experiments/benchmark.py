@@ -711,7 +711,7 @@ def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[st
 
     kind, target = meta.get("op"), get_target("cpu")
     shapes = family(kind, "held_out")
-    policies = {"shipped": str(policy_path(make_op(kind, shapes[0]), "cpu")), "trained": path}
+    policies = {"shipped": os.path.relpath(policy_path(make_op(kind, shapes[0]), "cpu")), "trained": path}
     lines = [f"{kind}: `{policies['shipped']}` (*shipped*) against `{path}` (*trained*"
              + (f": `{meta['command']}`" if meta.get("command") else "") + ").", "",
              "| op | shape | greedy: same kernel | shipped ms | trained ms | expert ms | trained / shipped | "
@@ -766,7 +766,7 @@ def _greedy_against_shipped_cuda(path: str, meta: dict, cfg: Config, target: Tar
         raise ValueError(f"{path} was trained for {meta['dtype']}: compare it with --dtype {meta['dtype']}")
     held_out = family(kind, "held_out", "gpu-more")
     shapes = [*held_out, *GPU_DRAWN[kind]]
-    shipped = str(policy_path(make_op(kind, shapes[0], cfg.dtype), "cuda"))
+    shipped = os.path.relpath(policy_path(make_op(kind, shapes[0], cfg.dtype), "cuda"))   # as a user names it
     policies = {"shipped": shipped, "trained": path}
     lines = [f"{kind} in {cfg.dtype}: `{shipped}` (*shipped*) against `{path}` (*trained*"
              + (f": `{meta['command']}`" if meta.get("command") else "") + f"), greedy, on the {len(held_out)} "
