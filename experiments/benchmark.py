@@ -337,7 +337,7 @@ def _tiles_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
     for split in dict.fromkeys(r["split"] for r in results):
         rows = [r["expert_of_best"] for r in results if r["split"] == split and r["expert_of_best"] > 0]
         if rows:
-            summary.append(f"{split} {math.exp(statistics.fmean(map(math.log, rows))):.2f} (lowest {min(rows):.2f}, "
+            summary.append(f"{split} {statistics.geometric_mean(rows):.2f} (lowest {min(rows):.2f}, "
                            f"{len(rows)} products)")
     lines += ["", "The expert's tile against the best, geometric mean by split: " + "; ".join(summary) + "."]
     return lines, results
@@ -718,12 +718,14 @@ def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[st
              "budget 8: shipped of expert | trained of expert |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     results = []
     builder, runner = Builder(), Runner()
+    # one network each: a target's action table is the same for every shape of an operator
+    nets = {name: load_policy(p, make_op(kind, shapes[0]), target) for name, p in policies.items()}
     with tempfile.TemporaryDirectory() as runs:
         for shape in shapes:
             op = make_op(kind, shape)
             table = ActionTable(op, target)
-            scheds = {name: rollout(op, table, PolicyDraw(load_policy(p, op, target), deterministic=True)).schedule
-                      for name, p in policies.items()}
+            scheds = {name: rollout(op, table, PolicyDraw(net, deterministic=True)).schedule
+                      for name, net in nets.items()}
             scheds["expert"] = expert_schedule(op, target)
             kernels = {name: render(s, target) for name, s in scheds.items()}
             paths = dict(zip(kernels, (b.path for b in builder.build(list(kernels.values())))))
@@ -775,13 +777,15 @@ def _greedy_against_shipped_cuda(path: str, meta: dict, cfg: Config, target: Tar
              "per-round ratio of the expert's time to the kernel's; 0: failed).", "",
              "| shape | split | shipped is expert | trained is expert | shipped of expert | trained of expert | "
              "trained / shipped |", "|---|---|---|---|---:|---:|---:|"]
+    # one network each: a target's action table is the same for every shape of an operator
+    nets = {name: load_policy(p, make_op(kind, shapes[0], cfg.dtype), target) for name, p in policies.items()}
     results, measurer = [], Measurer(target)
     try:
         for shape in shapes:
             op = make_op(kind, shape, cfg.dtype)
             table = ActionTable(op, target)
-            scheds = {name: rollout(op, table, PolicyDraw(load_policy(p, op, target), deterministic=True)).schedule
-                      for name, p in policies.items()}
+            scheds = {name: rollout(op, table, PolicyDraw(net, deterministic=True)).schedule
+                      for name, net in nets.items()}
             expert = expert_schedule(op, target)
             kernel = {name: _same_kernel_key(s, target) for name, s in {**scheds, "expert": expert}.items()}
             row = {"op": kind, "shape": shape, "split": "held_out" if shape in held_out else "drawn",
@@ -801,7 +805,7 @@ def _greedy_against_shipped_cuda(path: str, meta: dict, cfg: Config, target: Tar
     timed = [r for r in results if "trained_of_expert" in r]
     ratios = [r["trained_of_expert"] / r["shipped_of_expert"] for r in timed
               if r["shipped_of_expert"] and r["trained_of_expert"]]
-    geomean = math.exp(statistics.fmean(map(math.log, ratios))) if ratios else None
+    geomean = statistics.geometric_mean(ratios) if ratios else None
     worse_held_out = [r["shape"] for r in timed if r["split"] == "held_out"   # beyond the rounds' noise
                       and r["trained_of_expert"] < NOISE * r["shipped_of_expert"]]
     experts = {n: sum(r[f"{n}_is_expert"] for r in results) for n in policies}
