@@ -197,6 +197,8 @@ KERNELS_CUDA = [
     ("matmul", "2048x2048x2048"),
     ("matmul", "4096x4096x4096"),
     ("conv2d", "1,64,56,56,64,3,3,1,1"),
+    ("batch_matmul", "96x128x128x64"),    # attention's scores: batch 8 x 12 heads, 128 tokens
+    ("batch_matmul", "48x384x64x384"),    # and its weighted values: batch 4 x 12 heads, 384 tokens
 ]
 CUDA_MIN_TIME_S = 0.3  # kernel time per timing round
 

@@ -1038,3 +1038,14 @@ def test_a_transposed_tf32_stage_is_filled_without_bank_conflicts():
         banks.add((byte ^ (((byte >> 7) & 7) << 4)) // 4 % 32)
     assert len(banks) == 32
     assert "cp_async4s(" in render(s, TARGET).source
+
+
+def test_batched_products_count_every_matrix_s_blocks():
+    """The SIMT tile counts the blocks of every matrix of a batch: 96 products of 128 x 128
+    fill the GPU with 64 x 64 tiles, where one takes 32 x 32 tiles; a tensor-core tile
+    counts one matrix's (smaller ones ran slower on a batch)."""
+    def launch(shape, dtype="fp32"):
+        return render(expert_schedule(make_op("batch_matmul", shape, dtype), TARGET), TARGET).launch
+    assert launch("96x128x128x64") == ((2, 2, 96), (16, 8, 1))    # 64x64 tiles of 8x4
+    assert launch("1x128x128x64") == ((4, 4, 1), (16, 16, 1))     # 32x32 tiles of 2x2
+    assert launch("96x128x128x64", "bf16")[1] == launch("1x128x128x64", "bf16")[1]
