@@ -84,7 +84,7 @@ def mutate(schedule: Schedule, target: Target, rng: np.random.Generator, tries: 
         if rng.random() < 0.2:   # also add an annotation on a loop of the final nest
             child = child + [_annotation(schedule.nest, target, rng)]
         s = legal(schedule.op, child, target)
-        if s is not None and s.key() != schedule.key():
+        if s is not None and s.kernel_key() != schedule.kernel_key():
             return s
     return None
 
@@ -156,7 +156,7 @@ def crossover(a: Schedule, b: Schedule, target: Target, rng: np.random.Generator
     i = int(rng.integers(1, len(a.steps) + 1))
     j = int(rng.integers(0, len(b.steps)))
     s = legal(a.op, a.steps[:i] + b.steps[j:], target)
-    return s if s is not None and s.key() not in (a.key(), b.key()) else None
+    return s if s is not None and s.kernel_key() not in (a.kernel_key(), b.kernel_key()) else None
 
 
 def measured_seeds(search, k: int) -> list[Schedule]:
@@ -164,10 +164,11 @@ def measured_seeds(search, k: int) -> list[Schedule]:
     (a resumed run's tuning log, or earlier measurements); not those of a batch still in
     flight, whose results land in the cache while a pipelined search proposes."""
     op, t = search.op, search.target
+    pending = {s.key() for s in search.pending.values()}
     found = []
     for key, res in list(search.measurer.cache.items()):
         kind, shape, schedule, target_kind, device, _, dtype = key
-        if res.ok and schedule not in search.pending and kind == op.kind and tuple(shape) == op.shape \
+        if res.ok and schedule not in pending and kind == op.kind and tuple(shape) == op.shape \
                 and target_kind == t.kind and device == t.device and dtype == op.dtype:
             found.append((res.time_ms, schedule))
     out = []
@@ -186,7 +187,7 @@ def evolve(population: list[Schedule], model, target: Target, rng: np.random.Gen
            generations: int, size: int, crossover_rate: float = 0.3) -> list[Schedule]:
     """``generations`` rounds of children from the predicted best half; the population
     that comes out is the predicted best ``size`` of all seen, distinct."""
-    pool = {s.key(): s for s in population}
+    pool = {s.kernel_key(): s for s in population}
     for _ in range(generations):
         ranked = _rank(list(pool.values()), model)
         parents = ranked[:max(2, len(ranked) // 2)]
@@ -197,8 +198,8 @@ def evolve(population: list[Schedule], model, target: Target, rng: np.random.Gen
             else:
                 child = mutate(a, target, rng)
             if child is not None:
-                pool.setdefault(child.key(), child)
-        pool = {s.key(): s for s in _rank(list(pool.values()), model)[:size]}
+                pool.setdefault(child.kernel_key(), child)
+        pool = {s.kernel_key(): s for s in _rank(list(pool.values()), model)[:size]}
     return list(pool.values())
 
 
@@ -230,14 +231,14 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
             for s in schedules:
                 if len(picks) >= k:
                     return
-                if not search.known(s.key()):
-                    picks.setdefault(s.key(), s)
+                if not search.known(s):
+                    picks.setdefault(s.kernel_key(), s)
 
         if best:
             mutants = [m for m in (mutate(best[0], search.target, rng) for _ in range(4 * population)) if m]
-            take(_rank(list({m.key(): m for m in mutants}.values()), model), min(local, n))
+            take(_rank(list({m.kernel_key(): m for m in mutants}.values()), model), min(local, n))
         take(pop, max(n - explore, 1))
-        rest = [s for s in pop if not search.known(s.key()) and s.key() not in picks]
+        rest = [s for s in pop if not search.known(s) and s.kernel_key() not in picks]
         take([rest[i] for i in rng.permutation(len(rest))], n)
         pop += propose(fresh)
         return list(picks.values())

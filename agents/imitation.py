@@ -113,7 +113,7 @@ def _search_teacher(op, target, measurer, model, policy, budget: int, seed: int,
     expert_actions = rebuilt.actions if rebuilt else []
     faster = []   # (schedule, distance from the expert), fastest first
     for s in measured_seeds(search, 8 * contenders):
-        if s.key() == expert.key():
+        if s.kernel_key() == expert.kernel_key():
             break
         if (r := replay(op, s, target, max_steps)) is not None:
             faster.append((s, _distance(r.actions, expert_actions)))

@@ -83,8 +83,8 @@ class Search:
     on_progress: Callable[[Progress], None] | None = None
     batch: int = 8              # candidates proposed and measured at once
     pipeline: bool = False      # propose the next batch while this one is measured
-    measured: dict[str, MeasureResult] = field(default_factory=dict)  # schedule key -> result
-    schedules: dict[str, Schedule] = field(default_factory=dict)      # schedule key -> schedule
+    measured: dict[str, MeasureResult] = field(default_factory=dict)  # kernel key -> result
+    schedules: dict[str, Schedule] = field(default_factory=dict)      # kernel key -> schedule
     pending: dict[str, Schedule] = field(default_factory=dict)        # submitted, not yet collected
     best: Schedule | None = None
     best_result: MeasureResult | None = None
@@ -97,8 +97,10 @@ class Search:
     def left(self) -> int:
         return self.budget - len(self.measured) - len(self.pending)
 
-    def known(self, key: str) -> bool:
-        """Measured, or being measured: no agent should propose it again."""
+    def known(self, schedule: Schedule) -> bool:
+        """Its kernel is measured, or being measured (:meth:`Schedule.kernel_key`): no agent
+        should propose it again."""
+        key = schedule.kernel_key()
         return key in self.measured or key in self.pending
 
     def measure(self, schedules: Sequence[Schedule]) -> list[tuple[Schedule, MeasureResult]]:
@@ -111,8 +113,8 @@ class Search:
         there are none. Without ``pipeline`` they are measured here and now."""
         todo: dict[str, Schedule] = {}
         for s in schedules:
-            k = s.key()
-            if not self.known(k) and k not in todo and len(todo) < self.left:
+            k = s.kernel_key()
+            if not self.known(s) and k not in todo and len(todo) < self.left:
                 todo[k] = s
         if not todo:
             return None
@@ -137,9 +139,9 @@ class Search:
             results = future.result()
         finally:
             for s in batch:
-                self.pending.pop(s.key(), None)
+                self.pending.pop(s.kernel_key(), None)
         for s, r in zip(batch, results):
-            self.measured[s.key()], self.schedules[s.key()] = r, s
+            self.measured[s.kernel_key()], self.schedules[s.kernel_key()] = r, s
             if r.ok and (self.best_result is None or r.time_ms < self.best_result.time_ms):
                 self.best, self.best_result = s, r
             p = Progress(len(self.measured), self.best_result.gflops if self.best_result else 0.0,
@@ -202,8 +204,8 @@ def search_anneal(search: Search, rng: np.random.Generator, model, chains: int =
             for i, (p, ns) in enumerate(zip(proposals, new_scores)):
                 if ns < scores[i] or rng.random() < math.exp((scores[i] - ns) / t):
                     points[i], scores[i] = p, ns
-                seen.setdefault(p.schedule.key(), p.schedule)
-        fresh = [s for k, s in seen.items() if not search.known(k)]
+                seen.setdefault(p.schedule.kernel_key(), p.schedule)
+        fresh = [s for s in seen.values() if not search.known(s)]
         # mostly exploit the model, keep a little exploration (AutoTVM's epsilon-greedy)
         n_explore = max(1, search.batch // 8)
         picks = [fresh[i] for i in model.rank(fresh, search.batch - n_explore)]
@@ -251,7 +253,7 @@ def search_filtered(search: Search, rng: np.random.Generator, model, candidates:
 
     def propose(n: int) -> list[Schedule]:
         cands = [rollout(search.op, table, explore).schedule for _ in range(candidates)]
-        cands = [c for c in cands if not search.known(c.key())]
+        cands = list({c.kernel_key(): c for c in cands if not search.known(c)}.values())
         return [cands[i] for i in model.rank(cands, n)]
 
     search.run(propose, lambda pairs: _feedback(model, pairs))
@@ -268,7 +270,7 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
 
     def propose(n: int) -> list[Schedule]:
         cands = [rollout(search.op, table, sample).schedule for _ in range(samples)]
-        cands = [c for c in cands if not search.known(c.key())]
+        cands = list({c.kernel_key(): c for c in cands if not search.known(c)}.values())
         return [cands[i] for i in model.rank(cands, n)] if cands else []
 
     search.run(propose, lambda pairs: _feedback(model, pairs), patience=20)

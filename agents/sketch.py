@@ -216,5 +216,5 @@ def sketches(op: Operator, target: Target, rng: np.random.Generator, n: int,
             break
         s = sketch(op, target, rng)
         if s is not None:
-            found.setdefault(s.key(), s)
+            found.setdefault(s.kernel_key(), s)
     return list(found.values())

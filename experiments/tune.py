@@ -149,7 +149,7 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
             if expert_cmp is not None and expert_cmp.ok:
                 # on a CPU the two timed in turn, which rounds a second apart cannot match on a
                 # shared host; on a GPU (CUDA events time each launch on its own) the rounds
-                of_expert = 1.0 if schedule.key() == expert.key() else (
+                of_expert = 1.0 if schedule.kernel_key() == expert.kernel_key() else (
                     (None if kernel.is_cuda else paired_ratio(measurer.runner, op, (kernel, built.path), extra[0]))
                     or _ratio(expert_cmp, cmp))
             if expert_wins and of_expert is not None and of_expert < 1:
@@ -164,7 +164,7 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
 
 def _retimed(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]],
              expert: Schedule) -> list[tuple[float, Schedule]]:
-    """``ranked`` with its first ``CONTENDERS`` distinct schedules re-ordered by a fresh timing
+    """``ranked`` with its first ``CONTENDERS`` distinct kernels re-ordered by a fresh timing
     in turn with the expert (CPU), fastest first; one that fails goes last. The fastest of
     many noisy timings was timed too kindly (the winner's curse): a contender a little
     slower in the search is often the faster kernel."""
@@ -172,16 +172,17 @@ def _retimed(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]
     for ms, schedule in ranked:
         if len(head) == CONTENDERS:
             break
-        if schedule.key() not in keys:
-            keys.add(schedule.key())
+        if schedule.kernel_key() not in keys:
+            keys.add(schedule.kernel_key())
             head.append((ms, schedule))
     if len(head) < 2:
         return ranked
-    others = [s for _, s in head if s.key() != expert.key()]
-    timed = dict(zip((s.key() for s in others), speedups_over(op, others, expert, target, measurer, rounds=1)))
-    speedups = [timed.get(s.key(), 1.0) for _, s in head]
+    others = [s for _, s in head if s.kernel_key() != expert.kernel_key()]
+    timed = dict(zip((s.kernel_key() for s in others),
+                     speedups_over(op, others, expert, target, measurer, rounds=1)))
+    speedups = [timed.get(s.kernel_key(), 1.0) for _, s in head]
     order = sorted(range(len(head)), key=lambda i: (-speedups[i], head[i][0]))
-    return [head[i] for i in order] + [(ms, s) for ms, s in ranked if s.key() not in keys]
+    return [head[i] for i in order] + [(ms, s) for ms, s in ranked if s.kernel_key() not in keys]
 
 
 def _expert(op, target) -> Schedule | None:

@@ -66,7 +66,8 @@ class Task:
 def adopt_known(search: Search) -> int:
     """Enter into ``search`` what its measurer's cache (the database) holds for its operator on
     this machine, as if it had measured it; returns how many."""
-    for key, schedule, res in database.records(search.measurer.cache, search.op, search.target):
+    for _, schedule, res in database.records(search.measurer.cache, search.op, search.target):
+        key = schedule.kernel_key()
         search.measured[key], search.schedules[key] = res, schedule
         if res.ok and (search.best_result is None or res.time_ms < search.best_result.time_ms):
             search.best, search.best_result = schedule, res

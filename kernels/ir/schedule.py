@@ -805,6 +805,13 @@ class Schedule:
         """Canonical string of the steps; identifies the schedule for a given op."""
         return json.dumps(self.steps_json(), sort_keys=True, separators=(",", ":"))
 
+    def kernel_key(self) -> str:
+        """Identifies the kernel the schedule lowers to (lowering reads the nest alone):
+        step sequences that build the same loop nest, such as a reorder and its undoing,
+        share it. Searches measure a kernel once: a third of a tune's measurements went
+        to kernels already measured under other steps. No steps: the target's default."""
+        return repr(self.nest) if self.steps else "default"
+
     def to_json(self) -> dict:
         return {**self.op.to_json(), "steps": self.steps_json()}
 
