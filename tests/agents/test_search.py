@@ -154,3 +154,15 @@ def test_each_search_measures_with_its_own_slow_cutoff():
     tiny.measure([Schedule(tiny.op).split("i", 2)])
     assert cutoffs[:2] == [None, None]
     assert cutoffs[2] == pytest.approx(SLOW_FACTOR * best_ms / 1e3)
+
+
+def test_a_kernel_is_measured_once_whatever_steps_build_it():
+    """A reorder and its undoing build the nest the steps before them built: the search
+    knows that kernel as measured and spends no budget on it again."""
+    base = Schedule(OP).split("i", 8).reorder("i_o", "j", "i_i", "k")
+    detour = base.reorder("j", "i_o").reorder("i_o", "j")
+    other = base.reorder("j", "i_o")
+    assert detour.key() != base.key() and detour.kernel_key() == base.kernel_key() != other.kernel_key()
+    search = Search(OP, cpu_target(), _FakeMeasurer(cpu_target()), budget=8)
+    assert len(search.measure([base, detour, other])) == 2
+    assert search.known(detour) and search.measure([detour]) == [] and search.left == 6
