@@ -291,6 +291,7 @@ def run(cfg: Config) -> dict:
             raise LookupError(f"no correct kernel in {len(search.measured)} measurements")
         best, kernel, built, final, expert_final, of_expert, searched_ms, remeasured = _final_comparison(
             op, target, measurer, ranked, expert, cfg.rounds, expert_wins=not cfg.no_expert)
+        best = best.simplified()   # what the user reads: the same kernel, its cancelling reorders gone
         if cfg.export:
             export_kernel(cfg.export, kernel, built.path, best, target)
     writer.close()

@@ -812,6 +812,27 @@ class Schedule:
         to kernels already measured under other steps. No steps: the target's default."""
         return repr(self.nest) if self.steps else "default"
 
+    def simplified(self) -> "Schedule":
+        """The same kernel in fewer steps, for reading: each run of consecutive reorders
+        becomes one that names only the loops it leaves in other places, or none (a
+        reorder and its undoing). Searches reach a kernel through such runs: the best
+        depthwise_conv2d kernel of a tune held 15 reorders in a row, which one does."""
+        steps, nest, before = [], initial_nest(self.op), None
+        for step in self.steps + (None,):
+            if isinstance(step, Reorder):
+                before = before or nest
+            elif before is not None:   # the end of a run of reorders
+                moved = tuple(l.name for l, was in zip(nest.loops, before.loops) if l.name != was.name)
+                if moved:
+                    steps.append(Reorder(moved))
+                before = None
+            if step is not None:
+                nest = _apply(self.op, nest, step)
+                if not isinstance(step, Reorder):
+                    steps.append(step)
+        out = Schedule(self.op, tuple(steps))
+        return out if out.kernel_key() == self.kernel_key() else self
+
     def to_json(self) -> dict:
         return {**self.op.to_json(), "steps": self.steps_json()}
 

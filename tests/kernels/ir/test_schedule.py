@@ -321,3 +321,17 @@ def test_every_legal_primitive_on_the_printed_nest():
     text = print_loop_nest(_every_primitive())
     assert "# parallel" in text and "# unroll" in text and "# vectorize" in text
     assert "local C_local" in text and "local B_local" in text and "local A_local" in text
+
+
+def test_simplified_keeps_the_kernel_in_fewer_steps():
+    """Runs of reorders collapse into one that names only the loops they moved, or into
+    none where they cancel."""
+    op = make_op("matmul", "64x64x64")
+    s = Schedule(op).split("i", 8).reorder("i_o", "k", "i_i", "j").parallel("i_o")
+    head = (Split("i", 8), Reorder(("k", "i_i", "j")), Parallel("i_o"))   # i_o stayed first
+    assert s.reorder("j", "k").reorder("k", "j").vectorize("j").simplified().steps == head + (Vectorize("j"),)
+    swapped = s.reorder("j", "i_i").reorder("j", "k").reorder("k", "j").vectorize("i_i")
+    simple = swapped.simplified()
+    assert simple.steps == head + (Reorder(("j", "i_i")), Vectorize("i_i"))
+    assert simple.kernel_key() == swapped.kernel_key()
+    assert Schedule(op).simplified() == Schedule(op)
