@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.experts import expert_schedule
+from kernels.experts import MATMUL_TILES, expert_schedule
 from kernels.measure import Builder, MeasureResult, Measurer, Runner
 from kernels.measure.library import library_name
 from kernels.ir.ops import make_op
@@ -266,9 +266,9 @@ TENSOR_CUDA = [(dtype, "matmul", shape) for dtype in ("bf16", "fp16", "tf32")
 
 
 # fp32 matmul tiles tiles-cuda times (thread rows, thread cols, threads y, threads x, k slice):
-# the expert's (kernels.experts.MATMUL_TILES, chosen by waves) and others it could take
-TILE_CANDIDATES = ((8, 4, 16, 16, 32), (8, 4, 8, 16, 32), (4, 4, 8, 8, 32), (2, 2, 16, 16, 32),
-                   (4, 4, 16, 16, 16), (8, 4, 16, 8, 32), (8, 4, 8, 8, 32), (8, 8, 16, 16, 16), (16, 8, 16, 16, 8))
+# the expert's (chosen by waves) and others it could take
+TILE_CANDIDATES = MATMUL_TILES + ((4, 4, 16, 16, 16), (8, 4, 16, 8, 32), (8, 4, 8, 8, 32), (8, 8, 16, 16, 16),
+                                  (16, 8, 16, 16, 8))
 
 
 def _tile_shapes() -> list[tuple[str, str]]:
