@@ -154,8 +154,46 @@ def _channels_vectorized(op: Operator, target: Target) -> Schedule | None:
     return s.cache_read("I", anchors[-1])
 
 
+def _depthwise_channels_vectorized(op: Operator, target: Target) -> Schedule | None:
+    """A depthwise convolution whose rows a vector would gather along (a stride) or
+    overhang (at most one vector wide) vectorises over its channels instead: the input,
+    packed channel-last once per block of channels (the pack follows the loops), and
+    the weights load a vector of channels per window position. This CPU (AVX-512),
+    against the vectors along the row: 1.1-3.3x on the 8 such layers the rule was chosen
+    on, 1.1-3.1x on 13 others; 0.77-1.0x on wider rows at stride 1, which keep them.
+    Vectors of 8 channels ran 1.03-1.4x faster than 16 on all 13 layers timed (a tune
+    found them first)."""
+    ext, p = op.extents, op.params
+    lanes = min(target.vector_lanes, 8)
+    if op.kind != "depthwise_conv2d" or ext["c"] % lanes or (p["stride"] == 1 and ext["x"] > target.vector_lanes):
+        return None
+    rows, cols = _pixel_tile(ext["x"], target.vector_lanes)
+    rows, x = min(rows, ext["y"]), ext["x"]
+    s = Schedule(op).split("c", lanes)
+    if cols >= x:
+        tile, inner = None, ["x"]
+    elif cols not in FACTORS and x % cols == 0 and x // cols in FACTORS:
+        s, tile, inner = s.split("x", x // cols), "x_i", ["x_o"]   # every (x / cols)-th column
+    else:
+        s, tile, inner = s.split("x", cols), "x_o", ["x_i"]
+    y_outer = "y_o" if rows > 1 else "y"
+    if rows > 1:
+        s, inner = s.split("y", rows), ["y_i", *inner]
+    s = s.reorder("n", "c_o", y_outer, *([tile] if tile else []), "ry", "rx", *inner, "c_i")
+    s = s.cache_write(tile or y_outer).vectorize("c_i")
+    for loop in (*reversed(inner), "rx"):   # unrolled from the inside out
+        s = s.unroll(loop)
+    s = s.fuse("n", "c_o").parallel("n_c_o").cache_read("W", "n_c_o")
+    for anchor in ("n_c_o", y_outer):   # the whole padded image, else a band of rows
+        try:
+            return s.cache_read("I", anchor)
+        except ValueError:   # too large for a local buffer
+            continue
+    return s
+
+
 def _conv2d(op: Operator, target: Target) -> Schedule:
-    for special in (_pointwise, _channels_vectorized):
+    for special in (_pointwise, _channels_vectorized, _depthwise_channels_vectorized):
         s = special(op, target)
         if s is not None:
             return s

@@ -28,7 +28,9 @@ SHAPES = {
                          "1,3,7,7,3,3,2,1",
                          "2,5,13,13,3,3,1,1",
                          "1,1,1,1,1,1",
-                         "1,4,9,9,5,5,2,2"],
+                         "1,4,9,9,5,5,2,2",
+                         "1,8,9,9,3,3,2,1",          # vectorised over channels: strided,
+                         "2,16,11,11,5,5,2,2"],      # narrow, a batch
     "conv2d_bias_relu": ["1,8,16,16,8,3,3,1,1", "2,3,13,11,7,3,3,2,1", "1,2,5,5,3,1,1"],
 }
 CASES = [(kind, shape) for kind in OPERATORS for shape in SHAPES[kind]]
@@ -97,6 +99,22 @@ def test_expert_schedules_for_other_vector_widths_are_correct(kind, shape, lanes
 def test_expert_schedule_interpreted_stays_in_range(kind, shape, target, interpret):
     out, ref = interpret(expert_schedule(make_op(kind, shape), target))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,vectorized", [("1,16,28,28,3,3,2,1", "c_i"), ("1,16,14,14,3,3,1,1", "c_i"),
+                                              ("1,16,56,56,3,3,1,1", "x_i"), ("1,12,28,28,3,3,2,1", "x_i")])
+def test_depthwise_expert_vectorizes_channels_where_rows_are_strided_or_narrow(shape, vectorized, target):
+    """Along a strided or short row a vector gathers or is mostly tail; channels (a vector's
+    worth, packed channel-last) do not."""
+    wide = Target(target.kind, target.device, target.cores, 16, target.compiler)
+    nest = expert_schedule(make_op("depthwise_conv2d", shape), wide).nest
+    assert [loop.name for loop in nest.loops if loop.kind == "vectorize"] == [vectorized]
+
+
+def test_depthwise_expert_packs_a_band_of_rows_where_the_image_is_too_large(target, assert_correct):
+    schedule = expert_schedule(make_op("depthwise_conv2d", "1,8,400,400,3,3,2,1"), target)
+    assert ("I", "n_c_o") not in schedule.nest.cache_reads and any(t == "I" for t, _ in schedule.nest.cache_reads)
+    assert_correct(schedule)
 
 
 def test_expert_schedule_rejects_other_targets(target):
