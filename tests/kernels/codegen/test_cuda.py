@@ -523,9 +523,10 @@ def test_launch_and_source_header():
     assert k.signature_json()["launch"] == {"grid": [64, 32, 1], "block": [16, 16, 1], "shared_bytes": 49152}
     # smaller products take smaller tiles, so that the multiprocessors get enough blocks
     launches = {shape: render(expert_schedule(make_op("matmul", shape), TARGET), TARGET).launch
-                for shape in ("1024x1024x1024", "512x1024x512", "128x128x128")}
+                for shape in ("1024x1024x1024", "512x1024x512", "512x512x512", "128x128x128")}
     assert launches == {"1024x1024x1024": ((16, 16, 1), (16, 8, 1)),   # 64x64 tiles of 8x4 thread tiles
-                        "512x1024x512": ((32, 16, 1), (8, 8, 1)),      # 32x32 of 4x4
+                        "512x1024x512": ((16, 16, 1), (16, 8, 1)),     # 32x64 of 4x4
+                        "512x512x512": ((16, 16, 1), (8, 8, 1)),       # 32x32 of 4x4
                         "128x128x128": ((4, 4, 1), (16, 16, 1))}       # 32x32 of 2x2
 
 
