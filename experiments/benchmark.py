@@ -103,6 +103,9 @@ class Config:
                        choices=["fp32", "tf32", "bf16", "fp16"])
     policy: list | None = field(None, help="trained policies (each a .pt, its .json beside it) that ppo-cpu "
                                            "and ppo-cuda compare with the shipped one of their operator", nargs="+")
+    time_limit: float = field(0, help="seconds after which tiles-cuda and heldout-cuda start no new row and write "
+                                      "the rows measured (0: no limit), so that a limit on the command costs "
+                                      "the rows not yet measured, not the section")
     json: bool = field(False, help="print one JSON object as the last line")
 
 
@@ -271,6 +274,14 @@ TILE_CANDIDATES = MATMUL_TILES + ((4, 4, 16, 16, 16), (8, 4, 16, 8, 32), (8, 4, 
                                   (16, 8, 16, 16, 8))
 
 
+def _out_of_time(cfg: Config, start: float, done: int, total: int, what: str) -> str | None:
+    """The line a suite ends with when ``cfg.time_limit`` has passed since ``start`` and
+    rows are left; None while it may go on."""
+    if cfg.time_limit and done < total and time.monotonic() - start > cfg.time_limit:
+        return f"Stopped at `--time-limit {cfg.time_limit:g}`: {done} of {total} {what} measured."
+    return None
+
+
 def _tile_shapes() -> list[tuple[str, str]]:
     """(split, shape) of the products tiles-cuda times: the 4 held out, the 40 of GPU_DRAWN,
     30 of gpu-more's train split, 16 of 512-2048 rows and columns (seeded, where the tile
@@ -307,9 +318,9 @@ def _tiles_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
              "*expert of best*: the expert's speed over the best tile's.", "",
              "| split | shape | expert's tile | best tile | expert of best | " + " | ".join(names) + " |",
              "|---|---|---|---|---:|" + "---:|" * len(names)]
-    results, measurer = [], Measurer(target)
+    results, measurer, shapes, start, stopped = [], Measurer(target), _tile_shapes(), time.monotonic(), None
     try:
-        for split, shape in _tile_shapes():
+        for split, shape in shapes:
             op = make_op("matmul", shape)
             print(f"matmul {shape}: {len(names)} tiles ...", file=sys.stderr, flush=True)
             expert = expert_schedule(op, target)
@@ -333,6 +344,8 @@ def _tiles_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
                          f"{of_best:.2f} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
             results.append({"split": split, "shape": shape, "expert_tile": None if own is None else names[own],
                             "best_tile": names[best], "expert_of_best": of_best, "tiles": dict(zip(names, ratios))})
+            if stopped := _out_of_time(cfg, start, len(results), len(shapes), "products"):
+                break
     finally:
         measurer.runner.close()
     summary = []
@@ -342,7 +355,7 @@ def _tiles_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
             summary.append(f"{split} {statistics.geometric_mean(rows):.2f} (lowest {min(rows):.2f}, "
                            f"{len(rows)} products)")
     lines += ["", "The expert's tile against the best, geometric mean by split: " + "; ".join(summary) + "."]
-    return lines, results
+    return lines + (["", stopped] if stopped else []), results
 
 
 def _resnet_convs(dtype: str = "bf16") -> list[tuple[str, str, str]]:
@@ -626,7 +639,10 @@ def _heldout_cuda(cfg: Config) -> tuple[list[str], list[dict]]:
     runs = Path("runs") / f"benchmark-heldout-cuda-{cfg.dtype}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     lines[0] += f" Each tune's run directory (log, best kernel, `summary.json`) is kept under `{runs}`."
     dtype = "" if cfg.dtype == "fp32" else f" --dtype {cfg.dtype}"
-    for kind, shape in HELDOUT_CUDA_CASES[cfg.dtype]:
+    cases, start = HELDOUT_CUDA_CASES[cfg.dtype], time.monotonic()
+    for kind, shape in cases:
+        if stopped := _out_of_time(cfg, start, len(results), len(cases), "shapes"):
+            return lines + ["", stopped], results
         cmd = f"`python -m experiments tune --op {kind} --shape {shape} --target cuda{dtype} --budget {cfg.budget}`"
         try:
             r = _tune(kind, shape, "evolve", cfg.budget, str(runs), "cuda", cfg.dtype)

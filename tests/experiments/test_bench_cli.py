@@ -485,6 +485,28 @@ def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row
     assert "<!-- suite:heldout-cuda -->" in out.read_text() and "--target cuda --budget 64`" in out.read_text()
 
 
+def test_heldout_cuda_past_its_time_limit_writes_the_rows_measured(tmp_path, monkeypatch):
+    from experiments import benchmark
+    from kernels import target as targets
+
+    clock = iter(range(0, 1000, 60))   # a minute a reading: started at 0, the checks at 60 and 120 go on, 180 stops
+    monkeypatch.setattr(benchmark.time, "monotonic", lambda: next(clock))
+
+    def tune(kind, shape, agent, budget, runs, target, dtype):
+        return {"op": kind, "shape": shape, "dtype": dtype, "time_ms": 0.5, "time_spread_ms": 0.01,
+                "library_time_ms": 0.6, "fraction_of_library": 1.2, "expert_gflops": 4000.0,
+                "fraction_of_expert": 1.1, "measurements_to_90pct": 3, "wall_s": 42.0, "measurements": 64}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "_tune", tune)
+    monkeypatch.setattr(benchmark, "get_target", lambda kind: targets.cuda_target_for_compile())
+    out = tmp_path / "BENCHMARKS.md"
+    result = benchmark.run(benchmark.Config(suite="heldout-cuda", out=str(out), time_limit=150))
+    cases = benchmark.HELDOUT_CUDA_CASES["fp32"]
+    assert [r["shape"] for r in result["results"]] == [shape for _, shape in cases[:2]]
+    assert f"Stopped at `--time-limit 150`: 2 of {len(cases)} shapes measured." in out.read_text()
+
+
 def test_heldout_cpu_repeats_each_shape_and_counts_the_runs_above_the_expert(tmp_path, monkeypatch):
     from experiments import benchmark
     from kernels.measure import peak
