@@ -12,6 +12,7 @@ Suites:
                 same dtype; without a GPU it stops with an error and writes nothing
   resnet-conv-cuda  every convolution of ResNet-50 (batch 1 and 16) in bf16: expert vs cuDNN
   tiles-cuda    the fp32 matmul expert's block tile against every candidate tile, product by product
+  conv-tiles-cuda  the same for the fp32 conv2d expert's tile, layer by layer
   measure-cpu   cost of measuring one candidate: compile, check against the reference, time
   env-cpu       environment steps per second without measuring; where a random episode's time goes
   search-cpu    agents under one measurement budget: measurements to 90% of random search's best
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -51,7 +53,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.experts import MATMUL_TILES, expert_schedule
+from kernels.experts import CONV_TILE, MATMUL_TILES, expert_schedule
 from kernels.measure import Builder, MeasureResult, Measurer, Runner
 from kernels.measure.library import library_name
 from kernels.ir.ops import make_op
@@ -64,7 +66,7 @@ from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
           "zeroshot-cpu", "ppo-cpu", "ppo-cuda", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu",
-          "heldout-cuda", "models-cpu", "models-cuda", "tiles-cuda")
+          "heldout-cuda", "models-cpu", "models-cuda", "tiles-cuda", "conv-tiles-cuda")
 MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
                "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
                              for model, batch in (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1)))}
@@ -103,7 +105,8 @@ class Config:
                        choices=["fp32", "tf32", "bf16", "fp16"])
     policy: list | None = field(None, help="trained policies (each a .pt, its .json beside it) that ppo-cpu "
                                            "and ppo-cuda compare with the shipped one of their operator", nargs="+")
-    time_limit: float = field(0, help="seconds after which tiles-cuda and heldout-cuda start no new row and write "
+    time_limit: float = field(0, help="seconds after which tiles-cuda, conv-tiles-cuda and heldout-cuda start no "
+                                      "new row and write "
                                       "the rows measured (0: no limit), so that a limit on the command costs "
                                       "the rows not yet measured, not the section")
     json: bool = field(False, help="print one JSON object as the last line")
@@ -274,6 +277,20 @@ TILE_CANDIDATES = MATMUL_TILES + ((4, 4, 16, 16, 16), (8, 4, 16, 8, 32), (8, 4, 
                                   (16, 8, 16, 16, 8))
 
 
+# fp32 conv2d tiles conv-tiles-cuda times (channels and pixels per thread, threads z over
+# channels, y over rows, x over columns, input channels per slice): the expert's one
+# (CONV_TILE) and others around it
+CONV_TILE_CANDIDATES = (CONV_TILE, (2, 2, 8, 2, 32, 16), (2, 2, 8, 2, 32, 4), (4, 2, 8, 2, 32, 8), (2, 4, 8, 2, 16, 8),
+                        (2, 2, 8, 4, 16, 8), (4, 4, 8, 2, 16, 8), (2, 2, 16, 2, 16, 8), (2, 7, 8, 2, 8, 4),
+                        (4, 2, 4, 4, 16, 8))
+CONV_TILE_LAYERS = ("1,64,56,56,64,3,3,1,1", "1,128,28,28,128,3,3,1,1", "1,256,14,14,256,3,3,1,1",
+                    "1,512,7,7,512,3,3,1,1", "1,64,56,56,128,3,3,2,1", "1,128,28,28,256,3,3,2,1",
+                    "1,3,224,224,64,7,7,2,3", "1,32,112,112,64,3,3,1,1", "1,96,35,35,96,3,3,1,1",
+                    "8,64,56,56,64,3,3,1,1", "16,128,28,28,128,3,3,1,1", "1,48,27,27,128,5,5,1,2",
+                    "1,16,64,64,32,3,3,1,1", "1,256,28,28,256,3,3,1,1", "4,256,14,14,256,3,3,1,1",
+                    "2,64,40,40,96,3,3,1,1")   # ResNet, VGG, Inception, AlexNet-like layers, batch 1-16
+
+
 def _out_of_time(cfg: Config, start: float, done: int, total: int, what: str) -> str | None:
     """The line a suite ends with when ``cfg.time_limit`` has passed since ``start`` and
     rows are left; None while it may go on."""
@@ -303,31 +320,43 @@ def _tile_shapes() -> list[tuple[str, str]]:
             + [("large", s) for s in ("2048x2048x2048", "4096x4096x4096")])
 
 
-def _tiles_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
-    """Every TILE_CANDIDATES tile of the fp32 matmul expert timed against the expert's own
-    choice, product by product: how close the choice by waves comes to the best tile."""
-    from kernels.experts import _gpu_matmul
+def _tiles_cuda(cfg: Config, target: Target, kind: str = "matmul") -> tuple[list[str], list[dict]]:
+    """Every candidate tile of the fp32 expert of ``kind`` (matmul: TILE_CANDIDATES, conv2d:
+    CONV_TILE_CANDIDATES) timed against the expert's own choice, shape by shape: how close
+    its choice (by waves for matmul, one fixed tile for conv2d) comes to the best tile."""
+    from kernels.experts import _gpu_conv2d, _gpu_matmul
     from kernels.measure.comparison import speedups_over
 
-    names = [f"{tm * ty}x{tn * tx}/{ty * tx}" for tm, tn, ty, tx, _ in TILE_CANDIDATES]
-    lines = ["fp32, TF32 off. The expert (`kernels/experts.py`) takes the first of its tiles that gives enough "
-             "blocks per multiprocessor (`MATMUL_WAVES`); here each candidate tile (block rows x columns / "
-             "threads; `TILE_CANDIDATES`, each with the expert's other steps: `_gpu_matmul(op, target, False, "
-             f"tile)`) is checked, then timed with the expert's kernel in {cfg.rounds} alternating rounds: each "
-             "cell is the median per-round ratio of the expert's time to the tile's (0: failed or not legal). "
-             "*expert of best*: the expert's speed over the best tile's.", "",
+    if kind == "matmul":
+        candidates, shapes, what = TILE_CANDIDATES, _tile_shapes(), "products"
+        names = [f"{tm * ty}x{tn * tx}/{ty * tx}" for tm, tn, ty, tx, _ in candidates]
+        build = functools.partial(_gpu_matmul, batch=False)
+        rule = ("takes the first of its tiles that gives enough blocks per multiprocessor (`MATMUL_WAVES`); "
+                "here each candidate tile (block rows x columns / threads; `TILE_CANDIDATES`, each with the "
+                "expert's other steps: `_gpu_matmul(op, target, False, tile)`)")
+    else:
+        candidates, shapes, what = CONV_TILE_CANDIDATES, [("layer", s) for s in CONV_TILE_LAYERS], "layers"
+        names = [f"{tk}x{xw}/{tz}x{ty}x{tx}/c{cb}" for tk, xw, tz, ty, tx, cb in candidates]
+        build = _gpu_conv2d
+        rule = ("takes one tile (`CONV_TILE`); here each candidate tile (channels x pixels per thread / threads "
+                "z x y x x / input channels per slice; `CONV_TILE_CANDIDATES`, each with the expert's other "
+                "steps: `_gpu_conv2d(op, target, tile)`)")
+    lines = [f"fp32, TF32 off. The expert (`kernels/experts.py`) {rule} is checked, then timed with the expert's "
+             f"kernel in {cfg.rounds} alternating rounds: each cell is the median per-round ratio of the expert's "
+             "time to the tile's (0: failed or not legal). *expert of best*: the expert's speed over the best "
+             "tile's.", "",
              "| split | shape | expert's tile | best tile | expert of best | " + " | ".join(names) + " |",
              "|---|---|---|---|---:|" + "---:|" * len(names)]
-    results, measurer, shapes, start, stopped = [], Measurer(target), _tile_shapes(), time.monotonic(), None
+    results, measurer, start, stopped = [], Measurer(target), time.monotonic(), None
     try:
         for split, shape in shapes:
-            op = make_op("matmul", shape)
-            print(f"matmul {shape}: {len(names)} tiles ...", file=sys.stderr, flush=True)
+            op = make_op(kind, shape)
+            print(f"{kind} {shape}: {len(names)} tiles ...", file=sys.stderr, flush=True)
             expert = expert_schedule(op, target)
             keys, kernels = [], {}   # each tile's kernel (None: the tile does not apply); clamped alike, one
-            for tile in TILE_CANDIDATES:
+            for tile in candidates:
                 try:
-                    sched = _gpu_matmul(op, target, False, tile)
+                    sched = build(op, target, tile=tile)
                 except ValueError:
                     keys.append(None)
                     continue
@@ -344,7 +373,7 @@ def _tiles_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
                          f"{of_best:.2f} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
             results.append({"split": split, "shape": shape, "expert_tile": None if own is None else names[own],
                             "best_tile": names[best], "expert_of_best": of_best, "tiles": dict(zip(names, ratios))})
-            if stopped := _out_of_time(cfg, start, len(results), len(shapes), "products"):
+            if stopped := _out_of_time(cfg, start, len(results), len(shapes), what):
                 break
     finally:
         measurer.runner.close()
@@ -353,7 +382,7 @@ def _tiles_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
         rows = [r["expert_of_best"] for r in results if r["split"] == split and r["expert_of_best"] > 0]
         if rows:
             summary.append(f"{split} {statistics.geometric_mean(rows):.2f} (lowest {min(rows):.2f}, "
-                           f"{len(rows)} products)")
+                           f"{len(rows)} {what})")
     lines += ["", "The expert's tile against the best, geometric mean by split: " + "; ".join(summary) + "."]
     return lines + (["", stopped] if stopped else []), results
 
@@ -1226,6 +1255,7 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "tensor-cuda": "Tensor cores: expert tf32, bf16 and fp16 kernels vs cuBLAS / cuDNN in the same dtype",
           "resnet-conv-cuda": "ResNet-50's convolutions in bf16, batch 1 and 16: the expert vs cuDNN",
           "tiles-cuda": "The fp32 GPU matmul expert's block tile against the others, product by product",
+          "conv-tiles-cuda": "The fp32 GPU conv2d expert's tile against the others, layer by layer",
           "measure-cpu": "CPU measurement cost per candidate",
           "env-cpu": "Environment throughput and episode time split",
           "search-cpu": "Search agents under one measurement budget",
@@ -1261,6 +1291,8 @@ def run(cfg: Config) -> dict:
         lines, results = _tensor_cuda(cfg, target, _resnet_convs())
     elif cfg.suite == "tiles-cuda":
         lines, results = _tiles_cuda(cfg, target)
+    elif cfg.suite == "conv-tiles-cuda":
+        lines, results = _tiles_cuda(cfg, target, "conv2d")
     elif cfg.suite == "cluster-cuda":
         lines, results = _cluster_cuda(cfg, target)
     elif cfg.suite == "heldout-cuda":

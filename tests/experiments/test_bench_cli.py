@@ -455,6 +455,28 @@ def test_tiles_cuda_times_each_distinct_tile_kernel_once_against_the_expert(monk
     assert lines[-1].startswith("The expert's tile against the best, geometric mean by split: large ")
 
 
+def test_conv_tiles_cuda_times_every_candidate_tile_against_the_expert_layer_by_layer(monkeypatch):
+    from experiments import benchmark
+    from kernels import target as targets
+    from kernels.measure import comparison
+
+    calls = []
+
+    def speedups_over(op, schedules, reference, target, measurer, rounds):
+        calls.append((op.kind, op.shape_str, len(schedules)))
+        return [1.0 + 0.1 * i for i in range(len(schedules))]
+
+    monkeypatch.setattr(comparison, "speedups_over", speedups_over)
+    monkeypatch.setattr(benchmark, "CONV_TILE_LAYERS", ("1,64,56,56,64,3,3,1,1",))
+    lines, rows = benchmark._tiles_cuda(benchmark.Config(suite="conv-tiles-cuda"),
+                                        targets.cuda_target_for_compile(), "conv2d")
+    n = len(benchmark.CONV_TILE_CANDIDATES)
+    assert calls == [("conv2d", "1,64,56,56,64,3,3,1,1", n)]
+    assert rows[0]["expert_tile"] == "2x2/8x2x32/c8" and rows[0]["best_tile"] == "4x2/4x4x16/c8"
+    assert rows[0]["expert_of_best"] == pytest.approx(1 / (1.0 + 0.1 * (n - 1)))
+    assert lines[-1] == "The expert's tile against the best, geometric mean by split: layer 0.53 (lowest 0.53, 1 layers)."
+
+
 def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row(tmp_path, monkeypatch):
     from experiments import benchmark
     from kernels import target as targets
