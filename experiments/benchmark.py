@@ -80,6 +80,9 @@ KERNELS_CPU = [
     ("dense_bias_relu", "1024x1024x1024"),
     ("batch_matmul", "8x256x256x256"),
     ("depthwise_conv2d", "1,128,56,56,3,3,1,1"),
+    ("depthwise_conv2d", "1,96,112,112,3,3,2,1"),   # strided: vectorised over channels
+    ("matmul", "1x1000x512"),                       # a classifier's GEMV: B read in place
+    ("dense_bias_relu", "1x4096x1024"),
 ]
 
 
