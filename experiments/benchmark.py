@@ -109,9 +109,8 @@ class Config:
     policy: list | None = field(None, help="trained policies (each a .pt, its .json beside it) that ppo-cpu "
                                            "and ppo-cuda compare with the shipped one of their operator", nargs="+")
     time_limit: float = field(0, help="seconds after which tiles-cuda, conv-tiles-cuda and heldout-cuda start no "
-                                      "new row and write "
-                                      "the rows measured (0: no limit), so that a limit on the command costs "
-                                      "the rows not yet measured, not the section")
+                                      "new row and write the rows measured (0: no limit), so that a limit on the "
+                                      "command costs the rows not yet measured, not the section")
     json: bool = field(False, help="print one JSON object as the last line")
 
 

@@ -477,6 +477,13 @@ def test_conv_tiles_cuda_times_every_candidate_tile_against_the_expert_layer_by_
     assert lines[-1] == "The expert's tile against the best, geometric mean by split: layer 0.53 (lowest 0.53, 1 layers)."
 
 
+def _cuda_tune_result(kind: str, shape: str, dtype: str) -> dict:
+    """What a GPU tune returns, for suites tested without a GPU."""
+    return {"op": kind, "shape": shape, "dtype": dtype, "time_ms": 0.5, "time_spread_ms": 0.01,
+            "library_time_ms": 0.6, "fraction_of_library": 1.2, "expert_gflops": 4000.0,
+            "fraction_of_expert": 1.1, "measurements_to_90pct": 3, "wall_s": 42.0, "measurements": 64}
+
+
 def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row(tmp_path, monkeypatch):
     from experiments import benchmark
     from kernels import target as targets
@@ -485,9 +492,7 @@ def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row
         assert (agent, budget, target) == ("evolve", 64, "cuda")
         if kind == "conv2d" and shape.startswith("16,256"):
             raise RuntimeError("ran out of memory")
-        return {"op": kind, "shape": shape, "dtype": dtype, "time_ms": 0.5, "time_spread_ms": 0.01,
-                "library_time_ms": 0.6, "fraction_of_library": 1.2, "expert_gflops": 4000.0,
-                "fraction_of_expert": 1.1, "measurements_to_90pct": 3, "wall_s": 42.0, "measurements": 64}
+        return _cuda_tune_result(kind, shape, dtype)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(benchmark, "_tune", tune)
@@ -514,13 +519,9 @@ def test_heldout_cuda_past_its_time_limit_writes_the_rows_measured(tmp_path, mon
     clock = iter(range(0, 1000, 60))   # a minute a reading: started at 0, the checks at 60 and 120 go on, 180 stops
     monkeypatch.setattr(benchmark.time, "monotonic", lambda: next(clock))
 
-    def tune(kind, shape, agent, budget, runs, target, dtype):
-        return {"op": kind, "shape": shape, "dtype": dtype, "time_ms": 0.5, "time_spread_ms": 0.01,
-                "library_time_ms": 0.6, "fraction_of_library": 1.2, "expert_gflops": 4000.0,
-                "fraction_of_expert": 1.1, "measurements_to_90pct": 3, "wall_s": 42.0, "measurements": 64}
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(benchmark, "_tune", tune)
+    monkeypatch.setattr(benchmark, "_tune",
+                        lambda kind, shape, agent, budget, runs, target, dtype: _cuda_tune_result(kind, shape, dtype))
     monkeypatch.setattr(benchmark, "get_target", lambda kind: targets.cuda_target_for_compile())
     out = tmp_path / "BENCHMARKS.md"
     result = benchmark.run(benchmark.Config(suite="heldout-cuda", out=str(out), time_limit=150))
