@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.experts import CONV_TILE, MATMUL_TILES, expert_schedule
+from kernels.experts import CONV_TILES, MATMUL_TILES, expert_schedule
 from kernels.measure import Builder, MeasureResult, Measurer, Runner
 from kernels.measure.library import library_name
 from kernels.ir.ops import make_op
@@ -280,17 +280,35 @@ TILE_CANDIDATES = MATMUL_TILES + ((4, 4, 16, 16, 16), (8, 4, 16, 8, 32), (8, 4, 
 
 
 # fp32 conv2d tiles conv-tiles-cuda times (channels and pixels per thread, threads z over
-# channels, y over rows, x over columns, input channels per slice): the expert's one
-# (CONV_TILE) and others around it
-CONV_TILE_CANDIDATES = (CONV_TILE, (2, 2, 8, 2, 32, 16), (2, 2, 8, 2, 32, 4), (4, 2, 8, 2, 32, 8), (2, 4, 8, 2, 16, 8),
-                        (2, 2, 8, 4, 16, 8), (4, 4, 8, 2, 16, 8), (2, 2, 16, 2, 16, 8), (2, 7, 8, 2, 8, 4),
-                        (4, 2, 4, 4, 16, 8))
-CONV_TILE_LAYERS = ("1,64,56,56,64,3,3,1,1", "1,128,28,28,128,3,3,1,1", "1,256,14,14,256,3,3,1,1",
-                    "1,512,7,7,512,3,3,1,1", "1,64,56,56,128,3,3,2,1", "1,128,28,28,256,3,3,2,1",
-                    "1,3,224,224,64,7,7,2,3", "1,32,112,112,64,3,3,1,1", "1,96,35,35,96,3,3,1,1",
-                    "8,64,56,56,64,3,3,1,1", "16,128,28,28,128,3,3,1,1", "1,48,27,27,128,5,5,1,2",
-                    "1,16,64,64,32,3,3,1,1", "1,256,28,28,256,3,3,1,1", "4,256,14,14,256,3,3,1,1",
-                    "2,64,40,40,96,3,3,1,1")   # ResNet, VGG, Inception, AlexNet-like layers, batch 1-16
+# channels, y over rows, x over columns, input channels per slice): the expert's (CONV_TILES)
+# and others around them
+CONV_TILE_CANDIDATES = CONV_TILES + ((2, 2, 8, 2, 32, 4), (2, 2, 8, 2, 32, 16), (2, 4, 8, 2, 16, 4), (2, 8, 8, 2, 8, 4),
+                                    (2, 7, 8, 2, 8, 8), (2, 7, 8, 4, 8, 4), (4, 2, 8, 2, 32, 8), (2, 2, 16, 2, 16, 8))
+# Layers of ResNet, VGG, Inception, DenseNet, YOLO, U-Net, SSD and odd ones, batch 1-32: the
+# expert's rule (CONV_THREADS_PER_SM, CONV_MIN_REDUCTION) was chosen on the first split and
+# checked on the second, drawn afterwards
+CONV_TILE_LAYERS = {
+    "fresh": ("1,128,56,56,32,3,3,1,1", "1,128,28,28,32,3,3,1,1", "1,128,14,14,32,3,3,1,1", "1,128,7,7,32,3,3,1,1",
+              "1,3,240,240,32,3,3,2,1", "1,32,120,120,16,1,1,1,0", "8,128,28,28,128,3,3,1,1", "8,256,14,14,256,3,3,1,1",
+              "8,512,7,7,512,3,3,1,1", "8,64,56,56,256,1,1,1,0", "1,64,96,96,64,3,3,1,1", "1,3,96,96,64,9,9,1,4",
+              "4,64,64,64,64,3,3,1,1", "4,512,16,16,512,3,3,1,1", "1,512,38,38,512,3,3,1,1", "1,1024,19,19,1024,3,3,1,1",
+              "1,256,10,10,512,3,3,2,1", "1,24,60,60,48,3,3,1,1", "2,40,45,45,80,5,5,1,2", "1,72,21,21,96,3,3,2,1",
+              "5,16,100,100,32,3,3,1,1", "1,160,9,9,320,3,3,1,1", "1,128,56,56,128,3,3,2,1", "4,64,112,112,64,3,3,2,1",
+              "2,256,28,28,256,3,3,2,1", "1,64,75,75,96,3,3,1,1", "1,80,73,73,192,3,3,1,0"),
+    "chosen": ("1,64,56,56,64,3,3,1,1", "1,128,28,28,128,3,3,1,1", "1,256,14,14,256,3,3,1,1", "1,512,7,7,512,3,3,1,1",
+               "1,64,56,56,128,3,3,2,1", "1,128,28,28,256,3,3,2,1", "1,3,224,224,64,7,7,2,3", "1,32,112,112,64,3,3,1,1",
+               "1,96,35,35,96,3,3,1,1", "8,64,56,56,64,3,3,1,1", "16,128,28,28,128,3,3,1,1", "1,48,27,27,128,5,5,1,2",
+               "1,16,64,64,32,3,3,1,1", "1,256,28,28,256,3,3,1,1", "4,256,14,14,256,3,3,1,1", "2,64,40,40,96,3,3,1,1",
+               "1,64,224,224,64,3,3,1,1", "1,128,112,112,128,3,3,1,1", "1,256,56,56,256,3,3,1,1",
+               "1,512,28,28,512,3,3,1,1", "1,512,14,14,512,3,3,1,1", "2,128,28,28,128,3,3,1,1", "32,64,56,56,64,3,3,1,1",
+               "4,512,7,7,512,3,3,1,1", "1,192,35,35,64,1,1,1,0", "1,48,35,35,64,5,5,1,2", "1,32,147,147,64,3,3,1,1",
+               "1,3,299,299,32,3,3,2,0", "1,32,208,208,64,3,3,2,1", "1,128,52,52,256,3,3,1,1",
+               "1,256,26,26,512,3,3,1,1", "1,512,13,13,1024,3,3,1,1", "1,64,128,128,64,3,3,1,1",
+               "1,128,64,64,128,3,3,1,1", "2,256,32,32,256,3,3,1,1", "1,32,112,112,64,1,1,1,0", "1,144,56,56,24,1,1,1,0",
+               "1,384,14,14,64,1,1,1,0", "1,20,50,50,30,3,3,1,1", "3,48,33,33,72,3,3,2,1", "1,96,17,17,160,3,3,1,1",
+               "8,32,28,28,64,3,3,1,1", "1,64,30,30,64,3,3,1,0", "16,64,14,14,128,3,3,1,1", "1,256,7,7,256,3,3,1,1",
+               "2,32,80,80,64,3,3,1,1"),
+}
 
 
 def _out_of_time(cfg: Config, start: float, done: int, total: int, what: str) -> str | None:
@@ -337,12 +355,15 @@ def _tiles_cuda(cfg: Config, target: Target, kind: str = "matmul") -> tuple[list
                 "here each candidate tile (block rows x columns / threads; `TILE_CANDIDATES`, each with the "
                 "expert's other steps: `_gpu_matmul(op, target, False, tile)`)")
     else:
-        candidates, shapes, what = CONV_TILE_CANDIDATES, [("layer", s) for s in CONV_TILE_LAYERS], "layers"
+        candidates, what = CONV_TILE_CANDIDATES, "layers"
+        shapes = [(split, s) for split, layers in CONV_TILE_LAYERS.items() for s in layers]
         names = [f"{tk}x{xw}/{tz}x{ty}x{tx}/c{cb}" for tk, xw, tz, ty, tx, cb in candidates]
         build = _gpu_conv2d
-        rule = ("takes one tile (`CONV_TILE`); here each candidate tile (channels x pixels per thread / threads "
-                "z x y x x / input channels per slice; `CONV_TILE_CANDIDATES`, each with the expert's other "
-                "steps: `_gpu_conv2d(op, target, tile)`)")
+        rule = ("takes the first of its tiles (`CONV_TILES`) whose grid has enough threads per multiprocessor "
+                "(`CONV_THREADS_PER_SM`) where the window is wider than one and the reduction long enough; "
+                "here each candidate tile (channels x pixels per thread / threads z x y x x / input channels "
+                "per slice; `CONV_TILE_CANDIDATES`, each with the expert's other steps: "
+                "`_gpu_conv2d(op, target, tile)`)")
     lines = [f"fp32, TF32 off. The expert (`kernels/experts.py`) {rule} is checked, then timed with the expert's "
              f"kernel in {cfg.rounds} alternating rounds: each cell is the median per-round ratio of the expert's "
              "time to the tile's (0: failed or not legal). *expert of best*: the expert's speed over the best "

@@ -260,7 +260,20 @@ def _split(s: Schedule, loop: str, factor: int) -> tuple[Schedule, str, str | No
 # then 1.00-1.18x (geomean 1.11, 2 of 45 below 1.0) on 45 products drawn afresh.
 MATMUL_TILES = ((8, 4, 16, 16, 32), (8, 4, 8, 16, 32), (4, 4, 8, 16, 32), (4, 4, 8, 8, 32), (2, 2, 16, 16, 32))
 MATMUL_WAVES = (3.0, 1.5, 1.5, 0.75)   # blocks per multiprocessor each tile but the last needs
-CONV_TILE = (2, 2, 8, 2, 32, 8)   # H100, 64 channels at 56x56: about cuDNN's speed
+# The direct convolution's tiles (channels x pixels per thread, threads z x y x x, input
+# channels per slice; ``_gpu_conv2d``). The last, 2 channels x 2 pixels of 512 threads, ran
+# 64 channels at 56x56 at about cuDNN's speed on an H100. Seven pixels of a row per thread
+# reuse each input a window slides over in registers: where the grid has threads enough
+# to hide latency (CONV_THREADS_PER_SM), a window wider than one and a reduction of at
+# least CONV_MIN_REDUCTION products an output, 2x7 of 128 threads, or 4x7 of 64 where
+# those still get enough, ran 0.89-2.66x the 2x2 tile (H200, fp32; geomean 1.50 on the 23
+# of the 46 layers the rule was chosen on where it takes them and they were timed:
+# BENCHMARKS "conv-tiles-cuda"). Where threads are fewer (0.35-1.00x), in pointwise
+# layers (no window to reuse: 0.32-0.71x) and a 3-channel stem's 3x3 window (0.65x),
+# 2x2 stays.
+CONV_TILES = ((4, 7, 4, 2, 8, 4), (2, 7, 8, 2, 8, 4), (2, 2, 8, 2, 32, 8))
+CONV_THREADS_PER_SM = (200, 96)   # the threads each tile but the last needs per multiprocessor
+CONV_MIN_REDUCTION = 64
 
 
 def _blocks(op: Operator, rows: int, cols: int) -> int:
@@ -280,6 +293,28 @@ def _matmul_tile(op: Operator, target: Target) -> tuple[int, int, int, int, int]
         if _blocks(op, tm * ty, tn * tx) >= waves * max(target.sm_count, 1):
             return tile
     return MATMUL_TILES[-1]
+
+
+def _conv_threads(op: Operator, tile: tuple[int, int, int, int, int, int]) -> int:
+    """Threads in the grid of ``_gpu_conv2d(op, target, tile)``: its blocks times the
+    threads of a block that have outputs (a row narrower than the tile leaves some out)."""
+    ext = op.extents
+    tk, xw, tz, ty, tx, _ = tile
+    xw, rows, chans = min(xw, ext["x"]), min(ext["y"], ty), min(ext["k"], tk * tz)
+    blocks = ext["n"] * _ceil(ext["k"], chans) * _ceil(ext["y"], rows)
+    return blocks * _ceil(chans, tk) * rows * _ceil(min(ext["x"], tx * xw), xw)
+
+
+def _conv_tile(op: Operator, target: Target) -> tuple[int, int, int, int, int, int]:
+    """The first of CONV_TILES whose grid has CONV_THREADS_PER_SM threads per multiprocessor,
+    where a thread's pixels share window inputs and the reduction is long enough."""
+    ext = op.extents
+    if op.kind == "depthwise_conv2d" or ext["rx"] == 1 or ext["c"] * ext["ry"] * ext["rx"] < CONV_MIN_REDUCTION:
+        return CONV_TILES[-1]
+    for tile, need in zip(CONV_TILES, CONV_THREADS_PER_SM):
+        if _conv_threads(op, tile) >= need * max(target.sm_count, 1):
+            return tile
+    return CONV_TILES[-1]
 
 
 def _bind_grid(s: Schedule, batch: bool, block_rows: str, block_cols: str, thread_rows: str | None,
@@ -438,13 +473,14 @@ def _gpu_matmul_any(op: Operator, target: Target, batch: bool) -> Schedule:
 
 
 def _gpu_conv2d(op: Operator, target: Target,
-                tile: tuple[int, int, int, int, int, int] = CONV_TILE, stage: bool = True) -> Schedule:
+                tile: tuple[int, int, int, int, int, int] | None = None, stage: bool = True) -> Schedule:
     """Direct convolution (no im2col). ``tile`` = (channels per thread, pixels per thread,
     threads z over channels, threads y over rows, threads x over columns, input channels
-    per slice): a block computes a few output rows of a group of channels; per slice of
-    input channels, it stages the input rows and the weights it needs."""
+    per slice; by default ``_conv_tile``): a block computes a few output rows of a group of
+    channels; per slice of input channels, it stages the input rows and the weights it needs."""
 
     ext = op.extents
+    tile = tile or _conv_tile(op, target)
     depthwise = op.kind == "depthwise_conv2d"
     ch = "c" if depthwise else "k"
     tk, xw, tz, ty, tx, cb = tile

@@ -467,14 +467,14 @@ def test_conv_tiles_cuda_times_every_candidate_tile_against_the_expert_layer_by_
         return [1.0 + 0.1 * i for i in range(len(schedules))]
 
     monkeypatch.setattr(comparison, "speedups_over", speedups_over)
-    monkeypatch.setattr(benchmark, "CONV_TILE_LAYERS", ("1,64,56,56,64,3,3,1,1",))
+    monkeypatch.setattr(benchmark, "CONV_TILE_LAYERS", {"fresh": ("1,64,56,56,64,3,3,1,1",)})
     lines, rows = benchmark._tiles_cuda(benchmark.Config(suite="conv-tiles-cuda"),
                                         targets.cuda_target_for_compile(), "conv2d")
     n = len(benchmark.CONV_TILE_CANDIDATES)
     assert calls == [("conv2d", "1,64,56,56,64,3,3,1,1", n)]
-    assert rows[0]["expert_tile"] == "2x2/8x2x32/c8" and rows[0]["best_tile"] == "4x2/4x4x16/c8"
+    assert rows[0]["expert_tile"] == "2x7/8x2x8/c4" and rows[0]["best_tile"] == "2x2/16x2x16/c8"
     assert rows[0]["expert_of_best"] == pytest.approx(1 / (1.0 + 0.1 * (n - 1)))
-    assert lines[-1] == "The expert's tile against the best, geometric mean by split: layer 0.53 (lowest 0.53, 1 layers)."
+    assert lines[-1] == "The expert's tile against the best, geometric mean by split: fresh 0.50 (lowest 0.50, 1 layers)."
 
 
 def _cuda_tune_result(kind: str, shape: str, dtype: str) -> dict:
