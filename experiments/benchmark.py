@@ -282,8 +282,9 @@ TILE_CANDIDATES = MATMUL_TILES + ((4, 4, 16, 16, 16), (8, 4, 16, 8, 32), (8, 4, 
 # fp32 conv2d tiles conv-tiles-cuda times (channels and pixels per thread, threads z over
 # channels, y over rows, x over columns, input channels per slice): the expert's (CONV_TILES)
 # and others around them
-CONV_TILE_CANDIDATES = CONV_TILES + ((2, 2, 8, 2, 32, 4), (2, 2, 8, 2, 32, 16), (2, 4, 8, 2, 16, 4), (2, 8, 8, 2, 8, 4),
-                                    (2, 7, 8, 2, 8, 8), (2, 7, 8, 4, 8, 4), (4, 2, 8, 2, 32, 8), (2, 2, 16, 2, 16, 8))
+CONV_TILE_CANDIDATES = CONV_TILES + ((4, 7, 4, 2, 8, 4), (2, 2, 8, 2, 32, 4), (2, 2, 8, 2, 32, 16), (2, 4, 8, 2, 16, 4),
+                                    (2, 8, 8, 2, 8, 4), (2, 7, 8, 2, 8, 8), (2, 7, 8, 4, 8, 4), (4, 2, 8, 2, 32, 8),
+                                    (2, 2, 16, 2, 16, 8))
 # Layers of ResNet, VGG, Inception, DenseNet, YOLO, U-Net, SSD and odd ones, batch 1-32: the
 # expert's rule (CONV_THREADS_PER_SM, CONV_MIN_REDUCTION) was chosen on the first split and
 # checked on the second, drawn afterwards

@@ -262,17 +262,18 @@ MATMUL_TILES = ((8, 4, 16, 16, 32), (8, 4, 8, 16, 32), (4, 4, 8, 16, 32), (4, 4,
 MATMUL_WAVES = (3.0, 1.5, 1.5, 0.75)   # blocks per multiprocessor each tile but the last needs
 # The direct convolution's tiles (channels x pixels per thread, threads z x y x x, input
 # channels per slice; ``_gpu_conv2d``). The last, 2 channels x 2 pixels of 512 threads, ran
-# 64 channels at 56x56 at about cuDNN's speed on an H100. Seven pixels of a row per thread
-# reuse each input a window slides over in registers: where the grid has threads enough
-# to hide latency (CONV_THREADS_PER_SM), a window wider than one and a reduction of at
-# least CONV_MIN_REDUCTION products an output, 2x7 of 128 threads, or 4x7 of 64 where
-# those still get enough, ran 0.89-2.66x the 2x2 tile (H200, fp32; geomean 1.50 on the 23
-# of the 46 layers the rule was chosen on where it takes them and they were timed:
-# BENCHMARKS "conv-tiles-cuda"). Where threads are fewer (0.35-1.00x), in pointwise
-# layers (no window to reuse: 0.32-0.71x) and a 3-channel stem's 3x3 window (0.65x),
-# 2x2 stays.
-CONV_TILES = ((4, 7, 4, 2, 8, 4), (2, 7, 8, 2, 8, 4), (2, 2, 8, 2, 32, 8))
-CONV_THREADS_PER_SM = (200, 96)   # the threads each tile but the last needs per multiprocessor
+# 64 channels at 56x56 at about cuDNN's speed on an H100. Seven pixels of a row a thread
+# reuse in registers the inputs a window slides over: where the grid has threads enough to
+# hide latency (CONV_THREADS_PER_SM), the window is wider than one and the reduction has
+# CONV_MIN_REDUCTION products an output, the 2x7 tile of 128 threads ran 0.89-2.09x the
+# 2x2 one on the 25 of 46 layers the rule was chosen on where it takes it (geomean 1.47),
+# then 0.85-2.15x (geomean 1.32, 3 of 14 below 1.0) on 27 layers drawn afterwards (H200,
+# fp32: BENCHMARKS "conv-tiles-cuda"). Where threads are fewer (0.35-1.00x), in pointwise
+# layers (no window to reuse: 0.32-0.72x) and a 3-channel stem's 3x3 window (0.63x), 2x2
+# stays. 4x7 of 64 threads where those get enough ran 1.12-1.37x faster than 2x7 on 7
+# layers, then 0.60-1.11x on 6 fresh ones: not taken.
+CONV_TILES = ((2, 7, 8, 2, 8, 4), (2, 2, 8, 2, 32, 8))
+CONV_THREADS_PER_SM = (96,)   # the threads each tile but the last needs per multiprocessor
 CONV_MIN_REDUCTION = 64
 
 
