@@ -32,12 +32,23 @@ def _vector_tile(extent: int, lanes: int) -> int:
     return _pick(extent, (2 * lanes, lanes, lanes // 2, 2 * lanes))
 
 
+# Products of at most FEW_ROWS rows (a GEMV, a batch of two) take 4 vectors of columns, B
+# read in place (once, tail or not): on this project's CPU (AVX-512) 1.11-2.01x the tile
+# of 2 vectors (of half a vector where that divides the columns: 1000) on the 9 products
+# of 1-2 rows the rule was chosen on, then 1.00-1.78x (geomean 1.27) on 13 others
+# (matmul, dense_bias_relu, batch_matmul; chrt -f 1). At 4 rows: 0.75x and 1.22x.
+FEW_ROWS = 2
+
+
 def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
     ext = op.extents
     # Rows of the register tile: rows x 2 vector accumulators, 12 of AVX2's 16 registers
     # (16 of AVX-512's 32). A tail of rows costs little: the tile is computed whole.
     rows = min(ext["i"], 6 if target.vector_lanes <= 8 else 8)
     cols = _vector_tile(ext["j"], target.vector_lanes)
+    few = ext["i"] <= FEW_ROWS and ext["j"] >= 4 * target.vector_lanes
+    if few:   # 4 vectors of columns: a row or two has too few accumulators to hide the FMA latency
+        cols = 4 * target.vector_lanes
     s = Schedule(op).tile("i", "j", rows, cols)
     order = ("j_o", "i_o", "k", "i_i", "j_i")
     s = s.reorder(*(("b",) + order if batch else order))
@@ -52,7 +63,7 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
     # tail of columns; one row tile reads B once: without the copy 1.3-2.1x faster on the
     # 12 products of 1-8 rows the rule was chosen on, 1.25-1.85x on 10 others (this CPU;
     # with a tail of columns the copy was faster on 2 of 3, 1.2-2.2x).
-    once = ext["i"] <= rows and ext["j"] % cols == 0
+    once = ext["i"] <= rows and (ext["j"] % cols == 0 or few)
     if 4 * ext["k"] * cols <= MAX_LOCAL_BYTES and not once:
         s = s.cache_read("B", outer)
     return s
