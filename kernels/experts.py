@@ -38,6 +38,12 @@ def _vector_tile(extent: int, lanes: int) -> int:
 # of 1-2 rows the rule was chosen on, then 1.00-1.78x (geomean 1.27) on 13 others
 # (matmul, dense_bias_relu, batch_matmul; chrt -f 1). At 4 rows: 0.75x and 1.22x.
 FEW_ROWS = 2
+# Where B takes at most SMALL_B_BYTES, the cores split the row tiles and read B in place,
+# rather than split the column tiles and pack B's panels: on this project's CPU 1.01-1.74x
+# on 7 products of 2-13 MFLOP the rule was chosen on (B of 33-131 KB), 0.99-1.05x on 7
+# with B of 256 KB to 1 MB; then 1.00-1.79x (geomean 1.18) on 13 others (matmul,
+# dense_bias_relu; chrt -f 1). The reason is not pinned down (each core reads A once).
+SMALL_B_BYTES = 128 * 1024
 
 
 def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
@@ -50,6 +56,10 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
     if few:   # 4 vectors of columns: a row or two has too few accumulators to hide the FMA latency
         cols = 4 * target.vector_lanes
     s = Schedule(op).tile("i", "j", rows, cols)
+    small = not batch and 4 * ext["k"] * ext["j"] <= SMALL_B_BYTES and _ceil(ext["i"], rows) >= target.cores
+    if small:   # parallel over row tiles, each core reading all of B in place
+        s = s.reorder("i_o", "j_o", "k", "i_i", "j_i").cache_write("j_o").vectorize("j_i").unroll("i_i")
+        return s.parallel("i_o")
     order = ("j_o", "i_o", "k", "i_i", "j_i")
     s = s.reorder(*(("b",) + order if batch else order))
     s = s.cache_write("i_o").vectorize("j_i").unroll("i_i")

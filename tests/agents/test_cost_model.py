@@ -188,13 +188,16 @@ def test_a_file_from_before_the_nest_columns_and_ensembles_loads_as_it_was(tmp_p
     np.testing.assert_array_equal(old.predict(scheds), loaded.predict(scheds))
 
 
-def test_nest_columns_of_an_expert_with_tails():
-    """matmul 33x65x129's expert: j_o (3) parallel on 2 cores, i split by 8 and j by 32 with
-    tails (40 of 33 and 96 of 65 iterations run), an 8x32 unrolled and vectorized body
-    accumulated in an 8x32 tile under i_o, B packed under j_o (129x32)."""
+def test_nest_columns_of_an_expert_with_tails(monkeypatch):
+    """matmul 33x65x129's expert as packed for larger B: j_o (3) parallel on 2 cores, i split
+    by 8 and j by 32 with tails (40 of 33 and 96 of 65 iterations run), an 8x32 unrolled and
+    vectorized body accumulated in an 8x32 tile under i_o, B packed under j_o (129x32)."""
     from agents.cost_model.features import NEST_GLOBAL_FEATURES, NEST_LOOP_FEATURES, NEST_LOOP_WIDTH, nest_features
     from envs.actions import MAX_LOOPS, NestInfo
+    from kernels import experts
     from kernels.experts import expert_schedule
+
+    monkeypatch.setattr(experts, "SMALL_B_BYTES", 0)   # not the small product's row-parallel kernel
 
     # this project's CPU: the expert's parallel loop and the core fill follow the cores
     target, op = dataclasses.replace(cpu_target(), cores=2, vector_lanes=16), make_op("matmul", "33x65x129")
