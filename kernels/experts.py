@@ -40,7 +40,7 @@ def _vector_tile(extent: int, lanes: int) -> int:
 FEW_ROWS = 2
 # Where B takes at most SMALL_B_BYTES, the cores split the row tiles and read B in place,
 # rather than split the column tiles and pack B's panels: on this project's CPU 1.01-1.74x
-# on 7 products of 2-13 MFLOP the rule was chosen on (B of 33-131 KB), 0.99-1.05x on 7
+# on 7 products of 1.8-13 MFLOP the rule was chosen on (B of 33-131 KB), 0.99-1.05x on 7
 # with B of 256 KB to 1 MB; then 1.00-1.79x (geomean 1.18) on 13 others (matmul,
 # dense_bias_relu; chrt -f 1). The reason is not pinned down (each core reads A once).
 SMALL_B_BYTES = 128 * 1024
