@@ -43,6 +43,7 @@ FEW_ROWS = 2
 # on 7 products of 1.8-13 MFLOP the rule was chosen on (B of 33-131 KB), 0.99-1.05x on 7
 # with B of 256 KB to 1 MB; then 1.00-1.79x (geomean 1.18) on 13 others (matmul,
 # dense_bias_relu; chrt -f 1). The reason is not pinned down (each core reads A once).
+# Batched products (B of one matrix): 1.02-1.11x on 7 chosen on, then 1.02-1.07x on 6 others.
 SMALL_B_BYTES = 128 * 1024
 
 
@@ -56,10 +57,11 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
     if few:   # 4 vectors of columns: a row or two has too few accumulators to hide the FMA latency
         cols = 4 * target.vector_lanes
     s = Schedule(op).tile("i", "j", rows, cols)
-    small = not batch and 4 * ext["k"] * ext["j"] <= SMALL_B_BYTES and _ceil(ext["i"], rows) >= target.cores
-    if small:   # parallel over row tiles, each core reading all of B in place
-        s = s.reorder("i_o", "j_o", "k", "i_i", "j_i").cache_write("j_o").vectorize("j_i").unroll("i_i")
-        return s.parallel("i_o")
+    small = 4 * ext["k"] * ext["j"] <= SMALL_B_BYTES and ext.get("b", 1) * _ceil(ext["i"], rows) >= target.cores
+    if small:   # parallel over row tiles (of every matrix of a batch), each core reading B in place
+        order = ("i_o", "j_o", "k", "i_i", "j_i")
+        s = s.reorder(*(("b",) + order if batch else order)).cache_write("j_o").vectorize("j_i").unroll("i_i")
+        return s.fuse("b", "i_o").parallel("b_i_o") if batch else s.parallel("i_o")
     order = ("j_o", "i_o", "k", "i_i", "j_i")
     s = s.reorder(*(("b",) + order if batch else order))
     s = s.cache_write("i_o").vectorize("j_i").unroll("i_i")
