@@ -57,26 +57,24 @@ def _matmul(op: Operator, target: Target, batch: bool) -> Schedule:
     if few:   # 4 vectors of columns: a row or two has too few accumulators to hide the FMA latency
         cols = 4 * target.vector_lanes
     s = Schedule(op).tile("i", "j", rows, cols)
+    # small: the cores split the row tiles (of every matrix of a batch), each reading B in place
     small = 4 * ext["k"] * ext["j"] <= SMALL_B_BYTES and ext.get("b", 1) * _ceil(ext["i"], rows) >= target.cores
-    if small:   # parallel over row tiles (of every matrix of a batch), each core reading B in place
-        order = ("i_o", "j_o", "k", "i_i", "j_i")
-        s = s.reorder(*(("b",) + order if batch else order)).cache_write("j_o").vectorize("j_i").unroll("i_i")
-        return s.fuse("b", "i_o").parallel("b_i_o") if batch else s.parallel("i_o")
-    order = ("j_o", "i_o", "k", "i_i", "j_i")
+    tiles, inner = ("i_o", "j_o") if small else ("j_o", "i_o")
+    order = (tiles, inner, "k", "i_i", "j_i")
     s = s.reorder(*(("b",) + order if batch else order))
-    s = s.cache_write("i_o").vectorize("j_i").unroll("i_i")
+    s = s.cache_write(inner).vectorize("j_i").unroll("i_i")
     if batch:
-        s = s.fuse("b", "j_o")
-        outer = "b_j_o"
+        s = s.fuse("b", tiles)
+        outer = f"b_{tiles}"
     else:
-        outer = "j_o"
+        outer = tiles
     s = s.parallel(outer)
     # A K x cols panel of B, contiguous rows, pays where row tiles reuse it or it pads a
     # tail of columns; one row tile reads B once: without the copy 1.3-2.1x faster on the
     # 12 products of 1-8 rows the rule was chosen on, 1.25-1.85x on 10 others (this CPU;
     # with a tail of columns the copy was faster on 2 of 3, 1.2-2.2x).
     once = ext["i"] <= rows and (ext["j"] % cols == 0 or few)
-    if 4 * ext["k"] * cols <= MAX_LOCAL_BYTES and not once:
+    if 4 * ext["k"] * cols <= MAX_LOCAL_BYTES and not (once or small):
         s = s.cache_read("B", outer)
     return s
 
