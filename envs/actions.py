@@ -46,12 +46,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from kernels.codegen.rules import shared_bytes
-from kernels.ir.lower import stage_bytes, stage_elements, thread_loops
+from kernels.ir.lower import stage_bytes, stage_elements, stage_footprint
 from kernels.ir.ops import Operator
 from kernels.ir.schedule import (FACTORS, MAX_BUFFERS, MAX_LOCAL_BYTES, MAX_UNROLL, MAX_UNROLLED_BODY, THREAD_AXES,
                                  WARP, Bind, CacheRead, CacheWrite, DoubleBuffer, Fuse, LoopNest, Parallel, Reorder,
                                  Schedule, ScheduleError, Split, Step, Tensorize, Tile, Unroll, Vectorize, Warpgroup,
-                                 bound_axis, footprint, tensor_tile, warpgroup_tile)
+                                 bound_axis, tensor_tile, warpgroup_tile)
 from kernels.target import Target, cpu_target
 
 MAX_LOOPS = 13  # the GPU conv2d expert's nest: 13 loops
@@ -501,10 +501,9 @@ class _GpuRules:
         """(action positions, fits per slot) of each input not yet staged in shared memory."""
         op, nest, n = self.info.op, self.info.nest, len(self.loops)
         room = self.table.target.shared_bytes_per_block
-        threads = thread_loops(nest)
 
-        def size(tensor: str, anchor: str) -> int | None:
-            dims = footprint(op, nest, tensor, anchor, also=threads)
+        def size(tensor: str, anchor: str) -> int | None:   # as the rule counts it (chunks, padding)
+            dims = stage_footprint(op, nest, tensor, anchor)
             return None if dims is None else stage_bytes(stage_elements(op, nest, dims), op.dtype)
 
         room -= self.shared
