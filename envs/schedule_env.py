@@ -40,14 +40,14 @@ class ScheduleEnv(gym.Env):
 
     **Actions**: ``Discrete(n)``, the same ``n`` for every shape of an op kind. A loop
     slot is a position in the current nest (0 = outermost, at most ``MAX_LOOPS`` = 13);
-    a factor slot indexes ``FACTORS`` = (2, 3, 4, 6, 8, 16, 32, 64), capped at the
+    a factor slot indexes ``FACTORS`` = (2, 3, 4, 6, 7, 8, 16, 32, 64), capped at the
     loop's extent. ``action_masks()`` gives the legal ones.
 
     ======================  =========  ==========================================
     action                  count      step
     ======================  =========  ==========================================
-    split(slot, factor)     13 x 8     ``Split(loop, factor)``
-    tile(slot, factor)      12 x 8     ``Tile(loop, next loop, factor, factor)``
+    split(slot, factor)     13 x 9     ``Split(loop, factor)``
+    tile(slot, factor)      12 x 9     ``Tile(loop, next loop, factor, factor)``
     swap(slot)              12         ``Reorder`` of the loop and the next inner one
     fuse(slot)              12         ``Fuse(loop, next loop)``
     vectorize(slot)         13         ``Vectorize``

@@ -112,9 +112,7 @@ def _pixel_tile(x: int, lanes: int, vectors: int = 1) -> tuple[int, int]:
     """(rows, columns) of output pixels per register tile of ``vectors`` vectors of
     channels each: up to 16 accumulators of AVX-512's 32 registers (8 of AVX2's 16). A
     row that short is taken whole, a longer one in columns that divide it where one of
-    a few do (a tail of columns costs as much as a full tile); the environment's actions
-    can make them all (7 of 14 columns as 2 tiles of every other column), so the policies
-    can imitate the tile."""
+    a few do (a tail of columns costs as much as a full tile)."""
     most = (16 if lanes >= 16 else 8) // vectors
     widths = (8, 4) if vectors == 1 else (4, 8, 7)
     cols = x if x <= most else next((c for c in widths if x % c == 0 and c <= most), min(8, most))
@@ -143,14 +141,7 @@ def _channels_vectorized(op: Operator, target: Target) -> Schedule | None:
     rows, cols = _pixel_tile(ext["x"], lanes, vectors)
     rows = min(rows, ext["y"])
     s = Schedule(op).split("k", lanes * vectors)
-    tiles, x = ("x_o", "x_i"), ext["x"]
-    if cols < x and cols not in FACTORS and x % cols == 0 and x // cols in FACTORS:
-        # a width the environment's splits cannot make (7 of 14): split off the number of
-        # tiles instead, each tile taking every (x / cols)-th column, so the policies can
-        # imitate it
-        s, tiles = s.split("x", x // cols), ("x_i", "x_o")
-    else:
-        s = s.split("x", cols)
+    s = s.split("x", cols)
     s = s.split("c", min(ext["c"], 64))
     channels = ("k_i",)
     if vectors > 1:
@@ -158,9 +149,9 @@ def _channels_vectorized(op: Operator, target: Target) -> Schedule | None:
     y_outer, y_inner = ("y_o", ("y_i",)) if rows > 1 else ("y", ())
     if rows > 1:
         s = s.split("y", rows)
-    s = s.reorder("n", "k_o", y_outer, tiles[0], "c_o", "c_i", "ry", "rx", *y_inner, tiles[1], *channels)
-    s = s.cache_write(tiles[0]).vectorize(channels[-1])
-    for loop in (*channels[:-1], tiles[1]):  # unrolled from the inside out
+    s = s.reorder("n", "k_o", y_outer, "x_o", "c_o", "c_i", "ry", "rx", *y_inner, "x_i", *channels)
+    s = s.cache_write("x_o").vectorize(channels[-1])
+    for loop in (*channels[:-1], "x_i"):  # unrolled from the inside out
         s = s.unroll(loop)
     for loop in y_inner:
         s = s.unroll(loop)
@@ -198,8 +189,6 @@ def _depthwise_channels_vectorized(op: Operator, target: Target) -> Schedule | N
     s = Schedule(op).split("c", lanes)
     if cols >= x:
         tile, inner = None, ["x"]
-    elif cols not in FACTORS and x % cols == 0 and x // cols in FACTORS:
-        s, tile, inner = s.split("x", x // cols), "x_i", ["x_o"]   # every (x / cols)-th column
     else:
         s, tile, inner = s.split("x", cols), "x_o", ["x_i"]
     y_outer = "y_o" if rows > 1 else "y"
@@ -507,19 +496,21 @@ def _gpu_conv2d(op: Operator, target: Target,
     ch = "c" if depthwise else "k"
     tk, xw, tz, ty, tx, cb = tile
     tk, xw = (1 if depthwise else min(tk, ext[ch])), min(xw, ext["x"])
-    bw = min(ext["x"], tx * xw)
     bh = min(ext["y"], ty)
     bc = min(ext[ch], tk * tz)
-    s = Schedule(op).split("x", bw).split("x_i", xw).split("y", bh).split(ch, bc).split(f"{ch}_i", tk)
-    order = ["n", f"{ch}_o", "y_o", "x_o", f"{ch}_i_o", "y_i", "x_i_o"]
+    # a thread's pixels split off first, then the threads of a row: block widths such as
+    # 8 x 7 are no factor of the action table, each of their factors is
+    s = Schedule(op).split("x", xw).split("x_o", min(tx, _ceil(ext["x"], xw)))
+    s = s.split("y", bh).split(ch, bc).split(f"{ch}_i", tk)
+    order = ["n", f"{ch}_o", "y_o", "x_o_o", f"{ch}_i_o", "y_i", "x_o_i"]
     reduce = ["ry", "rx"] if depthwise else ["c_o", "c_i", "ry", "rx"]
     if not depthwise:
         s = s.split("c", min(cb, ext["c"]))
-    s = s.reorder(*order, *reduce, f"{ch}_i_i", "x_i_i")
+    s = s.reorder(*order, *reduce, f"{ch}_i_i", "x_i")
     s = (s.bind("n", "blockIdx.z").bind(f"{ch}_o", "blockIdx.y").bind("y_o", "blockIdx.x")
-         .bind(f"{ch}_i_o", "threadIdx.z").bind("y_i", "threadIdx.y").bind("x_i_o", "threadIdx.x"))
-    s = s.cache_write("x_i_o").vectorize("x_i_i").unroll(f"{ch}_i_i").unroll("rx").unroll("ry")
-    anchor = "x_i_o" if depthwise else "c_o"
+         .bind(f"{ch}_i_o", "threadIdx.z").bind("y_i", "threadIdx.y").bind("x_o_i", "threadIdx.x"))
+    s = s.cache_write("x_o_i").vectorize("x_i").unroll(f"{ch}_i_i").unroll("rx").unroll("ry")
+    anchor = "x_o_i" if depthwise else "c_o"
     for tensors in (("I", "W"), ("W",), ()) if stage else ((),):  # stage what fits in shared memory
         staged = s
         for t in tensors:

@@ -73,7 +73,8 @@ MAX_UNROLLED_BODY = 512  # product of the extents of all unrolled loops (code si
 MAX_LOCAL_BYTES = 1 << 20  # per local buffer: they live on the stack
 # The split and tile factors the environment's actions offer (envs/actions.py); the
 # experts keep to them, so that they replay as actions and the policies can imitate them.
-FACTORS = (2, 3, 4, 6, 8, 16, 32, 64)
+# 7: image rows of 7, 14, 28 and 56 pixels, as convolutional networks have, tile by it.
+FACTORS = (2, 3, 4, 6, 7, 8, 16, 32, 64)
 WARP = 32                # threads that execute one tensor-core instruction together
 MMA_M, MMA_N = 16, 8     # the instruction's output tile (m16n8k16, m16n8k8)
 

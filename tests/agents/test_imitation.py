@@ -27,28 +27,21 @@ def test_every_expert_of_a_shipped_policy_replays_within_an_episode(spec):
     target = cpu_target() if meta["target"] == "cpu" else cuda_target_for_compile()
     for shape in meta["shapes"] + family(kind, "held_out"):
         schedule = experts(kind, [shape], target, dtype)[shape]
-        if _seven_pixels_a_thread(make_op(kind, shape, dtype), schedule, target):
-            continue   # 7 has no factor slot: the one expert the actions cannot rebuild (ARCHITECTURE.md)
         assert replay(make_op(kind, shape, dtype), schedule, target, MAX_STEPS) is not None, \
             f"the {meta['target']} {dtype} expert of {kind} {shape} is cut short or has no action sequence"
 
 
-def _seven_pixels_a_thread(op, schedule, target) -> bool:
-    """Whether ``schedule`` is the GPU direct convolution with a tile of 7 pixels a thread."""
-    from kernels.experts import _conv_tile, _gpu_conv2d
+def test_the_seven_pixel_conv_tile_replays_at_every_width():
+    """A thread's 7 adjacent pixels: 7 is a factor slot, and rows wider than a block's 56
+    columns split a thread's pixels off first (56 is none)."""
+    from kernels.experts import _conv_tile
 
-    return (target.kind == "cuda" and "conv" in op.kind and _conv_tile(op, target)[1] == 7
-            and schedule == _gpu_conv2d(op, target))
-
-
-def test_the_seven_pixel_conv_tile_is_the_one_expert_without_a_replay():
-    op, target = make_op("conv2d", "1,32,112,112,64,3,3,1,1"), cuda_target_for_compile()
-    schedule = experts("conv2d", [op.shape_str], target)[op.shape_str]
-    assert _seven_pixels_a_thread(op, schedule, target) and replay(op, schedule, target, MAX_STEPS) is None
-    small = make_op("conv2d", "1,128,28,28,128,3,3,1,1")   # too few threads for 7 pixels each: the 2x2 tile
-    schedule = experts("conv2d", [small.shape_str], target)[small.shape_str]
-    assert not _seven_pixels_a_thread(small, schedule, target)
-    assert replay(small, schedule, target, MAX_STEPS) is not None
+    target = cuda_target_for_compile()
+    for shape in ("1,32,112,112,64,3,3,1,1", "1,3,224,224,64,7,7,2,3", "1,64,56,56,64,3,3,1,1", "4,64,28,28,64,3,3,1,1",
+                  "8,256,14,14,256,3,3,1,1"):
+        op = make_op("conv2d", shape)
+        assert _conv_tile(op, target)[1] == 7, shape
+        assert replay(op, experts("conv2d", [shape], target)[shape], target, MAX_STEPS) is not None, shape
 
 
 def test_a_schedule_outside_the_action_table_has_no_replay():

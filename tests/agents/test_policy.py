@@ -17,6 +17,7 @@ from kernels.ir.ops import make_op
 from kernels.target import cpu_target
 
 SHAPES = ("16x24x8", "64x48x32", "100x200x300")
+CPU_ACTIONS = len(ActionTable(make_op("matmul", "8x8x8"), cpu_target()))
 
 
 def greedy(pol, shape: str) -> list[int]:
@@ -51,16 +52,16 @@ def test_resumed_agent_keeps_weights_optimizer_and_hyperparameters(small_agent, 
         small_agent.policy.optimizer.state_dict()["param_groups"]
     assert (agent.n_steps, agent.batch_size, agent.num_timesteps) == (8, 8, small_agent.num_timesteps)
     spec = json.loads(saved.with_suffix(".json").read_text())
-    assert spec["command"] == "test" and spec["actions"] == 303 and spec["op"] == "matmul"
+    assert spec["command"] == "test" and spec["actions"] == CPU_ACTIONS and spec["op"] == "matmul"
 
 
 def test_wrong_op_target_or_sizes_are_refused(saved):
     with pytest.raises(policy.PolicyError, match="trained for matmul on cpu, not conv2d"):
-        policy.read(saved, "conv2d", "cpu", 303)
-    with pytest.raises(policy.PolicyError, match="has 303 actions"):
+        policy.read(saved, "conv2d", "cpu", CPU_ACTIONS)
+    with pytest.raises(policy.PolicyError, match=f"has {CPU_ACTIONS} actions"):
         policy.read(saved, "matmul", "cpu", 300)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        policy.read(saved.with_name("nope.pt"), "matmul", "cpu", 303)
+        policy.read(saved.with_name("nope.pt"), "matmul", "cpu", CPU_ACTIONS)
     spec = json.loads(saved.with_suffix(".json").read_text())
     spec["policy_kwargs"]["net_arch"] = [32]
     saved.with_suffix(".json").write_text(json.dumps(spec))
@@ -98,7 +99,8 @@ def test_the_shipped_cuda_policy_fits_the_cuda_table():
     op = make_op("matmul", "512x512x512")
     target = cuda_target_for_compile()
     path = Path(__file__).resolve().parents[2] / "experiments" / "pretrained" / "cuda" / "matmul-ppo.pt"
-    spec, _ = policy.read(path, "matmul", "cuda", len(ActionTable(op, target)))
-    assert spec["actions"] == 372
-    with pytest.raises(policy.PolicyError, match=r"has 372 actions .* needs 303 .* \(retrain it"):
-        policy.read(path, "matmul", "cuda", 303)
+    gpu_actions = len(ActionTable(op, target))
+    spec, _ = policy.read(path, "matmul", "cuda", gpu_actions)
+    assert spec["actions"] == gpu_actions > CPU_ACTIONS
+    with pytest.raises(policy.PolicyError, match=rf"has {gpu_actions} actions .* needs {CPU_ACTIONS} .* \(retrain it"):
+        policy.read(path, "matmul", "cuda", CPU_ACTIONS)
