@@ -512,6 +512,14 @@ def test_heldout_cuda_writes_a_section_per_dtype_and_a_failed_tune_costs_its_row
     assert "<!-- suite:heldout-cuda -->" in out.read_text() and "--target cuda --budget 64`" in out.read_text()
 
 
+def test_the_held_out_suites_tune_shapes_no_family_trains_on():
+    from experiments import benchmark, shapes
+
+    trained = {(op, s) for op, fams in shapes.FAMILIES.items() for f in fams.values() for s in f["train"]}
+    cases = {*benchmark.HELDOUT_CASES, *(c for cs in benchmark.HELDOUT_CUDA_CASES.values() for c in cs)}
+    assert not cases & trained
+
+
 def test_heldout_cuda_past_its_time_limit_writes_the_rows_measured(tmp_path, monkeypatch):
     from experiments import benchmark
     from kernels import target as targets
