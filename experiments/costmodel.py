@@ -22,12 +22,19 @@ operators), ``--per-shape`` schedules each.
 ``--eval LOG ...`` trains nothing: it reports how well ``--model`` (default: the
 shipped one) ranks the correct records of the given logs.
 
+``--target cuda`` does the same with a GPU's records (``--shape-set ranking-gpu``: 16
+matmul and 16 conv2d shapes of the GPU's train families); measuring needs the GPU,
+training and ``--eval`` run anywhere. The shipped model of a target and dtype
+(``experiments/pretrained/<target>/cost_model[-<dtype>].pt``) is the one ``tune`` starts from.
+
 Examples:
   python -m experiments costmodel --logs runs/a/tuning.jsonl --out runs/costmodel.pt --json
   python -m experiments costmodel --eval runs/*/tuning.jsonl --json
   python -m experiments costmodel --generate matmul:256x256x256:200 conv2d:1,32,28,28,32,3,3,1,1:150 \\
       --logs-out /tmp/cm_data --out /tmp/cm_data/model.pt --compare
   python -m experiments costmodel --shape-set ranking --per-shape 100 --logs-out data/ranking --out model.pt
+  python -m experiments costmodel --target cuda --shape-set ranking-gpu --per-shape 24 --logs-out data/gpu \
+      --out experiments/pretrained/cuda/cost_model.pt
 """
 
 from __future__ import annotations
@@ -42,9 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.measure import Measurer, Runner
+from kernels.codegen.rules import check_dtype
+from kernels.ir.dtypes import DTYPES
 from kernels.ir.ops import make_op
-from kernels.target import get_target
+from kernels.measure import Measurer, Runner
+from kernels.target import NoCudaDevice, cuda_target_for_compile, get_target
 
 from . import pretrained
 from .config import field, jsonable
@@ -64,7 +73,11 @@ class Config:
     compare: bool = field(False, help="also train the other architecture and report both")
     tensorboard: str | None = field(None, help="write cost_model/* scalars of the held-out metrics here "
                                                 "(default: the run directory)", metavar="DIR")
-    target: str = field("cpu", help="train on records of this target", choices=["cpu"])
+    target: str = field("cpu", help="train on records of this target (cuda: without a GPU for an H200's "
+                                    "description; measuring, --generate or --shape-set, needs one)",
+                        choices=["cpu", "cuda"])
+    dtype: str = field("fp32", help="train on records of this dtype, and measure schedules in it (all but "
+                                    "fp32 need --target cuda)", choices=list(DTYPES))
     generate: list[str] | None = field(None, help="measure N schedules of each OP:SHAPE:N first",
                                        nargs="+", metavar="OP:SHAPE:N")
     shape_set: str | None = field(None, help="measure --per-shape schedules of every shape of this set "
@@ -96,8 +109,18 @@ def parse_spec(spec: str) -> tuple[str, str, int]:
     return parts[0], parts[1], int(parts[2])
 
 
-def log_name(kind: str, shape: str) -> str:
-    return f"{kind}_{make_op(kind, shape).shape_str.replace(',', 'x')}.jsonl"
+def log_name(kind: str, shape: str, dtype: str = "fp32") -> str:
+    suffix = "" if dtype == "fp32" else f"_{dtype}"
+    return f"{kind}_{make_op(kind, shape).shape_str.replace(',', 'x')}{suffix}.jsonl"
+
+
+def model_target(kind: str):
+    """The target a model's features describe: this machine's; without a GPU, for cuda, the
+    H200's description that CUDA imitation trains for (training and ranking measure nothing)."""
+    try:
+        return get_target(kind)
+    except NoCudaDevice:
+        return cuda_target_for_compile()
 
 
 def sample_schedules(op, n: int, rng: np.random.Generator, max_steps: int, target) -> list:
@@ -135,7 +158,7 @@ def sample_schedules(op, n: int, rng: np.random.Generator, max_steps: int, targe
 
 def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: int = 10,
              target: str = "cpu", repeats: int = 3, min_time_s: float = 0.05, timeout_s: float = 10.0,
-             batch: int = 16) -> list[dict]:
+             batch: int = 16, dtype: str = "fp32") -> list[dict]:
     """Measure ``sample_schedules`` of each ``OP:SHAPE:N`` into ``out_dir``; one summary per spec.
 
     The schedules of a spec depend only on ``seed``, the spec and ``max_steps``, so a
@@ -150,10 +173,10 @@ def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: in
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = []
     for kind, shape, n in parsed:
-        op = make_op(kind, shape)
+        op = make_op(kind, shape, dtype)
         rng = np.random.default_rng([seed, zlib.crc32(f"{kind}:{op.shape_str}".encode())])
         scheds = sample_schedules(op, n, rng, max_steps, tgt)
-        path = out_dir / log_name(kind, shape)
+        path = out_dir / log_name(kind, shape, dtype)
         runner = Runner(repeats=repeats, min_time_s=min_time_s, timeout_s=timeout_s)
         t0, ok, best = time.perf_counter(), 0, math.inf
         with Measurer(tgt, runner=runner, log=path) as m:
@@ -194,7 +217,7 @@ def _train_and_evaluate(cfg: Config, arch: str, records: list, groups: int, log_
     from agents.cost_model import CostModelConfig, LearnedCostModel, cross_validate_by_shape
 
     mcfg = CostModelConfig(arch=arch, seed=cfg.seed)
-    model = LearnedCostModel(mcfg, get_target(cfg.target))
+    model = LearnedCostModel(mcfg, model_target(cfg.target))
     t0 = time.perf_counter()
     res = model.fit(records, epochs=cfg.epochs, holdout=cfg.holdout, seed=cfg.seed, k=cfg.top_k,
                     log_dir=log_dir)
@@ -221,12 +244,12 @@ def evaluate(cfg: Config) -> dict:
     """The accuracy of a saved model on the records of given logs, shape by shape."""
     from agents.cost_model import LearnedCostModel, records_from_logs
 
-    target = get_target(cfg.target)
-    path = Path(cfg.model) if cfg.model else pretrained.cost_model_path(target.kind)
+    target = model_target(cfg.target)
+    path = Path(cfg.model) if cfg.model else pretrained.cost_model_path(target.kind, cfg.dtype)
     if not path.is_file():
         raise FileNotFoundError(f"cost model {path} does not exist")
     model = LearnedCostModel.load(path, target=target)
-    records = records_from_logs(cfg.eval, cfg.target)
+    records = records_from_logs(cfg.eval, cfg.target, cfg.dtype)
     metrics = model.evaluate(records, k=cfg.top_k)
     used = sum(1 for r in records if r.correct and r.error is None)
     if not used or metrics["pairwise_accuracy"] != metrics["pairwise_accuracy"]:   # NaN: no pairs
@@ -242,6 +265,7 @@ def evaluate(cfg: Config) -> dict:
 def run(cfg: Config) -> dict:
     from agents.cost_model import records_from_logs, to_samples
 
+    check_dtype(cfg.dtype, cfg.target)
     if cfg.eval:
         return evaluate(cfg)
 
@@ -255,7 +279,8 @@ def run(cfg: Config) -> dict:
     if specs:
         if not cfg.logs_out:
             raise ValueError("--generate and --shape-set need --logs-out DIR for the logs they write")
-        gen = generate(specs, cfg.logs_out, cfg.seed, cfg.max_steps, cfg.target, timeout_s=cfg.timeout)
+        gen = generate(specs, cfg.logs_out, cfg.seed, cfg.max_steps, cfg.target, timeout_s=cfg.timeout,
+                       dtype=cfg.dtype)
         summary["generated"] = gen
         logs += [g["log"] for g in gen if g["log"] not in logs]
         if not cfg.out:
@@ -266,12 +291,12 @@ def run(cfg: Config) -> dict:
         raise ValueError("--out MODEL is required: where to save the trained model")
     if cfg.epochs < 1:
         raise ValueError("--epochs must be at least 1")
-    target = get_target(cfg.target)
-    records = records_from_logs(logs, cfg.target)
+    target = model_target(cfg.target)
+    records = records_from_logs(logs, cfg.target, cfg.dtype)
     samples = to_samples(records, target.device)
     if not samples:
         raise ValueError(f"no usable records in {', '.join(logs)}: {len(records)} records of target "
-                         f"{cfg.target}, none correct with a finite time")
+                         f"{cfg.target} in {cfg.dtype}, none correct with a finite time")
     groups = len({s.group for s in samples})
     run_dir = _run_dir(cfg)
     _status(f"training on {len(samples)} correct records of {groups} shapes from {len(logs)} logs ...")

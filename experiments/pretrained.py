@@ -4,7 +4,7 @@
 its weights and the spec it is rebuilt from (``agents/policy.py``), which also says
 what it was trained for and by which command (``<op>-<dtype>-ppo.pt``: one for a dtype
 other than fp32, whose schedules differ: tensor cores); ``experiments/pretrained/<target>/cost_model.pt``
-is a cost model pre-trained from tuning logs. The observation does not name the dtype:
+is a cost model pre-trained from tuning logs (``cost_model-<dtype>.pt``: one for another dtype). The observation does not name the dtype:
 a policy serves every dtype whose tensor-core instruction and element size match those
 it was trained for (bf16's serves fp16).
 """
@@ -38,8 +38,10 @@ def policy_path(op: Operator, target_kind: str) -> Path:
     return ROOT / target_kind / f"{base}-ppo.pt"
 
 
-def cost_model_path(target_kind: str) -> Path:
-    return ROOT / target_kind / "cost_model.pt"
+def cost_model_path(target_kind: str, dtype: str = "fp32") -> Path:
+    """The shipped cost model of a target: ``cost_model.pt`` for fp32, ``cost_model-<dtype>.pt``
+    for another dtype (tensor-core kernels: another population, ranked by other features)."""
+    return ROOT / target_kind / ("cost_model.pt" if dtype == "fp32" else f"cost_model-{dtype}.pt")
 
 
 def load_policy(path: str | None, op: Operator, target: Target):
@@ -57,13 +59,14 @@ def shipped_policy(op: Operator, target: Target):
     return load_policy(None, op, target) if policy_path(op, target.kind).is_file() else None
 
 
-def load_cost_model(path: str | None, target: Target, seed: int = 0):
-    """The given cost model, else the shipped one, else a fresh (untrained) one."""
+def load_cost_model(path: str | None, target: Target, seed: int = 0, dtype: str = "fp32"):
+    """The given cost model, else the one shipped for the target and dtype, else a fresh
+    (untrained) one."""
     from agents.cost_model import LearnedCostModel
 
     if path:
         return LearnedCostModel.load(path, target=target)
-    shipped = cost_model_path(target.kind)
+    shipped = cost_model_path(target.kind, dtype)
     if shipped.is_file():
         return LearnedCostModel.load(shipped, target=target)
     return LearnedCostModel(target=target, seed=seed)

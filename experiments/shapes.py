@@ -201,3 +201,19 @@ GPU_DRAWN["conv2d"] = _drawn("conv2d", 40, 2, _conv_known)
 # imitating gpu-many they did on 41, 38 and 40 of those 44; the fp32 and tf32 ones ship.
 FAMILIES["conv2d"]["gpu-more"] = _grown(FAMILIES["conv2d"]["gpu-many"], _drawn(
     "conv2d", 100, 4, _conv_known | set(GPU_DRAWN["conv2d"]), batches=(1, 1, 2, 4, 8)))
+
+
+def _spread(op: str, n: int, most_flops: float) -> list[str]:
+    """``n`` of ``op``'s gpu-more train shapes of at most ``most_flops``, evenly spread over
+    their sizes (small products rank differently from large ones: grid fill)."""
+    from kernels.ir.ops import make_op
+
+    ranked = sorted((s for s in FAMILIES[op]["gpu-more"]["train"] if make_op(op, s).flops <= most_flops),
+                    key=lambda s: (make_op(op, s).flops, s))
+    return [ranked[round(i * (len(ranked) - 1) / (n - 1))] for i in range(n)]
+
+
+# The GPU's ranking set (`costmodel --target cuda`): 16 matmul and 16 conv2d train shapes of
+# the gpu-more families (so none held out or among GPU_DRAWN), of at most 20 GFLOP, so a
+# slow random schedule still runs within the measurement's timeout.
+SHAPE_SETS["ranking-gpu"] = {op: _spread(op, 16, 2e10) for op in ("matmul", "conv2d")}

@@ -274,7 +274,7 @@ def run(cfg: Config) -> dict:
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.runs, cfg.op, target.kind, "ppo", cfg.seed)
     model_path = run_dir / "cost_model.pt"
     cost_model = pretrained.load_cost_model(str(model_path) if model_path.is_file() else cfg.cost_model,
-                                            target, seed=cfg.seed)
+                                            target, seed=cfg.seed, dtype=cfg.dtype)
     measurer = Measurer(target, backend and backend.builder, backend and backend.runner,
                         log=run_dir / "tuning.jsonl")
     # The envs live in this process and share the measurer (one cache, one tuning log) and

@@ -239,7 +239,7 @@ def run(cfg: Config) -> dict:
     policy_file = (cfg.policy or str(pretrained.policy_path(op, target.kind))) if policy is not None else None
     model = None
     if cfg.agent in ("evolve", "ppo", "filtered", "anneal", "beam"):
-        model = pretrained.load_cost_model(cfg.cost_model, target, seed=cfg.seed)
+        model = pretrained.load_cost_model(cfg.cost_model, target, seed=cfg.seed, dtype=op.dtype)
     expert = _expert(op, target)
 
     from torch.utils.tensorboard import SummaryWriter

@@ -117,7 +117,7 @@ def run(cfg: Config) -> dict:
     backend = cluster.join(cfg.cluster, target) if cfg.cluster else None
     t0 = time.perf_counter()
     with Measurer(target, backend and backend.builder, backend and backend.runner, log=db) as measurer:
-        model = pretrained.load_cost_model(None, target, seed=cfg.seed)
+        model = pretrained.load_cost_model(None, target, seed=cfg.seed, dtype=cfg.dtype)
         scheduler = TaskScheduler(tasks, measurer, model, _policy_for(target), seed=cfg.seed)
         todo = max(0, budget - scheduler.known)
         print(f"{scheduler.known} measurements of these tasks already in the database; {todo} to make",

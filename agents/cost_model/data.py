@@ -30,14 +30,14 @@ class Sample:
     log_s: float                 # natural log of seconds
 
 
-_ops: dict[tuple[str, str], Operator] = {}
+_ops: dict[tuple[str, str, str], Operator] = {}
 
 
-def operator(kind: str, shape: str) -> Operator:
-    """``make_op(kind, shape)``, built once."""
-    key = (kind, shape)
+def operator(kind: str, shape: str, dtype: str = "fp32") -> Operator:
+    """``make_op(kind, shape, dtype)``, built once."""
+    key = (kind, shape, dtype)
     if key not in _ops:
-        _ops[key] = make_op(kind, shape)
+        _ops[key] = make_op(kind, shape, dtype)
     return _ops[key]
 
 
@@ -52,7 +52,7 @@ def to_samples(records: Iterable[Any], hardware: str) -> list[Sample]:
             if not (r.correct and r.error is None and math.isfinite(r.time_ms) and r.time_ms > 0):
                 continue
             try:
-                op = operator(r.op, r.shape)
+                op = operator(r.op, r.shape, r.dtype)
                 s = Schedule.from_json({"steps": r.schedule}, op)
             except (OperatorError, ScheduleError, ValueError, TypeError, KeyError, AttributeError):
                 skipped += 1
@@ -72,14 +72,15 @@ def to_samples(records: Iterable[Any], hardware: str) -> list[Sample]:
     return out
 
 
-def records_from_logs(paths: Sequence[str | os.PathLike], target: str = "cpu") -> list[TuningRecord]:
-    """Every record of ``target`` in the tuning logs ``paths`` (any operator). Corrupt
-    lines are skipped with a warning; a missing file raises FileNotFoundError."""
+def records_from_logs(paths: Sequence[str | os.PathLike], target: str = "cpu",
+                      dtype: str = "fp32") -> list[TuningRecord]:
+    """Every record of ``target`` and ``dtype`` in the tuning logs ``paths`` (any operator).
+    Corrupt lines are skipped with a warning; a missing file raises FileNotFoundError."""
     out: list[TuningRecord] = []
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"tuning log {str(p)!r} not found")
-        out += [r for r in TuningLog(p) if r.target == target]
+        out += [r for r in TuningLog(p) if r.target == target and r.dtype == dtype]
     return out
 
 

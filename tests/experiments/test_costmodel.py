@@ -52,3 +52,64 @@ def test_cli_shape_set_measures_every_shape(tmp_path, capsys, monkeypatch):
         assert len((tmp_path / "data").joinpath(g["log"].rsplit("/", 1)[-1]).read_text().splitlines()) == 3
     assert cli.main(["costmodel", "--shape-set", "nope", "--logs-out", str(tmp_path)]) == 2
     assert "no shape set" in capsys.readouterr().err
+
+
+def test_the_gpu_ranking_set_is_of_gpu_train_shapes_none_held_out_or_compared():
+    from experiments.benchmark import HELDOUT_CUDA_CASES
+    from kernels.target import cuda_target_for_compile
+
+    pairs = shapes.shape_set("ranking-gpu")
+    assert {op for op, _ in pairs} == {"matmul", "conv2d"} and len(set(pairs)) == len(pairs) == 32
+    compared = {(op, s) for op, ss in shapes.GPU_DRAWN.items() for s in ss}
+    compared |= {c for cases in HELDOUT_CUDA_CASES.values() for c in cases}
+    assert not set(pairs) & compared
+    assert all(s in shapes.family(op, "train", "gpu-more") for op, s in pairs)
+    target = cuda_target_for_compile()
+    for op, s in pairs[::8]:
+        assert legal(make_op(op, s), expert_schedule(make_op(op, s), target).steps, target) is not None
+
+
+def _cuda_log(path, kind: str, shape: str, n: int = 12):
+    """A GPU tuning log written without a GPU: sampled schedules, times that grow with their steps."""
+    from kernels.measure.tuning_log import TuningLog, TuningRecord
+    from kernels.target import cuda_target_for_compile
+
+    op = make_op(kind, shape)
+    log = TuningLog(path)
+    for i, s in enumerate(sample_schedules(op, n, np.random.default_rng(0), 10, cuda_target_for_compile())):
+        log.append(TuningRecord(op=kind, shape=op.shape_str, target="cuda", hardware="NVIDIA H200",
+                                compiler="NVRTC 13.0", schedule=s.to_json()["steps"],
+                                time_ms=0.01 * (1 + len(s.steps) + i % 3), correct=True))
+    return path
+
+
+def test_a_gpu_cost_model_trains_and_ranks_from_logs_without_a_gpu(tmp_path, capsys):
+    logs = [str(_cuda_log(tmp_path / "a.jsonl", "matmul", "64x64x64")),
+            str(_cuda_log(tmp_path / "b.jsonl", "conv2d", "1,8,10,10,8,3,3,1,1"))]
+    model = tmp_path / "cuda.pt"
+    rc = cli.main(["costmodel", "--target", "cuda", "--logs", *logs, "--out", str(model), "--epochs", "2",
+                   "--runs", str(tmp_path / "runs"), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["records"] == 24 and model.is_file()
+    assert cli.main(["costmodel", "--target", "cuda", "--eval", *logs, "--model", str(model), "--json"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairwise_accuracy"] <= 1.0
+    # its records are fp32: a bf16 model has none to learn from
+    assert cli.main(["costmodel", "--target", "cuda", "--dtype", "bf16", "--logs", *logs, "--out",
+                     str(tmp_path / "bf16.pt"), "--runs", str(tmp_path / "runs")]) == 2
+    assert "0 records of target cuda in bf16" in capsys.readouterr().err
+
+
+def test_measuring_a_gpu_data_set_without_a_gpu_fails_in_one_line_and_writes_nothing(tmp_path, capsys):
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("a GPU machine measures")
+    except ImportError:
+        pass
+    rc = cli.main(["costmodel", "--target", "cuda", "--generate", "matmul:64x64x64:3", "--logs-out",
+                   str(tmp_path / "data"), "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no CUDA GPU" in err[0]
+    assert not (tmp_path / "data").exists()
+    assert cli.main(["costmodel", "--dtype", "bf16", "--logs", "x.jsonl", "--out", "m.pt"]) == 2
+    assert "cuda" in capsys.readouterr().err
