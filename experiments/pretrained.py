@@ -4,9 +4,9 @@
 its weights and the spec it is rebuilt from (``agents/policy.py``), which also says
 what it was trained for and by which command (``<op>-<dtype>-ppo.pt``: one for a dtype
 other than fp32, whose schedules differ: tensor cores); ``experiments/pretrained/<target>/cost_model.pt``
-is a cost model pre-trained from tuning logs (``cost_model-<dtype>.pt``: one for another dtype). The observation does not name the dtype:
-a policy serves every dtype whose tensor-core instruction and element size match those
-it was trained for (bf16's serves fp16).
+is a cost model pre-trained from tuning logs (``cost_model-<dtype>.pt``: one for another
+dtype). The observation does not name the dtype: a policy serves every dtype whose
+tensor-core instruction and element size match those it was trained for (bf16's serves fp16).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def policy_path(op: Operator, target_kind: str) -> Path:
 
 def cost_model_path(target_kind: str, dtype: str = "fp32") -> Path:
     """The shipped cost model of a target: ``cost_model.pt`` for fp32, ``cost_model-<dtype>.pt``
-    for another dtype (tensor-core kernels: another population, ranked by other features)."""
+    for another dtype (its kernels, on tensor cores, are another population)."""
     return ROOT / target_kind / ("cost_model.pt" if dtype == "fp32" else f"cost_model-{dtype}.pt")
 
 
