@@ -140,9 +140,7 @@ def _channels_vectorized(op: Operator, target: Target) -> Schedule | None:
     vectors = 2 if ext["k"] % (2 * lanes) == 0 and ext["n"] * ext["k"] // (2 * lanes) >= target.cores else 1
     rows, cols = _pixel_tile(ext["x"], lanes, vectors)
     rows = min(rows, ext["y"])
-    s = Schedule(op).split("k", lanes * vectors)
-    s = s.split("x", cols)
-    s = s.split("c", min(ext["c"], 64))
+    s = Schedule(op).split("k", lanes * vectors).split("x", cols).split("c", min(ext["c"], 64))
     channels = ("k_i",)
     if vectors > 1:
         s, channels = s.split("k_i", lanes), ("k_i_o", "k_i_i")
