@@ -53,7 +53,7 @@ from kernels.codegen.rules import check_dtype
 from kernels.ir.dtypes import DTYPES
 from kernels.ir.ops import make_op
 from kernels.measure import Measurer, Runner
-from kernels.target import NoCudaDevice, cuda_target_for_compile, get_target
+from kernels.target import get_target, target_or_description
 
 from . import pretrained
 from .config import field, jsonable
@@ -113,14 +113,6 @@ def log_name(kind: str, shape: str, dtype: str = "fp32") -> str:
     suffix = "" if dtype == "fp32" else f"_{dtype}"
     return f"{kind}_{make_op(kind, shape).shape_str.replace(',', 'x')}{suffix}.jsonl"
 
-
-def model_target(kind: str):
-    """The target a model's features describe: this machine's; without a GPU, for cuda, the
-    H200's description that CUDA imitation trains for (training and ranking measure nothing)."""
-    try:
-        return get_target(kind)
-    except NoCudaDevice:
-        return cuda_target_for_compile()
 
 
 def sample_schedules(op, n: int, rng: np.random.Generator, max_steps: int, target) -> list:
@@ -217,7 +209,7 @@ def _train_and_evaluate(cfg: Config, arch: str, records: list, groups: int, log_
     from agents.cost_model import CostModelConfig, LearnedCostModel, cross_validate_by_shape
 
     mcfg = CostModelConfig(arch=arch, seed=cfg.seed)
-    model = LearnedCostModel(mcfg, model_target(cfg.target))
+    model = LearnedCostModel(mcfg, target_or_description(cfg.target))
     t0 = time.perf_counter()
     res = model.fit(records, epochs=cfg.epochs, holdout=cfg.holdout, seed=cfg.seed, k=cfg.top_k,
                     log_dir=log_dir)
@@ -244,7 +236,7 @@ def evaluate(cfg: Config) -> dict:
     """The accuracy of a saved model on the records of given logs, shape by shape."""
     from agents.cost_model import LearnedCostModel, records_from_logs
 
-    target = model_target(cfg.target)
+    target = target_or_description(cfg.target)
     path = Path(cfg.model) if cfg.model else pretrained.cost_model_path(target.kind, cfg.dtype)
     if not path.is_file():
         raise FileNotFoundError(f"cost model {path} does not exist")
@@ -291,7 +283,7 @@ def run(cfg: Config) -> dict:
         raise ValueError("--out MODEL is required: where to save the trained model")
     if cfg.epochs < 1:
         raise ValueError("--epochs must be at least 1")
-    target = model_target(cfg.target)
+    target = target_or_description(cfg.target)
     records = records_from_logs(logs, cfg.target, cfg.dtype)
     samples = to_samples(records, target.device)
     if not samples:

@@ -20,7 +20,7 @@ from pathlib import Path
 from kernels.codegen import render
 from kernels.codegen.rules import check_dtype
 from kernels.ir.ops import make_op
-from kernels.target import NoCudaDevice, cuda_target, cuda_target_for_compile, get_target
+from kernels.target import target_or_description
 
 from .bench import KernelChoice, load_schedule
 from .config import field
@@ -31,19 +31,10 @@ class Config(KernelChoice):
     out: str | None = field(None, help="write the source alone to this file", metavar="FILE")
 
 
-def _target(kind: str):
-    if kind != "cuda":
-        return get_target(kind)
-    try:
-        return cuda_target()
-    except NoCudaDevice:
-        return cuda_target_for_compile()
-
-
 def run(cfg: Config) -> dict:
     op = make_op(cfg.op, cfg.shape, cfg.dtype)
     check_dtype(op.dtype, cfg.target)
-    target = _target(cfg.target)
+    target = target_or_description(cfg.target)
     schedule = load_schedule(cfg.schedule, op, target)
     kernel = render(schedule, target)
     dtype = "" if op.dtype == "fp32" else f" {op.dtype}"

@@ -198,3 +198,12 @@ def get_target(kind: str) -> Target:
     if kind == "cuda":
         return cuda_target()
     raise ValueError(f"unknown target {kind!r}; known: cpu, cuda")
+
+
+def target_or_description(kind: str) -> Target:
+    """This machine's target; for cuda without a GPU, an H200's description
+    (``cuda_target_for_compile``), for work that measures nothing (rendering, ranking)."""
+    try:
+        return get_target(kind)
+    except NoCudaDevice:
+        return cuda_target_for_compile()
