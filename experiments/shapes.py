@@ -208,8 +208,8 @@ def _spread(op: str, n: int, most_flops: float) -> list[str]:
     their sizes (small products rank differently from large ones: grid fill)."""
     from kernels.ir.ops import make_op
 
-    ranked = sorted((s for s in FAMILIES[op]["gpu-more"]["train"] if make_op(op, s).flops <= most_flops),
-                    key=lambda s: (make_op(op, s).flops, s))
+    flops = {s: make_op(op, s).flops for s in FAMILIES[op]["gpu-more"]["train"]}
+    ranked = sorted((s for s, f in flops.items() if f <= most_flops), key=lambda s: (flops[s], s))
     return [ranked[round(i * (len(ranked) - 1) / (n - 1))] for i in range(n)]
 
 
