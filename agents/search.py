@@ -8,8 +8,7 @@ step, so curves of different agents compare directly. Agents:
 - ``evolve`` (tune's default): evolutionary search guided by the cost model
   (``agents/evolution.py``), its population proposed by a trained policy's rollouts
   where there is one; otherwise sketches (``agents/sketch.py``: the structure of a fast
-  CPU kernel, derived from the operator's axes) mixed with random rollouts, or random
-  rollouts alone on a GPU.
+  CPU or GPU kernel, derived from the operator's axes) mixed with random rollouts.
 - ``random``: random masked rollouts of the environment's actions.
 - ``filtered``: random rollouts too, but only the cost model's predicted best of
   each batch are measured (and the model learns from them).
@@ -284,11 +283,10 @@ def search_evolution(search: Search, rng: np.random.Generator, model, policy=Non
     """Ansor's evolutionary search (agents/evolution.py); a trained policy, where there is
     one, proposes (its greedy schedule measured first), on a CPU half of the population
     beside sketches (agents/sketch.py), which bring structures it never learned. Without
-    one, on a CPU, sketches propose most of the population and random rollouts the rest
-    (all of it on other targets, or where an operator has no sketch)."""
+    one, sketches propose most of the population and random rollouts the rest (all of it
+    where an operator has no sketch)."""
     table = ActionTable(search.op, search.target)
-    on_cpu = search.target.kind == "cpu"
-    sketched = (SKETCH_SHARE if policy is None else POLICY_SKETCH_SHARE) if on_cpu else 0.0
+    sketched = SKETCH_SHARE if policy is None else POLICY_SKETCH_SHARE if search.target.kind == "cpu" else 0.0
     if policy is None:
         draw = RandomDraw(rng, p_done=P_DONE)
     else:

@@ -24,7 +24,25 @@ What is drawn: the vector axis and width, the register tile's axes and sizes, th
 order of the outer loops, how many are fused, the reduction split, the pack anchors.
 Each sketch is replayed and checked by the same rules as any candidate
 (``agents.evolution.legal``); the evolutionary search's mutations then tune its factors.
-CPU only: on a GPU, binds and shared stages need other rules.
+
+On a GPU the structure is another (Ansor's multi-level tiling for GPUs), derived from the
+same facts about the axes:
+
+- every spatial axis in up to three levels: blocks (``blockIdx``), the threads of a block
+  (``threadIdx``) and a thread's register tile; the output's innermost axis (contiguous
+  in memory) takes ``threadIdx.x``, so neighbouring threads write neighbouring outputs;
+- a thread's tile innermost, unrolled (its innermost loop along that axis vectorized),
+  under a ``cache_write`` at the innermost thread loop;
+- the largest reduction split into slices, each input staged in shared memory per slice
+  (``cache_read`` at the slice loop; where the reduction is not split, once per block),
+  optionally in a pipeline of two or three buffers (``double_buffer``);
+- the block loops bound to ``blockIdx`` (the largest three; any others run serially in
+  the block).
+
+What is drawn: the register tile (which axes, how large), the threads (how many, along
+which axes), the slice, which inputs are staged, the pipeline depth, how much of the
+reduction is unrolled. fp32 arithmetic (SIMT): a tensor-core ``tensorize`` is left to the
+policy and the expert.
 """
 
 from __future__ import annotations
@@ -32,12 +50,18 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.ir.ops import Operator
+from kernels.codegen.rules import check_for_target
 from kernels.ir.schedule import MAX_UNROLL, MAX_UNROLLED_BODY, Schedule, ScheduleError
 from kernels.target import Target
 
 from .evolution import legal
 
 REDUCE_BLOCKS = (16, 32, 64, 128, 256)   # the outer part of a split reduction: a cache block
+GPU_THREADS = (64, 128, 256)             # threads of a block
+GPU_ROW_THREADS = (8, 16, 32)            # of them along the output's innermost axis
+GPU_ACCUMULATORS = (4, 8, 16, 32, 64)    # a thread's register tile, in outputs
+GPU_TILE_SIZES = (2, 3, 4, 6, 7, 8)      # the tile along one axis
+GPU_SLICES = (4, 8, 16, 32, 64)          # a reduction slice staged in shared memory
 
 
 def vector_axes(op: Operator, lanes: int) -> dict[str, tuple[float, tuple[str, ...]]]:
@@ -86,9 +110,10 @@ def _tile_factor(extent: int, most: int, rng: np.random.Generator) -> int:
 
 def sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule | None:
     """One random sketch of ``op`` (see the module doc) as a legal schedule; None where
-    the operator has no spatial axis to vectorize or the drawn sketch breaks a rule."""
+    the operator has no axis to vectorize (a CPU) or to spread over threads (a GPU), or
+    the drawn sketch breaks a rule."""
     try:
-        s = _sketch(op, target, rng)
+        s = (_gpu_sketch if target.kind == "cuda" else _sketch)(op, target, rng)
     except ScheduleError:
         return None
     return None if s is None else legal(op, s.steps, target)
@@ -218,3 +243,133 @@ def sketches(op: Operator, target: Target, rng: np.random.Generator, n: int,
         if s is not None:
             found.setdefault(s.kernel_key(), s)
     return list(found.values())
+
+
+def _output_axis(op: Operator) -> str | None:
+    """The axis of the output's innermost dimension (its outputs are contiguous)."""
+    terms = dict(op.out.index[-1].terms)
+    return next(iter(terms), None)
+
+
+def _gpu_sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule | None:
+    ext = op.extents
+    live = [a.name for a in op.axes if not a.reduce and a.extent > 1]
+    if not live:
+        return None
+    inner = _output_axis(op)
+    inner = inner if inner in live else live[-1]
+    # a thread's register tile: the innermost axis and up to two others, within a budget
+    budget = int(_choice(rng, GPU_ACCUMULATORS))
+    tile: dict[str, int] = {}
+    others = [str(a) for a in rng.permutation([a for a in live if a != inner])]
+    for a in [inner] + others[:int(rng.integers(0, 3))]:
+        sizes = [f for f in GPU_TILE_SIZES if f <= min(ext[a], budget)]
+        if sizes:
+            fits = [f for f in sizes if ext[a] % f == 0]
+            f = int(_choice(rng, fits if fits and rng.random() < 0.7 else sizes))
+            tile[a], budget = f, budget // f
+    # the threads of a block: along the innermost axis first, then one or two others
+    threads: dict[str, int] = {}
+    left = int(_choice(rng, GPU_THREADS))
+    for a in [inner] + [str(a) for a in rng.permutation([a for a in live if a != inner])][:2]:
+        room = -(-ext[a] // tile.get(a, 1))
+        options = [t for t in ((*GPU_ROW_THREADS,) if a == inner else (2, 4, 8, 16, 32)) if t <= min(room, left)]
+        if options:
+            threads[a] = int(_choice(rng, options))
+            left //= threads[a]
+    reduce = [a.name for a in op.axes if a.reduce]
+    big = max(reduce, key=lambda a: ext[a], default=None)
+    slices = [f for f in GPU_SLICES if big is not None and 2 * f <= ext[big]]
+    slice_ = int(_choice(rng, slices)) if slices else None
+    stages = tuple(t for t in (op.lhs.tensor, op.rhs.tensor) if rng.random() < 0.85)
+    buffers = int(_choice(rng, [1, 2, 3], [2, 2, 1]))
+    return gpu_tiling(op, target, tile, threads, slice_, stages, buffers, unroll_reduce=rng.random() < 0.6)
+
+
+def gpu_tiling(op: Operator, target: Target, tile: dict[str, int], threads: dict[str, int],
+               slice_: int | None, stages: tuple[str, ...], buffers: int = 1,
+               unroll_reduce: bool = True) -> Schedule | None:
+    """The GPU sketch with these parameters: ``tile`` and ``threads`` map spatial axes to
+    a thread's outputs and a block's threads along them (absent: 1); ``slice_`` splits
+    the largest reduction (None: whole); ``stages`` are the inputs staged in shared memory,
+    in ``buffers`` buffers where the slice loop and shared memory allow (else fewer, or
+    none staged); None where no axis has threads. Split inside out (register tile, then
+    threads), as the experts do."""
+    ext = op.extents
+    s = Schedule(op)
+    block, thread, regs = [], [], []          # each axis's loop at each level
+    for a in (a.name for a in op.axes if not a.reduce):
+        r, t = min(tile.get(a, 1), ext[a]), threads.get(a, 1)
+        outer = a
+        if r > 1 and r < ext[a]:
+            s, outer = s.split(a, r), f"{a}_o"
+            regs.append(f"{a}_i")
+        elif r > 1:
+            regs.append(a)
+            continue
+        t = min(t, s.nest.loop(outer).extent)
+        if t > 1 and t < s.nest.loop(outer).extent:
+            s = s.split(outer, t)
+            block.append(f"{outer}_o")
+            thread.append(f"{outer}_i")
+        elif t > 1:
+            thread.append(outer)
+        else:
+            block.append(outer)
+    inner = _output_axis(op)
+    thread.sort(key=lambda l: s.nest.loop(l).axis == inner)     # threadIdx.x's loop last
+    regs.sort(key=lambda l: s.nest.loop(l).axis == inner)       # the vectorized loop innermost
+    reduce = [a.name for a in op.axes if a.reduce]
+    big = max(reduce, key=lambda a: ext[a], default=None)
+    slice_loop = None
+    if slice_ is not None and big is not None and 1 < slice_ < ext[big]:
+        s, slice_loop = s.split(big, slice_), f"{big}_o"
+        reduce = [slice_loop] + [f"{big}_i" if a == big else a for a in reduce]
+    if not thread:
+        return None
+    # the three largest block loops are the grid, blockIdx.x the innermost axis's (as
+    # threadIdx.x) unless another's extent needs x's higher limit
+    grid = sorted((l for l in block if s.nest.loop(l).extent > 1), key=lambda l: -s.nest.loop(l).extent)[:3]
+    grid = [l for l in block if l in grid]
+    serial = [l for l in block if l not in grid]
+    s = s.reorder(*grid, *serial, *thread, *reduce, *regs)
+    ranked = sorted(reversed(grid), key=lambda l: s.nest.loop(l).extent <= target.max_grid[1])
+    for loop, axis in zip(ranked, ("blockIdx.x", "blockIdx.y", "blockIdx.z")):
+        s = s.bind(loop, axis)
+    for loop, axis in zip(reversed(thread), ("threadIdx.x", "threadIdx.y", "threadIdx.z")):
+        s = s.bind(loop, axis)
+    s = s.cache_write(thread[-1])
+    body = 1                                     # copies of the body unrolled (vectors are not)
+    for i, loop in enumerate(reversed(regs)):    # the register tile, from the inside out
+        extent = s.nest.loop(loop).extent
+        if i == 0 and s.nest.loop(loop).axis == inner:
+            s = s.vectorize(loop)
+            continue
+        if extent > MAX_UNROLL or body * extent > MAX_UNROLLED_BODY:
+            break
+        s, body = s.unroll(loop), body * extent
+    else:
+        for loop in reversed([l for l in reduce if l != slice_loop] if unroll_reduce else []):
+            extent = s.nest.loop(loop).extent
+            if extent > MAX_UNROLL or body * extent > MAX_UNROLLED_BODY:
+                break
+            s, body = s.unroll(loop), body * extent
+    anchor = slice_loop or thread[-1]
+    for tensor in stages:                        # staged where shared memory holds them
+        try:
+            staged = s.cache_read(tensor, anchor)
+            check_for_target(staged, target)
+            s = staged
+        except ScheduleError:
+            continue
+    staged = [t for t, _ in s.nest.cache_reads]
+    for _ in range(buffers - 1):                 # a pipeline, where the slices and memory allow
+        try:
+            piped = s
+            for tensor in staged:
+                piped = piped.double_buffer(tensor)
+            check_for_target(piped, target)
+            s = piped
+        except ScheduleError:
+            break
+    return s

@@ -135,3 +135,93 @@ def test_sketches_for_a_narrower_machine_use_its_lanes(target):
     narrow = Target(target.kind, target.device, target.cores, 8, target.compiler)
     for s in sketches(make_op("matmul", "64x64x64"), narrow, np.random.default_rng(3), 20):
         assert s.nest.loops[-1].extent % 8 == 0
+
+
+# ---------------------------------------------------------------- GPU sketches
+
+from kernels.codegen.rules import launch_config  # noqa: E402
+from kernels.experts import expert_schedule  # noqa: E402
+from kernels.ir.schedule import bound_axis  # noqa: E402
+from tests.kernels.codegen.test_cuda import (TARGET as GPU, describe, needs_nvcc, nvcc_compile,  # noqa: E402
+                                             simulate_schedule)
+
+GPU_SHAPES = {   # small: the simulator runs every thread in Python
+    "matmul": ["96x64x48", "33x129x20", "1x40x17"],
+    "dense_bias_relu": ["48x40x24"],
+    "batch_matmul": ["3x32x48x16", "2x1x19x3"],
+    "conv2d": ["1,8,10,10,16,3,3,1,1", "2,3,13,11,7,3,3,2,1", "2,8,7,7,16,1,1"],
+    "conv2d_bias_relu": ["1,8,9,9,8,3,3,1,1"],
+    "depthwise_conv2d": ["1,16,16,16,3,3,1,1", "2,5,13,13,5,5,2,2"],
+}
+GPU_CASES = [(kind, shape) for kind in OPERATORS for shape in GPU_SHAPES[kind]]
+
+
+@pytest.mark.parametrize("kind,shape", GPU_CASES, ids=[f"{k}-{s}" for k, s in GPU_CASES])
+def test_gpu_sketches_are_multi_level_tilings(kind, shape):
+    """Plentiful, legal on the GPU, and shaped like a GPU kernel: blocks outermost, then
+    the threads (threadIdx.x along the output's innermost axis where it has threads), the
+    output cached at the innermost thread loop, the reductions and the tile inside it."""
+    op = make_op(kind, shape)
+    drawn = sketches(op, GPU, np.random.default_rng(0), 30)
+    assert len(drawn) >= (10 if shape == GPU_SHAPES[kind][0] else 3)
+    for s in drawn:
+        assert legal(op, s.steps, GPU) is not None
+        loops, nest = s.nest.loops, s.nest
+        threads = [l for l in loops if (bound_axis(l) or "").startswith("threadIdx")]
+        assert threads and nest.cache_write == threads[-1].name
+        inside = nest.inside(nest.cache_write)
+        assert not any(bound_axis(l) for l in inside)
+        assert all(l.kind in ("unroll", "vectorize") for l in inside if not l.reduce)
+        x = [l for l in threads if bound_axis(l) == "threadIdx.x"]
+        assert x and (x[0].axis == op.out.index[-1].terms[0][0] or
+                      all(l.axis != op.out.index[-1].terms[0][0] for l in threads))
+
+
+@pytest.mark.parametrize("kind,shape", GPU_CASES, ids=[f"{k}-{s}" for k, s in GPU_CASES])
+def test_gpu_sketches_simulate_correctly(kind, shape):
+    """Run on the simulated GPU (tests/kernels/codegen/test_cuda.py): no race, no output
+    written twice or not at all, the reference's result."""
+    for s in sketches(make_op(kind, shape), GPU, np.random.default_rng(1), 3):
+        out, ref = simulate_schedule(s)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=describe(s))
+
+
+def test_gpu_sketches_stage_and_pipeline_the_inputs():
+    op = make_op("matmul", "256x256x256")
+    drawn = sketches(op, GPU, np.random.default_rng(2), 40)
+    assert sum(bool(s.nest.cache_reads) for s in drawn) >= 20
+    assert sum(bool(s.nest.double_buffered) for s in drawn) >= 5
+    assert len({launch_config(s.nest) for s in drawn}) >= 10
+
+
+def test_the_fp32_matmul_expert_is_a_gpu_sketch():
+    """The sketch's structure holds the hand-written kernel: with its tile, threads and
+    slice, the sketch builds the expert's very loop nest."""
+    from agents.sketch import gpu_tiling
+    from kernels.experts import _matmul_tile
+    op = make_op("matmul", "1024x1024x1024")
+    tm, tn, ty, tx, bk = _matmul_tile(op, GPU)
+    s = gpu_tiling(op, GPU, {"i": tm, "j": tn}, {"i": ty, "j": tx}, bk, ("A", "B"), buffers=2)
+    assert s.kernel_key() == expert_schedule(op, GPU).kernel_key()
+
+
+def test_without_a_policy_the_gpu_search_measures_sketches():
+    """Both inputs staged, the output cached at the innermost thread loop and the tile
+    vectorized: random rollouts alone assemble that almost never (none of 16 here)."""
+    op = make_op("matmul", "256x256x256")
+    search = Search(op, GPU, _FakeMeasurer(GPU), budget=16)
+    AGENTS["evolve"](search, np.random.default_rng(0), model=_Indifferent())
+
+    def tiled(s):
+        threads = [l for l in s.nest.loops if (bound_axis(l) or "").startswith("threadIdx")]
+        return (len(s.nest.cache_reads) == 2 and threads and s.nest.cache_write == threads[-1].name
+                and s.nest.loops[-1].kind == "vectorize")
+
+    assert sum(bool(tiled(s)) for s in search.schedules.values()) >= 8
+
+
+@needs_nvcc
+def test_gpu_sketches_compile_with_nvcc(tmp_path):
+    drawn = [s for kind, shape in GPU_CASES + [("matmul", "1024x1024x1024"), ("conv2d", "1,256,14,14,256,3,3,1,1")]
+             for s in sketches(make_op(kind, shape), GPU, np.random.default_rng(3), 2)]
+    nvcc_compile([render(s, GPU, name=f"sketch{n}").source for n, s in enumerate(drawn)], tmp_path)
