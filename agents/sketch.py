@@ -283,18 +283,19 @@ def _gpu_sketch(op: Operator, target: Target, rng: np.random.Generator) -> Sched
     slice_ = int(_choice(rng, slices)) if slices else None
     stages = tuple(t for t in (op.lhs.tensor, op.rhs.tensor) if rng.random() < 0.85)
     buffers = int(_choice(rng, [1, 2, 3], [2, 2, 1]))
-    return gpu_tiling(op, target, tile, threads, slice_, stages, buffers, unroll_reduce=rng.random() < 0.6)
+    return gpu_tiling(op, target, tile, threads, slice_, stages, buffers, int(rng.integers(0, len(reduce) + 2)))
 
 
 def gpu_tiling(op: Operator, target: Target, tile: dict[str, int], threads: dict[str, int],
                slice_: int | None, stages: tuple[str, ...], buffers: int = 1,
-               unroll_reduce: bool = True) -> Schedule | None:
+               unroll_reduce: int = 1) -> Schedule | None:
     """The GPU sketch with these parameters: ``tile`` and ``threads`` map spatial axes to
     a thread's outputs and a block's threads along them (absent: 1); ``slice_`` splits
     the largest reduction (None: whole); ``stages`` are the inputs staged in shared memory,
     in ``buffers`` buffers where the slice loop and shared memory allow (else fewer, or
-    none staged); None where no axis has threads. Split inside out (register tile, then
-    threads), as the experts do."""
+    none staged); ``unroll_reduce``: how many of the reduction loops inside the slice to
+    unroll, from the innermost (as far as the unroll limits allow). None where no axis has
+    threads. Split inside out (register tile, then threads), as the experts do."""
     ext = op.extents
     s = Schedule(op)
     block, thread, regs = [], [], []          # each axis's loop at each level
@@ -349,7 +350,7 @@ def gpu_tiling(op: Operator, target: Target, tile: dict[str, int], threads: dict
             break
         s, body = s.unroll(loop), body * extent
     else:
-        for loop in reversed([l for l in reduce if l != slice_loop] if unroll_reduce else []):
+        for loop in list(reversed([l for l in reduce if l != slice_loop]))[:unroll_reduce]:
             extent = s.nest.loop(loop).extent
             if extent > MAX_UNROLL or body * extent > MAX_UNROLLED_BODY:
                 break

@@ -205,6 +205,23 @@ def test_the_fp32_matmul_expert_is_a_gpu_sketch():
     assert s.kernel_key() == expert_schedule(op, GPU).kernel_key()
 
 
+@pytest.mark.parametrize("shape", ["1,64,56,56,64,3,3,1,1", "1,256,14,14,256,3,3,1,1"])
+def test_the_fp32_conv2d_expert_is_a_gpu_sketch(shape):
+    """The same for the direct convolution, up to loop names and loops of one iteration."""
+    from agents.sketch import gpu_tiling
+    from kernels.codegen.rules import shared_bytes
+    from kernels.experts import _conv_tile
+    op = make_op("conv2d", shape)
+    tk, xw, tz, ty, tx, cb = _conv_tile(op, GPU)
+    s = gpu_tiling(op, GPU, {"k": tk, "x": xw}, {"k": tz, "y": ty, "x": tx}, cb, ("I", "W"), 1, unroll_reduce=2)
+
+    def structure(s):
+        return ([(l.extent, l.kind, l.reduce, l.axis) for l in s.nest.loops if l.extent > 1],
+                launch_config(s.nest), shared_bytes(op, s.nest))
+
+    assert structure(s) == structure(expert_schedule(op, GPU))
+
+
 def test_without_a_policy_the_gpu_search_measures_sketches():
     """Both inputs staged, the output cached at the innermost thread loop and the tile
     vectorized: random rollouts alone assemble that almost never (none of 16 here)."""
