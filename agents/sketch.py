@@ -41,8 +41,11 @@ same facts about the axes:
 
 What is drawn: the register tile (which axes, how large), the threads (how many, along
 which axes), the slice, which inputs are staged, the pipeline depth, how much of the
-reduction is unrolled. fp32 arithmetic (SIMT): a tensor-core ``tensorize`` is left to the
-policy and the expert.
+reduction is unrolled. In a dtype with tensor cores most sketches tensorize instead: the
+instruction's m, n and k taken from axes that play those roles (``tensor_axes``: an
+output axis only the left operand reads, one only the right operand reads, a reduction
+over both), a warp's tiles of instructions and the block's warps along m and n, k slices
+staged; ``mma.sync`` only (``warpgroup`` stays with the policies and the experts).
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ import numpy as np
 
 from kernels.ir.ops import Operator
 from kernels.codegen.rules import check_for_target
-from kernels.ir.schedule import MAX_UNROLL, MAX_UNROLLED_BODY, Schedule, ScheduleError
+from kernels.ir.dtypes import DTYPES
+from kernels.ir.schedule import MAX_UNROLL, MAX_UNROLLED_BODY, MMA_M, MMA_N, Schedule, ScheduleError, tensor_axes
 from kernels.target import Target
 
 from .evolution import legal
@@ -62,6 +66,7 @@ GPU_ROW_THREADS = (8, 16, 32)            # of them along the output's innermost 
 GPU_ACCUMULATORS = (4, 8, 16, 32, 64)    # a thread's register tile, in outputs
 GPU_TILE_SIZES = (2, 3, 4, 6, 7, 8)      # the tile along one axis
 GPU_SLICES = (4, 8, 16, 32, 64)          # a reduction slice staged in shared memory
+TENSOR_SHARE = 0.75                      # of GPU sketches in a dtype with tensor cores: tensorized
 
 
 def vector_axes(op: Operator, lanes: int) -> dict[str, tuple[float, tuple[str, ...]]]:
@@ -112,11 +117,17 @@ def sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule |
     """One random sketch of ``op`` (see the module doc) as a legal schedule; None where
     the operator has no axis to vectorize (a CPU) or to spread over threads (a GPU), or
     the drawn sketch breaks a rule."""
-    try:
-        s = (_gpu_sketch if target.kind == "cuda" else _sketch)(op, target, rng)
-    except ScheduleError:
-        return None
-    return None if s is None else legal(op, s.steps, target)
+    draws = [_sketch] if target.kind != "cuda" else [_gpu_sketch]
+    if target.kind == "cuda" and DTYPES[op.dtype].mma_k and rng.random() < TENSOR_SHARE:
+        draws.insert(0, _tensor_sketch)          # where no instruction's tile fits: on the CUDA cores
+    for draw in draws:
+        try:
+            s = draw(op, target, rng)
+        except ScheduleError:
+            continue
+        if s is not None:
+            return legal(op, s.steps, target)
+    return None
 
 
 def _sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule | None:
@@ -368,6 +379,87 @@ def gpu_tiling(op: Operator, target: Target, tile: dict[str, int], threads: dict
         try:
             piped = s
             for tensor in staged:
+                piped = piped.double_buffer(tensor)
+            check_for_target(piped, target)
+            s = piped
+        except ScheduleError:
+            break
+    return s
+
+
+def _tensor_sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule | None:
+    """A tensorized GPU sketch: an output axis of the left operand as the instruction's m
+    (16), one of the right operand as its n (8), a reduction over both as its k; per warp
+    a few instructions' tiles along m and n, warps along both, the k steps cut into slices
+    staged in shared memory; the other spatial loops fused into the grid's m axis."""
+    ext, mk = op.extents, DTYPES[op.dtype].mma_k
+    roles = {r: [a for a in v.split(",") if a] for r, v in tensor_axes(op).items()}
+    ms = [a for a in roles["m"] if ext[a] >= MMA_M]
+    ns = [a for a in roles["n"] if ext[a] >= MMA_N]
+    ks = [a for a in roles["k"] if ext[a] % mk == 0]
+    if not (ms and ns and ks):
+        return None
+    inner = _output_axis(op)
+    m = inner if inner in ms and rng.random() < 0.7 else str(_choice(rng, ms))
+    n, k = str(_choice(rng, ns)), str(_choice(rng, ks))
+    fm, fn = int(_choice(rng, [1, 2, 4])), int(_choice(rng, [1, 2, 4, 8]))
+    wy, wx = int(_choice(rng, [1, 2, 4])), int(_choice(rng, [1, 2, 4]))
+    steps = int(_choice(rng, [1, 2, 4]))
+    buffers = int(_choice(rng, [1, 2, 3, 4], [1, 2, 2, 2]))
+    return tensor_tiling(op, target, (m, n, k), (fm, fn), (wy, wx), steps, buffers)
+
+
+def tensor_tiling(op: Operator, target: Target, axes: tuple[str, str, str], tiles: tuple[int, int],
+                  warps: tuple[int, int], steps: int, buffers: int) -> Schedule | None:
+    """The tensorized sketch with these parameters: the (m, n, k) axes, a warp's
+    instruction tiles along m and n, the warps of a block along them, the k steps of
+    a slice, and the buffers of the slice's stages (fewer where memory or the slices
+    do not allow). Built in the order the tensor-core experts are: the instruction's
+    tile innermost and tensorized first."""
+    ext, mk = op.extents, DTYPES[op.dtype].mma_k
+    m, n, k = axes
+
+    def split(s: Schedule, loop: str, f: int) -> tuple[Schedule, str, str | None]:
+        f = min(f, s.nest.loop(loop).extent)
+        return (s, loop, None) if f <= 1 else (s.split(loop, f), f"{loop}_o", f"{loop}_i")
+
+    s = Schedule(op).split(m, MMA_M).split(n, MMA_N).split(k, mk)
+    mma = (f"{m}_i", f"{n}_i", f"{k}_i")
+    s = s.reorder(*(l.name for l in s.nest.loops if l.name not in mma), *mma).tensorize(*mma)
+    s, m_rest, m_tiles = split(s, f"{m}_o", tiles[0])
+    s, m_block, m_warps = split(s, m_rest, warps[0])
+    s, n_rest, n_tiles = split(s, f"{n}_o", tiles[1])
+    s, n_block, n_warps = split(s, n_rest, warps[1])
+    s, slices, k_steps = split(s, f"{k}_o", steps)
+    spatial = {m_block, n_block, m_warps, n_warps, m_tiles, n_tiles}
+    others = [l.name for l in s.nest.loops if not l.reduce and l.name not in spatial and l.name not in mma]
+    reduce = [l.name for l in s.nest.loops if l.reduce and l.name not in (slices, k_steps) and l.name not in mma]
+    block = others + [m_block]
+    order = [*block, n_block, *(x for x in (m_warps, n_warps) if x), slices, *reduce,
+             *(x for x in (k_steps, m_tiles, n_tiles) if x)]
+    s = s.reorder(*order, *mma)
+    for i in range(1, len(block)):               # the grid's m axis: every other spatial loop fused in
+        s = s.fuse("_".join(block[:i]), block[i])
+    s = s.bind("_".join(block), "blockIdx.y").bind(n_block, "blockIdx.x")
+    for loop, axis in ((m_warps, "threadIdx.y"), (n_warps, "threadIdx.x")):
+        if loop:
+            s = s.bind(loop, axis)
+    s = s.cache_write(n_warps or m_warps or n_block)
+    for loop in (n_tiles, m_tiles, k_steps):
+        if loop:
+            s = s.unroll(loop)
+    for tensor in (op.lhs.tensor, op.rhs.tensor):
+        try:
+            staged = s.cache_read(tensor, slices)
+            check_for_target(staged, target)
+            s = staged
+        except ScheduleError:
+            continue
+    staged_tensors = [t for t, _ in s.nest.cache_reads]
+    for _ in range(buffers - 1):
+        try:
+            piped = s
+            for tensor in staged_tensors:
                 piped = piped.double_buffer(tensor)
             check_for_target(piped, target)
             s = piped

@@ -222,6 +222,33 @@ def test_the_fp32_conv2d_expert_is_a_gpu_sketch(shape):
     assert structure(s) == structure(expert_schedule(op, GPU))
 
 
+def test_the_mma_matmul_expert_is_a_tensorized_sketch():
+    """The tensor-core (mma.sync) expert of a bf16 product, rebuilt from its tiles."""
+    from agents.sketch import tensor_tiling
+    from kernels.experts import _gpu_matmul_tensor_cores
+    op = make_op("matmul", "1024x1024x1024", "bf16")
+    s = tensor_tiling(op, GPU, ("i", "j", "k"), (2, 2), (2, 2), 2, 4)   # the expert's tile at 1024
+    assert s.kernel_key() == _gpu_matmul_tensor_cores(op, GPU, False).kernel_key()
+
+
+TENSOR_CASES = [("matmul", "48x40x32", "bf16"), ("matmul", "32x24x16", "tf32"), ("dense_bias_relu", "40x16x32", "fp16"),
+                ("batch_matmul", "2x32x16x32", "bf16"), ("conv2d", "1,16,4,18,16,3,3,1,1", "bf16"),
+                ("conv2d", "16,16,3,3,8,1,1,1,0", "tf32")]
+
+
+@pytest.mark.parametrize("kind,shape,dtype", TENSOR_CASES)
+def test_tensorized_gpu_sketches_simulate_correctly(kind, shape, dtype):
+    """In a dtype with tensor cores most sketches tensorize; they run right on the
+    simulated GPU (mma.sync fragments as the PTX ISA lays them out)."""
+    op = make_op(kind, shape, dtype)
+    drawn = sketches(op, GPU, np.random.default_rng(4), 8)
+    tensorized = [s for s in drawn if s.nest.tensorized]
+    assert len(tensorized) >= 3
+    for s in tensorized[:2] + [s for s in drawn if not s.nest.tensorized][:1]:
+        out, ref = simulate_schedule(s)
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
 def test_without_a_policy_the_gpu_search_measures_sketches():
     """Both inputs staged, the output cached at the innermost thread loop and the tile
     vectorized: random rollouts alone assemble that almost never (none of 16 here)."""
@@ -239,6 +266,8 @@ def test_without_a_policy_the_gpu_search_measures_sketches():
 
 @needs_nvcc
 def test_gpu_sketches_compile_with_nvcc(tmp_path):
-    drawn = [s for kind, shape in GPU_CASES + [("matmul", "1024x1024x1024"), ("conv2d", "1,256,14,14,256,3,3,1,1")]
-             for s in sketches(make_op(kind, shape), GPU, np.random.default_rng(3), 2)]
+    cases = [(kind, shape, "fp32") for kind, shape in GPU_CASES] + TENSOR_CASES + \
+        [("matmul", "1024x1024x1024", "fp32"), ("conv2d", "1,256,14,14,256,3,3,1,1", "fp32"),
+         ("matmul", "1024x1024x1024", "bf16"), ("conv2d", "1,64,56,56,64,3,3,1,1", "bf16")]
+    drawn = [s for kind, shape, dtype in cases for s in sketches(make_op(kind, shape, dtype), GPU, np.random.default_rng(3), 2)]
     nvcc_compile([render(s, GPU, name=f"sketch{n}").source for n, s in enumerate(drawn)], tmp_path)
