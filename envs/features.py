@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from kernels.ir.ops import BASE_KIND, OPERATORS, Operator
+from kernels.ir.ops import BASE_KIND, Operator
 from kernels.ir.schedule import bound_axis
 from kernels.target import Target
 
@@ -35,7 +35,10 @@ KINDS = ("serial", "parallel", "vectorize", "unroll")
 # 1 for blocks, like a CPU's parallel loop, 2 for threads, the inner level.
 PARALLEL_LEVEL = {"blockIdx": 1.0, "threadIdx": 2.0}
 MAX_AXES = 7
-OP_KINDS = tuple(k for k in OPERATORS if k not in BASE_KIND)  # a variant shows as its base
+# The operators the shipped policies and cost models know, as a one-hot; a variant shows as
+# its base, an operator added since (kernels/ir/ops.py) as zeros: the observation keeps its
+# size, so every shipped policy and cost model still loads and serves it zero-shot.
+OP_KINDS = ("matmul", "dense_bias_relu", "batch_matmul", "conv2d", "depthwise_conv2d")
 
 # (name, width): one row of the docstring table in ScheduleEnv per entry
 LOOP_FEATURES = (
@@ -132,7 +135,7 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
     _put(rows, LOOP, loop_columns)
     total_bytes = 4 * sum(math.prod(t.shape) for t in op.tensors)
     global_columns = {
-        "op_kind": np.eye(len(OP_KINDS))[OP_KINDS.index(BASE_KIND.get(op.kind, op.kind))],
+        "op_kind": [float(BASE_KIND.get(op.kind, op.kind) == k) for k in OP_KINDS],
         "log_flops": _log(op.flops),
         "log_intensity": _log(op.flops / total_bytes),
         "log_cores": _log(target.cores),

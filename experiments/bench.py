@@ -72,7 +72,10 @@ def load_schedule(spec: str, op: Operator, target: Target) -> Schedule:
     if spec == "naive":
         return Schedule(op)
     if spec == "expert":
-        return expert_schedule(op, target)
+        try:
+            return expert_schedule(op, target)
+        except ValueError as e:   # an operator added without one
+            raise ValueError(f"{e}; bench --schedule naive, or a tune's best.json") from None
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"--schedule {spec!r} is neither naive, expert nor a file")
@@ -131,8 +134,8 @@ def run(cfg: Config) -> dict:
         _status(f"building {op.kind} {op.shape_str} ({cfg.schedule}) and the naive kernel ...")
         built, naive_built = m.builder.build([kernel, naive_kernel])
         if built.ok:
-            _status(f"{cfg.rounds} rounds: {cfg.schedule} alternating with {lib}")
-            (final,) = compare_with_library(m.runner, op, [(kernel, built.path)], target, cfg.rounds)
+            _status(f"{cfg.rounds} rounds: {cfg.schedule}" + (f" alternating with {lib}" if lib else " (no library)"))
+            (final,) = compare_with_library(m.runner, op, [(kernel, built.path)], target, cfg.rounds, bool(lib))
         else:
             final = Comparison((MeasureResult.failure(built.error or "build failed", build_s=built.build_s),))
         if cfg.schedule == "naive":
@@ -166,14 +169,18 @@ def run(cfg: Config) -> dict:
 def _print_table(s: dict, cfg: Config, op: Operator, target: Target) -> None:
     print(f"{s['op']} {s['shape']} {s['dtype']} on {target.device} ({target.cores} cores, {target.compiler})")
     print(f"{'kernel':<12}{'time ms':>12}{'GFLOPS':>10}")
-    for name, ms in (("naive", s["naive_time_ms"]), (cfg.schedule, s["time_ms"]),
-                     (s["library"], s["library_time_ms"] or float("inf"))):
+    rows = [("naive", s["naive_time_ms"])] + ([(cfg.schedule, s["time_ms"])] if cfg.schedule != "naive" else [])
+    for name, ms in rows + ([(s["library"], s["library_time_ms"] or float("inf"))] if s["library"] else []):
         gflops = op.flops / ms / 1e6 if 0 < ms < float("inf") else 0.0
         print(f"{name[-12:]:<12}{ms:>12.3f}{gflops:>10.1f}")
     if s["correct"]:
         speed = f"{s['speedup_vs_naive']:.1f}x naive, " if s["speedup_vs_naive"] else ""
-        print(f"{cfg.schedule}: {speed}{s['fraction_of_library']:.2f} of {s['library']} "
-              f"(median of {s['rounds']} rounds of alternating blocks; spread {s['time_spread_ms']:.3f} ms, "
-              f"{s['library']} {s['library_spread_ms']:.3f} ms)")
+        if s["library"]:
+            print(f"{cfg.schedule}: {speed}{s['fraction_of_library']:.2f} of {s['library']} "
+                  f"(median of {s['rounds']} rounds of alternating blocks; spread {s['time_spread_ms']:.3f} ms, "
+                  f"{s['library']} {s['library_spread_ms']:.3f} ms)")
+        else:
+            print(f"{cfg.schedule}: {speed}no library to compare with (median of {s['rounds']} rounds; "
+                  f"spread {s['time_spread_ms']:.3f} ms)")
     else:
         print(f"{cfg.schedule} FAILED: {s['error']}")

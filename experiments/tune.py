@@ -108,9 +108,9 @@ def _library_ms(op, measurer: Measurer) -> float:
 
 
 def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]],
-                      expert: Schedule | None, rounds: int, expert_wins: bool = True):
-    """The best kernel re-checked and re-timed against the library (and beside the expert
-    schedule, in the same rounds): ``(schedule, kernel, built, its comparison, the
+                      expert: Schedule | None, rounds: int, expert_wins: bool = True, library: bool = True):
+    """The best kernel re-checked and re-timed against the library (where ``library``; and
+    beside the expert schedule, in the same rounds): ``(schedule, kernel, built, its comparison, the
     expert's or None, fraction of the expert or None, the search's time of it,
     re-measured?)``.
 
@@ -135,13 +135,15 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
         built = measurer.builder.build([kernel])[0]
         if not built.ok:
             continue
-        cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds)
+        cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds,
+                                          library)
         remeasured = False
         # a paired search's times are in the expert's units, not comparable with the rounds'
         if cmp.ok and not measurer.paired(op) and not cmp.agrees_with(searched_ms):
             print(f"the final timing ({cmp.time_ms:.3f} ms) disagrees with the search's ({searched_ms:.3f} ms) "
                   f"by more than its spread; measuring again", file=sys.stderr)
-            cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds)
+            cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds,
+                                              library)
             remeasured = True
         if cmp.ok:
             expert_cmp = rest[0] if rest else None
@@ -267,15 +269,18 @@ def run(cfg: Config) -> dict:
             measurer.pair_with_schedule(op, reference, name=f"{op.kind}_expert")
         naive, expert_result = measurer.measure([Schedule(op), reference or Schedule(op)])
         # for the curve; the final figure times the library against the best kernel, in blocks
-        library_ms_start = _library_ms(op, measurer)
+        library = library_name(op, target.kind)
+        library_ms_start = _library_ms(op, measurer) if library else None
         bar = Progress(cfg.budget, f"{cfg.agent} {op.kind} {op.shape_str}")
 
         def on_progress(p: SearchProgress) -> None:
             bar.update(1, best_gflops=f"{p.best_gflops:.1f}")
             speedup = naive.time_ms / p.best_time_ms if naive.ok and p.best_time_ms < float("inf") else 0.0
-            progress.add(p.measurements, **{"search/best_gflops": p.best_gflops, "search/best_speedup": speedup,
-                                            "search/fraction_of_library": library_ms_start / p.best_time_ms,
-                                            "search/wall_time_s": p.wall_s})
+            scalars = {"search/best_gflops": p.best_gflops, "search/best_speedup": speedup,
+                       "search/wall_time_s": p.wall_s}
+            if library_ms_start:
+                scalars["search/fraction_of_library"] = library_ms_start / p.best_time_ms
+            progress.add(p.measurements, **scalars)
 
         # a cluster of GPUs measures the next batch as soon as a device is free (Search says what that changes)
         search = Search(op, target, measurer, cfg.budget, on_progress=on_progress,
@@ -290,7 +295,7 @@ def run(cfg: Config) -> dict:
         if not ranked:
             raise LookupError(f"no correct kernel in {len(search.measured)} measurements")
         best, kernel, built, final, expert_final, of_expert, searched_ms, remeasured = _final_comparison(
-            op, target, measurer, ranked, expert, cfg.rounds, expert_wins=not cfg.no_expert)
+            op, target, measurer, ranked, expert, cfg.rounds, expert_wins=not cfg.no_expert, library=bool(library))
         best = best.simplified()   # what the user reads: the same kernel, its cancelling reorders gone
         if cfg.export:
             export_kernel(cfg.export, kernel, built.path, best, target)
@@ -303,9 +308,9 @@ def run(cfg: Config) -> dict:
         "resumed_records": already,
         "time_ms": final.time_ms, "time_spread_ms": final.time_spread_ms, "search_time_ms": searched_ms,
         "gflops": op.flops / final.time_ms / 1e6,
-        "library": library_name(op, target.kind), "library_time_ms": library_ms,
+        "library": library, "library_time_ms": library_ms,
         "library_spread_ms": final.library_spread_ms,
-        "library_gflops": op.flops / library_ms / 1e6,
+        "library_gflops": op.flops / library_ms / 1e6 if library_ms else None,
         "fraction_of_library": final.fraction_of_library, "rounds": len(final.rounds), "remeasured": remeasured,
         "expert_gflops": op.flops / expert_final.time_ms / 1e6 if expert_final and expert_final.ok else None,
         "fraction_of_expert": of_expert,
@@ -324,8 +329,9 @@ def run(cfg: Config) -> dict:
     (run_dir / f"best_kernel.{'cu' if kernel.is_cuda else 'c'}").write_text(kernel.source)
     print(f"{op.kind} {op.shape_str}: best {summary['gflops']:.1f} GFLOPS ({final.time_ms:.3f} ms, spread "
           f"{final.time_spread_ms:.3f}) after {summary['measurements']} measurements, "
-          f"{summary['speedup_vs_naive'] or 0:.1f}x naive, {final.fraction_of_library:.2f} of {summary['library']} "
-          f"(median of {len(final.rounds)} rounds of alternating blocks)"
+          f"{summary['speedup_vs_naive'] or 0:.1f}x naive, "
+          + (f"{final.fraction_of_library:.2f} of {library} " if library else "no library to compare with ")
+          + f"(median of {len(final.rounds)} rounds of alternating blocks)"
           + (f", {summary['fraction_of_expert']:.2f} of the expert" if summary["fraction_of_expert"] else ""))
     print(f"best schedule: {run_dir / 'best.json'}; log: {run_dir / 'tuning.jsonl'}")
     return summary

@@ -39,6 +39,9 @@ class Comparison:
         return [r.time_ms for r in self.rounds]
 
     def _library_ms(self) -> list[float]:
+        """Each round's library time; none where the library was not timed (or there is none)."""
+        if not all(r.library_times_ms for r in self.rounds):
+            return []
         return [statistics.median(r.library_times_ms) for r in self.rounds]
 
     @property
@@ -51,17 +54,20 @@ class Comparison:
 
     @property
     def library_time_ms(self) -> float | None:
-        return statistics.median(self._library_ms()) if self.ok else None
+        return statistics.median(self._library_ms()) if self.ok and self._library_ms() else None
 
     @property
     def library_spread_ms(self) -> float | None:
-        return max(self._library_ms()) - min(self._library_ms()) if self.ok else None
+        return max(self._library_ms()) - min(self._library_ms()) if self.ok and self._library_ms() else None
 
     @property
-    def fraction_of_library(self) -> float:
-        """Median over rounds of library time / kernel time (each round's pair timed together)."""
+    def fraction_of_library(self) -> float | None:
+        """Median over rounds of library time / kernel time (each round's pair timed
+        together); 0 for a kernel that failed, None without a library."""
         if not self.ok:
             return 0.0
+        if not self._library_ms():
+            return None
         return statistics.median(lib / r.time_ms for lib, r in zip(self._library_ms(), self.rounds))
 
     def agrees_with(self, time_ms: float) -> bool:

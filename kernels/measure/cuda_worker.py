@@ -31,7 +31,7 @@ from ..ir.ops import Operator, make_op
 from ..codegen.rules import WGMMA_ARCH
 from ..target import CUDA_SHARED_BYTES
 from .check import Guarded, Tolerance, check_call, random_canary
-from .library import matmul_call, torch_conv
+from .library import CONV_KINDS, MATMUL_KINDS, matmul_call, torch_conv
 from .timing import Rejected, VerifiedCall, time_calls
 
 # CuPy adds -arch for the device it compiles on (sm_XX, or compute_XX where NVRTC is older)
@@ -123,19 +123,21 @@ def _torch_matmul(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
 
 def library_call(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
     """cuBLAS for the matmul family (CuPy in fp32 with TF32 off; torch in the other dtypes),
-    cuDNN (torch) for convolutions, in the operator's dtype (TF32 on only for tf32)."""
-    if op.dtype != "fp32" or "conv" in op.kind:
+    cuDNN (torch) for convolutions, in the operator's dtype (TF32 on only for tf32); CuPy's
+    einsum for a contraction added since, in fp32 (``library.library_name``)."""
+    if op.dtype != "fp32" or op.kind in CONV_KINDS:
         import torch
 
         torch.backends.cuda.matmul.allow_tf32 = op.dtype == "tf32"
         torch.backends.cudnn.allow_tf32 = op.dtype == "tf32"
         torch.set_grad_enabled(False)
-    if op.dtype != "fp32" and op.kind in ("matmul", "batch_matmul", "dense_bias_relu"):
+    if op.dtype != "fp32" and op.kind in MATMUL_KINDS:
         return _torch_matmul(op, dev)
-    call = matmul_call(op, dev, _cupy())
-    if call is not None:
-        return call
-    if "conv" in op.kind:
+    if op.kind not in CONV_KINDS and op.dtype == "fp32":
+        call = matmul_call(op, dev, _cupy())   # cuBLAS, or CuPy's einsum for a contraction
+        if call is not None:
+            return call
+    if op.kind in CONV_KINDS:
         import torch
 
         torch.backends.cudnn.benchmark = True  # the fastest cuDNN algorithm: a fair bar
