@@ -94,6 +94,9 @@ def featurize(op: Operator, info: NestInfo, target: Target, step_fraction: float
     nest, loops = info.nest, info.loops
     obs = np.zeros(SIZE, dtype=np.float32)
     axes = [a.name for a in op.axes]
+    if len(axes) > MAX_AXES:
+        raise ValueError(f"{op.kind} has {len(axes)} axes; the observation (policies, cost models) "
+                         f"describes at most {MAX_AXES}")
     tensors = (op.out.tensor, op.lhs.tensor, op.rhs.tensor)
     shapes = [op.tensor(t).shape for t in tensors]
     strides = []  # [tensor][loop]: flat-index step of one iteration; None through a div/mod
