@@ -31,7 +31,7 @@ from ..ir.ops import Operator, make_op
 from ..codegen.rules import WGMMA_ARCH
 from ..target import CUDA_SHARED_BYTES
 from .check import Guarded, Tolerance, check_call, random_canary
-from .library import CONV_KINDS, MATMUL_KINDS, matmul_call, torch_conv
+from .library import CONV_KINDS, MATMUL_KINDS, einsum_call, matmul_call, torch_conv
 from .timing import Rejected, VerifiedCall, time_calls
 
 # CuPy adds -arch for the device it compiles on (sm_XX, or compute_XX where NVRTC is older)
@@ -134,7 +134,7 @@ def library_call(op: Operator, dev: dict[str, Any]) -> Callable[[], object]:
     if op.dtype != "fp32" and op.kind in MATMUL_KINDS:
         return _torch_matmul(op, dev)
     if op.kind not in CONV_KINDS and op.dtype == "fp32":
-        call = matmul_call(op, dev, _cupy())   # cuBLAS, or CuPy's einsum for a contraction
+        call = matmul_call(op, dev, _cupy()) or einsum_call(op, dev, _cupy())
         if call is not None:
             return call
     if op.kind in CONV_KINDS:

@@ -56,7 +56,7 @@ def matmul_call(op: Operator, arrays: dict, xp=np) -> Callable[[], object] | Non
     """The matmul family through array module ``xp`` (numpy, or CuPy for cuBLAS) into a
     preallocated output; None for other operators."""
     if op.kind not in MATMUL_KINDS:
-        return einsum_call(op, arrays, xp)
+        return None
     a, b = arrays["A"], arrays["B"]
     out = xp.empty(op.output.shape, xp.float32)
     if op.kind != "dense_bias_relu":
@@ -106,7 +106,7 @@ def library_call(op: Operator, inputs: dict[str, np.ndarray]) -> Callable[[], ob
     if op.kind in CONV_KINDS:
         import torch
         return torch_conv(op, {n: torch.from_numpy(a) for n, a in inputs.items()})
-    call = matmul_call(op, inputs)
+    call = matmul_call(op, inputs) or einsum_call(op, inputs)
     if call is None:
         raise ValueError(f"no library reference for {op.kind!r}")
     return call
