@@ -276,7 +276,9 @@ def search_policy(search: Search, rng: np.random.Generator, model, policy, sampl
 
 
 SKETCH_SHARE = 0.75   # of the evolutionary search's proposals without a policy: sketches; the rest random rollouts
-POLICY_SKETCH_SHARE = 0.5   # with a policy (CPU): sketches beside its samples, structures it never proposes
+# with a policy: sketches beside its samples (structures it never proposes); on a GPU none
+# until that mix is measured there
+POLICY_SKETCH_SHARE = {"cpu": 0.5, "cuda": 0.0}
 
 
 def search_evolution(search: Search, rng: np.random.Generator, model, policy=None, **_) -> None:
@@ -286,7 +288,7 @@ def search_evolution(search: Search, rng: np.random.Generator, model, policy=Non
     one, sketches propose most of the population and random rollouts the rest (all of it
     where an operator has no sketch)."""
     table = ActionTable(search.op, search.target)
-    sketched = SKETCH_SHARE if policy is None else POLICY_SKETCH_SHARE if search.target.kind == "cpu" else 0.0
+    sketched = SKETCH_SHARE if policy is None else POLICY_SKETCH_SHARE.get(search.target.kind, 0.0)
     if policy is None:
         draw = RandomDraw(rng, p_done=P_DONE)
     else:
