@@ -66,7 +66,7 @@ from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
           "zeroshot-cpu", "ppo-cpu", "ppo-cuda", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu",
-          "heldout-cuda", "models-cpu", "models-cuda", "tiles-cuda", "conv-tiles-cuda")
+          "heldout-cuda", "models-cpu", "models-cuda", "tiles-cuda", "conv-tiles-cuda", "operators-cpu")
 MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
                "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
                              for model, batch in (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1)))}
@@ -609,10 +609,10 @@ HELDOUT_CASES = [("matmul", "1024x1024x1024"), ("matmul", "768x768x768"), ("matm
 ABOVE_EXPERT = 1.03   # heldout-cpu's bar: a tuned kernel more than 3% faster than the expert
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], fmt: str = ".2f") -> str:
     """The median of ``values``, and their range where there are several."""
-    med = f"{statistics.median(values):.2f}"
-    return med if len(values) == 1 else f"{med} [{min(values):.2f}-{max(values):.2f}]"
+    med = f"{statistics.median(values):{fmt}}"
+    return med if len(values) == 1 else f"{med} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def _heldout_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
@@ -666,6 +666,57 @@ def _heldout_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
     lines += ["", f"Above the expert by more than 3% in the median run: {above} of {len(results)} shapes. "
               f"Of the library, the lowest median: {library:.2f}. Measurements to 90%: "
               + ("never reached in some run." if None in reached else f"at most {max(reached)}.")]
+    return lines, [{"peak_gflops": peak}] + results
+
+
+# Operators of examples/operators.py, which no expert, policy or cost model has seen:
+# a plain contraction (einsum its library) and a 1-D convolution (no library)
+OWN_OPERATOR_CASES = [("matmul_nt", "512x512x512"), ("matmul_nt", "128x1024x64"), ("conv1d", "1,64,256,64,3"),
+                      ("conv1d", "4,128,500,128,5")]
+
+
+def _operators_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
+    """Operators of your own (``examples/operators.py``), tuned by the default search with
+    nothing of theirs but their declaration: sketches and random rollouts propose."""
+    from kernels.ir import ops
+    from kernels.measure.peak import fma_peak_gflops
+    from kernels.target import cpu_target
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "operators.py"
+    if "matmul_nt" not in ops.OPERATORS:
+        os.environ[ops.OPERATORS_ENV] = os.pathsep.join(filter(None, [os.environ.get(ops.OPERATORS_ENV),
+                                                                      str(example)]))   # the workers' too
+        ops.load_operators(example)
+    peak = fma_peak_gflops(cpu_target())
+    runs = Path("runs") / f"benchmark-operators-cpu-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    seeds = list(range(max(cfg.repeats, 1)))
+    lines = [f"Operators declared in `examples/operators.py` (`SCHEDGYM_OPERATORS=examples/operators.py`), "
+             "which have no expert schedule, no policy and no shape family, and which the cost model never saw: "
+             f"`tune` with its default search and a budget of {cfg.budget} measurements, {len(seeds)} runs a shape "
+             f"(`--seed` {', '.join(map(str, seeds))}): the median and the range. *of peak* against this CPU's "
+             f"fp32 FMA peak measured the same hour ({peak:.0f} GFLOPS); *of lib* against numpy's einsum (through "
+             "BLAS) where the operator is a plain contraction, none for the convolution; *to 90%* as in the "
+             f"held-out section. Run directories under `{runs}`.", "",
+             "| op | shape | GFLOPS | of peak | of lib | x naive | to 90% | tune wall s | command |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    results = []
+    for kind, shape in OWN_OPERATOR_CASES:
+        rs = [_tune(kind, shape, "evolve", cfg.budget, str(runs), seed=seed) for seed in seeds]
+        gflops = [r["gflops"] for r in rs]
+        of_library = [r["fraction_of_library"] for r in rs if r["fraction_of_library"]]
+        reach = [r["measurements_to_90pct"] for r in rs]
+        lines.append(f"| {kind} | {shape} | {_spread(gflops, '.1f')} | {statistics.median(gflops) / peak:.2f} | "
+                     f"{_spread(of_library) if of_library else '-'} | "
+                     f"{statistics.median(r['speedup_vs_naive'] for r in rs):.1f} | "
+                     f"{'-' if None in reach else max(reach)} | {statistics.median(r['wall_s'] for r in rs):.0f} | "
+                     f"`SCHEDGYM_OPERATORS=examples/operators.py python -m experiments tune --op {kind} "
+                     f"--shape {shape} --budget {cfg.budget} --seed S` |")
+        results.append({"op": kind, "shape": shape, "gflops": statistics.median(gflops),
+                        "of_peak": statistics.median(gflops) / peak,
+                        "fraction_of_library": statistics.median(of_library) if of_library else None,
+                        "runs": [{"seed": s} | {k: r[k] for k in ("gflops", "fraction_of_library", "speedup_vs_naive",
+                                                                  "measurements_to_90pct", "wall_s", "run_dir")}
+                                 for s, r in zip(seeds, rs)]})
     return lines, [{"peak_gflops": peak}] + results
 
 
@@ -1291,6 +1342,7 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "cluster-cuda": "Measuring on several GPUs of one host: candidates per minute and train steps per second",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
           "heldout-cpu": "The default search on held-out shapes of every operator",
+          "operators-cpu": "Operators of your own: tuned with no expert, policy or shape family",
           "heldout-cuda": "The default search on the GPU: held-out matmul and conv2d shapes, fp32 (TF32 off)",
           **{f"heldout-cuda-{d}": f"The default search on the GPU in {d}: held-out matmul and conv2d shapes"
              for d in ("tf32", "bf16", "fp16")},
@@ -1329,7 +1381,7 @@ def run(cfg: Config) -> dict:
         lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
                           "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,
                           "cluster-cpu": _cluster_cpu, "timing-cpu": _timing_cpu,
-                          "heldout-cpu": _heldout_cpu}[cfg.suite](cfg)
+                          "heldout-cpu": _heldout_cpu, "operators-cpu": _operators_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
     section, options = cfg.suite, ""
     if cfg.suite.startswith("ppo-") and cfg.policy:

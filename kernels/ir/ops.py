@@ -17,9 +17,12 @@ are interchangeable.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -253,6 +256,41 @@ OPERATORS: dict[str, tuple[Callable[..., dict], tuple[str, ...], int]] = {
 # An epilogue variant schedules like the operator it extends: it shares that operator's
 # expert, shipped policy and one-hot column in the observation.
 BASE_KIND = {"conv2d_bias_relu": "conv2d"}
+OPERATORS_ENV = "SCHEDGYM_OPERATORS"   # files of operators of your own, separated like PATH
+
+
+def register(kind: str, builder: Callable[..., dict], params: tuple[str, ...]) -> None:
+    """Add operator ``kind``: ``builder(*shape)`` returns its axes, tensors, accesses and
+    numpy reference (as ``_matmul`` does); ``params`` names the shape's numbers. Called
+    by the files that ``$SCHEDGYM_OPERATORS`` lists (README, "Adding an operator")."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", kind):
+        raise OperatorError(f"operator name {kind!r}: lower-case letters, digits and _ only")
+    if kind in OPERATORS:
+        raise OperatorError(f"operator {kind!r} exists already")
+    if not params or not all(isinstance(p, str) for p in params):
+        raise OperatorError(f"operator {kind!r}: params must name the shape's numbers")
+    OPERATORS[kind] = (builder, tuple(params), 0)
+
+
+def load_operators(path: str | os.PathLike) -> None:
+    """Run the operator file ``path`` (your own code, by your choice: it calls ``register``)."""
+    if not Path(path).is_file():
+        raise OperatorError(f"${OPERATORS_ENV}: no file {str(path)!r}")
+    spec = importlib.util.spec_from_file_location(f"schedgym_operators_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except OperatorError as e:
+        raise OperatorError(f"${OPERATORS_ENV}: {path}: {e}") from None
+    except Exception as e:
+        raise OperatorError(f"${OPERATORS_ENV}: {path} failed: {type(e).__name__}: {e}") from None
+
+
+def _load_operator_files() -> None:
+    """The files ``$SCHEDGYM_OPERATORS`` lists; the measuring workers, started with this
+    environment, load them too."""
+    for path in (p for p in os.environ.get(OPERATORS_ENV, "").split(os.pathsep) if p):
+        load_operators(path)
 OPTIONAL_DEFAULTS = (1, 0)  # stride, pad
 MAX_ELEMENTS = 2 ** 31 - 1   # per tensor: generated code indexes with int
 
@@ -301,3 +339,6 @@ def make_op(kind: str, shape: str | tuple[int, ...], dtype: str = DEFAULT) -> Op
             raise OperatorError(f"{kind} {op.shape_str}: tensor {t.name} has {math.prod(t.shape):,} elements; "
                                 f"kernels index with 32-bit int, so at most {MAX_ELEMENTS:,}")
     return op
+
+
+_load_operator_files()

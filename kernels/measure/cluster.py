@@ -44,7 +44,7 @@ from typing import Any, Iterator
 
 from ..codegen import render
 from ..codegen.kernel import Kernel
-from ..ir.ops import Operator, make_op
+from ..ir.ops import OPERATORS_ENV, Operator, make_op
 from ..ir.schedule import Schedule
 from ..target import NoCudaDevice, Target, cpu_target, cuda_devices, cuda_target
 from .build import Builder, ObjectCache, default_cache_dir
@@ -173,8 +173,12 @@ def connect(address: str, *, num_cpus: int | None = None, cpu_hosts: int = 1,
         return
     if wants_token:
         _use_token(address, loopback)
-    # Workers on other machines import this package from the cluster, not from a checkout.
-    common = dict(log_to_driver=False, runtime_env={"py_modules": [str(PACKAGE_DIR)]})
+    # Workers on other machines import this package from the cluster, not from a checkout;
+    # operators of your own load there from the same paths ($SCHEDGYM_OPERATORS)
+    runtime_env = {"py_modules": [str(PACKAGE_DIR)]}
+    if os.environ.get(OPERATORS_ENV):
+        runtime_env["env_vars"] = {OPERATORS_ENV: os.environ[OPERATORS_ENV]}
+    common = dict(log_to_driver=False, runtime_env=runtime_env)
     try:
         if address == "local":
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources={CPU_HOST: cpu_hosts},

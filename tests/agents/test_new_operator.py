@@ -1,10 +1,16 @@
-"""An operator added to ``kernels/ir/ops.py`` after the policies and cost models were
-trained: it has no expert, no policy and perhaps no library, and still tunes. The shipped
-policies and cost model still load (the observation keeps its size), sketches give its
-search the structure of a fast kernel on both targets, and a plain contraction is
-compared against einsum."""
+"""Operators of your own (``examples/operators.py``, loaded through $SCHEDGYM_OPERATORS):
+no expert, no policy, perhaps no library, and they still tune. The shipped policies and
+cost model still load (the observation keeps its size), sketches give the search the
+structure of a fast kernel on both targets, a plain contraction is compared against
+einsum, and the measuring workers know the operator too."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,38 +18,22 @@ import pytest
 from agents.sketch import sketches
 from experiments import pretrained
 from kernels.ir import ops
-from kernels.ir.ops import Access, Affine, Axis, Tensor, make_op
+from kernels.ir.ops import OperatorError, make_op
 from kernels.measure.library import einsum_spec, library_call, library_name
 from tests.kernels.codegen.test_cuda import TARGET as GPU, describe, simulate_schedule
 
-
-def _matmul_nt(m, n, k):
-    """C = A @ B^T, B stored N x K (attention's Q @ K^T)."""
-    return dict(axes=(Axis("i", m), Axis("j", n), Axis("k", k, reduce=True)),
-                tensors=(Tensor("A", (m, k), "input"), Tensor("B", (n, k), "input"), Tensor("C", (m, n), "output")),
-                out=Access("C", (Affine.of("i"), Affine.of("j"))),
-                lhs=Access("A", (Affine.of("i"), Affine.of("k"))),
-                rhs=Access("B", (Affine.of("j"), Affine.of("k"))),
-                reference_fn=lambda A, B: A.astype(np.float64) @ B.T)
-
-
-def _conv1d(n, c, w, k, s):
-    """A 1-D convolution: a window, so no einsum and no library."""
-    ow = w - s + 1
-    window = np.lib.stride_tricks.sliding_window_view
-    return dict(axes=(Axis("n", n), Axis("k", k), Axis("x", ow), Axis("c", c, True), Axis("rx", s, True)),
-                tensors=(Tensor("I", (n, c, w), "input"), Tensor("W", (k, c, s), "input"),
-                         Tensor("O", (n, k, ow), "output")),
-                out=Access("O", (Affine.of("n"), Affine.of("k"), Affine.of("x"))),
-                lhs=Access("I", (Affine.of("n"), Affine.of("c"), Affine.of("x", "rx"))),
-                rhs=Access("W", (Affine.of("k"), Affine.of("c"), Affine.of("rx"))),
-                reference_fn=lambda I, W: np.einsum("ncxs,kcs->nkx", window(I.astype(np.float64), s, axis=2), W))
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "operators.py"
 
 
 @pytest.fixture
 def new_ops(monkeypatch):
-    monkeypatch.setitem(ops.OPERATORS, "matmul_nt", (_matmul_nt, ("M", "N", "K"), 0))
-    monkeypatch.setitem(ops.OPERATORS, "conv1d", (_conv1d, ("N", "C", "W", "K", "S"), 0))
+    """The example's operators registered in this process, removed afterwards."""
+    before = dict(ops.OPERATORS)
+    ops.load_operators(EXAMPLE)
+    yield
+    for kind in set(ops.OPERATORS) - set(before):
+        del ops.OPERATORS[kind]
 
 
 def test_shipped_policies_and_cost_models_still_load(new_ops, target):
@@ -81,3 +71,35 @@ def test_a_plain_contraction_is_compared_with_einsum_and_a_window_with_nothing(n
     np.testing.assert_allclose(library_call(nt, inputs)(), nt.reference(inputs), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no library reference"):
         library_call(conv, conv.random_inputs(np.random.default_rng(0)))
+
+
+def test_register_refuses_what_it_cannot_serve(new_ops):
+    with pytest.raises(OperatorError, match="exists already"):
+        ops.register("matmul", ops.OPERATORS["matmul"][0], ("M", "N", "K"))
+    with pytest.raises(OperatorError, match="lower-case"):
+        ops.register("My Op", ops.OPERATORS["matmul"][0], ("M", "N", "K"))
+
+
+def _cli(*args: str, operators: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, ops.OPERATORS_ENV: operators}
+    return subprocess.run([sys.executable, "-m", "experiments", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+
+
+def test_tune_an_operator_of_your_own_end_to_end(tmp_path):
+    """The command line and its measuring worker both load the file: the search (sketches,
+    no expert, no policy) returns a correct kernel, with no library figure for a window."""
+    out = _cli("tune", "--op", "conv1d", "--shape", "1,8,30,16,3", "--budget", "4", "--rounds", "1",
+               "--runs", str(tmp_path), "--json", operators=str(EXAMPLE))
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["correct"] and summary["library"] is None and summary["fraction_of_library"] is None
+    assert summary["expert_gflops"] is None and summary["speedup_vs_naive"] > 0
+
+
+def test_an_operator_file_that_does_not_load_is_one_line(tmp_path):
+    bad = tmp_path / "ops.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    for path, message in ((str(bad), "RuntimeError: boom"), (str(tmp_path / "none.py"), "no file")):
+        out = _cli("tune", "--op", "matmul", "--shape", "4x4x4", operators=path)
+        assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
