@@ -366,19 +366,24 @@ def gpu_tiling(op: Operator, target: Target, tile: dict[str, int], threads: dict
             if extent > MAX_UNROLL or body * extent > MAX_UNROLLED_BODY:
                 break
             s, body = s.unroll(loop), body * extent
-    anchor = slice_loop or thread[-1]
-    for tensor in stages:                        # staged where shared memory holds them
+    return _staged(s, stages, slice_loop or thread[-1], buffers, target)
+
+
+def _staged(s: Schedule, tensors, anchor: str, buffers: int, target: Target) -> Schedule:
+    """``s`` with each of ``tensors`` staged at ``anchor`` where shared memory holds it,
+    the stages in a pipeline of up to ``buffers`` where the slices and memory allow."""
+    for tensor in tensors:
         try:
             staged = s.cache_read(tensor, anchor)
             check_for_target(staged, target)
             s = staged
         except ScheduleError:
             continue
-    staged = [t for t, _ in s.nest.cache_reads]
-    for _ in range(buffers - 1):                 # a pipeline, where the slices and memory allow
+    staged_tensors = [t for t, _ in s.nest.cache_reads]
+    for _ in range(buffers - 1):
         try:
             piped = s
-            for tensor in staged:
+            for tensor in staged_tensors:
                 piped = piped.double_buffer(tensor)
             check_for_target(piped, target)
             s = piped
@@ -448,21 +453,4 @@ def tensor_tiling(op: Operator, target: Target, axes: tuple[str, str, str], tile
     for loop in (n_tiles, m_tiles, k_steps):
         if loop:
             s = s.unroll(loop)
-    for tensor in (op.lhs.tensor, op.rhs.tensor):
-        try:
-            staged = s.cache_read(tensor, slices)
-            check_for_target(staged, target)
-            s = staged
-        except ScheduleError:
-            continue
-    staged_tensors = [t for t, _ in s.nest.cache_reads]
-    for _ in range(buffers - 1):
-        try:
-            piped = s
-            for tensor in staged_tensors:
-                piped = piped.double_buffer(tensor)
-            check_for_target(piped, target)
-            s = piped
-        except ScheduleError:
-            break
-    return s
+    return _staged(s, (op.lhs.tensor, op.rhs.tensor), slices, buffers, target)
