@@ -67,6 +67,17 @@ def test_a_sketch_is_a_parallel_register_tile(kind, target):
         assert loops[0].kind == "parallel"
 
 
+@pytest.mark.parametrize("kind,shape", CASES, ids=[f"{k}-{s}" for k, s in CASES])
+def test_a_sketch_never_gathers_its_vectors(kind, shape, target):
+    """An input read along the vector axis in an outer dimension is always packed: read in
+    place every vector would be a gather (a conv2d's weights along the output channels)."""
+    op = make_op(kind, shape)
+    axes = vector_axes(op, target.vector_lanes)
+    for s in sketches(op, target, np.random.default_rng(5), 30):
+        strided = axes[s.nest.loops[-1].axis][1]
+        assert set(strided) <= {t for t, _ in s.nest.cache_reads}, [str(x) for x in s.steps]
+
+
 def test_sketches_are_deterministic_under_a_seed(target):
     op = make_op("conv2d", "1,16,12,12,32,3,3,1,1")
     first = [s.key() for s in sketches(op, target, np.random.default_rng(7), 16)]
