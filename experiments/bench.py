@@ -75,7 +75,7 @@ def load_schedule(spec: str, op: Operator, target: Target) -> Schedule:
         try:
             return expert_schedule(op, target)
         except ValueError as e:   # an operator added without one
-            raise ValueError(f"{e}; bench --schedule naive, or a tune's best.json") from None
+            raise ValueError(f"{e}; give --schedule naive, or a tune's best.json") from None
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"--schedule {spec!r} is neither naive, expert nor a file")
