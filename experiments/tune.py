@@ -58,7 +58,8 @@ from .runs import ProgressLog, new_run_dir, resumed_config, save_config
 
 @dataclass
 class Config:
-    op: str | None = field(None, help="operator (required, unless --resume)", choices=list(OPERATORS))
+    op: str | None = field(None, help="operator (required, unless --resume); your own are declared in files listed "
+                                 "in $SCHEDGYM_OPERATORS (README, \"Adding an operator\")", choices=list(OPERATORS))
     shape: str | None = field(None, help="extents, e.g. 1024x1024x1024 or N,C,H,W,K,R,S[,stride[,pad]] "
                                          "(required, unless --resume)")
     target: str = field("cpu", help="where to run (cuda: an NVIDIA GPU through CuPy)", choices=["cpu", "cuda"])
