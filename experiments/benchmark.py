@@ -670,9 +670,11 @@ def _heldout_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
 
 
 # Operators of examples/operators.py, which no expert, policy or cost model has seen:
-# a plain contraction (einsum its library) and a 1-D convolution (no library)
+# a plain contraction (einsum its library), a 1-D convolution and a channels-last 2-D one
+# (no library)
 OWN_OPERATOR_CASES = [("matmul_nt", "512x512x512"), ("matmul_nt", "128x1024x64"), ("conv1d", "1,64,256,64,3"),
-                      ("conv1d", "4,128,500,128,5")]
+                      ("conv1d", "4,128,500,128,5"), ("conv2d_nhwc", "1,56,56,64,64,3,3,1,1"),
+                      ("conv2d_nhwc", "1,28,28,128,128,3,3,1,1")]
 
 
 def _operators_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
@@ -695,7 +697,7 @@ def _operators_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
              f"`tune` with its default search and a budget of {cfg.budget} measurements, {len(seeds)} runs a shape "
              f"(`--seed` {', '.join(map(str, seeds))}): the median and the range. *of peak* against this CPU's "
              f"fp32 FMA peak measured the same hour ({peak:.0f} GFLOPS); *of lib* against numpy's einsum (through "
-             "BLAS) where the operator is a plain contraction, none for the convolution; *to 90%* as in the "
+             "BLAS) where the operator is a plain contraction, none for the convolutions; *to 90%* as in the "
              f"held-out section. Run directories under `{runs}`.", "",
              "| op | shape | GFLOPS | of peak | of lib | x naive | to 90% | tune wall s | command |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]

@@ -48,7 +48,8 @@ def test_shipped_policies_and_cost_models_still_load(new_ops, target):
     assert np.isfinite(model.predict(sketches(new, target, np.random.default_rng(0), 4))).all()
 
 
-@pytest.mark.parametrize("kind,shape", [("matmul_nt", "24x40x20"), ("conv1d", "2,6,19,16,3")])
+@pytest.mark.parametrize("kind,shape", [("matmul_nt", "24x40x20"), ("conv1d", "2,6,19,16,3"),
+                                        ("conv2d_nhwc", "1,7,9,5,16,3,3,2,1")])
 def test_a_new_operator_has_correct_sketches_on_both_targets(new_ops, kind, shape, target, interpret):
     op = make_op(kind, shape)
     cpu = sketches(op, target, np.random.default_rng(0), 6)
