@@ -13,6 +13,10 @@ Shape strings: ``matmul``/``dense_bias_relu`` ``MxNxK``; ``batch_matmul``
 ``BxMxNxK``; ``conv2d``/``conv2d_bias_relu`` ``N,C,H,W,K,R,S[,stride[,pad]]`` (NCHW
 input, OIHW weights, a bias per output channel); ``depthwise_conv2d`` ``N,C,H,W,R,S[,stride[,pad]]``. ``x`` and ``,``
 are interchangeable.
+
+Operators of your own join through :func:`register`, called by the files that
+``$SCHEDGYM_OPERATORS`` lists (loaded when this module is imported, in the measuring
+workers too).
 """
 
 from __future__ import annotations
@@ -257,40 +261,6 @@ OPERATORS: dict[str, tuple[Callable[..., dict], tuple[str, ...], int]] = {
 # expert, shipped policy and one-hot column in the observation.
 BASE_KIND = {"conv2d_bias_relu": "conv2d"}
 OPERATORS_ENV = "SCHEDGYM_OPERATORS"   # files of operators of your own, separated like PATH
-
-
-def register(kind: str, builder: Callable[..., dict], params: tuple[str, ...]) -> None:
-    """Add operator ``kind``: ``builder(*shape)`` returns its axes, tensors, accesses and
-    numpy reference (as ``_matmul`` does); ``params`` names the shape's numbers. Called
-    by the files that ``$SCHEDGYM_OPERATORS`` lists (README, "Adding an operator")."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", kind):
-        raise OperatorError(f"operator name {kind!r}: lower-case letters, digits and _ only")
-    if kind in OPERATORS:
-        raise OperatorError(f"operator {kind!r} exists already")
-    if not params or not all(isinstance(p, str) for p in params):
-        raise OperatorError(f"operator {kind!r}: params must name the shape's numbers")
-    OPERATORS[kind] = (builder, tuple(params), 0)
-
-
-def load_operators(path: str | os.PathLike) -> None:
-    """Run the operator file ``path`` (your own code, by your choice: it calls ``register``)."""
-    if not Path(path).is_file():
-        raise OperatorError(f"${OPERATORS_ENV}: no file {str(path)!r}")
-    spec = importlib.util.spec_from_file_location(f"schedgym_operators_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except OperatorError as e:
-        raise OperatorError(f"${OPERATORS_ENV}: {path}: {e}") from None
-    except Exception as e:
-        raise OperatorError(f"${OPERATORS_ENV}: {path} failed: {type(e).__name__}: {e}") from None
-
-
-def _load_operator_files() -> None:
-    """The files ``$SCHEDGYM_OPERATORS`` lists; the measuring workers, started with this
-    environment, load them too."""
-    for path in (p for p in os.environ.get(OPERATORS_ENV, "").split(os.pathsep) if p):
-        load_operators(path)
 OPTIONAL_DEFAULTS = (1, 0)  # stride, pad
 MAX_ELEMENTS = 2 ** 31 - 1   # per tensor: generated code indexes with int
 
@@ -339,6 +309,40 @@ def make_op(kind: str, shape: str | tuple[int, ...], dtype: str = DEFAULT) -> Op
             raise OperatorError(f"{kind} {op.shape_str}: tensor {t.name} has {math.prod(t.shape):,} elements; "
                                 f"kernels index with 32-bit int, so at most {MAX_ELEMENTS:,}")
     return op
+
+
+def register(kind: str, builder: Callable[..., dict], params: tuple[str, ...]) -> None:
+    """Add operator ``kind``: ``builder(*shape)`` returns its axes, tensors, accesses and
+    numpy reference (as ``_matmul`` does); ``params`` names the shape's numbers. Called
+    by the files that ``$SCHEDGYM_OPERATORS`` lists (README, "Adding an operator")."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", kind):
+        raise OperatorError(f"operator name {kind!r}: lower-case letters, digits and _ only")
+    if kind in OPERATORS:
+        raise OperatorError(f"operator {kind!r} exists already")
+    if not params or not all(isinstance(p, str) for p in params):
+        raise OperatorError(f"operator {kind!r}: params must name the shape's numbers")
+    OPERATORS[kind] = (builder, tuple(params), 0)
+
+
+def load_operators(path: str | os.PathLike) -> None:
+    """Run the operator file ``path`` (your own code, by your choice: it calls ``register``)."""
+    if not Path(path).is_file():
+        raise OperatorError(f"${OPERATORS_ENV}: no file {str(path)!r}")
+    spec = importlib.util.spec_from_file_location(f"schedgym_operators_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except OperatorError as e:
+        raise OperatorError(f"${OPERATORS_ENV}: {path}: {e}") from None
+    except Exception as e:
+        raise OperatorError(f"${OPERATORS_ENV}: {path} failed: {type(e).__name__}: {e}") from None
+
+
+def _load_operator_files() -> None:
+    """The files ``$SCHEDGYM_OPERATORS`` lists; the measuring workers, started with this
+    environment, load them too."""
+    for path in (p for p in os.environ.get(OPERATORS_ENV, "").split(os.pathsep) if p):
+        load_operators(path)
 
 
 _load_operator_files()
