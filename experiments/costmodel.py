@@ -114,7 +114,6 @@ def log_name(kind: str, shape: str, dtype: str = "fp32") -> str:
     return f"{kind}_{make_op(kind, shape).shape_str.replace(',', 'x')}{suffix}.jsonl"
 
 
-
 def sample_schedules(op, n: int, rng: np.random.Generator, max_steps: int, target) -> list:
     """``n`` distinct legal schedules of ``op``: the expert schedule and chains of one to
     three mutations of it for about half (where a search spends its measurements, so the
