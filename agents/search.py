@@ -82,6 +82,7 @@ class Search:
     on_progress: Callable[[Progress], None] | None = None
     batch: int = 8              # candidates proposed and measured at once
     pipeline: bool = False      # propose the next batch while this one is measured
+    reference_ms: float | None = None  # the fastest kernel timed before the search (the naive, the expert)
     measured: dict[str, MeasureResult] = field(default_factory=dict)  # kernel key -> result
     schedules: dict[str, Schedule] = field(default_factory=dict)      # kernel key -> schedule
     pending: dict[str, Schedule] = field(default_factory=dict)        # submitted, not yet collected
@@ -118,8 +119,10 @@ class Search:
         if not todo:
             return None
         batch = list(todo.values())
-        # this search's own cutoff, with the batch: searches of other operators share the runner
-        cutoff = SLOW_FACTOR * self.best_result.time_ms / 1e3 if self.best_result is not None else None
+        # this search's own cutoff, with the batch: searches of other operators share the runner;
+        # from the first batch on (a kernel 200x slower than the naive one took a minute to time)
+        fastest = [t for t in (self.reference_ms, self.best_result and self.best_result.time_ms) if t]
+        cutoff = SLOW_FACTOR * min(fastest) / 1e3 if fastest else None
         if self.pipeline:
             future = self.measurer.submit(batch, cutoff)
         else:

@@ -286,7 +286,8 @@ def run(cfg: Config) -> dict:
         # a cluster of GPUs measures the next batch as soon as a device is free (Search says what that changes)
         search = Search(op, target, measurer, cfg.budget, on_progress=on_progress,
                         batch=cfg.batch or max(8, backend.parallelism if backend else 0),
-                        pipeline=bool(backend and backend.pipelined))
+                        pipeline=bool(backend and backend.pipelined),
+                        reference_ms=min((r.time_ms for r in (naive, expert_result) if r.ok), default=None))
         rng = np.random.default_rng(cfg.seed)
         AGENTS[cfg.agent](search, rng, model=model, policy=policy)
         bar.close()
