@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import ClassVar
@@ -748,14 +749,17 @@ class Schedule:
 
     @cached_property
     def nest(self) -> LoopNest:
-        nest = initial_nest(self.op)
-        for step in self.steps:
-            nest = _apply(self.op, nest, step)
-        return nest
+        if not self.steps:
+            return initial_nest(self.op)
+        return _NESTS.get(self.op, self.steps) or Schedule(self.op, self.steps[:-1]).apply(self.steps[-1]).nest
 
     def apply(self, step: Step) -> "Schedule":
         new = Schedule(self.op, self.steps + (step,))
-        new.__dict__["nest"] = _apply(self.op, self.nest, step)
+        nest = _NESTS.get(self.op, new.steps)
+        if nest is None:
+            nest = _apply(self.op, self.nest, step)
+            _NESTS.put(self.op, new.steps, nest)
+        new.__dict__["nest"] = nest
         return new
 
     # convenience methods with TVM names
@@ -849,6 +853,34 @@ class Schedule:
         for s in d.get("steps", []):
             sched = sched.apply(Step.from_json(s))
         return sched
+
+
+class _NestCache:
+    """The nests of recent step sequences: a search's children share their parents' first
+    steps, and replaying them (each step validated) was most of a GPU search's proposing."""
+
+    def __init__(self, size: int = 8192):
+        self.size, self.nests = size, {}
+        self.lock = threading.Lock()
+
+    def get(self, op: Operator, steps: tuple[Step, ...]) -> LoopNest | None:
+        try:
+            hit = self.nests.get((id(op), steps))
+        except TypeError:   # a step built by hand with a list in it: not remembered
+            return None
+        return hit[1] if hit is not None and hit[0] is op else None
+
+    def put(self, op: Operator, steps: tuple[Step, ...], nest: LoopNest) -> None:
+        with self.lock:   # the op is kept with its nest: its id is not reused while cached
+            try:
+                self.nests[(id(op), steps)] = (op, nest)
+            except TypeError:
+                return
+            while len(self.nests) > self.size:
+                del self.nests[next(iter(self.nests))]
+
+
+_NESTS = _NestCache()
 
 
 def _apply(op: Operator, nest: LoopNest, step: Step) -> LoopNest:

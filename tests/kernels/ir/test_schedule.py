@@ -335,3 +335,22 @@ def test_simplified_keeps_the_kernel_in_fewer_steps():
     assert simple.steps == head + (Reorder(("j", "i_i")), Vectorize("i_i"))
     assert simple.kernel_key() == swapped.kernel_key()
     assert Schedule(op).simplified() == Schedule(op)
+
+
+def test_a_replayed_schedule_builds_its_own_operators_nest():
+    """Nests are remembered by step sequence, per operator: the same steps on two shapes
+    build two nests, a sequence built afresh equals the remembered one, and an illegal
+    step still raises however often its prefix was built."""
+    a, b = make_op("matmul", "64x64x64"), make_op("matmul", "32x48x16")
+    steps = Schedule(a).split("i", 8).split("j", 16).reorder("i_o", "j_o", "i_i", "k", "j_i").steps
+    for _ in range(2):
+        na, nb = Schedule(a, steps).nest, Schedule(b, steps).nest
+        assert [l.extent for l in na.loops] == [8, 4, 8, 64, 16]
+        assert [l.extent for l in nb.loops] == [4, 3, 8, 16, 16]
+    fresh = Schedule(a)
+    for s in steps:
+        fresh = fresh.apply(s)
+    assert fresh.nest == Schedule(a, steps).nest
+    for _ in range(2):
+        with pytest.raises(ScheduleError):
+            Schedule(a, steps).split("nowhere", 2)
