@@ -747,6 +747,9 @@ class Schedule:
     op: Operator
     steps: tuple[Step, ...] = ()
 
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(self.steps))   # a list given is kept as a tuple
+
     @cached_property
     def nest(self) -> LoopNest:
         if not self.steps:
