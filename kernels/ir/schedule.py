@@ -754,7 +754,8 @@ class Schedule:
     def nest(self) -> LoopNest:
         if not self.steps:
             return initial_nest(self.op)
-        return _NESTS.get(self.op, self.steps) or Schedule(self.op, self.steps[:-1]).apply(self.steps[-1]).nest
+        nest = _NESTS.get(self.op, self.steps)
+        return nest if nest is not None else Schedule(self.op, self.steps[:-1]).apply(self.steps[-1]).nest
 
     def apply(self, step: Step) -> "Schedule":
         new = Schedule(self.op, self.steps + (step,))

@@ -177,6 +177,7 @@ def serve_cuda(req: dict, send: Any) -> None:
     cp = _cupy()
 
     op, inputs, ref, dev = _operator(req)
+    send(event="compiling")   # the inputs and reference are ready: a search bounds what follows
     t0 = time.perf_counter()
     try:
         fn = compile_kernel(Path(req["path"]).read_text(), req["name"], req.get("shared_bytes", 0))

@@ -128,6 +128,10 @@ class _Worker:
 
 
 SLOW_GRACE_S = 5.0   # with a slow cutoff, what checking and timing may take beyond 100 cutoffs
+# With a slow cutoff (a search's candidate), what NVRTC may take for one kernel: the experts
+# compile in at most 0.67 s (H200, BENCHMARKS); candidates that took 12 s (heavily unrolled)
+# ran at 11-22 ms against the search's best 0.31 (matmul 3000x1000x2000).
+SLOW_COMPILE_S = 5.0
 
 
 class Runner:
@@ -256,9 +260,11 @@ class Runner:
         correct = False
         build_s = 0.0  # NVRTC, for CUDA kernels
         # Before "prepared", a CPU worker may compute a large reference (startup_timeout_s
-        # bounds it); a GPU worker compiles the kernel then, which timeout_s bounds.
+        # bounds it); a GPU worker compiles the kernel then, which timeout_s bounds (from its
+        # "compiling", SLOW_COMPILE_S for a search's candidate).
         limit = self.timeout_s if kernel.is_cuda else max(self.timeout_s, self.startup_timeout_s)
         deadline = time.monotonic() + limit
+        compiling = False
         try:
             w.send(req)
             while True:
@@ -275,7 +281,12 @@ class Runner:
                     if msg.get("fatal"):  # e.g. a CUDA error: the worker's context is unusable
                         self._drop_worker()
                     return MeasureResult.failure(msg["error"], build_s=build_s)
+                if event == "compiling" and req["slow_cutoff_s"]:   # the inputs are ready
+                    compiling = True
+                    deadline = time.monotonic() + min(self.timeout_s, SLOW_COMPILE_S)
+                    continue
                 if event == "prepared":
+                    compiling = False
                     limit = self.timeout_s
                     if req["slow_cutoff_s"]:   # a kernel far slower than the best is not waited for
                         limit = min(limit, SLOW_GRACE_S + 100 * req["slow_cutoff_s"])
@@ -298,6 +309,9 @@ class Runner:
                                          rival_times_ms=tuple(t * 1e3 for t in msg.get("rival_times", ())))
         except TimeoutError:
             self._drop_worker()
+            if compiling:
+                return MeasureResult.failure(f"compile timeout: NVRTC ran past {SLOW_COMPILE_S:g}s (a search's "
+                                             "limit)", build_s=SLOW_COMPILE_S)
             return MeasureResult.failure(f"timeout after {limit:.3g}s", correct=correct, build_s=build_s)
         except (BrokenPipeError, OSError):
             reason = w.death()

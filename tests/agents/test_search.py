@@ -156,7 +156,6 @@ def test_each_search_measures_with_its_own_slow_cutoff():
     assert cutoffs[2] == pytest.approx(SLOW_FACTOR * best_ms / 1e3)
 
 
-
 def test_the_first_batch_is_cut_off_by_the_kernels_timed_before_the_search():
     """A search's first batch is cut off by the naive or expert kernel timed before it (a
     kernel 200x slower than the naive one took a minute to time); a faster best takes over."""
@@ -171,6 +170,7 @@ def test_the_first_batch_is_cut_off_by_the_kernels_timed_before_the_search():
     search.measure([Schedule(search.op).split("i", 2)])
     assert cutoffs[0] == pytest.approx(SLOW_FACTOR * 1e6 / 1e3)
     assert cutoffs[1] == pytest.approx(SLOW_FACTOR * best_ms / 1e3)
+
 
 def test_a_kernel_is_measured_once_whatever_steps_build_it():
     """A reorder and its undoing build the nest the steps before them built: the search

@@ -152,6 +152,48 @@ def test_a_hopeless_kernel_is_not_waited_for(builder):
     assert not r.ok and r.error == f"timeout after {SLOW_GRACE_S + 0.1:g}s"
 
 
+
+class _EndlessCompile:
+    """A CUDA worker stand-in: its inputs are ready at once, its compile never ends."""
+
+    def __init__(self, env):
+        self.messages, self.killed = [{"event": "ready", "realtime": True}], False
+
+    def alive(self):
+        return not self.killed
+
+    def send(self, request):
+        self.messages.append({"event": "compiling"})
+
+    def recv(self, deadline):
+        if self.messages:
+            return self.messages.pop(0)
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        raise TimeoutError
+
+    def kill(self):
+        self.killed = True
+
+
+def test_a_search_gives_up_a_compile_past_its_limit(monkeypatch):
+    """NVRTC took 12 s on candidates 40x slower than a search's best: with a search's
+    cutoff the compile gets SLOW_COMPILE_S, a failure measured again if asked (transient);
+    without one, the runner's whole timeout."""
+    import types
+
+    from kernels.measure import runner as runner_module
+    monkeypatch.setattr(runner_module, "_Worker", _EndlessCompile)
+    monkeypatch.setattr(runner_module, "SLOW_COMPILE_S", 0.2)
+    kernel = types.SimpleNamespace(name="k", args=(), is_cuda=True, launch=((1, 1, 1), (1, 1, 1)), shared_bytes=0)
+    with Runner(timeout_s=30) as runner:
+        t0 = time.monotonic()
+        r = runner.run(OP, kernel, "k.cu", slow_cutoff_s=1e-3)
+        assert time.monotonic() - t0 < 5
+    assert not r.ok and r.error.startswith("compile timeout") and r.transient
+    with Runner(timeout_s=0.5) as runner:
+        r = runner.run(OP, kernel, "k.cu")
+    assert r.error == "timeout after 0.5s" and r.transient
+
 def test_worker_sets_omp_stacksize(measurer):
     assert measurer.measure_one(Candidate(OP, key(9), NEEDS_STACKSIZE)).ok
 
