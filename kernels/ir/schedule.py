@@ -752,10 +752,15 @@ class Schedule:
 
     @cached_property
     def nest(self) -> LoopNest:
-        if not self.steps:
-            return initial_nest(self.op)
-        nest = _NESTS.get(self.op, self.steps)
-        return nest if nest is not None else Schedule(self.op, self.steps[:-1]).apply(self.steps[-1]).nest
+        """Replayed from the longest prefix of the steps whose nest is remembered."""
+        done, nest = len(self.steps), None
+        while done and (nest := _NESTS.get(self.op, self.steps[:done])) is None:
+            done -= 1
+        s = Schedule(self.op, self.steps[:done])
+        s.__dict__["nest"] = nest if done else initial_nest(self.op)
+        for step in self.steps[done:]:
+            s = s.apply(step)
+        return s.nest
 
     def apply(self, step: Step) -> "Schedule":
         new = Schedule(self.op, self.steps + (step,))

@@ -354,3 +354,10 @@ def test_a_replayed_schedule_builds_its_own_operators_nest():
     for _ in range(2):
         with pytest.raises(ScheduleError):
             Schedule(a, steps).split("nowhere", 2)
+
+
+def test_a_long_schedule_replays_without_recursion():
+    """A schedule of many steps (a file can hold any number) builds its nest step by step."""
+    op = make_op("matmul", "64x64x64")
+    steps = (Reorder(("j", "i")), Reorder(("i", "j"))) * 1500
+    assert Schedule(op, steps).nest.loops == Schedule(op).nest.loops
