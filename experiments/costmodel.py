@@ -39,6 +39,7 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -187,14 +188,17 @@ def generate(specs: list[str], out_dir: str | Path, seed: int = 0, max_steps: in
 def throughput(model, schedules: list, min_s: float = 1.0) -> dict:
     """Predictions per second, featurization included, from an empty feature cache: on
     schedules whose loop nest is known (built step by step, as a search builds them)
-    and on schedules rebuilt from their steps (the nest replayed too)."""
+    and on schedules rebuilt from their steps (the nest replayed too: each round on copies of
+    the operators, whose nests are not remembered yet)."""
     from kernels.ir.schedule import Schedule
 
     out = {}
     for name, fresh in (("predict_per_s", False), ("predict_from_steps_per_s", True)):
         n, spent = 0, 0.0
         while schedules and spent < min_s and n < 50_000:
-            batch = [Schedule(s.op, s.steps) for s in schedules] if fresh else list(schedules)
+            ops: dict[int, object] = {}
+            batch = [Schedule(ops.setdefault(id(s.op), copy.copy(s.op)), s.steps) for s in schedules] if fresh \
+                else list(schedules)
             model.clear_cache()
             t0 = time.perf_counter()
             model.predict(batch)
