@@ -210,7 +210,7 @@ def _rank(schedules: list[Schedule], model) -> list[Schedule]:
 
 def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[int], list[Schedule]],
                   population: int = 64, generations: int = 4, explore: int = 2,
-                  local: int = 3, fresh: int = 8) -> None:
+                  local: int = 5, fresh: int = 8) -> None:
     """Measure, round after round, the predicted best of an evolving population.
 
     ``propose(n)`` draws ``n`` new schedules (policy samples, or sketches and random rollouts): a whole
