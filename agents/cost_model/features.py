@@ -21,7 +21,9 @@ NEST_LOOP_FEATURES = ("guarded",        # the loop's variable is in a split tail
                       "log_inner",      # log2(1 + iterations of this loop and those inside it)
                       "log_bytes",      # log2(1 + bytes of all tensors this loop and those inside touch)
                       "lane_fill",      # vectorized: extent / extent rounded up to the lanes
-                      "core_fill")      # parallel: extent / extent rounded up to the cores
+                      "core_fill")      # parallel: extent / extent rounded up to the cores; bound to
+                                        # blockIdx: the grid's blocks over whole waves of multiprocessors;
+                                        # to threadIdx: the block's threads over whole warps
 NEST_GLOBAL_FEATURES = ("log_padding",  # log2(iterations run / iterations needed), over all tails
                         "log_body",     # log2(1 + iterations of the innermost unrolled/vectorized loops)
                         "log_tile",     # log2(1 + elements of the cache_write tile)
@@ -46,14 +48,20 @@ def nest_features(info: NestInfo, target: Target) -> np.ndarray:
         linear, _ = e.coefs()
         covered = e.const + 1 + sum(c * (extent.get(v, 1) - 1) for v, c in linear.items())
         padding += math.log2(max(covered, n) / n)
+    blocks = math.prod(l.extent for l in loops if l.kind.startswith("bind:blockIdx"))
+    threads = math.prod(l.extent for l in loops if l.kind.startswith("bind:threadIdx"))
     inner = 1
     for i in range(len(loops) - 1, -1, -1):
         l = loops[i]
         inner *= l.extent
-        kind = "parallel" if l.kind.startswith("bind") else l.kind
+        if l.kind.startswith("bind:blockIdx"):      # the grid's last wave over the multiprocessors
+            fill = blocks / _round_up(blocks, max(target.cores, 1))
+        elif l.kind.startswith("bind:threadIdx"):   # the block's last warp
+            fill = threads / _round_up(threads, 32)
+        else:
+            fill = l.extent / _round_up(l.extent, max(target.cores, 1)) if l.kind == "parallel" else 0.0
         rows[i] = (l.name in guarded, math.log2(1 + inner), math.log2(1 + 4 * sum(box[t][i] for t in tensors)),
-                   l.extent / _round_up(l.extent, target.vector_lanes) if kind == "vectorize" else 0.0,
-                   l.extent / _round_up(l.extent, max(target.cores, 1)) if kind == "parallel" else 0.0)
+                   l.extent / _round_up(l.extent, target.vector_lanes) if l.kind == "vectorize" else 0.0, fill)
     body = 1
     for l in reversed(loops):
         if l.kind not in ("unroll", "vectorize"):

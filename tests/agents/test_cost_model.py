@@ -219,6 +219,32 @@ def test_nest_columns_of_an_expert_with_tails(monkeypatch):
     assert glob["log_tile"] == pytest.approx(math.log2(257)) and glob["log_packed"] == pytest.approx(math.log2(1 + 129 * 32))
 
 
+def test_gpu_fill_columns_are_the_grids_last_wave_and_the_blocks_last_warp():
+    """On a GPU the fill of a bound loop is the whole grid's over the multiprocessors (1400
+    blocks run in 11 waves of 132: 1400 of 1452 slots) and the whole block's over warps (3 x 7
+    threads: 21 of 32 lanes), not one loop's extent over the CPU's cores."""
+    from agents.cost_model.features import NEST_LOOP_FEATURES, NEST_LOOP_WIDTH, nest_features
+    from envs.actions import MAX_LOOPS, NestInfo
+    from kernels.ir.schedule import Schedule
+    from kernels.target import target_or_description
+
+    target, op = target_or_description("cuda"), make_op("matmul", "300x96x8")
+    assert target.cores == 132
+    steps = [{"step": "Split", "loop": "i", "factor": 3}, {"step": "Split", "loop": "j", "factor": 7},
+             {"step": "Reorder", "order": ["i_o", "j_o", "i_i", "j_i", "k"]},
+             {"step": "Bind", "loop": "i_o", "thread_axis": "blockIdx.y"},
+             {"step": "Bind", "loop": "j_o", "thread_axis": "blockIdx.x"},
+             {"step": "Bind", "loop": "i_i", "thread_axis": "threadIdx.y"},
+             {"step": "Bind", "loop": "j_i", "thread_axis": "threadIdx.x"}]
+    nest = Schedule.from_json({"steps": steps}, op).nest
+    assert [(l.extent, l.kind) for l in nest.loops] == [
+        (100, "bind:blockIdx.y"), (14, "bind:blockIdx.x"), (3, "bind:threadIdx.y"), (7, "bind:threadIdx.x"),
+        (8, "serial")]
+    x = nest_features(NestInfo(op, nest), target)
+    fill = x[:MAX_LOOPS * NEST_LOOP_WIDTH].reshape(MAX_LOOPS, -1)[:5, NEST_LOOP_FEATURES.index("core_fill")]
+    assert fill == pytest.approx([1400 / 1452, 1400 / 1452, 21 / 32, 21 / 32, 0.0])
+
+
 # ---------------------------------------------------------------- logs
 
 def test_records_from_logs_skips_corrupt_lines_and_other_targets(tmp_path, data, caplog):
