@@ -57,7 +57,7 @@ def nest_features(info: NestInfo, target: Target) -> np.ndarray:
         if l.kind.startswith("bind:blockIdx"):      # the grid's last wave over the multiprocessors
             fill = blocks / _round_up(blocks, max(target.cores, 1))
         elif l.kind.startswith("bind:threadIdx"):   # the block's last warp
-            fill = threads / _round_up(threads, 32)
+            fill = threads / _round_up(threads, target.vector_lanes)
         else:
             fill = l.extent / _round_up(l.extent, max(target.cores, 1)) if l.kind == "parallel" else 0.0
         rows[i] = (l.name in guarded, math.log2(1 + inner), math.log2(1 + 4 * sum(box[t][i] for t in tensors)),
