@@ -756,11 +756,11 @@ class Schedule:
         done, nest = len(self.steps), None
         while done and (nest := _NESTS.get(self.op, self.steps[:done])) is None:
             done -= 1
-        s = Schedule(self.op, self.steps[:done])
-        s.__dict__["nest"] = nest if done else initial_nest(self.op)
-        for step in self.steps[done:]:
-            s = s.apply(step)
-        return s.nest
+        nest = nest if done else initial_nest(self.op)
+        for i in range(done, len(self.steps)):   # the longer prefixes are known to be missing
+            nest = _apply(self.op, nest, self.steps[i])
+            _NESTS.put(self.op, self.steps[:i + 1], nest)
+        return nest
 
     def apply(self, step: Step) -> "Schedule":
         new = Schedule(self.op, self.steps + (step,))

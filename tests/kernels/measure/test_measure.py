@@ -152,7 +152,6 @@ def test_a_hopeless_kernel_is_not_waited_for(builder):
     assert not r.ok and r.error == f"timeout after {SLOW_GRACE_S + 0.1:g}s"
 
 
-
 class _EndlessCompile:
     """A CUDA worker stand-in: its inputs are ready at once, its compile never ends."""
 
@@ -193,6 +192,7 @@ def test_a_search_gives_up_a_compile_past_its_limit(monkeypatch):
     with Runner(timeout_s=0.5) as runner:
         r = runner.run(OP, kernel, "k.cu")
     assert r.error == "timeout after 0.5s" and r.transient
+
 
 def test_worker_sets_omp_stacksize(measurer):
     assert measurer.measure_one(Candidate(OP, key(9), NEEDS_STACKSIZE)).ok
