@@ -9,13 +9,14 @@ the input a tensor or a tuple of tensors.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from kernels.ir.ops import run_user_file
 
 
 class ModelError(ValueError):
@@ -183,14 +184,7 @@ def load_model(spec: str, batch: int = 1, seed: int = 0) -> tuple[str, nn.Module
 
 def _from_file(path: str, factory: str) -> tuple:
     """Runs the user's own module file (code the user chose to run, unlike data files)."""
-    if not Path(path).is_file():
-        raise ModelError(f"model file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"user_model_{Path(path).stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    except Exception as e:
-        raise ModelError(f"{path} failed to import: {type(e).__name__}: {e}") from None
+    mod = run_user_file(path, "user_model_", ModelError)
     fn = getattr(mod, factory, None)
     if not callable(fn):
         raise ModelError(f"{path} has no function {factory!r}")

@@ -324,18 +324,29 @@ def register(kind: str, builder: Callable[..., dict], params: tuple[str, ...]) -
     OPERATORS[kind] = (builder, tuple(params), 0)
 
 
-def load_operators(path: str | os.PathLike) -> None:
-    """Run the operator file ``path`` (your own code, by your choice: it calls ``register``)."""
+def run_user_file(path: str | os.PathLike, prefix: str, error: type[Exception]):
+    """Import the Python file ``path`` as a module named ``prefix`` + its stem: code the
+    user chose to run (an operator or model file, unlike the data files a user is
+    handed). A missing file or any exception it raises becomes one ``error`` line."""
     if not Path(path).is_file():
-        raise OperatorError(f"${OPERATORS_ENV}: no file {str(path)!r}")
-    spec = importlib.util.spec_from_file_location(f"schedgym_operators_{Path(path).stem}", path)
+        raise error(f"no file {str(path)!r}")
+    spec = importlib.util.spec_from_file_location(f"{prefix}{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except OperatorError as e:
-        raise OperatorError(f"${OPERATORS_ENV}: {path}: {e}") from None
+    except error as e:
+        raise error(f"{path}: {e}") from None
     except Exception as e:
-        raise OperatorError(f"${OPERATORS_ENV}: {path} failed: {type(e).__name__}: {e}") from None
+        raise error(f"{path} failed to import: {type(e).__name__}: {e}") from None
+    return module
+
+
+def load_operators(path: str | os.PathLike) -> None:
+    """Run the operator file ``path`` (your own code, by your choice: it calls ``register``)."""
+    try:
+        run_user_file(path, "schedgym_operators_", OperatorError)
+    except OperatorError as e:
+        raise OperatorError(f"${OPERATORS_ENV}: {e}") from None
 
 
 def _load_operator_files() -> None:
