@@ -17,8 +17,8 @@ Suites:
   env-cpu       environment steps per second without measuring; where a random episode's time goes
   search-cpu    agents under one measurement budget: measurements to 90% of random search's best
   zeroshot-cpu  the shipped policy on held-out shapes (budget 1 and 8) vs annealing (budget 256)
-  ppo-cpu       trained policies (--policy) against the shipped ones: greedy kernels, budget 8
-  ppo-cuda      trained GPU policies (--policy, --dtype) against the shipped ones: greedy kernels
+  ppo-cpu       trained policies (--policy) against the shipped ones (or --against): greedy kernels, budget 8
+  ppo-cuda      trained GPU policies (--policy, --dtype) against the shipped ones (or --against): greedy kernels
                 where they differ, on shapes no GPU family trains on
   cluster-cpu   measurements per minute of a random search: local backend vs Ray with 1 and 2
                 runners on this machine, and the per-candidate costs on Ray (build, transfer, run)
@@ -108,6 +108,8 @@ class Config:
                        choices=["fp32", "tf32", "bf16", "fp16"])
     policy: list | None = field(None, help="trained policies (each a .pt, its .json beside it) that ppo-cpu "
                                            "and ppo-cuda compare with the shipped one of their operator", nargs="+")
+    against: str | None = field(None, help="ppo-cpu, ppo-cuda: the policy (.pt) each --policy is compared with, "
+                                           "in place of the shipped one (e.g. the imitation a PPO run started from)")
     time_limit: float = field(0, help="seconds after which tiles-cuda, conv-tiles-cuda and heldout-cuda start no "
                                       "new row and write the rows measured (0: no limit), so that a limit on the "
                                       "command costs the rows not yet measured, not the section")
@@ -792,56 +794,72 @@ def _zeroshot_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
 
 
 def _ppo(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
-    """Each trained policy against the shipped one of its operator on shapes no training
-    saw: on the CPU the held-out shapes of the operator's default family, their greedy
-    kernels timed head to head with the expert's and a tune of 8 measurements with each;
-    on the GPU (``--dtype`` names the policies' dtype) every shape no GPU family trains on,
-    the greedy kernels timed where the two policies' differ."""
+    """Each trained policy against a base policy of its operator (``--against``, else the
+    shipped one) on shapes no training saw: the greedy kernels of the held-out split and
+    40 drawn shapes, timed where the two differ; on the CPU also a tune of 8 measurements
+    with each on the held-out shapes."""
     if not cfg.policy:
         raise ValueError(f"--suite {cfg.suite} needs --policy PATH...: trained policies to compare with the "
                          "shipped ones")
-    metas = []
-    for path in cfg.policy:
-        spec = Path(path).with_suffix(".json")
-        if not spec.is_file():
-            raise ValueError(f"{spec} not found: a policy's .json must lie beside its .pt")
-        metas.append(json.loads(spec.read_text()))
-    if target.kind == "cuda":
-        lines, results = [], []
-        for path, meta in zip(cfg.policy, metas):
-            more, rows = _greedy_against_shipped_cuda(path, meta, cfg, target)
+    from .pretrained import policy_path
+
+    metas = [_policy_spec(path) for path in cfg.policy]
+    base_spec = _policy_spec(cfg.against) if cfg.against else None
+    lines, results = [], []
+    for path, meta in zip(cfg.policy, metas):
+        if base_spec and base_spec.get("op") != meta.get("op"):
+            raise ValueError(f"--against {cfg.against} is a {base_spec.get('op')} policy, {path} a "
+                             f"{meta.get('op')} one")
+        base = cfg.against or os.path.relpath(policy_path(make_op(meta["op"], _shapes_of(meta["op"], target)[0][0],
+                                                                  cfg.dtype), target.kind))   # as a user names it
+        if target.kind == "cpu":
+            more, rows = _budget8_against(path, base, meta, cfg.rounds)
             lines += more + [""]
             results += rows
-        return lines, results
-    lines, results = [f"Each trained policy against the shipped one of its operator on the held-out shapes of the "
-                      f"operator's family. *greedy*: each policy's greedy schedule (what `tune --agent ppo --budget 1` "
-                      f"builds), timed with the expert's in {cfg.rounds} alternating rounds (median ms; *same* where "
-                      "the two policies build the same kernel); *budget 8*: `tune --agent ppo --budget 8 --policy P`, "
-                      "its best kernel against the expert timed in that run's final rounds."], []
-    for path, meta in zip(cfg.policy, metas):
-        more, rows = _policy_against_shipped(path, meta, cfg.rounds)
-        lines += [""] + more
+        more, rows = _greedy_against(path, base, meta, cfg, target)
+        lines += more + [""]
         results += rows
     return lines, results
 
 
-def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[str], list[dict]]:
+def _policy_spec(path: str) -> dict:
+    spec = Path(path).with_suffix(".json")
+    if not spec.is_file():
+        raise ValueError(f"{spec} not found: a policy's .json must lie beside its .pt")
+    return json.loads(spec.read_text())
+
+
+def _shapes_of(kind: str, target: Target) -> tuple[list[str], list[str]]:
+    """An operator's held-out shapes and 40 drawn ones that no family of the target trains on."""
+    from .shapes import CPU_DRAWN, GPU_DRAWN, family
+
+    drawn = GPU_DRAWN if target.kind == "cuda" else CPU_DRAWN
+    if kind not in drawn:
+        raise ValueError(f"a policy for {kind!r}; --suite ppo-{target.kind} compares {', '.join(drawn)} policies")
+    return family(kind, "held_out", "gpu-more" if target.kind == "cuda" else "many"), drawn[kind]
+
+
+def _budget8_against(path: str, base: str, meta: dict, rounds: int) -> tuple[list[str], list[dict]]:
+    """On each held-out shape: both greedy kernels timed with the expert's, and a tune of 8
+    measurements proposed by each policy."""
     from agents.policy import load_policy
     from agents.rollout import PolicyDraw, rollout
     from envs.actions import ActionTable
     from kernels.measure.comparison import compare_with_library
 
     from . import tune
-    from .pretrained import policy_path
-    from .shapes import family
 
     kind, target = meta.get("op"), get_target("cpu")
-    shapes = family(kind, "held_out")
-    policies = {"shipped": os.path.relpath(policy_path(make_op(kind, shapes[0]), "cpu")), "trained": path}
-    lines = [f"{kind}: `{policies['shipped']}` (*shipped*) against `{path}` (*trained*"
-             + (f": `{meta['command']}`" if meta.get("command") else "") + ").", "",
-             "| op | shape | greedy: same kernel | shipped ms | trained ms | expert ms | trained / shipped | "
-             "budget 8: shipped of expert | trained of expert |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    shapes, _ = _shapes_of(kind, target)
+    policies = {"base": base, "trained": path}
+    lines = [f"{kind}: `{base}` (*base*) against `{path}` (*trained*"
+             + (f": `{meta['command']}`" if meta.get("command") else "") + "), on the held-out shapes. *greedy*: "
+             "each policy's greedy schedule (what `tune --agent ppo --budget 1` builds), timed with the expert's "
+             f"in {rounds} alternating rounds (median ms; *same* where the two build the same kernel); *budget 8*: "
+             "`tune --agent ppo --budget 8 --policy P`, its best kernel against the expert timed in that run's "
+             "final rounds.", "",
+             "| op | shape | greedy: same kernel | base ms | trained ms | expert ms | trained / base | "
+             "budget 8: base of expert | trained of expert |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     results = []
     builder, runner = Builder(), Runner()
     # one network each: a target's action table is the same for every shape of an operator
@@ -858,51 +876,47 @@ def _policy_against_shipped(path: str, meta: dict, rounds: int) -> tuple[list[st
             comps = dict(zip(kernels, compare_with_library(runner, op, [(k, paths[n]) for n, k in kernels.items()],
                                                            target, rounds=rounds)))
             ms = {n: c.time_ms if c.ok else math.inf for n, c in comps.items()}
-            same = scheds["shipped"].key() == scheds["trained"].key()
+            same = scheds["base"].key() == scheds["trained"].key()
             eight = {n: tune.run(tune.Config(op=kind, shape=shape, agent="ppo", budget=8, policy=p, runs=runs))
                      for n, p in policies.items()}
             of_expert = {n: r["fraction_of_expert"] for n, r in eight.items()}
-            lines.append(f"| {kind} | {shape} | {'yes' if same else 'no'} | {ms['shipped']:.3f} | "
-                         f"{ms['trained']:.3f} | {ms['expert']:.3f} | {ms['shipped'] / ms['trained']:.2f} | "
-                         f"{of_expert['shipped']:.2f} | {of_expert['trained']:.2f} |")
+            lines.append(f"| {kind} | {shape} | {'yes' if same else 'no'} | {ms['base']:.3f} | "
+                         f"{ms['trained']:.3f} | {ms['expert']:.3f} | {ms['base'] / ms['trained']:.2f} | "
+                         f"{of_expert['base']:.2f} | {of_expert['trained']:.2f} |")
             results.append({"op": kind, "shape": shape, "same_greedy_kernel": same,
                             **{f"{n}_ms": t for n, t in ms.items()},
                             **{f"{n}_budget8_of_expert": f for n, f in of_expert.items()}})
     return lines, results
 
 
-NOISE = 0.97   # two kernels' ratio within 3% of 1: the same speed, as far as a few rounds on a GPU can tell
+NOISE = 0.97   # two kernels' ratio within 3% of 1: the same speed, as far as a few rounds can tell
 
 
-def _greedy_against_shipped_cuda(path: str, meta: dict, cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
-    """A trained GPU policy's greedy kernels against the shipped policy's (of ``cfg.dtype``)
-    on the held-out split and GPU_DRAWN's shapes: where the two differ, both timed against
-    the expert in the same alternating rounds (a policy that rebuilds the shipped one's
-    kernel everywhere changes nothing, and costs no GPU time)."""
+def _greedy_against(path: str, base: str, meta: dict, cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
+    """A trained policy's greedy kernels against the base policy's on the held-out split
+    and 40 drawn shapes: where the two differ, both timed against the expert (on a GPU in
+    the same alternating rounds, on a CPU each in turn with it); a policy that rebuilds the
+    base one's kernel everywhere changes nothing, and costs no timing."""
     from agents.policy import load_policy
     from agents.rollout import PolicyDraw, rollout
     from envs.actions import ActionTable
     from kernels.measure.comparison import speedups_over
 
-    from .pretrained import policy_path
-    from .shapes import GPU_DRAWN, family
-
     kind = meta.get("op")
-    if kind not in GPU_DRAWN:
-        raise ValueError(f"{path}: a policy for {kind!r}; --suite ppo-cuda compares {' and '.join(GPU_DRAWN)} policies")
     if meta.get("dtype", cfg.dtype) != cfg.dtype:   # policies saved before the field lack it
         raise ValueError(f"{path} was trained for {meta['dtype']}: compare it with --dtype {meta['dtype']}")
-    held_out = family(kind, "held_out", "gpu-more")
-    shapes = [*held_out, *GPU_DRAWN[kind]]
-    shipped = os.path.relpath(policy_path(make_op(kind, shapes[0], cfg.dtype), "cuda"))   # as a user names it
-    policies = {"shipped": shipped, "trained": path}
-    lines = [f"{kind} in {cfg.dtype}: `{shipped}` (*shipped*) against `{path}` (*trained*"
-             + (f": `{meta['command']}`" if meta.get("command") else "") + f"), greedy, on the {len(held_out)} "
-             f"held-out shapes and the {len(GPU_DRAWN[kind])} of `shapes.GPU_DRAWN`. Where their kernels differ, "
-             f"both are timed with the expert's in {cfg.rounds} alternating rounds (*of expert*: the median "
-             "per-round ratio of the expert's time to the kernel's; 0: failed).", "",
-             "| shape | split | shipped is expert | trained is expert | shipped of expert | trained of expert | "
-             "trained / shipped |", "|---|---|---|---|---:|---:|---:|"]
+    held_out, drawn = _shapes_of(kind, target)
+    shapes = [*held_out, *drawn]
+    policies = {"base": base, "trained": path}
+    timing = (f"in {cfg.rounds} alternating rounds (*of expert*: the median per-round ratio"
+              if target.kind == "cuda" else "each in turn with it (*of expert*: the median over pairs of short "
+              "blocks") + " of the expert's time to the kernel's; 0: failed)."
+    lines = [f"{kind}{f' in {cfg.dtype}' if target.kind == 'cuda' else ''}: `{base}` (*base*) against `{path}` "
+             f"(*trained*), greedy, on the {len(held_out)} held-out shapes and the {len(drawn)} of "
+             f"`shapes.{'GPU' if target.kind == 'cuda' else 'CPU'}_DRAWN`. Where their kernels differ, both are "
+             f"timed with the expert's {timing}", "",
+             "| shape | split | base is expert | trained is expert | base of expert | trained of expert | "
+             "trained / base |", "|---|---|---|---|---:|---:|---:|"]
     # one network each: a target's action table is the same for every shape of an operator
     nets = {name: load_policy(p, make_op(kind, shapes[0], cfg.dtype), target) for name, p in policies.items()}
     results, measurer = [], Measurer(target)
@@ -916,29 +930,30 @@ def _greedy_against_shipped_cuda(path: str, meta: dict, cfg: Config, target: Tar
             kernel = {name: _same_kernel_key(s, target) for name, s in {**scheds, "expert": expert}.items()}
             row = {"op": kind, "shape": shape, "split": "held_out" if shape in held_out else "drawn",
                    **{f"{n}_is_expert": kernel[n] == kernel["expert"] for n in policies}}
-            if kernel["shipped"] != kernel["trained"]:
+            if kernel["base"] != kernel["trained"]:
                 print(f"{kind} {shape}: timing the two greedy kernels ...", file=sys.stderr, flush=True)
-                of_shipped, of_trained = speedups_over(op, [scheds["shipped"], scheds["trained"]], expert, target,
-                                                       measurer, cfg.rounds)
-                row |= {"shipped_of_expert": of_shipped, "trained_of_expert": of_trained}
-                ratio = f"{of_trained / of_shipped:.2f}" if of_shipped else "-"
-                lines.append(f"| {shape} | {row['split']} | {'yes' if row['shipped_is_expert'] else 'no'} | "
-                             f"{'yes' if row['trained_is_expert'] else 'no'} | {of_shipped:.2f} | {of_trained:.2f} | "
+                of_base, of_trained = speedups_over(op, [scheds["base"], scheds["trained"]], expert, target,
+                                                    measurer, cfg.rounds)
+                row |= {"base_of_expert": of_base, "trained_of_expert": of_trained}
+                ratio = f"{of_trained / of_base:.2f}" if of_base else "-"
+                lines.append(f"| {shape} | {row['split']} | {'yes' if row['base_is_expert'] else 'no'} | "
+                             f"{'yes' if row['trained_is_expert'] else 'no'} | {of_base:.2f} | {of_trained:.2f} | "
                              f"{ratio} |")
             results.append(row)
     finally:
-        measurer.runner.close()
+        measurer.close()
     timed = [r for r in results if "trained_of_expert" in r]
-    ratios = [r["trained_of_expert"] / r["shipped_of_expert"] for r in timed
-              if r["shipped_of_expert"] and r["trained_of_expert"]]
+    ratios = [r["trained_of_expert"] / r["base_of_expert"] for r in timed
+              if r["base_of_expert"] and r["trained_of_expert"]]
     geomean = statistics.geometric_mean(ratios) if ratios else None
     worse_held_out = [r["shape"] for r in timed if r["split"] == "held_out"   # beyond the rounds' noise
-                      and r["trained_of_expert"] < NOISE * r["shipped_of_expert"]]
+                      and r["trained_of_expert"] < NOISE * r["base_of_expert"]]
     experts = {n: sum(r[f"{n}_is_expert"] for r in results) for n in policies}
+    faster, slower = sum(r > 1 / NOISE for r in ratios), sum(r < NOISE for r in ratios)
     lines += ["", f"The greedy kernels differ on {len(timed)} of {len(results)} shapes"
-              + (f"; trained / shipped geomean {geomean:.2f} there, range {min(ratios):.2f}-{max(ratios):.2f}"
-                 if ratios else "")
-              + f". The expert's kernel: shipped on {experts['shipped']}, trained on {experts['trained']}."
+              + (f"; trained / base geomean {geomean:.2f} there, range {min(ratios):.2f}-{max(ratios):.2f}, "
+                 f"trained faster by more than {1 - NOISE:.0%} on {faster}, slower on {slower}" if ratios else "")
+              + f". The expert's kernel: base on {experts['base']}, trained on {experts['trained']}."
               + (f" Trained slower by more than {1 - NOISE:.0%} on held-out {', '.join(worse_held_out)}."
                  if worse_held_out else "")]
     return lines, results
@@ -1339,8 +1354,8 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "env-cpu": "Environment throughput and episode time split",
           "search-cpu": "Search agents under one measurement budget",
           "zeroshot-cpu": "Zero-shot tuning of held-out shapes",
-          "ppo-cpu": "A trained policy against the shipped one: greedy kernels and 8 measurements on held-out shapes",
-          **{f"ppo-cuda-{d}": f"A trained GPU policy against the shipped one in {d}: greedy kernels on shapes no "
+          "ppo-cpu": "A trained policy against another: greedy kernels and 8 measurements on shapes it never saw",
+          **{f"ppo-cuda-{d}": f"A trained GPU policy against another in {d}: greedy kernels on shapes no "
              "GPU family trains on" for d in ("fp32", "tf32", "bf16", "fp16")},
           "cluster-cpu": "Measuring on a Ray cluster: throughput and cost per candidate",
           "cluster-cuda": "Measuring on several GPUs of one host: candidates per minute and train steps per second",
@@ -1389,7 +1404,7 @@ def run(cfg: Config) -> dict:
     stamp = datetime.date.today().isoformat()
     section, options = cfg.suite, ""
     if cfg.suite.startswith("ppo-") and cfg.policy:
-        options = " --policy " + " ".join(cfg.policy)
+        options = " --policy " + " ".join(cfg.policy) + (f" --against {cfg.against}" if cfg.against else "")
         if cfg.suite == "ppo-cuda":   # a section for each dtype
             section, options = f"ppo-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}{options}"
     elif cfg.suite == "heldout-cuda" and cfg.dtype != "fp32":   # a section for each dtype

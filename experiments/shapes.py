@@ -154,6 +154,12 @@ for _op, _ranking in SHAPE_SETS["ranking"].items():
     FAMILIES[_op]["many"] = _grown(_default, _drawn(_op, 60, 1, _known))
 
 
+# 40 shapes of each operator drawn the same way (seed 2) outside the "many" family: a
+# trained CPU policy's greedy kernels are compared with another's there (benchmark ppo-cpu).
+CPU_DRAWN = {_op: _drawn(_op, 40, 2, {*FAMILIES[_op]["many"]["train"], *FAMILIES[_op]["many"]["held_out"]})
+             for _op in SHAPE_SETS["ranking"]}
+
+
 # The GPU's matmul family grown the same way ("gpu-many"): the bf16 CUDA policy imitating it
 # rebuilds the expert on 21 of 40 fresh drawn shapes, the one imitating the "gpu" split on 9.
 _gpu = FAMILIES["matmul"]["gpu"]

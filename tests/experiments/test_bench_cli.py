@@ -358,6 +358,8 @@ def test_a_model_that_fails_costs_only_its_row(monkeypatch):
 @pytest.mark.parametrize("args,message", [
     ([], "error: --suite ppo-cpu needs --policy PATH..."),
     (["--policy", "nowhere/policy.pt"], "error: nowhere/policy.json not found"),
+    (["--policy", "experiments/pretrained/cpu/matmul-ppo.pt", "--against", "experiments/pretrained/cpu/conv2d-ppo.pt"],
+     "error: --against experiments/pretrained/cpu/conv2d-ppo.pt is a conv2d policy"),
 ])
 def test_ppo_cpu_without_a_policy_is_one_clear_error(capsys, tmp_path, args, message):
     out = tmp_path / "BENCHMARKS.md"
@@ -386,7 +388,26 @@ def test_ppo_cuda_times_nothing_where_the_policies_build_the_same_kernels(tmp_pa
     assert "The greedy kernels differ on 0 of 44 shapes." in section
     rows = result["results"]
     assert len(rows) == 44 and sum(r["split"] == "held_out" for r in rows) == 4
-    assert all(r["trained_is_expert"] == r["shipped_is_expert"] for r in rows)
+    assert all(r["trained_is_expert"] == r["base_is_expert"] for r in rows)
+
+
+def test_ppo_cpu_greedy_kernels_of_one_policy_are_never_timed(monkeypatch):
+    """On the CPU the greedy comparison covers the held-out split and CPU_DRAWN; a policy
+    against itself builds the same kernels and times none."""
+    from experiments import benchmark
+    from kernels import target as targets
+    from kernels.measure import comparison
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("kernels alike were timed")
+
+    monkeypatch.setattr(comparison, "speedups_over", no_timing)
+    shipped = "experiments/pretrained/cpu/dense_bias_relu-ppo.pt"
+    lines, rows = benchmark._greedy_against(shipped, shipped, {"op": "dense_bias_relu"},
+                                            benchmark.Config(suite="ppo-cpu", policy=[shipped]), targets.cpu_target())
+    assert len(rows) == 43 and sum(r["split"] == "held_out" for r in rows) == 3
+    assert "`shapes.CPU_DRAWN`" in lines[0]
+    assert lines[-1].startswith("The greedy kernels differ on 0 of 43 shapes.")
 
 
 def test_ppo_cuda_times_differing_kernels_and_flags_a_held_out_loss_beyond_noise(monkeypatch):
@@ -405,8 +426,8 @@ def test_ppo_cuda_times_differing_kernels_and_flags_a_held_out_loss_beyond_noise
 
     monkeypatch.setattr(comparison, "speedups_over", speedups_over)
     monkeypatch.setattr(benchmark, "_same_kernel_key", lambda schedule, target: object())   # every kernel differs
-    lines, rows = benchmark._greedy_against_shipped_cuda(
-        "experiments/pretrained/cuda/matmul-ppo.pt", {"op": "matmul"},
+    lines, rows = benchmark._greedy_against(
+        "experiments/pretrained/cuda/matmul-ppo.pt", "experiments/pretrained/cuda/matmul-ppo.pt", {"op": "matmul"},
         benchmark.Config(suite="ppo-cuda", policy=["p"]), targets.cuda_target_for_compile())
     assert len(timed) == len(rows) == 44
     assert f"| {held_out[0]} | held_out | no | no | 1.00 | 0.90 | 0.90 |" in lines
