@@ -428,7 +428,7 @@ def tensor_tiling(op: Operator, target: Target, axes: tuple[str, str, str], tile
     a slice, and the buffers of the slice's stages (fewer where memory or the slices
     do not allow). Built in the order the tensor-core experts are: the instruction's
     tile innermost and tensorized first."""
-    ext, mk = op.extents, DTYPES[op.dtype].mma_k
+    mk = DTYPES[op.dtype].mma_k
     m, n, k = axes
 
     def split(s: Schedule, loop: str, f: int) -> tuple[Schedule, str, str | None]:

@@ -42,7 +42,6 @@ import contextlib
 import datetime
 import functools
 import json
-import math
 import os
 import resource
 import statistics
@@ -813,7 +812,7 @@ def _ppo(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
         base = cfg.against or os.path.relpath(policy_path(make_op(meta["op"], _shapes_of(meta["op"], target)[0][0],
                                                                   cfg.dtype), target.kind))   # as a user names it
         if target.kind == "cpu":
-            more, rows = _budget8_against(path, base, meta, cfg.rounds)
+            more, rows = _budget8_against(path, base, meta)
             lines += more + [""]
             results += rows
         more, rows = _greedy_against(path, base, meta, cfg, target)
@@ -839,53 +838,25 @@ def _shapes_of(kind: str, target: Target) -> tuple[list[str], list[str]]:
     return family(kind, "held_out", "gpu-more" if target.kind == "cuda" else "many"), drawn[kind]
 
 
-def _budget8_against(path: str, base: str, meta: dict, rounds: int) -> tuple[list[str], list[dict]]:
-    """On each held-out shape: both greedy kernels timed with the expert's, and a tune of 8
-    measurements proposed by each policy."""
-    from agents.policy import load_policy
-    from agents.rollout import PolicyDraw, rollout
-    from envs.actions import ActionTable
-    from kernels.measure.comparison import compare_with_library
-
+def _budget8_against(path: str, base: str, meta: dict) -> tuple[list[str], list[dict]]:
+    """A tune of 8 measurements proposed by each policy on each held-out shape (CPU)."""
     from . import tune
 
-    kind, target = meta.get("op"), get_target("cpu")
-    shapes, _ = _shapes_of(kind, target)
+    kind = meta.get("op")
+    shapes, _ = _shapes_of(kind, get_target("cpu"))
     policies = {"base": base, "trained": path}
     lines = [f"{kind}: `{base}` (*base*) against `{path}` (*trained*"
-             + (f": `{meta['command']}`" if meta.get("command") else "") + "), on the held-out shapes. *greedy*: "
-             "each policy's greedy schedule (what `tune --agent ppo --budget 1` builds), timed with the expert's "
-             f"in {rounds} alternating rounds (median ms; *same* where the two build the same kernel); *budget 8*: "
-             "`tune --agent ppo --budget 8 --policy P`, its best kernel against the expert timed in that run's "
-             "final rounds.", "",
-             "| op | shape | greedy: same kernel | base ms | trained ms | expert ms | trained / base | "
-             "budget 8: base of expert | trained of expert |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             + (f": `{meta['command']}`" if meta.get("command") else "") + "), a tune of 8 measurements on each "
+             "held-out shape with each policy proposing (`tune --agent ppo --budget 8 --policy P`): its best kernel "
+             "against the expert, timed in that run's final rounds.", "",
+             "| shape | base of expert | trained of expert |", "|---|---:|---:|"]
     results = []
-    builder, runner = Builder(), Runner()
-    # one network each: a target's action table is the same for every shape of an operator
-    nets = {name: load_policy(p, make_op(kind, shapes[0]), target) for name, p in policies.items()}
     with tempfile.TemporaryDirectory() as runs:
         for shape in shapes:
-            op = make_op(kind, shape)
-            table = ActionTable(op, target)
-            scheds = {name: rollout(op, table, PolicyDraw(net, deterministic=True)).schedule
-                      for name, net in nets.items()}
-            scheds["expert"] = expert_schedule(op, target)
-            kernels = {name: render(s, target) for name, s in scheds.items()}
-            paths = dict(zip(kernels, (b.path for b in builder.build(list(kernels.values())))))
-            comps = dict(zip(kernels, compare_with_library(runner, op, [(k, paths[n]) for n, k in kernels.items()],
-                                                           target, rounds=rounds)))
-            ms = {n: c.time_ms if c.ok else math.inf for n, c in comps.items()}
-            same = scheds["base"].key() == scheds["trained"].key()
-            eight = {n: tune.run(tune.Config(op=kind, shape=shape, agent="ppo", budget=8, policy=p, runs=runs))
-                     for n, p in policies.items()}
-            of_expert = {n: r["fraction_of_expert"] for n, r in eight.items()}
-            lines.append(f"| {kind} | {shape} | {'yes' if same else 'no'} | {ms['base']:.3f} | "
-                         f"{ms['trained']:.3f} | {ms['expert']:.3f} | {ms['base'] / ms['trained']:.2f} | "
-                         f"{of_expert['base']:.2f} | {of_expert['trained']:.2f} |")
-            results.append({"op": kind, "shape": shape, "same_greedy_kernel": same,
-                            **{f"{n}_ms": t for n, t in ms.items()},
-                            **{f"{n}_budget8_of_expert": f for n, f in of_expert.items()}})
+            of_expert = {n: tune.run(tune.Config(op=kind, shape=shape, agent="ppo", budget=8, policy=p,
+                                                 runs=runs))["fraction_of_expert"] for n, p in policies.items()}
+            lines.append(f"| {shape} | {of_expert['base']:.2f} | {of_expert['trained']:.2f} |")
+            results.append({"op": kind, "shape": shape, **{f"{n}_budget8_of_expert": f for n, f in of_expert.items()}})
     return lines, results
 
 

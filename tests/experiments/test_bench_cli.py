@@ -410,6 +410,25 @@ def test_ppo_cpu_greedy_kernels_of_one_policy_are_never_timed(monkeypatch):
     assert lines[-1].startswith("The greedy kernels differ on 0 of 43 shapes.")
 
 
+def test_ppo_cpu_tunes_each_held_out_shape_with_both_policies(monkeypatch):
+    from experiments import benchmark, tune
+    from experiments.shapes import family
+
+    tuned = []
+
+    def fake_run(cfg):
+        tuned.append((cfg.shape, cfg.policy, cfg.budget))
+        return {"fraction_of_expert": 1.1 if cfg.policy == "mine.pt" else 1.0}
+
+    monkeypatch.setattr(tune, "run", fake_run)
+    lines, rows = benchmark._budget8_against("mine.pt", "base.pt", {"op": "matmul"})
+    held_out = family("matmul", "held_out", "many")
+    assert tuned == [(s, p, 8) for s in held_out for p in ("base.pt", "mine.pt")]
+    assert f"| {held_out[0]} | 1.00 | 1.10 |" in lines
+    assert rows[0] == {"op": "matmul", "shape": held_out[0], "base_budget8_of_expert": 1.0,
+                       "trained_budget8_of_expert": 1.1}
+
+
 def test_ppo_cuda_times_differing_kernels_and_flags_a_held_out_loss_beyond_noise(monkeypatch):
     from experiments import benchmark
     from experiments.shapes import family
