@@ -176,15 +176,18 @@ def new_agent(env, hyperparameters: dict, policy_kwargs: dict | None = None, see
                        **hyperparameters)
 
 
-def load_agent(path: str | os.PathLike, env, op_kind: str, target_kind: str, seed: int = 0):
+def load_agent(path: str | os.PathLike, env, op_kind: str, target_kind: str, seed: int = 0,
+               hyperparameters: dict | None = None):
     """A MaskablePPO on ``env`` with the saved weights, optimizer state and timesteps, to
-    train further."""
+    train further; with ``hyperparameters``, a new run that starts from the saved weights
+    alone (its own learning rate and the like, a fresh optimizer, no timesteps)."""
     spec, weights = read(path, op_kind, target_kind, int(env.action_space.n))
-    agent = new_agent(env, _hyperparameters(spec), _policy_kwargs(spec), seed)
+    agent = new_agent(env, hyperparameters or _hyperparameters(spec), _policy_kwargs(spec), seed)
     _load_weights(agent.policy, weights["policy"], f"the weights of {path}")
-    if "optimizer" in weights:
-        _load_weights(agent.policy.optimizer, weights["optimizer"], f"the optimizer state of {path}")
-    agent.num_timesteps = int(spec.get("timesteps", 0))
+    if hyperparameters is None:
+        if "optimizer" in weights:
+            _load_weights(agent.policy.optimizer, weights["optimizer"], f"the optimizer state of {path}")
+        agent.num_timesteps = int(spec.get("timesteps", 0))
     return agent
 
 

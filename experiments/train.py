@@ -91,6 +91,9 @@ class Config:
                                             "e.g. of a teacher search on a GPU machine) in place of their shapes' "
                                             "experts; with --teacher-budget only the other shapes are searched",
                                  metavar="FILE")
+    init: str | None = field(None, help="start from this policy (a shipped or trained .pt, its .json beside it) "
+                                        "instead of imitating the experts: PPO (and --kl-coef's penalty) "
+                                        "fine-tunes it; its layer widths replace --width", metavar="POLICY")
     cost_model: str | None = field(None, help="pre-trained cost model (default: the shipped one)",
                                    metavar="PATH")
     seed: int = field(0, help="random seed")
@@ -234,6 +237,19 @@ def _recorded_teachers(record: Path, cfg: Config, shapes: list[str]) -> tuple[di
     return schedules, speedups
 
 
+def _check_init(cfg: Config, shape: str, target: Target) -> None:
+    """--init's policy fits this run (operator, target, actions, dtype), checked before a
+    run directory is made."""
+    from agents import policy
+    from envs.actions import ActionTable
+    from kernels.ir.ops import make_op
+
+    table = ActionTable(make_op(cfg.op, shape, cfg.dtype), target)
+    spec, _ = policy.read(cfg.init, cfg.op, target.kind, len(table))
+    if spec.get("dtype", cfg.dtype) != cfg.dtype:
+        raise ValueError(f"--init {cfg.init} was trained for {spec['dtype']}, not {cfg.dtype}")
+
+
 def run(cfg: Config) -> dict:
     if cfg.resume:
         cfg = resumed_config(cfg, keep=("json", "timesteps", "cluster", "gpus"))
@@ -247,10 +263,14 @@ def run(cfg: Config) -> dict:
         raise ValueError("--teacher-budget must be at least 0, and needs --imitation-epochs of at least 1")
     if cfg.width < 1:
         raise ValueError(f"--width must be at least 1, not {cfg.width}")
+    if cfg.init and not cfg.resume and not (cfg.timesteps or cfg.teacher_budget):
+        raise ValueError("--init trains nothing with --timesteps 0: give PPO steps or a --teacher-budget")
     check_dtype(cfg.dtype, cfg.target)
     target = _target(cfg)
     shapes = family(cfg.op, "small" if cfg.shapes == "small" else "train",
                     "default" if cfg.shapes == "small" else cfg.shapes)
+    if cfg.init and not cfg.resume:
+        _check_init(cfg, shapes[0], target)
 
     import torch
     from stable_baselines3.common.logger import configure
@@ -291,13 +311,16 @@ def run(cfg: Config) -> dict:
     policy_file = run_dir / "policy.pt"
     saved = policy_file if policy_file.is_file() else policy_file.with_suffix(".zip")  # an old run's: refused
     loaded = bool(cfg.resume) and saved.is_file()
+    hyperparameters = dict(n_steps=cfg.n_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                           ent_coef=cfg.ent_coef)
     if loaded:  # loaded before anything is written to the run directory
         agent = policy.load_agent(saved, envs, cfg.op, target.kind, seed=cfg.seed)
+    elif cfg.init:
+        agent = policy.load_agent(cfg.init, envs, cfg.op, target.kind, seed=cfg.seed,
+                                  hyperparameters=hyperparameters)
     else:
         layers = [cfg.width, cfg.width]
-        agent = policy.new_agent(envs, dict(n_steps=cfg.n_steps, batch_size=cfg.batch_size,
-                                            learning_rate=cfg.learning_rate, ent_coef=cfg.ent_coef),
-                                 dict(net_arch=dict(pi=layers, vf=layers)), seed=cfg.seed)
+        agent = policy.new_agent(envs, hyperparameters, dict(net_arch=dict(pi=layers, vf=layers)), seed=cfg.seed)
     teachers = speedups or None   # shape -> the teacher search's best over the expert, where one ran
     record = run_dir / "teachers.jsonl"
     if cfg.teachers and not cfg.resume:   # the run's record holds every teacher it imitates
@@ -314,6 +337,8 @@ def run(cfg: Config) -> dict:
         if loaded:   # the saved policy imitated the teachers found so far
             print(f"teacher search resumed: {len(found)} of {len(shapes)} shapes searched before",
                   file=sys.stderr)
+        elif cfg.init:
+            print(f"starting from {cfg.init}, not imitating the experts", file=sys.stderr)
         else:
             _imitate(cfg, agent, shapes, target, taught, writer)
         if unsearched:

@@ -217,6 +217,23 @@ def test_bad_input_gives_one_line(trained, tmp_path):
         cli("train", "--op", "matmul", "--kl-coef", "-1", cwd=tmp_path))
 
 
+def test_train_starts_from_a_given_policy(trained, tmp_path):
+    """--init fine-tunes a policy's weights with this run's PPO settings, no imitation."""
+    out = last_json(cli("train", "--op", "matmul", "--shapes", "small", "--init", str(trained / "policy.pt"),
+                        "--timesteps", "32", "--n-steps", "16", "--batch-size", "16", "--learning-rate", "0.001",
+                        "--runs", "runs", "--json", cwd=tmp_path))
+    assert 32 <= out["timesteps"] < 64, "a fresh run: the start's timesteps are not counted"
+    spec = json.loads((tmp_path / out["run_dir"] / "policy.json").read_text())
+    assert spec["hyperparameters"]["learning_rate"] == 0.001 and "--init" in spec["command"]
+    assert spec["policy_kwargs"] == json.loads((trained / "policy.json").read_text())["policy_kwargs"]
+    assert "--init trains nothing" in one_error_line(
+        cli("train", "--op", "matmul", "--init", str(trained / "policy.pt"), "--timesteps", "0", cwd=tmp_path))
+    assert "trained for matmul" in one_error_line(
+        cli("train", "--op", "conv2d", "--init", str(trained / "policy.pt"), "--timesteps", "8", "--runs", "bad",
+            cwd=tmp_path))
+    assert not (tmp_path / "bad").exists(), "a refused --init leaves no run directory"
+
+
 def test_train_resumes_without_measuring_again(trained, tmp_path):
     before = json.loads((trained / "policy.json").read_text())["timesteps"]
     lines_before = (trained / "tuning.jsonl").read_text().splitlines()
