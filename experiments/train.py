@@ -7,7 +7,8 @@ schedules replayed as environment actions on the train shapes (--imitation-epoch
 --teacher-budget N an evolutionary search of N measurements then tunes each train
 shape, proposals drawn from that policy, and the policy imitates, shape by shape, the
 fastest kernel found where it beats the expert (expert iteration: what the search
-found becomes what the policy proposes). With
+found becomes what the policy proposes). --init POLICY starts from a shipped or trained
+policy in place of the imitation of the experts. With
 --reward surrogate (default) the learned cost model rewards each step and is updated
 online from the measured final kernels; with --reward measure only measurements
 reward, and with --reward measure_vs_expert only measurements against the shape's
