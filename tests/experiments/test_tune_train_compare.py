@@ -219,9 +219,11 @@ def test_bad_input_gives_one_line(trained, tmp_path):
 
 def test_train_starts_from_a_given_policy(trained, tmp_path):
     """--init fine-tunes a policy's weights with this run's PPO settings, no imitation."""
-    out = last_json(cli("train", "--op", "matmul", "--shapes", "small", "--init", str(trained / "policy.pt"),
-                        "--timesteps", "32", "--n-steps", "16", "--batch-size", "16", "--learning-rate", "0.001",
-                        "--runs", "runs", "--json", cwd=tmp_path))
+    proc = cli("train", "--op", "matmul", "--shapes", "small", "--init", str(trained / "policy.pt"), "--width", "8",
+               "--timesteps", "32", "--n-steps", "16", "--batch-size", "16", "--learning-rate", "0.001",
+               "--runs", "runs", "--json", cwd=tmp_path)
+    out = last_json(proc)
+    assert "not imitating the experts" in proc.stderr and "imitation:" not in proc.stderr
     assert 32 <= out["timesteps"] < 64, "a fresh run: the start's timesteps are not counted"
     spec = json.loads((tmp_path / out["run_dir"] / "policy.json").read_text())
     assert spec["hyperparameters"]["learning_rate"] == 0.001 and "--init" in spec["command"]
