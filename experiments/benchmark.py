@@ -804,11 +804,16 @@ def _ppo(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
 
     metas = [_policy_spec(path) for path in cfg.policy]
     base_spec = _policy_spec(cfg.against) if cfg.against else None
-    lines, results = [], []
-    for path, meta in zip(cfg.policy, metas):
+    named = list(zip(cfg.policy, metas)) + ([(cfg.against, base_spec)] if base_spec else [])
+    for path, meta in named:   # every policy checked before anything is measured
+        if meta.get("target", target.kind) != target.kind:
+            raise ValueError(f"{path} is a policy for {meta['target']}: --suite {cfg.suite} compares "
+                             f"{target.kind} policies")
         if base_spec and base_spec.get("op") != meta.get("op"):
             raise ValueError(f"--against {cfg.against} is a {base_spec.get('op')} policy, {path} a "
                              f"{meta.get('op')} one")
+    lines, results = [], []
+    for path, meta in zip(cfg.policy, metas):
         base = cfg.against or os.path.relpath(policy_path(make_op(meta["op"], _shapes_of(meta["op"], target)[0][0],
                                                                   cfg.dtype), target.kind))   # as a user names it
         if target.kind == "cpu":

@@ -360,6 +360,8 @@ def test_a_model_that_fails_costs_only_its_row(monkeypatch):
     (["--policy", "nowhere/policy.pt"], "error: nowhere/policy.json not found"),
     (["--policy", "experiments/pretrained/cpu/matmul-ppo.pt", "--against", "experiments/pretrained/cpu/conv2d-ppo.pt"],
      "error: --against experiments/pretrained/cpu/conv2d-ppo.pt is a conv2d policy"),
+    (["--policy", "experiments/pretrained/cuda/matmul-ppo.pt"],
+     "error: experiments/pretrained/cuda/matmul-ppo.pt is a policy for cuda: --suite ppo-cpu compares cpu"),
 ])
 def test_ppo_cpu_without_a_policy_is_one_clear_error(capsys, tmp_path, args, message):
     out = tmp_path / "BENCHMARKS.md"
