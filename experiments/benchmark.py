@@ -812,6 +812,7 @@ def _ppo(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
         if base_spec and base_spec.get("op") != meta.get("op"):
             raise ValueError(f"--against {cfg.against} is a {base_spec.get('op')} policy, {path} a "
                              f"{meta.get('op')} one")
+        _shapes_of(meta.get("op"), target)   # an operator the suite has shapes for
     lines, results = [], []
     for path, meta in zip(cfg.policy, metas):
         base = cfg.against or os.path.relpath(policy_path(make_op(meta["op"], _shapes_of(meta["op"], target)[0][0],
