@@ -812,11 +812,13 @@ def _ppo(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
         if base_spec and base_spec.get("op") != meta.get("op"):
             raise ValueError(f"--against {cfg.against} is a {base_spec.get('op')} policy, {path} a "
                              f"{meta.get('op')} one")
-        _shapes_of(meta.get("op"), target)   # an operator the suite has shapes for
+        if meta.get("dtype", cfg.dtype) != cfg.dtype:   # policies saved before the field lack it
+            raise ValueError(f"{path} was trained for {meta['dtype']}: compare it with --dtype {meta['dtype']}")
+    # the shipped policy as a user names it; an operator the suite has no shapes for fails here
+    bases = [cfg.against or os.path.relpath(policy_path(make_op(meta["op"], _shapes_of(meta["op"], target)[0][0],
+                                                                cfg.dtype), target.kind)) for meta in metas]
     lines, results = [], []
-    for path, meta in zip(cfg.policy, metas):
-        base = cfg.against or os.path.relpath(policy_path(make_op(meta["op"], _shapes_of(meta["op"], target)[0][0],
-                                                                  cfg.dtype), target.kind))   # as a user names it
+    for path, meta, base in zip(cfg.policy, metas, bases):
         if target.kind == "cpu":
             more, rows = _budget8_against(path, base, meta)
             lines += more + [""]
@@ -880,8 +882,6 @@ def _greedy_against(path: str, base: str, meta: dict, cfg: Config, target: Targe
     from kernels.measure.comparison import speedups_over
 
     kind = meta.get("op")
-    if meta.get("dtype", cfg.dtype) != cfg.dtype:   # policies saved before the field lack it
-        raise ValueError(f"{path} was trained for {meta['dtype']}: compare it with --dtype {meta['dtype']}")
     held_out, drawn = _shapes_of(kind, target)
     shapes = [*held_out, *drawn]
     policies = {"base": base, "trained": path}

@@ -239,12 +239,14 @@ def _recorded_teachers(record: Path, cfg: Config, shapes: list[str]) -> tuple[di
 
 
 def _check_init(cfg: Config, shape: str, target: Target) -> None:
-    """--init's policy fits this run (operator, target, actions, dtype), checked before a
-    run directory is made."""
+    """--init's policy fits this run (operator, target, actions, dtype) and the run trains
+    it, checked before a run directory is made."""
     from agents import policy
     from envs.actions import ActionTable
     from kernels.ir.ops import make_op
 
+    if not (cfg.timesteps or cfg.teacher_budget):
+        raise ValueError("--init trains nothing with --timesteps 0: give PPO steps or a --teacher-budget")
     table = ActionTable(make_op(cfg.op, shape, cfg.dtype), target)
     spec, _ = policy.read(cfg.init, cfg.op, target.kind, len(table))
     if spec.get("dtype", cfg.dtype) != cfg.dtype:
@@ -264,8 +266,6 @@ def run(cfg: Config) -> dict:
         raise ValueError("--teacher-budget must be at least 0, and needs --imitation-epochs of at least 1")
     if cfg.width < 1:
         raise ValueError(f"--width must be at least 1, not {cfg.width}")
-    if cfg.init and not cfg.resume and not (cfg.timesteps or cfg.teacher_budget):
-        raise ValueError("--init trains nothing with --timesteps 0: give PPO steps or a --teacher-budget")
     check_dtype(cfg.dtype, cfg.target)
     target = _target(cfg)
     shapes = family(cfg.op, "small" if cfg.shapes == "small" else "train",
