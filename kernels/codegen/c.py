@@ -3,7 +3,8 @@
 The C renderer turns ``vectorize`` into GCC vector-extension code (an unaligned
 ``vecN`` type, loads/stores through it, scalars broadcast by the compiler) when
 the loop body allows it: one multiply-accumulate whose accesses are contiguous or
-invariant in the loop, no tail, an extent that is a multiple of the width. That
+invariant in the loop (an invariant one may be guarded: read once, broadcast), no
+tail, an extent that is a multiple of the width. That
 keeps a register tile in registers, which gcc's auto-vectorizer alone does not.
 Where a ragged tile's reads are clamped along the loop, the loop is rendered twice:
 vector code for the tiles where no clamp bites, scalar loops for the last one.
@@ -123,9 +124,12 @@ class CRenderer(CStyleRenderer):
             return None
         (s,) = loop.body
         if not (isinstance(s, Store) and isinstance(s.value, Mul)
-                and all(isinstance(x, Load) and not x.bounds for x in (s.value.a, s.value.b))):
+                and all(isinstance(x, Load) for x in (s.value.a, s.value.b))):
             return None
         loads = (s.value.a, s.value.b)
+        if any(x.bounds and (x.index.coef(loop.var) != 0 or any(loop.var in e.vars() for e, _ in x.bounds))
+               for x in loads):
+            return None     # a guarded read along the loop; one invariant in it is read once, a scalar
         if s.index.coef(loop.var) != 1 or any(x.index.coef(loop.var) not in (0, 1) for x in loads):
             return None
         if any(loop.var in e.vars() for x in loads for e, *_ in x.clamps):
@@ -133,8 +137,13 @@ class CRenderer(CStyleRenderer):
         return next((w for w in self.widths if loop.extent % w == 0), None)
 
     def vector_value(self, load: Load, var: str, width: int) -> str:
-        ref = self.ref(load)
-        return ref if load.index.coef(var) == 0 else f"*(vec{width}*)&{ref}"
+        """A vector of ``width`` elements along ``var``, or a scalar invariant in it (broadcast
+        by the compiler; guarded where it can fall in padding: a convolution's input read in
+        place, one load for every lane rather than the ``omp simd`` fallback's, which ran the
+        strided layer 1,64,56,56,128 2.4x slower than its pack)."""
+        if load.index.coef(var) == 0:
+            return self.value(load)
+        return f"*(vec{width}*)&{self.ref(load)}"
 
 
 def _unclamped(load: Load, var: str, edge: bool = False) -> Load:

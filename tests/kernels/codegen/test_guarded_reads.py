@@ -73,6 +73,20 @@ def test_no_element_is_read_under_a_condition(schedule, target, assert_correct):
     assert_correct(schedule)
 
 
+def test_an_input_read_in_place_is_one_guarded_scalar_per_vector_of_outputs(target, assert_correct):
+    """A convolution vectorized along output channels reads its input in place, padding
+    included: each input element is one guarded scalar, broadcast across the vector of
+    channels, not an ``omp simd`` loop calling ``guarded`` lane by lane."""
+    lanes = target.vector_lanes
+    s = (Schedule(make_op("conv2d", f"1,3,7,7,{2 * lanes},3,3,2,1")).split("k", lanes)
+         .reorder("n", "k_o", "y", "c", "ry", "rx", "x", "k_i").vectorize("k_i").unroll("x")
+         .cache_write("y").cache_read("W", "k_o"))   # O and W along channels contiguous, I in place
+    body = kernel_body(s, target)
+    assert "guarded(I" in body and "omp simd" not in body, body
+    assert f"*(vec{lanes}*)&O" in body, body
+    assert_correct(s)
+
+
 def test_a_pack_zeroes_its_buffer_and_copies_the_inside_only():
     op = make_op("conv2d", "1,2,5,6,3,3,3,1,1")
     fn = lower(Schedule(op).cache_read("I", "k"))
