@@ -80,11 +80,8 @@ class CRenderer(CStyleRenderer):
         last tile contiguous reads up to the edge, then the edge's value. Rendered as one
         clamped scalar loop, the greedy matmul kernel of 32x100x256 ran 2-4x slower (gathers
         in every tile). None where the loop without its clamps would not vectorize either."""
-        if loop.bounds or loop.starts or len(loop.body) != 1:
-            return None
-        (s,) = loop.body
-        if not (isinstance(s, Store) and isinstance(s.value, Mul)
-                and all(isinstance(x, Load) for x in (s.value.a, s.value.b))):
+        s = _product(loop)
+        if s is None:
             return None
         clamps = {c for x in (s.value.a, s.value.b) for c in x.clamps if loop.var in c[0].vars()}
         coefs = {e.coef(loop.var) for e, *_ in clamps}
@@ -120,11 +117,8 @@ class CRenderer(CStyleRenderer):
 
     def vector_width(self, loop: For) -> int | None:
         """The SIMD width to emit this loop with, or None for the scalar fallback."""
-        if loop.bounds or loop.starts or len(loop.body) != 1:
-            return None
-        (s,) = loop.body
-        if not (isinstance(s, Store) and isinstance(s.value, Mul)
-                and all(isinstance(x, Load) for x in (s.value.a, s.value.b))):
+        s = _product(loop)
+        if s is None:
             return None
         loads = (s.value.a, s.value.b)
         if any(x.bounds and (x.index.coef(loop.var) != 0 or any(loop.var in e.vars() for e, _ in x.bounds))
@@ -144,6 +138,17 @@ class CRenderer(CStyleRenderer):
         if load.index.coef(var) == 0:
             return self.value(load)
         return f"*(vec{width}*)&{self.ref(load)}"
+
+
+def _product(loop: For) -> Store | None:
+    """The loop's one statement where it stores (or accumulates) a product of two reads
+    over every iteration (no clipped bounds), else None."""
+    if loop.bounds or loop.starts or len(loop.body) != 1:
+        return None
+    (s,) = loop.body
+    if isinstance(s, Store) and isinstance(s.value, Mul) and all(isinstance(x, Load) for x in (s.value.a, s.value.b)):
+        return s
+    return None
 
 
 def _unclamped(load: Load, var: str, edge: bool = False) -> Load:
