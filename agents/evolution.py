@@ -7,8 +7,9 @@ and the best records already measured (a resumed run's tuning log). Each round i
 evolves for a few generations: parents are drawn from the predicted best, children
 are made by mutating one step's parameters (another split or tile factor, two loops
 of a reorder swapped, a cache anchor moved, an unroll/vectorize toggled or moved,
-another loop made parallel or bound), by moving a factor between two split or tile
-factors at constant product, or by crossing two parents' step sequences.
+another loop made parallel or bound, a split undone, a cache read dropped), by moving a
+factor between two split or tile factors at constant product, or by crossing two
+parents' step sequences.
 Every child is replayed through the schedule IR and checked against the target's
 rules: an illegal child is dropped, never measured. The cost model ranks the
 population; each batch measures the predicted best mutants of the fastest kernel so
@@ -77,6 +78,10 @@ def mutate(schedule: Schedule, target: Target, rng: np.random.Generator, tries: 
             new = _mutate_step(steps[i], before, names, target.vector_lanes, rng)
             if new is _DROP:
                 child = steps[:i] + steps[i + 1:]
+            elif new is _UNSPLIT:
+                child = _unsplit(steps, i)
+                if child is None:
+                    continue
             elif new is None:
                 continue
             else:
@@ -89,8 +94,35 @@ def mutate(schedule: Schedule, target: Target, rng: np.random.Generator, tries: 
     return None
 
 
-_DROP = object()
+_DROP, _UNSPLIT = object(), object()
 RESHAPE_RATE = 0.25   # of mutations, the share that moves a factor between two split or tile factors
+UNDO_RATE = 0.25      # of a split's or a cache read's mutations, the share that undoes it
+
+
+def _unsplit(steps: list[Step], i: int) -> list[Step] | None:
+    """``steps`` without the split ``steps[i]``: its outer loop takes the loop's name back,
+    its inner loop leaves the reorders and its annotations go. The inverse of a split, which
+    factor changes never reach: a register tile one row high instead of two, say (the
+    strided 3x3 convolution 1,64,56,56,128 on this project's CPU: 2 rows x 4 columns to one
+    row of 7, its input then read in place, 1.07x). None where a later step splits, tiles,
+    fuses or anchors at either part."""
+    loop = steps[i].loop
+    outer, inner = f"{loop}_o", f"{loop}_i"
+    out = list(steps[:i])
+    for step in steps[i + 1:]:
+        if isinstance(step, Reorder):
+            out.append(Reorder(tuple(loop if l == outer else l for l in step.order if l != inner)))
+        elif isinstance(step, (Unroll, Vectorize, Parallel)) and step.loop in (outer, inner):
+            if step.loop == outer:
+                out.append(dataclasses.replace(step, loop=loop))
+        elif any(getattr(step, f, None) in (outer, inner) for f in ("loop", "outer", "inner")):
+            if isinstance(step, (CacheWrite, CacheRead)) and step.loop == outer:
+                out.append(dataclasses.replace(step, loop=loop))
+            else:
+                return None
+        else:
+            out.append(step)
+    return out
 
 
 def _reshaped(steps: list[Step], rng: np.random.Generator) -> list[Step] | None:
@@ -120,6 +152,8 @@ def _mutate_step(step: Step, nest, names: list[str], lanes: int, rng: np.random.
     to remove it, or None when this step has nothing to change."""
     extent = {l.name: l.extent for l in nest.loops}
     if isinstance(step, Split) and step.loop in extent:
+        if rng.random() < UNDO_RATE:
+            return _UNSPLIT
         f = _factor(extent[step.loop], step.factor, lanes, rng)
         return None if f is None else dataclasses.replace(step, factor=f)
     if isinstance(step, Tile) and step.outer in extent and step.inner in extent:
@@ -133,6 +167,8 @@ def _mutate_step(step: Step, nest, names: list[str], lanes: int, rng: np.random.
         a, b = rng.choice(len(order), 2, replace=False)
         order[a], order[b] = order[b], order[a]
         return Reorder(tuple(order))
+    if isinstance(step, CacheRead) and rng.random() < UNDO_RATE:   # read in place
+        return _DROP
     if isinstance(step, (CacheWrite, CacheRead, Parallel, Bind)):   # the anchor or the loop moves
         return dataclasses.replace(step, loop=str(rng.choice(names)))
     if isinstance(step, (Unroll, Vectorize)):

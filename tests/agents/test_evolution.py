@@ -7,14 +7,14 @@ import zlib
 import numpy as np
 import pytest
 
-from agents.evolution import _reshaped, crossover, legal, measured_seeds, mutate
+from agents.evolution import _reshaped, _unsplit, crossover, legal, measured_seeds, mutate
 from agents.rollout import RandomDraw, rollout
 from agents.search import AGENTS, P_DONE, Search
 from envs.actions import ActionTable
 from kernels.codegen import render
 from kernels.codegen.rules import check_for_target
 from kernels.ir.ops import make_op
-from kernels.ir.schedule import Schedule, Split, Tile, Unroll
+from kernels.ir.schedule import CacheRead, CacheWrite, Reorder, Schedule, Split, Tile, Unroll, Vectorize
 from kernels.measure import MeasureResult
 from kernels.measure.tuning_log import measure_key
 from kernels.target import cpu_target, cuda_target_for_compile
@@ -57,6 +57,29 @@ def test_a_reshaped_register_tile_keeps_its_size():
             tile = next(s for s in steps if isinstance(s, Tile))
             shapes.add((tile.outer_factor, tile.inner_factor))
     assert shapes and all(a * b == 8 * 32 for a, b in shapes) and (16, 16) in shapes, shapes
+
+
+def test_a_split_is_undone_and_a_cache_read_dropped():
+    """The inverses of a split and of a cache read are mutations too: the convolution's
+    2-row register tile becomes one row (its outer loop takes the name back, its inner loop
+    and the annotations on it go), and the input comes to be read in place."""
+    op = make_op("conv2d", "1,8,12,12,16,3,3,1,1")
+    parent = legal(op, (Split("y", 2), Split("x", 4),
+                        Reorder(("n", "k", "y_o", "x_o", "c", "ry", "rx", "y_i", "x_i")),
+                        CacheWrite("x_o"), Vectorize("x_i"), Unroll("y_i"), CacheRead("I", "y_o")), cpu_target())
+    assert parent is not None
+    undone = _unsplit(list(parent.steps), 0)
+    assert undone == [Split("x", 4), Reorder(("n", "k", "y", "x_o", "c", "ry", "rx", "x_i")),
+                      CacheWrite("x_o"), Vectorize("x_i"), CacheRead("I", "y")]
+    assert legal(op, undone, cpu_target()) is not None
+    assert _unsplit([Split("y", 2), Split("y_i", 2)], 0) is None   # a later step splits a part
+    rng, seen = np.random.default_rng(0), set()
+    for _ in range(400):
+        child = mutate(parent, cpu_target(), rng)
+        if child is not None:
+            splits = {s.loop for s in child.steps if isinstance(s, Split)}
+            seen.add(("y" not in splits, not any(isinstance(s, CacheRead) for s in child.steps)))
+    assert (True, False) in seen and (False, True) in seen, seen
 
 
 def test_an_illegal_child_is_dropped():
