@@ -105,7 +105,8 @@ def _unsplit(steps: list[Step], i: int) -> list[Step] | None:
     factor changes never reach: a register tile one row high instead of two, say (the
     strided 3x3 convolution 1,64,56,56,128 on this project's CPU: 2 rows x 4 columns to one
     row of 7, its input then read in place, 1.07x). None where a later step splits, tiles,
-    fuses or anchors at either part."""
+    fuses or binds either part or anchors a cache at the inner one (``legal`` drops any
+    other step that still names them)."""
     loop = steps[i].loop
     outer, inner = f"{loop}_o", f"{loop}_i"
     out = list(steps[:i])
@@ -149,7 +150,8 @@ def _reshaped(steps: list[Step], rng: np.random.Generator) -> list[Step] | None:
 
 def _mutate_step(step: Step, nest, names: list[str], lanes: int, rng: np.random.Generator):
     """A changed copy of ``step`` as it applies to ``nest`` (the nest before it), ``_DROP``
-    to remove it, or None when this step has nothing to change."""
+    to remove it, ``_UNSPLIT`` to undo it (a split), or None when this step has nothing to
+    change."""
     extent = {l.name: l.extent for l in nest.loops}
     if isinstance(step, Split) and step.loop in extent:
         if rng.random() < UNDO_RATE:
