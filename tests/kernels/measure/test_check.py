@@ -144,6 +144,7 @@ def test_guarded_buffer_margins():
     big = Guarded.alloc(np, (64, 64), canary, np.ones((64, 64), np.float32))
     assert small.margin == 16 and big.margin == 1024        # 64 bytes; a page for big buffers
     assert small.array.ctypes.data % 64 == 0 and np.isnan(small.array).all()
+    assert big.raw.ctypes.data % 4096 == 0      # its own pages, wherever the heap stands
     assert (big.array == 1).all() and big.overrun(big.raw) is None
     flat = big.raw[big.margin:-big.margin].view(np.float32)
     assert flat.ctypes.data == big.array.ctypes.data
