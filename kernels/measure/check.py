@@ -126,8 +126,6 @@ def tolerance(op: Operator) -> Tolerance:
 
 # ---------------------------------------------------------------- guard zones
 
-ALIGN_BYTES = 64           # the interior of a guarded buffer starts on a cache line
-
 
 def random_canary(rng: np.random.Generator, dtype: str = DEFAULT) -> int:
     """A quiet-NaN bit pattern of ``dtype`` with a random payload, never the NaN arithmetic
@@ -167,6 +165,7 @@ class Guarded:
             # Fresh pages of the OS, not the heap: where the heap puts a buffer depends on what
             # the process allocated before (the library's calls), and a kernel's speed on where
             # its buffers lie (one timed at 0.93 of another after torch had run, 1.04 before).
+            # Page-aligned, so the interior, a margin in, starts on a cache line.
             raw = np.frombuffer(mmap.mmap(-1, wb * words), word_type(dtype))
         else:
             raw = xp.empty(words, word_type(dtype))
