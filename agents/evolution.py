@@ -13,8 +13,9 @@ parents' step sequences.
 Every child is replayed through the schedule IR and checked against the target's
 rules: an illegal child is dropped, never measured. The cost model ranks the
 population; each batch measures the predicted best mutants of the fastest kernel so
-far (a local search around the incumbent), the population's predicted best and a few
-random members, and the model learns from every batch. The policy proposes; the
+far and of its neighbours with one annotation more (a local search around the
+incumbent), the population's predicted best and a few random members, and the model
+learns from every batch. The policy proposes; the
 search decides.
 """
 
@@ -180,10 +181,29 @@ def _mutate_step(step: Step, nest, names: list[str], lanes: int, rng: np.random.
     return None
 
 
+def _annotations(target: Target) -> list[type]:
+    return [Unroll, Vectorize] + ([Parallel] if target.kind == "cpu" else [])
+
+
 def _annotation(nest, target: Target, rng: np.random.Generator) -> Step:
     loop = str(rng.choice([l.name for l in nest.loops]))
-    kinds = [Unroll, Vectorize] + ([Parallel] if target.kind == "cpu" else [])
+    kinds = _annotations(target)
     return kinds[int(rng.integers(len(kinds)))](loop)
+
+
+def annotated(schedule: Schedule, target: Target) -> list[Schedule]:
+    """Every legal schedule one annotation away from ``schedule`` (an unroll, a vectorize or,
+    on a CPU, a parallel added on one loop of its nest). ``mutate`` adds one only beside
+    another change, so the local search would meet these by chance; yet one unrolled loop
+    alone can be the step that counts (the 7x7 convolution 1,512,7,7,512 on an H100: the
+    incumbent's 16-channel stage loop unrolled, 0.079 -> 0.048 ms)."""
+    out: dict[str, Schedule] = {}
+    for loop in schedule.nest.loops:
+        for kind in _annotations(target):
+            s = legal(schedule.op, [*schedule.steps, kind(loop.name)], target)
+            if s is not None and s.kernel_key() != schedule.kernel_key():
+                out.setdefault(s.kernel_key(), s)
+    return list(out.values())
 
 
 def crossover(a: Schedule, b: Schedule, target: Target, rng: np.random.Generator) -> Schedule | None:
@@ -253,8 +273,9 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
 
     ``propose(n)`` draws ``n`` new schedules (policy samples, or sketches and random rollouts): a whole
     population at the start, ``fresh`` more each round; the measured best join each round.
-    Of each batch (``search.batch``), ``local`` are the predicted best mutants of the
-    fastest kernel so far (a local search around the incumbent, the expert's included),
+    Of each batch (``search.batch``), ``local`` are the predicted best of the fastest
+    kernel's mutants and annotated neighbours (a local search around the incumbent, the
+    expert's included),
     ``explore`` are random members of the population, and the rest its predicted best.
     """
     pop = propose(population)
@@ -274,6 +295,7 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
 
         if best:
             mutants = [m for m in (mutate(best[0], search.target, rng) for _ in range(4 * population)) if m]
+            mutants += annotated(best[0], search.target)
             take(_rank(list({m.kernel_key(): m for m in mutants}.values()), model), min(local, n))
         take(pop, max(n - explore, 1))
         rest = [s for s in pop if not search.known(s) and s.kernel_key() not in picks]

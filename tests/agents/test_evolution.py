@@ -7,14 +7,15 @@ import zlib
 import numpy as np
 import pytest
 
-from agents.evolution import _reshaped, _unsplit, crossover, legal, measured_seeds, mutate
+from agents.evolution import _reshaped, _unsplit, annotated, crossover, legal, measured_seeds, mutate
 from agents.rollout import RandomDraw, rollout
 from agents.search import AGENTS, P_DONE, Search
 from envs.actions import ActionTable
 from kernels.codegen import render
 from kernels.codegen.rules import check_for_target
 from kernels.ir.ops import make_op
-from kernels.ir.schedule import CacheRead, CacheWrite, Reorder, Schedule, Split, Tile, Unroll, Vectorize
+from kernels.ir.schedule import (Bind, CacheRead, CacheWrite, Parallel, Reorder, Schedule, Split, Tile, Unroll,
+                                 Vectorize)
 from kernels.measure import MeasureResult
 from kernels.measure.tuning_log import measure_key
 from kernels.target import cpu_target, cuda_target_for_compile
@@ -80,6 +81,26 @@ def test_a_split_is_undone_and_a_cache_read_dropped():
             splits = {s.loop for s in child.steps if isinstance(s, Split)}
             seen.add(("y" not in splits, not any(isinstance(s, CacheRead) for s in child.steps)))
     assert (True, False) in seen and (False, True) in seen, seen
+
+
+def test_annotated_neighbours_add_one_annotation_each():
+    """The local search's annotated neighbours: each the parent's steps plus one unroll or
+    vectorize (on a CPU also a parallel), legal, all distinct; on a GPU convolution the
+    channel loop of the shared stage unrolled is among them."""
+    op, t = make_op("conv2d", "1,16,7,7,32,3,3,1,1"), cuda_target_for_compile()
+    parent = legal(op, (Split("k", 8), Split("c", 8), Reorder(("n", "k_o", "y", "x", "k_i", "c_o", "c_i", "ry", "rx")),
+                        Bind("n", "blockIdx.z"), Bind("k_o", "blockIdx.y"), Bind("y", "blockIdx.x"),
+                        Bind("x", "threadIdx.y"), Bind("k_i", "threadIdx.x"), CacheWrite("k_i"),
+                        Unroll("rx"), Unroll("ry"), CacheRead("I", "c_o")), t)
+    assert parent is not None
+    neighbours = annotated(parent, t)
+    assert neighbours and len({n.kernel_key() for n in neighbours}) == len(neighbours)
+    for n in neighbours:
+        assert n.steps[:-1] == parent.steps and isinstance(n.steps[-1], (Unroll, Vectorize))
+        assert legal(op, n.steps, t) is not None
+    assert Unroll("c_i") in [n.steps[-1] for n in neighbours]
+    cpu = legal(op, (Split("k", 8), Unroll("rx")), cpu_target())
+    assert {type(n.steps[-1]) for n in annotated(cpu, cpu_target())} >= {Unroll, Parallel}
 
 
 def test_an_illegal_child_is_dropped():
