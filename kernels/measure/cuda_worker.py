@@ -220,11 +220,12 @@ def serve_cuda(req: dict, send: Any) -> None:
         send(event="checked", correct=False, error=error)
         return
     send(event="checked", correct=True, error=None)
-    if req.get("slow_cutoff_s") and check_s > req["slow_cutoff_s"]:
-        send(event="timed", times=[check_s], library_times=[])  # hopeless: the check call is its time
-        return
-
     try:
+        if req.get("slow_cutoff_s") and check_s > req["slow_cutoff_s"]:
+            again_s = timer(kernel)   # hopeless if a second launch is slow too: a first one runs cold
+            if again_s > req["slow_cutoff_s"]:
+                send(event="timed", times=[min(check_s, again_s)], library_times=[])
+                return
         lib = library_call(op, {n: g.array for n, g in dev.items()}) if req.get("library") else None
         for _ in range(max(1, req["warmup"])):
             kernel()

@@ -10,12 +10,17 @@ convolution asks for it.
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Callable
 
 import numpy as np
 
 from ..ir.ops import Operator
 from .timing import time_calls
+
+SPIN_PAUSE_S = 0.15     # idle time after the library (between blocks, after a reference): OpenBLAS's
+                        # threads spin for about 0.1 s after a call (measured: a kernel's first
+                        # calls after a new shape's reference took 17 ms instead of 0.013)
 
 
 MATMUL_KINDS = ("matmul", "batch_matmul", "dense_bias_relu")
@@ -118,4 +123,8 @@ def library_time_ms(op: Operator, inputs: dict[str, np.ndarray], repeats: int = 
     ``repeats`` calls or until ``min_time_s`` is spent."""
     fn = library_call(op, inputs)
     fn()
-    return statistics.median(time_calls(fn, min(3, repeats), repeats, min_time_s)) * 1e3
+    times = time_calls(fn, min(3, repeats), repeats, min_time_s)
+    # its threads spin on and would hold the cores of whatever runs next: under a real-time
+    # priority, tune's first searched kernel (paired with the expert) took 15 ms, not 0.02
+    time.sleep(SPIN_PAUSE_S)
+    return statistics.median(times) * 1e3

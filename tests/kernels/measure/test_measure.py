@@ -141,6 +141,19 @@ def test_slow_kernel_stops_after_three_calls(builder):
     assert r.run_s < 2
 
 
+COLD_START = kernel("static int calls; if (!calls++) usleep(20000);" + MATMUL)
+
+
+def test_a_kernel_slow_only_on_its_first_call_is_timed(measurer):
+    """The slow cutoff judges by a second call when the first (the check, run cold) is past
+    it: a kernel whose first call alone is slow is timed like any other, and one slow on
+    every call is given up after two calls."""
+    r = measurer.measure_one(Candidate(OP, key(41), COLD_START), slow_cutoff_s=5e-3)
+    assert r.ok and len(r.times_ms) >= 3 and r.time_ms < 5
+    r = measurer.measure_one(Candidate(OP, key(42), kernel("usleep(20000);" + MATMUL, name="s")), slow_cutoff_s=5e-3)
+    assert r.ok and len(r.times_ms) == 1 and r.time_ms >= 20
+
+
 def test_a_hopeless_kernel_is_not_waited_for(builder):
     """With a slow cutoff (a search's best so far), a kernel that runs far past it is given
     up after SLOW_GRACE_S, not after the whole timeout."""
