@@ -337,6 +337,19 @@ def test_simplified_keeps_the_kernel_in_fewer_steps():
     assert Schedule(op).simplified() == Schedule(op)
 
 
+def test_loops_of_extent_one_do_not_tell_kernels_apart():
+    """A loop of extent 1 runs once wherever it stands: kernels that differ only in where
+    such loops stand or how they are annotated share a key; one that anchors a cache stage
+    still counts where it stands, and every other loop as ever."""
+    op = make_op("conv2d", "1,8,12,12,16,3,3,1,1")
+    inner = Schedule(op).split("k", 8).reorder("k_o", "n", "y", "x", "k_i", "c", "ry", "rx")
+    outer = Schedule(op).split("k", 8).reorder("n", "k_o", "y", "x", "k_i", "c", "ry", "rx")
+    assert inner.kernel_key() == outer.kernel_key() == outer.parallel("n").kernel_key()
+    assert inner.parallel("k_o").kernel_key() != inner.kernel_key()
+    assert inner.reorder("x", "y").kernel_key() != inner.kernel_key()
+    assert inner.cache_read("I", "n").kernel_key() != outer.cache_read("I", "n").kernel_key()
+
+
 def test_a_replayed_schedule_builds_its_own_operators_nest():
     """Nests are remembered by step sequence, per operator: the same steps on two shapes
     build two nests, a sequence built afresh equals the remembered one, and an illegal
