@@ -12,11 +12,10 @@ factor between two split or tile factors at constant product, or by crossing two
 parents' step sequences.
 Every child is replayed through the schedule IR and checked against the target's
 rules: an illegal child is dropped, never measured. The cost model ranks the
-population; each batch measures the predicted best mutants of the fastest kernel so
-far and of its neighbours with one annotation more (a local search around the
-incumbent), the population's predicted best and a few random members, and the model
-learns from every batch. The policy proposes; the
-search decides.
+population; each batch measures the predicted best of the fastest kernel's mutants
+and of its neighbours with one annotation more (a local search around the incumbent),
+the population's predicted best and a few random members, and the model learns from
+every batch. The policy proposes; the search decides.
 """
 
 from __future__ import annotations
