@@ -108,7 +108,7 @@ def _search_teacher(op, target, measurer, model, policy, budget: int, seed: int,
     expert = expert_schedule(op, target)
     timed = measurer.measure([expert])[0]
     search = Search(op, target, measurer, budget, on_progress=on_progress,
-                    reference_ms=timed.time_ms if timed.ok else None)
+                    reference_ms=timed.time_ms if timed.ok else None, references=frozenset({expert.kernel_key()}))
     AGENTS["evolve"](search, np.random.default_rng(seed), model=model, policy=policy)
     rebuilt = replay(op, expert, target, max_steps)
     expert_actions = rebuilt.actions if rebuilt else []

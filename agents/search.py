@@ -83,6 +83,7 @@ class Search:
     batch: int = 8              # candidates proposed and measured at once
     pipeline: bool = False      # propose the next batch while this one is measured
     reference_ms: float | None = None  # the fastest kernel timed before the search (the naive, the expert)
+    references: frozenset[str] = frozenset()  # their kernel keys: known, not measured again
     measured: dict[str, MeasureResult] = field(default_factory=dict)  # kernel key -> result
     schedules: dict[str, Schedule] = field(default_factory=dict)      # kernel key -> schedule
     pending: dict[str, Schedule] = field(default_factory=dict)        # submitted, not yet collected
@@ -98,10 +99,11 @@ class Search:
         return self.budget - len(self.measured) - len(self.pending)
 
     def known(self, schedule: Schedule) -> bool:
-        """Its kernel is measured, or being measured (:meth:`Schedule.kernel_key`): no agent
-        should propose it again."""
+        """Its kernel is measured, or being measured, or was timed before the search
+        (:meth:`Schedule.kernel_key`): no agent should propose it again. A policy's greedy
+        schedule is often the expert's kernel, which `tune` had timed already."""
         key = schedule.kernel_key()
-        return key in self.measured or key in self.pending
+        return key in self.measured or key in self.pending or key in self.references
 
     def measure(self, schedules: Sequence[Schedule]) -> list[tuple[Schedule, MeasureResult]]:
         """Measure the not-yet-measured ones among ``schedules`` (within the budget)."""

@@ -287,7 +287,8 @@ def run(cfg: Config) -> dict:
         search = Search(op, target, measurer, cfg.budget, on_progress=on_progress,
                         batch=cfg.batch or max(8, backend.parallelism if backend else 0),
                         pipeline=bool(backend and backend.pipelined),
-                        reference_ms=min((r.time_ms for r in (naive, expert_result) if r.ok), default=None))
+                        reference_ms=min((r.time_ms for r in (naive, expert_result) if r.ok), default=None),
+                        references=frozenset(s.kernel_key() for s in (Schedule(op), reference) if s is not None))
         rng = np.random.default_rng(cfg.seed)
         AGENTS[cfg.agent](search, rng, model=model, policy=policy)
         bar.close()

@@ -182,3 +182,14 @@ def test_a_kernel_is_measured_once_whatever_steps_build_it():
     search = Search(OP, cpu_target(), _FakeMeasurer(cpu_target()), budget=8)
     assert len(search.measure([base, detour, other])) == 2
     assert search.known(detour) and search.measure([detour]) == [] and search.left == 6
+
+
+def test_kernels_timed_before_the_search_are_not_measured_again():
+    """The naive and expert kernels `tune` timed before its search are known to it: a
+    policy's greedy schedule that builds the expert's kernel costs no measurement."""
+    expert = Schedule(OP).split("i", 8).reorder("i_o", "j", "i_i", "k")
+    same = expert.reorder("j", "i_o").reorder("i_o", "j")
+    search = Search(OP, cpu_target(), _FakeMeasurer(cpu_target()), budget=8,
+                    references=frozenset({Schedule(OP).kernel_key(), expert.kernel_key()}))
+    assert search.measure([same, Schedule(OP)]) == [] and search.left == 8
+    assert len(search.measure([expert.reorder("j", "i_o")])) == 1
