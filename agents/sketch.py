@@ -54,6 +54,7 @@ import numpy as np
 
 from kernels.ir.ops import Operator
 from kernels.codegen.rules import check_for_target
+from kernels.experts import split_loop
 from kernels.ir.dtypes import DTYPES
 from kernels.ir.schedule import MAX_UNROLL, MAX_UNROLLED_BODY, MMA_M, MMA_N, Schedule, ScheduleError, tensor_axes
 from kernels.target import Target
@@ -432,8 +433,7 @@ def tensor_tiling(op: Operator, target: Target, axes: tuple[str, str, str], tile
     m, n, k = axes
 
     def split(s: Schedule, loop: str, f: int) -> tuple[Schedule, str, str | None]:
-        f = min(f, s.nest.loop(loop).extent)
-        return (s, loop, None) if f <= 1 else (s.split(loop, f), f"{loop}_o", f"{loop}_i")
+        return split_loop(s, loop, min(f, s.nest.loop(loop).extent))
 
     s = Schedule(op).split(m, MMA_M).split(n, MMA_N).split(k, mk)
     mma = (f"{m}_i", f"{n}_i", f"{k}_i")

@@ -245,9 +245,10 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _split(s: Schedule, loop: str, factor: int) -> tuple[Schedule, str, str | None]:
+def split_loop(s: Schedule, loop: str, factor: int) -> tuple[Schedule, str, str | None]:
     """(``s`` with ``loop`` split by ``factor``, the outer loop, the inner one); a factor of
-    1 leaves the loop whole and names no inner loop (the environment splits by 2 and more)."""
+    1 leaves the loop whole and names no inner loop (the environment splits by 2 and more).
+    Experts and sketches build their tiles with it."""
     return (s, loop, None) if factor == 1 else (s.split(loop, factor), f"{loop}_o", f"{loop}_i")
 
 
@@ -408,11 +409,11 @@ def _gpu_matmul_tensor_cores(op: Operator, target: Target, batch: bool, tiles=MM
     s = Schedule(op).split("i", 16).split("j", 8).split("k", mk)
     s = s.reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i").tensorize("i_i", "j_i", "k_i")
     # a factor of 1 splits nothing (the environment, whose policies imitate this, cannot)
-    s, i_rest, i_tiles = _split(s, "i_o", fm)
-    s, i_block, i_warps = _split(s, i_rest, wy)
-    s, j_rest, j_tiles = _split(s, "j_o", fn)
-    s, j_block, j_warps = _split(s, j_rest, wx)
-    s, k_slices, k_steps = _split(s, "k_o", ks)
+    s, i_rest, i_tiles = split_loop(s, "i_o", fm)
+    s, i_block, i_warps = split_loop(s, i_rest, wy)
+    s, j_rest, j_tiles = split_loop(s, "j_o", fn)
+    s, j_block, j_warps = split_loop(s, j_rest, wx)
+    s, k_slices, k_steps = split_loop(s, "k_o", ks)
     order = [n for n in ("b" if batch else None, i_block, j_block, i_warps, j_warps, k_slices, k_steps, i_tiles,
                          j_tiles) if n]
     s = _bind_grid(s.reorder(*order), batch, i_block, j_block, i_warps, j_warps)
@@ -591,14 +592,14 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     mma = (f"{m}_i", "k_i", "c_i")
     s = s.split("k", 8).split("c", mk)
     s = s.reorder(*(l.name for l in s.nest.loops if l.name not in mma), *mma).tensorize(*mma)
-    s, tiles_o, tiles_i = _split(s, tiles, fm)
-    s, block_m, warps_m = _split(s, tiles_o, wy)
+    s, tiles_o, tiles_i = split_loop(s, tiles, fm)
+    s, block_m, warps_m = split_loop(s, tiles_o, wy)
     block = (*around, block_m)
     for i in range(1, len(block)):
         s = s.fuse("_".join(block[:i]), block[i])
-    s, k_o, k_tiles = _split(s, "k_o", fn)
+    s, k_o, k_tiles = split_loop(s, "k_o", fn)
     s = s.reorder(*(n for n in ("_".join(block), k_o, warps_m, "c_o", "ry", "rx", tiles_i, k_tiles) if n), *mma)
-    s, k_block, warps_k = _split(s, k_o, wx)
+    s, k_block, warps_k = split_loop(s, k_o, wx)
     in_place = m == "y_x" and op.tensor("I").shape[-1] < FUSED_STAGE_MIN_WIDTH
     staged = ("W",) if in_place else ("I", "W")
     loops = dict(block="_".join(block), k_block=k_block, warps_m=warps_m, warps_k=warps_k,
@@ -607,7 +608,7 @@ def _gpu_conv2d_tensor_cores(op: Operator, target: Target) -> Schedule | None:
     for ks in range(MMA_K_SLICE_BYTES // (mk * DTYPES[op.dtype].bytes), 0, -1):
         if (ext["c"] // mk) % ks:
             continue
-        sliced, c_slices, c_steps = _split(s, "c_o", ks)
+        sliced, c_slices, c_steps = split_loop(s, "c_o", ks)
         sliced = _pipelined(_conv_tensor_core_nest(sliced, loops, c_slices, c_steps, staged), staged, target,
                             CONV_MMA_BUFFERS)
         try:
