@@ -53,7 +53,7 @@ from .rollout import PolicyDraw, RandomDraw, Rollout, allowed, rollout
 from .sketch import sketches
 
 P_DONE = 0.05  # random candidates stop with this probability per step, wherever done is allowed
-SLOW_FACTOR = 10  # kernels this much slower than the best so far are timed by one call
+SLOW_FACTOR = 10  # kernels this much slower than the best so far are timed by two calls
 
 
 @dataclass

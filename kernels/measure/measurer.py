@@ -110,8 +110,8 @@ class Measurer:
                 slow_cutoff_s: float | None = None) -> list[MeasureResult]:
         """One result per schedule (rendered for this target here) or candidate (a kernel
         written some other way), in order; all of one operator. A kernel whose check call
-        takes longer than ``slow_cutoff_s`` is timed by that call alone (a search passes a
-        multiple of its own best: each search its own, though they share the runner)."""
+        and one more take longer than ``slow_cutoff_s`` is timed by those alone (a search passes
+        a multiple of its own best: each search its own, though they share the runner)."""
         return self._measure(self._candidates(items), self._append, slow_cutoff_s)
 
     def submit(self, items: Sequence[Schedule | Candidate], slow_cutoff_s: float | None = None) -> Future:

@@ -225,8 +225,9 @@ class Runner:
             slow_cutoff_s: float | None = None, rival: Rival | None = None) -> MeasureResult:
         """Check ``kernel`` (built at ``path``) against the reference and time it; with
         ``library``, time the vendor library too, in alternating blocks. A kernel whose
-        check call takes longer than ``slow_cutoff_s`` (a search's multiple of its best) is
-        timed by that one call instead of several (tinygrad stops early too). A ``rival``
+        check call and one more take longer than ``slow_cutoff_s`` (a search's multiple of
+        its best) is timed by the faster of the two instead of several (tinygrad stops early
+        too). A ``rival``
         is checked too, then timed in turn with ``kernel`` (``rival_times_ms``)."""
         if rival and kernel.is_cuda:
             raise ValueError("a rival is timed beside CPU kernels only: CUDA events time each launch on its own")
