@@ -25,7 +25,7 @@ import numpy as np
 from ..ir.ops import Operator, make_op
 from .check import Guarded, Tolerance, check_call, random_canary
 from .library import SPIN_PAUSE_S, library_call
-from .timing import Rejected, VerifiedCall, time_calls
+from .timing import Rejected, VerifiedCall, time_calls, wall_clock
 
 
 MASTER_STACK = 64 << 20   # bytes of stack for the thread that calls kernels
@@ -104,18 +104,14 @@ def _serve(req: dict, data: dict, send: Any) -> None:
         return
     send(event="prepared")
 
-    t0 = time.perf_counter()
-    kernel.call()
-    check_s = time.perf_counter() - t0
+    check_s = wall_clock(kernel.call)
     error = kernel.check()
     if error:
         send(event="checked", correct=False, error=error)
         return
     send(event="checked", correct=True, error=None)
     if rival:
-        t0 = time.perf_counter()
-        rival.call()
-        rival_check_s = time.perf_counter() - t0
+        rival_check_s = wall_clock(rival.call)
         error = rival.check()
         if error:   # the rival's fault, not the kernel's; it may have written anywhere: a fresh worker next
             send(event="error", error=error, fatal=True)
@@ -123,9 +119,7 @@ def _serve(req: dict, data: dict, send: Any) -> None:
     if req.get("slow_cutoff_s") and check_s > req["slow_cutoff_s"]:
         # hopeless if a second call is slow too: a first call runs cold (sleeping threads woken,
         # code and pages touched), 0.25 ms where the kernel takes 0.02
-        t0 = time.perf_counter()
-        kernel.call()
-        again_s = time.perf_counter() - t0
+        again_s = wall_clock(kernel.call)
         if again_s > req["slow_cutoff_s"]:
             send(event="timed", times=[min(check_s, again_s)], library_times=[])
             return
