@@ -13,9 +13,10 @@ parents' step sequences.
 Every child is replayed through the schedule IR and checked against the target's
 rules: an illegal child is dropped, never measured. The cost model ranks the
 population; each batch measures the predicted best of the fastest kernel's mutants
-and of its neighbours with one annotation more (a local search around the incumbent),
-the population's predicted best and a few random members, and the model learns from
-every batch. The policy proposes; the search decides.
+and of its neighbours with one annotation more (a local search around the incumbent;
+while the incumbent holds, a second one around another structure), the population's
+predicted best and a few random members, and the model learns from every batch. The
+policy proposes; the search decides.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from envs.actions import MAX_LOOPS
 from kernels.codegen.rules import check_for_target
 from kernels.ir.schedule import (Bind, CacheRead, CacheWrite, Fuse, Parallel, Reorder, Schedule, ScheduleError,
-                                 Split, Step, Tile, Unroll, Vectorize)
+                                 Split, Step, Tensorize, Tile, Unroll, Vectorize, Warpgroup)
 from kernels.target import Target
 
 FACTORS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # split and tile factors a mutation draws from
@@ -206,6 +207,18 @@ def annotated(schedule: Schedule, target: Target) -> list[Schedule]:
     return list(out.values())
 
 
+def unstaged(schedule: Schedule, target: Target) -> list[Schedule]:
+    """Every legal schedule that is ``schedule`` with one cache read dropped: the same loops
+    reading that input in place, another structure (``structure``)."""
+    out = []
+    for i, step in enumerate(schedule.steps):
+        if isinstance(step, CacheRead):
+            s = legal(schedule.op, [*schedule.steps[:i], *schedule.steps[i + 1:]], target)
+            if s is not None:
+                out.append(s)
+    return out
+
+
 def crossover(a: Schedule, b: Schedule, target: Target, rng: np.random.Generator) -> Schedule | None:
     """A prefix of ``a``'s steps followed by a suffix of ``b``'s (one point each); None
     when the steps do not fit together."""
@@ -221,6 +234,11 @@ def measured_seeds(search, k: int) -> list[Schedule]:
     """The ``k`` fastest correct schedules the measurer already holds for this operator
     (a resumed run's tuning log, or earlier measurements); not those of a batch still in
     flight, whose results land in the cache while a pipelined search proposes."""
+    return [s for _, s in timed_seeds(search, k)]
+
+
+def timed_seeds(search, k: int) -> list[tuple[float, Schedule]]:
+    """``measured_seeds`` with their times (ms), fastest first."""
     op, t = search.op, search.target
     pending = {s.key() for s in search.pending.values()}
     found = []
@@ -230,15 +248,38 @@ def measured_seeds(search, k: int) -> list[Schedule]:
                 and target_kind == t.kind and device == t.device and dtype == op.dtype:
             found.append((res.time_ms, schedule))
     out = []
-    for _, schedule in sorted(found, key=lambda x: x[0])[:k]:
+    for time_ms, schedule in sorted(found, key=lambda x: x[0])[:k]:
         try:
             steps = json.loads(schedule)
             s = Schedule.from_json({"steps": steps}, search.op) if isinstance(steps, list) else None
         except (ValueError, ScheduleError):
             s = None
         if s is not None and len(s.nest.loops) <= MAX_LOOPS:   # what the cost model can see
-            out.append(s)
+            out.append((time_ms, s))
     return out
+
+
+def structure(schedule: Schedule) -> frozenset:
+    """The stages a kernel has (which inputs it stages, whether it stages its output, whether
+    it runs on tensor cores): its sketch, in Ansor's terms, which a change of factors, loop
+    orders or annotations leaves alone."""
+    return frozenset((type(step).__name__, getattr(step, "tensor", "")) for step in schedule.steps
+                     if isinstance(step, (CacheRead, CacheWrite, Tensorize, Warpgroup)))
+
+
+RIVAL_WITHIN = 1.1   # a rival structure's best is at most this much slower than the incumbent
+
+
+def rival(measured: list[tuple[float, Schedule]]) -> Schedule | None:
+    """Of ``measured`` (time, schedule; fastest first, the incumbent first of all), the
+    fastest whose structure is not the incumbent's, where it comes within
+    ``RIVAL_WITHIN`` of it: a structure far behind is no near tie that a model could have
+    misjudged (a GPU convolution's kernels without a weight stage, 2-3x slower)."""
+    if not measured:
+        return None
+    fastest, incumbent = measured[0]
+    own = structure(incumbent)
+    return next((s for t, s in measured if structure(s) != own and t <= RIVAL_WITHIN * fastest), None)
 
 
 def evolve(population: list[Schedule], model, target: Target, rng: np.random.Generator,
@@ -268,7 +309,7 @@ def _rank(schedules: list[Schedule], model) -> list[Schedule]:
 
 def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[int], list[Schedule]],
                   population: int = 64, generations: int = 4, explore: int = 2,
-                  local: int = 5, fresh: int = 8) -> None:
+                  local: int = 5, second: int = 2, fresh: int = 8) -> None:
     """Measure, round after round, the predicted best of an evolving population.
 
     ``propose(n)`` draws ``n`` new schedules (policy samples, or sketches and random rollouts): a whole
@@ -277,8 +318,23 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
     kernel's mutants and annotated neighbours (a local search around the incumbent, the
     expert's included),
     ``explore`` are random members of the population, and the rest its predicted best.
+    Once a batch has passed without a new incumbent, ``second`` of the ``local`` picks go
+    to a second local search, among other structures: the incumbent with one cache read
+    dropped (``unstaged``) and the neighbours of the fastest kernel of another structure
+    (``rival``). A model that learnt mostly the incumbent's neighbours ranks another
+    structure's poorly, and near its best member can lie what beats the incumbent (the
+    strided 3x3 convolution 1,64,56,56,128 on this project's CPU: kernels reading the input
+    in place, first measured within 1-4% of the packed incumbent, led to ones 5-10% faster
+    in the runs that searched around them, and were measured 1-4 times in the runs that
+    did not).
     """
     pop = propose(population)
+    held = {"key": None, "batches": 0}   # the incumbent at the last pick, and for how many picks
+
+    def neighbours(parent: Schedule) -> list[Schedule]:
+        """``parent``'s mutants and annotated neighbours, distinct."""
+        found = [m for m in (mutate(parent, search.target, rng) for _ in range(4 * population)) if m]
+        return list({m.kernel_key(): m for m in [*found, *annotated(parent, search.target)]}.values())
 
     def pick(n: int) -> list[Schedule]:
         nonlocal pop
@@ -294,9 +350,18 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
                     picks.setdefault(s.kernel_key(), s)
 
         if best:
-            mutants = [m for m in (mutate(best[0], search.target, rng) for _ in range(4 * population)) if m]
-            mutants += annotated(best[0], search.target)
-            take(_rank(list({m.kernel_key(): m for m in mutants}.values()), model), min(local, n))
+            key = best[0].kernel_key()
+            held["batches"] = held["batches"] + 1 if key == held["key"] else 0
+            held["key"] = key
+            others: list[Schedule] = []
+            if held["batches"]:   # a second local search: other structures
+                others = unstaged(best[0], search.target)
+                other = rival(timed_seeds(search, len(search.measurer.cache)))
+                if other is not None:
+                    others += neighbours(other)
+                others = [s for s in others if not search.known(s)]
+            take(_rank(neighbours(best[0]), model), min(local, n) - (second if others else 0))
+            take(_rank(list({s.kernel_key(): s for s in others}.values()), model), min(local, n))
         take(pop, max(n - explore, 1))
         rest = [s for s in pop if not search.known(s) and s.kernel_key() not in picks]
         take([rest[i] for i in rng.permutation(len(rest))], n)

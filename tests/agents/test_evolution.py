@@ -7,7 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from agents.evolution import _reshaped, _unsplit, annotated, crossover, legal, measured_seeds, mutate
+from agents.evolution import (RIVAL_WITHIN, _reshaped, _unsplit, annotated, crossover, legal, measured_seeds, mutate,
+                              rival, search_evolve, structure, unstaged)
 from agents.rollout import RandomDraw, rollout
 from agents.search import AGENTS, P_DONE, Search
 from envs.actions import ActionTable
@@ -103,6 +104,65 @@ def test_annotated_neighbours_add_one_annotation_each():
     assert {n.steps[-1] for n in annotated(cpu, cpu_target())} == {Parallel("i"), Unroll("j_i"), Vectorize("j_i")}
 
 
+def _staged(op):
+    """A CPU matmul schedule staging both inputs and its output."""
+    return legal(op, (Split("j", 16), Reorder(("i", "j_o", "k", "j_i")), CacheRead("A", "j_o"), CacheRead("B", "i"),
+                      CacheWrite("j_o")), cpu_target())
+
+
+def test_unstaged_variants_drop_one_cache_read_each():
+    op = make_op("matmul", "32x32x32")
+    parent = _staged(op)
+    variants = unstaged(parent, cpu_target())
+    assert [[s for s in v.steps if isinstance(s, CacheRead)] for v in variants] == [[CacheRead("B", "i")],
+                                                                                  [CacheRead("A", "j_o")]]
+    assert all(v.steps[:2] == parent.steps[:2] and CacheWrite("j_o") in v.steps for v in variants)
+    assert {structure(v) for v in variants} == {frozenset({("CacheRead", "B"), ("CacheWrite", "")}),
+                                                frozenset({("CacheRead", "A"), ("CacheWrite", "")})}
+    assert unstaged(legal(op, (Split("j", 16),), cpu_target()), cpu_target()) == []
+
+
+def test_a_rival_is_another_structure_near_the_incumbent():
+    op = make_op("matmul", "32x32x32")
+    incumbent = _staged(op)
+    same = legal(op, (*incumbent.steps, Unroll("j_i")), cpu_target())      # another kernel, same structure
+    other = unstaged(incumbent, cpu_target())[0]
+    assert structure(same) == structure(incumbent) != structure(other)
+    assert rival([(1.0, incumbent), (1.01, same), (1.05, other)]) is other
+    assert rival([(1.0, incumbent), (1.01, same), (RIVAL_WITHIN * 1.01, other)]) is None
+    assert rival([]) is None
+
+
+class _ByStages:
+    """A stand-in cost model that predicts a kernel with more steps faster (it never ranks a
+    dropped stage first)."""
+
+    def rank(self, schedules, k=None):
+        return [int(i) for i in np.argsort([-len(s.steps) for s in schedules], kind="stable")[:k]]
+
+    def update(self, pairs):
+        pass
+
+
+def test_a_held_incumbent_gets_its_unstaged_variants_measured(fake_measurer):
+    """The second local search: once the incumbent has held for a batch, its variants with
+    an input read in place are measured though the model ranks them last."""
+    op = make_op("matmul", "32x32x32")
+    incumbent = _staged(op)
+    fast = incumbent.kernel_key()
+
+    class Measurer(_FakeMeasurer):
+        def time_of(self, s):
+            return 1.0 if s.kernel_key() == fast else 2.0
+
+    measurer = Measurer(cpu_target())
+    search = Search(op, cpu_target(), measurer, budget=24)
+    search.measure([incumbent])
+    search_evolve(search, np.random.default_rng(0), _ByStages(), lambda n: [incumbent][:n])
+    assert search.best.kernel_key() == fast
+    assert all(v.kernel_key() in search.measured for v in unstaged(incumbent, cpu_target()))
+
+
 def test_an_illegal_child_is_dropped():
     op = make_op("matmul", "16x16x16")
     s = legal(op, (), cpu_target())
@@ -123,10 +183,13 @@ class _FakeMeasurer:
             render(s, self.target)
             key = measure_key(s.op.kind, s.op.shape, s.steps_json(), self.target.kind, self.target.device,
                               self.target.compiler)
-            t = 0.1 + zlib.crc32(s.key().encode()) % 1000 / 100
+            t = self.time_of(s)
             self.cache.setdefault(key, MeasureResult(True, t, (t,), s.op.flops / t / 1e6, True, None))
             out.append(self.cache[key])
         return out
+
+    def time_of(self, s):
+        return 0.1 + zlib.crc32(s.key().encode()) % 1000 / 100
 
 
 @pytest.fixture
