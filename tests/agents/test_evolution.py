@@ -144,7 +144,7 @@ class _ByStages:
         pass
 
 
-def test_a_held_incumbent_gets_its_unstaged_variants_measured(fake_measurer):
+def test_a_held_incumbent_gets_its_unstaged_variants_measured():
     """The second local search: once the incumbent has held for a batch, its variants with
     an input read in place are measured though the model ranks them last."""
     op = make_op("matmul", "32x32x32")
