@@ -460,3 +460,24 @@ def test_a_measurer_paired_with_a_rival_records_times_in_its_units(builder, runn
     assert TuningLog(tmp_path / "log.jsonl").read()[0].time_ms == r.time_ms
     m.pair_with(OP, None)
     assert m.measure_one(Candidate(OP, key(51), GOOD)).time_ms < 1   # plain times again
+
+
+def test_a_paired_ratio_is_the_median_of_its_runs():
+    """One run in which a kernel ran slow (fresh buffers each run) does not decide."""
+    from kernels.measure.comparison import PAIRED_RUNS, paired_ratio
+
+    class Runs:
+        def __init__(self, ratios):
+            self.ratios, self.calls = list(ratios), 0
+
+        def run(self, op, kernel, path, rival=None):
+            self.calls += 1
+            r = self.ratios.pop(0)
+            return MeasureResult(True, 1.0, (1.0, 1.0, 1.0), 1.0, True, None, rival_times_ms=(r, r, r))
+
+    op, k = make_op("matmul", "8x8x8"), Kernel("k", "", ())
+    runner = Runs([0.8, 1.09, 1.08])
+    assert PAIRED_RUNS == 3 and paired_ratio(runner, op, (k, "a.so"), (k, "b.so")) == 1.08 and runner.calls == 3
+    failing = Runs([1.1])
+    failing.run = lambda *a, **kw: MeasureResult.failure("crashed")
+    assert paired_ratio(failing, op, (k, "a.so"), (k, "b.so")) is None
