@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -237,8 +237,9 @@ def measured_seeds(search, k: int) -> list[Schedule]:
     return [s for _, s in timed_seeds(search, k)]
 
 
-def timed_seeds(search, k: int) -> list[tuple[float, Schedule]]:
-    """``measured_seeds`` with their times (ms), fastest first."""
+def timed_seeds(search, k: int | None = None) -> Iterator[tuple[float, Schedule]]:
+    """``measured_seeds`` with their times (ms), fastest first (all of them without ``k``),
+    each replayed only when the caller reaches it."""
     op, t = search.op, search.target
     pending = {s.key() for s in search.pending.values()}
     found = []
@@ -247,7 +248,6 @@ def timed_seeds(search, k: int) -> list[tuple[float, Schedule]]:
         if res.ok and schedule not in pending and kind == op.kind and tuple(shape) == op.shape \
                 and target_kind == t.kind and device == t.device and dtype == op.dtype:
             found.append((res.time_ms, schedule))
-    out = []
     for time_ms, schedule in sorted(found, key=lambda x: x[0])[:k]:
         try:
             steps = json.loads(schedule)
@@ -255,8 +255,7 @@ def timed_seeds(search, k: int) -> list[tuple[float, Schedule]]:
         except (ValueError, ScheduleError):
             s = None
         if s is not None and len(s.nest.loops) <= MAX_LOOPS:   # what the cost model can see
-            out.append((time_ms, s))
-    return out
+            yield time_ms, s
 
 
 def structure(schedule: Schedule) -> frozenset:
@@ -270,16 +269,23 @@ def structure(schedule: Schedule) -> frozenset:
 RIVAL_WITHIN = 1.1   # a rival structure's best is at most this much slower than the incumbent
 
 
-def rival(measured: list[tuple[float, Schedule]]) -> Schedule | None:
+def rival(measured: Iterable[tuple[float, Schedule]]) -> Schedule | None:
     """Of ``measured`` (time, schedule; fastest first, the incumbent first of all), the
     fastest whose structure is not the incumbent's, where it comes within
     ``RIVAL_WITHIN`` of it: a structure far behind is no near tie that a model could have
-    misjudged (a GPU convolution's kernels without a weight stage, 2-3x slower)."""
-    if not measured:
+    misjudged (a GPU convolution's kernels without a weight stage, 2-3x slower). Read no
+    further than that bound."""
+    measured = iter(measured)
+    fastest, incumbent = next(measured, (None, None))
+    if incumbent is None:
         return None
-    fastest, incumbent = measured[0]
     own = structure(incumbent)
-    return next((s for t, s in measured if structure(s) != own and t <= RIVAL_WITHIN * fastest), None)
+    for t, s in measured:
+        if t > RIVAL_WITHIN * fastest:
+            return None
+        if structure(s) != own:
+            return s
+    return None
 
 
 def evolve(population: list[Schedule], model, target: Target, rng: np.random.Generator,
@@ -356,7 +362,7 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
             others: list[Schedule] = []
             if held["batches"]:   # a second local search: other structures
                 others = unstaged(best[0], search.target)
-                other = rival(timed_seeds(search, len(search.measurer.cache)))
+                other = rival(timed_seeds(search))
                 if other is not None:
                     others += neighbours(other)
                 others = [s for s in others if not search.known(s)]
