@@ -61,6 +61,7 @@ from kernels.target import Target
 
 from .evolution import legal
 
+UNEVEN = 0.1                             # sketches fuse on while the cores idle more than this share
 REDUCE_BLOCKS = (16, 32, 64, 128, 256)   # the outer part of a split reduction: a cache block
 GPU_THREADS = (64, 128, 256)             # threads of a block
 GPU_ROW_THREADS = (8, 16, 32)            # of them along the output's innermost axis
@@ -192,12 +193,13 @@ def _sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule 
     s = s.reorder(*outer, *reduce_outer, *reduce_inner, *inner)
     extent = s.nest.extents
 
-    # fuse the outer loops from the outside until the cores get enough iterations; parallel
+    # fuse the outer loops from the outside until the cores get enough iterations, evenly
+    # (3 on 2 cores leave one idle a third of the time); parallel
     if outer:
         enough = target.cores * _choice(rng, [1, 4, 16])
         fused, size = outer[0], extent[outer[0]]
         rest = outer[1:]
-        while rest and size < enough:
+        while rest and (size < enough or -size % target.cores > UNEVEN * size):
             s = s.fuse(fused, rest[0])
             fused, size = f"{fused}_{rest[0]}", size * extent[rest[0]]
             rest = rest[1:]

@@ -7,15 +7,15 @@ import zlib
 import numpy as np
 import pytest
 
-from agents.evolution import (RIVAL_WITHIN, _reshaped, _unsplit, annotated, crossover, legal, measured_seeds, mutate,
-                              rival, search_evolve, structure, unstaged)
+from agents.evolution import (GAINED, RIVAL_WITHIN, Stall, _reshaped, _unfused, _unsplit, _widened, annotated,
+                              crossover, legal, measured_seeds, mutate, rival, search_evolve, structure, unstaged)
 from agents.rollout import RandomDraw, rollout
 from agents.search import AGENTS, P_DONE, Search
 from envs.actions import ActionTable
 from kernels.codegen import render
 from kernels.codegen.rules import check_for_target
 from kernels.ir.ops import make_op
-from kernels.ir.schedule import (Bind, CacheRead, CacheWrite, Parallel, Reorder, Schedule, Split, Tile, Unroll,
+from kernels.ir.schedule import (Bind, CacheRead, CacheWrite, Fuse, Parallel, Reorder, Schedule, Split, Tile, Unroll,
                                  Vectorize)
 from kernels.measure import MeasureResult
 from kernels.measure.tuning_log import measure_key
@@ -82,6 +82,38 @@ def test_a_split_is_undone_and_a_cache_read_dropped():
             splits = {s.loop for s in child.steps if isinstance(s, Split)}
             seen.add(("y" not in splits, not any(isinstance(s, CacheRead) for s in child.steps)))
     assert (True, False) in seen and (False, True) in seen, seen
+
+
+def test_a_parallel_loop_is_widened_and_a_fuse_undone():
+    """A parallel loop of 3 iterations (for 2 cores) fused with the row blocks inside it,
+    the stages anchored at either then anchored at the fused loop; and the inverse, a
+    fuse undone: the parallel loop its outer part, a stage at it anchored at the inner."""
+    op, t = make_op("conv2d", "1,8,12,12,48,3,3,1,1"), cpu_target()
+    parent = legal(op, (Split("k", 16), Split("y", 2), Reorder(("n", "k_o", "y_o", "x", "c", "ry", "rx", "y_i", "k_i")),
+                        CacheWrite("x"), Vectorize("k_i"), Fuse("n", "k_o"), Parallel("n_k_o"),
+                        CacheRead("W", "n_k_o"), CacheRead("I", "y_o")), t)
+    assert parent is not None
+    steps = list(parent.steps)
+    wide = _widened(steps, 6, ["n_k_o", "y_o", "x", "c", "ry", "rx", "y_i", "k_i"])
+    assert wide == [*steps[:6], Fuse("n_k_o", "y_o"), Parallel("n_k_o_y_o"),
+                    CacheRead("W", "n_k_o_y_o"), CacheRead("I", "n_k_o_y_o")]
+    assert legal(op, wide, t) is not None
+    assert _widened(steps, 6, ["k_i"]) is None                       # nothing inside to fuse with
+    narrow = _unfused(wide, 6)
+    assert narrow == [*steps[:6], Parallel("n_k_o"), CacheRead("W", "y_o"), CacheRead("I", "y_o")]
+    assert legal(op, narrow, t) is not None
+    assert _unfused([Fuse("n", "k"), Split("n_k", 2)], 0) is None     # a later step splits the fused loop
+    rng, fuses = np.random.default_rng(0), set()
+    for _ in range(400):
+        child = mutate(parent, t, rng)
+        if child is not None:
+            fuses.add(sum(isinstance(s, Fuse) for s in child.steps))
+    assert {0, 2} <= fuses, fuses
+
+
+def test_an_incumbent_holds_until_it_gains_more_than_noise():
+    stall = Stall()
+    assert [stall.update(ms) for ms in (1.0, 0.995, 0.99, 0.985 * GAINED, 0.98, 0.9, 0.9)] == [0, 1, 2, 0, 1, 0, 1]
 
 
 def test_annotated_neighbours_add_one_annotation_each():
