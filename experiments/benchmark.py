@@ -29,6 +29,8 @@ Suites:
   timing-cpu    the experts timed quiet and beside a busy process
   heldout-cpu   the default search (tune, --budget) on held-out shapes of every operator, --repeats
                 runs a shape, against the library, the expert and the CPU's measured FMA peak
+  heldout-cpu-wide  the same on 16 more shapes: the families' other held-out ones, and layers in no
+                shape set
   heldout-cuda  the same on the GPU for held-out matmul and conv2d shapes in one --dtype
   models-cpu, models-cuda  tune-model on built-in models, fresh and again on the same database
 
@@ -64,7 +66,7 @@ from . import bench
 from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
-          "zeroshot-cpu", "ppo-cpu", "ppo-cuda", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu",
+          "zeroshot-cpu", "ppo-cpu", "ppo-cuda", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "heldout-cpu-wide",
           "heldout-cuda", "models-cpu", "models-cuda", "tiles-cuda", "conv-tiles-cuda", "operators-cpu")
 MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
                "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
@@ -100,7 +102,7 @@ class Config:
     config_timeout: int = field(1800, help="seconds one configuration's command may run before it is stopped "
                                            "and marked failed (cluster-cuda)")
     repeats: int = field(3, help="runs per cell: bench runs, quiet and loaded (timing-cpu); tunes of each "
-                                      "shape, seeds 0, 1, ... (heldout-cpu)")
+                                      "shape, seeds 0, 1, ... (heldout-cpu, heldout-cpu-wide)")
     model_budget: int = field(0, help="measurements per model (models-cpu, models-cuda; 0: 16 per task)")
     dtype: str = field("fp32", help="data type of heldout-cuda's tunes (fp16 takes bf16's shapes) and of "
                                     "ppo-cuda's policies; each its own section",
@@ -607,6 +609,18 @@ HELDOUT_CASES = [("matmul", "1024x1024x1024"), ("matmul", "768x768x768"), ("matm
                  ("depthwise_conv2d", "1,144,56,56,3,3,2,1")]   # held-out shapes of every operator
 
 
+# heldout-cpu-wide: the families' other held-out shapes, and layers in no shape set (a GEMV,
+# attention-sized batches, a batch of 4, a 5x5 and a strided 1x1 convolution)
+HELDOUT_WIDE_CASES = [("matmul", "320x320x320"), ("matmul", "256x3072x768"), ("matmul", "100x200x300"),
+                      ("matmul", "1x1024x1024"), ("dense_bias_relu", "384x1536x384"),
+                      ("dense_bias_relu", "100x300x200"), ("batch_matmul", "12x256x256x64"),
+                      ("batch_matmul", "3x100x50x70"), ("batch_matmul", "16x49x49x32"),
+                      ("conv2d", "1,512,7,7,512,3,3,1,1"), ("conv2d", "1,128,56,56,128,3,3,2,1"),
+                      ("conv2d", "4,64,28,28,64,3,3,1,1"), ("conv2d", "1,32,40,40,48,5,5,1,2"),
+                      ("conv2d", "1,256,28,28,512,1,1,2,0"), ("depthwise_conv2d", "1,576,14,14,3,3,1,1"),
+                      ("depthwise_conv2d", "1,960,7,7,3,3,1,1")]
+
+
 ABOVE_EXPERT = 1.03   # heldout-cpu's bar: a tuned kernel more than 3% faster than the expert
 
 
@@ -616,15 +630,15 @@ def _spread(values: list[float], fmt: str = ".2f") -> str:
     return med if len(values) == 1 else f"{med} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
-def _heldout_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
-    """Every held-out shape tuned ``cfg.repeats`` times (seeds 0, 1, ...): the search's
+def _heldout_cpu(cfg: Config, cases: list[tuple[str, str]] = HELDOUT_CASES) -> tuple[list[str], list[dict]]:
+    """Every shape of ``cases`` tuned ``cfg.repeats`` times (seeds 0, 1, ...): the search's
     gain over the expert is a few percent on some shapes, about what this host moves a
     kernel between two timings, so one run per shape says little."""
     from kernels.measure.peak import fma_peak_gflops
     from kernels.target import cpu_target
 
     peak = fma_peak_gflops(cpu_target())
-    runs = Path("runs") / f"benchmark-heldout-cpu-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    runs = Path("runs") / f"benchmark-{cfg.suite}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     seeds = list(range(max(cfg.repeats, 1)))
     lines = [f"`tune` with its default search (`evolve`) and a budget of {cfg.budget} measurements on shapes "
              f"that no training saw, every operator, {len(seeds)} runs a shape (`--seed` {', '.join(map(str, seeds))}): "
@@ -642,7 +656,7 @@ def _heldout_cpu(cfg: Config) -> tuple[list[str], list[dict]]:
              "| op | shape | GFLOPS | of peak | of lib | of expert | above expert | to 90% | tune wall s | command |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     results = []
-    for kind, shape in HELDOUT_CASES:
+    for kind, shape in cases:
         rs = [_tune(kind, shape, "evolve", cfg.budget, str(runs), seed=seed) for seed in seeds]
         gflops = statistics.median(r["gflops"] for r in rs)
         of_library = [r["fraction_of_library"] for r in rs]
@@ -1338,6 +1352,7 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "cluster-cuda": "Measuring on several GPUs of one host: candidates per minute and train steps per second",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
           "heldout-cpu": "The default search on held-out shapes of every operator",
+          "heldout-cpu-wide": "The default search on more shapes that no training saw",
           "operators-cpu": "Operators of your own: tuned with no expert, policy or shape family",
           "heldout-cuda": "The default search on the GPU: held-out matmul and conv2d shapes, fp32 (TF32 off)",
           **{f"heldout-cuda-{d}": f"The default search on the GPU in {d}: held-out matmul and conv2d shapes"
@@ -1377,7 +1392,8 @@ def run(cfg: Config) -> dict:
         lines, results = {"kernels-cpu": _kernels_cpu, "measure-cpu": _measure_cpu, "env-cpu": _env_cpu,
                           "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,
                           "cluster-cpu": _cluster_cpu, "timing-cpu": _timing_cpu,
-                          "heldout-cpu": _heldout_cpu, "operators-cpu": _operators_cpu}[cfg.suite](cfg)
+                          "heldout-cpu": _heldout_cpu,
+                          "heldout-cpu-wide": functools.partial(_heldout_cpu, cases=HELDOUT_WIDE_CASES), "operators-cpu": _operators_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
     section, options = cfg.suite, ""
     if cfg.suite.startswith("ppo-") and cfg.policy:
@@ -1386,6 +1402,8 @@ def run(cfg: Config) -> dict:
             section, options = f"ppo-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}{options}"
     elif cfg.suite == "heldout-cuda" and cfg.dtype != "fp32":   # a section for each dtype
         section, options = f"heldout-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}"
+    elif cfg.suite.startswith("heldout-cpu") and cfg.repeats != Config.repeats:
+        options = f" --repeats {cfg.repeats}"
     machine = [f"{_machine(target)}; measured {stamp}. "
                f"Suite command: `python -m experiments benchmark --suite {cfg.suite}{options}`.", ""]
     write_section(Path(cfg.out), section, TITLES[section], machine + lines)
