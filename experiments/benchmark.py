@@ -29,7 +29,7 @@ Suites:
   timing-cpu    the experts timed quiet and beside a busy process
   heldout-cpu   the default search (tune, --budget) on held-out shapes of every operator, --repeats
                 runs a shape, against the library, the expert and the CPU's measured FMA peak
-  heldout-cpu-wide  the same on 16 more shapes: the families' other held-out ones, and layers in no
+  heldout-wide-cpu  the same on 16 more shapes: the families' other held-out ones, and layers in no
                 shape set
   heldout-cuda  the same on the GPU for held-out matmul and conv2d shapes in one --dtype
   models-cpu, models-cuda  tune-model on built-in models, fresh and again on the same database
@@ -66,8 +66,9 @@ from . import bench
 from .config import field, jsonable
 
 SUITES = ("kernels-cpu", "kernels-cuda", "tensor-cuda", "resnet-conv-cuda", "measure-cpu", "env-cpu", "search-cpu",
-          "zeroshot-cpu", "ppo-cpu", "ppo-cuda", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu", "heldout-cpu-wide",
-          "heldout-cuda", "models-cpu", "models-cuda", "tiles-cuda", "conv-tiles-cuda", "operators-cpu")
+          "zeroshot-cpu", "ppo-cpu", "ppo-cuda", "cluster-cpu", "cluster-cuda", "timing-cpu", "heldout-cpu",
+          "heldout-wide-cpu", "heldout-cuda", "models-cpu", "models-cuda", "tiles-cuda", "conv-tiles-cuda",
+          "operators-cpu")
 MODEL_CASES = {"cpu": tuple((model, 1, "fp32") for model in ("resnet18", "mobilenet_v2")),   # (model, batch, dtype)
                "cuda": tuple((model, batch, dtype) for dtype in ("fp32", "bf16")
                              for model, batch in (("resnet50", 1), ("resnet50", 16), ("bert_layer", 1)))}
@@ -102,7 +103,7 @@ class Config:
     config_timeout: int = field(1800, help="seconds one configuration's command may run before it is stopped "
                                            "and marked failed (cluster-cuda)")
     repeats: int = field(3, help="runs per cell: bench runs, quiet and loaded (timing-cpu); tunes of each "
-                                      "shape, seeds 0, 1, ... (heldout-cpu, heldout-cpu-wide)")
+                                      "shape, seeds 0, 1, ... (heldout-cpu, heldout-wide-cpu)")
     model_budget: int = field(0, help="measurements per model (models-cpu, models-cuda; 0: 16 per task)")
     dtype: str = field("fp32", help="data type of heldout-cuda's tunes (fp16 takes bf16's shapes) and of "
                                     "ppo-cuda's policies; each its own section",
@@ -609,7 +610,7 @@ HELDOUT_CASES = [("matmul", "1024x1024x1024"), ("matmul", "768x768x768"), ("matm
                  ("depthwise_conv2d", "1,144,56,56,3,3,2,1")]   # held-out shapes of every operator
 
 
-# heldout-cpu-wide: the families' other held-out shapes, and layers in no shape set (a GEMV,
+# heldout-wide-cpu: the families' other held-out shapes, and layers in no shape set (a GEMV,
 # attention-sized batches, a batch of 4, a 5x5 and a strided 1x1 convolution)
 HELDOUT_WIDE_CASES = [("matmul", "320x320x320"), ("matmul", "256x3072x768"), ("matmul", "100x200x300"),
                       ("matmul", "1x1024x1024"), ("dense_bias_relu", "384x1536x384"),
@@ -1352,7 +1353,7 @@ TITLES = {"kernels-cpu": "CPU kernels: expert schedules vs the libraries",
           "cluster-cuda": "Measuring on several GPUs of one host: candidates per minute and train steps per second",
           "timing-cpu": "Timing under load: quiet and beside a busy neighbour",
           "heldout-cpu": "The default search on held-out shapes of every operator",
-          "heldout-cpu-wide": "The default search on more shapes that no training saw",
+          "heldout-wide-cpu": "The default search on more shapes that no training saw",
           "operators-cpu": "Operators of your own: tuned with no expert, policy or shape family",
           "heldout-cuda": "The default search on the GPU: held-out matmul and conv2d shapes, fp32 (TF32 off)",
           **{f"heldout-cuda-{d}": f"The default search on the GPU in {d}: held-out matmul and conv2d shapes"
@@ -1393,7 +1394,8 @@ def run(cfg: Config) -> dict:
                           "search-cpu": _search_cpu, "zeroshot-cpu": _zeroshot_cpu,
                           "cluster-cpu": _cluster_cpu, "timing-cpu": _timing_cpu,
                           "heldout-cpu": _heldout_cpu,
-                          "heldout-cpu-wide": functools.partial(_heldout_cpu, cases=HELDOUT_WIDE_CASES), "operators-cpu": _operators_cpu}[cfg.suite](cfg)
+                          "heldout-wide-cpu": functools.partial(_heldout_cpu, cases=HELDOUT_WIDE_CASES),
+                          "operators-cpu": _operators_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
     section, options = cfg.suite, ""
     if cfg.suite.startswith("ppo-") and cfg.policy:
@@ -1402,7 +1404,7 @@ def run(cfg: Config) -> dict:
             section, options = f"ppo-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}{options}"
     elif cfg.suite == "heldout-cuda" and cfg.dtype != "fp32":   # a section for each dtype
         section, options = f"heldout-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}"
-    elif cfg.suite.startswith("heldout-cpu") and cfg.repeats != Config.repeats:
+    elif cfg.suite in ("heldout-cpu", "heldout-wide-cpu") and cfg.repeats != Config.repeats:
         options = f" --repeats {cfg.repeats}"
     machine = [f"{_machine(target)}; measured {stamp}. "
                f"Suite command: `python -m experiments benchmark --suite {cfg.suite}{options}`.", ""]

@@ -594,11 +594,33 @@ def test_heldout_cpu_repeats_each_shape_and_counts_the_runs_above_the_expert(tmp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(benchmark, "_tune", tune)
     monkeypatch.setattr(peak, "fma_peak_gflops", lambda target: 200.0)
-    monkeypatch.setattr(benchmark, "HELDOUT_CASES", [("matmul", "64x64x64"), ("conv2d", "1,8,8,8,8,3,3,1,1")])
-    lines, results = benchmark._heldout_cpu(benchmark.Config(suite="heldout-cpu"))
+    cases = [("matmul", "64x64x64"), ("conv2d", "1,8,8,8,8,3,3,1,1")]
+    lines, results = benchmark._heldout_cpu(benchmark.Config(suite="heldout-cpu"), cases)
     text = "\n".join(lines)
     assert ("| matmul | 64x64x64 | 101.0 | 0.51 | 1.20 [1.20-1.20] | 1.05 [1.01-1.10] | 2 of 3 | 5 | 10 | "
             "`python -m experiments tune --op matmul --shape 64x64x64 --budget 64 --seed S` |") in text
     assert "| 1.00 [1.00-1.00] | 0 of 3 | - |" in text   # a run that never reached 90% shows
     assert "more than 3% in the median run: 1 of 2 shapes" in text and "never reached in some run" in text
     assert results[0] == {"peak_gflops": 200.0} and [r["seed"] for r in results[1]["runs"]] == [0, 1, 2]
+
+
+def test_heldout_cpu_wide_tunes_its_own_shapes_and_names_its_repeats(tmp_path, monkeypatch):
+    from experiments import benchmark
+    from kernels.measure import peak
+
+    tuned = []
+
+    def tune(kind, shape, agent, budget, runs, seed=0):
+        assert runs.startswith("runs/benchmark-heldout-wide-cpu-")
+        tuned.append((kind, shape, seed))
+        return {"gflops": 100.0, "fraction_of_library": 1.2, "fraction_of_expert": 1.1, "measurements_to_90pct": 1,
+                "wall_s": 10.0, "measurements": 64, "run_dir": f"{runs}/{kind}"}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "_tune", tune)
+    monkeypatch.setattr(peak, "fma_peak_gflops", lambda target: 200.0)
+    out = tmp_path / "B.md"
+    benchmark.run(benchmark.Config(suite="heldout-wide-cpu", repeats=1, out=str(out)))
+    assert tuned == [(kind, shape, 0) for kind, shape in benchmark.HELDOUT_WIDE_CASES]
+    assert not set(benchmark.HELDOUT_WIDE_CASES) & set(benchmark.HELDOUT_CASES)
+    assert "Suite command: `python -m experiments benchmark --suite heldout-wide-cpu --repeats 1`" in out.read_text()
