@@ -110,10 +110,11 @@ def _library_ms(op, measurer: Measurer) -> float:
 
 def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, Schedule]],
                       expert: Schedule | None, rounds: int, expert_wins: bool = True, library: bool = True):
-    """The best kernel re-checked and re-timed against the library (where ``library``; and
-    beside the expert schedule, in the same rounds): ``(schedule, kernel, built, its comparison, the
-    expert's or None, fraction of the expert or None, the search's time of it,
-    re-measured?)``.
+    """The best kernel re-checked and re-timed against the library (where ``library``): ``(schedule,
+    kernel, built, its comparison, the expert's time in ms or None, fraction of the expert or None,
+    the search's time of it, re-measured?)``. On a GPU the expert is timed in the same rounds;
+    on a CPU the two are timed in turn (``paired_ratio``), the expert's time that ratio of the
+    best's, and the expert takes rounds of its own only where it is the result.
 
     On a CPU the search's fastest few are first timed again in turn with the expert and
     the fastest of them goes first (``_retimed``). The tuning log is data, not truth: a
@@ -136,30 +137,39 @@ def _final_comparison(op, target, measurer: Measurer, ranked: list[tuple[float, 
         built = measurer.builder.build([kernel])[0]
         if not built.ok:
             continue
-        cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds,
+        is_expert = bool(extra) and schedule.kernel_key() == expert.kernel_key()
+        beside = extra if kernel.is_cuda and not is_expert else []
+        cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *beside], target, rounds,
                                           library)
         remeasured = False
         # a paired search's times are in the expert's units, not comparable with the rounds'
         if cmp.ok and not measurer.paired(op) and not cmp.agrees_with(searched_ms):
             print(f"the final timing ({cmp.time_ms:.3f} ms) disagrees with the search's ({searched_ms:.3f} ms) "
                   f"by more than its spread; measuring again", file=sys.stderr)
-            cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *extra], target, rounds,
+            cmp, *rest = compare_with_library(measurer.runner, op, [(kernel, built.path), *beside], target, rounds,
                                               library)
             remeasured = True
         if cmp.ok:
-            expert_cmp = rest[0] if rest else None
             of_expert = None
-            if expert_cmp is not None and expert_cmp.ok:
-                # on a CPU the two timed in turn, which rounds a second apart cannot match on a
-                # shared host; on a GPU (CUDA events time each launch on its own) the rounds
-                of_expert = 1.0 if schedule.kernel_key() == expert.kernel_key() else (
-                    (None if kernel.is_cuda else paired_ratio(measurer.runner, op, (kernel, built.path), extra[0]))
-                    or _ratio(expert_cmp, cmp))
+            if is_expert:
+                of_expert = 1.0
+            elif extra and kernel.is_cuda:   # CUDA events time each launch on its own: the rounds
+                of_expert = _ratio(rest[0], cmp) if rest[0].ok else None
+            elif extra:   # on a CPU the two timed in turn, which rounds a second apart cannot match on a shared host
+                of_expert = paired_ratio(measurer.runner, op, (kernel, built.path), extra[0])
             if expert_wins and of_expert is not None and of_expert < 1:
                 print(f"the expert schedule is faster ({1 / of_expert:.3f} of the best's speed); it is the result",
                       file=sys.stderr)
-                return expert, expert_kernel, expert_built, expert_cmp, expert_cmp, 1.0, searched_ms, remeasured
-            return schedule, kernel, built, cmp, expert_cmp, of_expert, searched_ms, remeasured
+                expert_cmp = rest[0] if rest else compare_with_library(measurer.runner, op, extra, target, rounds,
+                                                                       library)[0]
+                if expert_cmp.ok:
+                    return (expert, expert_kernel, expert_built, expert_cmp, expert_cmp.time_ms, 1.0, searched_ms,
+                            remeasured)
+            if rest and rest[0].ok:   # the GPU's rounds
+                expert_ms = rest[0].time_ms
+            else:   # the CPU's pairs: that ratio of the best's time
+                expert_ms = cmp.time_ms * of_expert if of_expert else None
+            return schedule, kernel, built, cmp, expert_ms, of_expert, searched_ms, remeasured
         print(f"warning: the best kernel of the search failed its final check ({cmp.error}); "
               "taking the next", file=sys.stderr)
     raise LookupError(f"no kernel passed the final check among {len(ranked)} correct measurements")
@@ -297,7 +307,7 @@ def run(cfg: Config) -> dict:
                            if sch is not None and r.ok], key=lambda x: x[0])
         if not ranked:
             raise LookupError(f"no correct kernel in {len(search.measured)} measurements")
-        best, kernel, built, final, expert_final, of_expert, searched_ms, remeasured = _final_comparison(
+        best, kernel, built, final, expert_ms, of_expert, searched_ms, remeasured = _final_comparison(
             op, target, measurer, ranked, expert, cfg.rounds, expert_wins=not cfg.no_expert, library=bool(library))
         best = best.simplified()   # what the user reads: the same kernel, its cancelling reorders gone
         if cfg.export:
@@ -315,7 +325,7 @@ def run(cfg: Config) -> dict:
         "library_spread_ms": final.library_spread_ms,
         "library_gflops": op.flops / library_ms / 1e6 if library_ms else None,
         "fraction_of_library": final.fraction_of_library, "rounds": len(final.rounds), "remeasured": remeasured,
-        "expert_gflops": op.flops / expert_final.time_ms / 1e6 if expert_final and expert_final.ok else None,
+        "expert_gflops": op.flops / expert_ms / 1e6 if expert_ms else None,
         "fraction_of_expert": of_expert,
         "measurements_to_90pct": _measurements_to_90pct(
             search.history, final.time_ms, expert_result if reference is not None else None, of_expert, naive),

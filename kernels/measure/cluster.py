@@ -269,8 +269,8 @@ class _RunnerActor:
 
     def run(self, kind: str, shape: str, kernel: Kernel, filename: str, data: bytes, library: bool,
             slow_cutoff_s: float | None, dtype: str = "fp32", rival_kernel: Kernel | None = None,
-            rival_file: str = "", rival_data: bytes = b"", pairs: int = 0) -> MeasureResult:
-        rival = rival_kernel and Rival(rival_kernel, self._stored(rival_file, rival_data), pairs)
+            rival_file: str = "", rival_data: bytes = b"", pairs: int = 0, budget_s: float = 0.0) -> MeasureResult:
+        rival = rival_kernel and Rival(rival_kernel, self._stored(rival_file, rival_data), pairs, budget_s)
         return self.runner.run(make_op(kind, shape, dtype), kernel, self._stored(filename, data), library,
                                slow_cutoff_s, rival)
 
@@ -510,7 +510,8 @@ class RayRunner:
         ray = _ray()
         lost_errors = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         cutoff = None if library else slow_cutoff_s
-        shipped = (rival.kernel, Path(rival.path).name, self._artefact(rival.path), rival.pairs) if rival else ()
+        shipped = (rival.kernel, Path(rival.path).name, self._artefact(rival.path), rival.pairs,
+                   rival.budget_s) if rival else ()
         queue = list(range(len(jobs)))
         tries = [0] * len(jobs)
         inflight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (job, actor, submitted at)

@@ -26,6 +26,9 @@ PAIRS = 1000   # pairs of blocks at most (within the runner's time budget) in a 
 # median ratio to the expert in one or two runs of 20, and one such run had made a tune
 # return the expert where its best kernel ran at 1.09x it
 PAIRED_RUNS = 3
+# seconds of pairs in each: the three about as long as one plain run (``Runner.min_time_s``);
+# a run each of 1 s had a tune of matmul 1024 spend 28 of its 73 s in its final comparison
+PAIRED_RUN_S = 0.35
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ def paired_ratio(runner: RunnerProtocol, op: Operator, kernel: tuple[Kernel, str
     either failed."""
     ratios = []
     for _ in range(runs):
-        r = runner.run(op, *kernel, rival=Rival(*rival, pairs))
+        r = runner.run(op, *kernel, rival=Rival(*rival, pairs, PAIRED_RUN_S))
         if not r.ok or not r.rival_times_ms:
             return None
         ratios.append(statistics.median(e / k for k, e in zip(r.times_ms, r.rival_times_ms)))

@@ -23,7 +23,8 @@ class Rival(NamedTuple):
 
     kernel: Kernel
     path: str
-    pairs: int = 0    # pairs of blocks at most, within the runner's time budget; 0: its repeats
+    pairs: int = 0    # pairs of blocks at most, within the time budget; 0: the runner's repeats
+    budget_s: float = 0.0   # seconds of pairs; 0: the runner's min_time_s
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,7 @@ class Runner:
         if rival:
             req["rival"] = dict(path=rival.path, name=rival.kernel.name)
             req["pairs"] = rival.pairs or self.repeats
+            req["min_time_s"] = rival.budget_s or self.min_time_s
         if kernel.is_cuda:
             req.update(backend="cuda", launch=kernel.launch, shared_bytes=kernel.shared_bytes)
         correct = False
