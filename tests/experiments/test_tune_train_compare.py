@@ -265,3 +265,45 @@ def test_compare_refuses_runs_without_a_common_curve(trained, tmp_path):
     tuned = last_json(cli("tune", "--op", "matmul", "--shape", "16x16x16", "--agent", "random", "--budget", "2",
                           "--rounds", "1", "--json", cwd=tmp_path))["run_dir"]
     assert "no common curve" in one_error_line(cli("compare", tuned, str(trained), cwd=tmp_path))
+
+
+@pytest.mark.parametrize("ratio", [1.25, 0.8])
+def test_on_a_cpu_the_expert_takes_final_rounds_only_where_it_wins(monkeypatch, ratio):
+    """The best alone goes to the rounds with the library; its ratio to the expert comes
+    from the two timed in turn, the expert's time that ratio of the best's; an expert that
+    wins is the result, with rounds of its own."""
+    from experiments import tune
+    from kernels.experts import expert_schedule
+    from kernels.ir.ops import make_op
+    from kernels.ir.schedule import Schedule
+    from kernels.measure.comparison import Comparison
+    from kernels.measure.result import BuildResult, MeasureResult
+    from kernels.target import cpu_target
+
+    op, target = make_op("matmul", "64x64x64"), cpu_target()
+    expert, best = expert_schedule(op, target), Schedule(op).split("j", 8)
+    timed = []
+
+    def rounds(runner, op, kernels, target, rounds, library=True):
+        timed.append([k.name for k, _ in kernels])
+        ms = 2.0 if "expert" in kernels[0][0].name else 1.0
+        return [Comparison((MeasureResult(True, ms, (ms,), op.flops / ms / 1e6, True, None),)) for _ in kernels]
+
+    class Measurer:
+        builder = type("B", (), {"build": staticmethod(lambda ks: [BuildResult("k.so", None, 0.0) for _ in ks])})()
+        runner = None
+
+        def paired(self, op):
+            return True
+
+    monkeypatch.setattr(tune, "compare_with_library", rounds)
+    monkeypatch.setattr(tune, "paired_ratio", lambda runner, op, kernel, rival: ratio)
+    monkeypatch.setattr(tune, "_retimed", lambda op, target, measurer, ranked, expert: ranked)
+    result, _, _, final, expert_ms, of_expert, _, _ = tune._final_comparison(
+        op, target, Measurer(), [(1.0, best), (2.0, expert)], expert, 3)
+    if ratio > 1:
+        assert result.key() == best.key() and timed == [[timed[0][0]]] and "expert" not in timed[0][0]
+        assert of_expert == 1.25 and expert_ms == 1.25 and final.time_ms == 1.0
+    else:
+        assert result.key() == expert.key() and len(timed) == 2 and "expert" in timed[1][0]
+        assert of_expert == 1.0 and expert_ms == 2.0 and final.time_ms == 2.0
