@@ -871,7 +871,7 @@ def _budget8_against(path: str, base: str, meta: dict) -> tuple[list[str], list[
     lines = [f"{kind}: `{base}` (*base*) against `{path}` (*trained*"
              + (f": `{meta['command']}`" if meta.get("command") else "") + "), a tune of 8 measurements on each "
              "held-out shape with each policy proposing (`tune --agent ppo --budget 8 --policy P`): its best kernel "
-             "against the expert, timed in that run's final rounds.", "",
+             "against the expert, timed in turn with it in that run's final comparison.", "",
              "| shape | base of expert | trained of expert |", "|---|---:|---:|"]
     results = []
     with tempfile.TemporaryDirectory() as runs:

@@ -73,7 +73,7 @@ class Config:
     no_expert: bool = field(False, help="an ablation: the expert schedule is no candidate and no seed, and the "
                                         "shipped policy (which imitates it) proposes nothing unless --policy "
                                         "names one (the search starts from sketches of the operator and random "
-                                        "rollouts); the expert is still timed in the final rounds, for the figure")
+                                        "rollouts); the expert is still timed in the final comparison, for the figure")
     cost_model: str | None = field(None, help="pre-trained cost model of the guided searches (every agent but "
                                               "random; default: the shipped one)", metavar="PATH")
     budget: int | None = field(None, help="hardware measurements the search may make, in all "
@@ -276,7 +276,7 @@ def run(cfg: Config) -> dict:
         reference = None if cfg.no_expert else expert
         if reference is not None and target.kind == "cpu":
             # every kernel the search measures (the references too) timed in turn with the expert,
-            # in units of its time; its name is that of the final rounds' expert: built once
+            # in units of its time; its name is that of the final comparison's expert: built once
             measurer.pair_with_schedule(op, reference, name=f"{op.kind}_expert")
         naive, expert_result = measurer.measure([Schedule(op), reference or Schedule(op)])
         # for the curve; the final figure times the library against the best kernel, in blocks

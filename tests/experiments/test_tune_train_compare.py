@@ -51,7 +51,7 @@ def trained(tmp_path_factory) -> Path:
                                         ("depthwise_conv2d", "1,4,7,7,3,3,1,1")])
 def test_every_op_tunes_with_the_default_agent(kind, shape, tmp_path):
     """The default search (evolve) needs no policy; the naive kernel and the expert are
-    measured too, and the result is never slower than the expert in the final rounds."""
+    measured too, and the result is never slower than the expert in the final comparison."""
     out = last_json(cli("tune", "--op", kind, "--shape", shape, "--budget", "3", "--rounds", "1", "--json",
                         cwd=tmp_path))
     assert out["agent"] == "evolve" and out["correct"] and out["measurements"] <= 3
