@@ -402,8 +402,10 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
     predicted best. In the first batch, and once a batch has passed without an incumbent
     ``GAINED`` faster (``Stall``), ``second`` of the ``local`` picks go to a second local
     search, among other structures: the incumbent with one cache read dropped
-    (``unstaged``) and the neighbours of the fastest kernel of another structure
-    (``rival``). A model that learnt mostly the incumbent's neighbours ranks another
+    (``unstaged``) where no kernel of that structure was measured yet, and the neighbours
+    of the fastest kernel of another structure (``rival``), which judges a structure once
+    measured: a GPU convolution's kernels without a weight stage, 2-3x slower, took two
+    picks of every batch while its incumbent moved by noise. A model that learnt mostly the incumbent's neighbours ranks another
     structure's poorly, and near its best member can lie what beats the incumbent (the
     strided 3x3 convolution 1,64,56,56,128 on this project's CPU: kernels reading the input
     in place, first measured within 1-4% of the packed incumbent, led to ones 5-10% faster
@@ -435,7 +437,8 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
         if best:
             others: list[Schedule] = []
             if stall.update(timed[0][0]):   # a second local search: other structures
-                others = unstaged(best[0], search.target)
+                seen = {structure(s) for _, s in timed_seeds(search)}
+                others = [s for s in unstaged(best[0], search.target) if structure(s) not in seen]
                 other = rival(timed_seeds(search))
                 if other is not None:
                     others += neighbours(other)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from agents.evolution import (GAINED, RIVAL_WITHIN, Stall, _reshaped, _unfused, _unsplit, _widened, annotated,
-                              crossover, legal, measured_seeds, mutate, rival, search_evolve, structure, unstaged)
+                              crossover, legal, measured_seeds, mutate, rival, search_evolve, structure, timed_seeds,
+                              unstaged)
 from agents.rollout import RandomDraw, rollout
 from agents.search import AGENTS, P_DONE, Search
 from envs.actions import ActionTable
@@ -195,6 +197,28 @@ def test_a_held_incumbent_gets_its_unstaged_variants_measured():
     search_evolve(search, np.random.default_rng(0), _ByStages(), lambda n: [incumbent][:n])
     assert search.best.kernel_key() == fast
     assert all(v.kernel_key() in search.measured for v in unstaged(incumbent, cpu_target()))
+
+
+def test_a_structure_measured_once_is_left_to_the_rival_rule():
+    """Dropping a stage is tried once per structure: an incumbent that moves by noise does
+    not bring its slow in-place variants back batch after batch."""
+    op = make_op("matmul", "32x32x32")
+    incumbent = _staged(op)
+    own = structure(incumbent)
+
+    class Measurer(_FakeMeasurer):
+        def time_of(self, s):   # the staged kernels within 1% of each other; the rest 3x slower
+            if structure(s) != own:
+                return 3.0
+            return 1.01 if s.kernel_key() == incumbent.kernel_key() else 1.0 + zlib.crc32(s.kernel_key().encode()) % 100 / 1e4
+
+    search = Search(op, cpu_target(), Measurer(cpu_target()), budget=64)
+    search.measure([incumbent])
+    search_evolve(search, np.random.default_rng(0), _ByStages(), lambda n: [incumbent][:n], explore=0)
+    assert search.best.kernel_key() != incumbent.kernel_key()    # the incumbent moved
+    slow = Counter(structure(s) for _, s in timed_seeds(search) if structure(s) != own)
+    assert set(slow) == {structure(v) for v in unstaged(incumbent, cpu_target())}
+    assert max(slow.values()) == 1, slow
 
 
 def test_an_illegal_child_is_dropped():
