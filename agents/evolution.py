@@ -405,12 +405,12 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
     (``unstaged``) where no kernel of that structure was measured yet, and the neighbours
     of the fastest kernel of another structure (``rival``), which judges a structure once
     measured: a GPU convolution's kernels without a weight stage, 2-3x slower, took two
-    picks of every batch while its incumbent moved by noise. A model that learnt mostly the incumbent's neighbours ranks another
-    structure's poorly, and near its best member can lie what beats the incumbent (the
-    strided 3x3 convolution 1,64,56,56,128 on this project's CPU: kernels reading the input
-    in place, first measured within 1-4% of the packed incumbent, led to ones 5-10% faster
-    in the runs that searched around them, and were measured 1-4 times in the runs that
-    did not).
+    picks of every batch while its incumbent moved by noise. A model that learnt mostly the
+    incumbent's neighbours ranks another structure's poorly, and near its best member can
+    lie what beats the incumbent (the strided 3x3 convolution 1,64,56,56,128 on this
+    project's CPU: kernels reading the input in place, first measured within 1-4% of the
+    packed incumbent, led to ones 5-10% faster in the runs that searched around them, and
+    were measured 1-4 times in the runs that did not).
     """
     pop = propose(population)
     stall = Stall()

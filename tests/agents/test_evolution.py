@@ -210,7 +210,8 @@ def test_a_structure_measured_once_is_left_to_the_rival_rule():
         def time_of(self, s):   # the staged kernels within 1% of each other; the rest 3x slower
             if structure(s) != own:
                 return 3.0
-            return 1.01 if s.kernel_key() == incumbent.kernel_key() else 1.0 + zlib.crc32(s.kernel_key().encode()) % 100 / 1e4
+            key = s.kernel_key()
+            return 1.01 if key == incumbent.kernel_key() else 1.0 + zlib.crc32(key.encode()) % 100 / 1e4
 
     search = Search(op, cpu_target(), Measurer(cpu_target()), budget=64)
     search.measure([incumbent])
