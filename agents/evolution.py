@@ -437,9 +437,10 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
         if best:
             others: list[Schedule] = []
             if stall.update(timed[0][0]):   # a second local search: other structures
-                seen = {structure(s) for _, s in timed_seeds(search)}
+                measured = list(timed_seeds(search))
+                seen = {structure(s) for _, s in measured}
                 others = [s for s in unstaged(best[0], search.target) if structure(s) not in seen]
-                other = rival(timed_seeds(search))
+                other = rival(measured)
                 if other is not None:
                     others += neighbours(other)
                 others = [s for s in others if not search.known(s)]
