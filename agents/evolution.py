@@ -422,8 +422,8 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
 
     def pick(n: int) -> list[Schedule]:
         nonlocal pop
-        timed = list(timed_seeds(search, population // 4))
-        best = [s for _, s in timed]
+        measured = list(timed_seeds(search))   # fastest first
+        best = [s for _, s in measured[:population // 4]]
         pop = evolve([*pop, *best], model, search.target, rng, generations, population)
         picks: dict[str, Schedule] = {}
 
@@ -436,8 +436,7 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
 
         if best:
             others: list[Schedule] = []
-            if stall.update(timed[0][0]):   # a second local search: other structures
-                measured = list(timed_seeds(search))
+            if stall.update(measured[0][0]):   # a second local search: other structures
                 seen = {structure(s) for _, s in measured}
                 others = [s for s in unstaged(best[0], search.target) if structure(s) not in seen]
                 other = rival(measured)
