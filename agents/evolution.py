@@ -399,7 +399,13 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
     Of each batch (``search.batch``), ``local`` are the predicted best of the fastest
     kernel's mutants and annotated neighbours (a local search around the incumbent, the
     expert's included), ``explore`` are random members of the population, and the rest its
-    predicted best. In the first batch, and once a batch has passed without an incumbent
+    predicted best. The first batch measures the starting incumbent's annotated neighbours
+    (0-1 for each expert of the held-out suites, CPU and GPU): the cheapest test of the
+    annotations it came with, which the model, knowing no neighbour of it yet, ranks among 250
+    mutants (the expert's one for the GPU 7x7 convolution 1,512,7,7,512: its weight stage's
+    channel loop unrolled, the step that took five H100 tunes from 0.079 to 0.048 ms, each
+    reaching it from a mutant of the expert at its 10th to 50th measurement, or never).
+    In the first batch, and once a batch has passed without an incumbent
     ``GAINED`` faster (``Stall``), ``second`` of the ``local`` picks go to a second local
     search, among other structures: the incumbent with one cache read dropped
     (``unstaged``) where no kernel of that structure was measured yet, and the neighbours
@@ -436,6 +442,7 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
 
         if best:
             others: list[Schedule] = []
+            start = stall.time_ms is None   # the first pick: the incumbent is the one the search starts from
             if stall.update(measured[0][0]):   # a second local search: other structures
                 seen = {structure(s) for _, s in measured}
                 others = [s for s in unstaged(best[0], search.target) if structure(s) not in seen]
@@ -443,7 +450,10 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
                 if other is not None:
                     others += neighbours(other)
                 others = [s for s in others if not search.known(s)]
-            take(_rank(neighbours(best[0]), model), min(local, n) - (second if others else 0))
+            first = min(local, n) - (second if others else 0)
+            if start:
+                take(_rank(annotated(best[0], search.target), model), first)
+            take(_rank(neighbours(best[0]), model), first)
             take(_rank(list({s.kernel_key(): s for s in others}.values()), model), min(local, n))
         take(pop, max(n - explore, 1))
         rest = [s for s in pop if not search.known(s) and s.kernel_key() not in picks]

@@ -199,6 +199,17 @@ def test_a_held_incumbent_gets_its_unstaged_variants_measured():
     assert all(v.kernel_key() in search.measured for v in unstaged(incumbent, cpu_target()))
 
 
+def test_the_starting_incumbents_annotated_neighbours_are_measured_first():
+    """The first batch measures every one-annotation neighbour of the kernel the search
+    starts from, though the model ranks them behind its other mutants."""
+    op = make_op("matmul", "64x64x64")
+    start = legal(op, (Split("j", 16), Reorder(("i", "j_o", "k", "j_i"))), cpu_target())
+    search = Search(op, cpu_target(), _FakeMeasurer(cpu_target()), budget=9)   # the start and one batch of 8
+    search.measure([start])
+    search_evolve(search, np.random.default_rng(0), _Model(), lambda n: [start][:n])
+    assert all(a.kernel_key() in search.measured for a in annotated(start, cpu_target()))
+
+
 def test_a_structure_measured_once_is_left_to_the_rival_rule():
     """Dropping a stage is tried once per structure: an incumbent that moves by noise does
     not bring its slow in-place variants back batch after batch."""
