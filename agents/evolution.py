@@ -399,8 +399,10 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
     Of each batch (``search.batch``), ``local`` are the predicted best of the fastest
     kernel's mutants and annotated neighbours (a local search around the incumbent, the
     expert's included), ``explore`` are random members of the population, and the rest its
-    predicted best. The first batch measures the starting incumbent's annotated neighbours
-    (0-1 for each expert of the held-out suites, CPU and GPU): the cheapest test of the
+    predicted best. The first batch's random picks go to the starting incumbent's annotated
+    neighbours (0-1 for each expert of the held-out suites, CPU and GPU; taking one of the
+    local picks instead cost the CPU's 5x5 convolution 1,32,40,40,48 its widened parallel
+    loop, found in the first batch without it): the cheapest test of the
     annotations it came with, which the model, knowing no neighbour of it yet, ranks among 250
     mutants (the expert's one for the GPU 7x7 convolution 1,512,7,7,512: its weight stage's
     channel loop unrolled, 0.087 -> 0.074 ms on an H100; from it, 0.048 ms at the 10th
@@ -441,9 +443,9 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
                 if not search.known(s):
                     picks.setdefault(s.kernel_key(), s)
 
+        start = stall.time_ms is None   # the first pick: the incumbent is the one the search starts from
         if best:
             others: list[Schedule] = []
-            start = stall.time_ms is None   # the first pick: the incumbent is the one the search starts from
             if stall.update(measured[0][0]):   # a second local search: other structures
                 seen = {structure(s) for _, s in measured}
                 others = [s for s in unstaged(best[0], search.target) if structure(s) not in seen]
@@ -451,12 +453,11 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
                 if other is not None:
                     others += neighbours(other)
                 others = [s for s in others if not search.known(s)]
-            first = min(local, n) - (second if others else 0)
-            if start:
-                take(_rank(annotated(best[0], search.target), model), first)
-            take(_rank(neighbours(best[0]), model), first)
+            take(_rank(neighbours(best[0]), model), min(local, n) - (second if others else 0))
             take(_rank(list({s.kernel_key(): s for s in others}.values()), model), min(local, n))
         take(pop, max(n - explore, 1))
+        if best and start:   # in place of the first batch's random picks
+            take(_rank(annotated(best[0], search.target), model), n)
         rest = [s for s in pop if not search.known(s) and s.kernel_key() not in picks]
         take([rest[i] for i in rng.permutation(len(rest))], n)
         pop += propose(fresh)

@@ -200,10 +200,11 @@ def test_a_held_incumbent_gets_its_unstaged_variants_measured():
 
 
 def test_the_starting_incumbents_annotated_neighbours_are_measured_first():
-    """The first batch measures every one-annotation neighbour of the kernel the search
-    starts from, though the model ranks them behind its other mutants."""
+    """The first batch's random picks measure the one-annotation neighbours of the kernel
+    the search starts from (here two), though the model ranks them behind its mutants."""
     op = make_op("matmul", "64x64x64")
-    start = legal(op, (Split("j", 16), Reorder(("i", "j_o", "k", "j_i"))), cpu_target())
+    start = legal(op, (Split("j", 16), Reorder(("i", "j_o", "k", "j_i")), Parallel("i")), cpu_target())
+    assert len(annotated(start, cpu_target())) == 2
     search = Search(op, cpu_target(), _FakeMeasurer(cpu_target()), budget=9)   # the start and one batch of 8
     search.measure([start])
     search_evolve(search, np.random.default_rng(0), _Model(), lambda n: [start][:n])
