@@ -259,6 +259,22 @@ def annotated(schedule: Schedule, target: Target) -> list[Schedule]:
     return list(out.values())
 
 
+def widened(schedule: Schedule, target: Target) -> list[Schedule]:
+    """Every legal schedule that is ``schedule`` with one parallel loop fused with the loop
+    inside it (``_widened``): how many iterations the cores share is the machine's (its core
+    count), which an expert written for another, or a cost model trained on another, can
+    misjudge."""
+    out = []
+    for i, step in enumerate(schedule.steps):
+        if isinstance(step, Parallel):
+            names = [l.name for l in Schedule(schedule.op, tuple(schedule.steps[:i])).nest.loops]
+            child = _widened(list(schedule.steps), i, names)
+            s = None if child is None else legal(schedule.op, child, target)
+            if s is not None and s.kernel_key() != schedule.kernel_key():
+                out.append(s)
+    return out
+
+
 def unstaged(schedule: Schedule, target: Target) -> list[Schedule]:
     """Every legal schedule that is ``schedule`` with one cache read dropped: the same loops
     reading that input in place, another structure (``structure``)."""
@@ -457,7 +473,7 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
             take(_rank(list({s.kernel_key(): s for s in others}.values()), model), min(local, n))
         take(pop, max(n - explore, 1))
         if best and start:   # in place of the first batch's random picks
-            take(_rank(annotated(best[0], search.target), model), n)
+            take(_rank([*annotated(best[0], search.target), *widened(best[0], search.target)], model), n)
         rest = [s for s in pop if not search.known(s) and s.kernel_key() not in picks]
         take([rest[i] for i in rng.permutation(len(rest))], n)
         pop += propose(fresh)

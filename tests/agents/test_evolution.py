@@ -10,7 +10,7 @@ import pytest
 
 from agents.evolution import (GAINED, RIVAL_WITHIN, Stall, _reshaped, _unfused, _unsplit, _widened, annotated,
                               crossover, legal, measured_seeds, mutate, rival, search_evolve, structure, timed_seeds,
-                              unstaged)
+                              unstaged, widened)
 from agents.rollout import RandomDraw, rollout
 from agents.search import AGENTS, P_DONE, Search
 from envs.actions import ActionTable
@@ -201,14 +201,17 @@ def test_a_held_incumbent_gets_its_unstaged_variants_measured():
 
 def test_the_starting_incumbents_annotated_neighbours_are_measured_first():
     """The first batch's random picks measure the one-annotation neighbours of the kernel
-    the search starts from (here two), though the model ranks them behind its mutants."""
+    the search starts from and its parallel loop widened (here one each), though the model
+    ranks them behind its mutants."""
     op = make_op("matmul", "64x64x64")
-    start = legal(op, (Split("j", 16), Reorder(("i", "j_o", "k", "j_i")), Parallel("i")), cpu_target())
-    assert len(annotated(start, cpu_target())) == 2
+    start = legal(op, (Split("j", 16), Reorder(("i", "j_o", "k", "j_i")), Vectorize("j_i"), Parallel("i")),
+                  cpu_target())
+    first = [*annotated(start, cpu_target()), *widened(start, cpu_target())]
+    assert [s.steps[-1] for s in first] == [Unroll("k"), Parallel("i_j_o")]
     search = Search(op, cpu_target(), _FakeMeasurer(cpu_target()), budget=9)   # the start and one batch of 8
     search.measure([start])
     search_evolve(search, np.random.default_rng(0), _Model(), lambda n: [start][:n])
-    assert all(a.kernel_key() in search.measured for a in annotated(start, cpu_target()))
+    assert all(s.kernel_key() in search.measured for s in first)
 
 
 def test_a_structure_measured_once_is_left_to_the_rival_rule():
