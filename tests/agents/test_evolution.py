@@ -199,7 +199,7 @@ def test_a_held_incumbent_gets_its_unstaged_variants_measured():
     assert all(v.kernel_key() in search.measured for v in unstaged(incumbent, cpu_target()))
 
 
-def test_the_starting_incumbents_annotated_neighbours_are_measured_first():
+def test_the_starting_incumbents_annotated_and_widened_neighbours_are_measured_first():
     """The first batch's random picks measure the one-annotation neighbours of the kernel
     the search starts from and its parallel loop widened (here one each), though the model
     ranks them behind its mutants."""
