@@ -360,6 +360,7 @@ def _gpu_matmul(op: Operator, target: Target, batch: bool,
     # shared-memory reads are not what holds it at 0.86-0.90 of cuBLAS. Nor the tile: 66
     # variants at 4096 (8x4 to 16x8 a thread, 128 or 256 threads, slices of 16 or 32, 2
     # or 3 buffers; 3 rounds each) ran at 0.56-1.03x of this kernel.
+    # Nor occupancy (3 blocks a multiprocessor), FMA order, block order or L2 hints (H100).
     return _pipelined(s, ("A", "B"), target, 2)
 
 
