@@ -238,6 +238,19 @@ def _cuda_rounds(runner: Runner, builder: Builder, op, schedule: Schedule, targe
     return row
 
 
+def _cuda_cells(op, r: dict, per_flop: float) -> str:
+    """A CUDA table row's cells from the launch on, from :func:`_cuda_rounds`'s result;
+    throughput is FLOPs per ms over ``per_flop``: 1e6 gives GFLOPS, 1e9 TFLOP/s."""
+    grid, block = r["launch"]
+    launch = f"{grid}, {block}".replace(" ", "")
+    tail = f"{r['nvrtc_s']:.2f} | {r['run_s']:.1f} |"
+    if not r["ok"]:
+        return f"{launch} | FAILED: {r['error']} | | | | | | {tail}"
+    perf, lib_perf = op.flops / r["ms"] / per_flop, op.flops / r["lib_ms"] / per_flop
+    return (f"{launch} | {r['ms']:.3f} | {perf:.0f} | {library_name(op, 'cuda')} | {r['lib_ms']:.3f} | "
+            f"{lib_perf:.0f} | {r['ratio']:.2f} | {tail}")
+
+
 def _kernels_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
     lines = ["fp32, TF32 off. Each kernel is compiled with NVRTC in the measuring worker, checked against "
              "the numpy reference, then timed alternately with the library (CUDA events) in "
@@ -255,16 +268,7 @@ def _kernels_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
             for label, schedule in (("expert", expert_schedule(op, target)), ("naive", Schedule(op))):
                 print(f"{kind} {op.shape_str} {label} ...", file=sys.stderr, flush=True)
                 r = _cuda_rounds(runner, builder, op, schedule, target, cfg.rounds, f"{kind}_{label}")
-                grid, block = r["launch"]
-                launch = f"{grid}, {block}".replace(" ", "")
-                if r["ok"]:
-                    gf, lib_gf = op.flops / r["ms"] / 1e6, op.flops / r["lib_ms"] / 1e6
-                    lines.append(f"| {kind} | {op.shape_str} | {label} | {launch} | {r['ms']:.3f} | {gf:.0f} | "
-                                 f"{library_name(op, 'cuda')} | {r['lib_ms']:.3f} | {lib_gf:.0f} | "
-                                 f"{r['ratio']:.2f} | {r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
-                else:
-                    lines.append(f"| {kind} | {op.shape_str} | {label} | {launch} | FAILED: {r['error']} | | | | | "
-                                 f"| {r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
+                lines.append(f"| {kind} | {op.shape_str} | {label} | {_cuda_cells(op, r, 1e6)}")
                 results.append({"op": kind, "shape": op.shape_str, "kernel": label,
                                 **{k: v for k, v in r.items() if k != "launch"}})
     finally:
@@ -450,15 +454,7 @@ def _tensor_cuda(cfg: Config, target: Target, cases: list[tuple[str, str, str]] 
             mma = "wgmma" if schedule.nest.warpgroup else "mma" if schedule.nest.tensorized else "no"
             print(f"{dtype} {kind} {op.shape_str} ...", file=sys.stderr, flush=True)
             r = _cuda_rounds(runner, builder, op, schedule, target, cfg.rounds, f"{kind}_{dtype}")
-            grid, block = r["launch"]
-            launch = f"{grid}, {block}".replace(" ", "")
-            head = f"| {dtype} | {kind} | {op.shape_str} | {mma} | {launch} |"
-            if r["ok"]:
-                tf, lib_tf = op.flops / r["ms"] / 1e9, op.flops / r["lib_ms"] / 1e9
-                lines.append(f"{head} {r['ms']:.3f} | {tf:.0f} | {library_name(op, 'cuda')} | {r['lib_ms']:.3f} | "
-                             f"{lib_tf:.0f} | {r['ratio']:.2f} | {r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
-            else:
-                lines.append(f"{head} FAILED: {r['error']} | | | | | | {r['nvrtc_s']:.2f} | {r['run_s']:.1f} |")
+            lines.append(f"| {dtype} | {kind} | {op.shape_str} | {mma} | {_cuda_cells(op, r, 1e9)}")
             results.append({"dtype": dtype, "op": kind, "shape": op.shape_str, "mma": mma,
                             **{k: v for k, v in r.items() if k != "launch"}})
     finally:

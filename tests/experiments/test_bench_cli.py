@@ -287,6 +287,18 @@ def test_a_suite_keeps_what_its_section_held_before(tmp_path):
     assert "other: 2.00" in text.split("<!-- /suite:timing-cpu -->")[1]
 
 
+def test_a_failed_cuda_row_has_as_many_cells_as_a_timed_one():
+    """A kernel that failed keeps the table's columns: its error where the time goes."""
+    from experiments.benchmark import _cuda_cells
+
+    op = make_op("matmul", "64x64x64")
+    common = {"launch": ((4, 4, 1), (16, 16, 1)), "nvrtc_s": 0.5, "run_s": 1.0}
+    timed = _cuda_cells(op, {"ok": True, "ms": 0.01, "lib_ms": 0.02, "ratio": 2.0, **common}, 1e6)
+    failed = _cuda_cells(op, {"ok": False, "error": "out of bounds", **common}, 1e6)
+    assert timed.split(" | ")[1:3] == ["0.010", "52"] and "| 2.00 | 0.50 | 1.0 |" in timed
+    assert "FAILED: out of bounds" in failed and failed.count("|") == timed.count("|")
+
+
 def test_a_cluster_cuda_configuration_that_fails_costs_only_itself(tmp_path):
     """Each configuration is a command of its own: an error or a hang comes back as its reason."""
     from experiments.benchmark import _command, _gpu_counts
