@@ -415,27 +415,17 @@ def search_evolve(search, rng: np.random.Generator, model, propose: Callable[[in
     Of each batch (``search.batch``), ``local`` are the predicted best of the fastest
     kernel's mutants and annotated neighbours (a local search around the incumbent, the
     expert's included), ``explore`` are random members of the population, and the rest its
-    predicted best. The first batch's random picks go to the starting incumbent's annotated
-    neighbours and its parallel loop widened (``widened``; 0-1 of each for every expert of
-    the held-out suites): the cheapest test of the annotations and the core split it came
-    with, which the model, knowing no neighbour of it yet, ranks among 250 mutants. The
-    GPU 7x7 convolution 1,512,7,7,512's expert, its weight stage's channel loop unrolled:
-    0.087 -> 0.074 ms on an H100, and from it 0.048 ms at the 10th measurement of seeds
-    0-6, where by mutation alone the unrolled loop came at the 10th to 50th, or never. The
-    CPU's 5x5 convolution 1,32,40,40,48, its 3 parallel iterations fused with the rows:
-    measurements to 90% 0-8 in seeds 0-5 (0-55 without).
-    In the first batch, and once a batch has passed without an incumbent
-    ``GAINED`` faster (``Stall``), ``second`` of the ``local`` picks go to a second local
-    search, among other structures: the incumbent with one cache read dropped
-    (``unstaged``) where no kernel of that structure was measured yet, and the neighbours
-    of the fastest kernel of another structure (``rival``), which judges a structure once
-    measured: a GPU convolution's kernels without a weight stage, 2-3x slower, took two
-    picks of every batch while its incumbent moved by noise. A model that learnt mostly the
-    incumbent's neighbours ranks another structure's poorly, and near its best member can
-    lie what beats the incumbent (the strided 3x3 convolution 1,64,56,56,128 on this
-    project's CPU: kernels reading the input in place, first measured within 1-4% of the
-    packed incumbent, led to ones 5-10% faster in the runs that searched around them, and
-    were measured 1-4 times in the runs that did not).
+    predicted best. The first batch's random picks go to the starting incumbent's
+    ``annotated`` and ``widened`` neighbours: a model that has measured nothing near it yet
+    ranks them among hundreds of mutants, and they are its cheapest tests.
+    In the first batch, and once a batch has passed without an incumbent ``GAINED``
+    faster (``Stall``), ``second`` of the ``local`` picks go to a second local search among
+    other structures: the incumbent with one cache read dropped (``unstaged``) where no
+    kernel of that structure was measured yet, and the neighbours of the fastest kernel of
+    another structure (``rival``): a model that learnt mostly the incumbent's neighbours
+    ranks another structure's poorly, and near its best member can lie what beats the
+    incumbent. ARCHITECTURE.md ("Agents and training") gives the measurements behind each
+    rule.
     """
     pop = propose(population)
     stall = Stall()
