@@ -1200,7 +1200,8 @@ def _command(args: list[str], root: Path, timeout_s: int) -> dict:
         proc = subprocess.run([sys.executable, "-m", "experiments", *args, "--runs", str(root / "runs"), "--json"],
                               env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s} s", "command_wall_s": time.perf_counter() - t0}
+        return {"error": f"timed out after {timeout_s} s{_progress(root / 'runs')}",
+                "command_wall_s": time.perf_counter() - t0}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
@@ -1210,6 +1211,21 @@ def _command(args: list[str], root: Path, timeout_s: int) -> dict:
     except ValueError:
         return {"error": f"no JSON line: {lines[-1][:200]}", "command_wall_s": time.perf_counter() - t0}
     return out | {"command_wall_s": time.perf_counter() - t0}
+
+
+def _progress(runs: Path) -> str:
+    """How far a stopped command's search had come, from its run's ``progress.jsonl``, so a
+    configuration that ran out of time still says at what rate it measured."""
+    for path in sorted(runs.glob("*/progress.jsonl")):
+        lines = path.read_text().splitlines()
+        try:
+            last = json.loads(lines[-1]) if lines else {}
+        except ValueError:
+            continue
+        n, wall = last.get("measurements"), last.get("search/wall_time_s")
+        if n and wall:
+            return f" ({n} measurements in {wall:.0f} s of search, {n / wall * 60:.1f}/min)"
+    return ""
 
 
 def _cluster_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:

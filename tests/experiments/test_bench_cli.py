@@ -308,7 +308,19 @@ def test_a_cluster_cuda_configuration_that_fails_costs_only_itself(tmp_path):
     assert bad["error"] == "error: --budget must be at least 1", bad
     slow = _command(["tune", "--op", "matmul", "--shape", "8x8x8", "--agent", "random", "--budget", "1"],
                     tmp_path / "slow", 1)
-    assert slow["error"] == "timed out after 1 s"
+    assert slow["error"].startswith("timed out after 1 s")
+
+
+def test_a_command_out_of_time_says_how_far_its_search_came(tmp_path):
+    """The last line of its run's progress log gives the measurements and their rate."""
+    from experiments.benchmark import _progress
+
+    assert _progress(tmp_path / "runs") == ""
+    run = tmp_path / "runs" / "matmul-cuda-random-0-20261206"
+    run.mkdir(parents=True)
+    (run / "progress.jsonl").write_text('{"measurements": 5, "search/wall_time_s": 20.0}\n'
+                                        '{"measurements": 12, "search/wall_time_s": 48.0}\n')
+    assert _progress(tmp_path / "runs") == " (12 measurements in 48 s of search, 15.0/min)"
 
 
 def test_the_cluster_cuda_section_keeps_every_configuration(tmp_path, monkeypatch):
