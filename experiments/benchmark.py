@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1312,6 +1313,21 @@ def _cluster_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
     return lines, results
 
 
+def _options(cfg: Config) -> str:
+    """The options given beside ``--suite`` that differ from their defaults, as typed: the
+    suite command that the section names reproduces its run. ppo-cuda's dtype names its
+    section, so it is always said."""
+    said = {"dtype"} if cfg.suite == "ppo-cuda" else set()
+    words = []
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name in ("suite", "out", "json") or (value == f.default and f.name not in said):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        words.append(f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return "".join(" " + w for w in words)
+
+
 def _per_min(r: dict) -> float:
     return r["measurements"] / r["wall_s"] * 60 if r.get("wall_s") else 0.0
 
@@ -1409,17 +1425,11 @@ def run(cfg: Config) -> dict:
                           "heldout-wide-cpu": functools.partial(_heldout_cpu, cases=HELDOUT_WIDE_CASES),
                           "operators-cpu": _operators_cpu}[cfg.suite](cfg)
     stamp = datetime.date.today().isoformat()
-    section, options = cfg.suite, ""
-    if cfg.suite.startswith("ppo-") and cfg.policy:
-        options = " --policy " + " ".join(cfg.policy) + (f" --against {cfg.against}" if cfg.against else "")
-        if cfg.suite == "ppo-cuda":   # a section for each dtype
-            section, options = f"ppo-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}{options}"
-    elif cfg.suite == "heldout-cuda" and cfg.dtype != "fp32":   # a section for each dtype
-        section, options = f"heldout-cuda-{cfg.dtype}", f" --dtype {cfg.dtype}"
-    elif cfg.suite in ("heldout-cpu", "heldout-wide-cpu") and cfg.repeats != Config.repeats:
-        options = f" --repeats {cfg.repeats}"
+    section = cfg.suite
+    if cfg.suite == "ppo-cuda" or (cfg.suite == "heldout-cuda" and cfg.dtype != "fp32"):   # a section a dtype
+        section = f"{cfg.suite}-{cfg.dtype}"
     machine = [f"{_machine(target)}; measured {stamp}. "
-               f"Suite command: `python -m experiments benchmark --suite {cfg.suite}{options}`.", ""]
+               f"Suite command: `python -m experiments benchmark --suite {cfg.suite}{_options(cfg)}`.", ""]
     write_section(Path(cfg.out), section, TITLES[section], machine + lines)
     print(f"wrote section {section} of {cfg.out}")
     return {"suite": cfg.suite, "results": results}

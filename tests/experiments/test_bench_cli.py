@@ -311,6 +311,16 @@ def test_a_cluster_cuda_configuration_that_fails_costs_only_itself(tmp_path):
     assert slow["error"].startswith("timed out after 1 s")
 
 
+def test_the_suite_command_names_every_option_given():
+    """A section's suite command reproduces its run: every option off its default, as typed."""
+    from experiments.benchmark import Config, _options
+
+    assert _options(Config(suite="heldout-cuda")) == ""
+    assert _options(Config(suite="cluster-cuda", cluster_rounds=1, budget=32, out="X.md", json=True)) == \
+        " --budget 32 --cluster-rounds 1"
+    assert _options(Config(suite="ppo-cuda", policy=["a.pt", "b.pt"])) == " --dtype fp32 --policy a.pt b.pt"
+
+
 def test_a_command_out_of_time_says_how_far_its_search_came(tmp_path):
     """The last line of its run's progress log gives the measurements and their rate."""
     from experiments.benchmark import _progress
