@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -51,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1218,14 +1218,14 @@ def _progress(runs: Path) -> str:
     """How far a stopped command's search had come, from its run's ``progress.jsonl``, so a
     configuration that ran out of time still says at what rate it measured."""
     for path in sorted(runs.glob("*/progress.jsonl")):
-        lines = path.read_text().splitlines()
-        try:
-            last = json.loads(lines[-1]) if lines else {}
-        except ValueError:
-            continue
-        n, wall = last.get("measurements"), last.get("search/wall_time_s")
-        if n and wall:
-            return f" ({n} measurements in {wall:.0f} s of search, {n / wall * 60:.1f}/min)"
+        for line in reversed(path.read_text().splitlines()):   # the last whole line: a kill can cut one
+            try:
+                last = json.loads(line)
+            except ValueError:
+                continue
+            n, wall = last.get("measurements"), last.get("search/wall_time_s")
+            if n and wall:
+                return f" ({n} measurements in {wall:.0f} s of search, {n / wall * 60:.1f}/min)"
     return ""
 
 

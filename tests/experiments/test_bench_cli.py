@@ -322,14 +322,15 @@ def test_the_suite_command_names_every_option_given():
 
 
 def test_a_command_out_of_time_says_how_far_its_search_came(tmp_path):
-    """The last line of its run's progress log gives the measurements and their rate."""
+    """The last whole line of its run's progress log (a kill can cut one) gives the measurements
+    and their rate."""
     from experiments.benchmark import _progress
 
     assert _progress(tmp_path / "runs") == ""
     run = tmp_path / "runs" / "matmul-cuda-random-0-20261206"
     run.mkdir(parents=True)
     (run / "progress.jsonl").write_text('{"measurements": 5, "search/wall_time_s": 20.0}\n'
-                                        '{"measurements": 12, "search/wall_time_s": 48.0}\n')
+                                        '{"measurements": 12, "search/wall_time_s": 48.0}\n{"measure')
     assert _progress(tmp_path / "runs") == " (12 measurements in 48 s of search, 15.0/min)"
 
 
