@@ -41,7 +41,8 @@ same facts about the axes:
 
 What is drawn: the register tile (which axes, how large), the threads (how many, along
 which axes), the slice, which inputs are staged, the pipeline depth, how much of the
-reduction is unrolled. In a dtype with tensor cores most sketches tensorize instead: the
+reduction is unrolled. In a dtype with tensor cores most sketches tensorize instead (in
+fp32, whose tensor-core kernels win on large grids only, a quarter of them): the
 instruction's m, n and k taken from axes that play those roles (``tensor_axes``: an
 output axis only the left operand reads, one only the right operand reads, a reduction
 over both), a warp's tiles of instructions and the block's warps along m and n, k slices
@@ -69,6 +70,7 @@ GPU_ACCUMULATORS = (4, 8, 16, 32, 64)    # a thread's register tile, in outputs
 GPU_TILE_SIZES = (2, 3, 4, 6, 7, 8)      # the tile along one axis
 GPU_SLICES = (4, 8, 16, 32, 64)          # a reduction slice staged in shared memory
 TENSOR_SHARE = 0.75                      # of GPU sketches in a dtype with tensor cores: tensorized
+SPLIT_TENSOR_SHARE = 0.25                # in fp32, whose tensor-core tiles (3xTF32) win on large grids only
 
 
 def vector_axes(op: Operator, lanes: int) -> dict[str, tuple[float, tuple[str, ...]]]:
@@ -120,7 +122,8 @@ def sketch(op: Operator, target: Target, rng: np.random.Generator) -> Schedule |
     the operator has no axis to vectorize (a CPU) or to spread over threads (a GPU), or
     the drawn sketch breaks a rule."""
     draws = [_sketch] if target.kind != "cuda" else [_gpu_sketch]
-    if target.kind == "cuda" and DTYPES[op.dtype].mma_k and rng.random() < TENSOR_SHARE:
+    share = SPLIT_TENSOR_SHARE if DTYPES[op.dtype].split else TENSOR_SHARE
+    if target.kind == "cuda" and DTYPES[op.dtype].mma_k and rng.random() < share:
         draws.insert(0, _tensor_sketch)          # where no instruction's tile fits: on the CUDA cores
     for draw in draws:
         try:

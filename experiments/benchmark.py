@@ -210,6 +210,7 @@ KERNELS_CUDA = [
     ("matmul", "2048x2048x2048"),
     ("matmul", "4096x4096x4096"),
     ("conv2d", "1,64,56,56,64,3,3,1,1"),
+    ("conv2d", "1,512,28,28,128,1,1,1,0"),   # ResNet-50's pointwise layer: fp32 on tensor cores
     ("batch_matmul", "96x128x128x64"),    # attention's scores: batch 8 x 12 heads, 128 tokens
     ("batch_matmul", "48x384x64x384"),    # and its weighted values: batch 4 x 12 heads, 384 tokens
 ]
@@ -257,7 +258,9 @@ def _kernels_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
              "the numpy reference, then timed alternately with the library (CUDA events) in "
              f"{cfg.rounds} rounds; *kernel/library* is the median of the per-round ratios. *NVRTC s* is the "
              "compile of one candidate, *check+time s* the check plus all timing rounds. The naive kernel "
-             "(one thread per output) is timed for scale.", "",
+             "(one thread per output) is timed for scale. An expert marked *3xTF32* runs fp32 on tensor cores: "
+             "each operand split into a tf32 high part and a tf32 remainder, three instructions a tile, each k "
+             "slice summed apart (`kernels/ir/dtypes.py`); it passes the same fp32 check.", "",
              "| op | shape | kernel | launch (grid, block) | time ms | GFLOPS | library | library ms | "
              "library GFLOPS | kernel/library | NVRTC s | check+time s |",
              "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -269,7 +272,8 @@ def _kernels_cuda(cfg: Config, target: Target) -> tuple[list[str], list[dict]]:
             for label, schedule in (("expert", expert_schedule(op, target)), ("naive", Schedule(op))):
                 print(f"{kind} {op.shape_str} {label} ...", file=sys.stderr, flush=True)
                 r = _cuda_rounds(runner, builder, op, schedule, target, cfg.rounds, f"{kind}_{label}")
-                lines.append(f"| {kind} | {op.shape_str} | {label} | {_cuda_cells(op, r, 1e6)}")
+                shown = f"{label} (3xTF32)" if schedule.nest.tensorized else label
+                lines.append(f"| {kind} | {op.shape_str} | {shown} | {_cuda_cells(op, r, 1e6)}")
                 results.append({"op": kind, "shape": op.shape_str, "kernel": label,
                                 **{k: v for k, v in r.items() if k != "launch"}})
     finally:
@@ -351,9 +355,11 @@ def _tile_shapes() -> list[tuple[str, str]]:
 
 
 def _tiles_cuda(cfg: Config, target: Target, kind: str = "matmul") -> tuple[list[str], list[dict]]:
-    """Every candidate tile of the fp32 expert of ``kind`` (matmul: TILE_CANDIDATES, conv2d:
-    CONV_TILE_CANDIDATES) timed against the expert's own choice, shape by shape: how close
-    its choice (by waves for matmul, one fixed tile for conv2d) comes to the best tile."""
+    """Every candidate tile of the fp32 expert of ``kind`` on the CUDA cores (matmul:
+    TILE_CANDIDATES, conv2d: CONV_TILE_CANDIDATES) timed against the expert's own choice of
+    tile, shape by shape: how close its choice (by waves for matmul, by threads for conv2d)
+    comes to the best tile. Where the expert takes tensor cores instead (3xTF32), its tile
+    rule is what it would take on the CUDA cores."""
     from kernels.experts import _gpu_conv2d, _gpu_matmul
     from kernels.measure.comparison import speedups_over
 
@@ -385,7 +391,7 @@ def _tiles_cuda(cfg: Config, target: Target, kind: str = "matmul") -> tuple[list
         for split, shape in shapes:
             op = make_op(kind, shape)
             print(f"{kind} {shape}: {len(names)} tiles ...", file=sys.stderr, flush=True)
-            expert = expert_schedule(op, target)
+            expert = build(op, target)   # the tile rule's choice
             keys, kernels = [], {}   # each tile's kernel (None: the tile does not apply); clamped alike, one
             for tile in candidates:
                 try:

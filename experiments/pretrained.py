@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parent / "pretrained"
 
 def _schedules_alike(a: str, b: str) -> bool:
     """Whether dtypes ``a`` and ``b`` build the same schedules: the same tensor-core
-    instruction (or none) on elements of the same size, so the same legal actions."""
-    return (DTYPES[a].mma_k, DTYPES[a].bytes) == (DTYPES[b].mma_k, DTYPES[b].bytes)
+    instruction (or none), used alike (fp32's is split in three), on elements of the same
+    size, so the same legal actions."""
+    return all(getattr(DTYPES[a], f) == getattr(DTYPES[b], f) for f in ("mma_k", "split", "bytes"))
 
 
 def policy_path(op: Operator, target_kind: str) -> Path:

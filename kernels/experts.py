@@ -373,6 +373,16 @@ def _gpu_matmul(op: Operator, target: Target, batch: bool,
 # slices of 32 elements, 4 buffers ran at 0.40-0.42 of cuBLAS; 8 warps of 64 x 32 (the
 # previous tile) 0.31-0.34, 128 x 256 of 8 warps 0.30-0.34, slices of 64 elements slower.
 MMA_TILES = ((2, 2, 4, 8), (2, 2, 2, 2))   # (warps y, warps x, 16-row tiles, 8-column tiles per warp)
+# fp32 on tensor cores (3xTF32, kernels.ir.dtypes): 128 x 64 blocks of 2 x 2 warps, each 64 x 32,
+# where the grid has SPLIT_MIN_BLOCKS of them per multiprocessor. On an H100 (3 alternating
+# rounds with cuBLAS, fp32, TF32 off), on 36 products (28 drawn, seeded, 512-8192 a side; 8 of
+# the gpu family's train split and others, none held out): the 23 with 2.5 blocks a
+# multiprocessor or more ran at 0.93-1.13 of cuBLAS where the SIMT expert ran 0.79-1.02 (all
+# 23 faster, geomean 1.13x); on 12 of the 13 below, the SIMT expert was faster. 128 x 128 blocks
+# of 4 x 2 warps and 32 x 64 of 1 x 2 were mostly slower above 2.5. Batched products stay on the
+# CUDA cores (not measured).
+SPLIT_MMA_TILES = ((2, 2, 4, 4),)
+SPLIT_MIN_BLOCKS = 2.5
 MMA_K_SLICE_BYTES = 64   # a stage's rows of A: 32 bf16/fp16 or 16 tf32 elements
 MMA_BUFFERS = 4
 
@@ -466,11 +476,23 @@ def _gpu_matmul_warpgroup(op: Operator, target: Target, batch: bool, tiles=None,
     return _pipelined(s, ("A", "B"), target, buffers).warpgroup()
 
 
+def _mma_sync(target: Target) -> bool:
+    """Whether the GPU runs ``mma.sync`` on tf32 (sm_80 or newer): fp32, which runs on CUDA
+    cores anywhere, takes tensor cores only there."""
+    return bool(target.arch) and int(target.arch[3:]) >= 80
+
+
 def _gpu_matmul_any(op: Operator, target: Target, batch: bool) -> Schedule:
     """On warpgroups where the GPU (Hopper) and the shape allow, else on tensor cores
     where the dtype has them, the product holds one instruction's tile and K has no tail
     of the instruction's k."""
     mk, ext = DTYPES[op.dtype].mma_k, op.extents
+    if DTYPES[op.dtype].split:
+        wy, wx, fm, fn = SPLIT_MMA_TILES[0]
+        if not batch and ext["k"] % mk == 0 and _mma_sync(target) and \
+                _blocks(op, 16 * wy * fm, 8 * wx * fn) >= SPLIT_MIN_BLOCKS * max(target.sm_count, 1):
+            return _gpu_matmul_tensor_cores(op, target, batch, tiles=SPLIT_MMA_TILES)
+        return _gpu_matmul(op, target, batch)
     if target.arch == "sm_90" and op.dtype in WGMMA_DTYPES and ext["k"] % mk == 0:
         try:
             wg = _gpu_matmul_warpgroup(op, target, batch)
@@ -648,14 +670,20 @@ def _conv_tensor_core_nest(s: Schedule, loops: dict[str, str | None], c_slices: 
 # ResNet-50's 3x3 layers on tensor cores 1.2-4x faster than direct from 196 outputs a
 # channel, the 7x7 layer at batch 1, 49 outputs, 0.74x).
 TENSOR_CORE_MIN_PIXELS = 128
+# fp32 (3xTF32) takes tensor cores for pointwise layers only: on 19 1x1 layers (the conv2d
+# gpu-many train split's first 14 at batch 1, 5 more at batch 8-16; H100, 3 alternating rounds
+# with cuDNN) 1.13-2.61x faster than the direct expert (geomean 1.44x); on 6 3x3 layers of
+# ResNet-50 (batch 1 and 16) 0.28-0.73x.
 
 
 def _gpu_conv2d_any(op: Operator, target: Target) -> Schedule:
     """On tensor cores where the dtype has them, the channels fill the instruction and
     the convolution is pointwise or has outputs enough."""
     mk, ext = DTYPES[op.dtype].mma_k, op.extents
-    wide = ext["ry"] * ext["rx"] == 1 or ext["n"] * ext["y"] * ext["x"] >= TENSOR_CORE_MIN_PIXELS
-    if op.kind != "depthwise_conv2d" and mk and ext["c"] % mk == 0 and ext["k"] >= 8 and wide:
+    pointwise = ext["ry"] * ext["rx"] == 1
+    wide = pointwise or ext["n"] * ext["y"] * ext["x"] >= TENSOR_CORE_MIN_PIXELS
+    if op.kind != "depthwise_conv2d" and mk and ext["c"] % mk == 0 and ext["k"] >= 8 and \
+            (pointwise and _mma_sync(target) if DTYPES[op.dtype].split else wide):
         s = _gpu_conv2d_tensor_cores(op, target)
         if s is not None:
             return s

@@ -23,7 +23,10 @@ the nest with its bound loops fixed to its indices. On CUDA:
   ``cvt``, so no CUDA header is needed); copies move the bits, 16 bytes at a time
   where aligned;
 - a tensorized nest (:class:`kernels.ir.lower.Mma`) issues ``mma.sync`` through
-  inline PTX; each thread of the nest is a warp, its lane ``threadIdx.x % 32``;
+  inline PTX; each thread of the nest is a warp, its lane ``threadIdx.x % 32``. An
+  fp32 nest runs as 3xTF32: each operand register is split into a tf32 high part and
+  a tf32 remainder (a second fragment array, ``_lo``), and each tile takes three
+  instructions (remainder x high, high x remainder, high x high);
 - a warpgroup nest (:class:`kernels.ir.lower.Wgmma`, sm_90a) issues ``wgmma`` on
   shared-memory descriptors: its stages are written through the 128-byte swizzle
   (16-byte chunk ``c`` of 128-byte row ``r`` at chunk ``c ^ (r % 8)``, on the shared
@@ -187,6 +190,8 @@ class CUDARenderer(CStyleRenderer):
         self.launch = launch
         self.dtype, self.tensorized, self.warpgroup = dtype, tensorized, warpgroup
         self.ctype = DTYPES[dtype].c_type
+        self.split = DTYPES[dtype].split   # a tensorized nest runs as 3xTF32
+        self.tf32 = DTYPES[dtype].mma_k == 8 and DTYPES[dtype].bytes == 4   # 32-bit operands, tf32 instruction
         self.registers: set[str] = set()   # local buffers: indexed by constants, never by pointer
         self.narrow: set[str] = set()      # buffers of 16-bit elements (bf16, fp16 bits)
         self.asynchronous = False          # cp.async copies (double-buffered stages)
@@ -208,7 +213,7 @@ class CUDARenderer(CStyleRenderer):
         params = ", ".join(f"{'const ' if t.role == 'input' else ''}{self.ctype}* __restrict__ {t.name}"
                            for t in fn.params)
         lines = list(self.preamble)
-        if self.dtype != "fp32":
+        if self.dtype != "fp32" or self.tensorized:
             lines[-1:-1] = self.dtype_helpers
         if self.asynchronous:
             lines[-1:-1] = self.async_helpers
@@ -266,7 +271,8 @@ class CUDARenderer(CStyleRenderer):
         if isinstance(s, Alloc) and s.scope == "shared":
             return [f"{pad}{self.ctype}* const {s.buffer} = ({self.ctype}*)({self.shared_array} + {self.shared[s.buffer]});"]
         if isinstance(s, Alloc) and s.scope == "fragment":
-            return [f"{pad}unsigned {s.buffer}[{s.size}];"]
+            also = f", {s.buffer}_lo[{s.size}]" if self.split else ""
+            return [f"{pad}unsigned {s.buffer}[{s.size}]{also};"]
         if isinstance(s, Fragment):
             return self.fragment(s, depth)
         if isinstance(s, Mma):
@@ -341,25 +347,35 @@ class CUDARenderer(CStyleRenderer):
             lines += matrix
         else:
             for i, reg in enumerate(s.regs):
-                if self.dtype == "tf32":
+                if self.tf32:
                     r = f"tf32({self.value(reg[0])})"
+                    if self.split:
+                        lines.append(f"{inner}const float f{i} = {self.value(reg[0])};")
+                        r = f"tf32(f{i})"
                 elif self.paired(*reg):
                     r = f"*(const unsigned*)&{self.ref(reg[0])}"
                 else:
                     r = f"pack2({self.raw(reg[0])}, {self.raw(reg[1])})"
                 lines.append(f"{inner}const unsigned r{i} = {r};")
         lines += [f"{inner}{s.buffer}[{self.expr(s.index + i)}] = r{i};" for i in range(len(s.regs))]
+        if self.split:   # the remainder, exact in fp32, rounded to tf32 in its turn
+            lines += [f"{inner}{s.buffer}_lo[{self.expr(s.index + i)}] = tf32(f{i} - __uint_as_float(r{i}));"
+                      for i in range(len(s.regs))]
         return lines + [f"{pad}}}"]
 
     def mma(self, s: Mma, depth: int) -> list[str]:
         """One ``mma.sync`` on the fragments' registers, accumulating into four of the
-        thread's accumulators."""
+        thread's accumulators; three for a split (3xTF32) dtype, the small terms first."""
         (a, ai), (b, bi) = s.a, s.b
-        regs = [f"{a}[{self.expr(ai + i)}]" for i in range(4)] + [f"{b}[{self.expr(bi + i)}]" for i in range(2)]
         accs = ", ".join(f'"+f"({s.acc}[{self.expr(s.base + c)}])' for c in range(4))
-        ins = ", ".join(f'"r"({r})' for r in regs)
-        return [f'{self.indent * depth}asm volatile("{INSTRUCTIONS[s.dtype]} {{%0, %1, %2, %3}}, '
-                f'{{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};" : {accs} : {ins});']
+        pairs = ((f"{a}_lo", b), (a, f"{b}_lo"), (a, b)) if self.split else ((a, b),)
+        lines = []
+        for fa, fb in pairs:
+            regs = [f"{fa}[{self.expr(ai + i)}]" for i in range(4)] + [f"{fb}[{self.expr(bi + i)}]" for i in range(2)]
+            ins = ", ".join(f'"r"({r})' for r in regs)
+            lines.append(f'{self.indent * depth}asm volatile("{INSTRUCTIONS[s.dtype]} {{%0, %1, %2, %3}}, '
+                         f'{{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};" : {accs} : {ins});')
+        return lines
 
     def wgmma(self, s: Wgmma, depth: int) -> list[str]:
         """One ``wgmma.m64nNk*`` of the warpgroup: A (K-major) and B (16-bit: read
@@ -392,7 +408,7 @@ class CUDARenderer(CStyleRenderer):
         offsets = [reg[0].index - e0 for reg in frag]
         if any(o.terms for o in offsets):
             return []
-        if self.dtype == "tf32":   # one 32-bit element a register: an A fragment, rows of 4 along t
+        if self.tf32:   # one 32-bit element a register: an A fragment, rows of 4 along t
             trans, row, along, align = False, e0.coef(LANE_GROUP), 1, 4
         elif self.dtype in self.to_float:
             step = frag[0][1].index - e0              # lo to hi: 1 along a row, a row's length down a column
@@ -423,7 +439,9 @@ class CUDARenderer(CStyleRenderer):
         lines = [f"{pad}unsigned {', '.join(names)};",
                  f'{pad}asm("ldmatrix.sync.aligned.m8n8.{shape}.shared.b16 {{{outs}}}, [%{n}];" : {regs} : '
                  f'"r"(smem_u32(&{frag[0][0].buffer}[{addr}])), "r"(tc_fence));']
-        if self.dtype == "tf32":   # fp32 bits in: rounded to tf32 as every other operand
+        if self.tf32:   # fp32 bits in: rounded to tf32 as every other operand
+            if self.split:
+                lines += [f"{pad}const float f{i} = __uint_as_float({r});" for i, r in enumerate(names)]
             lines += [f"{pad}{r} = tf32(__uint_as_float({r}));" for r in names]
         return lines
 

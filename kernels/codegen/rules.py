@@ -80,6 +80,8 @@ def check_for_target(schedule: Schedule, target: Target) -> None:
             _fail(str(DoubleBuffer(t)), f"asynchronous copies into shared memory need a cuda target, not {target.kind}")
         for l in bound:
             _fail(str(Bind(l.name, bound_axis(l))), f"binding to GPU axes needs a cuda target, not {target.kind}")
+        if nest.tensorized:
+            _fail(str(Tensorize(*nest.tensorized)), f"tensor cores need a cuda target, not {target.kind}")
         return
     if (dtype != "fp32" or nest.tensorized or nest.double_buffered) and target.arch and int(target.arch[3:]) < 80:
         what = (str(Tensorize(*nest.tensorized)) if nest.tensorized else

@@ -3,7 +3,11 @@
 =======  ===========  ==========================================================
 dtype    storage      arithmetic
 =======  ===========  ==========================================================
-fp32     float32      fp32 multiply-add (the default; CPU and GPU)
+fp32     float32      fp32 multiply-add (the default; CPU and GPU); on tensor
+                      cores (``tensorize``, CUDA) 3xTF32: each operand split
+                      into a tf32 high part and a tf32 remainder, three
+                      instructions a tile (the remainders' product dropped),
+                      each k slice summed into a fresh accumulator
 tf32     float32      tensor cores round the inputs to tf32 (10-bit mantissa),
                       accumulate in fp32 (GPU only)
 bf16     bfloat16     inputs and output in bf16, products accumulated in fp32,
@@ -30,10 +34,11 @@ class DType:
     mma_k: int          # k of the tensor-core instruction (m16n8k<mma_k>); 0: none
     quiet_nan: int      # bits of the quiet NaN (canaries add a payload below them)
     payload_bits: int   # free mantissa bits under the quiet bit
+    split: bool = False  # tensor cores run it as 3xTF32 (operands split into high and low tf32)
 
 
 DTYPES: dict[str, DType] = {
-    "fp32": DType("fp32", 4, "float", 0, 0x7FC00000, 22),
+    "fp32": DType("fp32", 4, "float", 8, 0x7FC00000, 22, split=True),
     "tf32": DType("tf32", 4, "float", 8, 0x7FC00000, 22),
     "bf16": DType("bf16", 2, "unsigned short", 16, 0x7FC0, 6),
     "fp16": DType("fp16", 2, "unsigned short", 16, 0x7E00, 9),

@@ -440,6 +440,14 @@ def lower(schedule: Schedule, name: str = "kernel", gpu: bool = False, shift_tai
         local[acc] = size
         head[nest.cache_write][:0] = [Alloc(acc, size), _fill(acc, size, "unroll")]
         head[host] += loads
+        slice_loop = _slice_loop(nest) if DTYPES[op.dtype].split else None
+        if slice_loop:
+            part = f"{out_t.name}_slice"
+            local[part] = size
+            head[slice_loop][:0] = [Alloc(part, size), _fill(part, size, "unroll")]
+            z = Lin.var(f"{part}_z")
+            tail[slice_loop][:0] = [For(f"{part}_z", size, [Store(acc, z, Load(part, z), accumulate=True)], "unroll")]
+            compute = replace(compute, acc=part)
         outside = tuple(g for g in dropped if not g[0].vars() & {l.name for l in tile_shape(nest)})
         tail[nest.cache_write] += [If(outside, write_back)] if outside else write_back
         loops = loops[:-3]
@@ -550,6 +558,16 @@ def _tensorized(op: Operator, nest: LoopNest, reads: dict[str, Load], bias: Load
         operands.append((name, index))
     compute = Mma(f"{op.output.name}_local", base, operands[0], operands[1], op.dtype)
     return compute, _write_back(op, nest, frags, base, bias, out_idx), size, (host, loads)
+
+
+def _slice_loop(nest: LoopNest) -> str | None:
+    """The loop each iteration of which a split (3xTF32) nest sums into fresh accumulators:
+    the innermost serial reduction loop around the instruction, whose body is bounded (an
+    unrolled slice of k). The tensor core's adder truncates, an error that grows with the
+    accumulator; summed slice by slice and added with fp32's rounding, the sum stays within
+    fp32's tolerance. None where every reduction loop is unrolled: one slice."""
+    inner = nest.loops[nest.index(nest.cache_write) + 1:-3]
+    return next((l.name for l in reversed(inner) if l.reduce and l.kind == "serial"), None)
 
 
 def _wgmma_in_flight(nest: LoopNest, depth: int) -> int:

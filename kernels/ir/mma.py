@@ -34,6 +34,7 @@ def fragments(mma_k: int) -> tuple[tuple, tuple]:
 
 INSTRUCTIONS = {
     "tf32": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+    "fp32": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",   # three a tile (3xTF32)
     "bf16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
     "fp16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
 }

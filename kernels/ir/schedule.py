@@ -37,13 +37,14 @@ TVM/Halide names:
                   is copied into the other asynchronously (``cp.async``).
                   Applied again, one slice more (up to :data:`MAX_BUFFERS`): a
                   deeper pipeline, slices copied further ahead.
-``Tensorize``     (GPU, tf32/bf16/fp16) the three innermost loops, an (m, n, k)
-                  tile of 16 x 8 x ``mma_k`` (16; 8 for tf32), become one
+``Tensorize``     (GPU) the three innermost loops, an (m, n, k) tile of
+                  16 x 8 x ``mma_k`` (16; 8 for tf32 and fp32), become one
                   tensor-core instruction (``mma.sync.m16n8k*``) that a warp of 32
                   threads executes together: each thread of the nest becomes a
                   warp (:data:`WARP`). m's axis must index the output and the
                   left operand only, n's the output and the right operand only,
                   k must be a reduction over both operands, with no tail.
+                  fp32 runs as 3xTF32 (:mod:`kernels.ir.dtypes`).
 ``Warpgroup``     (GPU, Hopper, tf32/bf16/fp16) the tensorized tile issued by
                   warpgroups (four consecutive warps) as one ``wgmma`` per k
                   step of 64 rows by up to 256 columns, both operands read from
@@ -568,7 +569,8 @@ def tensor_tile(op: Operator, nest: LoopNest) -> tuple[str, str, str] | None:
 
 @dataclass(frozen=True)
 class Tensorize(Step):
-    """The three innermost loops as one tensor-core tile (m16n8k16, or m16n8k8 for tf32).
+    """The three innermost loops as one tensor-core tile (m16n8k16, or m16n8k8 for tf32 and
+    fp32, the latter as three instructions: 3xTF32).
 
     Each named loop must be serial, untouched by tails where it reduces, and play its
     role: ``m`` an output row axis read by the left operand only, ``n`` an output column
@@ -582,7 +584,7 @@ class Tensorize(Step):
 
     def apply(self, op, nest):
         mma_k = DTYPES[op.dtype].mma_k
-        check(mma_k > 0, self, f"{op.dtype} has no tensor-core instruction (tf32, bf16 and fp16 do)")
+        check(mma_k > 0, self, f"{op.dtype} has no tensor-core instruction")
         check(not nest.tensorized, self, "the nest is tensorized already")
         names = (self.m, self.n, self.k)
         check(len(set(names)) == 3, self, "a loop is named twice")

@@ -13,6 +13,7 @@ from envs.actions import MAX_LOOPS, Action, ActionTable, NestInfo
 from envs.features import featurize
 from envs.schedule_env import MAX_STEPS
 from experiments.shapes import family
+from kernels.ir.dtypes import DTYPES
 from kernels.codegen.rules import check_for_target
 from kernels.experts import expert_schedule
 from kernels.ir.ops import OPERATORS, make_op
@@ -247,7 +248,7 @@ def test_bound_loops_show_as_parallel_levels():
 
 def _mma_prefix(op) -> Schedule:
     """The instruction's tile innermost (16 x 8 x k), not yet tensorized."""
-    k = 8 if op.dtype == "tf32" else 16
+    k = DTYPES[op.dtype].mma_k
     return Schedule(op).split("i", 16).split("j", 8).split("k", k).reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i")
 
 
@@ -256,8 +257,9 @@ def _offered(s: Schedule, table: ActionTable) -> bool:
 
 
 def test_tensorize_is_offered_only_where_it_applies():
-    assert "tensorize" not in {a.primitive for a in ActionTable(make_op("matmul", "64x64x64", "bf16")).actions}
-    for dtype in ("tf32", "bf16", "fp16"):
+    for dtype in ("fp32", "bf16"):   # on a CPU: no tensor cores
+        assert "tensorize" not in {a.primitive for a in ActionTable(make_op("matmul", "64x64x64", dtype)).actions}
+    for dtype in ("fp32", "tf32", "bf16", "fp16"):
         op = make_op("matmul", "64x64x64", dtype)
         table = ActionTable(op, TARGET)
         assert not _offered(Schedule(op), table)
@@ -265,7 +267,7 @@ def test_tensorize_is_offered_only_where_it_applies():
         assert _offered(s, table)
         assert not _offered(s.apply(table.to_step(table.index[Action("tensorize")], s.nest)), table)  # once
     fp32 = make_op("matmul", "64x64x64")
-    assert not _offered(Schedule(fp32).split("i", 16).split("j", 8).split("k", 16)
+    assert not _offered(Schedule(fp32).split("i", 16).split("j", 8).split("k", 16)     # k 16: fp32 takes tf32's 8
                         .reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i"), ActionTable(fp32, TARGET))
     bf16 = make_op("matmul", "64x64x64", "bf16")
     table = ActionTable(bf16, TARGET)
@@ -327,8 +329,9 @@ def test_a_wrong_tile_is_refused_naming_why(split, message):
 
 def test_tensorize_refusals():
     op = make_op("matmul", "64x64x64", "bf16")
-    with pytest.raises(ScheduleError, match="fp32 has no tensor-core instruction"):
-        Schedule(make_op("matmul", "64x64x64")).split("i", 16).tensorize("i_i", "j", "k")
+    fp32 = make_op("matmul", "64x64x64")
+    with pytest.raises(ScheduleError, match="tensor cores need a cuda target, not cpu"):
+        check_for_target(_mma_prefix(fp32).tensorize("i_i", "j_i", "k_i"), cpu_target())
     with pytest.raises(ScheduleError, match="the tile must be the three innermost loops"):
         Schedule(op).split("i", 16).split("j", 8).split("k", 16).tensorize("i_i", "j_i", "k_i")
     with pytest.raises(ScheduleError, match="cannot be the tile's m"):
@@ -368,7 +371,8 @@ def tensor_core_rollouts(kind: str, shape: str, dtype: str, n: int, seed: int = 
 
 
 TC_CASES = [("matmul", "48x40x64", "bf16"), ("matmul", "33x17x32", "fp16"), ("matmul", "32x24x24", "tf32"),
-            ("dense_bias_relu", "32x16x32", "bf16"), ("batch_matmul", "2x16x16x32", "bf16")]
+            ("dense_bias_relu", "32x16x32", "bf16"), ("batch_matmul", "2x16x16x32", "bf16"),
+            ("matmul", "40x24x48", "fp32"), ("dense_bias_relu", "17x16x64", "fp32")]
 
 
 @pytest.mark.parametrize("kind,shape,dtype", TC_CASES)
@@ -385,9 +389,14 @@ def test_random_tensor_core_schedules_compile_with_nvcc(tmp_path, arch):
     sources = [render(s, target, name=f"tc_{dtype}_{n}_{i}").source
                for n, (kind, shape, dtype) in enumerate(TC_CASES + [("matmul", "1024x1024x1024", "bf16")])
                for i, s in enumerate(tensor_core_rollouts(kind, shape, dtype, 4, seed=n, target=target))]
-    for dtype in ("tf32", "bf16", "fp16"):
+    for dtype in ("fp32", "tf32", "bf16", "fp16"):
         op = make_op("matmul", "4096x4096x4096", dtype)
-        sources.append(render(expert_schedule(op, target), target, name=f"expert_{dtype}").source)
+        s = expert_schedule(op, target)
+        assert s.nest.tensorized
+        sources.append(render(s, target, name=f"expert_{dtype}").source)
+    conv = expert_schedule(make_op("conv2d", "16,1024,14,14,256,1,1,1,0"), target)   # fp32, 3xTF32
+    assert conv.nest.tensorized
+    sources.append(render(conv, target, name="expert_conv_fp32").source)
     # warpgroup experts on sm_90 with tails, a batch and a bias (tf32: B transposed into its stage)
     for n, (kind, shape) in enumerate([("matmul", "100x72x192"), ("batch_matmul", "2x64x64x64"),
                                        ("dense_bias_relu", "200x136x96")]):

@@ -101,6 +101,8 @@ def test_every_shipped_policy_and_cost_model_loads():
         LearnedCostModel.load(path, targets[path.parent.name])
     # a dtype without a policy of its own takes one whose schedules are alike, else the fp32 one
     assert pretrained.policy_path(make_op("matmul", "64x64x64", "fp16"), "cuda").name == "matmul-bf16-ppo.pt"
+    # fp32 takes tf32's instruction, but split in three: its own policy
+    assert pretrained.policy_path(make_op("matmul", "64x64x64"), "cuda").name == "matmul-ppo.pt"
     assert pretrained.policy_path(make_op("conv2d", "1,16,8,8,16,3,3", "fp16"), "cuda").name == "conv2d-bf16-ppo.pt"
     assert pretrained.policy_path(make_op("conv2d", "1,16,8,8,16,3,3", "tf32"), "cuda").name == "conv2d-tf32-ppo.pt"
     assert pretrained.policy_path(make_op("depthwise_conv2d", "1,16,8,8,3,3", "fp16"), "cpu").name == \

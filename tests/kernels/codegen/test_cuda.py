@@ -516,7 +516,11 @@ def test_cuda_target_without_a_gpu_is_a_clear_error():
 
 
 def test_launch_and_source_header():
-    k = render(expert_schedule(make_op("matmul", "4096x4096x4096"), TARGET), TARGET)
+    from kernels.experts import _gpu_matmul
+    op = make_op("matmul", "4096x4096x4096")
+    # the expert's on the CUDA cores; the expert takes tensor cores there (3xTF32): 128 x 64 of 2 x 2 warps
+    assert render(expert_schedule(op, TARGET), TARGET).launch == ((64, 32, 1), (64, 2, 1))
+    k = render(_gpu_matmul(op, TARGET, False), TARGET)
     assert k.launch == ((64, 32, 1), (16, 16, 1))  # 128x64 block tiles of 8x4 thread tiles
     assert 'extern "C" __global__ void __launch_bounds__(256) matmul_4096_4096_4096(' in k.source
     assert "__shared__" in k.source and "__syncthreads();" in k.source and "float4" in k.source
@@ -1050,3 +1054,71 @@ def test_batched_products_count_every_matrix_s_blocks():
     assert launch("96x128x128x64") == ((2, 2, 96), (16, 8, 1))    # 64x64 tiles of 8x4
     assert launch("1x128x128x64") == ((4, 4, 1), (16, 16, 1))     # 32x32 tiles of 2x2
     assert launch("96x128x128x64", "bf16")[1] == launch("1x128x128x64", "bf16")[1]
+
+
+# ---------------------------------------------------------------- fp32 on tensor cores (3xTF32)
+
+def _split_tiles(kind: str, shape: str):
+    from kernels.experts import SPLIT_MMA_TILES, _gpu_matmul_tensor_cores
+    return _gpu_matmul_tensor_cores(make_op(kind, shape), TARGET, kind == "batch_matmul", tiles=SPLIT_MMA_TILES)
+
+
+@pytest.mark.parametrize("kind,shape", TENSOR_SHAPES + [("matmul", "48x40x96")])
+def test_fp32_tensor_core_tiles_simulate_correctly(kind, shape):
+    """fp32 tensorized: each k slice summed into fresh accumulators, then into the thread's."""
+    s = _split_tiles(kind, shape)
+    assert s.nest.tensorized, describe(s)
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
+
+
+def test_fp32_tensor_cores_split_each_operand_and_sum_slices_apart():
+    """3xTF32: every operand register has a remainder twin, each tile takes three ``mma``
+    (remainder x high, high x remainder, high x high) into the slice's accumulators, which
+    are zeroed at the head of the stage's k loop and added to the thread's at its end."""
+    fp32 = render(_split_tiles("matmul", "256x256x256"), TARGET).source
+    from kernels.experts import SPLIT_MMA_TILES, _gpu_matmul_tensor_cores
+    tf32 = render(_gpu_matmul_tensor_cores(make_op("matmul", "256x256x256", "tf32"), TARGET, False,
+                                           tiles=SPLIT_MMA_TILES), TARGET).source
+    assert fp32.count("mma.sync") == 3 * tf32.count("mma.sync") == 3
+    mmas = re.findall(r'"r"\((tc_a\w*)\[.*?"r"\((tc_b\w*)\[', fp32)
+    assert [(a, b) for a, b in mmas] == [("tc_a_lo", "tc_b"), ("tc_a", "tc_b_lo"), ("tc_a", "tc_b")]
+    assert "unsigned tc_a[16], tc_a_lo[16];" in fp32 and "tc_b_lo[" in fp32
+    assert "tc_a_lo[i_o_i*4] = tf32(f0 - __uint_as_float(r0));" in fp32
+    assert re.search(r"for \(int k_o_o = 0; k_o_o < 16; \+\+k_o_o\) \{\s*float C_slice\[64\];", fp32)
+    assert "C_local[C_slice_z] += C_slice[C_slice_z];" in fp32 and '"+f"(C_slice[' in fp32
+    assert "C_slice" not in tf32
+
+
+def test_the_fp32_expert_takes_tensor_cores_on_large_grids_and_pointwise_layers():
+    def tensorized(kind, shape, target=TARGET):
+        return bool(expert_schedule(make_op(kind, shape), target).nest.tensorized)
+    assert tensorized("matmul", "4096x4096x4096") and tensorized("dense_bias_relu", "2048x2048x1024")
+    assert not tensorized("matmul", "1024x1024x1024")           # 128 blocks of 128 x 64: under 2.5 a multiprocessor
+    assert not tensorized("matmul", "4096x4096x4100")           # K not in whole steps of 8
+    assert not tensorized("batch_matmul", "8x2048x2048x512")    # not measured: the CUDA cores
+    assert not tensorized("matmul", "4096x4096x4096", cuda_target_for_compile("sm_75"))   # no tf32 mma.sync
+    assert tensorized("conv2d", "1,256,56,56,64,1,1,1,0")
+    assert not tensorized("conv2d", "16,256,14,14,256,3,3,1,1")
+
+
+@pytest.mark.parametrize("kind,shape", [("matmul", "512x256x4096"), ("dense_bias_relu", "256x512x1024"),
+                                        ("conv2d", "4,256,14,14,64,1,1,1,0")])
+def test_gpu_fp32_tensor_core_kernels_pass_fp32_s_check(gpu_measurer, kind, shape):
+    s = (expert_schedule(make_op(kind, shape), gpu_measurer.target) if kind == "conv2d"
+         else _split_tiles(kind, shape))
+    assert s.nest.tensorized
+    res = _measure(gpu_measurer, s)
+    assert res.ok and res.correct, f"{res.error}\n{describe(s)}"
+
+
+def test_gpu_fp32_on_tensor_cores_without_the_split_is_refused(gpu_measurer):
+    """Plain tf32 (the remainders' two ``mma`` left out) is 2**-11 off per input: fp32's
+    tolerance refuses it, so a kernel can be fast on tensor cores only with fp32's accuracy."""
+    s = _split_tiles("matmul", "512x256x4096")
+    good = render(s, gpu_measurer.target)
+    lines = good.source.split("\n")
+    wrong = "\n".join(line for line in lines if not ("mma.sync" in line and "_lo[" in line))
+    assert wrong.count("mma.sync") == good.source.count("mma.sync") // 3
+    res = gpu_measurer.measure_one(Candidate(s.op, "source:plain-tf32", dataclasses.replace(good, source=wrong)))
+    assert not res.ok and res.error.startswith("wrong result"), res.error
