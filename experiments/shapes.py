@@ -174,6 +174,29 @@ GPU_DRAWN = {"matmul": _drawn("matmul", 40, 2, {*_gpu_known, *FAMILIES["matmul"]
 FAMILIES["matmul"]["gpu-more"] = _grown(_gpu, _drawn("matmul", 180, 1, _gpu_known | set(GPU_DRAWN["matmul"])))
 
 
+def _large_products(n: int, seed: int, exclude: set[str]) -> list[str]:
+    """``n`` distinct products of 512 to 8192 rows, columns and depth (seeded), none in
+    ``exclude``: the sizes where fp32 takes tensor cores, which few network-like draws reach."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sides = (512, 768, 1000, 1024, 1536, 2000, 2048, 3000, 3072, 4096, 6144, 8192)
+    out: list[str] = []
+    while len(out) < n:
+        m, n_, k = (int(rng.choice(sides)) for _ in range(3))
+        s = f"{m}x{n_}x{k}"
+        if m * n_ * k <= 2 ** 36 and s not in exclude and s not in out:
+            out.append(s)
+    return out
+
+
+# "gpu-large": gpu-more and 60 such products, which the fp32 CUDA policy imitates: with
+# gpu-more's two tensor-core shapes alone (2048 and 4096) its greedy schedules tensorized on
+# unseen large products but rebuilt none of their experts.
+FAMILIES["matmul"]["gpu-large"] = _grown(FAMILIES["matmul"]["gpu-more"], _large_products(
+    60, 3, _gpu_known | set(GPU_DRAWN["matmul"]) | set(FAMILIES["matmul"]["gpu-more"]["train"])))
+
+
 def shape_set(name: str) -> list[tuple[str, str]]:
     """(op, shape) of every shape in the named set."""
     if name not in SHAPE_SETS:

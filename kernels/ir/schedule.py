@@ -161,7 +161,8 @@ class LoopNest:
     def kernel_repr(self) -> str:
         """The nest as the kernel's identity: without its loops of extent 1 (one runs once
         wherever it stands and however it is annotated; its variable is 0), but for those
-        a cache stage is anchored at or an instruction folds."""
+        a cache stage is anchored at or an instruction folds; its stages deepened in any
+        order (only how often each was counts)."""
         if ("kernel",) not in self._memo:
             keep = self.anchors() | set(self.tensorized)
             unit = [l.name for l in self.loops if l.extent == 1 and l.name not in keep]
@@ -174,7 +175,8 @@ class LoopNest:
             self._memo[("kernel",)] = repr(replace(
                 self, loops=tuple(l for l in self.loops if l.name not in unit),
                 axis_expr=tuple((a, zero(e)) for a, e in self.axis_expr),
-                guards=tuple((zero(e), n) for e, n in self.guards)))
+                guards=tuple((zero(e), n) for e, n in self.guards),
+                double_buffered=tuple(sorted(self.double_buffered))))
         return self._memo[("kernel",)]
 
 

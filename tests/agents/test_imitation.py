@@ -129,6 +129,10 @@ def test_the_gpu_families_grow_and_never_train_on_the_compared_shapes():
         for shape in more[len(many):]:
             make_op(kind, shape)
     assert family("matmul", "train", "gpu-more")[:10] == family("matmul", "train", "gpu")
+    more, large = family("matmul", "train", "gpu-more"), family("matmul", "train", "gpu-large")
+    assert large[:len(more)] == more and len(large) == len(set(large)) == len(more) + 60
+    assert not set(large) & {*family("matmul", "held_out", "gpu"), *family("matmul", "held_out"), *GPU_DRAWN["matmul"]}
+    assert all(512 <= int(x) <= 8192 for s in large[len(more):] for x in s.split("x"))
 
 
 def test_kl_penalty_charges_each_step_its_divergence_from_the_start(tmp_path):
