@@ -380,7 +380,9 @@ MMA_TILES = ((2, 2, 4, 8), (2, 2, 2, 2))   # (warps y, warps x, 16-row tiles, 8-
 # multiprocessor or more ran at 0.93-1.13 of cuBLAS where the SIMT expert ran 0.79-1.02 (all
 # 23 faster, geomean 1.13x); on 12 of the 13 below, the SIMT expert was faster. 128 x 128 blocks
 # of 4 x 2 warps and 32 x 64 of 1 x 2 were mostly slower above 2.5. Batched products stay on the
-# CUDA cores (not measured).
+# CUDA cores (not measured). Warps of 32 x 64 ((2, 2, 2, 8)) with k slices of 32 (slice_bytes=128),
+# what tunes found, ran 0.995-1.153x this tile on those 23 (geomean 1.043): the next candidate,
+# once its benchmark rows are measured (BENCHMARKS, "CUDA kernels").
 SPLIT_MMA_TILES = ((2, 2, 4, 4),)
 SPLIT_MIN_BLOCKS = 2.5
 MMA_K_SLICE_BYTES = 64   # a stage's rows of A: 32 bf16/fp16 or 16 tf32 elements
