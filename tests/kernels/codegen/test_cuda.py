@@ -1122,3 +1122,15 @@ def test_gpu_fp32_on_tensor_cores_without_the_split_is_refused(gpu_measurer):
     assert wrong.count("mma.sync") == good.source.count("mma.sync") // 3
     res = gpu_measurer.measure_one(Candidate(s.op, "source:plain-tf32", dataclasses.replace(good, source=wrong)))
     assert not res.ok and res.error.startswith("wrong result"), res.error
+
+
+def test_fp32_tensor_cores_with_the_whole_reduction_unrolled_sum_in_one_slice():
+    """No serial k loop: the thread's accumulators are the slice (kernels.ir.lower._slice_loop)."""
+    op = make_op("matmul", "32x16x32")
+    s = (Schedule(op).split("i", 16).split("j", 8).split("k", 8)
+         .reorder("i_o", "j_o", "k_o", "i_i", "j_i", "k_i").tensorize("i_i", "j_i", "k_i")
+         .bind("i_o", "blockIdx.y").bind("j_o", "threadIdx.x").cache_write("j_o").unroll("k_o"))
+    source = render(s, TARGET).source
+    assert "C_slice" not in source and source.count("mma.sync") == 3
+    out, ref = simulate_schedule(s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=describe(s))
