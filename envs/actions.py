@@ -25,7 +25,7 @@ that passes the GPU's rules (:func:`kernels.cuda.check_for_target`):
 - ``cache_read`` (a shared-memory stage) needs a bound loop, lies inside every block
   loop and outside every unrolled one, and fits in the block's shared memory; after it,
   nothing more is bound and no loop around it is unrolled;
-- ``tensorize`` (one action, for tf32/bf16/fp16) takes the three innermost loops when
+- ``tensorize`` (one action; fp32 as 3xTF32) takes the three innermost loops when
   they form a tensor-core tile (:func:`kernels.ir.schedule.tensor_tile`); from then on
   those loops never move, split or change kind, each thread is a warp (32 threads of
   the block) and the register tile limit is per lane (32 times larger per warp);
