@@ -463,8 +463,7 @@ class _GpuRules:
         its loop pipelines)."""
         nest, t = self.info.nest, self.table.target
         anchor = dict(nest.cache_reads).get(tensor)
-        if anchor is None or nest.double_buffered.count(tensor) + 1 >= MAX_BUFFERS or \
-                (t.arch and int(t.arch[3:]) < 80):
+        if anchor is None or nest.double_buffered.count(tensor) + 1 >= MAX_BUFFERS or not t.sm80:
             return False
         loop = nest.loop(anchor)
         if loop.kind != "serial" or loop.extent < 2:
@@ -477,7 +476,7 @@ class _GpuRules:
         t, nest = self.table.target, self.info.nest
         if tensor_tile(self.info.op, nest) is None:
             return False
-        if t.arch and int(t.arch[3:]) < 80:
+        if not t.sm80:
             return False
         return (self.threads * WARP <= t.max_threads_per_block
                 and self.thread_x * WARP <= t.max_block[0])

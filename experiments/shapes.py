@@ -8,6 +8,8 @@ naive kernel once per shape) on a 2-core machine.
 
 from __future__ import annotations
 
+import math
+
 FAMILIES: dict[str, dict[str, dict[str, list[str]]]] = {
     "matmul": {
         # square, and rectangular shapes of transformer layers (tokens x hidden x hidden)
@@ -106,10 +108,17 @@ SHAPE_SETS: dict[str, dict[str, list[str]]] = {
 }
 
 
-def _drawn(op: str, n: int, seed: int, exclude: set[str], batches: tuple[int, ...] = (1,)) -> list[str]:
+MATMUL_SIDES = (32, 64, 96, 128, 192, 256, 384, 512, 768, 100, 200, 300)   # a layer's rows, columns, depth
+LARGE_SIDES = (512, 768, 1000, 1024, 1536, 2000, 2048, 3000, 3072, 4096, 6144, 8192)
+MAX_PRODUCT = 2 ** 36   # multiply-adds of one drawn product
+
+
+def _drawn(op: str, n: int, seed: int, exclude: set[str], batches: tuple[int, ...] = (1,),
+           sides: tuple[int, ...] = MATMUL_SIDES) -> list[str]:
     """``n`` distinct shapes of ``op`` drawn like the layers of common networks (seeded), none
-    in ``exclude``; a convolution's batch drawn from ``batches``: imitation's labels (the
-    experts) cost nothing, so a policy can learn from many more shapes than PPO could measure."""
+    in ``exclude``; a convolution's batch drawn from ``batches``, a product's sides from
+    ``sides`` (at most MAX_PRODUCT multiply-adds): imitation's labels (the experts) cost
+    nothing, so a policy can learn from many more shapes than PPO could measure."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -120,7 +129,10 @@ def _drawn(op: str, n: int, seed: int, exclude: set[str], batches: tuple[int, ..
     out: list[str] = []
     while len(out) < n:
         if op in ("matmul", "dense_bias_relu"):
-            s = "x".join(str(pick(32, 64, 96, 128, 192, 256, 384, 512, 768, 100, 200, 300)) for _ in range(3))
+            dims = [pick(*sides) for _ in range(3)]
+            if math.prod(dims) > MAX_PRODUCT:
+                continue
+            s = "x".join(map(str, dims))
         elif op == "batch_matmul":
             s = "x".join([str(pick(2, 4, 8, 12, 16))] +
                          [str(pick(32, 64, 96, 128, 256, 50, 100)) for _ in range(3)])
@@ -174,27 +186,13 @@ GPU_DRAWN = {"matmul": _drawn("matmul", 40, 2, {*_gpu_known, *FAMILIES["matmul"]
 FAMILIES["matmul"]["gpu-more"] = _grown(_gpu, _drawn("matmul", 180, 1, _gpu_known | set(GPU_DRAWN["matmul"])))
 
 
-def _large_products(n: int, seed: int, exclude: set[str]) -> list[str]:
-    """``n`` distinct products of 512 to 8192 rows, columns and depth (seeded), none in
-    ``exclude``: the sizes where fp32 takes tensor cores, which few network-like draws reach."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    sides = (512, 768, 1000, 1024, 1536, 2000, 2048, 3000, 3072, 4096, 6144, 8192)
-    out: list[str] = []
-    while len(out) < n:
-        m, n_, k = (int(rng.choice(sides)) for _ in range(3))
-        s = f"{m}x{n_}x{k}"
-        if m * n_ * k <= 2 ** 36 and s not in exclude and s not in out:
-            out.append(s)
-    return out
-
-
-# "gpu-large": gpu-more and 60 such products, which the fp32 CUDA policy imitates: with
-# gpu-more's two tensor-core shapes alone (2048 and 4096) its greedy schedules tensorized on
-# unseen large products but rebuilt none of their experts.
-FAMILIES["matmul"]["gpu-large"] = _grown(FAMILIES["matmul"]["gpu-more"], _large_products(
-    60, 3, _gpu_known | set(GPU_DRAWN["matmul"]) | set(FAMILIES["matmul"]["gpu-more"]["train"])))
+# "gpu-large": gpu-more and 60 products of 512 to 8192 a side, where fp32 takes tensor cores
+# and few network-like draws reach, which the fp32 CUDA policy imitates: with gpu-more's two
+# tensor-core shapes alone (2048 and 4096) its greedy schedules tensorized on unseen large
+# products but rebuilt none of their experts.
+FAMILIES["matmul"]["gpu-large"] = _grown(FAMILIES["matmul"]["gpu-more"], _drawn(
+    "matmul", 60, 3, _gpu_known | set(GPU_DRAWN["matmul"]) | set(FAMILIES["matmul"]["gpu-more"]["train"]),
+    sides=LARGE_SIDES))
 
 
 def shape_set(name: str) -> list[tuple[str, str]]:

@@ -478,12 +478,6 @@ def _gpu_matmul_warpgroup(op: Operator, target: Target, batch: bool, tiles=None,
     return _pipelined(s, ("A", "B"), target, buffers).warpgroup()
 
 
-def _mma_sync(target: Target) -> bool:
-    """Whether the GPU runs ``mma.sync`` on tf32 (sm_80 or newer): fp32, which runs on CUDA
-    cores anywhere, takes tensor cores only there."""
-    return bool(target.arch) and int(target.arch[3:]) >= 80
-
-
 def _gpu_matmul_any(op: Operator, target: Target, batch: bool) -> Schedule:
     """On warpgroups where the GPU (Hopper) and the shape allow, else on tensor cores
     where the dtype has them, the product holds one instruction's tile and K has no tail
@@ -491,7 +485,7 @@ def _gpu_matmul_any(op: Operator, target: Target, batch: bool) -> Schedule:
     mk, ext = DTYPES[op.dtype].mma_k, op.extents
     if DTYPES[op.dtype].split:
         wy, wx, fm, fn = SPLIT_MMA_TILES[0]
-        if not batch and ext["k"] % mk == 0 and _mma_sync(target) and \
+        if not batch and ext["k"] % mk == 0 and target.sm80 and \
                 _blocks(op, 16 * wy * fm, 8 * wx * fn) >= SPLIT_MIN_BLOCKS * max(target.sm_count, 1):
             return _gpu_matmul_tensor_cores(op, target, batch, tiles=SPLIT_MMA_TILES)
         return _gpu_matmul(op, target, batch)
@@ -685,7 +679,7 @@ def _gpu_conv2d_any(op: Operator, target: Target) -> Schedule:
     pointwise = ext["ry"] * ext["rx"] == 1
     wide = pointwise or ext["n"] * ext["y"] * ext["x"] >= TENSOR_CORE_MIN_PIXELS
     if op.kind != "depthwise_conv2d" and mk and ext["c"] % mk == 0 and ext["k"] >= 8 and \
-            (pointwise and _mma_sync(target) if DTYPES[op.dtype].split else wide):
+            (pointwise and target.sm80 if DTYPES[op.dtype].split else wide):
         s = _gpu_conv2d_tensor_cores(op, target)
         if s is not None:
             return s

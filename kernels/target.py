@@ -40,6 +40,12 @@ class Target:
     registers_per_sm: int = 0
 
     @property
+    def sm80(self) -> bool:
+        """Whether a GPU has sm_80's instructions (``cp.async``, ``mma.sync`` on tf32, bf16 and
+        fp16), as every one since Ampere does; an unknown arch is taken to."""
+        return not self.arch or int(self.arch[3:]) >= 80
+
+    @property
     def peak_gflops(self) -> float:
         """An upper bound no kernel can beat: every lane doing two FMAs (four flops) a cycle
         at 6 GHz on a CPU; 8192 flops a cycle per multiprocessor at 3 GHz on a GPU (above

@@ -347,11 +347,11 @@ class CUDARenderer(CStyleRenderer):
             lines += matrix
         else:
             for i, reg in enumerate(s.regs):
-                if self.tf32:
+                if self.split:   # the value kept for its remainder
+                    lines.append(f"{inner}const float f{i} = {self.value(reg[0])};")
+                    r = f"tf32(f{i})"
+                elif self.tf32:
                     r = f"tf32({self.value(reg[0])})"
-                    if self.split:
-                        lines.append(f"{inner}const float f{i} = {self.value(reg[0])};")
-                        r = f"tf32(f{i})"
                 elif self.paired(*reg):
                     r = f"*(const unsigned*)&{self.ref(reg[0])}"
                 else:

@@ -83,7 +83,7 @@ def check_for_target(schedule: Schedule, target: Target) -> None:
         if nest.tensorized:
             _fail(str(Tensorize(*nest.tensorized)), f"tensor cores need a cuda target, not {target.kind}")
         return
-    if (dtype != "fp32" or nest.tensorized or nest.double_buffered) and target.arch and int(target.arch[3:]) < 80:
+    if (dtype != "fp32" or nest.tensorized or nest.double_buffered) and not target.sm80:
         what = (str(Tensorize(*nest.tensorized)) if nest.tensorized else
                 str(DoubleBuffer(nest.double_buffered[0])) if nest.double_buffered else f"dtype {dtype}")
         _fail(what, f"needs sm_80 or newer, not {target.arch}")
